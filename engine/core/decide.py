@@ -1,0 +1,675 @@
+"""``decide``: validate a command against run state and return the events it causes.
+
+``process`` is the form the runtime uses: it returns the events and the state after
+them. Each event is applied with ``evolve`` the moment it is emitted, so the state a
+later decision in the same command sees is exactly the state replay would build.
+Nothing here raises on bad input: a command that cannot apply becomes a
+``CommandRejected`` event, and a run whose data breaks an expression fails with a
+diagnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine.core import commands as cmd
+from engine.core import events as ev
+from engine.core.durations import format_duration
+from engine.core.errors import ExpressionError
+from engine.core.evolve import evolve, wait_ref
+from engine.core.expressions import evaluate, map_input, truthy
+from engine.core.policies import backoff_ms, idempotency_key, task_id
+from engine.core.spec import FAIL, ApprovalSpec, Handler, StepSpec, WorkflowSpec, check_input
+from engine.core.state import Approval, RunState, Waiting
+
+MAX_TRANSITIONS = 100
+"""Steps one command may enter before the run is failed as a runaway loop."""
+
+C = TypeVar("C", bound=cmd.Command)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one command: the events, and the state after them.
+
+    ``state`` is None when the command addressed a run that does not exist (the
+    only event is then a ``CommandRejected`` with sequence 0, not part of any run log).
+    """
+
+    state: RunState | None
+    events: list[ev.Event]
+
+
+def decide(
+    state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int
+) -> list[ev.Event]:
+    """The events ``command`` causes in ``state`` at time ``now`` (ms)."""
+    return process(state, command, spec, now).events
+
+
+def process(
+    state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int
+) -> Decision:
+    """Decide and evolve together; ``state`` is not modified."""
+    ctx = _Context(state, command, spec, now)
+    handler = _HANDLERS.get(type(command))
+    if handler is None:
+        ctx.reject("unknown command", f"{type(command).__name__} is not a command this engine knows")
+    elif state is None and not isinstance(command, cmd.StartRun):
+        ctx.reject("unknown run", f"no run {command.run_id!r}; check the run id")
+    elif spec is None or (state is not None and state.workflow and
+                          spec.key != (state.workflow, state.version)):
+        ctx.reject(
+            "workflow not deployed",
+            "deploy the workflow version this run uses before sending it commands",
+        )
+    else:
+        try:
+            handler(ctx, command)
+        except ExpressionError as exc:
+            ctx.fail_run("permanent", "EXPRESSION_FAILED", str(exc), None)
+    return Decision(ctx.state, ctx.events)
+
+
+class _Context:
+    """One command being decided: emits events and keeps the evolving state."""
+
+    __slots__ = ("command", "entered", "events", "now", "spec", "state")
+
+    def __init__(
+        self, state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int
+    ) -> None:
+        self.state = state
+        self.command = command
+        self.spec = spec
+        self.now = now
+        self.events: list[ev.Event] = []
+        self.entered = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def run(self) -> RunState:
+        assert self.state is not None
+        return self.state
+
+    @property
+    def workflow(self) -> WorkflowSpec:
+        assert self.spec is not None
+        return self.spec
+
+    def emit(self, event_type: type[ev.Event], **fields: Any) -> None:
+        c = self.command
+        s = self.state
+        if s is None:
+            seq, tenant, correlation = 1, c.tenant, c.correlation_id or c.run_id
+        else:
+            seq, tenant, correlation = s.seq + 1, s.tenant, s.correlation_id
+        event = event_type(
+            run_id=c.run_id,
+            seq=seq,
+            ts=self.now,
+            tenant=tenant,
+            correlation_id=correlation,
+            causation_id=c.command_id,
+            **fields,
+        )
+        self.state = evolve(s, event)
+        self.events.append(event)
+
+    def reject(self, reason: str, detail: str = "") -> None:
+        c = self.command
+        fields = {"command_type": c.TYPE, "command_id": c.command_id, "reason": reason,
+                  "detail": detail}
+        if self.state is None or not self.state.workflow:
+            # No run to record it in: the runtime sends it to dead letters.
+            self.events.append(ev.CommandRejected(
+                run_id=c.run_id, seq=0, ts=self.now, tenant=c.tenant,
+                correlation_id=c.correlation_id, causation_id=c.command_id, **fields))
+            return
+        self.emit(ev.CommandRejected, **fields)
+
+    def active(self) -> bool:
+        if self.run.terminal:
+            self.reject("run ended", f"run is {self.run.status.value}; nothing more can happen")
+            return False
+        return True
+
+    def arm(self, kind: str, step: str, ref: str, due_at: int) -> None:
+        timer_id = f"{kind}@{self.run.seq + 1}"
+        self.emit(ev.TimerArmed, timer_id=timer_id, kind=kind, step=step, ref=ref, due_at=due_at)
+
+    def step_spec(self) -> StepSpec:
+        current = self.run.current
+        assert current is not None
+        return self.workflow.step(current.step)
+
+    # ------------------------------------------------------------------ steps
+
+    def enter(self, step_id: str | None) -> None:
+        if step_id is None:
+            self.complete_run()
+            return
+        self.entered += 1
+        if self.entered > MAX_TRANSITIONS:
+            self.fail_run(
+                "permanent",
+                "LOOP_LIMIT",
+                f"more than {MAX_TRANSITIONS} steps entered for one command; "
+                f"the loop through {step_id!r} never waits",
+                None,
+            )
+            return
+        step = self.workflow.step(step_id)
+        visit = self.run.visits.get(step_id, 0) + 1
+        self.emit(ev.StepStarted, step=step_id, visit=visit, kind=step.kind)
+        kind = step.kind
+        if kind == "task":
+            if step.approval is not None:
+                payload = self.task_input(step, "task")
+                self.request_approval("critical", step.approval, payload)
+            else:
+                self.dispatch("task", 1)
+        elif kind == "prepare_commit":
+            self.dispatch("prepare", 1)
+        elif kind == "approval":
+            assert step.approval is not None
+            payload = map_input(step.input, self.run.data()) if step.input is not None else None
+            self.request_approval("approval", step.approval, payload)
+        elif kind == "wait_event":
+            assert step.wait_event is not None
+            wait = step.wait_event
+            key = evaluate(wait.key, self.run.data()) if wait.key is not None else None
+            self.await_signal(wait.name, None if key is None else str(key), wait.timeout, "complete")
+        elif kind == "choice":
+            self.choose(step)
+        elif kind == "sleep":
+            assert step.sleep is not None
+            until = self.now + step.sleep
+            self.emit(ev.SleepStarted, step=step_id, until=until)
+            self.arm("sleep", step_id, self.wait_ref(), until)
+
+    def wait_ref(self) -> str:
+        current = self.run.current
+        assert current is not None
+        return wait_ref(current)
+
+    def task_input(self, step: StepSpec, phase: str) -> Any:
+        data = self.run.data()
+        mapped = map_input(step.input, data) if step.input is not None else self.run.input
+        if phase == "commit":
+            current = self.run.current
+            base = mapped if isinstance(mapped, dict) else {"input": mapped}
+            return {**base, "change_set": current.change_set if current else None}
+        return mapped
+
+    def dispatch(self, phase: str, attempt: int) -> None:
+        step = self.step_spec()
+        current = self.run.current
+        assert current is not None
+        if phase == "task":
+            queue = step.task
+        else:
+            assert step.prepare_commit is not None
+            queue = getattr(step.prepare_commit, phase)
+        assert queue is not None
+        tid = task_id(self.run.run_id, step.id, current.visit, phase, attempt)
+        timeout_at = self.now + step.timeout
+        self.emit(
+            ev.TaskDispatched,
+            step=step.id,
+            phase=phase,
+            attempt=attempt,
+            task_id=tid,
+            queue=queue,
+            idempotency_key=idempotency_key(self.run.run_id, step.id, current.visit, phase),
+            input=self.task_input(step, phase),
+            timeout_at=timeout_at,
+        )
+        self.arm("task_timeout", step.id, tid, timeout_at)
+
+    def request_approval(self, reason: str, spec: ApprovalSpec, payload: Any) -> None:
+        current = self.run.current
+        assert current is not None
+        approval_id = f"{current.step}#{current.visit}/{reason}@{self.run.seq + 1}"
+        expires_at = self.now + spec.expires_after if spec.expires_after is not None else None
+        self.emit(
+            ev.ApprovalRequested,
+            step=current.step,
+            approval_id=approval_id,
+            reason=reason,
+            approvers=list(spec.approvers),
+            quorum=spec.quorum,
+            exclude_requester=spec.exclude_requester,
+            requester=self.run.requested_by,
+            payload=payload,
+            expires_at=expires_at,
+        )
+        if spec.remind_every is not None:
+            due = self.now + spec.remind_every
+            if expires_at is None or due < expires_at:
+                self.arm("approval_reminder", current.step, approval_id, due)
+        if expires_at is not None:
+            self.arm("approval_expiry", current.step, approval_id, expires_at)
+        if spec.sla is not None:
+            self.arm("approval_sla", current.step, approval_id, self.now + spec.sla)
+
+    def approval_spec(self, approval: Approval) -> ApprovalSpec:
+        step = self.step_spec()
+        if approval.reason.startswith("escalation"):
+            return ApprovalSpec(approvers=list(approval.approvers))
+        if approval.reason == "review" and step.review is not None:
+            return step.review
+        assert step.approval is not None
+        return step.approval
+
+    def await_signal(self, name: str, key: str | None, timeout: int | None, resume: str) -> None:
+        current = self.run.current
+        assert current is not None
+        timeout_at = self.now + timeout if timeout is not None else None
+        self.emit(ev.SignalAwaited, step=current.step, name=name, key=key, resume=resume,
+                  timeout_at=timeout_at)
+        if timeout_at is not None:
+            self.arm("signal_timeout", current.step, self.wait_ref(), timeout_at)
+        if resume == "complete" and name in self.run.unconsumed:
+            self.complete_step(self.run.signals.get(name))
+
+    def choose(self, step: StepSpec) -> None:
+        data = self.run.data()
+        branch, target = -1, (
+            step.default if step.default is not None else self.workflow.next_step(step.id)
+        )
+        for j, option in enumerate(step.choice or []):
+            if truthy(evaluate(option.when, data)):
+                branch, target = j, option.goto
+                break
+        self.emit(ev.ChoiceEvaluated, step=step.id, branch=branch, target=target)
+        self.emit(ev.StepCompleted, step=step.id, result={"branch": branch, "target": target})
+        self.enter(target)
+
+    def complete_step(self, result: Any) -> None:
+        current = self.run.current
+        assert current is not None
+        self.emit(ev.StepCompleted, step=current.step, result=result)
+        self.enter(self.workflow.next_step(current.step))
+
+    def complete_run(self) -> None:
+        spec = self.workflow
+        if spec.output is not None:
+            output = evaluate(spec.output, self.run.data())
+        else:
+            finished = [e for e in self.events if isinstance(e, ev.StepCompleted)]
+            output = finished[-1].result if finished else None
+        self.emit(ev.RunCompleted, output=output)
+
+    def fail_run(self, error_class: str, code: str, message: str, field: str | None) -> None:
+        current = self.run.current
+        step = current.step if current is not None else None
+        if step is not None:
+            self.emit(ev.StepFailed, step=step, error_class=error_class, code=code,
+                      message=message, field=field)
+        self.emit(ev.RunFailed, step=step, error_class=error_class, code=code, message=message,
+                  field=field)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def handle_failure(self, error_class: str, code: str, message: str, field: str | None) -> None:
+        step = self.step_spec()
+        current = self.run.current
+        assert current is not None
+        if error_class == "permanent":
+            self.fail_run("permanent", code, message, field)
+        elif error_class == "business":
+            handler = step.on_business_error.get(code) or step.on_business_error.get("*")
+            if handler is None:
+                hint = f"; add on_business_error.{code} to step {step.id!r} to handle it"
+                self.fail_run("business", code, message + hint, field)
+            else:
+                self.apply_handler(handler, code, message, "business")
+        elif current.attempt < step.retry.max_attempts:
+            delay = backoff_ms(step.retry, self.run.run_id, step.id, current.attempt)
+            due = self.now + delay
+            self.emit(ev.RetryScheduled, step=step.id, phase=current.phase,
+                      attempt=current.attempt + 1, delay_ms=delay, due_at=due)
+            self.arm("retry", step.id, self.wait_ref(), due)
+        else:
+            summary = (f"gave up after {current.attempt} attempts; last error {code}: {message}")
+            if step.on_exhausted is not None:
+                self.apply_handler(step.on_exhausted, "RETRIES_EXHAUSTED", summary, "transient")
+            else:
+                self.fail_run("transient", "RETRIES_EXHAUSTED", summary, field)
+
+    def apply_handler(self, handler: Handler, code: str, message: str, error_class: str) -> None:
+        current = self.run.current
+        assert current is not None
+        action = handler.action
+        if action == "fail":
+            self.fail_run(error_class, code, message, None)
+            return
+        target = handler.goto or handler.wait_event or handler.escalate or ""
+        self.emit(ev.BusinessErrorHandled, step=current.step, code=code, action=action,
+                  target=target)
+        if action == "goto":
+            self.enter(handler.goto)
+        elif action == "wait_event":
+            assert handler.wait_event is not None
+            self.await_signal(handler.wait_event, None, handler.timeout, "retry")
+        else:
+            self.escalate(handler, code, message, "escalation")
+
+    def escalate(self, handler: Handler, code: str, message: str, reason: str) -> None:
+        current = self.run.current
+        assert current is not None and handler.escalate is not None
+        self.emit(ev.Escalated, step=current.step, to=handler.escalate, reason=code)
+        spec = ApprovalSpec(approvers=[handler.escalate], expires_after=handler.expires_after)
+        self.request_approval(reason, spec, {"code": code, "message": message})
+
+    def after_grant(self, approval: Approval, approvers: list[str]) -> None:
+        reason = approval.reason.removeprefix("escalation:")
+        current = self.run.current
+        assert current is not None
+        if reason == "critical":
+            self.dispatch("task", 1)
+        elif reason == "prepare_commit":
+            self.dispatch("commit", 1)
+        elif reason == "review":
+            self.complete_step(current.result)
+        elif reason == "escalation":
+            self.complete_step({"resolved_by": approvers})
+        else:
+            self.complete_step({"approved_by": approvers})
+
+    def on_approval_end(self, handler: Handler, approval: Approval, code: str, message: str) -> None:
+        """An approval expired or was rejected: fail, go to a step, or escalate."""
+        if handler.action == "escalate":
+            reason = approval.reason
+            if not reason.startswith("escalation"):
+                reason = f"escalation:{reason}"
+            self.escalate(handler, code, message, reason)
+        elif handler.action == "goto":
+            self.enter(handler.goto)
+        else:
+            self.fail_run("business", code, message, None)
+
+
+# ---------------------------------------------------------------------- command handlers
+
+_HANDLERS: dict[type[cmd.Command], Callable[[_Context, Any], None]] = {}
+
+
+def _handles(command_type: type[C]) -> Callable[[Callable[[_Context, C], None]], Callable[[_Context, C], None]]:
+    def register(fn: Callable[[_Context, C], None]) -> Callable[[_Context, C], None]:
+        _HANDLERS[command_type] = fn
+        return fn
+
+    return register
+
+
+@_handles(cmd.StartRun)
+def _start_run(ctx: _Context, c: cmd.StartRun) -> None:
+    if ctx.state is not None and ctx.state.workflow:
+        ctx.reject(
+            "duplicate start",
+            f"run {c.run_id} already exists for idempotency key {c.idempotency_key!r}",
+        )
+        return
+    spec = ctx.workflow
+    if spec.workflow != c.workflow:
+        ctx.reject("unknown workflow", f"spec {spec.workflow!r} does not match {c.workflow!r}")
+        return
+    sla_due = ctx.now + spec.sla if spec.sla is not None else None
+    ctx.emit(
+        ev.RunStarted,
+        workflow=spec.workflow,
+        version=spec.version,
+        input=c.input,
+        idempotency_key=c.idempotency_key,
+        requested_by=c.requested_by,
+        priority=c.priority,
+        sla_due_at=sla_due,
+    )
+    if sla_due is not None:
+        ctx.arm("run_sla", "", c.run_id, sla_due)
+    problem = check_input(spec.input, c.input, "input")
+    if problem is not None:
+        path, message = problem
+        ctx.fail_run("permanent", "INVALID_INPUT", f"{path}: {message}", path)
+        return
+    ctx.enter(spec.steps[0].id)
+
+
+def _awaited_task(ctx: _Context, step: str, tid: str) -> bool:
+    if not ctx.active():
+        return False
+    current = ctx.run.current
+    if (current is None or current.step != step or current.waiting is not Waiting.TASK
+            or current.task_id != tid):
+        ctx.reject(
+            "stale result",
+            f"task {tid} is not awaited: it was already reported, timed out, "
+            "or the run moved on",
+        )
+        return False
+    return True
+
+
+@_handles(cmd.CompleteTask)
+def _complete_task(ctx: _Context, c: cmd.CompleteTask) -> None:
+    if not _awaited_task(ctx, c.step, c.task_id):
+        return
+    current = ctx.run.current
+    assert current is not None
+    step = ctx.step_spec()
+    common = {"step": c.step, "phase": current.phase, "attempt": current.attempt,
+              "task_id": c.task_id, "cost": c.cost}
+    if step.result is not None and current.phase == "task":
+        problem = check_input(step.result, c.result, "result")
+        if problem is not None:
+            path, message = problem
+            text = f"{step.task} returned an invalid result: {path}: {message}"
+            ctx.emit(ev.TaskFailed, error_class="permanent", code="SCHEMA_VIOLATION",
+                     message=text, field=path, **common)
+            ctx.handle_failure("permanent", "SCHEMA_VIOLATION", text, path)
+            return
+    ctx.emit(ev.TaskCompleted, result=c.result, confidence=c.confidence, **common)
+    data = {**ctx.run.data(), "result": c.result, "confidence": c.confidence}
+    if current.phase == "prepare":
+        wanted = step.review_if is None or truthy(evaluate(step.review_if, data))
+        if step.approval is not None and wanted:
+            ctx.request_approval("prepare_commit", step.approval, c.result)
+        else:
+            ctx.dispatch("commit", 1)
+    elif step.review is not None and current.phase == "task" and (
+        step.review_if is None or truthy(evaluate(step.review_if, data))
+    ):
+        ctx.request_approval("review", step.review,
+                             {"result": c.result, "confidence": c.confidence})
+    else:
+        ctx.complete_step(c.result)
+
+
+@_handles(cmd.FailTask)
+def _fail_task(ctx: _Context, c: cmd.FailTask) -> None:
+    if not _awaited_task(ctx, c.step, c.task_id):
+        return
+    current = ctx.run.current
+    assert current is not None
+    error_class = c.error_class if c.error_class in ("permanent", "business") else "transient"
+    ctx.emit(ev.TaskFailed, step=c.step, phase=current.phase, attempt=current.attempt,
+             task_id=c.task_id, error_class=error_class, code=c.code, message=c.message,
+             field=c.field, cost=c.cost)
+    ctx.handle_failure(error_class, c.code, c.message, c.field)
+
+
+@_handles(cmd.DecideApproval)
+def _decide_approval(ctx: _Context, c: cmd.DecideApproval) -> None:
+    if not ctx.active():
+        return
+    current = ctx.run.current
+    if (current is None or current.step != c.step or current.waiting is not Waiting.APPROVAL
+            or current.approval is None):
+        ctx.reject("no pending approval",
+                   f"step {c.step!r} is not waiting for approval: it was decided, expired, "
+                   "or the run is elsewhere")
+        return
+    approval = current.approval
+    if not set(c.roles) & set(approval.approvers):
+        ctx.reject("not an approver",
+                   f"{c.approver} (roles: {', '.join(c.roles) or 'none'}) is in none of "
+                   f"{', '.join(approval.approvers)}")
+        return
+    if approval.exclude_requester and c.approver == ctx.run.requested_by:
+        ctx.reject("self-approval",
+                   f"{c.approver} requested this run and may not approve it; "
+                   "ask another approver")
+        return
+    if c.approver in approval.votes:
+        ctx.reject("duplicate approval", f"{c.approver} already approved; the quorum of "
+                   f"{approval.quorum} needs distinct approvers")
+        return
+    if not c.approve:
+        ctx.emit(ev.ApprovalRejected, step=c.step, approval_id=approval.approval_id,
+                 approver=c.approver, comment=c.comment)
+        handler = ctx.approval_spec(approval).on_reject
+        message = f"rejected by {c.approver}" + (f": {c.comment}" if c.comment else "")
+        ctx.on_approval_end(handler, approval, "APPROVAL_REJECTED", message)
+        return
+    votes = [*approval.votes, c.approver]
+    if len(votes) < approval.quorum:
+        ctx.emit(ev.ApprovalVoted, step=c.step, approval_id=approval.approval_id,
+                 approver=c.approver, comment=c.comment)
+        return
+    ctx.emit(ev.ApprovalGranted, step=c.step, approval_id=approval.approval_id,
+             approvers=votes, comment=c.comment)
+    ctx.after_grant(approval, votes)
+
+
+@_handles(cmd.DeliverSignal)
+def _deliver_signal(ctx: _Context, c: cmd.DeliverSignal) -> None:
+    if not ctx.active():
+        return
+    current = ctx.run.current
+    awaited = (current is not None and current.waiting is Waiting.SIGNAL
+               and current.signal == c.name)
+    ctx.emit(ev.SignalReceived, name=c.name, data=c.data)
+    if awaited:
+        assert current is not None
+        if current.resume == "retry":
+            ctx.enter(current.step)
+        else:
+            ctx.complete_step(c.data)
+
+
+@_handles(cmd.FireTimer)
+def _fire_timer(ctx: _Context, c: cmd.FireTimer) -> None:
+    if not ctx.active():
+        return
+    timer = ctx.run.timers.get(c.timer_id)
+    if timer is None:
+        ctx.reject("stale timer", f"timer {c.timer_id} is not armed (fired already or cancelled)")
+        return
+    if timer.due_at > ctx.now:
+        ctx.reject("timer not due", f"timer {c.timer_id} is due at {timer.due_at}, now {ctx.now}")
+        return
+    ctx.emit(ev.TimerFired, timer_id=timer.timer_id, kind=timer.kind)
+    _TIMER_KINDS[timer.kind](ctx, timer.ref, timer.due_at)
+
+
+def _on_run_sla(ctx: _Context, ref: str, due_at: int) -> None:
+    ctx.emit(ev.SlaBreached, scope="run", step=None, due_at=due_at)
+
+
+def _on_approval_sla(ctx: _Context, ref: str, due_at: int) -> None:
+    current = ctx.run.current
+    ctx.emit(ev.SlaBreached, scope="step", step=current.step if current else None, due_at=due_at)
+
+
+def _on_retry(ctx: _Context, ref: str, due_at: int) -> None:
+    current = ctx.run.current
+    if current is not None and current.waiting is Waiting.RETRY:
+        ctx.dispatch(current.phase, current.attempt + 1)
+
+
+def _on_task_timeout(ctx: _Context, ref: str, due_at: int) -> None:
+    current = ctx.run.current
+    if current is None or current.waiting is not Waiting.TASK or current.task_id != ref:
+        return
+    step = ctx.step_spec()
+    message = f"no result within {format_duration(step.timeout)} (attempt {current.attempt})"
+    ctx.emit(ev.TaskFailed, step=current.step, phase=current.phase, attempt=current.attempt,
+             task_id=current.task_id, error_class="transient", code="TASK_TIMEOUT",
+             message=message, field=None, cost=0.0)
+    ctx.handle_failure("transient", "TASK_TIMEOUT", message, None)
+
+
+def _pending_approval(ctx: _Context, ref: str) -> Approval | None:
+    current = ctx.run.current
+    if current is None or current.approval is None or current.approval.approval_id != ref:
+        return None
+    return current.approval
+
+
+def _on_approval_reminder(ctx: _Context, ref: str, due_at: int) -> None:
+    approval = _pending_approval(ctx, ref)
+    if approval is None:
+        return
+    current = ctx.run.current
+    assert current is not None
+    ctx.emit(ev.ApprovalReminded, step=current.step, approval_id=ref,
+             reminder=approval.reminders + 1, approvers=list(approval.approvers))
+    every = ctx.approval_spec(approval).remind_every
+    if every is not None:
+        due = ctx.now + every
+        if approval.expires_at is None or due < approval.expires_at:
+            ctx.arm("approval_reminder", current.step, ref, due)
+
+
+def _on_approval_expiry(ctx: _Context, ref: str, due_at: int) -> None:
+    approval = _pending_approval(ctx, ref)
+    if approval is None:
+        return
+    current = ctx.run.current
+    assert current is not None
+    ctx.emit(ev.ApprovalExpired, step=current.step, approval_id=ref)
+    handler = ctx.approval_spec(approval).on_expire
+    ctx.on_approval_end(handler, approval, "APPROVAL_EXPIRED",
+                        f"no decision on step {current.step!r} before it expired")
+
+
+def _on_signal_timeout(ctx: _Context, ref: str, due_at: int) -> None:
+    current = ctx.run.current
+    if current is None or current.waiting is not Waiting.SIGNAL:
+        return
+    step = ctx.step_spec()
+    handler = step.wait_event.on_timeout if step.wait_event is not None else FAIL
+    message = f"signal {current.signal!r} did not arrive in time"
+    if handler.action == "goto":
+        ctx.enter(handler.goto)
+    else:
+        ctx.fail_run("business", "SIGNAL_TIMEOUT", message, None)
+
+
+def _on_sleep(ctx: _Context, ref: str, due_at: int) -> None:
+    current = ctx.run.current
+    if current is not None and current.waiting is Waiting.TIMER:
+        ctx.complete_step(None)
+
+
+_TIMER_KINDS: dict[str, Callable[[_Context, str, int], None]] = {
+    "run_sla": _on_run_sla,
+    "approval_sla": _on_approval_sla,
+    "retry": _on_retry,
+    "task_timeout": _on_task_timeout,
+    "approval_reminder": _on_approval_reminder,
+    "approval_expiry": _on_approval_expiry,
+    "signal_timeout": _on_signal_timeout,
+    "sleep": _on_sleep,
+}
+
+
+@_handles(cmd.CancelRun)
+def _cancel_run(ctx: _Context, c: cmd.CancelRun) -> None:
+    if ctx.active():
+        ctx.emit(ev.RunCancelled, reason=c.reason or "cancelled", by=c.by)
