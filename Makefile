@@ -1,0 +1,42 @@
+# The two quick-start commands:
+#   make demo   - the refund-agent demo on the embedded backend (no server needed)
+#   make test   - lint, type-check, start Kafka + PostgreSQL, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit infra-up infra-down bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/terranoha demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine projections tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy engine projections
+
+infra-up:
+	bash deploy/local/infra.sh up
+
+infra-down:
+	bash deploy/local/infra.sh down
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not kafka and not postgres" -q
+
+test: $(STAMP) lint typecheck infra-up
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/replay.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

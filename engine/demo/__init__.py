@@ -1,0 +1,1 @@
+"""The refund-agent demo: a realistic agent workflow on the embedded backend."""

@@ -1,0 +1,146 @@
+"""The processor loop and the worker loop over the SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from engine.core.commands import Command
+from engine.core.outbox import TaskCommand
+from engine.core.records import Trigger
+from engine.embedded.store import Store
+from engine.runtime.clock import Clock, SystemClock
+from engine.runtime.processor import Processor, StateCache
+from engine.runtime.specs import SpecRegistry
+from engine.runtime.timers import TimerService
+from engine.worker.sdk import ToolRegistry, execute
+
+log = logging.getLogger("terranoha.embedded")
+
+
+class EmbeddedEngine:
+    """Reads inputs in order, processes them in batches, fires due timers.
+
+    On start it resumes from the stored input position and re-arms the timers of every
+    active run, so a process killed at any point loses nothing.
+    """
+
+    def __init__(self, path: str | Path, clock: Clock | None = None, batch_size: int = 256,
+                 poll_ms: int = 10) -> None:
+        self.store = Store(path)
+        self.clock = clock or SystemClock()
+        self.batch_size = batch_size
+        self.poll_ms = poll_ms
+        self.specs = SpecRegistry(self.store.specs(), loader=self.store.specs)
+        self.cache = StateCache(loader=self.store.state)
+        self.processor = Processor(self.specs, self.cache)
+        self.timers = TimerService(self._is_armed)
+        self.offset = self.store.offset()
+        for state in self.store.active_states():
+            self.timers.restore(state)
+
+    def _is_armed(self, run_id: str, timer_id: str) -> bool:
+        state = self.cache.get(run_id)
+        return state is not None and timer_id in state.timers
+
+    def submit(self, *records: Command | Trigger) -> None:
+        self.store.append_inputs(records, self.clock.now_ms())
+
+    def step(self) -> int:
+        """One round: process the next batch of inputs, then send due timer firings.
+        Returns how many records it handled (0 when idle)."""
+        handled = 0
+        inputs = self.store.read_inputs(self.offset, self.batch_size)
+        if inputs:
+            batch = self.processor.process(inputs, self.clock.now_ms())
+            self.store.write_batch(batch)
+            # Only now, with the batch durable, does its state become the committed state.
+            self.cache.commit(batch.states)
+            self.offset = inputs[-1].offset
+            for run_id, timer in batch.timers:
+                self.timers.arm(run_id, timer.timer_id, timer.due_at)
+            for dead in batch.dead_letters:
+                log.warning("dead letter at %s/%s: %s: %s", dead.source, dead.offset,
+                            dead.reason, dead.detail)
+            handled += len(inputs)
+        now = self.clock.now_ms()
+        fired = self.timers.due(now)
+        if fired:
+            self.store.append_inputs(fired, now)
+            handled += len(fired)
+        return handled
+
+    def drain(self, max_rounds: int = 10_000) -> int:
+        """Process until there is nothing left to do right now."""
+        total = 0
+        for _ in range(max_rounds):
+            handled = self.step()
+            if not handled:
+                break
+            total += handled
+        return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if self.step():
+                await asyncio.sleep(0)
+                continue
+            wait = self.poll_ms / 1000
+            next_due = self.timers.next_due()
+            if next_due is not None:
+                wait = min(wait, max(0.0, (next_due - self.clock.now_ms()) / 1000))
+            try:
+                await asyncio.wait_for(stop.wait(), wait)
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class EmbeddedWorker:
+    """Leases tasks of the registry's queues, runs the tools, reports results.
+
+    The result command, the ledger entry and the task's completion are written in one
+    transaction. A task past its deadline is dropped unrun: the engine's timeout has
+    already decided what happens next.
+    """
+
+    def __init__(self, path: str | Path, registry: ToolRegistry, clock: Clock | None = None,
+                 concurrency: int = 8, lease_ms: int = 30_000, poll_ms: int = 10) -> None:
+        self.store = Store(path)
+        self.registry = registry
+        self.clock = clock or SystemClock()
+        self.concurrency = concurrency
+        self.lease_ms = lease_ms
+        self.poll_ms = poll_ms
+        self.calls = 0
+
+    async def work_once(self) -> int:
+        now = self.clock.now_ms()
+        claimed = self.store.claim_tasks(self.registry.queues, now, self.lease_ms,
+                                         self.concurrency)
+        if claimed:
+            await asyncio.gather(*(self._run(pos, task) for pos, task in claimed))
+        return len(claimed)
+
+    async def _run(self, pos: int, task: TaskCommand) -> None:
+        if task.deadline <= self.clock.now_ms():
+            self.store.finish_task(pos, None, None, self.clock.now_ms())
+            return
+        outcome = await execute(task, self.registry, self.store, self.clock.now_ms)
+        self.calls += int(outcome.called)
+        self.store.finish_task(pos, outcome.command, outcome.entry, self.clock.now_ms())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if await self.work_once():
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), self.poll_ms / 1000)
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.store.close()

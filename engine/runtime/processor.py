@@ -1,0 +1,187 @@
+"""One batch of inputs in, everything it produced out: the heart of every backend.
+
+``Processor.process`` decodes each input, turns triggers into ``StartRun`` commands,
+decides and evolves, and collects events, recorded commands, state snapshots, task
+commands, notifications, armed timers and dead letters into a ``Batch``. It changes
+nothing outside the batch: the backend writes the batch atomically and then calls
+``StateCache.commit``. An aborted write leaves the cache as it was.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from engine.codec import DecodeError, decode
+from engine.core.commands import Command, StartRun
+from engine.core.decide import process
+from engine.core.events import Event, TimerArmed
+from engine.core.outbox import Notification, TaskCommand, outgoing
+from engine.core.policies import run_id_for
+from engine.core.records import DeadLetter, RecordedCommand, Trigger
+from engine.core.state import RunState
+from engine.runtime.specs import SpecRegistry
+
+MAX_INPUT_BYTES = 1 << 20
+"""Inputs larger than this go to dead letters (reason ``oversize``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One input record and where it came from (topic or table, partition, offset)."""
+
+    source: str
+    partition: int
+    offset: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one batch produced. Written by the backend in one atomic unit."""
+
+    events: list[Event] = field(default_factory=list)
+    recorded: list[RecordedCommand] = field(default_factory=list)
+    states: dict[str, RunState] = field(default_factory=dict)
+    tasks: list[TaskCommand] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
+    timers: list[tuple[str, TimerArmed]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    inputs: int = 0
+    last: Input | None = None
+
+
+class StateCache:
+    """Committed run state. A batch reads through it and never writes to it directly."""
+
+    def __init__(self, loader: Callable[[str], RunState | None] | None = None) -> None:
+        self._states: dict[str, RunState] = {}
+        self._loader = loader
+
+    def get(self, run_id: str) -> RunState | None:
+        state = self._states.get(run_id)
+        if state is None and self._loader is not None:
+            state = self._loader(run_id)
+            if state is not None:
+                self._states[run_id] = state
+        return state
+
+    def commit(self, states: Mapping[str, RunState]) -> None:
+        self._states.update(states)
+
+    def clear(self) -> None:
+        self._states.clear()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def values(self) -> Iterable[RunState]:
+        return self._states.values()
+
+
+def trigger_to_start(trigger: Trigger, source: str, partition: int, offset: int) -> StartRun:
+    """A trigger becomes exactly one run: its id comes from (tenant, idempotency key), and a
+    trigger without a key takes its identity from where it was read."""
+    position = f"{source}/{partition}/{offset}"
+    key = trigger.idempotency_key or position
+    run_id = run_id_for(trigger.tenant, key)
+    return StartRun(
+        command_id=f"trigger:{position}",
+        run_id=run_id,
+        tenant=trigger.tenant,
+        correlation_id=trigger.correlation_id or run_id,
+        workflow=trigger.workflow,
+        version=trigger.version,
+        input=trigger.input,
+        idempotency_key=key,
+        requested_by=trigger.requested_by,
+        priority=trigger.priority,
+    )
+
+
+class Processor:
+    """Decides a batch of inputs against committed state plus the batch's own changes."""
+
+    def __init__(self, specs: SpecRegistry, cache: StateCache) -> None:
+        self.specs = specs
+        self.cache = cache
+
+    def process(self, inputs: Iterable[Input], now: int) -> Batch:
+        batch = Batch()
+        for item in inputs:
+            batch.inputs += 1
+            batch.last = item
+            if len(item.payload) > MAX_INPUT_BYTES:
+                self._dead(batch, item, "oversize",
+                           f"{len(item.payload)} bytes is over the {MAX_INPUT_BYTES} byte limit",
+                           now)
+                continue
+            try:
+                record = decode(item.payload)
+            except DecodeError as exc:
+                self._dead(batch, item, exc.reason, str(exc), now)
+                continue
+            if isinstance(record, Trigger):
+                command: Command = trigger_to_start(record, item.source, item.partition,
+                                                    item.offset)
+            elif isinstance(record, Command):
+                command = record
+            else:
+                self._dead(batch, item, "unexpected_record",
+                           f"{type(record).__name__} is not a command or a trigger", now)
+                continue
+            self.apply(batch, item, command, now)
+        return batch
+
+    def apply(self, batch: Batch, item: Input, command: Command, now: int) -> None:
+        run_id = command.run_id
+        state = batch.states.get(run_id) or self.cache.get(run_id)
+        if state is not None and state.workflow:
+            spec = self.specs.get(state.workflow, state.version)
+        elif isinstance(command, StartRun):
+            spec = self.specs.get(command.workflow, command.version)
+            if spec is None:
+                version = command.version or "latest"
+                self._dead(batch, item, "unknown_workflow",
+                           f"workflow {command.workflow!r} version {version} is not deployed; "
+                           "deploy it with `terranoha workflows deploy SPEC`", now, run_id)
+                return
+        else:
+            spec = None
+        try:
+            decision = process(state, command, spec, now)
+        except Exception as exc:  # a defect in the engine: keep the partition moving
+            detail = "".join(traceback.format_exception_only(exc)).strip()
+            self._dead(batch, item, "engine_error", f"{command.TYPE}: {detail}", now, run_id)
+            return
+        if decision.state is None:
+            rejected = decision.events[0]
+            reason = getattr(rejected, "reason", "rejected")
+            self._dead(batch, item, "rejected", f"{reason}: {getattr(rejected, 'detail', '')}",
+                       now, run_id)
+            return
+        batch.states[run_id] = decision.state
+        events = decision.events
+        if not events:
+            return
+        batch.events.extend(events)
+        batch.recorded.append(RecordedCommand(run_id=run_id, command=command, now=now,
+                                              first_seq=events[0].seq, last_seq=events[-1].seq))
+        workflow = decision.state.workflow
+        for event in events:
+            if isinstance(event, TimerArmed):
+                batch.timers.append((run_id, event))
+                continue
+            for out in outgoing(event, workflow):
+                if isinstance(out, TaskCommand):
+                    batch.tasks.append(out)
+                else:
+                    batch.notifications.append(out)
+
+    @staticmethod
+    def _dead(batch: Batch, item: Input, reason: str, detail: str, now: int,
+              run_id: str = "") -> None:
+        batch.dead_letters.append(DeadLetter(
+            source=item.source, partition=item.partition, offset=item.offset, reason=reason,
+            detail=detail, payload=item.payload, ts=now, run_id=run_id))

@@ -1,0 +1,55 @@
+"""Armed timers, waiting to become ``FireTimer`` commands.
+
+Timers live in run state; this service only knows when to look. It is rebuilt from
+state on restore. A firing is a command written to the run inputs like any other, so
+it is decided (and de-duplicated) by the core: a timer that already fired, or was
+cleared, is rejected there. Firings whose command was lost are sent again after
+``refire_after_ms`` while the timer is still armed in committed state.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+from engine.core.commands import FireTimer
+from engine.core.state import RunState
+
+
+class TimerService:
+    def __init__(
+        self,
+        is_armed: Callable[[str, str], bool],
+        refire_after_ms: int = 10_000,
+    ) -> None:
+        self._heap: list[tuple[int, str, str]] = []
+        self._is_armed = is_armed
+        self.refire_after_ms = refire_after_ms
+
+    def arm(self, run_id: str, timer_id: str, due_at: int) -> None:
+        heapq.heappush(self._heap, (due_at, run_id, timer_id))
+
+    def restore(self, state: RunState) -> None:
+        for timer in state.timers.values():
+            self.arm(state.run_id, timer.timer_id, timer.due_at)
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+    def next_due(self) -> int | None:
+        return self._heap[0][0] if self._heap else None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def due(self, now: int, limit: int = 1000) -> list[FireTimer]:
+        """Commands for the timers due at ``now``; never one that is not due yet."""
+        fired: list[FireTimer] = []
+        while self._heap and self._heap[0][0] <= now and len(fired) < limit:
+            _, run_id, timer_id = heapq.heappop(self._heap)
+            if not self._is_armed(run_id, timer_id):
+                continue
+            fired.append(FireTimer(command_id=f"timer:{run_id}:{timer_id}:{now}",
+                                   run_id=run_id, timer_id=timer_id))
+            heapq.heappush(self._heap, (now + self.refire_after_ms, run_id, timer_id))
+        return fired

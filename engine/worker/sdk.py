@@ -1,0 +1,222 @@
+"""Tools, their context and errors, and ``execute``: one task command in, one result
+command out.
+
+Workers are at-least-once: a task can be delivered again (a lease ran out, a worker
+died). Two things keep effects single:
+
+* the idempotency key, stable across retries of a step, is handed to the tool so the
+  system it writes to can de-duplicate (as payment APIs do);
+* the ledger remembers completed results by key; a redelivered task whose key already
+  completed is answered from the ledger without calling the tool again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine.core.commands import Command, CompleteTask, FailTask
+from engine.core.errors import TerranohaError
+from engine.core.outbox import TaskCommand
+
+
+class TaskError(TerranohaError):
+    """Raised by a tool to report a failure of a given class."""
+
+    error_class = "transient"
+
+    def __init__(self, code: str, message: str = "", field: str | None = None,
+                 cost: float = 0.0) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message or code
+        self.field = field
+        self.cost = cost
+
+
+class TransientError(TaskError):
+    """Worth retrying: a timeout, a 503, a rate limit. Retried with backoff."""
+
+    error_class = "transient"
+    retriable = True
+
+
+class PermanentError(TaskError):
+    """Retrying cannot help: bad parameters, a schema violation. The run fails fast;
+    name the offending ``field`` so the diagnostic says what to fix."""
+
+    error_class = "permanent"
+
+
+class BusinessError(TaskError):
+    """A business rule said no (``code`` such as AMOUNT_OVER_LIMIT). The spec decides:
+    another step, a wait for more input, or an escalation."""
+
+    error_class = "business"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A tool's result with what it cost and, for model outputs, how confident it is."""
+
+    value: Any
+    cost: float = 0.0
+    confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    run_id: str
+    step: str
+    attempt: int
+    idempotency_key: str
+    deadline: int
+    input: Any
+    task_id: str
+    queue: str
+    tenant: str
+    correlation_id: str
+    phase: str = "task"
+
+
+Handler = Callable[[TaskContext], Any]
+
+
+class ToolRegistry:
+    def __init__(self) -> None:
+        self._tools: dict[str, Handler] = {}
+
+    def register(self, queue: str, handler: Handler) -> None:
+        if queue in self._tools and self._tools[queue] is not handler:
+            raise TerranohaError(f"tool {queue!r} is registered twice; queue names are unique")
+        self._tools[queue] = handler
+
+    def get(self, queue: str) -> Handler | None:
+        return self._tools.get(queue)
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted(self._tools)
+
+    def tool(self, queue: str) -> Callable[[Handler], Handler]:
+        def decorate(fn: Handler) -> Handler:
+            self.register(queue, fn)
+            return fn
+
+        return decorate
+
+
+DEFAULT_REGISTRY = ToolRegistry()
+
+
+def tool(queue: str, registry: ToolRegistry | None = None) -> Callable[[Handler], Handler]:
+    """Register ``fn`` as the handler of task queue ``queue``. Sync or async functions."""
+    return (registry or DEFAULT_REGISTRY).tool(queue)
+
+
+def load_worker_modules(modules: Iterable[str]) -> ToolRegistry:
+    """Import the given modules (their ``@tool`` decorators register into the default
+    registry) and return it."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise TerranohaError(f"cannot import worker module {name!r}: {exc}") from exc
+    return DEFAULT_REGISTRY
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    idempotency_key: str
+    result: Any
+    cost: float
+    confidence: float | None
+
+
+class Ledger(Protocol):
+    """Completed results by idempotency key."""
+
+    def lookup(self, idempotency_key: str) -> LedgerEntry | None: ...
+
+
+class MemoryLedger:
+    def __init__(self) -> None:
+        self.entries: dict[str, LedgerEntry] = {}
+
+    def lookup(self, idempotency_key: str) -> LedgerEntry | None:
+        return self.entries.get(idempotency_key)
+
+    def record(self, entry: LedgerEntry) -> None:
+        self.entries.setdefault(entry.idempotency_key, entry)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What executing a task produced: the command to send, and the ledger entry to write
+    in the same atomic unit as that command (None when there is nothing new to record)."""
+
+    command: Command
+    entry: LedgerEntry | None
+    called: bool
+
+
+async def execute(task: TaskCommand, registry: ToolRegistry, ledger: Ledger,
+                  now_ms: Callable[[], int]) -> Outcome:
+    """Run the tool for ``task`` (unless its key already completed) and build the report."""
+    common = {"command_id": f"result:{task.task_id}", "run_id": task.run_id,
+              "tenant": task.tenant, "correlation_id": task.correlation_id,
+              "step": task.step, "task_id": task.task_id}
+    known = ledger.lookup(task.idempotency_key)
+    if known is not None:
+        return Outcome(CompleteTask(result=known.result, cost=0.0,
+                                    confidence=known.confidence, **common), None, called=False)
+    handler = registry.get(task.queue)
+    if handler is None:
+        return Outcome(FailTask(error_class="permanent", code="UNKNOWN_TOOL",
+                                message=f"no tool registered for queue {task.queue!r}",
+                                **common), None, called=False)
+    ctx = TaskContext(run_id=task.run_id, step=task.step, attempt=task.attempt,
+                      idempotency_key=task.idempotency_key, deadline=task.deadline,
+                      input=task.input, task_id=task.task_id, queue=task.queue,
+                      tenant=task.tenant, correlation_id=task.correlation_id, phase=task.phase)
+    timeout = max(0.001, (task.deadline - now_ms()) / 1000)
+    try:
+        value = await asyncio.wait_for(_call(handler, ctx), timeout)
+    except TaskError as exc:
+        return Outcome(FailTask(error_class=exc.error_class, code=exc.code, message=exc.message,
+                                field=exc.field, cost=exc.cost, **common), None, called=True)
+    except TimeoutError:
+        return Outcome(FailTask(error_class="transient", code="TOOL_TIMEOUT",
+                                message=f"{task.queue} ran past its deadline", **common),
+                       None, called=True)
+    except Exception as exc:  # unexpected errors are worth a retry
+        return Outcome(FailTask(error_class="transient", code="UNEXPECTED_ERROR",
+                                message=f"{type(exc).__name__}: {exc}", **common),
+                       None, called=True)
+    result = value if isinstance(value, TaskResult) else TaskResult(value)
+    try:
+        json.dumps(result.value)
+    except (TypeError, ValueError) as exc:
+        return Outcome(FailTask(error_class="permanent", code="RESULT_NOT_JSON",
+                                message=f"{task.queue} returned a value that is not JSON: {exc}",
+                                **common), None, called=True)
+    entry = LedgerEntry(task.idempotency_key, result.value, result.cost, result.confidence)
+    return Outcome(CompleteTask(result=result.value, cost=result.cost,
+                                confidence=result.confidence, **common), entry, called=True)
+
+
+async def _call(handler: Handler, ctx: TaskContext) -> Any:
+    if inspect.iscoroutinefunction(handler):
+        return await handler(ctx)
+    result = await asyncio.to_thread(handler, ctx)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+AsyncHandler = Callable[[TaskContext], Awaitable[Any]]
