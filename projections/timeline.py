@@ -81,7 +81,7 @@ def _end_wait(entry: StepEntry, ts: int) -> None:
         entry._wait_from = None
 
 
-def apply(t: Timeline, e: ev.Event) -> None:  # noqa: C901 - one branch per event type
+def apply(t: Timeline, e: ev.Event) -> None:
     """Fold one event into the timeline."""
     step = getattr(e, "step", None)
     entry = _current(t, step) if isinstance(step, str) else None

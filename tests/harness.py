@@ -16,7 +16,7 @@ from engine.core import events as ev
 from engine.core.decide import process
 from engine.core.evolve import evolve, fold
 from engine.core.spec import WorkflowSpec, load_spec
-from engine.core.state import RunState
+from engine.core.state import RunState, RunStatus
 
 RUN = "run-1"
 T0 = 1_700_000_000_000
@@ -76,6 +76,15 @@ class Flow:
         assert fold(self.log) == self.state, "live state differs from replayed state"
         return self
 
+    def then_rejected(self, reason: str) -> Flow:
+        """The last ``when`` was refused with ``reason`` and changed nothing but the seq."""
+        return self.then((ev.CommandRejected, {"reason": reason}))
+
+    def then_status(self, status: RunStatus) -> Flow:
+        assert self.state is not None, "no run"
+        assert self.state.status is status, f"status {self.state.status}, want {status}"
+        return self
+
     def then_contains(self, event_type: type[ev.Event], **fields: Any) -> ev.Event:
         for event in self.last:
             if isinstance(event, event_type) and all(getattr(event, k) == v for k, v in fields.items()):
@@ -87,10 +96,12 @@ class Flow:
         return f"c{next(self._ids)}"
 
     def start(self, input: Any = None, *, by: str = "alice", key: str = "k1",
-              version: int | None = None) -> cmd.StartRun:
+              version: int | None = None, tenant: str = "default",
+              correlation_id: str = "") -> cmd.StartRun:
         return cmd.StartRun(command_id=self._id(), run_id=self.run_id, workflow=self.spec.workflow,
-                            version=version or self.spec.version, input=input or {},
-                            idempotency_key=key, requested_by=by)
+                            version=version or self.spec.version,
+                            input={} if input is None else input, idempotency_key=key,
+                            requested_by=by, tenant=tenant, correlation_id=correlation_id)
 
     def task(self, step: str | None = None) -> ev.TaskDispatched:
         for event in reversed(self.log):
@@ -105,10 +116,11 @@ class Flow:
                                 cost=cost, confidence=confidence)
 
     def fail(self, step: str, error_class: str, code: str = "E", message: str = "boom", *,
-             field: str | None = None, task_id: str | None = None) -> cmd.FailTask:
+             field: str | None = None, task_id: str | None = None,
+             cost: float = 0.0) -> cmd.FailTask:
         return cmd.FailTask(command_id=self._id(), run_id=self.run_id, step=step,
                             task_id=task_id or self.task(step).task_id, error_class=error_class,
-                            code=code, message=message, field=field)
+                            code=code, message=message, field=field, cost=cost)
 
     def approve(self, step: str, who: str, *roles: str, reject: bool = False,
                 comment: str = "") -> cmd.DecideApproval:
@@ -123,6 +135,16 @@ class Flow:
         armed = [t for t in self.state.timers.values() if t.kind == kind]
         assert armed, f"no {kind} timer armed; armed: {list(self.state.timers)}"
         return cmd.FireTimer(command_id=self._id(), run_id=self.run_id, timer_id=armed[0].timer_id)
+
+    def timers(self, kind: str | None = None) -> list[str]:
+        """Ids of the armed timers (of ``kind``), oldest first."""
+        assert self.state is not None
+        armed = sorted(self.state.timers.values(), key=lambda t: (t.due_at, t.timer_id))
+        return [t.timer_id for t in armed if kind is None or t.kind == kind]
+
+    def fire_id(self, timer_id: str) -> cmd.FireTimer:
+        """A FireTimer for ``timer_id`` as is (armed or not): for stale/early checks."""
+        return cmd.FireTimer(command_id=self._id(), run_id=self.run_id, timer_id=timer_id)
 
     def due(self, kind: str) -> int:
         assert self.state is not None

@@ -73,6 +73,23 @@ def process(
     return Decision(ctx.state, ctx.events)
 
 
+def _evaluate(text: str, data: Any) -> Any:
+    """``evaluate``, also turning the TypeError jmespath lets out of mixed-type comparisons
+    (a worker's ``"high"`` against `` `0.8` ``) into an ExpressionError, so the run fails
+    with a diagnostic instead of decide raising."""
+    try:
+        return evaluate(text, data)
+    except (TypeError, ValueError) as exc:
+        raise ExpressionError(f"expression {text!r} failed: {exc}") from exc
+
+
+def _map_input(mapping: Any, data: Any) -> Any:
+    try:
+        return map_input(mapping, data)
+    except (TypeError, ValueError) as exc:
+        raise ExpressionError(f"input mapping failed: {exc}") from exc
+
+
 class _Context:
     """One command being decided: emits events and keeps the evolving state."""
 
@@ -176,12 +193,12 @@ class _Context:
             self.dispatch("prepare", 1)
         elif kind == "approval":
             assert step.approval is not None
-            payload = map_input(step.input, self.run.data()) if step.input is not None else None
+            payload = _map_input(step.input, self.run.data()) if step.input is not None else None
             self.request_approval("approval", step.approval, payload)
         elif kind == "wait_event":
             assert step.wait_event is not None
             wait = step.wait_event
-            key = evaluate(wait.key, self.run.data()) if wait.key is not None else None
+            key = _evaluate(wait.key, self.run.data()) if wait.key is not None else None
             self.await_signal(wait.name, None if key is None else str(key), wait.timeout, "complete")
         elif kind == "choice":
             self.choose(step)
@@ -198,7 +215,7 @@ class _Context:
 
     def task_input(self, step: StepSpec, phase: str) -> Any:
         data = self.run.data()
-        mapped = map_input(step.input, data) if step.input is not None else self.run.input
+        mapped = _map_input(step.input, data) if step.input is not None else self.run.input
         if phase == "commit":
             current = self.run.current
             base = mapped if isinstance(mapped, dict) else {"input": mapped}
@@ -282,7 +299,7 @@ class _Context:
             step.default if step.default is not None else self.workflow.next_step(step.id)
         )
         for j, option in enumerate(step.choice or []):
-            if truthy(evaluate(option.when, data)):
+            if truthy(_evaluate(option.when, data)):
                 branch, target = j, option.goto
                 break
         self.emit(ev.ChoiceEvaluated, step=step.id, branch=branch, target=target)
@@ -298,7 +315,7 @@ class _Context:
     def complete_run(self) -> None:
         spec = self.workflow
         if spec.output is not None:
-            output = evaluate(spec.output, self.run.data())
+            output = _evaluate(spec.output, self.run.data())
         else:
             finished = [e for e in self.events if isinstance(e, ev.StepCompleted)]
             output = finished[-1].result if finished else None
@@ -476,13 +493,13 @@ def _complete_task(ctx: _Context, c: cmd.CompleteTask) -> None:
     ctx.emit(ev.TaskCompleted, result=c.result, confidence=c.confidence, **common)
     data = {**ctx.run.data(), "result": c.result, "confidence": c.confidence}
     if current.phase == "prepare":
-        wanted = step.review_if is None or truthy(evaluate(step.review_if, data))
+        wanted = step.review_if is None or truthy(_evaluate(step.review_if, data))
         if step.approval is not None and wanted:
             ctx.request_approval("prepare_commit", step.approval, c.result)
         else:
             ctx.dispatch("commit", 1)
     elif step.review is not None and current.phase == "task" and (
-        step.review_if is None or truthy(evaluate(step.review_if, data))
+        step.review_if is None or truthy(_evaluate(step.review_if, data))
     ):
         ctx.request_approval("review", step.review,
                              {"result": c.result, "confidence": c.confidence})

@@ -9,11 +9,10 @@ fixed by a new event version, not by editing the old one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 from typing import Any, TypeVar
 
 from engine.core import events as ev
-from engine.core.state import Approval, RunState, RunStatus, StepState, Timer, Waiting
+from engine.core.state import Approval, RunState, RunStatus, StepState, Timer, Waiting, replace
 
 E = TypeVar("E", bound=ev.Event)
 Evolver = Callable[[RunState, Any], RunState]
@@ -227,10 +226,13 @@ def _signal_received(state: RunState, e: ev.SignalReceived) -> RunState:
     signals = _with(state.signals, e.name, e.data)
     current = state.current
     if current is not None and current.waiting is Waiting.SIGNAL and current.signal == e.name:
+        # The awaited delivery is the answer: an older buffered one of the same name must not
+        # answer a later wait as well (its data was overwritten by this one anyway).
         return replace(
             state,
             seq=e.seq,
             signals=signals,
+            unconsumed=state.unconsumed - {e.name},
             current=replace(current, waiting=Waiting.NOTHING, signal=""),
             timers=_drop_timers(state.timers, wait_ref(current)),
         )

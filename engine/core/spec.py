@@ -350,6 +350,9 @@ def _step_issues(
         if step.wait_event.key is not None:
             yield from _expression_issue(f"{where}.wait_event.key", step.wait_event.key)
         yield from _handler_issues(step.wait_event.on_timeout, f"{where}.wait_event.on_timeout", ids)
+        if step.wait_event.on_timeout.action not in ("goto", "fail"):
+            # decide only knows goto and fail here; anything else would silently fail the run
+            yield f"{where}.wait_event.on_timeout", "use goto or fail when the signal times out"
     if step.choice is not None:
         if not step.choice:
             yield f"{where}.choice", "a choice needs at least one branch"

@@ -6,10 +6,12 @@ The run status is derived from state, never stored.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
+
 
 class RunStatus(StrEnum):
     PENDING = "Pending"
@@ -135,3 +137,50 @@ class RunState:
                 "version": self.version,
             },
         }
+
+
+# --------------------------------------------------------------------------- replace
+
+S = TypeVar("S")
+_MISSING = object()
+
+
+def _compile_replace(cls: type) -> Callable[..., Any]:
+    """Write, once, the ``replace`` that ``dataclasses.replace`` amounts to for ``cls``.
+
+    Folding replaces a record once or twice per event. The generic ``dataclasses.replace``
+    re-reads the fields and goes through the frozen ``__init__`` (keyword arguments, one
+    ``object.__setattr__`` call per field) every time: two thirds of replay time. This
+    generates the straight-line copy instead, the same way ``dataclasses`` generates
+    ``__init__``. It only suits what the state records are: slotted, every field in
+    ``__init__``, no ``__post_init__`` (checked here).
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    if (not all(f.init for f in dataclasses.fields(cls)) or hasattr(cls, "__post_init__")
+            or "__slots__" not in cls.__dict__ or any(n.startswith("_") for n in names)):
+        raise TypeError(f"{cls.__name__} is not a plain slotted record; use dataclasses.replace")
+    lines = [f"def replace(obj_, /, *, {', '.join(f'{n}=MISSING_' for n in names)}):",
+             "    new_ = new_object_(cls_)"]
+    lines += [f"    set_(new_, {n!r}, obj_.{n} if {n} is MISSING_ else {n})" for n in names]
+    lines.append("    return new_")
+    namespace: dict[str, Any] = {"MISSING_": _MISSING, "new_object_": object.__new__,
+                                 "cls_": cls, "set_": object.__setattr__}
+    exec("\n".join(lines), namespace)
+    fn: Callable[..., Any] = namespace["replace"]
+    fn.__qualname__ = f"replace[{cls.__name__}]"
+    return fn
+
+
+_REPLACE: dict[type, Callable[..., Any]] = {
+    cls: _compile_replace(cls) for cls in (Timer, Approval, StepState, RunState)
+}
+
+
+def replace(obj: S, /, **changes: Any) -> S:
+    """``dataclasses.replace(obj, **changes)``, about three times faster for the state
+    records (any other dataclass goes to ``dataclasses.replace``)."""
+    fast = _REPLACE.get(type(obj))
+    if fast is None:
+        return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+    result: S = fast(obj, **changes)
+    return result

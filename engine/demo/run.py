@@ -102,7 +102,8 @@ async def _review(engine: EmbeddedEngine, run_id: str, say: Callable[[str], None
                 if (approval.approval_id, who) in acted:
                     continue
                 acted.add((approval.approval_id, who))
-                say(f"review  {who} ({', '.join(DIRECTORY[who])}) approves {current.step}"
+                groups = ", ".join(DIRECTORY[who])
+                say(f"review  {who} ({groups}) submits approval of {current.step}"
                     f" [{approval.reason}]")
                 engine.submit(DecideApproval(
                     command_id=str(uuid.uuid4()), run_id=run_id, tenant=TENANT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -90,10 +91,8 @@ class EmbeddedEngine:
             next_due = self.timers.next_due()
             if next_due is not None:
                 wait = min(wait, max(0.0, (next_due - self.clock.now_ms()) / 1000))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
-            except TimeoutError:
-                pass
 
     def close(self) -> None:
         self.store.close()
@@ -137,10 +136,8 @@ class EmbeddedWorker:
         while not stop.is_set():
             if await self.work_once():
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_ms / 1000)
-            except TimeoutError:
-                pass
 
     def close(self) -> None:
         self.store.close()

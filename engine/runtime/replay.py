@@ -75,10 +75,9 @@ def verify(run_id: str, events: Sequence[Event], recorded: Sequence[RecordedComm
             want = expected[i] if i < len(expected) else None
             got = replayed[i] if i < len(replayed) else None
             if want != got:
-                seq = (want or got).seq if (want or got) is not None else rec.first_seq
+                seq = want.seq if want is not None else rec.first_seq + i
                 return VerifyReport(run_id, len(recorded), len(events), Divergence(
-                    rec.command.command_id, rec.command.TYPE, seq if seq else rec.first_seq,
-                    _show(want), _show(got)))
+                    rec.command.command_id, rec.command.TYPE, seq, _show(want), _show(got)))
     return VerifyReport(run_id, len(recorded), len(events), None)
 
 

@@ -165,21 +165,30 @@ class Outcome:
     called: bool
 
 
+def _fail(task: TaskCommand, error_class: str, code: str, message: str,
+          field: str | None = None, cost: float = 0.0) -> FailTask:
+    return FailTask(command_id=f"result:{task.task_id}", run_id=task.run_id, tenant=task.tenant,
+                    correlation_id=task.correlation_id, step=task.step, task_id=task.task_id,
+                    error_class=error_class, code=code, message=message, field=field, cost=cost)
+
+
+def _complete(task: TaskCommand, result: Any, cost: float,
+              confidence: float | None) -> CompleteTask:
+    return CompleteTask(command_id=f"result:{task.task_id}", run_id=task.run_id,
+                        tenant=task.tenant, correlation_id=task.correlation_id, step=task.step,
+                        task_id=task.task_id, result=result, cost=cost, confidence=confidence)
+
+
 async def execute(task: TaskCommand, registry: ToolRegistry, ledger: Ledger,
                   now_ms: Callable[[], int]) -> Outcome:
     """Run the tool for ``task`` (unless its key already completed) and build the report."""
-    common = {"command_id": f"result:{task.task_id}", "run_id": task.run_id,
-              "tenant": task.tenant, "correlation_id": task.correlation_id,
-              "step": task.step, "task_id": task.task_id}
     known = ledger.lookup(task.idempotency_key)
     if known is not None:
-        return Outcome(CompleteTask(result=known.result, cost=0.0,
-                                    confidence=known.confidence, **common), None, called=False)
+        return Outcome(_complete(task, known.result, 0.0, known.confidence), None, called=False)
     handler = registry.get(task.queue)
     if handler is None:
-        return Outcome(FailTask(error_class="permanent", code="UNKNOWN_TOOL",
-                                message=f"no tool registered for queue {task.queue!r}",
-                                **common), None, called=False)
+        return Outcome(_fail(task, "permanent", "UNKNOWN_TOOL",
+                             f"no tool registered for queue {task.queue!r}"), None, called=False)
     ctx = TaskContext(run_id=task.run_id, step=task.step, attempt=task.attempt,
                       idempotency_key=task.idempotency_key, deadline=task.deadline,
                       input=task.input, task_id=task.task_id, queue=task.queue,
@@ -188,26 +197,24 @@ async def execute(task: TaskCommand, registry: ToolRegistry, ledger: Ledger,
     try:
         value = await asyncio.wait_for(_call(handler, ctx), timeout)
     except TaskError as exc:
-        return Outcome(FailTask(error_class=exc.error_class, code=exc.code, message=exc.message,
-                                field=exc.field, cost=exc.cost, **common), None, called=True)
+        failed = _fail(task, exc.error_class, exc.code, exc.message, exc.field, exc.cost)
+        return Outcome(failed, None, called=True)
     except TimeoutError:
-        return Outcome(FailTask(error_class="transient", code="TOOL_TIMEOUT",
-                                message=f"{task.queue} ran past its deadline", **common),
-                       None, called=True)
+        failed = _fail(task, "transient", "TOOL_TIMEOUT", f"{task.queue} ran past its deadline")
+        return Outcome(failed, None, called=True)
     except Exception as exc:  # unexpected errors are worth a retry
-        return Outcome(FailTask(error_class="transient", code="UNEXPECTED_ERROR",
-                                message=f"{type(exc).__name__}: {exc}", **common),
-                       None, called=True)
+        failed = _fail(task, "transient", "UNEXPECTED_ERROR", f"{type(exc).__name__}: {exc}")
+        return Outcome(failed, None, called=True)
     result = value if isinstance(value, TaskResult) else TaskResult(value)
     try:
         json.dumps(result.value)
     except (TypeError, ValueError) as exc:
-        return Outcome(FailTask(error_class="permanent", code="RESULT_NOT_JSON",
-                                message=f"{task.queue} returned a value that is not JSON: {exc}",
-                                **common), None, called=True)
+        failed = _fail(task, "permanent", "RESULT_NOT_JSON",
+                       f"{task.queue} returned a value that is not JSON: {exc}")
+        return Outcome(failed, None, called=True)
     entry = LedgerEntry(task.idempotency_key, result.value, result.cost, result.confidence)
-    return Outcome(CompleteTask(result=result.value, cost=result.cost,
-                                confidence=result.confidence, **common), entry, called=True)
+    return Outcome(_complete(task, result.value, result.cost, result.confidence), entry,
+                   called=True)
 
 
 async def _call(handler: Handler, ctx: TaskContext) -> Any:

@@ -24,7 +24,8 @@ def _db() -> sqlite3.Connection:
 def apply_effect(ctx: TaskContext) -> None:
     db = _db()
     try:
-        db.execute("INSERT INTO calls VALUES (?, ?, ?)", (ctx.idempotency_key, ctx.step, time.time()))
+        db.execute("INSERT INTO calls VALUES (?, ?, ?)",
+                   (ctx.idempotency_key, ctx.step, time.time()))
         db.execute("INSERT OR IGNORE INTO effects VALUES (?, ?, ?)",
                    (ctx.idempotency_key, ctx.step, ctx.run_id))
     finally:

@@ -40,7 +40,7 @@ def _serve(db: Path, effects: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", "--db", str(db),
          "--workers", "tests.embedded.durable_tools", "--concurrency", "4"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _done(db: Path) -> int:
@@ -71,9 +71,11 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -
         proc = _serve(db, effects)
         time.sleep(rng.uniform(0.3, 1.5))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.communicate()
         kills += 1
     proc = _serve(db, effects)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(b"serving"), "the server did not start"
     try:
         while time.monotonic() < deadline and _done(db) < RUNS:
             time.sleep(0.2)

@@ -94,7 +94,7 @@ def test_poison_inputs_go_to_dead_letters_and_others_keep_going(tmp_path: Path) 
     unknown = Trigger(workflow="nope", idempotency_key="u")
     valid = encode(good)
     engine.store.append_raw_inputs([
-        ("", b"\x00garbage", 0),
+        ("", b"\x07garbage", 0),
         ("", valid[:-3], 0),
         ("", b"\x00\x00\x00\xff\xff" + valid[5:], 0),
         ("", encode(unknown), 0),
@@ -103,8 +103,7 @@ def test_poison_inputs_go_to_dead_letters_and_others_keep_going(tmp_path: Path) 
     ])
     engine.drain()
     reasons = [d.reason for d in engine.store.dead_letters()]
-    assert reasons[0] in ("bad_magic", "truncated", "corrupt")
-    assert "unknown_schema" in reasons
+    assert reasons[:3] == ["bad_magic", "truncated", "unknown_schema"]
     assert "unknown_workflow" in reasons
     assert "oversize" in reasons
     assert len(reasons) == 5

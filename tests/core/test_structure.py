@@ -1,0 +1,63 @@
+"""Structural rules of the core: every event has an evolver, and the core stays pure."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import engine.core
+from engine.core.events import EVENT_TYPES
+from engine.core.evolve import EVOLVERS
+
+CORE = Path(engine.core.__file__).parent
+FORBIDDEN = frozenset({
+    "asyncio", "aiokafka", "psycopg", "sqlite3", "socket", "time", "random", "datetime",
+    "threading", "os", "subprocess", "requests", "httpx", "opentelemetry",
+})
+
+
+@pytest.mark.parametrize("event_type", list(EVENT_TYPES.values()), ids=lambda t: t.TYPE)
+def test_every_event_type_has_an_evolver(event_type: type) -> None:
+    assert event_type in EVOLVERS, f"add an @evolver({event_type.__name__}) in engine/core/evolve.py"
+
+
+def test_event_registry_keys_match_the_classes() -> None:
+    assert all(key == (cls.TYPE, cls.VERSION) for key, cls in EVENT_TYPES.items())
+    assert len({cls.TYPE for cls in EVENT_TYPES.values()}) == len(EVENT_TYPES)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Top-level package names imported by ``path``, with their line numbers."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id == "__import__" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.append((node.lineno, node.args[0].value.split(".")[0]))
+    return found
+
+
+def test_core_modules_are_found() -> None:
+    names = {p.name for p in CORE.glob("*.py")}
+    assert {"decide.py", "evolve.py", "spec.py", "state.py", "events.py"} <= names
+
+
+@pytest.mark.parametrize("module", sorted(CORE.glob("*.py")), ids=lambda p: p.name)
+def test_core_does_no_io(module: Path) -> None:
+    bad = [f"{module.name}:{line} imports {name}" for line, name in _imports(module)
+           if name in FORBIDDEN]
+    assert not bad, "engine/core must stay pure (time and ids come in as arguments): " + \
+        ", ".join(bad)
+
+
+def test_the_scan_sees_every_import_form(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("import os.path\nfrom time import time\nif True:\n    import socket\n"
+                      "__import__('random')\nfrom . import sibling\n")
+    assert {name for _, name in _imports(sample)} == {"os", "time", "socket", "random"}
