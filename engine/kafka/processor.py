@@ -1,0 +1,449 @@
+"""The orchestrator on Kafka, exactly once.
+
+One consumer (group ``<app>-engine``, read_committed) reads the run inputs topic. For
+each assigned input partition p there is one transactional producer,
+``transactional.id = <app>-<inputs topic>-<p>`` (aiokafka has no KIP-447, so fencing is
+per partition). A batch of partition p is decided by the shared ``Processor`` and written
+in ONE transaction: events and recorded commands (events topic, p), state snapshots
+(state changelog, p), task commands (task topics, p), notifications, dead letters, and
+the input offsets (``send_offsets_to_transaction``). Only after the commit succeeds does
+the batch's state enter the partition's cache.
+
+Failure rules (the path where Jepsen found lost writes and torn transactions):
+
+* an error before the commit request: abort, seek back to the committed offset;
+* a commit whose outcome is unknown (timeout, lost connection): never abort. Recreate the
+  producer, whose initialisation fences the old one and settles its transaction, then
+  restore the partition from the changelog and seek back to the committed offset;
+* a fenced producer: another process owns the partition now. Stop processing it; if the
+  group still assigns it to us, take it back the same way after a pause.
+
+On assignment the producer is initialised first (fencing zombies and settling their open
+transactions), then the state is restored from the changelog up to its last stable
+offset, and timers are re-armed, before any input of that partition is processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from engine.codec import decode, encode
+from engine.core.commands import FireTimer
+from engine.core.events import Event
+from engine.core.state import RunState
+from engine.kafka.topics import Topics
+from engine.runtime.clock import Clock, SystemClock
+from engine.runtime.processor import Batch, Input, Processor, StateCache
+from engine.runtime.specs import SpecRegistry
+from engine.runtime.timers import TimerService
+
+log = logging.getLogger("terranoha.kafka.engine")
+
+Headers = list[tuple[str, bytes]]
+Record = tuple[str, int, bytes | None, bytes, Headers]
+"""(topic, partition, key, value, headers) ready to send."""
+
+
+def trace_headers(correlation_id: str, causation_id: str, tenant: str) -> Headers:
+    """Correlation, causation and tenant, plus a W3C traceparent whose trace id is derived
+    from the correlation id, so every record of a run joins one trace."""
+    trace_id = hashlib.blake2b(correlation_id.encode(), digest_size=16).hexdigest()
+    span_id = hashlib.blake2b(causation_id.encode(), digest_size=8).hexdigest()
+    return [
+        ("correlation_id", correlation_id.encode()),
+        ("causation_id", causation_id.encode()),
+        ("tenant", tenant.encode()),
+        ("traceparent", f"00-{trace_id}-{span_id}-01".encode()),
+    ]
+
+
+@dataclass(slots=True)
+class PartitionStats:
+    batches: int = 0
+    inputs: int = 0
+    events: int = 0
+    aborted: int = 0
+    unknown_outcomes: int = 0
+    fenced: int = 0
+    restores: int = 0
+    restored_states: int = 0
+    restore_ms: int = 0
+
+
+@dataclass(slots=True)
+class _Partition:
+    number: int
+    tp: TopicPartition
+    producer: AIOKafkaProducer
+    cache: StateCache
+    timers: TimerService
+    processor: Processor
+    stats: PartitionStats = field(default_factory=PartitionStats)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, engine: KafkaEngine) -> None:
+        self.engine = engine
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        async with self.engine.lock:
+            for tp in revoked:
+                await self.engine._release(tp.partition)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        async with self.engine.lock:
+            for tp in assigned:
+                await self.engine._acquire(tp.partition)
+
+
+class KafkaEngine:
+    """Runs the orchestrator for the input partitions the consumer group assigns it."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        specs: SpecRegistry,
+        *,
+        app: str = "terranoha",
+        clock: Clock | None = None,
+        refresh_specs: Callable[[], Awaitable[int]] | None = None,
+        max_batch: int = 1000,
+        poll_ms: int = 20,
+        commit_timeout_s: float = 15.0,
+        refence_pause_s: float = 5.0,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.specs = specs
+        self.app = app
+        self.group_id = f"{app}-engine"
+        self.clock = clock or SystemClock()
+        self.refresh_specs = refresh_specs
+        self.max_batch = max_batch
+        self.poll_ms = poll_ms
+        self.commit_timeout_s = commit_timeout_s
+        self.refence_pause_s = refence_pause_s
+        self.lock = asyncio.Lock()
+        self.parts: dict[int, _Partition] = {}
+        self.retired = PartitionStats()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.started = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process until ``stop`` is set; then finish the batch in hand and leave the group."""
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 << 20,
+        )
+        await self.consumer.start()
+        self.consumer.subscribe([self.topics.inputs], listener=_Rebalance(self))
+        self.started.set()
+        try:
+            while not stop.is_set():
+                records = await self.consumer.getmany(timeout_ms=self.poll_ms,
+                                                      max_records=self.max_batch)
+                async with self.lock:
+                    for tp, messages in records.items():
+                        part = self.parts.get(tp.partition)
+                        if part is not None and messages:
+                            await self._process(part, messages)
+                    await self._fire_timers()
+        finally:
+            async with self.lock:
+                for number in list(self.parts):
+                    await self._release(number)
+            await self.consumer.stop()
+
+    @property
+    def stats(self) -> PartitionStats:
+        total = PartitionStats(**{f: getattr(self.retired, f) for f in PartitionStats.__slots__})
+        for part in self.parts.values():
+            for name in PartitionStats.__slots__:
+                setattr(total, name, getattr(total, name) + getattr(part.stats, name))
+        return total
+
+    def state(self, run_id: str) -> RunState | None:
+        """Committed state of a run owned by this process (None if not owned or unknown)."""
+        part = self.parts.get(self.topics.partition_of(run_id))
+        return part.cache.get(run_id) if part is not None else None
+
+    # ------------------------------------------------------------------ ownership
+
+    def _transactional_id(self, number: int) -> str:
+        return f"{self.app}-{self.topics.inputs}-{number}"
+
+    async def _new_producer(self, number: int) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            transactional_id=self._transactional_id(number),
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=2,
+            max_batch_size=512 * 1024,
+            max_request_size=8 << 20,
+            transaction_timeout_ms=60_000,
+        )
+        await producer.start()  # InitProducerId: fences older producers with this id
+        return producer
+
+    async def _acquire(self, number: int, stats: PartitionStats | None = None) -> None:
+        if number in self.parts:
+            return
+        producer = await self._new_producer(number)
+        cache, timers, restored, restore_ms = await self._restore(number)
+        part = _Partition(
+            number=number, tp=TopicPartition(self.topics.inputs, number), producer=producer,
+            cache=cache, timers=timers, processor=Processor(self.specs, cache),
+            stats=stats or PartitionStats())
+        part.stats.restores += 1
+        part.stats.restored_states += restored
+        part.stats.restore_ms += restore_ms
+        self.parts[number] = part
+        log.info("partition %d acquired: %d runs restored in %d ms, %d timers armed",
+                 number, restored, restore_ms, len(timers))
+
+    async def _release(self, number: int) -> None:
+        part = self.parts.pop(number, None)
+        if part is None:
+            return
+        self._retire_stats(part.stats)
+        await _stop_quietly(part.producer)
+
+    def _retire_stats(self, stats: PartitionStats) -> None:
+        for name in PartitionStats.__slots__:
+            setattr(self.retired, name, getattr(self.retired, name) + getattr(stats, name))
+
+    async def _restore(self, number: int) -> tuple[StateCache, TimerService, int, int]:
+        """Read the partition's state changelog up to its last stable offset."""
+        started = self.clock.now_ms()
+        tp = TopicPartition(self.topics.state, number)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                    isolation_level="read_committed",
+                                    enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
+        await consumer.start()
+        snapshots: dict[str, bytes] = {}
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            while await consumer.position(tp) < end:
+                fetched = await consumer.getmany(tp, timeout_ms=500, max_records=10_000)
+                for message in fetched.get(tp, []):
+                    key = message.key.decode() if message.key else ""
+                    if message.value is None:
+                        snapshots.pop(key, None)
+                    else:
+                        snapshots[key] = message.value
+        finally:
+            await consumer.stop()
+        cache = StateCache()
+        states: dict[str, RunState] = {}
+        for run_id, payload in snapshots.items():
+            state = decode(payload)
+            if isinstance(state, RunState):
+                states[run_id] = state
+        cache.commit(states)
+        timers = TimerService(lambda run_id, timer_id: _armed(cache, run_id, timer_id))
+        for state in states.values():
+            timers.restore(state)
+        return cache, timers, len(states), self.clock.now_ms() - started
+
+    async def _take_back(self, part: _Partition, why: str) -> None:
+        """Recreate the producer (fencing the old one), restore from the changelog, and
+        resume from the committed input offset."""
+        log.warning("partition %d: %s; recreating its producer and restoring", part.number, why)
+        self.parts.pop(part.number, None)
+        await _stop_quietly(part.producer)
+        assert self.consumer is not None
+        if part.tp not in self.consumer.assignment():
+            self._retire_stats(part.stats)
+            return
+        await self._acquire(part.number, part.stats)
+        await self._seek_committed(part.tp)
+
+    async def _seek_committed(self, tp: TopicPartition) -> None:
+        assert self.consumer is not None
+        committed = await self.consumer.committed(tp)
+        if committed is None:
+            await self.consumer.seek_to_beginning(tp)
+        else:
+            self.consumer.seek(tp, committed)
+
+    # ------------------------------------------------------------------ processing
+
+    async def _process(self, part: _Partition, messages: Sequence[Any]) -> None:
+        inputs = [Input(self.topics.inputs, part.number, m.offset, m.value or b"")
+                  for m in messages]
+        batch = part.processor.process(inputs, self.clock.now_ms())
+        if self.refresh_specs is not None and any(
+                d.reason == "unknown_workflow" for d in batch.dead_letters):
+            # A spec deployed just before its first trigger may not have reached us yet.
+            if await self.refresh_specs():
+                batch = part.processor.process(inputs, self.clock.now_ms())
+        try:
+            records = self._records(part.number, batch)
+        except Exception:
+            log.exception("partition %d: encoding a batch failed; isolating the input",
+                          part.number)
+            await self._process_one_by_one(part, inputs)
+            return
+        if await self._transact(part, records, inputs[-1].offset + 1):
+            self._committed(part, batch)
+
+    async def _process_one_by_one(self, part: _Partition, inputs: list[Input]) -> None:
+        for item in inputs:
+            batch = part.processor.process([item], self.clock.now_ms())
+            try:
+                records = self._records(part.number, batch)
+            except Exception as exc:
+                batch = Batch(last=item, inputs=1)
+                part.processor._dead(batch, item, "engine_error",
+                                     f"encoding the outcome failed: {exc!r}", self.clock.now_ms())
+                records = self._records(part.number, batch)
+            if not await self._transact(part, records, item.offset + 1):
+                return
+            self._committed(part, batch)
+
+    def _committed(self, part: _Partition, batch: Batch) -> None:
+        # The transaction is durable: only now does its state become the committed state.
+        part.cache.commit(batch.states)
+        for run_id, timer in batch.timers:
+            part.timers.arm(run_id, timer.timer_id, timer.due_at)
+        part.stats.batches += 1
+        part.stats.inputs += batch.inputs
+        part.stats.events += len(batch.events)
+        for dead in batch.dead_letters:
+            log.warning("dead letter %s/%d/%d: %s: %s", dead.source, dead.partition, dead.offset,
+                        dead.reason, dead.detail)
+
+    def _records(self, number: int, batch: Batch) -> list[Record]:
+        """Encode everything first: nothing can fail halfway through the transaction for
+        a reason that is not Kafka's."""
+        t = self.topics
+        out: list[Record] = []
+        for event in batch.events:
+            out.append((t.events, number, event.run_id.encode(), encode(event),
+                        _event_headers(event)))
+        for rec in batch.recorded:
+            command = rec.command
+            out.append((t.events, number, rec.run_id.encode(), encode(rec), trace_headers(
+                command.correlation_id or rec.run_id, command.command_id, command.tenant)))
+        for state in batch.states.values():
+            out.append((t.state, number, state.run_id.encode(), encode(state), []))
+        for task in batch.tasks:
+            out.append((t.tasks(task.queue), number, task.run_id.encode(), encode(task),
+                        trace_headers(task.correlation_id, task.task_id, task.tenant)))
+        for note in batch.notifications:
+            out.append((t.notifications, number, note.run_id.encode(), encode(note),
+                        trace_headers(note.correlation_id, note.approval_id, note.tenant)))
+        for dead in batch.dead_letters:
+            out.append((t.dead_letters, number, dead.run_id.encode() or None, encode(dead),
+                        [("reason", dead.reason.encode())]))
+        return out
+
+    async def _transact(self, part: _Partition, records: list[Record],
+                        next_offset: int | None) -> bool:
+        """One transaction: the records, and the input offset if given. True if committed."""
+        producer = part.producer
+        try:
+            await producer.begin_transaction()
+            for topic, number, key, value, headers in records:
+                await producer.send(topic, value, key=key, partition=number, headers=headers)
+            if next_offset is not None:
+                await producer.send_offsets_to_transaction({part.tp: next_offset},
+                                                           self.group_id)
+        except ProducerFenced:
+            await self._fenced(part)
+            return False
+        except Exception as exc:
+            part.stats.aborted += 1
+            log.warning("partition %d: transaction failed before commit (%r); aborting",
+                        part.number, exc)
+            try:
+                await asyncio.wait_for(producer.abort_transaction(), self.commit_timeout_s)
+            except ProducerFenced:
+                await self._fenced(part)
+                return False
+            except Exception:
+                part.stats.unknown_outcomes += 1
+                await self._take_back(part, "abort did not complete")
+                return False
+            await self._seek_committed(part.tp)
+            return False
+        try:
+            await asyncio.wait_for(producer.commit_transaction(), self.commit_timeout_s)
+        except ProducerFenced:
+            await self._fenced(part)
+            return False
+        except (TimeoutError, KafkaError, OSError) as exc:
+            part.stats.unknown_outcomes += 1
+            await self._take_back(part, f"commit outcome unknown ({exc!r})")
+            return False
+        return True
+
+    async def _fenced(self, part: _Partition) -> None:
+        part.stats.fenced += 1
+        log.warning("partition %d: producer fenced; another engine process owns it",
+                    part.number)
+        self.parts.pop(part.number, None)
+        await _stop_quietly(part.producer)
+        assert self.consumer is not None
+        if part.tp in self.consumer.assignment():
+            self.consumer.pause(part.tp)
+            asyncio.get_running_loop().create_task(self._reclaim_later(part))
+        else:
+            self._retire_stats(part.stats)
+
+    async def _reclaim_later(self, part: _Partition) -> None:
+        await asyncio.sleep(self.refence_pause_s)
+        async with self.lock:
+            assert self.consumer is not None
+            if part.tp in self.consumer.assignment() and part.number not in self.parts:
+                await self._acquire(part.number, part.stats)
+                await self._seek_committed(part.tp)
+                self.consumer.resume(part.tp)
+
+    async def _fire_timers(self) -> None:
+        now = self.clock.now_ms()
+        for part in list(self.parts.values()):
+            due = part.timers.due(now)
+            if not due:
+                continue
+            records: list[Record] = [
+                (self.topics.inputs, part.number, c.run_id.encode(), encode(c),
+                 trace_headers(c.run_id, c.command_id, c.tenant)) for c in due]
+            await self._transact(part, records, None)
+
+
+def _event_headers(event: Event) -> Headers:
+    headers = trace_headers(event.correlation_id, event.causation_id, event.tenant)
+    headers.append(("type", event.TYPE.encode()))
+    return headers
+
+
+def _armed(cache: StateCache, run_id: str, timer_id: str) -> bool:
+    state = cache.get(run_id)
+    return state is not None and timer_id in state.timers
+
+
+async def _stop_quietly(producer: AIOKafkaProducer, timeout_s: float = 10.0) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.stop(), timeout_s)
+
+

@@ -1,0 +1,118 @@
+"""Topic names, partitioning and configs, and their idempotent creation.
+
+All run-keyed topics (run inputs, run events, run state, task topics) have the same
+partition count and are keyed by run id, so partition p of each holds the same runs:
+one transaction per input partition can write all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
+
+log = logging.getLogger("terranoha.kafka")
+
+RETAIN_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+COMPACTED = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
+             "segment.ms": "600000"}
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Where everything lives. ``partitions`` is the run-keyed partition count."""
+
+    prefix: str = "terranoha"
+    partitions: int = 6
+    trigger_partitions: int = 3
+    replication: int = 1
+
+    @property
+    def inputs(self) -> str:
+        return f"{self.prefix}.run-inputs"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.run-events"
+
+    @property
+    def state(self) -> str:
+        return f"{self.prefix}.run-state"
+
+    @property
+    def triggers(self) -> str:
+        return f"{self.prefix}.triggers"
+
+    @property
+    def notifications(self) -> str:
+        return f"{self.prefix}.notifications"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}.dead-letters"
+
+    @property
+    def specs(self) -> str:
+        return f"{self.prefix}.specs"
+
+    def tasks(self, queue: str) -> str:
+        return f"{self.prefix}.tasks.{queue}"
+
+    def partition_of(self, run_id: str) -> int:
+        """The partition of a run on every run-keyed topic (Kafka's default partitioner)."""
+        return (murmur2(run_id.encode()) & 0x7FFFFFFF) % self.partitions
+
+    def core_topics(self) -> list[NewTopic]:
+        n, r = self.partitions, self.replication
+        return [
+            NewTopic(self.inputs, n, r),
+            NewTopic(self.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
+            NewTopic(self.state, n, r, topic_configs=dict(COMPACTED)),
+            NewTopic(self.triggers, self.trigger_partitions, r),
+            NewTopic(self.notifications, n, r),
+            NewTopic(self.dead_letters, n, r, topic_configs=dict(RETAIN_FOREVER)),
+            NewTopic(self.specs, 1, r, topic_configs=dict(COMPACTED)),
+        ]
+
+    def task_topics(self, queues: Iterable[str]) -> list[NewTopic]:
+        return [NewTopic(self.tasks(q), self.partitions, self.replication) for q in queues]
+
+
+async def ensure_topics(bootstrap: str, topics: Iterable[NewTopic]) -> list[str]:
+    """Create the topics that do not exist yet; return the names created. Idempotent."""
+    wanted = list(topics)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        created: list[str] = []
+        for topic in missing:
+            try:
+                await admin.create_topics([topic])
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        if created:
+            await _wait_for_leaders(admin, created)
+        return created
+    finally:
+        await admin.close()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str],
+                            timeout_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        described = await admin.describe_topics(names)
+        if all(t.get("error_code", 0) == 0 and t.get("partitions")
+               and all(p.get("leader", -1) >= 0 for p in t["partitions"]) for t in described):
+            return
+        await asyncio.sleep(0.1)
+    log.warning("topics %s have no leader after %.0fs", names, timeout_s)
