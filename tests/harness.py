@@ -71,7 +71,8 @@ class Flow:
             if isinstance(exp, tuple):
                 for name, value in exp[1].items():
                     actual = getattr(event, name)
-                    assert actual == value, f"{type(event).__name__}.{name} = {actual!r}, want {value!r}"
+                    assert actual == value, (
+                        f"{type(event).__name__}.{name} = {actual!r}, want {value!r}")
         # live state must equal the state replay builds
         assert fold(self.log) == self.state, "live state differs from replayed state"
         return self
@@ -87,9 +88,11 @@ class Flow:
 
     def then_contains(self, event_type: type[ev.Event], **fields: Any) -> ev.Event:
         for event in self.last:
-            if isinstance(event, event_type) and all(getattr(event, k) == v for k, v in fields.items()):
+            if isinstance(event, event_type) and all(
+                    getattr(event, k) == v for k, v in fields.items()):
                 return event
-        raise AssertionError(f"no {event_type.__name__} with {fields} in {[type(e).__name__ for e in self.last]}")
+        got = [type(e).__name__ for e in self.last]
+        raise AssertionError(f"no {event_type.__name__} with {fields} in {got}")
 
     # -- command builders
     def _id(self) -> str:

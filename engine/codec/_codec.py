@@ -81,10 +81,12 @@ class Codec:
         body.seek(HEADER.size)
         try:
             fields = schemaless_reader(body, reader.writer, reader.reader)
-        except EOFError:
-            raise DecodeError("truncated", f"{reader.file} (schema id {sid}): the Avro body "
-                              f"ends early ({len(data)} bytes in all)", sid) from None
         except Exception as exc:
+            # A varint cut short fails as IndexError, not EOFError: having read every
+            # byte is what tells truncation apart.
+            if isinstance(exc, EOFError) or body.tell() >= len(data):
+                raise DecodeError("truncated", f"{reader.file} (schema id {sid}): the Avro "
+                                  f"body ends early ({len(data)} bytes in all)", sid) from None
             raise DecodeError("corrupt", f"{reader.file} (schema id {sid}): the Avro body "
                               f"does not decode: {type(exc).__name__}: {exc}", sid) from None
         if body.tell() != len(data):

@@ -37,7 +37,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from engine.codec import decode, encode
-from engine.core.commands import FireTimer
 from engine.core.events import Event
 from engine.core.state import RunState
 from engine.kafka.topics import Topics
@@ -291,11 +290,10 @@ class KafkaEngine:
         inputs = [Input(self.topics.inputs, part.number, m.offset, m.value or b"")
                   for m in messages]
         batch = part.processor.process(inputs, self.clock.now_ms())
-        if self.refresh_specs is not None and any(
-                d.reason == "unknown_workflow" for d in batch.dead_letters):
-            # A spec deployed just before its first trigger may not have reached us yet.
-            if await self.refresh_specs():
-                batch = part.processor.process(inputs, self.clock.now_ms())
+        unknown = any(d.reason == "unknown_workflow" for d in batch.dead_letters)
+        # A spec deployed just before its first trigger may not have reached us yet.
+        if unknown and self.refresh_specs is not None and await self.refresh_specs():
+            batch = part.processor.process(inputs, self.clock.now_ms())
         try:
             records = self._records(part.number, batch)
         except Exception:

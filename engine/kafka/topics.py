@@ -65,7 +65,8 @@ class Topics:
 
     def partition_of(self, run_id: str) -> int:
         """The partition of a run on every run-keyed topic (Kafka's default partitioner)."""
-        return (murmur2(run_id.encode()) & 0x7FFFFFFF) % self.partitions
+        hashed: int = murmur2(run_id.encode())
+        return (hashed & 0x7FFFFFFF) % self.partitions
 
     def core_topics(self) -> list[NewTopic]:
         n, r = self.partitions, self.replication

@@ -143,8 +143,10 @@ def steps(draw: st.DrawFn, i: int, kinds: list[str]) -> dict[str, Any]:
         targets = [t for t in targets if t != ids[i]]
         if not targets:
             return {"id": ids[i], "sleep": draw(durations)}
-        step["choice"] = [{"when": draw(st.sampled_from(WHENS)), "goto": draw(st.sampled_from(targets))}
-                          for _ in range(draw(st.integers(1, 2)))]
+        step["choice"] = [
+            {"when": draw(st.sampled_from(WHENS)), "goto": draw(st.sampled_from(targets))}
+            for _ in range(draw(st.integers(1, 2)))
+        ]
         ahead = ids[i + 1:]
         if ahead and draw(st.booleans()):
             step["default"] = draw(st.sampled_from(ahead))  # forward, so the run can always end
@@ -176,14 +178,16 @@ results = st.one_of(
     st.fixed_dictionaries({"confidence": st.sampled_from([0.1, 0.9])},
                           optional={"ok": st.booleans(), "amount": st.integers(0, 20),
                                     "review": st.booleans(), "label": st.just("x")}),
-    st.fixed_dictionaries({"confidence": st.just("high")}),
+    st.fixed_dictionaries({"confidence": st.sampled_from(["high", None, [0.1], True]),
+                           "amount": st.sampled_from(["12", None, 11.5, [1]])}),
     st.integers(),
     st.text(max_size=3),
 )
 valid_inputs = st.fixed_dictionaries(
     {"amount": st.integers(0, 10)},
     optional={"flag": st.booleans(), "tags": st.lists(st.just("t"), max_size=2)})
-invalid_inputs = st.sampled_from([{"flag": True}, ["not", "an", "object"], {"amount": 1, "tags": 5}])
+invalid_inputs = st.sampled_from(
+    [{"flag": True}, ["not", "an", "object"], {"amount": 1, "tags": 5}])
 wrong = st.sampled_from([False] * 4 + [True])
 """Aim a command at the wrong thing about one time in five."""
 
@@ -377,7 +381,8 @@ def test_evolve_is_total(spec: WorkflowSpec, script: Any, data: st.DataObject) -
 
 
 @SETTINGS
-@given(spec=specs(), other=specs(), script=scripts, garbage=st.lists(st.one_of(
+@given(spec=specs(), other=specs().map(lambda s: s.model_copy(update={"version": 2})),
+       script=scripts, garbage=st.lists(st.one_of(
     st.builds(cmd.CompleteTask, command_id=st.text(max_size=3), run_id=st.just(RUN),
               step=st.text(max_size=4), task_id=st.text(max_size=4),
               result=st.none() | st.integers(), cost=st.floats(0, 10),

@@ -354,5 +354,6 @@ def test_waiting_on_a_critical_approval_is_waiting() -> None:
 def test_completed_run_has_its_output() -> None:
     flow = Flow(TWO_TASKS)
     flow.given(flow.start()).given(flow.complete("a", 1))
-    flow.when(flow.complete("b", 2)).then(TaskCompleted, StepCompleted, (RunCompleted, {"output": 2}))
+    flow.when(flow.complete("b", 2)).then(
+        TaskCompleted, StepCompleted, (RunCompleted, {"output": 2}))
     assert flow.state is not None and flow.state.output == 2

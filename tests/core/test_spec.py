@@ -70,7 +70,8 @@ def test_the_design_example_loads() -> None:
     ({"id": "a", "task": "q", "next": "nowhere"}, "steps[0](a).next"),
     ({"id": "a", "task": "q", "on_business_error": {"X": {"goto": "nowhere"}}},
      "steps[0](a).on_business_error.X.goto"),
-    ({"id": "a", "task": "q", "on_exhausted": {"goto": "nowhere"}}, "steps[0](a).on_exhausted.goto"),
+    ({"id": "a", "task": "q", "on_exhausted": {"goto": "nowhere"}},
+     "steps[0](a).on_exhausted.goto"),
     ({"id": "a", "choice": [{"when": "input.x", "goto": "nowhere"}]}, "steps[0](a).choice[0].goto"),
     ({"id": "a", "choice": [{"when": "input.x", "goto": "b"}], "default": "nowhere"},
      "steps[0](a).default"),
@@ -156,7 +157,8 @@ def test_unknown_field(data: dict[str, Any], path: str) -> None:
 
 
 def test_critical_without_approval() -> None:
-    found = issues(wf({"id": "a", "task": "q"}, {"id": "wire", "task": "bank.wire", "critical": True}))
+    found = issues(wf({"id": "a", "task": "q"},
+                      {"id": "wire", "task": "bank.wire", "critical": True}))
     assert found == [("steps[1](wire).approval",
                       "critical steps need an approval: {approvers: [...]}")]
 

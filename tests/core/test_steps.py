@@ -171,7 +171,8 @@ def test_critical_task_waits_for_approval_before_dispatch() -> None:
     flow = Flow(wf({"id": "wire", "task": "bank.wire", "critical": True,
                     "approval": {"approvers": ["finance"]}}))
     flow.when(flow.start({"amount": 5})).then(
-        RunStarted, StepStarted, (ApprovalRequested, {"reason": "critical", "payload": {"amount": 5}}))
+        RunStarted, StepStarted,
+        (ApprovalRequested, {"reason": "critical", "payload": {"amount": 5}}))
     flow.when(flow.approve("wire", "bob", "finance")).then(
         ApprovalGranted, (TaskDispatched, {"queue": "bank.wire", "attempt": 1}), TimerArmed)
 
@@ -219,7 +220,8 @@ def test_wait_event_timeout_fails_the_run_by_default() -> None:
 
 def test_wait_event_timeout_can_goto_another_step() -> None:
     flow = Flow(wf(
-        {"id": "wait", "wait_event": {"name": "s", "timeout": "1h", "on_timeout": {"goto": "nudge"}}},
+        {"id": "wait",
+         "wait_event": {"name": "s", "timeout": "1h", "on_timeout": {"goto": "nudge"}}},
         {"id": "done", "task": "q", "end": True},
         {"id": "nudge", "task": "mail.send"},
     ))

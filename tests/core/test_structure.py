@@ -20,7 +20,8 @@ FORBIDDEN = frozenset({
 
 @pytest.mark.parametrize("event_type", list(EVENT_TYPES.values()), ids=lambda t: t.TYPE)
 def test_every_event_type_has_an_evolver(event_type: type) -> None:
-    assert event_type in EVOLVERS, f"add an @evolver({event_type.__name__}) in engine/core/evolve.py"
+    assert event_type in EVOLVERS, (
+        f"add an @evolver({event_type.__name__}) in engine/core/evolve.py")
 
 
 def test_event_registry_keys_match_the_classes() -> None:
