@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.core import commands as cmd
 from engine.core import events as ev
@@ -18,6 +18,7 @@ from engine.core.evolve import evolve, fold
 from engine.core.spec import WorkflowSpec, load_spec
 from engine.core.state import RunState, RunStatus
 
+E = TypeVar("E", bound=ev.Event)
 RUN = "run-1"
 T0 = 1_700_000_000_000
 
@@ -86,7 +87,7 @@ class Flow:
         assert self.state.status is status, f"status {self.state.status}, want {status}"
         return self
 
-    def then_contains(self, event_type: type[ev.Event], **fields: Any) -> ev.Event:
+    def then_contains(self, event_type: type[E], **fields: Any) -> E:
         for event in self.last:
             if isinstance(event, event_type) and all(
                     getattr(event, k) == v for k, v in fields.items()):

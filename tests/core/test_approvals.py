@@ -101,6 +101,19 @@ def test_reject_can_goto_another_step() -> None:
         ApprovalRejected, (StepStarted, {"step": "manual"}), TaskDispatched, TimerArmed)
 
 
+def test_reject_can_escalate_to_another_group() -> None:
+    flow = approval_flow(on_reject={"escalate": "finance-leads"})
+    flow.when(flow.approve("sign", "bob", "finance", reject=True)).then(
+        ApprovalRejected,
+        (Escalated, {"to": "finance-leads", "reason": "APPROVAL_REJECTED"}),
+        (ApprovalRequested, {"reason": "escalation:approval", "approvers": ["finance-leads"]}),
+    )
+    assert flow.state is not None and flow.state.escalations == 1
+    flow.when(flow.approve("sign", "lena", "finance-leads")).then(
+        ApprovalGranted, StepCompleted, (StepStarted, {"step": "pay"}), TaskDispatched,
+        TimerArmed)
+
+
 def test_one_reject_ends_a_four_eyes_approval_after_a_vote() -> None:
     flow = approval_flow(quorum=2)
     flow.given(flow.approve("sign", "bob", "finance"))

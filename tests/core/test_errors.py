@@ -51,10 +51,9 @@ def test_transient_error_schedules_a_retry_with_backoff() -> None:
         (RetryScheduled, {"step": "call", "phase": "task", "attempt": 2}),
         (TimerArmed, {"kind": "retry", "step": "call"}),
     ).then_status(RunStatus.RETRY)
-    scheduled = flow.last[1]
-    assert isinstance(scheduled, RetryScheduled)
+    scheduled = flow.then_contains(RetryScheduled)
     assert 0 <= scheduled.delay_ms < 1000
-    assert scheduled.due_at == flow.now + scheduled.delay_ms == flow.last[2].due_at  # type: ignore[attr-defined]
+    assert scheduled.due_at == flow.now + scheduled.delay_ms == flow.due("retry")
     flow.fire("retry").then(
         TimerFired,
         (TaskDispatched, {"attempt": 2, "idempotency_key": first.idempotency_key}),
@@ -70,7 +69,6 @@ def test_backoff_delays_stay_below_the_capped_exponential_ceiling() -> None:
     for attempt in (1, 2, 3):
         flow.when(flow.fail("call", "transient"))
         scheduled = flow.then_contains(RetryScheduled)
-        assert isinstance(scheduled, RetryScheduled)
         assert scheduled.attempt == attempt + 1
         ceiling = min(3000, 1000 * 2 ** (attempt - 1))
         assert 0 <= scheduled.delay_ms < ceiling
@@ -103,7 +101,7 @@ def test_same_run_step_attempt_gives_the_same_delay_in_two_runs_of_the_flow() ->
         out = []
         for _ in range(3):
             flow.when(flow.fail("call", "transient"))
-            out.append(flow.then_contains(RetryScheduled).delay_ms)  # type: ignore[attr-defined]
+            out.append(flow.then_contains(RetryScheduled).delay_ms)
             flow.fire("retry")
         return out
 

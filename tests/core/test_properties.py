@@ -148,7 +148,7 @@ def steps(draw: st.DrawFn, i: int, kinds: list[str]) -> dict[str, Any]:
             for _ in range(draw(st.integers(1, 2)))
         ]
         ahead = ids[i + 1:]
-        if ahead and draw(st.booleans()):
+        if len(ahead) > 0 and draw(st.booleans()):
             step["default"] = draw(st.sampled_from(ahead))  # forward, so the run can always end
     else:
         step["sleep"] = draw(durations)
@@ -257,7 +257,7 @@ class Run:
         kind, *args = action
         current = self.state.current if self.state is not None else None
         step = current.step if current is not None else "st0"
-        base = {"command_id": self._id(), "run_id": RUN}
+        base: dict[str, Any] = {"command_id": self._id(), "run_id": RUN}
         if kind == "start":
             return cmd.StartRun(**base, workflow="prop", version=1, input=args[0],
                                 idempotency_key="k", requested_by="alice")
@@ -298,8 +298,10 @@ class Run:
         if kind == "cancel":
             return cmd.CancelRun(**base, reason="r", by="ops")
         ghost = {**base, "run_id": "ghost"}
-        return [cmd.CancelRun(**ghost), cmd.DeliverSignal(**ghost, name="sig_a"),
-                cmd.FireTimer(**ghost, timer_id="t")][args[0]]
+        strays: list[cmd.Command] = [cmd.CancelRun(**ghost),
+                                     cmd.DeliverSignal(**ghost, name="sig_a"),
+                                     cmd.FireTimer(**ghost, timer_id="t")]
+        return strays[int(args[0])]
 
 
 def drive(spec: WorkflowSpec, script: tuple[Any, list[tuple[Any, ...]]]) -> Iterator[Run]:
@@ -380,29 +382,31 @@ def test_evolve_is_total(spec: WorkflowSpec, script: Any, data: st.DataObject) -
             assert isinstance(after, RunState) and after.seq == event.seq
 
 
+def _junk(command_type: type[cmd.Command], **fields: Any) -> st.SearchStrategy[cmd.Command]:
+    return st.builds(command_type, command_id=st.text(max_size=3), run_id=st.just(RUN), **fields)
+
+
+junk_commands = st.one_of(
+    _junk(cmd.CompleteTask, step=st.text(max_size=4), task_id=st.text(max_size=4),
+          result=st.none() | st.integers(), cost=st.floats(0, 10),
+          confidence=st.none() | st.floats(0, 1)),
+    _junk(cmd.FailTask, step=st.text(max_size=4), task_id=st.text(max_size=4),
+          error_class=st.text(max_size=10), code=st.text(max_size=4)),
+    _junk(cmd.DecideApproval, step=st.text(max_size=4), approver=st.text(max_size=4),
+          roles=st.lists(st.text(max_size=3)).map(tuple), approve=st.booleans()),
+    _junk(cmd.DeliverSignal, name=st.text(max_size=6), data=st.none() | st.integers()),
+    _junk(cmd.FireTimer, timer_id=st.text(max_size=8)),
+    _junk(cmd.StartRun, workflow=st.sampled_from(["prop", "other"]), version=st.integers(0, 2),
+          input=st.none() | st.dictionaries(st.text(max_size=3), st.integers())),
+    _junk(cmd.CancelRun),
+    _junk(cmd.Command),
+)
+
+
 @SETTINGS
 @given(spec=specs(), other=specs().map(lambda s: s.model_copy(update={"version": 2})),
-       script=scripts, garbage=st.lists(st.one_of(
-    st.builds(cmd.CompleteTask, command_id=st.text(max_size=3), run_id=st.just(RUN),
-              step=st.text(max_size=4), task_id=st.text(max_size=4),
-              result=st.none() | st.integers(), cost=st.floats(0, 10),
-              confidence=st.none() | st.floats(0, 1)),
-    st.builds(cmd.FailTask, command_id=st.text(max_size=3), run_id=st.just(RUN),
-              step=st.text(max_size=4), task_id=st.text(max_size=4),
-              error_class=st.text(max_size=10), code=st.text(max_size=4)),
-    st.builds(cmd.DecideApproval, command_id=st.text(max_size=3), run_id=st.just(RUN),
-              step=st.text(max_size=4), approver=st.text(max_size=4),
-              roles=st.lists(st.text(max_size=3)).map(tuple), approve=st.booleans()),
-    st.builds(cmd.DeliverSignal, command_id=st.text(max_size=3), run_id=st.just(RUN),
-              name=st.text(max_size=6), data=st.none() | st.integers()),
-    st.builds(cmd.FireTimer, command_id=st.text(max_size=3), run_id=st.just(RUN),
-              timer_id=st.text(max_size=8)),
-    st.builds(cmd.StartRun, command_id=st.text(max_size=3), run_id=st.just(RUN),
-              workflow=st.sampled_from(["prop", "other"]), version=st.integers(0, 2),
-              input=st.none() | st.dictionaries(st.text(max_size=3), st.integers())),
-    st.builds(cmd.CancelRun, command_id=st.text(max_size=3), run_id=st.just(RUN)),
-    st.builds(cmd.Command, command_id=st.text(max_size=3), run_id=st.just(RUN)),
-), max_size=8), when=st.integers(-10**12, 10**13))
+       script=scripts, garbage=st.lists(junk_commands, max_size=8),
+       when=st.integers(-10**12, 10**13))
 def test_decide_never_raises(spec: WorkflowSpec, other: WorkflowSpec, script: Any,
                              garbage: list[cmd.Command], when: int) -> None:
     *_, run = drive(spec, script)

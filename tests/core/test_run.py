@@ -152,18 +152,21 @@ def test_start_without_a_deployed_spec_is_rejected() -> None:
     start = cmd.StartRun(command_id="c1", run_id=RUN, workflow="w", version=1)
     decision = process(None, start, None, T0)
     assert decision.state is None
-    assert [(type(e), e.reason, e.seq) for e in decision.events] == [  # type: ignore[attr-defined]
-        (CommandRejected, "workflow not deployed", 0)]
+    [rejected] = decision.events
+    assert isinstance(rejected, CommandRejected)
+    assert (rejected.reason, rejected.seq) == ("workflow not deployed", 0)
 
 
 def test_command_for_a_run_of_another_spec_version_is_rejected() -> None:
     flow = Flow(TWO_TASKS)
     flow.given(flow.start())
     v2 = load_spec({**TWO_TASKS, "version": 2})
-    decision = process(flow.state, flow.complete("a"), v2, T0)
-    assert decision.state is not None
-    assert [e.reason for e in decision.events] == ["workflow not deployed"]  # type: ignore[attr-defined]
-    assert decision.state.current == flow.state.current  # type: ignore[union-attr]
+    before = flow.state
+    assert before is not None
+    decision = process(before, flow.complete("a"), v2, T0)
+    [rejected] = decision.events
+    assert isinstance(rejected, CommandRejected) and rejected.reason == "workflow not deployed"
+    assert decision.state is not None and decision.state.current == before.current
 
 
 # --------------------------------------------------------------------------- stale inputs

@@ -61,7 +61,8 @@ def test_the_design_example_loads() -> None:
     assert spec.sla == 4 * 3_600_000
     assert spec.step("lookup").retry.max == 60_000
     assert spec.step("refund").kind == "prepare_commit"
-    assert spec.step("refund").approval.on_expire.escalate == "finance-leads"  # type: ignore[union-attr]
+    approval = spec.step("refund").approval
+    assert approval is not None and approval.on_expire.escalate == "finance-leads"
     assert spec.next_step("notify") is None
     assert load_spec(spec_to_data(spec)) == spec
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from engine.core.events import (
     ApprovalGranted,
+    ApprovalRejected,
     ApprovalRequested,
     ChoiceEvaluated,
     RetryScheduled,
@@ -328,6 +329,13 @@ def test_low_confidence_result_goes_to_expert_review() -> None:
     ).then_status(RunStatus.WAITING)
     flow.when(flow.approve("classify", "erin", "refund-experts")).then(
         ApprovalGranted, (StepCompleted, {"result": result}), (RunCompleted, {"output": result}))
+
+
+def test_rejected_review_fails_the_run() -> None:
+    flow = Flow(wf(REVIEWED))
+    flow.given(flow.start()).given(flow.complete("classify", {"confidence": 0.2}))
+    flow.when(flow.approve("classify", "erin", "refund-experts", reject=True)).then(
+        ApprovalRejected, StepFailed, (RunFailed, {"code": "APPROVAL_REJECTED"}))
 
 
 def test_high_confidence_result_skips_review() -> None:
