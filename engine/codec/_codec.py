@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Iterable
 from io import BytesIO
@@ -28,7 +29,9 @@ class _Writer(NamedTuple):
 
 class _Reader(NamedTuple):
     writer: Any
-    reader: Any  # None unless the record is read into a newer version of its class
+    # None when the record was written with its class's own schema: fastavro then neither
+    # resolves nor compares the two schemas (a deep comparison, on every call).
+    reader: Any
     from_avro: FromAvro
     file: str
 
@@ -96,9 +99,12 @@ class Codec:
             return reader.from_avro(fields)
         except DecodeError:
             raise
+        except json.JSONDecodeError as exc:
+            raise DecodeError("corrupt", f"{reader.file} (schema id {sid}): a JSON field is "
+                              f"not valid JSON: {exc}", sid) from None
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise DecodeError("corrupt", f"{reader.file} (schema id {sid}): a field does not "
-                              f"convert (is a JSON field valid JSON?): {exc}", sid) from None
+                              f"convert: {type(exc).__name__}: {exc}", sid) from None
 
     # -- loading ----------------------------------------------------------------------
 
@@ -129,34 +135,37 @@ class Codec:
             _check_matches(self.schemas_dir / entry.file, raw, owner)
             parsed = _parse(self.schemas_dir / entry.file, raw)
             to_avro, from_avro = converters.pair(owner.cls)
-            self._writers[owner.cls] = _Writer(HEADER.pack(0, entry.id), parsed, to_avro,
-                                                entry.file)
+            header = HEADER.pack(0, entry.id)
+            self._writers[owner.cls] = _Writer(header, parsed, to_avro, entry.file)
             self._readers[entry.id] = _Reader(parsed, None, from_avro, entry.file)
             own[owner] = (raw, parsed, from_avro)
 
         for entry, raw in others:
             target = current.get(entry.name)
+            problem = ""
             if target is None or target not in own:
-                self._unreadable[entry.id] = (
-                    f"schema id {entry.id} ({entry.file}) has no record class in this engine")
-            elif target.semantic_versions or entry.version > target.version:
-                self._unreadable[entry.id] = (
-                    f"schema id {entry.id} ({entry.file}) is {entry.name} v{entry.version}, "
-                    f"which this engine does not know (it reads up to v{target.version}): "
-                    "written by a newer engine?")
-            else:
-                reader_raw, reader, from_avro = own[target]
-                _check_resolvable(entry.file, raw, target.file, reader_raw)
-                writer = _parse(self.schemas_dir / entry.file, raw)
-                self._readers[entry.id] = _Reader(writer, reader, from_avro, entry.file)
+                problem = "this engine has no record class for it"
+            elif target.semantic_versions:
+                problem = (f"this engine has no class for {entry.name} v{entry.version}, and "
+                           "an event version is never read as another")
+            elif entry.version > target.version:
+                problem = (f"newer than {entry.name} v{target.version}, the latest this engine "
+                           "knows: written by a newer engine")
+            if problem:
+                self._unreadable[entry.id] = f"schema id {entry.id} ({entry.file}): {problem}"
+                continue
+            assert target is not None
+            reader_raw, reader, from_avro = own[target]
+            _check_resolvable(entry.file, raw, target.file, reader_raw)
+            writer = _parse(self.schemas_dir / entry.file, raw)
+            self._readers[entry.id] = _Reader(writer, reader, from_avro, entry.file)
 
         for record in records:
             if record.cls not in self._writers:
                 self._missing[record.cls] = (
                     f"{record.cls.__qualname__} ({record.name} v{record.version}) has no "
                     f"schema in the catalogue at {self.schemas_dir}: run "
-                    "`python -m engine.codec.generate` to add "
-                    f"{record.file}")
+                    f"`python -m engine.codec.generate` to add {record.file}")
 
 
 def schema_id(data: bytes) -> int:

@@ -2,13 +2,19 @@
 
 Each record class gets a pair of functions generated from its fields when the codec
 loads, the way ``dataclasses`` generates ``__init__``: encoding is one dict display
-(``{"run_id": o.run_id, "input": _json(o.input), ...}``) and decoding one constructor
-call. This is the hot path, so there is no per-record loop over fields, no type
-dispatch and no intermediate copies.
+(``{"run_id": o.run_id, "input": _json(o.input), ...}``) and decoding sets each field
+once. This is the hot path, so there is no per-record loop over fields, no type dispatch
+and no intermediate copies.
+
+A slotted dataclass without ``__post_init__`` is decoded without calling its
+``__init__``: each field goes straight into its slot, which is what the frozen
+``__init__`` does too, minus its ``object.__setattr__`` call per field (a third of the
+time to decode a run state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable, Mapping
 from enum import Enum
@@ -126,8 +132,8 @@ def _slots(cls: type) -> dict[str, types.MemberDescriptorType] | None:
     if hasattr(cls, "__post_init__"):
         return None
     slots = {}
-    for f in fields_of(cls):
-        name = f[0].name
+    for f in dataclasses.fields(cls):
+        name = f.name
         owner = next((k for k in cls.__mro__ if name in k.__dict__), None)
         slot = owner.__dict__[name] if owner is not None else None
         if not isinstance(slot, types.MemberDescriptorType):

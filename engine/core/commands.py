@@ -93,5 +93,6 @@ class CancelRun(Command):
 
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.TYPE: cls
-    for cls in (StartRun, CompleteTask, FailTask, DecideApproval, DeliverSignal, FireTimer, CancelRun)
+    for cls in (StartRun, CompleteTask, FailTask, DecideApproval, DeliverSignal, FireTimer,
+                CancelRun)
 }

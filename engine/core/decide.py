@@ -56,7 +56,8 @@ def process(
     ctx = _Context(state, command, spec, now)
     handler = _HANDLERS.get(type(command))
     if handler is None:
-        ctx.reject("unknown command", f"{type(command).__name__} is not a command this engine knows")
+        ctx.reject("unknown command",
+                   f"{type(command).__name__} is not a command this engine knows")
     elif state is None and not isinstance(command, cmd.StartRun):
         ctx.reject("unknown run", f"no run {command.run_id!r}; check the run id")
     elif spec is None or (state is not None and state.workflow and
@@ -71,23 +72,6 @@ def process(
         except ExpressionError as exc:
             ctx.fail_run("permanent", "EXPRESSION_FAILED", str(exc), None)
     return Decision(ctx.state, ctx.events)
-
-
-def _evaluate(text: str, data: Any) -> Any:
-    """``evaluate``, also turning the TypeError jmespath lets out of mixed-type comparisons
-    (a worker's ``"high"`` against `` `0.8` ``) into an ExpressionError, so the run fails
-    with a diagnostic instead of decide raising."""
-    try:
-        return evaluate(text, data)
-    except (TypeError, ValueError) as exc:
-        raise ExpressionError(f"expression {text!r} failed: {exc}") from exc
-
-
-def _map_input(mapping: Any, data: Any) -> Any:
-    try:
-        return map_input(mapping, data)
-    except (TypeError, ValueError) as exc:
-        raise ExpressionError(f"input mapping failed: {exc}") from exc
 
 
 class _Context:
@@ -193,13 +177,14 @@ class _Context:
             self.dispatch("prepare", 1)
         elif kind == "approval":
             assert step.approval is not None
-            payload = _map_input(step.input, self.run.data()) if step.input is not None else None
+            payload = map_input(step.input, self.run.data()) if step.input is not None else None
             self.request_approval("approval", step.approval, payload)
         elif kind == "wait_event":
             assert step.wait_event is not None
             wait = step.wait_event
-            key = _evaluate(wait.key, self.run.data()) if wait.key is not None else None
-            self.await_signal(wait.name, None if key is None else str(key), wait.timeout, "complete")
+            key = evaluate(wait.key, self.run.data()) if wait.key is not None else None
+            self.await_signal(wait.name, None if key is None else str(key), wait.timeout,
+                              "complete")
         elif kind == "choice":
             self.choose(step)
         elif kind == "sleep":
@@ -215,7 +200,7 @@ class _Context:
 
     def task_input(self, step: StepSpec, phase: str) -> Any:
         data = self.run.data()
-        mapped = _map_input(step.input, data) if step.input is not None else self.run.input
+        mapped = map_input(step.input, data) if step.input is not None else self.run.input
         if phase == "commit":
             current = self.run.current
             base = mapped if isinstance(mapped, dict) else {"input": mapped}
@@ -299,7 +284,7 @@ class _Context:
             step.default if step.default is not None else self.workflow.next_step(step.id)
         )
         for j, option in enumerate(step.choice or []):
-            if truthy(_evaluate(option.when, data)):
+            if truthy(evaluate(option.when, data)):
                 branch, target = j, option.goto
                 break
         self.emit(ev.ChoiceEvaluated, step=step.id, branch=branch, target=target)
@@ -315,7 +300,7 @@ class _Context:
     def complete_run(self) -> None:
         spec = self.workflow
         if spec.output is not None:
-            output = _evaluate(spec.output, self.run.data())
+            output = evaluate(spec.output, self.run.data())
         else:
             finished = [e for e in self.events if isinstance(e, ev.StepCompleted)]
             output = finished[-1].result if finished else None
@@ -398,7 +383,8 @@ class _Context:
         else:
             self.complete_step({"approved_by": approvers})
 
-    def on_approval_end(self, handler: Handler, approval: Approval, code: str, message: str) -> None:
+    def on_approval_end(self, handler: Handler, approval: Approval, code: str,
+                        message: str) -> None:
         """An approval expired or was rejected: fail, go to a step, or escalate."""
         if handler.action == "escalate":
             reason = approval.reason
@@ -416,8 +402,11 @@ class _Context:
 _HANDLERS: dict[type[cmd.Command], Callable[[_Context, Any], None]] = {}
 
 
-def _handles(command_type: type[C]) -> Callable[[Callable[[_Context, C], None]], Callable[[_Context, C], None]]:
-    def register(fn: Callable[[_Context, C], None]) -> Callable[[_Context, C], None]:
+_CommandHandler = Callable[[_Context, C], None]
+
+
+def _handles(command_type: type[C]) -> Callable[[_CommandHandler[C]], _CommandHandler[C]]:
+    def register(fn: _CommandHandler[C]) -> _CommandHandler[C]:
         _HANDLERS[command_type] = fn
         return fn
 
@@ -493,13 +482,13 @@ def _complete_task(ctx: _Context, c: cmd.CompleteTask) -> None:
     ctx.emit(ev.TaskCompleted, result=c.result, confidence=c.confidence, **common)
     data = {**ctx.run.data(), "result": c.result, "confidence": c.confidence}
     if current.phase == "prepare":
-        wanted = step.review_if is None or truthy(_evaluate(step.review_if, data))
+        wanted = step.review_if is None or truthy(evaluate(step.review_if, data))
         if step.approval is not None and wanted:
             ctx.request_approval("prepare_commit", step.approval, c.result)
         else:
             ctx.dispatch("commit", 1)
     elif step.review is not None and current.phase == "task" and (
-        step.review_if is None or truthy(_evaluate(step.review_if, data))
+        step.review_if is None or truthy(evaluate(step.review_if, data))
     ):
         ctx.request_approval("review", step.review,
                              {"result": c.result, "confidence": c.confidence})

@@ -1,4 +1,5 @@
-"""Durations written as ``500ms``, ``30s``, ``5m``, ``4h``, ``2d`` (or ``1h30m``), held as milliseconds."""
+"""Durations written as ``500ms``, ``30s``, ``5m``, ``4h``, ``2d`` (or ``1h30m``),
+held as milliseconds."""
 
 from __future__ import annotations
 

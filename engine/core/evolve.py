@@ -19,8 +19,11 @@ Evolver = Callable[[RunState, Any], RunState]
 EVOLVERS: dict[type[ev.Event], Evolver] = {}
 
 
-def evolver(event_type: type[E]) -> Callable[[Callable[[RunState, E], RunState]], Callable[[RunState, E], RunState]]:
-    def register(fn: Callable[[RunState, E], RunState]) -> Callable[[RunState, E], RunState]:
+_Typed = Callable[[RunState, E], RunState]
+
+
+def evolver(event_type: type[E]) -> Callable[[_Typed[E]], _Typed[E]]:
+    def register(fn: _Typed[E]) -> _Typed[E]:
         EVOLVERS[event_type] = fn
         return fn
 

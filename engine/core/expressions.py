@@ -22,10 +22,14 @@ def compile_expression(text: str) -> ParsedResult:
 
 
 def evaluate(text: str, data: Any) -> Any:
-    """Evaluate ``text`` against ``data``; errors become ``ExpressionError``."""
+    """Evaluate ``text`` against ``data``; errors become ``ExpressionError``.
+
+    jmespath lets a TypeError out of mixed-type comparisons (a tool's ``"high"`` against
+    `` `0.8` ``): that is bad run data, not an engine fault, so it is reported the same way.
+    """
     try:
         return compile_expression(text).search(data)
-    except JMESPathError as exc:
+    except (JMESPathError, TypeError, ValueError) as exc:
         raise ExpressionError(f"expression {text!r} failed: {exc}") from exc
 
 

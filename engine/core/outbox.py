@@ -69,7 +69,8 @@ def outgoing(event: ev.Event, workflow: str = "") -> list[Outgoing]:
     return []
 
 
-def _note(event: Any, kind: str, approval_id: str, recipients: list[str], message: str) -> Notification:
+def _note(event: Any, kind: str, approval_id: str, recipients: list[str],
+          message: str) -> Notification:
     return Notification(kind=kind, run_id=event.run_id, step=event.step, approval_id=approval_id,
                         recipients=list(recipients), message=message, ts=event.ts,
                         tenant=event.tenant, correlation_id=event.correlation_id)

@@ -286,7 +286,8 @@ def _semantic_issues(spec: WorkflowSpec) -> Iterator[tuple[str, str]]:
         ids.setdefault(step.id, i)
     for name, type_name in spec.input.items():
         if type_name.rstrip("?") not in INPUT_TYPES:
-            yield f"input.{name}", f"unknown type {type_name!r}; use one of {', '.join(INPUT_TYPES)}"
+            yield (f"input.{name}",
+                   f"unknown type {type_name!r}; use one of {', '.join(INPUT_TYPES)}")
     if spec.output is not None:
         yield from _expression_issue("output", spec.output)
 
@@ -349,7 +350,8 @@ def _step_issues(
     if step.wait_event is not None:
         if step.wait_event.key is not None:
             yield from _expression_issue(f"{where}.wait_event.key", step.wait_event.key)
-        yield from _handler_issues(step.wait_event.on_timeout, f"{where}.wait_event.on_timeout", ids)
+        yield from _handler_issues(step.wait_event.on_timeout,
+                                   f"{where}.wait_event.on_timeout", ids)
         if step.wait_event.on_timeout.action not in ("goto", "fail"):
             # decide only knows goto and fail here; anything else would silently fail the run
             yield f"{where}.wait_event.on_timeout", "use goto or fail when the signal times out"
@@ -364,7 +366,8 @@ def _step_issues(
         yield f"{where}.default", "default belongs to choice steps"
 
 
-def _handler_issues(handler: Handler, path: str, ids: Mapping[str, int]) -> Iterator[tuple[str, str]]:
+def _handler_issues(handler: Handler, path: str,
+                    ids: Mapping[str, int]) -> Iterator[tuple[str, str]]:
     if handler.goto is not None and handler.goto not in ids:
         yield f"{path}.goto", f"unknown step {handler.goto!r}; known steps: {', '.join(ids)}"
 

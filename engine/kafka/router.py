@@ -1,0 +1,345 @@
+"""The triggers topic becomes run inputs, exactly once.
+
+Users publish ``Trigger`` records to the triggers topic; the router turns each into one
+``StartRun`` on the run inputs topic, keyed and partitioned by its run id. The run id
+comes from (tenant, idempotency key), or from the trigger's topic/partition/offset when
+it has no key, so the same trigger published twice, or read twice, addresses one run:
+the orchestrator refuses the second ``StartRun``.
+
+For each assigned triggers partition p there is one transactional producer,
+``transactional.id = <app>-<triggers topic>-<p>`` (aiokafka has no KIP-447, so fencing
+is per partition). A partition batch is written in ONE transaction: its StartRun
+commands, its dead letters (bytes that are not a trigger) and the consumer offset.
+
+Failure rules, as in the orchestrator:
+
+* an error before the commit request: abort, seek back to the committed offset;
+* a commit whose outcome is unknown (timeout, lost connection): never abort. Recreate
+  the producer, whose initialisation fences the old one and settles its transaction,
+  then seek back to the committed offset, which now says what happened;
+* a fenced producer: another router owns the partition. Drop the producer and pause the
+  partition until the group assigns it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from engine.codec import DecodeError, decode, encode
+from engine.core.records import DeadLetter, Trigger
+from engine.kafka._util import Headers, seek_committed, stop_quietly, trace_headers
+from engine.kafka.topics import Topics
+from engine.runtime.clock import Clock, SystemClock
+from engine.runtime.processor import MAX_INPUT_BYTES, trigger_to_start
+
+log = logging.getLogger("terranoha.kafka.router")
+
+Record = tuple[str, int, bytes | None, bytes, Headers]
+"""(topic, partition, key, value, headers) ready to send."""
+
+
+@dataclass(slots=True)
+class RouterStats:
+    """What the router did since it started (committed transactions only)."""
+
+    transactions: int = 0
+    started: int = 0
+    dead_letters: int = 0
+    aborted: int = 0
+    unknown_outcomes: int = 0
+    fenced: int = 0
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, router: TriggerRouter) -> None:
+        self.router = router
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        async with self.router.lock:  # waits for an in-flight transaction to finish
+            for tp in revoked:
+                await self.router._release(tp.partition)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        async with self.router.lock:
+            for tp in sorted(assigned):
+                await self.router._acquire(tp)
+
+
+class TriggerRouter:
+    """Routes the triggers partitions the consumer group ``<app>-router`` assigns it."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        app: str = "terranoha",
+        clock: Clock | None = None,
+        *,
+        max_batch: int = 500,
+        poll_ms: int = 50,
+        commit_timeout_s: float = 15.0,
+        retry_s: float = 5.0,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.app = app
+        self.group_id = f"{app}-router"
+        self.clock = clock or SystemClock()
+        self.max_batch = max_batch
+        self.poll_ms = poll_ms
+        self.commit_timeout_s = commit_timeout_s
+        self.retry_s = retry_s
+        self.stats = RouterStats()
+        self.lock = asyncio.Lock()
+        self.assigned = asyncio.Event()
+        """Set once the group has assigned partitions and their producers are ready."""
+        self._producers: dict[int, AIOKafkaProducer] = {}
+        self._next: dict[int, int] = {}
+        self._retry_at: dict[int, float] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Route until ``stop`` is set; then finish the batch in hand and leave the group."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        self._consumer = consumer
+        try:
+            consumer.subscribe([self.topics.triggers], listener=_Rebalance(self))
+            while not stop.is_set():
+                fetched = await consumer.getmany(timeout_ms=self.poll_ms,
+                                                 max_records=self.max_batch)
+                if not fetched and not self._retry_at:
+                    continue
+                async with self.lock:
+                    for tp, messages in fetched.items():
+                        if messages:
+                            await self._route(tp, messages)
+                    if self._retry_at:
+                        await self._retry_acquire()
+        finally:
+            async with self.lock:
+                for number in list(self._producers):
+                    await self._release(number)
+            await stop_quietly(consumer)
+            self._consumer = None
+
+    # ------------------------------------------------------------------ ownership
+
+    def _transactional_id(self, number: int) -> str:
+        return f"{self.app}-{self.topics.triggers}-{number}"
+
+    async def _new_producer(self, number: int) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            transactional_id=self._transactional_id(number),
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=2,
+        )
+        try:
+            await producer.start()  # InitProducerId: fences older producers with this id
+        except BaseException:
+            await stop_quietly(producer)
+            raise
+        return producer
+
+    async def _acquire(self, tp: TopicPartition) -> None:
+        """Initialise the partition's producer, which settles any transaction a previous
+        owner left open, and only then read the committed offset and seek to it: the
+        offset the consumer fetched on its own during the rebalance may predate that
+        transaction. If that fails the partition is paused and tried again later."""
+        assert self._consumer is not None
+        try:
+            if tp.partition not in self._producers:
+                self._producers[tp.partition] = await self._new_producer(tp.partition)
+            self._next[tp.partition] = await seek_committed(self._consumer, tp)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await self._park(tp, exc)
+            return
+        self._retry_at.pop(tp.partition, None)
+        self._consumer.resume(tp)
+        self.assigned.set()
+        log.info("triggers partition %d acquired at offset %d", tp.partition,
+                 self._next[tp.partition])
+
+    async def _park(self, tp: TopicPartition, exc: BaseException) -> None:
+        """Drop the partition's producer and pause it; ``run`` takes it again later."""
+        assert self._consumer is not None
+        log.warning("triggers partition %d: cannot take it (%r); retrying in %.0fs",
+                    tp.partition, exc, self.retry_s)
+        await self._release(tp.partition)
+        if tp in self._consumer.assignment():
+            self._consumer.pause(tp)
+            self._retry_at[tp.partition] = asyncio.get_running_loop().time() + self.retry_s
+
+    async def _retry_acquire(self) -> None:
+        assert self._consumer is not None
+        now = asyncio.get_running_loop().time()
+        assignment = self._consumer.assignment()
+        for number, due in list(self._retry_at.items()):
+            tp = TopicPartition(self.topics.triggers, number)
+            if tp not in assignment:
+                self._retry_at.pop(number, None)
+            elif due <= now:
+                await self._acquire(tp)
+
+    async def _release(self, number: int) -> None:
+        self._next.pop(number, None)
+        self._retry_at.pop(number, None)
+        producer = self._producers.pop(number, None)
+        if producer is not None:
+            await stop_quietly(producer)
+
+    # ------------------------------------------------------------------ routing
+
+    async def _route(self, tp: TopicPartition, messages: Sequence[Any]) -> None:
+        producer = self._producers.get(tp.partition)
+        if producer is None:
+            return  # revoked or fenced while the batch was in hand
+        # Records below the committed offset were fetched before the seek in _acquire.
+        first = self._next.get(tp.partition, 0)
+        messages = [m for m in messages if m.offset >= first]
+        if not messages:
+            return
+        records, started, dead = self._records(tp, messages)
+        next_offset = messages[-1].offset + 1
+        if await self._transact(tp, producer, records, next_offset):
+            self._next[tp.partition] = next_offset
+            self.stats.transactions += 1
+            self.stats.started += started
+            self.stats.dead_letters += dead
+
+    def _records(self, tp: TopicPartition, messages: Sequence[Any]) -> tuple[list[Record], int,
+                                                                              int]:
+        """Everything is encoded before the transaction begins: nothing can fail halfway
+        through it for a reason that is not Kafka's."""
+        out: list[Record] = []
+        started = dead = 0
+        for message in messages:
+            payload: bytes = message.value or b""
+            try:
+                out.append(self._start_record(tp, message.offset, payload))
+                started += 1
+            except _NotATrigger as exc:
+                out.append(self._dead_record(tp, message.offset, payload, exc.reason, exc.detail))
+                dead += 1
+        return out, started, dead
+
+    def _start_record(self, tp: TopicPartition, offset: int, payload: bytes) -> Record:
+        if len(payload) > MAX_INPUT_BYTES:
+            raise _NotATrigger("oversize", f"{len(payload)} bytes is over the "
+                                           f"{MAX_INPUT_BYTES} byte limit")
+        try:
+            trigger = decode(payload)
+        except DecodeError as exc:
+            raise _NotATrigger(exc.reason, str(exc)) from None
+        if not isinstance(trigger, Trigger):
+            raise _NotATrigger("unexpected_record",
+                               f"{type(trigger).__name__} is not a trigger; commands go to "
+                               f"{self.topics.inputs}")
+        start = trigger_to_start(trigger, tp.topic, tp.partition, offset)
+        try:
+            value = encode(start)
+        except Exception as exc:
+            raise _NotATrigger("engine_error", f"encoding its StartRun failed: {exc!r}") from None
+        headers = trace_headers(start.correlation_id, start.command_id, start.tenant)
+        return (self.topics.inputs, self.topics.partition_of(start.run_id),
+                start.run_id.encode(), value, headers)
+
+    def _dead_record(self, tp: TopicPartition, offset: int, payload: bytes, reason: str,
+                     detail: str) -> Record:
+        dead = DeadLetter(source=tp.topic, partition=tp.partition, offset=offset,
+                          reason=reason, detail=detail, payload=payload,
+                          ts=self.clock.now_ms())
+        log.warning("dead letter %s/%d/%d: %s: %s", tp.topic, tp.partition, offset, reason,
+                    detail)
+        return (self.topics.dead_letters, tp.partition % self.topics.partitions, None,
+                encode(dead), [("reason", reason.encode())])
+
+    async def _transact(self, tp: TopicPartition, producer: AIOKafkaProducer,
+                        records: list[Record], next_offset: int) -> bool:
+        """One transaction: the records and the consumer offset. True if committed."""
+        try:
+            await producer.begin_transaction()
+            for topic, number, key, value, headers in records:
+                await producer.send(topic, value, key=key, partition=number, headers=headers)
+            await producer.send_offsets_to_transaction({tp: next_offset}, self.group_id)
+        except ProducerFenced:
+            await self._fenced(tp)
+            return False
+        except Exception as exc:
+            self.stats.aborted += 1
+            log.warning("triggers partition %d: transaction failed before commit (%r); "
+                        "aborting", tp.partition, exc)
+            try:
+                await asyncio.wait_for(producer.abort_transaction(), self.commit_timeout_s)
+            except ProducerFenced:
+                await self._fenced(tp)
+                return False
+            except Exception:
+                self.stats.unknown_outcomes += 1
+                await self._take_back(tp, "abort did not complete")
+                return False
+            await self._rewind(tp)
+            return False
+        try:
+            await asyncio.wait_for(producer.commit_transaction(), self.commit_timeout_s)
+        except ProducerFenced:
+            await self._fenced(tp)
+            return False
+        except (TimeoutError, KafkaError, OSError) as exc:
+            self.stats.unknown_outcomes += 1
+            await self._take_back(tp, f"commit outcome unknown ({exc!r})")
+            return False
+        return True
+
+    async def _rewind(self, tp: TopicPartition) -> None:
+        assert self._consumer is not None
+        try:
+            self._next[tp.partition] = await seek_committed(self._consumer, tp)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await self._park(tp, exc)
+
+    async def _take_back(self, tp: TopicPartition, why: str) -> None:
+        """Never abort here: a new producer with the same transactional id fences the old
+        one and settles its transaction; the committed offset then tells where to resume."""
+        log.warning("triggers partition %d: %s; recreating its producer", tp.partition, why)
+        old = self._producers.pop(tp.partition, None)
+        if old is not None:
+            await stop_quietly(old)
+        assert self._consumer is not None
+        if tp not in self._consumer.assignment():
+            self._next.pop(tp.partition, None)
+            return
+        await self._acquire(tp)
+
+    async def _fenced(self, tp: TopicPartition) -> None:
+        self.stats.fenced += 1
+        log.warning("triggers partition %d: producer fenced; another router owns it now",
+                    tp.partition)
+        await self._release(tp.partition)
+        assert self._consumer is not None
+        if tp in self._consumer.assignment():
+            # Fetched records of a paused partition are dropped; the next assignment
+            # resumes it from the committed offset.
+            self._consumer.pause(tp)
+
+
+class _NotATrigger(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
