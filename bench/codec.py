@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.codec import default_codec  # noqa: E402
-from engine.core.events import TaskDispatched  # noqa: E402
-from engine.core.state import Approval, RunState, StepState, Timer, Waiting  # noqa: E402
+from engine.codec import default_codec
+from engine.core.events import TaskDispatched
+from engine.core.state import Approval, RunState, StepState, Timer, Waiting
 
 T0 = 1_700_000_000_000
 
@@ -92,8 +89,8 @@ def main() -> None:
     for label, record in (("TaskDispatched", task_dispatched()), ("RunState", run_state())):
         data = codec.encode(record)
         assert codec.decode(data) == record
-        encode_rate = rate(lambda r=record: codec.encode(r), args.records, args.rounds)
-        decode_rate = rate(lambda d=data: codec.decode(d), args.records, args.rounds)
+        encode_rate = rate(partial(codec.encode, record), args.records, args.rounds)
+        decode_rate = rate(partial(codec.decode, data), args.records, args.rounds)
         print(f"{label:<15} {len(data):>4} bytes  encode {encode_rate:>9,.0f}/s  "
               f"decode {decode_rate:>9,.0f}/s")
 
