@@ -19,7 +19,9 @@ import platform
 import pstats
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from engine.core import commands as cmd
@@ -28,6 +30,8 @@ from engine.core.decide import process
 from engine.core.evolve import fold
 from engine.core.spec import WorkflowSpec, load_spec
 from engine.core.state import RunState, RunStatus
+from engine.embedded import Store
+from engine.runtime.processor import Batch
 
 T0 = 1_700_000_000_000
 
@@ -148,6 +152,36 @@ def bench_pure_fold(n_runs: int = 5_000, rounds: int = 3,
     }
 
 
+def bench_embedded_replay(runs: list[list[ev.Event]], rounds: int = 3) -> dict[str, Any]:
+    """Write the recorded runs into an embedded store, then replay every run from it:
+    read its events from SQLite, decode the Avro records, fold them.
+
+    The ratio to the pure fold (same log, same process) is what the store costs.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "replay.db")
+        batch = Batch()
+        for events in runs:
+            batch.events.extend(events)
+            if len(batch.events) >= 20_000:
+                store.write_batch(batch)
+                batch = Batch()
+        store.write_batch(batch)
+        run_ids = [events[0].run_id for events in runs]
+        n_events = sum(len(events) for events in runs)
+        timings = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            states = [fold(store.events(run_id)) for run_id in run_ids]
+            timings.append(time.perf_counter() - t)
+        store.close()
+    assert all(s is not None and s.status is RunStatus.COMPLETED for s in states)
+    median = statistics.median(timings)
+    return {"benchmark": "embedded_replay", "runs": len(runs), "events": n_events,
+            "rounds": rounds, "seconds": timings, "median_s": median,
+            "events_per_s": n_events / median}
+
+
 def profile_fold(runs: list[list[ev.Event]], top: int = 15) -> str:
     """cProfile of one fold of ``runs``, the ``top`` functions by own time."""
     profiler = cProfile.Profile()
@@ -174,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
           f"(median of {result['rounds']}: {result['median_s'] * 1000:.1f} ms; "
           f"rounds {', '.join(f'{s * 1000:.1f}' for s in result['seconds'])} ms)")
     print(f"  recording (decide + evolve) ran at {result['recorded_events_per_s']:,.0f} events/s")
+    stored = bench_embedded_replay(record_log(args.runs), args.rounds)
+    print("embedded store replay (SQLite read + Avro decode + fold), same log:")
+    print(f"  replay {stored['events_per_s']:>12,.0f} events/s  "
+          f"(median of {stored['rounds']}: {stored['median_s'] * 1000:.1f} ms)  "
+          f"= {stored['events_per_s'] / result['events_per_s']:.2f} x the pure fold")
     if args.profile:
         print(profile_fold(record_log(min(args.runs, 1_000))))
 
