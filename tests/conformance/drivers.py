@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -87,14 +88,22 @@ class _LoopThread:
         stop = self.call(make_stop())
         self.tasks.append(asyncio.run_coroutine_threadsafe(factory(stop), self.loop))
 
-    def close(self) -> None:
+    def close_runners(self) -> None:
+        """Set the stop event and wait for every spawned runner to return."""
         if self.stop_event is not None:
             self.loop.call_soon_threadsafe(self.stop_event.set)
         for task in self.tasks:
             task.result(60)
+        self.tasks.clear()
+
+    def shutdown(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+    def close(self) -> None:
+        self.close_runners()
+        self.shutdown()
 
 
 class EmbeddedDriver(Driver):
@@ -136,3 +145,135 @@ class EmbeddedDriver(Driver):
         for close in getattr(self, "_closers", []):
             close()
         self.store.close()
+
+
+class KafkaDriver(Driver):
+    """The orchestrator, the trigger router, a worker (PostgreSQL ledger) and the spec
+    follower on the real broker, each under a fresh topic prefix and app name."""
+
+    name = "kafka"
+
+    def __init__(self, bootstrap: str, dsn: str, partitions: int = 3) -> None:
+        from engine.kafka.topics import Topics
+
+        prefix = f"c{uuid.uuid4().hex[:10]}"
+        self.bootstrap = bootstrap
+        self.dsn = dsn
+        self.topics = Topics(prefix=prefix, partitions=partitions, trigger_partitions=2)
+        self.app = prefix
+        self.threads = _LoopThread()
+        self._events: dict[str, list[Event]] = {}
+        self._dead: list[DeadLetter] = []
+
+    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+        from engine.kafka.ledger import PostgresLedger
+        from engine.kafka.processor import KafkaEngine
+        from engine.kafka.router import TriggerRouter
+        from engine.kafka.specs import SpecFollower, publish_spec
+        from engine.kafka.topics import ensure_topics
+        from engine.kafka.worker import KafkaWorker
+
+        t, call = self.topics, self.threads.call
+        call(ensure_topics(self.bootstrap, t.core_topics()))
+        for spec in specs:
+            call(publish_spec(self.bootstrap, t, spec))
+        follower = SpecFollower(self.bootstrap, t)
+        call(follower.start())
+        self.follower = follower
+        self.engine = KafkaEngine(self.bootstrap, t, follower.registry, app=self.app,
+                                  refresh_specs=follower.catch_up)
+        ledger = PostgresLedger(self.dsn)
+        call(ledger.open())
+        self._ledger = ledger
+        self.worker = KafkaWorker(self.bootstrap, t, registry, ledger, app=self.app)
+        router = TriggerRouter(self.bootstrap, t, app=self.app)
+        for runner in (self.engine.run, router.run, self.worker.run, follower.follow):
+            self.threads.spawn(runner)
+
+        async def clients() -> None:
+            self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+            await self.producer.start()
+            self.reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                           isolation_level="read_committed",
+                                           enable_auto_commit=False,
+                                           auto_offset_reset="earliest")
+            await self.reader.start()
+            from aiokafka import TopicPartition
+
+            parts = [TopicPartition(t.events, p) for p in range(t.partitions)]
+            parts += [TopicPartition(t.dead_letters, p) for p in range(t.partitions)]
+            self.reader.assign(parts)
+            await self.reader.seek_to_beginning(*parts)
+
+        call(clients())
+        deadline = time.monotonic() + 60
+        while len(self.engine.parts) < t.partitions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.engine.parts) == t.partitions, "the engine never got its partitions"
+
+    def submit(self, *records: Command | Trigger) -> None:
+        from engine.codec import encode
+
+        async def send() -> None:
+            for record in records:
+                if isinstance(record, Trigger):
+                    key = record.idempotency_key.encode() or None
+                    await self.producer.send_and_wait(self.topics.triggers, encode(record),
+                                                      key=key)
+                else:
+                    await self.producer.send_and_wait(
+                        self.topics.inputs, encode(record), key=record.run_id.encode(),
+                        partition=self.topics.partition_of(record.run_id))
+
+        self.threads.call(send())
+
+    def submit_raw(self, payload: bytes) -> None:
+        self.threads.call(self.producer.send_and_wait(self.topics.inputs, payload, partition=0))
+
+    def state(self, run_id: str) -> RunState | None:
+        return self.engine.state(run_id)
+
+    def _read(self) -> None:
+        from engine.codec import decode
+
+        async def read() -> None:
+            parts = list(self.reader.assignment())
+            ends = await self.reader.end_offsets(parts)
+            while [tp for tp in parts if await self.reader.position(tp) < ends[tp]]:
+                fetched = await self.reader.getmany(timeout_ms=100, max_records=10_000)
+                for tp, messages in fetched.items():
+                    for message in messages:
+                        record = decode(message.value)
+                        if tp.topic == self.topics.dead_letters:
+                            assert isinstance(record, DeadLetter)
+                            self._dead.append(record)
+                        elif isinstance(record, Event):
+                            self._events.setdefault(record.run_id, []).append(record)
+
+        self.threads.call(read())
+
+    def events(self, run_id: str) -> list[Event]:
+        self._read()
+        return list(self._events.get(run_id, []))
+
+    def dead_letters(self) -> list[DeadLetter]:
+        self._read()
+        return list(self._dead)
+
+    def stop(self) -> None:
+        from engine.kafka._util import stop_quietly
+
+        async def close_clients() -> None:
+            await stop_quietly(self.producer)
+            await stop_quietly(self.reader)
+
+        if hasattr(self, "producer"):
+            self.threads.call(close_clients())
+        self.threads.close_runners()
+        if hasattr(self, "follower"):
+            self.threads.call(self.follower.stop())
+        if hasattr(self, "_ledger"):
+            self.threads.call(self._ledger.close())
+        self.threads.shutdown()
