@@ -8,6 +8,7 @@ the ledger instead of calling the tool again. The first result recorded for a ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -24,11 +25,11 @@ T = TypeVar("T")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS terranoha_worker_ledger (
     idempotency_key text PRIMARY KEY,
-    queue text NOT NULL,
+    queue text,
     result jsonb,
-    cost double precision NOT NULL DEFAULT 0,
+    cost double precision,
     confidence double precision,
-    recorded_at timestamptz NOT NULL DEFAULT now()
+    recorded_at timestamptz DEFAULT now()
 )
 """
 
@@ -46,7 +47,9 @@ class PostgresLedger:
 
     async def open(self) -> None:
         """Connect and create the table if it is missing."""
-        await self._run(lambda conn: conn.execute(SCHEMA))
+        # Two workers creating the table at the same moment: one of them loses, harmlessly.
+        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            await self._run(lambda conn: conn.execute(SCHEMA))
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -65,7 +68,7 @@ class PostgresLedger:
         if row is None:
             return None
         result, cost, confidence = row
-        return LedgerEntry(idempotency_key, result, float(cost), confidence)
+        return LedgerEntry(idempotency_key, result, float(cost or 0.0), confidence)
 
     async def record(self, entry: LedgerEntry, queue: str) -> bool:
         """Remember ``entry``; False if its key was recorded already (the first one stays)."""
@@ -103,7 +106,5 @@ class PostgresLedger:
         async with self._connecting:
             if self._conn is conn:
                 self._conn = None
-        try:
+        with contextlib.suppress(psycopg.Error):
             await conn.close()
-        except psycopg.Error:
-            pass

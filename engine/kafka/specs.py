@@ -63,11 +63,13 @@ def _same(stored: bytes, body: bytes) -> bool:
 
 
 async def publish_spec(bootstrap: str, topics: Topics, spec: WorkflowSpec, *,
-                       app: str = "terranoha") -> bool:
+                       app: str = "terranoha", visible_timeout_s: float = 10.0) -> bool:
     """Deploy ``spec``: True if it is new, False if this exact spec is deployed already.
 
     Raises ``SpecConflictError`` if the same (workflow, version) is deployed with a
     different definition. Creates the specs topic and the spec's task topics if missing.
+    Returns once read_committed readers can see the spec, so a trigger sent after the
+    deploy finds it.
     """
     core = [t for t in topics.core_topics() if t.name == topics.specs]
     await ensure_topics(bootstrap, [*core, *topics.task_topics(sorted(queues_of(spec)))])
@@ -76,9 +78,11 @@ async def publish_spec(bootstrap: str, topics: Topics, spec: WorkflowSpec, *,
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap,
                                     transactional_id=f"{app}-{topics.specs}-deploy",
                                     enable_idempotence=True, acks="all")
+        reader = _TopicReader(bootstrap, topics.specs)
         try:
             await producer.start()  # fences a concurrent deployer, settles its transaction
-            stored = (await _read_specs(bootstrap, topics.specs)).get(key)
+            await reader.start()
+            stored = _latest(await reader.read_to_end()).get(key)
             if stored is not None:
                 if _same(stored, body):
                     return False
@@ -86,29 +90,23 @@ async def publish_spec(bootstrap: str, topics: Topics, spec: WorkflowSpec, *,
                     f"{spec.workflow} version {spec.version} is already deployed with a "
                     "different definition; deployed versions never change, bump version")
             async with producer.transaction():
-                await producer.send(topics.specs, body, key=key, partition=0)
+                delivery = await producer.send(topics.specs, body, key=key, partition=0)
+                offset = (await delivery).offset
+            await reader.wait_visible(offset, visible_timeout_s)
             return True
         except ProducerFenced:
             log.info("spec deploy %s raced another deployer (attempt %d); checking again",
                      key.decode(), attempt)
         finally:
+            await reader.stop()
             await stop_quietly(producer)
     raise SpecConflictError(f"could not deploy {spec.workflow} version {spec.version}: "
                             f"{_DEPLOY_ATTEMPTS} concurrent deploys fenced it; try again")
 
 
-async def _read_specs(bootstrap: str, topic: str) -> dict[bytes, bytes]:
-    """The latest value of every key on the specs topic."""
-    reader = _TopicReader(bootstrap, topic)
-    await reader.start()
-    try:
-        latest: dict[bytes, bytes] = {}
-        for key, value in await reader.read_to_end():
-            if key is not None and value is not None:
-                latest[key] = value
-        return latest
-    finally:
-        await reader.stop()
+def _latest(records: list[tuple[bytes | None, bytes | None]]) -> dict[bytes, bytes]:
+    """The latest value of every key."""
+    return {key: value for key, value in records if key is not None and value is not None}
 
 
 class _TopicReader:
@@ -139,6 +137,19 @@ class _TopicReader:
             fetched = await self.consumer.getmany(self.tp, timeout_ms=500, max_records=1000)
             out.extend((m.key, m.value) for m in fetched.get(self.tp, []))
         return out
+
+    async def wait_visible(self, offset: int, timeout_s: float) -> None:
+        """Wait until a record at ``offset`` is below the last stable offset. A commit
+        returns once the coordinator has decided; the markers that make the records
+        readable are written just after."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (await self.consumer.end_offsets([self.tp]))[self.tp] <= offset:
+            if loop.time() > deadline:
+                log.warning("%s offset %d is committed but not yet readable after %.0fs",
+                            self.tp.topic, offset, timeout_s)
+                return
+            await asyncio.sleep(0.01)
 
 
 class SpecFollower:

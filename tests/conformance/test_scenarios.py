@@ -266,7 +266,8 @@ def test_idempotent_start_cancel_and_late_commands(env: tuple[Driver, dict[str, 
     types = _types(d, run_id)
     assert types.count("RunStarted") == 1
     rejected = [e for e in d.events(run_id) if e.TYPE == "CommandRejected"]
-    by_type = {t: [getattr(e, "reason", "") for e in rejected if getattr(e, "command_type", "") == t]
+    by_type = {t: [getattr(e, "reason", "") for e in rejected
+                   if getattr(e, "command_type", "") == t]
                for t in ("StartRun", "DecideApproval")}
     assert by_type == {"StartRun": ["duplicate start"] * 2, "DecideApproval": ["run ended"]}
 
