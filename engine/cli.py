@@ -150,15 +150,46 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
         return asyncio.run(run_demo(db, say=lambda line: print(line, file=out)))
 
 
+def _topics(args: argparse.Namespace) -> Any:
+    from engine.kafka.topics import Topics
+
+    return Topics(prefix=args.topic_prefix, partitions=args.partitions)
+
+
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
-    db = _db_path(args)
     registry = load_worker_modules(args.workers or [])
+    if args.kafka:
+        return asyncio.run(_serve_kafka(args, registry, out))
+    db = _db_path(args)
     with processor_lock(db, wait=False) as held:
         if not held:
             raise CliError(f"another process is already serving {db}")
         out.write(f"serving {db}; tools: {', '.join(registry.queues) or 'none'}\n")
         out.flush()
         return asyncio.run(_serve(db, registry, args.concurrency))
+
+
+async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO) -> int:
+    from engine.kafka.serve import Running, ServeOptions, serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    options = ServeOptions(
+        bootstrap=args.kafka, topics=_topics(args), app=args.app, engine=not args.no_engine,
+        router=not args.no_router, postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
+        registry=registry, concurrency=args.concurrency)
+
+    async def ready(running: Running) -> None:
+        parts = [name for name in ("engine", "router", "worker")
+                 if getattr(running, name) is not None]
+        out.write(f"serving kafka {args.kafka} ({', '.join(parts)}); "
+                  f"tools: {', '.join(registry.queues) or 'none'}\n")
+        out.flush()
+
+    await serve(options, stop, ready=ready)
+    return 0
 
 
 async def _serve(db: Path, registry: Any, concurrency: int) -> int:
@@ -374,6 +405,18 @@ def cmd_dead_letters(args: argparse.Namespace, out: TextIO) -> int:
 # ---------------------------------------------------------------------- parser
 
 
+def _kafka_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kafka", metavar="HOST:PORT",
+                   help="use the Kafka backend at this bootstrap server "
+                   "(without it, the embedded store)")
+    p.add_argument("--topic-prefix", default=os.environ.get("TERRANOHA_TOPIC_PREFIX",
+                                                            "terranoha"))
+    p.add_argument("--partitions", type=int, default=6,
+                   help="partitions of the run-keyed topics, when creating them")
+    p.add_argument("--app", default="terranoha",
+                   help="application id: consumer groups and transactional ids")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="terranoha", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -388,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "run the engine (and the tools of --workers) until stopped")
     p.add_argument("--workers", nargs="*", metavar="MODULE", help="modules defining @tool handlers")
     p.add_argument("--concurrency", type=int, default=8, help="tasks run at once per worker")
+    _kafka_options(p)
+    p.add_argument("--postgres", help="PostgreSQL DSN for the workers' ledger "
+                   "(default $TERRANOHA_POSTGRES)")
+    p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
+    p.add_argument("--no-router", action="store_true", help="do not run the trigger router")
 
     wf = sub.add_parser("workflows", help="deploy and list workflow specs")
     wf_sub = wf.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1,0 +1,84 @@
+"""Run the Kafka backend's parts in one process: the orchestrator, the trigger router,
+the spec follower and, given tools and PostgreSQL, a worker. Each part can be left out
+to run them as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from engine.kafka.ledger import PostgresLedger
+from engine.kafka.processor import KafkaEngine
+from engine.kafka.router import TriggerRouter
+from engine.kafka.specs import SpecFollower
+from engine.kafka.topics import Topics, ensure_topics
+from engine.kafka.worker import KafkaWorker
+from engine.runtime.clock import Clock
+from engine.worker import ToolRegistry
+
+log = logging.getLogger("terranoha.kafka.serve")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    bootstrap: str
+    topics: Topics
+    app: str = "terranoha"
+    engine: bool = True
+    router: bool = True
+    postgres: str | None = None
+    registry: ToolRegistry | None = None
+    concurrency: int = 8
+
+
+@dataclass(slots=True)
+class Running:
+    """What ``serve`` started, for callers (tests, benchmarks) that look inside."""
+
+    engine: KafkaEngine | None = None
+    router: TriggerRouter | None = None
+    worker: KafkaWorker | None = None
+    follower: SpecFollower | None = None
+
+
+async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None = None,
+                ready: Callable[[Running], Awaitable[None]] | None = None) -> Running:
+    """Run until ``stop`` is set; a clean stop finishes the batches in hand and leaves the
+    consumer groups."""
+    await ensure_topics(options.bootstrap, options.topics.core_topics())
+    running = Running()
+    follower = SpecFollower(options.bootstrap, options.topics)
+    await follower.start()
+    running.follower = follower
+    runners: list[Awaitable[None]] = [follower.follow(stop)]
+    ledger: PostgresLedger | None = None
+    if options.engine:
+        running.engine = KafkaEngine(options.bootstrap, options.topics, follower.registry,
+                                     app=options.app, clock=clock,
+                                     refresh_specs=follower.catch_up)
+        runners.append(running.engine.run(stop))
+    if options.router:
+        running.router = TriggerRouter(options.bootstrap, options.topics, app=options.app,
+                                       clock=clock)
+        runners.append(running.router.run(stop))
+    if options.registry is not None and options.registry.queues:
+        if options.postgres is None:
+            raise ValueError("workers keep their idempotency ledger in PostgreSQL: "
+                             "pass --postgres DSN")
+        ledger = PostgresLedger(options.postgres)
+        await ledger.open()
+        running.worker = KafkaWorker(options.bootstrap, options.topics, options.registry,
+                                     ledger, app=options.app,
+                                     concurrency=options.concurrency, clock=clock)
+        runners.append(running.worker.run(stop))
+    if ready is not None:
+        await ready(running)
+    try:
+        await asyncio.gather(*runners)
+    finally:
+        await follower.stop()
+        if ledger is not None:
+            await ledger.close()
+    return running
