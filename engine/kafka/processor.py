@@ -26,8 +26,6 @@ offset, and timers are re-armed, before any input of that partition is processed
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from engine.codec import decode, encode
 from engine.core.events import Event
 from engine.core.state import RunState
+from engine.kafka._util import Headers, stop_quietly, trace_headers
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import Batch, Input, Processor, StateCache
@@ -47,22 +46,9 @@ from engine.runtime.timers import TimerService
 
 log = logging.getLogger("terranoha.kafka.engine")
 
-Headers = list[tuple[str, bytes]]
+
 Record = tuple[str, int, bytes | None, bytes, Headers]
 """(topic, partition, key, value, headers) ready to send."""
-
-
-def trace_headers(correlation_id: str, causation_id: str, tenant: str) -> Headers:
-    """Correlation, causation and tenant, plus a W3C traceparent whose trace id is derived
-    from the correlation id, so every record of a run joins one trace."""
-    trace_id = hashlib.blake2b(correlation_id.encode(), digest_size=16).hexdigest()
-    span_id = hashlib.blake2b(causation_id.encode(), digest_size=8).hexdigest()
-    return [
-        ("correlation_id", correlation_id.encode()),
-        ("causation_id", causation_id.encode()),
-        ("tenant", tenant.encode()),
-        ("traceparent", f"00-{trace_id}-{span_id}-01".encode()),
-    ]
 
 
 @dataclass(slots=True)
@@ -86,6 +72,8 @@ class _Partition:
     cache: StateCache
     timers: TimerService
     processor: Processor
+    next_offset: int = 0
+    """Inputs below this offset are done: records fetched before a seek are dropped."""
     stats: PartitionStats = field(default_factory=PartitionStats)
 
 
@@ -213,6 +201,9 @@ class KafkaEngine:
         part.stats.restores += 1
         part.stats.restored_states += restored
         part.stats.restore_ms += restore_ms
+        # aiokafka may already have fetched this partition from a committed offset read
+        # before the previous owner's transaction settled: resume from a fresh one.
+        part.next_offset = await self._seek_committed(part.tp)
         self.parts[number] = part
         log.info("partition %d acquired: %d runs restored in %d ms, %d timers armed",
                  number, restored, restore_ms, len(timers))
@@ -222,7 +213,7 @@ class KafkaEngine:
         if part is None:
             return
         self._retire_stats(part.stats)
-        await _stop_quietly(part.producer)
+        await stop_quietly(part.producer)
 
     def _retire_stats(self, stats: PartitionStats) -> None:
         for name in PartitionStats.__slots__:
@@ -268,27 +259,30 @@ class KafkaEngine:
         resume from the committed input offset."""
         log.warning("partition %d: %s; recreating its producer and restoring", part.number, why)
         self.parts.pop(part.number, None)
-        await _stop_quietly(part.producer)
+        await stop_quietly(part.producer)
         assert self.consumer is not None
         if part.tp not in self.consumer.assignment():
             self._retire_stats(part.stats)
             return
         await self._acquire(part.number, part.stats)
-        await self._seek_committed(part.tp)
 
-    async def _seek_committed(self, tp: TopicPartition) -> None:
+    async def _seek_committed(self, tp: TopicPartition) -> int:
+        """Seek to the group's committed offset (asked of the broker afresh); return it."""
         assert self.consumer is not None
         committed = await self.consumer.committed(tp)
         if committed is None:
             await self.consumer.seek_to_beginning(tp)
-        else:
-            self.consumer.seek(tp, committed)
+            return 0
+        self.consumer.seek(tp, committed)
+        return int(committed)
 
     # ------------------------------------------------------------------ processing
 
     async def _process(self, part: _Partition, messages: Sequence[Any]) -> None:
         inputs = [Input(self.topics.inputs, part.number, m.offset, m.value or b"")
-                  for m in messages]
+                  for m in messages if m.offset >= part.next_offset]
+        if not inputs:
+            return
         batch = part.processor.process(inputs, self.clock.now_ms())
         unknown = any(d.reason == "unknown_workflow" for d in batch.dead_letters)
         # A spec deployed just before its first trigger may not have reached us yet.
@@ -303,6 +297,7 @@ class KafkaEngine:
             return
         if await self._transact(part, records, inputs[-1].offset + 1):
             self._committed(part, batch)
+            part.next_offset = inputs[-1].offset + 1
 
     async def _process_one_by_one(self, part: _Partition, inputs: list[Input]) -> None:
         for item in inputs:
@@ -317,6 +312,7 @@ class KafkaEngine:
             if not await self._transact(part, records, item.offset + 1):
                 return
             self._committed(part, batch)
+            part.next_offset = item.offset + 1
 
     def _committed(self, part: _Partition, batch: Batch) -> None:
         # The transaction is durable: only now does its state become the committed state.
@@ -335,9 +331,10 @@ class KafkaEngine:
         a reason that is not Kafka's."""
         t = self.topics
         out: list[Record] = []
+        headers: dict[str, Headers] = {}
         for event in batch.events:
             out.append((t.events, number, event.run_id.encode(), encode(event),
-                        _event_headers(event)))
+                        _event_headers(event, headers)))
         for rec in batch.recorded:
             command = rec.command
             out.append((t.events, number, rec.run_id.encode(), encode(rec), trace_headers(
@@ -361,8 +358,7 @@ class KafkaEngine:
         producer = part.producer
         try:
             await producer.begin_transaction()
-            for topic, number, key, value, headers in records:
-                await producer.send(topic, value, key=key, partition=number, headers=headers)
+            await send_batched(producer, records)
             if next_offset is not None:
                 await producer.send_offsets_to_transaction({part.tp: next_offset},
                                                            self.group_id)
@@ -382,7 +378,7 @@ class KafkaEngine:
                 part.stats.unknown_outcomes += 1
                 await self._take_back(part, "abort did not complete")
                 return False
-            await self._seek_committed(part.tp)
+            part.next_offset = await self._seek_committed(part.tp)
             return False
         try:
             await asyncio.wait_for(producer.commit_transaction(), self.commit_timeout_s)
@@ -400,7 +396,7 @@ class KafkaEngine:
         log.warning("partition %d: producer fenced; another engine process owns it",
                     part.number)
         self.parts.pop(part.number, None)
-        await _stop_quietly(part.producer)
+        await stop_quietly(part.producer)
         assert self.consumer is not None
         if part.tp in self.consumer.assignment():
             self.consumer.pause(part.tp)
@@ -414,7 +410,6 @@ class KafkaEngine:
             assert self.consumer is not None
             if part.tp in self.consumer.assignment() and part.number not in self.parts:
                 await self._acquire(part.number, part.stats)
-                await self._seek_committed(part.tp)
                 self.consumer.resume(part.tp)
 
     async def _fire_timers(self) -> None:
@@ -429,19 +424,31 @@ class KafkaEngine:
             await self._transact(part, records, None)
 
 
-def _event_headers(event: Event) -> Headers:
-    headers = trace_headers(event.correlation_id, event.causation_id, event.tenant)
-    headers.append(("type", event.TYPE.encode()))
-    return headers
+async def send_batched(producer: AIOKafkaProducer, records: Sequence[Record]) -> None:
+    """Send records as one record batch per topic-partition (order kept within each),
+    which costs far less per record than ``send``."""
+    groups: dict[tuple[str, int], list[Record]] = {}
+    for record in records:
+        groups.setdefault((record[0], record[1]), []).append(record)
+    for (topic, number), group in groups.items():
+        batch = producer.create_batch()
+        for _, _, key, value, headers in group:
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                await producer.send_batch(batch, topic, partition=number)
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
+        await producer.send_batch(batch, topic, partition=number)
+
+
+def _event_headers(event: Event, cache: dict[str, Headers]) -> Headers:
+    """Headers of an event; the trace part is shared by the events of one command."""
+    base = cache.get(event.causation_id)
+    if base is None:
+        base = trace_headers(event.correlation_id, event.causation_id, event.tenant)
+        cache[event.causation_id] = base
+    return [*base, ("type", event.TYPE.encode())]
 
 
 def _armed(cache: StateCache, run_id: str, timer_id: str) -> bool:
     state = cache.get(run_id)
     return state is not None and timer_id in state.timers
-
-
-async def _stop_quietly(producer: AIOKafkaProducer, timeout_s: float = 10.0) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(producer.stop(), timeout_s)
-
-

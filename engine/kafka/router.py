@@ -98,8 +98,6 @@ class TriggerRouter:
         self.retry_s = retry_s
         self.stats = RouterStats()
         self.lock = asyncio.Lock()
-        self.assigned = asyncio.Event()
-        """Set once the group has assigned partitions and their producers are ready."""
         self._producers: dict[int, AIOKafkaProducer] = {}
         self._next: dict[int, int] = {}
         self._retry_at: dict[int, float] = {}
@@ -114,9 +112,9 @@ class TriggerRouter:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
-        await consumer.start()
         self._consumer = consumer
         try:
+            await consumer.start()
             consumer.subscribe([self.topics.triggers], listener=_Rebalance(self))
             while not stop.is_set():
                 fetched = await consumer.getmany(timeout_ms=self.poll_ms,
@@ -135,6 +133,11 @@ class TriggerRouter:
                     await self._release(number)
             await stop_quietly(consumer)
             self._consumer = None
+
+    @property
+    def owned(self) -> list[int]:
+        """The triggers partitions this router holds a ready producer for."""
+        return sorted(self._producers)
 
     # ------------------------------------------------------------------ ownership
 
@@ -171,7 +174,6 @@ class TriggerRouter:
             return
         self._retry_at.pop(tp.partition, None)
         self._consumer.resume(tp)
-        self.assigned.set()
         log.info("triggers partition %d acquired at offset %d", tp.partition,
                  self._next[tp.partition])
 

@@ -168,6 +168,7 @@ class SpecFollower:
         self.registry = registry if registry is not None else SpecRegistry()
         self.poll_s = poll_s
         self._bodies: dict[bytes, bytes] = {}
+        self._queues_to_create: set[str] = set()
         self._reader: _TopicReader | None = None
         self._lock = asyncio.Lock()
 
@@ -187,13 +188,26 @@ class SpecFollower:
         async with self._lock:
             added = [spec for key, value in await self._reader.read_to_end()
                      if (spec := self._accept(key, value)) is not None]
-            if added:
-                queues = set().union(*(queues_of(spec) for spec in added))
-                await ensure_topics(self.bootstrap, self.topics.task_topics(sorted(queues)))
-                for spec in added:
-                    self.registry.add(spec)
-                    log.info("spec %s version %d deployed", spec.workflow, spec.version)
+            for spec in added:
+                self.registry.add(spec)
+                self._queues_to_create |= queues_of(spec)
+                log.info("spec %s version %d deployed", spec.workflow, spec.version)
+            await self._create_task_topics()
             return len(added)
+
+    async def _create_task_topics(self) -> None:
+        """``publish_spec`` creates them first; this covers specs written by other means.
+        On failure the queues are kept and tried again on the next catch-up."""
+        if not self._queues_to_create:
+            return
+        try:
+            await ensure_topics(self.bootstrap,
+                                self.topics.task_topics(sorted(self._queues_to_create)))
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("creating task topics for %s failed (%r); trying again later",
+                        sorted(self._queues_to_create), exc)
+            return
+        self._queues_to_create.clear()
 
     def _accept(self, key: bytes | None, value: bytes | None) -> WorkflowSpec | None:
         where = key.decode(errors="replace") if key is not None else "<no key>"

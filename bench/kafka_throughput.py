@@ -1,0 +1,289 @@
+"""Throughput of Terranoha on Kafka against the ceiling of the same machine and broker.
+
+1. ceiling: a bare aiokafka transactional consume -> produce loop, one transactional
+   producer per input partition, the engine's batching, and per input the same number
+   and size of output records the engine writes for one step (events, the recorded
+   command, a state snapshot, a task command);
+2. engine: N runs of a 5-step workflow (no-op tool), the orchestrator and trigger router in
+   one process, workers in another, triggers published as fast as the broker takes them.
+
+Prints steps/s for both, their ratio, and trigger -> first task command latency
+p50/p99 (from record timestamps), both for the burst and for a paced load at half the
+measured rate. Writes the figures to bench/results/kafka_throughput.json.
+
+    python bench/kafka_throughput.py [--runs 2000] [--partitions 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import NewTopic
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.codec import decode, encode  # noqa: E402
+from engine.core.events import RunCompleted, TaskDispatched  # noqa: E402
+from engine.core.records import Trigger  # noqa: E402
+from engine.core.spec import load_spec  # noqa: E402
+from engine.kafka.processor import send_batched  # noqa: E402
+from engine.kafka.specs import publish_spec  # noqa: E402
+from engine.kafka.topics import Topics, ensure_topics  # noqa: E402
+
+STEPS = 5
+SPEC = load_spec({
+    "workflow": "bench5", "version": 1,
+    "steps": [{"id": f"s{i}", "task": "bench.step", "timeout": "5m"} for i in range(STEPS)],
+})
+# What the engine writes per step (measured on the log: 5 events of ~250 B, one recorded
+# command, one state snapshot of ~800 B, one task command of ~300 B).
+FANOUT = [250] * 6 + [800, 300]
+INPUT_BYTES = 200
+
+
+def _settings() -> tuple[str, str]:
+    env_file = ROOT / ".local" / "infra.env"
+    values = {"TERRANOHA_KAFKA": "127.0.0.1:29092",
+              "TERRANOHA_POSTGRES": "postgresql://terranoha:terranoha@127.0.0.1:25432/terranoha"}
+    if env_file.exists():
+        for line in env_file.read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            values[key.strip()] = value.strip()
+    for key in values:
+        values[key] = os.environ.get(key, values[key])
+    return values["TERRANOHA_KAFKA"], values["TERRANOHA_POSTGRES"]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---------------------------------------------------------------------- ceiling
+
+
+async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
+                       expected: int) -> dict[str, Any]:
+    """The bare loop. Runs in its own process, like the engine."""
+    source, sink, group = f"{prefix}.ceil-in", f"{prefix}.ceil-out", f"{prefix}-ceil"
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group,
+                                isolation_level="read_committed", enable_auto_commit=False,
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
+    producers: dict[int, AIOKafkaProducer] = {}
+    for p in range(partitions):
+        producers[p] = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, transactional_id=f"{prefix}-ceil-{p}",
+            enable_idempotence=True, acks="all", linger_ms=2, max_batch_size=512 * 1024)
+        await producers[p].start()
+    await consumer.start()
+    payloads = [os.urandom(size) for size in FANOUT]
+    done, started = 0, None
+    try:
+        while done < expected:
+            fetched = await consumer.getmany(timeout_ms=20, max_records=1000)
+            if started is None and fetched:
+                started = time.perf_counter()
+            for tp, messages in fetched.items():
+                producer = producers[tp.partition]
+                await producer.begin_transaction()
+                records = [(sink, tp.partition, message.key, payload, [])
+                           for message in messages for payload in payloads]
+                await send_batched(producer, records)  # the engine's batching
+                await producer.send_offsets_to_transaction({tp: messages[-1].offset + 1}, group)
+                await producer.commit_transaction()
+                done += len(messages)
+        elapsed = time.perf_counter() - (started or time.perf_counter())
+    finally:
+        await consumer.stop()
+        for producer in producers.values():
+            await producer.stop()
+    return {"inputs": done, "seconds": elapsed, "inputs_per_s": done / elapsed}
+
+
+async def _prefill(bootstrap: str, topic: str, partitions: int, count: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        payload = os.urandom(INPUT_BYTES)
+        for i in range(count):
+            await producer.send(topic, payload, key=str(i).encode(), partition=i % partitions)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def bench_ceiling(bootstrap: str, partitions: int, inputs: int) -> dict[str, Any]:
+    prefix = f"b{uuid.uuid4().hex[:8]}"
+    asyncio.run(ensure_topics(bootstrap, [NewTopic(f"{prefix}.ceil-in", partitions, 1),
+                                          NewTopic(f"{prefix}.ceil-out", partitions, 1)]))
+    asyncio.run(_prefill(bootstrap, f"{prefix}.ceil-in", partitions, inputs))
+    out = subprocess.run(
+        [sys.executable, __file__, "ceiling-loop", bootstrap, prefix, str(partitions), str(inputs)],
+        check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["steps_per_s"] = result["inputs_per_s"]  # one input per step, same fan-out
+    return result
+
+
+# ---------------------------------------------------------------------- engine
+
+
+def _serve(bootstrap: str, postgres: str, topics: Topics, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--kafka", bootstrap,
+         "--topic-prefix", topics.prefix, "--app", topics.prefix,
+         "--partitions", str(topics.partitions), "--postgres", postgres, *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(b"serving"):
+        raise RuntimeError(f"serve did not start: {line!r}")
+    return proc
+
+
+async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
+                 tag: str) -> dict[str, Any]:
+    """Publish ``runs`` triggers (as fast as possible, or at ``rate`` per second) and
+    watch the run log until every run completed."""
+    events_tps = [TopicPartition(topics.events, p) for p in range(topics.partitions)]
+    watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                               enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
+    await watcher.start()
+    watcher.assign(events_tps)
+    await watcher.seek_to_end(*events_tps)
+    for tp in events_tps:
+        await watcher.position(tp)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1)
+    await producer.start()
+    sent_at: dict[str, float] = {}
+    first_cmd: dict[str, float] = {}
+    completed: set[str] = set()
+    first_dispatch_latency: list[float] = []
+    step_latency: list[float] = []
+    last_dispatch: dict[str, float] = {}
+    from engine.core.policies import run_id_for
+
+    async def publish() -> None:
+        start = time.monotonic()
+        for i in range(runs):
+            if rate is not None:
+                due = start + i / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            key = f"{tag}-{i}"
+            sent_at[run_id_for("default", key)] = time.time() * 1000
+            await producer.send(topics.triggers, encode(Trigger(workflow="bench5",
+                                                                idempotency_key=key)),
+                                key=key.encode())
+        await producer.flush()
+
+    began = time.perf_counter()
+    publisher = asyncio.create_task(publish())
+    deadline = time.monotonic() + 600
+    while len(completed) < runs and time.monotonic() < deadline:
+        fetched = await watcher.getmany(timeout_ms=100, max_records=20_000)
+        for messages in fetched.values():
+            for message in messages:
+                record = decode(message.value)
+                if isinstance(record, TaskDispatched):
+                    run_id = record.run_id
+                    if run_id not in sent_at:
+                        continue
+                    ts = float(message.timestamp)
+                    if record.step == "s0" and record.attempt == 1 and run_id not in first_cmd:
+                        first_cmd[run_id] = ts
+                        first_dispatch_latency.append(ts - sent_at[run_id])
+                    elif run_id in last_dispatch:
+                        step_latency.append(ts - last_dispatch[run_id])
+                    last_dispatch[run_id] = ts
+                elif isinstance(record, RunCompleted) and record.run_id in sent_at:
+                    completed.add(record.run_id)
+    elapsed = time.perf_counter() - began
+    await publisher
+    await producer.stop()
+    await watcher.stop()
+    return {
+        "runs": runs, "completed": len(completed), "seconds": elapsed,
+        "runs_per_s": len(completed) / elapsed, "steps_per_s": len(completed) * STEPS / elapsed,
+        "offered_rate": rate,
+        "trigger_to_first_command_ms": {"p50": _pct(first_dispatch_latency, 0.5),
+                                        "p99": _pct(first_dispatch_latency, 0.99)},
+        "step_transition_ms": {"p50": _pct(step_latency, 0.5), "p99": _pct(step_latency, 0.99)},
+    }
+
+
+def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int) -> dict[str, Any]:
+    topics = Topics(prefix=f"b{uuid.uuid4().hex[:8]}", partitions=partitions)
+
+    async def setup() -> None:
+        await ensure_topics(bootstrap, topics.core_topics())
+        await publish_spec(bootstrap, topics, SPEC)
+
+    asyncio.run(setup())
+    engine = _serve(bootstrap, postgres, topics)
+    worker = _serve(bootstrap, postgres, topics, "--no-engine", "--no-router",
+                    "--workers", "bench.noop_tools", "--concurrency", "64")
+    try:
+        asyncio.run(_drive(bootstrap, topics, min(100, runs), None, "warm"))
+        burst = asyncio.run(_drive(bootstrap, topics, runs, None, "burst"))
+        half_rate = burst["runs_per_s"] / 2
+        paced = asyncio.run(_drive(bootstrap, topics, max(50, runs // 4), half_rate, "paced"))
+    finally:
+        for proc in (engine, worker):
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    return {"burst": burst, "paced_at_half": paced}
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "ceiling-loop":
+        bootstrap, prefix, partitions, expected = argv[1], argv[2], int(argv[3]), int(argv[4])
+        print(json.dumps(asyncio.run(ceiling_loop(bootstrap, prefix, partitions, expected))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args(argv)
+    bootstrap, postgres = _settings()
+    ceiling = bench_ceiling(bootstrap, args.partitions, args.runs * STEPS)
+    engine = bench_engine(bootstrap, postgres, args.partitions, args.runs)
+    ratio = engine["burst"]["steps_per_s"] / ceiling["steps_per_s"]
+    burst, paced = engine["burst"], engine["paced_at_half"]
+    print(f"python {platform.python_version()}, {os.cpu_count()} cores, "
+          f"{args.partitions} partitions, {args.runs} runs x {STEPS} steps")
+    print(f"ceiling (bare transactional consume->produce): {ceiling['steps_per_s']:>9,.0f} steps/s")
+    print(f"engine  (5-step workflow, workers apart):      {burst['steps_per_s']:>9,.0f} steps/s"
+          f"  ({burst['runs_per_s']:,.0f} runs/s)")
+    print(f"engine / ceiling: {ratio:.2f}")
+    for label, result in (("burst", burst), ("paced at half rate", paced)):
+        t = result["trigger_to_first_command_ms"]
+        s = result["step_transition_ms"]
+        print(f"{label:>20}: trigger->first command p50 {t['p50']:.0f} ms p99 {t['p99']:.0f} ms;"
+              f" step transition p50 {s['p50']:.0f} ms p99 {s['p99']:.0f} ms")
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "kafka_throughput.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+        "cores": os.cpu_count(), "partitions": args.partitions, "runs": args.runs,
+        "ceiling": ceiling, "engine": engine, "engine_over_ceiling": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
