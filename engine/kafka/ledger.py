@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -34,9 +34,48 @@ CREATE TABLE IF NOT EXISTS terranoha_worker_ledger (
 """
 
 
+K = TypeVar("K")
+
+
+class Coalescer(Generic[K, T]):
+    """Calls made while a statement is running wait for the next one, which serves them
+    all: many concurrent tasks cost one round trip instead of one each."""
+
+    def __init__(self, flush: Callable[[list[K]], Awaitable[list[T]]]) -> None:
+        self._flush = flush
+        self._pending: list[tuple[K, asyncio.Future[T]]] = []
+        self._draining = False
+
+    async def submit(self, item: K) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await self._flush([item for item, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._draining = False
+
+
 class PostgresLedger:
     """One autocommit connection, reopened once when PostgreSQL drops it (a restart,
-    an idle timeout). Safe to share between the tasks of one event loop."""
+    an idle timeout). Safe to share between the tasks of one event loop; concurrent
+    lookups and records are coalesced into one statement each."""
 
     def __init__(self, dsn: str, *, connect_timeout_s: int = 10) -> None:
         self.dsn = dsn
@@ -44,6 +83,8 @@ class PostgresLedger:
         self.reconnects = 0
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._connecting = asyncio.Lock()
+        self._lookups: Coalescer[str, LedgerEntry | None] = Coalescer(self._lookup_many)
+        self._records: Coalescer[tuple[LedgerEntry, str], bool] = Coalescer(self._record_many)
 
     async def open(self) -> None:
         """Connect and create the table if it is missing."""
@@ -58,30 +99,47 @@ class PostgresLedger:
 
     async def lookup(self, idempotency_key: str) -> LedgerEntry | None:
         """The completed result recorded for ``idempotency_key``, if any."""
-        async def query(conn: psycopg.AsyncConnection[Any]) -> Any:
-            cur = await conn.execute(
-                "SELECT result, cost, confidence FROM terranoha_worker_ledger "
-                "WHERE idempotency_key = %s", (idempotency_key,))
-            return await cur.fetchone()
-
-        row = await self._run(query)
-        if row is None:
-            return None
-        result, cost, confidence = row
-        return LedgerEntry(idempotency_key, result, float(cost or 0.0), confidence)
+        return await self._lookups.submit(idempotency_key)
 
     async def record(self, entry: LedgerEntry, queue: str) -> bool:
         """Remember ``entry``; False if its key was recorded already (the first one stays)."""
-        async def insert(conn: psycopg.AsyncConnection[Any]) -> int:
+        return await self._records.submit((entry, queue))
+
+    async def _lookup_many(self, keys: list[str]) -> list[LedgerEntry | None]:
+        async def query(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
+            cur = await conn.execute(
+                "SELECT idempotency_key, result, cost, confidence FROM terranoha_worker_ledger "
+                "WHERE idempotency_key = ANY(%s)", (list(set(keys)),))
+            return await cur.fetchall()
+
+        found = {key: LedgerEntry(key, result, float(cost or 0.0), confidence)
+                 for key, result, cost, confidence in await self._run(query)}
+        return [found.get(key) for key in keys]
+
+    async def _record_many(self, items: list[tuple[LedgerEntry, str]]) -> list[bool]:
+        first: dict[str, tuple[LedgerEntry, str]] = {}
+        for entry, queue in items:
+            first.setdefault(entry.idempotency_key, (entry, queue))
+        rows = list(first.values())
+
+        async def insert(conn: psycopg.AsyncConnection[Any]) -> set[str]:
             cur = await conn.execute(
                 "INSERT INTO terranoha_worker_ledger "
-                "(idempotency_key, queue, result, cost, confidence) VALUES (%s, %s, %s, %s, %s) "
-                "ON CONFLICT (idempotency_key) DO NOTHING",
-                (entry.idempotency_key, queue, Jsonb(entry.result), entry.cost,
-                 entry.confidence))
-            return cur.rowcount
+                "(idempotency_key, queue, result, cost, confidence) "
+                "SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::float8[], "
+                "%s::float8[]) ON CONFLICT (idempotency_key) DO NOTHING "
+                "RETURNING idempotency_key",
+                ([e.idempotency_key for e, _ in rows], [q for _, q in rows],
+                 [Jsonb(e.result) for e, _ in rows], [e.cost for e, _ in rows],
+                 [e.confidence for e, _ in rows]))
+            return {row[0] for row in await cur.fetchall()}
 
-        return await self._run(insert) == 1
+        inserted = await self._run(insert)
+        out = []
+        for entry, _ in items:
+            key = entry.idempotency_key
+            out.append(key in inserted and first[key][0] is entry)
+        return out
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         async with self._connecting:
