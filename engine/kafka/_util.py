@@ -5,11 +5,83 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from enum import Enum
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+log = logging.getLogger("terranoha.kafka")
 
 Headers = list[tuple[str, bytes]]
+Record = tuple[str, int, bytes | None, bytes, Headers]
+"""(topic, partition, key, value, headers) ready to send."""
+
+
+class Outcome(Enum):
+    """How a transaction ended, and so what its owner must do next."""
+
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    """Failed before the commit request and aborted: seek back to the committed offset."""
+    UNKNOWN = "unknown"
+    """The commit (or abort) may or may not have happened: never abort again. Recreate the
+    producer, which fences the old one and settles the transaction, then resume from the
+    committed offset (and, for state, from the changelog)."""
+    FENCED = "fenced"
+    """Another producer with the same transactional id exists: the partition is not ours."""
+
+
+async def send_batched(producer: AIOKafkaProducer, records: Sequence[Record]) -> None:
+    """Send records as one record batch per topic-partition (order kept within each),
+    which costs far less per record than ``send``."""
+    groups: dict[tuple[str, int], list[Record]] = {}
+    for record in records:
+        groups.setdefault((record[0], record[1]), []).append(record)
+    for (topic, number), group in groups.items():
+        batch = producer.create_batch()
+        for _, _, key, value, headers in group:
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                await producer.send_batch(batch, topic, partition=number)
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
+        await producer.send_batch(batch, topic, partition=number)
+
+
+async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
+                          offsets: Mapping[TopicPartition, int] | None, group_id: str,
+                          timeout_s: float) -> Outcome:
+    """One transaction holding ``records`` and, if given, the consumer ``offsets``.
+
+    aiokafka waits for a commit without a limit; a paused or partitioned broker would
+    hang it, so the commit is bounded by ``timeout_s`` and a timeout is an unknown outcome.
+    """
+    try:
+        await producer.begin_transaction()
+        await send_batched(producer, records)
+        if offsets:
+            await producer.send_offsets_to_transaction(dict(offsets), group_id)
+    except ProducerFenced:
+        return Outcome.FENCED
+    except Exception as exc:
+        log.warning("transaction failed before commit (%r); aborting", exc)
+        try:
+            await asyncio.wait_for(producer.abort_transaction(), timeout_s)
+        except ProducerFenced:
+            return Outcome.FENCED
+        except Exception:
+            return Outcome.UNKNOWN
+        return Outcome.ABORTED
+    try:
+        await asyncio.wait_for(producer.commit_transaction(), timeout_s)
+    except ProducerFenced:
+        return Outcome.FENCED
+    except (TimeoutError, KafkaError, OSError) as exc:
+        log.warning("commit outcome unknown (%r)", exc)
+        return Outcome.UNKNOWN
+    return Outcome.COMMITTED
 
 
 class _Stoppable(Protocol):

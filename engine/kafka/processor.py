@@ -32,12 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
 
 from engine.codec import decode, encode
 from engine.core.events import Event
 from engine.core.state import RunState
-from engine.kafka._util import Headers, stop_quietly, trace_headers
+from engine.kafka._util import (
+    Headers,
+    Outcome,
+    Record,
+    run_transaction,
+    stop_quietly,
+    trace_headers,
+)
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import Batch, Input, Processor, StateCache
@@ -45,10 +51,6 @@ from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 
 log = logging.getLogger("terranoha.kafka.engine")
-
-
-Record = tuple[str, int, bytes | None, bytes, Headers]
-"""(topic, partition, key, value, headers) ready to send."""
 
 
 @dataclass(slots=True)
@@ -355,41 +357,18 @@ class KafkaEngine:
     async def _transact(self, part: _Partition, records: list[Record],
                         next_offset: int | None) -> bool:
         """One transaction: the records, and the input offset if given. True if committed."""
-        producer = part.producer
-        try:
-            await producer.begin_transaction()
-            await send_batched(producer, records)
-            if next_offset is not None:
-                await producer.send_offsets_to_transaction({part.tp: next_offset},
-                                                           self.group_id)
-        except ProducerFenced:
+        offsets = {part.tp: next_offset} if next_offset is not None else None
+        outcome = await run_transaction(part.producer, records, offsets, self.group_id,
+                                        self.commit_timeout_s)
+        if outcome is Outcome.FENCED:
             await self._fenced(part)
-            return False
-        except Exception as exc:
+        elif outcome is Outcome.ABORTED:
             part.stats.aborted += 1
-            log.warning("partition %d: transaction failed before commit (%r); aborting",
-                        part.number, exc)
-            try:
-                await asyncio.wait_for(producer.abort_transaction(), self.commit_timeout_s)
-            except ProducerFenced:
-                await self._fenced(part)
-                return False
-            except Exception:
-                part.stats.unknown_outcomes += 1
-                await self._take_back(part, "abort did not complete")
-                return False
             part.next_offset = await self._seek_committed(part.tp)
-            return False
-        try:
-            await asyncio.wait_for(producer.commit_transaction(), self.commit_timeout_s)
-        except ProducerFenced:
-            await self._fenced(part)
-            return False
-        except (TimeoutError, KafkaError, OSError) as exc:
+        elif outcome is Outcome.UNKNOWN:
             part.stats.unknown_outcomes += 1
-            await self._take_back(part, f"commit outcome unknown ({exc!r})")
-            return False
-        return True
+            await self._take_back(part, "transaction outcome unknown")
+        return outcome is Outcome.COMMITTED
 
     async def _fenced(self, part: _Partition) -> None:
         part.stats.fenced += 1
@@ -422,22 +401,6 @@ class KafkaEngine:
                 (self.topics.inputs, part.number, c.run_id.encode(), encode(c),
                  trace_headers(c.run_id, c.command_id, c.tenant)) for c in due]
             await self._transact(part, records, None)
-
-
-async def send_batched(producer: AIOKafkaProducer, records: Sequence[Record]) -> None:
-    """Send records as one record batch per topic-partition (order kept within each),
-    which costs far less per record than ``send``."""
-    groups: dict[tuple[str, int], list[Record]] = {}
-    for record in records:
-        groups.setdefault((record[0], record[1]), []).append(record)
-    for (topic, number), group in groups.items():
-        batch = producer.create_batch()
-        for _, _, key, value, headers in group:
-            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                await producer.send_batch(batch, topic, partition=number)
-                batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None, headers=headers)
-        await producer.send_batch(batch, topic, partition=number)
 
 
 def _event_headers(event: Event, cache: dict[str, Headers]) -> Headers:

@@ -30,19 +30,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import KafkaError
 
 from engine.codec import DecodeError, decode, encode
 from engine.core.records import DeadLetter, Trigger
-from engine.kafka._util import Headers, seek_committed, stop_quietly, trace_headers
+from engine.kafka._util import (
+    Outcome,
+    Record,
+    run_transaction,
+    seek_committed,
+    stop_quietly,
+    trace_headers,
+)
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import MAX_INPUT_BYTES, trigger_to_start
 
 log = logging.getLogger("terranoha.kafka.router")
 
-Record = tuple[str, int, bytes | None, bytes, Headers]
-"""(topic, partition, key, value, headers) ready to send."""
 
 
 @dataclass(slots=True)
@@ -274,39 +279,17 @@ class TriggerRouter:
     async def _transact(self, tp: TopicPartition, producer: AIOKafkaProducer,
                         records: list[Record], next_offset: int) -> bool:
         """One transaction: the records and the consumer offset. True if committed."""
-        try:
-            await producer.begin_transaction()
-            for topic, number, key, value, headers in records:
-                await producer.send(topic, value, key=key, partition=number, headers=headers)
-            await producer.send_offsets_to_transaction({tp: next_offset}, self.group_id)
-        except ProducerFenced:
+        outcome = await run_transaction(producer, records, {tp: next_offset}, self.group_id,
+                                        self.commit_timeout_s)
+        if outcome is Outcome.FENCED:
             await self._fenced(tp)
-            return False
-        except Exception as exc:
+        elif outcome is Outcome.ABORTED:
             self.stats.aborted += 1
-            log.warning("triggers partition %d: transaction failed before commit (%r); "
-                        "aborting", tp.partition, exc)
-            try:
-                await asyncio.wait_for(producer.abort_transaction(), self.commit_timeout_s)
-            except ProducerFenced:
-                await self._fenced(tp)
-                return False
-            except Exception:
-                self.stats.unknown_outcomes += 1
-                await self._take_back(tp, "abort did not complete")
-                return False
             await self._rewind(tp)
-            return False
-        try:
-            await asyncio.wait_for(producer.commit_transaction(), self.commit_timeout_s)
-        except ProducerFenced:
-            await self._fenced(tp)
-            return False
-        except (TimeoutError, KafkaError, OSError) as exc:
+        elif outcome is Outcome.UNKNOWN:
             self.stats.unknown_outcomes += 1
-            await self._take_back(tp, f"commit outcome unknown ({exc!r})")
-            return False
-        return True
+            await self._take_back(tp, "transaction outcome unknown")
+        return outcome is Outcome.COMMITTED
 
     async def _rewind(self, tp: TopicPartition) -> None:
         assert self._consumer is not None

@@ -8,9 +8,23 @@ import sqlite3
 import time
 from typing import Any
 
+from engine.core.spec import load_spec
 from engine.worker import TaskContext, TaskResult, TransientError, tool
 
 EFFECTS_DB = os.environ.get("TERRANOHA_TEST_EFFECTS", "effects.db")
+
+DURABLE = load_spec({
+    "workflow": "durable", "version": 1, "input": {"n": "integer"},
+    "steps": [
+        {"id": "fetch", "task": "test.fetch", "input": {"n": "input.n"},
+         "retry": {"max_attempts": 6, "initial": "50ms", "max": "300ms"}},
+        {"id": "pause", "sleep": "100ms"},
+        {"id": "pay", "prepare_commit": {"prepare": "test.prepare", "commit": "test.commit"},
+         "input": {"n": "input.n"}},
+        {"id": "notify", "task": "test.notify"},
+    ],
+})
+"""The workflow these tools serve: a flaky read, a timer, a two-step write, a notice."""
 
 
 def _db() -> sqlite3.Connection:

@@ -15,23 +15,13 @@ from pathlib import Path
 import pytest
 
 from engine.core.records import Trigger
-from engine.core.spec import load_spec
 from engine.embedded import Store
 from engine.runtime.replay import verify
 from engine.runtime.specs import SpecRegistry
+from tests.embedded.durable_tools import DURABLE
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = load_spec({
-    "workflow": "durable", "version": 1, "input": {"n": "integer"},
-    "steps": [
-        {"id": "fetch", "task": "test.fetch", "input": {"n": "input.n"},
-         "retry": {"max_attempts": 5, "initial": "50ms", "max": "200ms"}},
-        {"id": "pause", "sleep": "100ms"},
-        {"id": "pay", "prepare_commit": {"prepare": "test.prepare", "commit": "test.commit"},
-         "input": {"n": "input.n"}},
-        {"id": "notify", "task": "test.notify"},
-    ],
-})
+SPEC = DURABLE
 RUNS = 40
 
 

@@ -20,25 +20,13 @@ from engine.core.events import Event, RunStarted
 from engine.core.evolve import fold
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, Trigger
-from engine.core.spec import WorkflowSpec, load_spec
+from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState
 from engine.kafka.specs import publish_spec
 from engine.kafka.topics import Topics, ensure_topics
+from tests.embedded.durable_tools import DURABLE
 
 ROOT = Path(__file__).resolve().parents[2]
-
-DURABLE = load_spec({
-    "workflow": "durable", "version": 1, "input": {"n": "integer"},
-    "steps": [
-        {"id": "fetch", "task": "test.fetch", "input": {"n": "input.n"},
-         "retry": {"max_attempts": 6, "initial": "50ms", "max": "300ms"}},
-        {"id": "pause", "sleep": "100ms"},
-        {"id": "pay", "prepare_commit": {"prepare": "test.prepare", "commit": "test.commit"},
-         "input": {"n": "input.n"}},
-        {"id": "notify", "task": "test.notify"},
-    ],
-})
-
 
 @dataclass
 class Cluster:

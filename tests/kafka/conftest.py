@@ -5,63 +5,24 @@ fails with what to run: these tests are never skipped."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from collections.abc import Iterator
-from pathlib import Path
 from uuid import uuid4
 
-import psycopg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from engine.kafka.topics import Topics, ensure_topics
-
-ROOT = Path(__file__).resolve().parents[2]
-INFRA_ENV = ROOT / ".local" / "infra.env"
-DEFAULTS = {
-    "TERRANOHA_KAFKA": "127.0.0.1:29092",
-    "TERRANOHA_POSTGRES": "postgresql://terranoha:terranoha@127.0.0.1:25432/terranoha",
-}
-START_HINT = "start the local infrastructure with `bash deploy/local/infra.sh up`"
-
-
-def _setting(name: str) -> str:
-    """``name`` from the environment, else from .local/infra.env, else the infra default."""
-    value = os.environ.get(name)
-    if value:
-        return value
-    if INFRA_ENV.exists():
-        for line in INFRA_ENV.read_text().splitlines():
-            key, _, rest = line.removeprefix("export ").partition("=")
-            if key.strip() == name and rest.strip():
-                return rest.strip().strip("'\"")
-    return DEFAULTS[name]
+from tests import infra
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
-    bootstrap = _setting("TERRANOHA_KAFKA")
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            pass
-    except OSError as exc:
-        pytest.fail(f"Kafka is not reachable at {bootstrap} ({exc}); {START_HINT}",
-                    pytrace=False)
-    return bootstrap
+    return infra.kafka_bootstrap()
 
 
 @pytest.fixture(scope="session")
 def postgres_dsn() -> str:
-    dsn = _setting("TERRANOHA_POSTGRES")
-    try:
-        with psycopg.connect(dsn, connect_timeout=5) as conn:
-            conn.execute("select 1")
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {dsn} ({exc}); {START_HINT}",
-                    pytrace=False)
-    return dsn
+    return infra.postgres_dsn()
 
 
 @pytest.fixture
