@@ -16,6 +16,7 @@ are Avro strings carrying JSON.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,11 +37,18 @@ __all__ = [
 
 
 def schemas_dir() -> Path:
-    """The schemas folder: ``$TERRANOHA_SCHEMAS``, else ``schemas/`` at the repo root."""
+    """The schemas folder: ``$TERRANOHA_SCHEMAS``, else ``schemas/`` at the repo root (a
+    source checkout), else the copy installed with the package (``terranoha_schemas``)."""
     override = os.environ.get("TERRANOHA_SCHEMAS")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "schemas"
+    checkout = Path(__file__).resolve().parents[2] / "schemas"
+    if (checkout / "catalogue.json").exists():
+        return checkout
+    installed = importlib.util.find_spec("terranoha_schemas")
+    if installed is not None and installed.submodule_search_locations:
+        return Path(next(iter(installed.submodule_search_locations)))
+    return checkout
 
 
 @functools.cache

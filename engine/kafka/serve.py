@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.processor import KafkaEngine
 from engine.kafka.router import TriggerRouter
 from engine.kafka.specs import SpecFollower
-from engine.kafka.topics import Topics, ensure_topics
+from engine.kafka.topics import Topics, deployed_topics, ensure_topics
 from engine.kafka.worker import KafkaWorker
 from engine.runtime.clock import Clock
 from engine.worker import ToolRegistry
@@ -48,6 +48,11 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     """Run until ``stop`` is set; a clean stop finishes the batches in hand and leaves the
     consumer groups."""
     await ensure_topics(options.bootstrap, options.topics.core_topics())
+    topics = await deployed_topics(options.bootstrap, options.topics)
+    if topics.partitions != options.topics.partitions:
+        log.info("run-keyed topics have %d partitions (not %d): using the broker's count",
+                 topics.partitions, options.topics.partitions)
+    options = replace(options, topics=topics)
     running = Running()
     follower = SpecFollower(options.bootstrap, options.topics)
     await follower.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -104,6 +104,21 @@ async def ensure_topics(bootstrap: str, topics: Iterable[NewTopic]) -> list[str]
         return created
     finally:
         await admin.close()
+
+
+async def deployed_topics(bootstrap: str, topics: Topics) -> Topics:
+    """``topics`` with the partition counts the broker actually has. Routing by run id
+    must use the real count: a different one sends runs to the wrong partition."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topics.inputs, topics.triggers])
+    finally:
+        await admin.close()
+    counts = {d["topic"]: len(d["partitions"]) for d in described
+              if d.get("error_code", 0) == 0 and d.get("partitions")}
+    return replace(topics, partitions=counts.get(topics.inputs, topics.partitions),
+                   trigger_partitions=counts.get(topics.triggers, topics.trigger_partitions))
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str],

@@ -1,0 +1,164 @@
+"""The ``terranoha`` command.
+
+Every command that reads or writes runs takes ``--db PATH`` (the embedded store; default
+``$TERRANOHA_DB`` or ``terranoha.db``) or ``--kafka HOST:PORT`` (the Kafka backend, with
+``--topic-prefix``). On the embedded store, commands that change a run append a command
+to the run inputs and, if no ``terranoha serve`` holds the store, process it right away;
+on Kafka they publish it and wait a few seconds for the orchestrator's answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TextIO
+
+from engine.cli._commands import (
+    cmd_approve,
+    cmd_cancel,
+    cmd_dead_letters,
+    cmd_demo,
+    cmd_deploy,
+    cmd_replay,
+    cmd_run,
+    cmd_runs,
+    cmd_serve,
+    cmd_signal,
+    cmd_status,
+    cmd_timeline,
+    cmd_topics_create,
+    cmd_workflows_list,
+)
+from engine.cli._shared import CliError
+from engine.core.errors import TerranohaError
+
+__all__ = ["CliError", "build_parser", "main"]
+
+Command = Callable[[argparse.Namespace, TextIO], int]
+
+
+def _backend_options(p: argparse.ArgumentParser, kafka_only: bool = False) -> None:
+    """``--db`` or ``--kafka`` (not both), and the Kafka settings."""
+    if kafka_only:
+        p.add_argument("--kafka", metavar="HOST:PORT", required=True,
+                       help="the Kafka bootstrap server")
+    else:
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--db", help="embedded store file (default $TERRANOHA_DB or "
+                           "terranoha.db)")
+        where.add_argument("--kafka", metavar="HOST:PORT",
+                           help="use the Kafka backend at this bootstrap server (without "
+                           "it, the embedded store)")
+    p.add_argument("--topic-prefix", default=os.environ.get("TERRANOHA_TOPIC_PREFIX",
+                                                            "terranoha"),
+                   help="prefix of the topic names (default $TERRANOHA_TOPIC_PREFIX or "
+                   "terranoha)")
+    p.add_argument("--partitions", type=int, default=6,
+                   help="partitions of the run-keyed topics, when creating them")
+    p.add_argument("--app", default="terranoha",
+                   help="application id: consumer groups and transactional ids")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__ or "The terranoha command."
+    parser = argparse.ArgumentParser(prog="terranoha", description=doc.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+            fn: Command, help_text: str) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        _backend_options(p)
+        return p
+
+    p = sub.add_parser("demo", help="run the refund-agent demo on the embedded backend")
+    p.add_argument("--db", help="embedded store file (default terranoha-demo.db)")
+    p.set_defaults(fn=cmd_demo)
+
+    p = add(sub, "serve", cmd_serve, "run the engine (and the tools of --workers) until "
+            "stopped")
+    p.add_argument("--workers", nargs="*", metavar="MODULE", help="modules defining @tool handlers")
+    p.add_argument("--concurrency", type=int, default=8, help="tasks run at once per worker")
+    p.add_argument("--postgres", help="PostgreSQL DSN for the workers' ledger "
+                   "(default $TERRANOHA_POSTGRES)")
+    p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
+    p.add_argument("--no-router", action="store_true", help="do not run the trigger router")
+
+    topics = sub.add_parser("topics", help="create the Kafka topics")
+    topics_sub = topics.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = topics_sub.add_parser("create", help="create the core topics that are missing "
+                              "(idempotent)")
+    p.set_defaults(fn=cmd_topics_create)
+    _backend_options(p, kafka_only=True)
+
+    wf = sub.add_parser("workflows", help="deploy and list workflow specs")
+    wf_sub = wf.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(wf_sub, "deploy", cmd_deploy, "validate and deploy a spec file")
+    p.add_argument("spec")
+    add(wf_sub, "list", cmd_workflows_list, "list deployed specs")
+
+    p = add(sub, "run", cmd_run, "start a run of a spec file or a deployed workflow")
+    p.add_argument("workflow", help="spec file (deployed first) or deployed workflow name")
+    p.add_argument("--input", default="{}", help="run input as JSON")
+    p.add_argument("--key", help="idempotency key (same key, same run)")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--as", dest="as_user", default="cli", help="requester")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--correlation-id")
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="wait until the run is no longer pending, running or retrying "
+                   "(exit 4 if it still is after SECONDS)")
+
+    p = add(sub, "approve", cmd_approve, "approve (or --reject) a step waiting for approval")
+    p.add_argument("run")
+    p.add_argument("step")
+    p.add_argument("--as", dest="as_user", required=True, help="approver")
+    p.add_argument("--role", action="append", help="approver group (repeatable)")
+    p.add_argument("--reject", action="store_true")
+    p.add_argument("--comment", default="")
+
+    p = add(sub, "signal", cmd_signal, "deliver a named signal to a run")
+    p.add_argument("run")
+    p.add_argument("name")
+    p.add_argument("--data", default="null", help="signal data as JSON")
+
+    p = add(sub, "cancel", cmd_cancel, "cancel a run")
+    p.add_argument("run")
+    p.add_argument("--reason", default="cancelled from the command line")
+    p.add_argument("--as", dest="as_user", default="cli")
+
+    for name, fn, text in (("status", cmd_status, "show a run's status"),
+                           ("timeline", cmd_timeline, "show a run's timeline")):
+        p = add(sub, name, fn, text)
+        p.add_argument("run")
+        p.add_argument("--json", action="store_true")
+
+    p = add(sub, "replay", cmd_replay, "rebuild a run from its log; --verify re-decides it")
+    p.add_argument("run")
+    p.add_argument("--verify", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--at", type=int, metavar="SEQ", help="show the state after event SEQ")
+
+    p = add(sub, "runs", cmd_runs, "list runs (on Kafka: reads the whole state changelog)")
+    p.add_argument("--status")
+    p.add_argument("--limit", type=int, default=20)
+
+    add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stream = out or sys.stdout
+    try:
+        code: int = args.fn(args, stream)
+        return code
+    except TerranohaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _exit() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Where the commands read and write: the embedded store (``--db``) or Kafka
+(``--kafka``). Both offer the same operations, so every command body is written once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from engine.cli._shared import CliError, now_ms
+from engine.core.commands import Command
+from engine.core.events import Event
+from engine.core.policies import run_id_for
+from engine.core.records import DeadLetter, Trigger
+from engine.core.spec import WorkflowSpec
+from engine.core.state import RunState
+from engine.embedded import EmbeddedEngine, Store
+from engine.kafka.client import (
+    START_HINT,
+    BrokerUnavailableError,
+    KafkaClient,
+    KafkaClientError,
+    RunLog,
+    TopicStatus,
+)
+from engine.kafka.topics import Topics
+
+T = TypeVar("T")
+
+COMMAND_WAIT_S = 10.0
+"""How long a command sent to Kafka waits for the orchestrator to process it."""
+
+
+class Backend(Protocol):
+    """The operations the run commands need, on either backend."""
+
+    def deploy(self, spec: WorkflowSpec) -> bool: ...
+
+    def specs(self) -> list[WorkflowSpec]: ...
+
+    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
+        """Submit ``trigger``; return its run id and its state if already known."""
+        ...
+
+    def queued(self) -> str:
+        """What to say about a submission whose outcome is not known yet."""
+        ...
+
+    def run(self, text: str) -> RunState:
+        """The run ``text`` names; raises ``CliError`` saying where it looked."""
+        ...
+
+    def state(self, run_id: str) -> RunState | None: ...
+
+    def submit(self, command: Command) -> tuple[list[Event] | None, RunState | None]:
+        """Send ``command``; return the events it caused (None while it is queued) and
+        the run's state after them."""
+        ...
+
+    def log(self, text: str) -> RunLog: ...
+
+    def runs(self, status: str | None, limit: int) -> list[RunState]: ...
+
+    def dead_letters(self) -> list[DeadLetter]: ...
+
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def open_backend(args: argparse.Namespace) -> Iterator[Backend]:
+    backend: Backend = KafkaBackend(args) if args.kafka else EmbeddedBackend(args)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+# ---------------------------------------------------------------------- embedded
+
+
+def db_path(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "db", None) or os.environ.get("TERRANOHA_DB") or "terranoha.db")
+
+
+@contextlib.contextmanager
+def processor_lock(db: Path, wait: bool) -> Iterator[bool]:
+    """The embedded store has one processor at a time. Yields whether we hold the lock."""
+    handle = open(f"{db}.lock", "a+")  # noqa: SIM115 - held for the block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
+        except BlockingIOError:
+            held = False
+        yield held
+    finally:
+        handle.close()
+
+
+class EmbeddedBackend:
+    """The SQLite store. Commands that change a run append to its inputs and, unless a
+    ``terranoha serve`` holds the store, process them at once."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.db = db_path(args)
+
+    @contextlib.contextmanager
+    def _store(self, must_exist: bool = True) -> Iterator[Store]:
+        if must_exist and not self.db.exists():
+            raise CliError(f"no store at {self.db}; pass --db PATH (or run `terranoha demo` "
+                           "first)")
+        store = Store(self.db)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def deploy(self, spec: WorkflowSpec) -> bool:
+        with self._store(must_exist=False) as store:
+            return store.deploy(spec, now_ms())
+
+    def specs(self) -> list[WorkflowSpec]:
+        with self._store() as store:
+            return store.specs()
+
+    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
+        run_id = run_id_for(trigger.tenant, trigger.idempotency_key)
+        return run_id, self._submit_and_settle([trigger], run_id)
+
+    def queued(self) -> str:
+        return f"queued in {self.db}"
+
+    def run(self, text: str) -> RunState:
+        with self._store() as store:
+            run_id = store.find_run(text)
+            state = store.state(run_id) if run_id is not None else None
+        if state is None:
+            raise CliError(f"no run matches {text!r} in {self.db}; list runs with "
+                           "`terranoha runs`")
+        return state
+
+    def state(self, run_id: str) -> RunState | None:
+        with self._store() as store:
+            return store.state(run_id)
+
+    def submit(self, command: Command) -> tuple[list[Event] | None, RunState | None]:
+        self._submit_and_settle([command], command.run_id)
+        with self._store() as store:
+            events = [e for e in store.events(command.run_id)
+                      if e.causation_id == command.command_id]
+            return events or None, store.state(command.run_id)
+
+    def log(self, text: str) -> RunLog:
+        run_id = self.run(text).run_id
+        with self._store() as store:
+            return RunLog(run_id, store.events(run_id), store.recorded_commands(run_id))
+
+    def runs(self, status: str | None, limit: int) -> list[RunState]:
+        with self._store() as store:
+            return [s for r in store.run_ids(status, limit) if (s := store.state(r))]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        with self._store() as store:
+            return store.dead_letters()
+
+    def close(self) -> None:
+        pass
+
+    def _submit_and_settle(self, records: Sequence[Command | Trigger],
+                           run_id: str) -> RunState | None:
+        """Append the records; process them here unless a server holds the store."""
+        with self._store(must_exist=False) as store:
+            store.append_inputs(records, now_ms())
+        with processor_lock(self.db, wait=False) as held:
+            if held:
+                engine = EmbeddedEngine(self.db)
+                try:
+                    engine.drain()
+                    return engine.cache.get(run_id)
+                finally:
+                    engine.close()
+        # A server is processing: give it a moment to pick the records up.
+        deadline = time.monotonic() + 3.0
+        with self._store() as store:
+            last = store.last_input()
+            while time.monotonic() < deadline and store.offset() < last:
+                time.sleep(0.05)
+            return store.state(run_id)
+
+
+# ---------------------------------------------------------------------- kafka
+
+
+def kafka_topics(args: argparse.Namespace) -> Topics:
+    return Topics(prefix=args.topic_prefix, partitions=args.partitions)
+
+
+class KafkaBackend:
+    """The Kafka topics, through ``KafkaClient`` on one event loop for the command."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        # The client's errors say what went wrong; aiokafka's own log lines would repeat
+        # them on stderr when no logging is configured.
+        quiet = logging.getLogger("aiokafka")
+        if not any(isinstance(h, logging.NullHandler) for h in quiet.handlers):
+            quiet.addHandler(logging.NullHandler())
+        self.bootstrap: str = args.kafka
+        self.client = KafkaClient(self.bootstrap, kafka_topics(args), app=args.app)
+        self._runner = asyncio.Runner()
+        try:
+            self._call(self.client.start())
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return self._runner.run(coro)
+        except KafkaConnectionError as exc:
+            raise BrokerUnavailableError(
+                f"lost Kafka at {self.bootstrap} ({exc}); {START_HINT}") from None
+        except KafkaError as exc:
+            raise KafkaClientError(f"Kafka at {self.bootstrap} failed: {exc!r}") from None
+
+    @property
+    def topics(self) -> Topics:
+        return self.client.topics
+
+    def close(self) -> None:
+        try:
+            self._runner.run(self.client.close())
+        finally:
+            self._runner.close()
+
+    def create_topics(self, topics: Topics) -> list[TopicStatus]:
+        return self._call(self.client.create_topics(topics))
+
+    def deploy(self, spec: WorkflowSpec) -> bool:
+        return self._call(self.client.deploy(spec))
+
+    def specs(self) -> list[WorkflowSpec]:
+        return self._call(self.client.specs())
+
+    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
+        return self._call(self.client.trigger(trigger)), None
+
+    def queued(self) -> str:
+        return f"trigger published to {self.topics.triggers}"
+
+    def run(self, text: str) -> RunState:
+        state = self.state(text)
+        if state is None:
+            raise CliError(self._not_found(text, self.topics.state))
+        return state
+
+    def state(self, run_id: str) -> RunState | None:
+        return self._call(self.client.state(run_id))
+
+    def submit(self, command: Command) -> tuple[list[Event] | None, RunState | None]:
+        events = self._call(self.client.send_command(command, COMMAND_WAIT_S))
+        return events, self.state(command.run_id)
+
+    def log(self, text: str) -> RunLog:
+        log = self._call(self.client.run_log(text))
+        if not log.events:
+            raise CliError(self._not_found(text, self.topics.events))
+        return log
+
+    def runs(self, status: str | None, limit: int) -> list[RunState]:
+        states = self._call(self.client.states())
+        if status:
+            states = [s for s in states if s.status.value == status]
+        return sorted(states, key=lambda s: s.started_at, reverse=True)[:limit]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return self._call(self.client.dead_letters())
+
+    @staticmethod
+    def _not_found(text: str, topic: str) -> str:
+        return (f"no run {text} on topic {topic}; on Kafka give the full run id (finding a "
+                "run by a prefix of its id needs an index), or check --topic-prefix")

@@ -1,0 +1,161 @@
+"""The command line on the embedded store: bad input is refused with a message that says
+what to fix (exit 2), refused commands exit 1, ``run --wait`` waits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.cli import build_parser
+from tests.cli.conftest import Cli
+
+APPROVAL_ONLY = """\
+workflow: sign-off
+version: 1
+input: {doc: string}
+steps:
+  - id: review
+    approval: {approvers: [legal], exclude_requester: true}
+"""
+
+ONE_TASK = """\
+workflow: one-task
+version: 1
+steps:
+  - id: fetch
+    task: nobody.listens
+"""
+
+INVALID = """\
+workflow: broken
+version: 1
+steps:
+  - id: fetch
+    task: crm.get_order
+    retry: {max_attempts: 3, initial: 1x}
+"""
+
+UNKNOWN_TARGET = """\
+workflow: broken
+version: 2
+steps:
+  - id: pay
+    task: payments.commit
+    on_business_error:
+      AMOUNT_OVER_LIMIT: {goto: nowhere}
+"""
+
+
+@pytest.fixture
+def specs(tmp_path: Path) -> Path:
+    for name, body in (("approval.yaml", APPROVAL_ONLY), ("task.yaml", ONE_TASK),
+                       ("invalid.yaml", INVALID), ("target.yaml", UNKNOWN_TARGET)):
+        (tmp_path / name).write_text(body)
+    return tmp_path
+
+
+def test_an_unknown_run_is_refused_with_where_it_looked(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    assert cli("workflows", "deploy", str(specs / "approval.yaml"), "--db", db).code == 0
+
+    for command in (["status", "nope"], ["timeline", "nope"], ["replay", "nope"],
+                    ["approve", "nope", "review", "--as", "bob"], ["cancel", "nope"]):
+        result = cli(*command, "--db", db)
+        assert result.code == 2, command
+        assert f"no run matches 'nope' in {db}" in result.err
+
+
+def test_a_missing_store_is_named(cli: Cli, tmp_path: Path) -> None:
+    result = cli("status", "abc", "--db", str(tmp_path / "absent.db"))
+    assert result.code == 2
+    assert "no store at" in result.err and "absent.db" in result.err
+
+
+def test_bad_json_is_refused_with_the_option_named(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    result = cli("run", str(specs / "approval.yaml"), "--input", "{doc: 1", "--db", db)
+    assert result.code == 2
+    assert "--input is not valid JSON" in result.err
+
+    started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "x"}', "--db", db)
+    run_id = started.out.splitlines()[0]
+    result = cli("signal", run_id, "go", "--data", "[1,", "--db", db)
+    assert result.code == 2
+    assert "--data is not valid JSON" in result.err
+
+
+def test_an_invalid_spec_is_refused_with_the_field_path(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    for command in (["workflows", "deploy", str(specs / "invalid.yaml")],
+                    ["run", str(specs / "invalid.yaml")]):
+        result = cli(*command, "--db", db)
+        assert result.code == 2, command
+        assert "workflow spec broken is invalid" in result.err
+        assert "steps[0](fetch).retry.initial: bad duration '1x'" in result.err
+    result = cli("workflows", "deploy", str(specs / "target.yaml"), "--db", db)
+    assert result.code == 2
+    assert "steps[0](pay).on_business_error.AMOUNT_OVER_LIMIT.goto: unknown step " \
+           "'nowhere'" in result.err
+
+
+def test_an_undeployed_workflow_and_a_missing_spec_file_are_named(cli: Cli,
+                                                                 specs: Path) -> None:
+    db = str(specs / "t.db")
+    assert cli("workflows", "deploy", str(specs / "approval.yaml"), "--db", db).code == 0
+    result = cli("run", "no-such-workflow", "--db", db)
+    assert result.code == 2
+    assert "workflow 'no-such-workflow' is not deployed" in result.err
+    result = cli("run", str(specs / "missing.yaml"), "--db", db)
+    assert result.code == 2
+    assert "no spec file" in result.err
+
+
+def test_db_and_kafka_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["status", "r", "--db", "x.db", "--kafka", "h:1"])
+    assert exit_.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_self_approval_is_refused_and_another_approver_completes(cli: Cli,
+                                                                 specs: Path) -> None:
+    db = str(specs / "t.db")
+    started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "nda"}',
+                  "--key", "k1", "--as", "alice", "--wait", "5", "--db", db)
+    assert started.code == 0, started.err
+    run_id = started.out.splitlines()[0]
+    assert "Waiting at step review" in started.out
+
+    refused = cli("approve", run_id[:8], "review", "--as", "alice", "--db", db)
+    assert refused.code == 1
+    assert refused.out.startswith("refused: self-approval: ")
+
+    granted = cli("approve", run_id[:8], "review", "--as", "bob", "--db", db)
+    assert granted.code == 0, granted.err
+    assert "ApprovalGranted" in granted.out
+    assert "Completed" in cli("status", run_id, "--db", db).out
+    verified = cli("replay", run_id, "--verify", "--db", db)
+    assert verified.code == 0 and "verify: OK" in verified.out
+
+
+def test_run_wait_gives_up_with_exit_4(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    result = cli("run", str(specs / "task.yaml"), "--wait", "0.3", "--db", db)
+    assert result.code == 4
+    assert "Running at step fetch" in result.out
+    assert "is still Running after 0.3s" in result.err
+
+
+def test_topics_create_needs_kafka(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["topics", "create"])
+    assert exit_.value.code == 2
+    assert "--kafka" in capsys.readouterr().err
+
+
+def test_an_unreachable_broker_is_named_with_how_to_start_it(cli: Cli) -> None:
+    result = cli("status", "r", "--kafka", "127.0.0.1:1")
+    assert result.code == 2
+    assert "cannot reach Kafka at 127.0.0.1:1" in result.err
+    assert "bash deploy/local/infra.sh up" in result.err

@@ -1,0 +1,228 @@
+"""The command line against the real broker: every run command with ``--kafka`` behaves as
+with ``--db``, with a ``terranoha serve --kafka`` process doing the work."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tests.cli.conftest import Cli, Result
+from tests.infra import kafka_bootstrap, postgres_dsn
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTITIONS = "3"
+
+SPEC = """\
+workflow: cli-refund
+version: 1
+input: {n: integer}
+steps:
+  - id: fetch
+    task: test.fetch
+    input: {n: input.n}
+    retry: {max_attempts: 5, initial: 50ms, max: 200ms}
+  - id: pay
+    prepare_commit: {prepare: test.prepare, commit: test.commit}
+    input: {n: input.n}
+    approval: {approvers: [finance], exclude_requester: true}
+  - id: notify
+    task: test.notify
+"""
+
+
+@pytest.fixture
+def kafka(tmp_path: Path) -> Iterator[list[str]]:
+    """``--kafka`` and a ``--topic-prefix`` of this test's own; its topics are deleted
+    afterwards."""
+    bootstrap = kafka_bootstrap()
+    prefix = f"c{uuid.uuid4().hex[:10]}"
+    yield ["--kafka", bootstrap, "--topic-prefix", prefix]
+    asyncio.run(_delete_topics(bootstrap, prefix))
+
+
+async def _delete_topics(bootstrap: str, prefix: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [n for n in await admin.list_topics() if n.startswith(f"{prefix}.")]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+def _eventually(check: Callable[[], Result], until: Callable[[Result], bool],
+                timeout_s: float = 60.0) -> Result:
+    deadline = time.monotonic() + timeout_s
+    result = check()
+    while not until(result) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        result = check()
+    return result
+
+
+def _serve(kafka: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
+    prefix = kafka[kafka.index("--topic-prefix") + 1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "TERRANOHA_TEST_EFFECTS": str(tmp_path / "effects.db")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", *kafka, "--app", prefix,
+         "--partitions", PARTITIONS, "--workers", "tests.embedded.durable_tools",
+         "--postgres", postgres_dsn()],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(b"serving"):
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"serve did not start: {line!r}\n{err.decode(errors='replace')}")
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+async def _publish_garbage(bootstrap: str, topic: str) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"not a trigger", key=b"garbage")
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.kafka
+def test_topics_create_is_idempotent(cli: Cli, kafka: list[str]) -> None:
+    prefix = kafka[-1]
+    first = cli("topics", "create", *kafka, "--partitions", PARTITIONS)
+    assert first.code == 0, first.err
+    lines = first.out.splitlines()
+    assert len(lines) == 7 and all(line.startswith("created") for line in lines)
+    assert f"created  {prefix}.run-inputs (3 partitions)" in lines
+    assert f"created  {prefix}.specs (1 partition)" in lines
+
+    again = cli("topics", "create", *kafka, "--partitions", PARTITIONS)
+    assert again.code == 0, again.err
+    assert [line.split()[0] for line in again.out.splitlines()] == ["exists"] * 7
+
+
+@pytest.mark.kafka
+def test_run_commands_say_what_is_missing(cli: Cli, kafka: list[str]) -> None:
+    prefix = kafka[-1]
+    missing = cli("status", "some-run", *kafka)
+    assert missing.code == 2
+    assert f"topic {prefix}.run-state does not exist" in missing.err
+    assert "terranoha topics create" in missing.err
+
+    assert cli("topics", "create", *kafka, "--partitions", PARTITIONS).code == 0
+    for command in (["status", "some-run"], ["approve", "some-run", "pay", "--as", "x"]):
+        result = cli(*command, *kafka)
+        assert result.code == 2, command
+        assert f"no run some-run on topic {prefix}.run-state" in result.err
+        assert "full run id" in result.err
+    for command in (["timeline", "some-run"], ["replay", "some-run", "--verify"]):
+        result = cli(*command, *kafka)
+        assert result.code == 2, command
+        assert f"no run some-run on topic {prefix}.run-events" in result.err
+    result = cli("run", "not-deployed", *kafka)
+    assert result.code == 2
+    assert "workflow 'not-deployed' is not deployed" in result.err
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str],
+                                            tmp_path: Path) -> None:
+    spec = tmp_path / "refund.yaml"
+    spec.write_text(SPEC)
+    assert cli("topics", "create", *kafka, "--partitions", PARTITIONS).code == 0
+
+    deployed = cli("workflows", "deploy", str(spec), *kafka)
+    assert (deployed.code, deployed.out) == (0, "cli-refund version 1 deployed\n")
+    again = cli("workflows", "deploy", str(spec), *kafka)
+    assert again.out == "cli-refund version 1 already deployed (unchanged)\n"
+    assert cli("workflows", "list", *kafka).out == "cli-refund\tv1\t3 steps\n"
+
+    # Before any server runs: the triggers wait on the topic. Same key, same run.
+    first = cli("run", str(spec), "--input", '{"n": 4}', "--key", "order-4", "--as", "alice",
+                *kafka)
+    assert first.code == 0, first.err
+    run_id = first.out.splitlines()[0]
+    assert first.out.splitlines()[1] == f"trigger published to {kafka[-1]}.triggers"
+    second = cli("run", "cli-refund", "--input", '{"n": 4}', "--key", "order-4",
+                 "--as", "alice", *kafka)
+    assert second.out.splitlines()[0] == run_id
+
+    server = _serve(kafka, tmp_path)
+    try:
+        waiting = _eventually(lambda: cli("status", run_id, *kafka),
+                              lambda r: "Waiting" in r.out)
+        assert f"{run_id}  cli-refund v1  Waiting at step pay (waiting for approval by " \
+               "finance; 0/1 approvals)" in waiting.out, waiting
+
+        refused = cli("approve", run_id, "pay", "--as", "alice", *kafka)
+        assert refused.code == 1, refused
+        assert refused.out.startswith("refused: self-approval: alice requested this run")
+
+        granted = cli("approve", run_id, "pay", "--as", "carol", *kafka)
+        assert granted.code == 0, granted
+        assert granted.out.startswith("ApprovalGranted")
+
+        done = _eventually(lambda: cli("status", run_id, *kafka),
+                           lambda r: "Completed" in r.out)
+        assert done.out == f"{run_id}  cli-refund v1  Completed\n", done
+        status = json.loads(cli("status", run_id, "--json", *kafka).out)
+        assert status["status"] == "Completed" and status["requested_by"] == "alice"
+
+        timeline = cli("timeline", run_id, *kafka)
+        assert timeline.code == 0
+        assert "approved by carol" in timeline.out and "status Completed" in timeline.out
+
+        replay = cli("replay", run_id, "--verify", *kafka)
+        assert replay.code == 0, replay
+        assert "verify: OK" in replay.out
+        doc = json.loads(cli("replay", run_id, "--verify", "--json", *kafka).out)
+        assert doc["verify"]["ok"] is True
+        types = [e["type"] for e in doc["events"]]
+        assert types.count("RunStarted") == 1 and types[-1] == "RunCompleted"
+        at = cli("replay", run_id, "--at", "1", *kafka)
+        assert at.out.startswith("state after seq 1 (RunStarted):")
+
+        runs = cli("runs", *kafka)
+        assert runs.out.splitlines() == [f"{run_id}  cli-refund v1  Completed"]
+
+        assert cli("dead-letters", *kafka).out == ""
+        asyncio.run(_publish_garbage(kafka[1], f"{kafka[-1]}.triggers"))
+        dead = _eventually(lambda: cli("dead-letters", *kafka), lambda r: r.out != "")
+        assert dead.out.startswith(f"{kafka[-1]}.triggers/"), dead
+        assert "\tbad_magic\t" in dead.out
+
+        # --wait returns once the run needs someone: here, an approver.
+        other = cli("run", "cli-refund", "--input", '{"n": 5}', "--key", "order-5",
+                    "--as", "alice", "--wait", "60", *kafka)
+        assert other.code == 0, other
+        assert "Waiting at step pay" in other.out
+        cancelled = cli("cancel", other.out.splitlines()[0], *kafka)
+        assert cancelled.code == 0, cancelled
+        assert "RunCancelled" in cancelled.out and "Cancelled" in cancelled.out
+    finally:
+        _stop(server)
