@@ -71,9 +71,12 @@ def listeners(value: str) -> dict[str, str]:
 
 
 def infra_setting(name: str) -> str:
+    """The value infra.sh gives ``name``; ``${OVERRIDE:-default}`` counts as its default."""
     match = re.search(rf"^{name}=(\S+)$", INFRA_SH, re.MULTILINE)
     assert match is not None, f"infra.sh no longer sets {name}"
-    return match.group(1)
+    value = match.group(1).strip("'\"")
+    default = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return default.group(1) if default else value
 
 
 def test_every_service_is_there() -> None:
