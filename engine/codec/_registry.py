@@ -9,6 +9,7 @@ from engine.codec._shapes import NAMESPACE, record_schema
 from engine.core.commands import COMMAND_TYPES, Command
 from engine.core.events import EVENT_TYPES
 from engine.core.outbox import Notification, TaskCommand
+from engine.core.projection_records import RunTimeline, SlaMetrics
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
 from engine.core.state import RunState
 
@@ -86,7 +87,13 @@ def core_records() -> list[RecordType]:
         RecordType.of(TaskCommand, "outbox"),
         RecordType.of(Notification, "outbox"),
         RecordType.of(RunState, "state"),
+        *projection_records(),
     ]
+
+
+def projection_records() -> list[RecordType]:
+    """The records of the projection topics (run timelines, SLA metrics)."""
+    return [RecordType.of(RunTimeline, "projections"), RecordType.of(SlaMetrics, "projections")]
 
 
 def _without_docs(value: Any) -> Any:
