@@ -28,7 +28,7 @@ LISTENER_KEYS = {"listeners", "advertised.listeners", "listener.security.protoco
 network); these keys are compared by listener name and port below."""
 COMPOSE_ONLY = {"controller.quorum.voters"}
 """The image formats its storage without --standalone, so it needs a static quorum."""
-PENDING_COMMANDS = {"project"}
+PENDING_COMMANDS: set[str] = set()
 """Subcommands the compose file already runs that the command line does not have yet."""
 
 

@@ -31,6 +31,7 @@ from engine.cli._commands import (
     cmd_topics_create,
     cmd_workflows_list,
 )
+from engine.cli._projections import add_commands
 from engine.cli._shared import CliError
 from engine.core.errors import TerranohaError
 
@@ -130,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="as_user", default="cli")
 
     for name, fn, text in (("status", cmd_status, "show a run's status"),
-                           ("timeline", cmd_timeline, "show a run's timeline")):
+                           ("timeline", cmd_timeline, "show a run's timeline (payloads "
+                            "redacted)")):
         p = add(sub, name, fn, text)
         p.add_argument("run")
         p.add_argument("--json", action="store_true")
+    p.add_argument("--postgres", metavar="DSN",
+                   help="read the timeline from the PostgreSQL projections")
 
     p = add(sub, "replay", cmd_replay, "rebuild a run from its log; --verify re-decides it")
     p.add_argument("run")
@@ -146,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
 
     add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
+    add_commands(sub, _backend_options)
     return parser
 
 

@@ -25,14 +25,18 @@ from engine.cli._backends import (
 )
 from engine.cli._shared import CliError, is_spec_file, json_arg, load_spec_file, print_state
 from engine.core.commands import CancelRun, Command, DecideApproval, DeliverSignal
+from engine.core.events import Event
 from engine.core.evolve import fold
 from engine.core.records import Trigger
+from engine.core.spec import WorkflowSpec
 from engine.core.state import RunStatus
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
 from engine.runtime.replay import state_view, states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
 from engine.worker import load_worker_modules
-from projections.timeline import build_timeline, render_timeline
+from projections.postgres import timeline_from_postgres
+from projections.redaction import PolicyBook, redact_events
+from projections.timeline import Timeline, build_timeline, render_timeline
 
 IN_PROGRESS = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRY})
 """What ``run --wait`` waits out: a run in any other status needs no more from it."""
@@ -248,10 +252,21 @@ def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _redacted(events: list[Event], specs: list[WorkflowSpec]) -> list[Event]:
+    """What people see: payloads under the run's redaction policy (the log keeps all)."""
+    return redact_events(events, PolicyBook(SpecRegistry(specs)))
+
+
 def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
-    with open_backend(args) as backend:
-        events = backend.log(args.run).events
-    timeline = build_timeline(events)
+    timeline: Timeline | None
+    if args.postgres:
+        timeline = timeline_from_postgres(args.postgres, args.run)
+        if timeline is None:
+            raise CliError(f"no run {args.run!r} in the PostgreSQL projections")
+    else:
+        with open_backend(args) as backend:
+            timeline = build_timeline(_redacted(backend.log(args.run).events,
+                                                backend.specs()))
     if args.json:
         out.write(json.dumps(to_jsonable(timeline), indent=2, default=str) + "\n")
     else:
@@ -262,7 +277,8 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
         log = backend.log(args.run)
-        specs = SpecRegistry(backend.specs()) if args.verify else SpecRegistry()
+        deployed = backend.specs()
+        specs = SpecRegistry(deployed)
     run_id, events = log.run_id, log.events
     if args.at is not None:
         upto = [e for e in events if e.seq <= args.at]
@@ -293,7 +309,7 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
         for event, state in zip(events, steps, strict=True):
             step = getattr(event, "step", "") or ""
             out.write(f"{event.seq:>4}  {event.TYPE:<22}{step:<16}-> {state.status.value}\n")
-        out.write("\n" + render_timeline(build_timeline(events)) + "\n")
+        out.write("\n" + render_timeline(build_timeline(_redacted(events, deployed))) + "\n")
         if report is not None:
             if report.ok:
                 out.write(f"\nverify: OK, {report.commands} commands re-decided, "

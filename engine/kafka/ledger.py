@@ -77,8 +77,11 @@ class PostgresLedger:
     an idle timeout). Safe to share between the tasks of one event loop; concurrent
     lookups and records are coalesced into one statement each."""
 
-    def __init__(self, dsn: str, *, connect_timeout_s: int = 10) -> None:
+    def __init__(self, dsn: str, *, namespace: str = "", connect_timeout_s: int = 10) -> None:
         self.dsn = dsn
+        # Keys are unique within one application; several applications (topic prefixes)
+        # may share a database without answering each other's tasks.
+        self.namespace = namespace
         self.connect_timeout_s = connect_timeout_s
         self.reconnects = 0
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -106,15 +109,20 @@ class PostgresLedger:
         return await self._records.submit((entry, queue))
 
     async def _lookup_many(self, keys: list[str]) -> list[LedgerEntry | None]:
+        stored = {self._stored(key): key for key in keys}
+
         async def query(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
             cur = await conn.execute(
                 "SELECT idempotency_key, result, cost, confidence FROM terranoha_worker_ledger "
-                "WHERE idempotency_key = ANY(%s)", (list(set(keys)),))
+                "WHERE idempotency_key = ANY(%s)", (list(stored),))
             return await cur.fetchall()
 
-        found = {key: LedgerEntry(key, result, float(cost or 0.0), confidence)
+        found = {stored[key]: LedgerEntry(stored[key], result, float(cost or 0.0), confidence)
                  for key, result, cost, confidence in await self._run(query)}
         return [found.get(key) for key in keys]
+
+    def _stored(self, key: str) -> str:
+        return f"{self.namespace}/{key}" if self.namespace else key
 
     async def _record_many(self, items: list[tuple[LedgerEntry, str]]) -> list[bool]:
         first: dict[str, tuple[LedgerEntry, str]] = {}
@@ -129,7 +137,7 @@ class PostgresLedger:
                 "SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::float8[], "
                 "%s::float8[]) ON CONFLICT (idempotency_key) DO NOTHING "
                 "RETURNING idempotency_key",
-                ([e.idempotency_key for e, _ in rows], [q for _, q in rows],
+                ([self._stored(e.idempotency_key) for e, _ in rows], [q for _, q in rows],
                  [Jsonb(e.result) for e, _ in rows], [e.cost for e, _ in rows],
                  [e.confidence for e, _ in rows]))
             return {row[0] for row in await cur.fetchall()}
@@ -138,7 +146,7 @@ class PostgresLedger:
         out = []
         for entry, _ in items:
             key = entry.idempotency_key
-            out.append(key in inserted and first[key][0] is entry)
+            out.append(self._stored(key) in inserted and first[key][0] is entry)
         return out
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:

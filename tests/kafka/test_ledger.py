@@ -50,3 +50,26 @@ def test_ledger_reconnects_when_postgres_drops_its_connection(postgres_dsn: str)
             await ledger.close()
 
     asyncio.run(scenario())
+
+
+def test_applications_sharing_a_database_do_not_see_each_others_keys(
+        postgres_dsn: str) -> None:
+    async def scenario() -> None:
+        key = f"run/{uuid4().hex}/step/1"
+        first, second = (PostgresLedger(postgres_dsn, namespace=f"app-{uuid4().hex[:6]}")
+                         for _ in range(2))
+        await first.open()
+        await second.open()
+        try:
+            assert await first.record(LedgerEntry(key, {"by": "first"}, 0.5, None), "q")
+            assert await second.lookup(key) is None
+            assert await second.record(LedgerEntry(key, {"by": "second"}, 0.0, None), "q")
+            found = await first.lookup(key)
+            assert found is not None and found.result == {"by": "first"}
+            many = await asyncio.gather(*(first.lookup(key) for _ in range(20)))
+            assert all(entry is not None and entry.cost == 0.5 for entry in many)
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,165 @@
+"""``terranoha project``, ``projections rebuild`` and ``sla``: the read side.
+
+On Kafka the projections live in PostgreSQL (``--postgres DSN``) and on the run timeline
+and SLA metrics topics; on the embedded backend they live in the store file itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from engine.cli._backends import db_path
+from engine.cli._shared import CliError
+from engine.kafka.specs import SpecFollower
+from engine.kafka.topics import Topics, deployed_topics
+from projections import postgres, query, sqlite
+from projections.project import ProjectorStats
+from projections.sla import render_sla
+from projections.topics import run_topic_projector
+
+
+def _dsn(args: argparse.Namespace, required: bool = True) -> str | None:
+    dsn: str | None = getattr(args, "postgres", None) or os.environ.get("TERRANOHA_POSTGRES")
+    if dsn is None and required:
+        raise CliError("the Kafka backend projects into PostgreSQL: pass --postgres DSN "
+                       "(or set TERRANOHA_POSTGRES)")
+    return dsn
+
+
+def _topics(args: argparse.Namespace) -> Topics:
+    return Topics(prefix=args.topic_prefix, partitions=args.partitions)
+
+
+def _progress_bar(what: str, out: TextIO) -> postgres.Progress:
+    interactive = out is sys.stdout and sys.stdout.isatty()
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width if total <= 0 else min(width, width * done // total)
+        line = f"\r{what} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{max(total, done):,}"
+        if interactive:
+            out.write(line)
+            out.flush()
+
+    return show
+
+
+def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
+    """Keep the projections up to date until SIGTERM."""
+    from engine.cli._commands import _stop_on_signals
+
+    if not args.kafka:
+        db = db_path(args)
+        if not db.exists():
+            raise CliError(f"no store at {db}; pass --db PATH")
+
+        async def follow_embedded() -> None:
+            stop = _stop_on_signals()
+            out.write(f"projecting {db}\n")
+            out.flush()
+            await sqlite.follow_store(db, stop)
+
+        asyncio.run(follow_embedded())
+        return 0
+    dsn = _dsn(args)
+    assert dsn is not None
+
+    async def follow_kafka() -> None:
+        stop = _stop_on_signals()
+        topics = await deployed_topics(args.kafka, _topics(args))
+        follower = SpecFollower(args.kafka, topics)
+        await follower.start()
+        parts = ["postgres"] + ([] if args.no_topics else ["timeline and SLA topics"])
+        out.write(f"projecting {topics.events} into {', '.join(parts)}\n")
+        out.flush()
+        runners = [follower.follow(stop),
+                   postgres.run_projector(args.kafka, topics, dsn, stop,
+                                          specs=follower.registry)]
+        if not args.no_topics:
+            runners.append(run_topic_projector(args.kafka, topics, stop, app=args.app,
+                                               specs=follower.registry))
+        try:
+            await asyncio.gather(*runners)
+        finally:
+            await follower.stop()
+
+    asyncio.run(follow_kafka())
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace, out: TextIO) -> int:
+    """Drop the projections and fold the whole log again."""
+    bar = _progress_bar("rebuilding", out)
+    if not args.kafka:
+        db = db_path(args)
+        if not db.exists():
+            raise CliError(f"no store at {db}; pass --db PATH")
+        events = sqlite.rebuild_store(db, progress=bar)
+        out.write(f"\nrebuilt the projections of {db} from {events:,} events\n")
+        return 0
+    dsn = _dsn(args)
+    assert dsn is not None
+
+    async def rebuild() -> ProjectorStats:
+        topics = await deployed_topics(args.kafka, _topics(args))
+        follower = SpecFollower(args.kafka, topics)
+        await follower.start()
+        try:
+            return await postgres.rebuild(args.kafka, topics, dsn, progress=bar,
+                                          specs=follower.registry)
+        finally:
+            await follower.stop()
+
+    stats = asyncio.run(rebuild())
+    out.write(f"\nrebuilt the PostgreSQL projections: {stats}\n")
+    return 0
+
+
+def cmd_sla(args: argparse.Namespace, out: TextIO) -> int:
+    target: str | Path
+    dsn = _dsn(args, required=False)
+    if args.postgres or (dsn and not args.db):
+        assert dsn is not None
+        target = dsn
+    else:
+        target = db_path(args)
+        if not Path(target).exists():
+            raise CliError(f"no store at {target}; pass --db PATH or --postgres DSN")
+        sqlite.project_store(target)
+    rows = query.sla(target, workflow=args.workflow, tenant=args.tenant, window=args.window)
+    out.write(render_sla(rows) + "\n")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                 backend_options: object) -> None:
+    add = backend_options
+    assert callable(add)
+    p = sub.add_parser("project", help="keep the projections up to date until stopped",
+                       description="project the run log into PostgreSQL and the projection "
+                       "topics (Kafka), or into the store file (embedded)")
+    add(p)
+    p.add_argument("--postgres", help="PostgreSQL DSN (default $TERRANOHA_POSTGRES)")
+    p.add_argument("--no-topics", action="store_true",
+                   help="do not write the run timeline and SLA metrics topics")
+    p.set_defaults(fn=cmd_project)
+
+    proj = sub.add_parser("projections", help="manage the projections")
+    proj_sub = proj.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = proj_sub.add_parser("rebuild", help="drop the projections and rebuild them from the log")
+    add(p)
+    p.add_argument("--postgres", help="PostgreSQL DSN (default $TERRANOHA_POSTGRES)")
+    p.set_defaults(fn=cmd_rebuild)
+
+    p = sub.add_parser("sla", help="SLA figures per workflow, tenant and time window")
+    add(p)
+    p.add_argument("--postgres", help="read the PostgreSQL projections at this DSN")
+    p.add_argument("--workflow")
+    p.add_argument("--tenant")
+    p.add_argument("--window", default="1h", help="bucket width, e.g. 1m, 1h, 1d")
+    p.set_defaults(fn=cmd_sla)
