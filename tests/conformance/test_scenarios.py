@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from engine.codec import encode
-from engine.core.commands import CancelRun, DecideApproval, DeliverSignal
+from engine.core.commands import CancelRun, CompleteTask, DecideApproval, DeliverSignal
 from engine.core.policies import run_id_for
 from engine.core.records import Trigger
 from engine.core.spec import load_spec
@@ -291,3 +291,20 @@ def test_poison_inputs_go_to_dead_letters(env: tuple[Driver, dict[str, int]]) ->
     assert deadline_reasons <= reasons, reasons
     poison = next(dl for dl in d.dead_letters() if dl.reason == "bad_magic")
     assert poison.payload == b"\x07not avro at all"
+
+
+def test_a_duplicate_task_result_changes_nothing(env: tuple[Driver, dict[str, int]]) -> None:
+    d, counter = env
+    run_id = _start(d, "basic", {"n": 40})
+    state = d.wait_status(run_id, "Completed")
+    dispatched = next(e for e in d.events(run_id)
+                      if e.TYPE == "TaskDispatched" and getattr(e, "step", "") == "big")
+    d.submit(CompleteTask(command_id=uuid.uuid4().hex, run_id=run_id, step="big",
+                          task_id=dispatched.task_id,  # type: ignore[attr-defined]
+                          result={"size": "forged"}))
+    d.wait(run_id, lambda s: s.seq > state.seq, what="the duplicate result audited")
+    rejected = [e for e in d.events(run_id) if e.TYPE == "CommandRejected"]
+    assert [getattr(e, "reason", "") for e in rejected] == ["run ended"]
+    final = d.state(run_id)
+    assert final is not None and final.results["big"] == {"size": "big"}
+    assert counter[f"{run_id}/big/1"] == 1
