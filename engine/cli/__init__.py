@@ -21,6 +21,7 @@ from engine.cli._commands import (
     cmd_dead_letters,
     cmd_demo,
     cmd_deploy,
+    cmd_project,
     cmd_replay,
     cmd_run,
     cmd_runs,
@@ -62,6 +63,12 @@ def _backend_options(p: argparse.ArgumentParser, kafka_only: bool = False) -> No
                    help="application id: consumer groups and transactional ids")
 
 
+def _otel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--otel", choices=("none", "console", "otlp"), default="none",
+                   help="OpenTelemetry traces and metrics: none (default), console (stdout) "
+                   "or otlp (OTEL_EXPORTER_OTLP_* settings; needs the otlp extra)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or "The terranoha command."
     parser = argparse.ArgumentParser(prog="terranoha", description=doc.splitlines()[0])
@@ -86,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $TERRANOHA_POSTGRES)")
     p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
     p.add_argument("--no-router", action="store_true", help="do not run the trigger router")
+    _otel_option(p)
 
     topics = sub.add_parser("topics", help="create the Kafka topics")
     topics_sub = topics.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -151,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
     add_commands(sub, _backend_options)
+    project = sub.choices["project"]
+    _otel_option(project)
+    project.set_defaults(fn=cmd_project)
     return parser
 
 

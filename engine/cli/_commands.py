@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +32,7 @@ from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
 from engine.core.state import RunStatus
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
+from engine.observability.setup import Telemetry, TelemetryError, configure, kafka_lag
 from engine.runtime.replay import state_view, states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
 from engine.worker import load_worker_modules
@@ -59,15 +61,70 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     registry = load_worker_modules(args.workers or [])
-    if args.kafka:
-        return asyncio.run(_serve_kafka(args, registry, out))
-    db = db_path(args)
-    with processor_lock(db, wait=False) as held:
-        if not held:
-            raise CliError(f"another process is already serving {db}")
-        out.write(f"serving {db}; tools: {', '.join(registry.queues) or 'none'}\n")
-        out.flush()
-        return asyncio.run(_serve(db, registry, args.concurrency))
+    telemetry = _telemetry(args)
+    try:
+        if args.kafka:
+            return asyncio.run(_serve_kafka(args, registry, out, telemetry))
+        db = db_path(args)
+        with processor_lock(db, wait=False) as held:
+            if not held:
+                raise CliError(f"another process is already serving {db}")
+            out.write(f"serving {db}; tools: {', '.join(registry.queues) or 'none'}\n")
+            out.flush()
+            return asyncio.run(_serve(db, registry, args.concurrency, telemetry))
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
+
+
+def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
+    """``project``; with ``--otel``, also run telemetry from the run events topic."""
+    from engine.cli._projections import cmd_project as project
+
+    telemetry = _telemetry(args)
+    if telemetry is None:
+        return project(args, out)
+    if not args.kafka:
+        telemetry.shutdown()
+        raise CliError("project --otel reads the Kafka run events topic; on the embedded "
+                       "store use `terranoha serve --db PATH --otel ...`")
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    def follow() -> None:
+        try:
+            loop.run_until_complete(_follow_events(args, telemetry, stop))
+        except Exception as exc:
+            print(f"error: telemetry from the run events topic stopped: {exc!r}",
+                  file=sys.stderr)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=follow, daemon=True, name="otel")
+    thread.start()
+    try:
+        return project(args, out)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(15)
+        telemetry.shutdown()
+
+
+async def _follow_events(args: argparse.Namespace, telemetry: Telemetry,
+                         stop: asyncio.Event) -> None:
+    from engine.kafka.topics import deployed_topics
+    from engine.observability.follow import follow_events
+
+    topics = await deployed_topics(args.kafka, kafka_topics(args))
+    await follow_events(args.kafka, topics, telemetry, stop, app=args.app)
+
+
+def _telemetry(args: argparse.Namespace) -> Telemetry | None:
+    """OpenTelemetry as ``--otel`` asks (None for ``none``)."""
+    try:
+        return configure(getattr(args, "otel", "none") or "none")
+    except TelemetryError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -78,7 +135,8 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO) -> int:
+async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
+                       telemetry: Telemetry | None = None) -> int:
     from engine.kafka.serve import Running, ServeOptions, serve
 
     stop = _stop_on_signals()
@@ -89,6 +147,12 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO) -> 
         registry=registry, concurrency=args.concurrency)
 
     async def ready(running: Running) -> None:
+        if telemetry is not None and running.engine is not None:
+            engine = running.engine
+            telemetry.bind(running.follower.registry if running.follower else engine.specs,
+                           engine.state)
+            telemetry.watch_lag(kafka_lag(engine))
+            engine.on_committed = telemetry.observe
         parts = [name for name in ("engine", "router", "worker")
                  if getattr(running, name) is not None]
         out.write(f"serving kafka {args.kafka} ({', '.join(parts)}); "
@@ -99,9 +163,13 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO) -> 
     return 0
 
 
-async def _serve(db: Path, registry: Any, concurrency: int) -> int:
+async def _serve(db: Path, registry: Any, concurrency: int,
+                 telemetry: Telemetry | None = None) -> int:
     stop = _stop_on_signals()
     engine = EmbeddedEngine(db)
+    if telemetry is not None:
+        telemetry.bind(engine.specs, engine.cache.get)
+        engine.on_committed = telemetry.observe
     loops = [asyncio.create_task(engine.run(stop))]
     worker = None
     if registry.queues:

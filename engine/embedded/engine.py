@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.core.commands import Command
+from engine.core.events import Event
 from engine.core.outbox import TaskCommand
 from engine.core.records import Trigger
 from engine.embedded.store import Store
+from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import Processor, StateCache
 from engine.runtime.specs import SpecRegistry
@@ -38,6 +41,8 @@ class EmbeddedEngine:
         self.processor = Processor(self.specs, self.cache)
         self.timers = TimerService(self._is_armed)
         self.offset = self.store.offset()
+        self.on_committed: Callable[[Sequence[Event]], None] | None = None
+        """Called with the events of each committed batch (telemetry); must not raise."""
         for state in self.store.active_states():
             self.timers.restore(state)
 
@@ -58,6 +63,8 @@ class EmbeddedEngine:
             self.store.write_batch(batch)
             # Only now, with the batch durable, does its state become the committed state.
             self.cache.commit(batch.states)
+            if self.on_committed is not None:
+                self.on_committed(batch.events)
             self.offset = inputs[-1].offset
             for run_id, timer in batch.timers:
                 self.timers.arm(run_id, timer.timer_id, timer.due_at)
@@ -128,7 +135,8 @@ class EmbeddedWorker:
         if task.deadline <= self.clock.now_ms():
             self.store.finish_task(pos, None, None, self.clock.now_ms())
             return
-        outcome = await execute(task, self.registry, self.store, self.clock.now_ms)
+        outcome = await run_tool_in_span(
+            task, None, lambda: execute(task, self.registry, self.store, self.clock.now_ms))
         self.calls += int(outcome.called)
         self.store.finish_task(pos, outcome.command, outcome.entry, self.clock.now_ms())
 

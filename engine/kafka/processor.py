@@ -127,6 +127,8 @@ class KafkaEngine:
         self.retired = PartitionStats()
         self.consumer: AIOKafkaConsumer | None = None
         self.started = asyncio.Event()
+        self.on_committed: Callable[[Sequence[Event]], None] | None = None
+        """Called with the events of each committed batch (telemetry); must not raise."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -327,6 +329,8 @@ class KafkaEngine:
         for dead in batch.dead_letters:
             log.warning("dead letter %s/%d/%d: %s: %s", dead.source, dead.partition, dead.offset,
                         dead.reason, dead.detail)
+        if self.on_committed is not None:
+            self.on_committed(batch.events)
 
     def _records(self, number: int, batch: Batch) -> list[Record]:
         """Encode everything first: nothing can fail halfway through the transaction for

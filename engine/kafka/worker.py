@@ -32,6 +32,7 @@ from engine.core.outbox import TaskCommand
 from engine.kafka._util import stop_quietly, trace_headers
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.topics import Topics, ensure_topics
+from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import MAX_INPUT_BYTES
 from engine.worker.sdk import LedgerEntry, MemoryLedger, ToolRegistry, execute
@@ -168,12 +169,14 @@ class KafkaWorker:
                     # before on_partitions_assigned has run.
                     track = self._tracks.setdefault(tp, _Track(tp))
                     for message in messages:
-                        self._spawn(track, message.offset, message.value or b"")
+                        self._spawn(track, message.offset, message.value or b"",
+                                    message.headers)
             await self._commit()
 
-    def _spawn(self, track: _Track, offset: int, payload: bytes) -> None:
+    def _spawn(self, track: _Track, offset: int, payload: bytes,
+               headers: Sequence[tuple[str, bytes]] = ()) -> None:
         track.pending[offset] = False
-        task = asyncio.get_running_loop().create_task(self._handle(payload))
+        task = asyncio.get_running_loop().create_task(self._handle(payload, headers))
         self._running.add(task)
         track.running.add(task)
 
@@ -192,7 +195,7 @@ class KafkaWorker:
 
         task.add_done_callback(finished)
 
-    async def _handle(self, payload: bytes) -> None:
+    async def _handle(self, payload: bytes, headers: Sequence[tuple[str, bytes]] = ()) -> None:
         try:
             task = decode(payload)
         except DecodeError as exc:
@@ -211,7 +214,9 @@ class KafkaWorker:
         preloaded = MemoryLedger()
         if known is not None:
             preloaded.record(known)
-        outcome = await execute(task, self.registry, preloaded, self.clock.now_ms)
+        # The tool's span is a child of the task record's traceparent: it joins the run's trace.
+        outcome = await run_tool_in_span(
+            task, headers, lambda: execute(task, self.registry, preloaded, self.clock.now_ms))
         if outcome.called:
             self.calls += 1
         elif known is not None:
