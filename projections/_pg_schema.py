@@ -139,7 +139,8 @@ def upsert(table: str, columns: tuple[Column, ...], key: tuple[str, ...],
     """One statement for a whole batch: one array parameter per column, unnested.
     JSON columns travel as text and are cast on the server."""
     names = ", ".join(q(c.name) for c in columns)
-    arrays = ", ".join(f"%s::{'text' if c.kind == 'json' else PG_TYPES[c.kind]}[]"
+    # Binary parameters (%b): text-format arrays cost psycopg an escaping pass per element.
+    arrays = ", ".join(f"%b::{'text' if c.kind == 'json' else PG_TYPES[c.kind]}[]"
                        for c in columns)
     select = ", ".join(f"u.{q(c.name)}::jsonb" if c.kind == "json" else f"u.{q(c.name)}"
                        for c in columns)
@@ -154,7 +155,7 @@ def upsert(table: str, columns: tuple[Column, ...], key: tuple[str, ...],
 
 OFFSETS_UPSERT = """
 INSERT INTO projector_offsets (projector, topic, "partition", "offset")
-SELECT %s, %s, u.p, u.o FROM unnest(%s::bigint[], %s::bigint[]) AS u(p, o)
+SELECT %s, %s, u.p, u.o FROM unnest(%b::bigint[], %b::bigint[]) AS u(p, o)
 ON CONFLICT (projector, topic, "partition") DO UPDATE
 SET "offset" = GREATEST(projector_offsets."offset", excluded."offset"), updated_at = now()
 """
