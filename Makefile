@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit infra-up infra-down bench clean
+.PHONY: demo test lint typecheck unit infra-up infra-down faults bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ unit: $(STAMP)
 
 test: $(STAMP) lint typecheck infra-up
 	$(BIN)/python -m pytest -q
+
+# Fault injection against a private broker and PostgreSQL cluster (own ports, own data dir;
+# the shared instance on 29092/25432 is not touched). The Kafka jars come from infra-up.
+#   make faults                        short profile (CI): a few seconds of faults per scenario
+#   make faults SECONDS=120 SEED=42    long, repeatable profile
+SECONDS ?= 4
+SEED ?=
+faults: $(STAMP)
+	@test -f .local/kafka/lib/.version || bash deploy/local/infra.sh up
+	$(BIN)/python -m pytest tests/faults -m faults -s -q \
+		--seconds $(SECONDS) $(if $(SEED),--seed $(SEED))
 
 bench: $(STAMP)
 	$(BIN)/python bench/replay.py

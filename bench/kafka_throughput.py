@@ -39,7 +39,7 @@ from engine.codec import decode, encode  # noqa: E402
 from engine.core.events import RunCompleted, TaskDispatched  # noqa: E402
 from engine.core.records import Trigger  # noqa: E402
 from engine.core.spec import load_spec  # noqa: E402
-from engine.kafka._util import send_batched  # noqa: E402
+from engine.kafka._util import Outcome, Record, run_transaction  # noqa: E402
 from engine.kafka.specs import publish_spec  # noqa: E402
 from engine.kafka.topics import Topics, ensure_topics  # noqa: E402
 
@@ -98,15 +98,18 @@ async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
             fetched = await consumer.getmany(timeout_ms=20, max_records=1000)
             if started is None and fetched:
                 started = time.perf_counter()
+            async def transact(tp: TopicPartition, messages: list[Any]) -> int:
+                records: list[Record] = [(sink, tp.partition, message.key, payload, [])
+                                         for message in messages for payload in payloads]
+                # The engine's batching and transaction routine, nothing else.
+                outcome = await run_transaction(producers[tp.partition], records,
+                                                {tp: messages[-1].offset + 1}, group, 30.0)
+                assert outcome is Outcome.COMMITTED, outcome
+                return len(messages)
+
+            # Partitions commit concurrently, as the engine's do.
             for tp, messages in fetched.items():
-                producer = producers[tp.partition]
-                await producer.begin_transaction()
-                records = [(sink, tp.partition, message.key, payload, [])
-                           for message in messages for payload in payloads]
-                await send_batched(producer, records)  # the engine's batching
-                await producer.send_offsets_to_transaction({tp: messages[-1].offset + 1}, group)
-                await producer.commit_transaction()
-                done += len(messages)
+                done += await transact(tp, messages)
         elapsed = time.perf_counter() - (started or time.perf_counter())
     finally:
         await consumer.stop()

@@ -18,15 +18,15 @@ LOCAL_DIR="${TERRANOHA_LOCAL_DIR:-$REPO_ROOT/.local}"
 
 # ---------------------------------------------------------------- settings --
 KAFKA_HOST=127.0.0.1
-KAFKA_PORT=29092
-KAFKA_CONTROLLER_PORT=29093
+KAFKA_PORT="${TERRANOHA_KAFKA_PORT:-29092}"
+KAFKA_CONTROLLER_PORT="${TERRANOHA_CONTROLLER_PORT:-29093}"
 KAFKA_BOOTSTRAP="$KAFKA_HOST:$KAFKA_PORT"
 KAFKA_START_TIMEOUT="${TERRANOHA_KAFKA_START_TIMEOUT:-90}"
 KAFKA_STOP_TIMEOUT=30
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 
 PG_HOST=127.0.0.1
-PG_PORT=25432
+PG_PORT="${TERRANOHA_PG_PORT:-25432}"
 PG_USER=terranoha
 PG_PASSWORD=terranoha
 PG_DB=terranoha
@@ -196,7 +196,12 @@ kafka_java() {
 
 kafka_write_config() {
   grep -q '^log\.dirs=' "$KAFKA_TEMPLATE" || die "$KAFKA_TEMPLATE has no log.dirs= line"
-  awk -v dir="$KAFKA_DATA" '/^log\.dirs=/ { print "log.dirs=" dir; next } { print }' \
+  # The template names the default ports; TERRANOHA_KAFKA_PORT and
+  # TERRANOHA_CONTROLLER_PORT move a second instance next to the first.
+  awk -v dir="$KAFKA_DATA" -v broker="$KAFKA_HOST:$KAFKA_PORT" \
+      -v controller="$KAFKA_HOST:$KAFKA_CONTROLLER_PORT" '
+    /^log\.dirs=/ { print "log.dirs=" dir; next }
+    { gsub(/127\.0\.0\.1:29092/, broker); gsub(/127\.0\.0\.1:29093/, controller); print }' \
     "$KAFKA_TEMPLATE" >"$KAFKA_CONF.tmp"
   mv "$KAFKA_CONF.tmp" "$KAFKA_CONF"
 }

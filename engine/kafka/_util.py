@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from enum import Enum
 from typing import Any, Protocol
 
@@ -34,20 +34,26 @@ class Outcome(Enum):
     """Another producer with the same transactional id exists: the partition is not ours."""
 
 
-async def send_batched(producer: AIOKafkaProducer, records: Sequence[Record]) -> None:
+async def send_batched(producer: AIOKafkaProducer,
+                       records: Sequence[Record]) -> list[asyncio.Future[Any]]:
     """Send records as one record batch per topic-partition (order kept within each),
-    which costs far less per record than ``send``."""
+    which costs far less per record than ``send``. Returns the delivery futures: a
+    transaction must not be committed before they all succeeded, because aiokafka commits
+    a transaction even when one of its batches was refused."""
     groups: dict[tuple[str, int], list[Record]] = {}
     for record in records:
         groups.setdefault((record[0], record[1]), []).append(record)
+    deliveries: list[asyncio.Future[Any]] = []
     for (topic, number), group in groups.items():
         batch = producer.create_batch()
         for _, _, key, value, headers in group:
             if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                await producer.send_batch(batch, topic, partition=number)
-                batch = producer.create_batch()
+                deliveries.append(await producer.send_batch(batch, topic, partition=number))
+                batch = producer.create_batch()  # an empty batch takes any first record
                 batch.append(key=key, value=value, timestamp=None, headers=headers)
-        await producer.send_batch(batch, topic, partition=number)
+        deliveries.append(await producer.send_batch(batch, topic, partition=number))
+    return deliveries
+
 
 
 async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
@@ -60,9 +66,13 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
     """
     try:
         await producer.begin_transaction()
-        await send_batched(producer, records)
+        pending: list[Awaitable[Any]] = list(await send_batched(producer, records))
         if offsets:
-            await producer.send_offsets_to_transaction(dict(offsets), group_id)
+            pending.append(producer.send_offsets_to_transaction(dict(offsets), group_id))
+        # Every record must be acknowledged before the commit is requested: a refused
+        # batch (too large, say) would otherwise leave a committed, torn transaction.
+        # The offsets travel while the records are being acknowledged.
+        await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
     except ProducerFenced:
         return Outcome.FENCED
     except Exception as exc:

@@ -50,6 +50,9 @@ from engine.runtime.processor import Batch, Input, Processor, StateCache
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 
+MAX_ABORTS = 3
+"""Aborted transactions of one batch before its inputs are isolated one by one."""
+
 log = logging.getLogger("terranoha.kafka.engine")
 
 
@@ -76,6 +79,8 @@ class _Partition:
     processor: Processor
     next_offset: int = 0
     """Inputs below this offset are done: records fetched before a seek are dropped."""
+    aborts_at: tuple[int, int] = (-1, 0)
+    """(offset, count): consecutive aborted transactions of the batch starting there."""
     stats: PartitionStats = field(default_factory=PartitionStats)
 
 
@@ -91,7 +96,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         async with self.engine.lock:
             for tp in assigned:
-                await self.engine._acquire(tp.partition)
+                await self.engine._acquire_or_retry(tp.partition)
 
 
 class KafkaEngine:
@@ -150,6 +155,8 @@ class KafkaEngine:
                 records = await self.consumer.getmany(timeout_ms=self.poll_ms,
                                                       max_records=self.max_batch)
                 async with self.lock:
+                    # Partitions are independent (own producer, own transaction): their
+                    # commits overlap instead of waiting for the broker one after another.
                     for tp, messages in records.items():
                         part = self.parts.get(tp.partition)
                         if part is not None and messages:
@@ -197,7 +204,11 @@ class KafkaEngine:
         if number in self.parts:
             return
         producer = await self._new_producer(number)
-        cache, timers, restored, restore_ms = await self._restore(number)
+        try:
+            cache, timers, restored, restore_ms = await self._restore(number)
+        except BaseException:
+            await stop_quietly(producer)
+            raise
         part = _Partition(
             number=number, tp=TopicPartition(self.topics.inputs, number), producer=producer,
             cache=cache, timers=timers, processor=Processor(self.specs, cache),
@@ -207,7 +218,11 @@ class KafkaEngine:
         part.stats.restore_ms += restore_ms
         # aiokafka may already have fetched this partition from a committed offset read
         # before the previous owner's transaction settled: resume from a fresh one.
-        part.next_offset = await self._seek_committed(part.tp)
+        try:
+            part.next_offset = await self._seek_committed(part.tp)
+        except BaseException:
+            await stop_quietly(producer)
+            raise
         self.parts[number] = part
         log.info("partition %d acquired: %d runs restored in %d ms, %d timers armed",
                  number, restored, restore_ms, len(timers))
@@ -268,7 +283,25 @@ class KafkaEngine:
         if part.tp not in self.consumer.assignment():
             self._retire_stats(part.stats)
             return
-        await self._acquire(part.number, part.stats)
+        await self._acquire_or_retry(part.number, part.stats)
+
+    async def _acquire_or_retry(self, number: int, stats: PartitionStats | None = None) -> None:
+        """Acquire the partition; if the broker cannot be reached (it may be restarting),
+        pause it and keep trying while it stays assigned. The process never dies of it."""
+        try:
+            await self._acquire(number, stats)
+        except Exception as exc:
+            log.warning("partition %d: cannot take it over yet (%r); retrying", number, exc)
+            self._pause_and_reclaim(number, stats or PartitionStats())
+
+    def _pause_and_reclaim(self, number: int, stats: PartitionStats) -> None:
+        assert self.consumer is not None
+        tp = TopicPartition(self.topics.inputs, number)
+        if tp in self.consumer.assignment():
+            self.consumer.pause(tp)
+            asyncio.get_running_loop().create_task(self._reclaim_later(number, stats))
+        else:
+            self._retire_stats(stats)
 
     async def _seek_committed(self, tp: TopicPartition) -> int:
         """Seek to the group's committed offset (asked of the broker afresh); return it."""
@@ -292,6 +325,12 @@ class KafkaEngine:
         # A spec deployed just before its first trigger may not have reached us yet.
         if unknown and self.refresh_specs is not None and await self.refresh_specs():
             batch = part.processor.process(inputs, self.clock.now_ms())
+        first = inputs[0].offset
+        if part.aborts_at[0] == first and part.aborts_at[1] >= MAX_ABORTS:
+            log.warning("partition %d: the batch at offset %d aborted %d times; isolating "
+                        "its inputs", part.number, first, part.aborts_at[1])
+            await self._process_one_by_one(part, inputs)
+            return
         try:
             records = self._records(part.number, batch)
         except Exception:
@@ -302,21 +341,39 @@ class KafkaEngine:
         if await self._transact(part, records, inputs[-1].offset + 1):
             self._committed(part, batch)
             part.next_offset = inputs[-1].offset + 1
+            part.aborts_at = (-1, 0)
+        elif part.next_offset == first:
+            count = part.aborts_at[1] + 1 if part.aborts_at[0] == first else 1
+            part.aborts_at = (first, count)
 
     async def _process_one_by_one(self, part: _Partition, inputs: list[Input]) -> None:
+        """Each input in a transaction of its own; an input whose outcome cannot be
+        encoded or written becomes a dead letter, so the partition keeps moving."""
         for item in inputs:
             batch = part.processor.process([item], self.clock.now_ms())
             try:
                 records = self._records(part.number, batch)
+                committed = await self._transact(part, records, item.offset + 1)
             except Exception as exc:
-                batch = Batch(last=item, inputs=1)
-                part.processor._dead(batch, item, "engine_error",
-                                     f"encoding the outcome failed: {exc!r}", self.clock.now_ms())
-                records = self._records(part.number, batch)
-            if not await self._transact(part, records, item.offset + 1):
+                log.exception("partition %d: input %d cannot be processed", part.number,
+                              item.offset)
+                committed, batch = False, self._dead_batch(part, item, f"{exc!r}")
+            still_ours = self.parts.get(part.number) is part  # not recreated or fenced
+            if not committed and still_ours and part.next_offset == item.offset:
+                batch = self._dead_batch(part, item, "its outcome was refused by Kafka")
+                committed = await self._transact(part, self._records(part.number, batch),
+                                                 item.offset + 1)
+            if not committed:
                 return
             self._committed(part, batch)
             part.next_offset = item.offset + 1
+        part.aborts_at = (-1, 0)
+
+    def _dead_batch(self, part: _Partition, item: Input, why: str) -> Batch:
+        batch = Batch(last=item, inputs=1)
+        part.processor._dead(batch, item, "engine_error", f"processing failed: {why}",
+                             self.clock.now_ms())
+        return batch
 
     def _committed(self, part: _Partition, batch: Batch) -> None:
         # The transaction is durable: only now does its state become the committed state.
@@ -380,20 +437,26 @@ class KafkaEngine:
                     part.number)
         self.parts.pop(part.number, None)
         await stop_quietly(part.producer)
-        assert self.consumer is not None
-        if part.tp in self.consumer.assignment():
-            self.consumer.pause(part.tp)
-            asyncio.get_running_loop().create_task(self._reclaim_later(part))
-        else:
-            self._retire_stats(part.stats)
+        self._pause_and_reclaim(part.number, part.stats)
 
-    async def _reclaim_later(self, part: _Partition) -> None:
-        await asyncio.sleep(self.refence_pause_s)
-        async with self.lock:
-            assert self.consumer is not None
-            if part.tp in self.consumer.assignment() and part.number not in self.parts:
-                await self._acquire(part.number, part.stats)
-                self.consumer.resume(part.tp)
+    async def _reclaim_later(self, number: int, stats: PartitionStats) -> None:
+        """Take a paused partition back after a pause, for as long as it stays assigned."""
+        delay = self.refence_pause_s
+        tp = TopicPartition(self.topics.inputs, number)
+        while True:
+            await asyncio.sleep(delay)
+            async with self.lock:
+                assert self.consumer is not None
+                if tp not in self.consumer.assignment() or number in self.parts:
+                    return
+                try:
+                    await self._acquire(number, stats)
+                except Exception as exc:
+                    log.warning("partition %d: still cannot take it over (%r)", number, exc)
+                else:
+                    self.consumer.resume(tp)
+                    return
+            delay = min(delay * 2, 30.0)
 
     async def _fire_timers(self) -> None:
         now = self.clock.now_ms()

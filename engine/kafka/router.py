@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
 
 from engine.codec import DecodeError, decode, encode
-from engine.core.records import DeadLetter, Trigger
+from engine.core.records import Trigger
 from engine.kafka._util import (
     Outcome,
     Record,
@@ -44,7 +43,7 @@ from engine.kafka._util import (
 )
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock, SystemClock
-from engine.runtime.processor import MAX_INPUT_BYTES, trigger_to_start
+from engine.runtime.processor import MAX_INPUT_BYTES, dead_letter, trigger_to_start
 
 log = logging.getLogger("terranoha.kafka.router")
 
@@ -156,6 +155,7 @@ class TriggerRouter:
             enable_idempotence=True,
             acks="all",
             linger_ms=2,
+            max_request_size=8 << 20,  # dead letters carry the original bytes
         )
         try:
             await producer.start()  # InitProducerId: fences older producers with this id
@@ -174,7 +174,7 @@ class TriggerRouter:
             if tp.partition not in self._producers:
                 self._producers[tp.partition] = await self._new_producer(tp.partition)
             self._next[tp.partition] = await seek_committed(self._consumer, tp)
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # aiokafka also raises AssertionError while bootstrapping
             await self._park(tp, exc)
             return
         self._retry_at.pop(tp.partition, None)
@@ -268,9 +268,8 @@ class TriggerRouter:
 
     def _dead_record(self, tp: TopicPartition, offset: int, payload: bytes, reason: str,
                      detail: str) -> Record:
-        dead = DeadLetter(source=tp.topic, partition=tp.partition, offset=offset,
-                          reason=reason, detail=detail, payload=payload,
-                          ts=self.clock.now_ms())
+        dead = dead_letter(tp.topic, tp.partition, offset, reason, detail, payload,
+                           self.clock.now_ms())
         log.warning("dead letter %s/%d/%d: %s: %s", tp.topic, tp.partition, offset, reason,
                     detail)
         return (self.topics.dead_letters, tp.partition % self.topics.partitions, None,
@@ -295,7 +294,7 @@ class TriggerRouter:
         assert self._consumer is not None
         try:
             self._next[tp.partition] = await seek_committed(self._consumer, tp)
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except Exception as exc:
             await self._park(tp, exc)
 
     async def _take_back(self, tp: TopicPartition, why: str) -> None:

@@ -19,6 +19,8 @@ from aiokafka.partitioner import murmur2
 log = logging.getLogger("terranoha.kafka")
 
 RETAIN_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+DEAD_LETTER_BYTES = 8 << 20
+"""Dead letters carry the original bytes of inputs that may be large themselves."""
 COMPACTED = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
              "segment.ms": "600000"}
 
@@ -76,7 +78,8 @@ class Topics:
             NewTopic(self.state, n, r, topic_configs=dict(COMPACTED)),
             NewTopic(self.triggers, self.trigger_partitions, r),
             NewTopic(self.notifications, n, r),
-            NewTopic(self.dead_letters, n, r, topic_configs=dict(RETAIN_FOREVER)),
+            NewTopic(self.dead_letters, n, r,
+                     topic_configs={**RETAIN_FOREVER, "max.message.bytes": str(DEAD_LETTER_BYTES)}),
             NewTopic(self.specs, 1, r, topic_configs=dict(COMPACTED)),
         ]
 

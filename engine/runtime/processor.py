@@ -26,6 +26,21 @@ from engine.runtime.specs import SpecRegistry
 MAX_INPUT_BYTES = 1 << 20
 """Inputs larger than this go to dead letters (reason ``oversize``)."""
 
+MAX_DEAD_PAYLOAD = 4 << 20
+"""A dead letter keeps at most this much of the original bytes, so it always fits on the
+dead-letter topic (8 MiB); the detail says when the payload was cut."""
+
+
+def dead_letter(source: str, partition: int, offset: int, reason: str, detail: str,
+                payload: bytes, ts: int, run_id: str = "") -> DeadLetter:
+    """A dead letter with the original bytes (up to ``MAX_DEAD_PAYLOAD``)."""
+    if len(payload) > MAX_DEAD_PAYLOAD:
+        detail += (f" (payload cut to its first {MAX_DEAD_PAYLOAD} of {len(payload)} "
+                   "bytes)")
+        payload = payload[:MAX_DEAD_PAYLOAD]
+    return DeadLetter(source=source, partition=partition, offset=offset, reason=reason,
+                      detail=detail, payload=payload, ts=ts, run_id=run_id)
+
 
 @dataclass(frozen=True, slots=True)
 class Input:
@@ -182,6 +197,5 @@ class Processor:
     @staticmethod
     def _dead(batch: Batch, item: Input, reason: str, detail: str, now: int,
               run_id: str = "") -> None:
-        batch.dead_letters.append(DeadLetter(
-            source=item.source, partition=item.partition, offset=item.offset, reason=reason,
-            detail=detail, payload=item.payload, ts=now, run_id=run_id))
+        batch.dead_letters.append(dead_letter(item.source, item.partition, item.offset, reason,
+                                              detail, item.payload, now, run_id))

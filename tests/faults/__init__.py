@@ -1,0 +1,1 @@
+"""Fault-injection scenarios against a private Kafka broker and PostgreSQL cluster."""

@@ -1,0 +1,204 @@
+"""Invariant checkers, run when a scenario is quiescent. Each prints what it found; a failed
+check names run ids and log offsets.
+
+1. every accepted trigger produced exactly one run (and no run came from nowhere);
+2. every run is Completed, Failed, Cancelled, or Waiting with a valid reason;
+3. every side effect was applied once per idempotency key, one key per logical write;
+4. projections equal a fresh fold of the log: registered by the projection suite through
+   ``PROJECTION_CHECKS`` (none is registered here);
+5. the run log: per-run sequence numbers contiguous, no duplicate events, and nothing
+   counted that only a read_uncommitted consumer sees.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.core.events import Event, RunStarted
+from engine.core.state import RunState, RunStatus, Waiting
+from tests.faults.harness import Fleet, LogView, Sent
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool = True
+    found: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def fail(self, problem: str) -> None:
+        self.ok = False
+        self.problems.append(problem)
+
+    def report(self) -> str:
+        head = f"[{'PASS' if self.ok else 'FAIL'}] {self.name}: " + "; ".join(self.found)
+        return "\n".join([head, *(f"    {p}" for p in self.problems[:20])])
+
+
+ProjectionCheck = Callable[[Fleet, LogView], Check]
+PROJECTION_CHECKS: list[ProjectionCheck] = []
+"""Checker 4 (projections vs a fresh fold of the log) plugs in here."""
+
+
+def _where(view: LogView, run_id: str) -> str:
+    spots = [f"{e.partition}@{e.offset}" for e in view.events().get(run_id, [])[:4]]
+    return f"{run_id} (events at {', '.join(spots) or 'nowhere'})"
+
+
+def check_triggers(sent: Sent, view: LogView, extra_runs: Iterable[str] = ()) -> Check:
+    check = Check("1 one run per accepted trigger")
+    starts = Counter(e.record.run_id for e in view.committed
+                     if isinstance(e.record, RunStarted))
+    for key, run_id in sent.triggers.items():
+        if starts[run_id] != 1:
+            check.fail(f"trigger {key}: {starts[run_id]} RunStarted for {_where(view, run_id)}")
+    known = set(sent.triggers.values()) | set(sent.unacknowledged.values()) | set(extra_runs)
+    for run_id in starts:
+        if run_id not in known:
+            check.fail(f"run from no trigger: {_where(view, run_id)}")
+    maybe = sum(1 for r in sent.unacknowledged.values() if starts[r])
+    check.found.append(f"{len(sent.triggers)} accepted triggers ({sent.copies} records sent), "
+                       f"{len(starts)} runs started, {len(sent.unacknowledged)} unacknowledged "
+                       f"sends of which {maybe} started")
+    return check
+
+
+def check_statuses(view: LogView, allowed: frozenset[RunStatus] | None = None) -> Check:
+    check = Check("2 every run terminal or validly waiting")
+    counts: Counter[str] = Counter()
+    for run_id, state in view.states().items():
+        status = state.status
+        counts[status.value] += 1
+        if allowed is not None and status not in allowed:
+            check.fail(f"{status.value} (not {sorted(s.value for s in allowed)}): "
+                       f"{_where(view, run_id)} at step {_step(state)}")
+        elif status is RunStatus.WAITING and not _waits_validly(state):
+            check.fail(f"Waiting without a reason: {_where(view, run_id)} at {_step(state)}")
+        elif status not in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED,
+                            RunStatus.WAITING):
+            check.fail(f"stuck {status.value}: {_where(view, run_id)} at step {_step(state)}")
+    check.found.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs")
+    return check
+
+
+def _step(state: RunState) -> str:
+    current = state.current
+    if current is None:
+        return "-"
+    return f"{current.step}/{current.waiting.value or 'active'}/attempt {current.attempt}"
+
+
+def _waits_validly(state: RunState) -> bool:
+    current = state.current
+    if current is None:
+        return False
+    if current.waiting is Waiting.APPROVAL:
+        return current.approval is not None
+    if current.waiting is Waiting.SIGNAL:
+        return bool(current.signal)
+    if current.waiting is Waiting.TIMER:
+        return any(t.step == current.step for t in state.timers.values())
+    return False
+
+
+def check_effects(effects: Path, view: LogView, writes: tuple[str, ...] = ("pay", "notify"),
+                  ) -> Check:
+    """The effects table applies each key once (``INSERT OR IGNORE``), so what can go wrong
+    is a second key for the same logical write, a missing write, or a write for a run that
+    never reached that step."""
+    check = Check("3 side effects once per key, one key per write")
+    if not effects.exists():
+        rows: list[tuple[str, str, str]] = []
+        calls: list[tuple[str, int]] = []
+    else:
+        db = sqlite3.connect(effects)
+        try:
+            rows = list(db.execute("SELECT idempotency_key, step, run_id FROM effects"))
+            calls = list(db.execute(
+                "SELECT idempotency_key, COUNT(*) FROM calls GROUP BY idempotency_key"))
+        finally:
+            db.close()
+    keys_per_write: dict[tuple[str, str], set[str]] = {}
+    for key, step, run_id in rows:
+        keys_per_write.setdefault((run_id, step), set()).add(key)
+    for (run_id, step), keys in keys_per_write.items():
+        if len(keys) != 1:
+            check.fail(f"{step} of {_where(view, run_id)} applied under {len(keys)} keys: "
+                       f"{sorted(keys)}")
+    states = view.states()
+    for run_id, state in states.items():
+        if state.status is not RunStatus.COMPLETED:
+            continue
+        for step in writes:
+            if step in state.results and (run_id, step) not in keys_per_write:
+                check.fail(f"{step} of completed {_where(view, run_id)} has no effect")
+    for run_id, step in keys_per_write:
+        if run_id not in states:
+            check.fail(f"effect {step} for a run not in the log: {run_id}")
+    repeated = sum(1 for _, n in calls if n > 1)
+    check.found.append(f"{len(rows)} effects applied for {len(keys_per_write)} writes; "
+                       f"{sum(n for _, n in calls)} calls, {repeated} keys called more than once")
+    return check
+
+
+def check_log(view: LogView) -> Check:
+    check = Check("5 run log contiguous, no duplicates, nothing from aborted transactions")
+    counted = {(e.partition, e.offset) for e in view.committed}
+    aborted = view.aborted
+    leaked = [a for a in aborted if (a.partition, a.offset) in counted]
+    for a in leaked[:10]:
+        check.fail(f"aborted record counted at {a.partition}@{a.offset}")
+    events = view.events()
+    for run_id, logged in events.items():
+        by_seq: dict[int, list[str]] = {}
+        for e in logged:
+            by_seq.setdefault(e.record.seq, []).append(f"{e.partition}@{e.offset}")
+        doubled = {s: where for s, where in by_seq.items() if len(where) > 1}
+        if doubled:
+            check.fail(f"{run_id}: seq written twice {dict(list(doubled.items())[:3])}")
+        seqs = sorted(by_seq)
+        if seqs != list(range(1, len(seqs) + 1)):
+            gaps = sorted(set(range(1, seqs[-1] + 1)) - set(seqs))[:5]
+            check.fail(f"{run_id}: missing seq {gaps} (log {logged[0].partition}@"
+                       f"{logged[0].offset}..{logged[-1].offset})")
+        partitions = {e.partition for e in logged}
+        if len(partitions) != 1:
+            check.fail(f"{run_id}: events on several partitions {sorted(partitions)}")
+    aborted_events = [a for a in aborted if isinstance(a.record, Event)]
+    check.found.append(f"{len(view.committed)} committed records, {len(events)} runs; "
+                       f"{len(aborted)} records only visible read_uncommitted "
+                       f"({len(aborted_events)} events), none counted" if not leaked else
+                       f"{len(leaked)} aborted records counted")
+    return check
+
+
+def check_survival(fleet: Fleet) -> Check:
+    check = Check("engine processes survive the faults")
+    for crash in fleet.crashes():
+        check.fail(crash)
+    check.found.append(f"{len(fleet.procs)} engine processes started, "
+                       f"{len(fleet.crashes())} crashed, {fleet.revived} restarted for them")
+    return check
+
+
+def run_checks(fleet: Fleet, view: LogView, *,
+               allowed: frozenset[RunStatus] | None = frozenset({RunStatus.COMPLETED}),
+               writes: tuple[str, ...] = ("pay", "notify"),
+               extra_runs: Iterable[str] = ()) -> list[Check]:
+    """Every checker; prints each report and returns them (the caller asserts)."""
+    checks = [check_triggers(fleet.sent, view, extra_runs), check_statuses(view, allowed),
+              check_effects(fleet.effects, view, writes), check_log(view),
+              check_survival(fleet)]
+    checks += [projection(fleet, view) for projection in PROJECTION_CHECKS]
+    for check in checks:
+        print(check.report())
+    return checks
+
+
+def assert_checks(checks: list[Check]) -> None:
+    failed = [c for c in checks if not c.ok]
+    assert not failed, "\n".join(c.report() for c in failed)
