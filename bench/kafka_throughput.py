@@ -35,6 +35,7 @@ from aiokafka.admin import NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import infra_settings, percentile  # noqa: E402
 from engine.codec import decode, encode  # noqa: E402
 from engine.core.events import RunCompleted, TaskDispatched  # noqa: E402
 from engine.core.records import Trigger  # noqa: E402
@@ -52,26 +53,6 @@ SPEC = load_spec({
 # command, one state snapshot of ~800 B, one task command of ~300 B).
 FANOUT = [250] * 6 + [800, 300]
 INPUT_BYTES = 200
-
-
-def _settings() -> tuple[str, str]:
-    env_file = ROOT / ".local" / "infra.env"
-    values = {"TERRANOHA_KAFKA": "127.0.0.1:29092",
-              "TERRANOHA_POSTGRES": "postgresql://terranoha:terranoha@127.0.0.1:25432/terranoha"}
-    if env_file.exists():
-        for line in env_file.read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            values[key.strip()] = value.strip()
-    for key in values:
-        values[key] = os.environ.get(key, values[key])
-    return values["TERRANOHA_KAFKA"], values["TERRANOHA_POSTGRES"]
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # ---------------------------------------------------------------------- ceiling
@@ -231,9 +212,10 @@ async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
         "runs": runs, "completed": len(completed), "seconds": elapsed,
         "runs_per_s": len(completed) / elapsed, "steps_per_s": len(completed) * STEPS / elapsed,
         "offered_rate": rate,
-        "trigger_to_first_command_ms": {"p50": _pct(first_dispatch_latency, 0.5),
-                                        "p99": _pct(first_dispatch_latency, 0.99)},
-        "step_transition_ms": {"p50": _pct(step_latency, 0.5), "p99": _pct(step_latency, 0.99)},
+        "trigger_to_first_command_ms": {"p50": percentile(first_dispatch_latency, 0.5),
+                                        "p99": percentile(first_dispatch_latency, 0.99)},
+        "step_transition_ms": {"p50": percentile(step_latency, 0.5),
+                               "p99": percentile(step_latency, 0.99)},
     }
 
 
@@ -269,7 +251,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args(argv)
-    bootstrap, postgres = _settings()
+    bootstrap, postgres = infra_settings()
     ceiling = bench_ceiling(bootstrap, args.partitions, args.runs * STEPS)
     engine = bench_engine(bootstrap, postgres, args.partitions, args.runs)
     ratio = engine["burst"]["steps_per_s"] / ceiling["steps_per_s"]

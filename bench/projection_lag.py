@@ -37,6 +37,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import infra_settings, percentile  # noqa: E402
 from bench.replay import REFUND_WORKFLOW, record_run  # noqa: E402
 from engine.codec import encode  # noqa: E402
 from engine.core import events as ev  # noqa: E402
@@ -50,24 +51,6 @@ from projections.postgres import create_schema, rebuild  # noqa: E402
 from projections.sqlite import project_store  # noqa: E402
 
 SPEC = load_spec(REFUND_WORKFLOW)
-
-
-def _settings() -> tuple[str, str]:
-    env_file = ROOT / ".local" / "infra.env"
-    values = {"TERRANOHA_KAFKA": "127.0.0.1:29092",
-              "TERRANOHA_POSTGRES": "postgresql://terranoha:terranoha@127.0.0.1:25432/terranoha"}
-    if env_file.exists():
-        for line in env_file.read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            values[key.strip()] = value.strip()
-    for key in values:
-        values[key] = os.environ.get(key, values[key])
-    return values["TERRANOHA_KAFKA"], values["TERRANOHA_POSTGRES"]
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def events_in_log_order(n_runs: int) -> list[ev.Event]:
@@ -162,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2000, help="projector batch size")
     args = parser.parse_args(argv)
-    bootstrap, base_dsn = _settings()
+    bootstrap, base_dsn = infra_settings()
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     topics = Topics(prefix=prefix, partitions=args.partitions)
     live_schema, fresh_schema = f"{prefix}_live", f"{prefix}_fresh"
@@ -188,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         seen.join(timeout=60)
         lags_ms = [lag * 1000 for lag in seen.lags]
         result["lag"] = {"events": sent, "seconds": elapsed, "events_per_s": sent / elapsed,
-                         "transactions": len(lags_ms), "p50_ms": _pct(lags_ms, 0.50),
-                         "p99_ms": _pct(lags_ms, 0.99), "max_ms": max(lags_ms),
+                         "transactions": len(lags_ms), "p50_ms": percentile(lags_ms, 0.50),
+                         "p99_ms": percentile(lags_ms, 0.99), "max_ms": max(lags_ms),
                          "mean_ms": statistics.fmean(lags_ms)}
     finally:
         projector.terminate()
