@@ -133,11 +133,24 @@ def test_a_second_instance_fences_the_first(event_log: EventLog) -> None:
                 asyncio.Event(), started))
         await asyncio.wait_for(ready.wait(), 30)
         stop = asyncio.Event()
+        second_ready = asyncio.Event()
+
+        async def second_started() -> None:
+            second_ready.set()
+
         second = asyncio.create_task(TopicProjector(
-            event_log.bootstrap, event_log.topics, app=app, specs=specs).run(stop))
-        await event_log.publish(many_runs(5, prefix="more"), seed=5)
+            event_log.bootstrap, event_log.topics, app=app, specs=specs).run(
+                stop, second_started))
+        await asyncio.wait_for(second_ready.wait(), 30)
+        # The first instance learns it was fenced at its next transaction: keep giving
+        # it events until it does (it may have projected a first round before).
+        for round_no in range(12):
+            await event_log.publish(many_runs(2, prefix=f"more{round_no}"), seed=round_no)
+            done, _ = await asyncio.wait({first}, timeout=5)
+            if done:
+                break
         with pytest.raises(ProjectionError, match="took over"):
-            await asyncio.wait_for(first, 30)
+            await asyncio.wait_for(first, 1)
         await wait_until(lambda: event_log.group_caught_up(f"{app}-timelines"), 60,
                          "the second projector")
         stop.set()
