@@ -24,7 +24,14 @@ from engine.cli._backends import (
     open_backend,
     processor_lock,
 )
-from engine.cli._shared import CliError, is_spec_file, json_arg, load_spec_file, print_state
+from engine.cli._shared import (
+    CliError,
+    is_spec_file,
+    json_arg,
+    load_spec_file,
+    print_state,
+    redacted_view,
+)
 from engine.core.commands import CancelRun, Command, DecideApproval, DeliverSignal
 from engine.core.events import Event
 from engine.core.evolve import fold
@@ -33,7 +40,7 @@ from engine.core.spec import WorkflowSpec
 from engine.core.state import RunStatus
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
 from engine.observability.setup import Telemetry, TelemetryError, configure, kafka_lag
-from engine.runtime.replay import state_view, states, to_jsonable, verify
+from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
 from engine.worker import load_worker_modules
 from projections.postgres import timeline_from_postgres
@@ -309,7 +316,8 @@ def _report_command(backend: Backend, command: Command, out: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
-        print_state(backend.run(args.run), out, args.json)
+        print_state(backend.run(args.run), out, args.json,
+                    backend.specs() if args.json else ())
     return 0
 
 
@@ -355,7 +363,7 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
         state = fold(upto)
         assert state is not None
         if args.json:
-            out.write(json.dumps(state_view(state), indent=2, default=str) + "\n")
+            out.write(json.dumps(redacted_view(state, deployed), indent=2, default=str) + "\n")
         else:
             out.write(f"state after seq {upto[-1].seq} ({upto[-1].TYPE}):\n")
             print_state(state, out)
@@ -367,7 +375,7 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
             "run_id": run_id,
             "events": [{"seq": e.seq, "type": e.TYPE, "ts": e.ts,
                         "status": s.status.value} for e, s in zip(events, steps, strict=True)],
-            "final": state_view(steps[-1]) if steps else None,
+            "final": redacted_view(steps[-1], deployed) if steps else None,
         }
         if report is not None:
             doc["verify"] = {"ok": report.ok, "commands": report.commands,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -12,6 +13,8 @@ from engine.core.errors import TerranohaError
 from engine.core.spec import WorkflowSpec, load_spec_yaml
 from engine.core.state import RunState, Waiting
 from engine.runtime.replay import state_view
+from engine.runtime.specs import SpecRegistry
+from projections.redaction import RedactionPolicy, redact_text
 
 
 class CliError(TerranohaError):
@@ -41,12 +44,37 @@ def is_spec_file(text: str) -> bool:
     return text.endswith((".yaml", ".yml")) or Path(text).exists()
 
 
-def print_state(state: RunState | None, out: TextIO, as_json: bool = False) -> None:
+def redacted_view(state: RunState, specs: Sequence[WorkflowSpec] = ()) -> dict[str, Any]:
+    """The run state as JSON with every payload under the run's redaction policy (the
+    spec's ``redact`` rules plus the built-in ones): what people may see."""
+    spec = SpecRegistry(specs).get(state.workflow, state.version) if state.workflow else None
+    policy = RedactionPolicy.for_spec(spec)
+    taint: set[str] = set()  # a value hidden once is hidden wherever it shows up again
+    view = state_view(state)
+    view["input"] = policy.value(view["input"], "input", taint)
+    view["results"] = {step: policy.value(value, ("steps", step, "result"), taint)
+                       for step, value in view["results"].items()}
+    view["signals"] = {name: policy.value(value, ("signals", name), taint)
+                       for name, value in view["signals"].items()}
+    current = view.get("current")
+    if current:
+        for field in ("result", "change_set"):
+            current[field] = policy.value(current[field], ("steps", current["step"], "result"),
+                                          taint)
+    view["output"] = policy.value(view["output"], "output", taint)
+    for field in ("error", "last_error"):
+        if view.get(field) and view[field].get("message"):
+            view[field]["message"] = policy.text(view[field]["message"])
+    return view
+
+
+def print_state(state: RunState | None, out: TextIO, as_json: bool = False,
+                specs: Sequence[WorkflowSpec] = ()) -> None:
     if state is None:
         out.write("run not found\n")
         return
     if as_json:
-        out.write(json.dumps(state_view(state), indent=2, default=str) + "\n")
+        out.write(json.dumps(redacted_view(state, specs), indent=2, default=str) + "\n")
         return
     current = state.current
     where = ""
@@ -64,4 +92,5 @@ def print_state(state: RunState | None, out: TextIO, as_json: bool = False) -> N
             where += f" (retry after attempt {current.attempt})"
     out.write(f"{state.run_id}  {state.workflow} v{state.version}  {state.status.value}{where}\n")
     if state.error:
-        out.write(f"error: {state.error.get('code')}: {state.error.get('message')}\n")
+        message = redact_text(str(state.error.get("message")))
+        out.write(f"error: {state.error.get('code')}: {message}\n")
