@@ -19,6 +19,11 @@ from engine.core.spec import WorkflowSpec, load_spec
 from engine.core.state import RunState, RunStatus
 
 E = TypeVar("E", bound=ev.Event)
+def wf(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A spec named ``w`` version 1 with ``steps``: the shortest way to write one."""
+    return {"workflow": "w", "version": 1, "steps": list(steps), **extra}
+
+
 RUN = "run-1"
 T0 = 1_700_000_000_000
 

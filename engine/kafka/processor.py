@@ -46,7 +46,7 @@ from engine.kafka._util import (
 )
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock, SystemClock
-from engine.runtime.processor import Batch, Input, Processor, StateCache
+from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 
@@ -370,10 +370,9 @@ class KafkaEngine:
         part.aborts_at = (-1, 0)
 
     def _dead_batch(self, part: _Partition, item: Input, why: str) -> Batch:
-        batch = Batch(last=item, inputs=1)
-        part.processor._dead(batch, item, "engine_error", f"processing failed: {why}",
-                             self.clock.now_ms())
-        return batch
+        dead = dead_letter(item.source, item.partition, item.offset, "engine_error",
+                           f"processing failed: {why}", item.payload, self.clock.now_ms())
+        return Batch(last=item, inputs=1, dead_letters=[dead])
 
     def _committed(self, part: _Partition, batch: Batch) -> None:
         # The transaction is durable: only now does its state become the committed state.

@@ -44,8 +44,5 @@ class SpecRegistry:
             version = self._latest.get(workflow, 0)
         return self._by_key.get((workflow, version))
 
-    def __iter__(self) -> object:
-        return iter(self._by_key.values())
-
     def all(self) -> list[WorkflowSpec]:
         return list(self._by_key.values())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from engine.core.events import (
@@ -28,12 +26,7 @@ from engine.core.events import (
 from engine.core.policies import backoff_ms
 from engine.core.spec import RetryPolicy
 from engine.core.state import RunStatus
-from tests.harness import RUN, Flow
-
-
-def wf(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"workflow": "w", "version": 1, "steps": list(steps), **extra}
-
+from tests.harness import RUN, Flow, wf
 
 RETRY = {"max_attempts": 4, "initial": "1s", "multiplier": 2, "max": "3s", "jitter": "full"}
 CALL = {"id": "call", "task": "crm.lookup", "retry": RETRY}

@@ -3,8 +3,6 @@ unknown runs, cost, the event envelope, and the derived run status."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from engine.core import commands as cmd
@@ -29,13 +27,10 @@ from engine.core.events import (
 from engine.core.evolve import fold
 from engine.core.spec import load_spec
 from engine.core.state import RunStatus
-from tests.harness import RUN, T0, Flow
+from tests.harness import RUN, T0, Flow, wf
 
 HOUR = 3_600_000
 
-
-def wf(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"workflow": "w", "version": 1, "steps": list(steps), **extra}
 
 
 TWO_TASKS = wf({"id": "a", "task": "q.a", "retry": {"max_attempts": 3}},

@@ -8,6 +8,7 @@ import pytest
 
 from engine.core.errors import SpecError
 from engine.core.spec import load_spec, load_spec_yaml, spec_to_data
+from tests.harness import wf
 
 REFUND_YAML = """
 workflow: refund-agent
@@ -40,9 +41,6 @@ steps:
     approval: {approvers: [refund-experts]}
 """
 
-
-def wf(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"workflow": "w", "version": 1, "steps": list(steps), **extra}
 
 
 def issues(data: dict[str, Any]) -> list[tuple[str, str]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from engine.core.events import (
     ApprovalGranted,
     ApprovalRejected,
@@ -26,12 +24,7 @@ from engine.core.events import (
     TimerFired,
 )
 from engine.core.state import RunStatus
-from tests.harness import RUN, T0, Flow
-
-
-def wf(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"workflow": "w", "version": 1, "steps": list(steps), **extra}
-
+from tests.harness import RUN, T0, Flow, wf
 
 # --------------------------------------------------------------------------- task
 
