@@ -30,6 +30,7 @@ from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState
 from engine.kafka.specs import publish_spec
 from engine.kafka.topics import Topics, ensure_topics
+from projections.postgres import with_schema
 from tests.embedded.durable_tools import DURABLE
 from tests.faults.infra import ROOT, FaultInfra
 
@@ -104,6 +105,8 @@ class Fleet:
         self.effects = tmp / "effects.db"
         self.clock_file = tmp / "clock-offset"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.projectors: list[subprocess.Popen[bytes]] = []
+        """The PostgreSQL projector processes, newest last; checker 4 reads their schema."""
         self.signalled: set[int] = set()
         """Pids the scenario stopped on purpose; any other exit is a crash."""
         self.revived = 0
@@ -111,12 +114,51 @@ class Fleet:
         self._lock = threading.Lock()
 
     def setup(self, *specs: WorkflowSpec) -> None:
+        """Topics and specs, and the PostgreSQL projector, which lives through the
+        scenario's faults like the engine does."""
         async def go() -> None:
             await ensure_topics(self.infra.bootstrap, self.topics.core_topics())
             for spec in specs or (DURABLE,):
                 await publish_spec(self.infra.bootstrap, self.topics, spec)
 
         asyncio.run(go())
+        self.start_projector()
+
+    # ------------------------------------------------------------------ projector
+
+    @property
+    def projection_dsn(self) -> str:
+        """The schema the scenario's projector writes (named after the topic prefix)."""
+        return with_schema(self.infra.postgres, self.prefix)
+
+    def start_projector(self) -> subprocess.Popen[bytes]:
+        """``python -m projections.postgres`` on the events topic, into its own schema."""
+        args = [sys.executable, "-m", "projections.postgres", "--kafka", self.infra.bootstrap,
+                "--postgres", self.infra.postgres, "--topic-prefix", self.prefix,
+                "--schema", self.prefix, "--batch", "500"]
+        err = open(self.tmp / f"projector-{len(self.projectors)}.log", "wb")  # noqa: SIM115
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(args, env=env, stdout=err, stderr=subprocess.STDOUT, cwd=ROOT)
+        err.close()
+        self.projectors.append(proc)
+        return proc
+
+    def projector_exits(self) -> list[str]:
+        """Projector processes that exited without being told to, with their last line."""
+        out = []
+        for i, proc in enumerate(self.projectors):
+            if proc.poll() is not None and proc.pid not in self.signalled:
+                lines = (self.tmp / f"projector-{i}.log").read_text(errors="replace").splitlines()
+                last = next((x for x in reversed(lines) if x and not x.startswith(" ")), "")
+                out.append(f"projector-{i} (pid {proc.pid}) exited {proc.returncode}: {last}")
+        return out
+
+    def revive_projector(self) -> bool:
+        """Start a projector if none runs (a supervisor's job); True if one was started."""
+        if any(p.poll() is None for p in self.projectors):
+            return False
+        self.start_projector()
+        return True
 
     # ------------------------------------------------------------------ processes
 
@@ -159,6 +201,16 @@ class Fleet:
             self.start(**options)
 
     def stop_all(self) -> list[int | None]:
+        """Stop every engine and projector process; the engines' exit codes."""
+        for proc in self.projectors:
+            if proc.poll() is None:
+                self.signalled.add(proc.pid)
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         codes = []
         for proc in self.procs:
             if proc.poll() is None:
