@@ -112,9 +112,19 @@ def trace_headers(correlation_id: str, causation_id: str, tenant: str) -> Header
 
 
 async def stop_quietly(client: _Stoppable, timeout_s: float = 10.0) -> None:
-    """Stop a producer or consumer, ignoring errors: it is being thrown away."""
-    with contextlib.suppress(Exception):
+    """Stop a producer or consumer, ignoring errors: it is being thrown away.
+
+    aiokafka's ``stop`` cancels its fetch task and awaits it; when that task was in a
+    retry back-off (the broker is down), the task's ``CancelledError`` comes out of
+    ``stop``. That one is swallowed too; a cancellation of the caller itself is not."""
+    try:
         await asyncio.wait_for(client.stop(), timeout_s)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:
+        log.debug("stopping %r failed; it is being discarded anyway", client, exc_info=True)
 
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:

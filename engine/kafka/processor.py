@@ -166,7 +166,7 @@ class KafkaEngine:
             async with self.lock:
                 for number in list(self.parts):
                     await self._release(number)
-            await self.consumer.stop()
+            await stop_quietly(self.consumer)
 
     @property
     def stats(self) -> PartitionStats:
@@ -260,7 +260,7 @@ class KafkaEngine:
                     else:
                         snapshots[key] = message.value
         finally:
-            await consumer.stop()
+            await stop_quietly(consumer)
         cache = StateCache()
         states: dict[str, RunState] = {}
         for run_id, payload in snapshots.items():

@@ -1,0 +1,49 @@
+"""``stop_quietly``: a client being thrown away never takes its owner down with it.
+
+aiokafka's ``AIOKafkaConsumer.stop`` awaits its cancelled fetch task; when the broker is
+down that task sits in a retry back-off and its ``CancelledError`` comes out of
+``stop`` (seen in the broker-restart fault scenario, where it killed the engine)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.kafka._util import stop_quietly
+
+
+class _Client:
+    def __init__(self, error: BaseException | None = None, hang: bool = False) -> None:
+        self.error = error
+        self.hang = hang
+        self.stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_cancelled_inner_task_coming_out_of_stop_is_swallowed() -> None:
+    client = _Client(asyncio.CancelledError())
+    asyncio.run(stop_quietly(client))
+    assert client.stopped
+
+
+def test_errors_and_hangs_are_swallowed() -> None:
+    asyncio.run(stop_quietly(_Client(RuntimeError("connection closed"))))
+    asyncio.run(stop_quietly(_Client(hang=True), timeout_s=0.05))
+
+
+def test_the_callers_own_cancellation_still_propagates() -> None:
+    async def main() -> None:
+        task = asyncio.create_task(stop_quietly(_Client(hang=True), timeout_s=60))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
