@@ -7,11 +7,12 @@
 2. engine: N runs of a 5-step workflow (no-op tool), the orchestrator and trigger router in
    one process, workers in another, triggers published as fast as the broker takes them.
 
-Prints steps/s for both, their ratio, and trigger -> first task command latency
-p50/p99 (from record timestamps), both for the burst and for a paced load at half the
-measured rate. Writes the figures to bench/results/kafka_throughput.json.
+Prints steps/s for both and their ratio; the engine's CPU seconds and peak RSS per 1k
+steps; and, for open-loop (Poisson) arrivals at 25/50/75/90% of the burst rate,
+trigger -> first task command and step-transition latency p50/p95/p99 (from record
+timestamps). Writes the figures to bench/results/kafka_throughput.json.
 
-    python bench/kafka_throughput.py [--runs 2000] [--partitions 4]
+    python bench/kafka_throughput.py [--runs 2000] [--partitions 4] [--loads 0.25,0.5,0.75,0.9]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -35,7 +37,12 @@ from aiokafka.admin import NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import infra_settings, percentile  # noqa: E402
+from bench._common import (  # noqa: E402
+    cpu_seconds,
+    infra_settings,
+    peak_rss_mb,
+    percentiles,
+)
 from engine.codec import decode, encode  # noqa: E402
 from engine.core.events import RunCompleted, TaskDispatched  # noqa: E402
 from engine.core.records import Trigger  # noqa: E402
@@ -143,8 +150,9 @@ def _serve(bootstrap: str, postgres: str, topics: Topics, *extra: str) -> subpro
 
 async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
                  tag: str) -> dict[str, Any]:
-    """Publish ``runs`` triggers (as fast as possible, or at ``rate`` per second) and
-    watch the run log until every run completed."""
+    """Publish ``runs`` triggers (as fast as possible, or open-loop: Poisson arrivals at
+    ``rate`` per second, whatever the engine's progress) and watch the run log until every
+    run completed."""
     events_tps = [TopicPartition(topics.events, p) for p in range(topics.partitions)]
     watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
                                enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
@@ -163,11 +171,13 @@ async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
     last_dispatch: dict[str, float] = {}
     from engine.core.policies import run_id_for
 
+    arrivals = random.Random(f"{tag}-{runs}-{rate}")
+
     async def publish() -> None:
-        start = time.monotonic()
+        due = time.monotonic()
         for i in range(runs):
             if rate is not None:
-                due = start + i / rate
+                due += arrivals.expovariate(rate)
                 delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -212,14 +222,19 @@ async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
         "runs": runs, "completed": len(completed), "seconds": elapsed,
         "runs_per_s": len(completed) / elapsed, "steps_per_s": len(completed) * STEPS / elapsed,
         "offered_rate": rate,
-        "trigger_to_first_command_ms": {"p50": percentile(first_dispatch_latency, 0.5),
-                                        "p99": percentile(first_dispatch_latency, 0.99)},
-        "step_transition_ms": {"p50": percentile(step_latency, 0.5),
-                               "p99": percentile(step_latency, 0.99)},
+        "trigger_to_first_command_ms": percentiles(first_dispatch_latency),
+        "step_transition_ms": percentiles(step_latency),
     }
 
 
-def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int) -> dict[str, Any]:
+LOADS = (0.25, 0.5, 0.75, 0.9)
+"""Open-loop loads, as fractions of the burst (maximum sustained) rate."""
+
+
+def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
+                 loads: tuple[float, ...] = LOADS) -> dict[str, Any]:
+    """The burst (the maximum sustained rate: triggers as fast as the broker takes them),
+    the engine process's CPU and peak RSS over it, then open-loop runs at ``loads``."""
     topics = Topics(prefix=f"b{uuid.uuid4().hex[:8]}", partitions=partitions)
 
     async def setup() -> None:
@@ -232,14 +247,29 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int) -> d
                     "--workers", "bench.noop_tools", "--concurrency", "64")
     try:
         asyncio.run(_drive(bootstrap, topics, min(100, runs), None, "warm"))
+        cpu_before = cpu_seconds(engine.pid), cpu_seconds(worker.pid)
         burst = asyncio.run(_drive(bootstrap, topics, runs, None, "burst"))
-        half_rate = burst["runs_per_s"] / 2
-        paced = asyncio.run(_drive(bootstrap, topics, max(50, runs // 4), half_rate, "paced"))
+        steps = burst["completed"] * STEPS
+        engine_cpu = cpu_seconds(engine.pid) - cpu_before[0]
+        worker_cpu = cpu_seconds(worker.pid) - cpu_before[1]
+        burst["efficiency"] = {
+            "engine_cpu_s_per_1k_steps": engine_cpu / steps * 1000,
+            "worker_cpu_s_per_1k_steps": worker_cpu / steps * 1000,
+            "engine_peak_rss_mb": peak_rss_mb(engine.pid),
+            "worker_peak_rss_mb": peak_rss_mb(worker.pid),
+        }
+        open_loop = {}
+        for load in loads:
+            rate = burst["runs_per_s"] * load
+            # About 15 s of arrivals per load, at least 100 runs.
+            count = max(100, min(runs, int(rate * 15)))
+            open_loop[f"{round(load * 100)}%"] = asyncio.run(
+                _drive(bootstrap, topics, count, rate, f"load{load}"))
     finally:
         for proc in (engine, worker):
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
-    return {"burst": burst, "paced_at_half": paced}
+    return {"burst": burst, "open_loop": open_loop}
 
 
 def main(argv: list[str]) -> None:
@@ -250,29 +280,42 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--loads", default=",".join(str(x) for x in LOADS),
+                        help="open-loop loads, fractions of the burst rate")
     args = parser.parse_args(argv)
+    loads = tuple(float(x) for x in args.loads.split(",") if x)
     bootstrap, postgres = infra_settings()
     ceiling = bench_ceiling(bootstrap, args.partitions, args.runs * STEPS)
-    engine = bench_engine(bootstrap, postgres, args.partitions, args.runs)
+    engine = bench_engine(bootstrap, postgres, args.partitions, args.runs, loads)
     ratio = engine["burst"]["steps_per_s"] / ceiling["steps_per_s"]
-    burst, paced = engine["burst"], engine["paced_at_half"]
+    burst = engine["burst"]
     print(f"python {platform.python_version()}, {os.cpu_count()} cores, "
           f"{args.partitions} partitions, {args.runs} runs x {STEPS} steps")
     print(f"ceiling (bare transactional consume->produce): {ceiling['steps_per_s']:>9,.0f} steps/s")
     print(f"engine  (5-step workflow, workers apart):      {burst['steps_per_s']:>9,.0f} steps/s"
           f"  ({burst['runs_per_s']:,.0f} runs/s)")
     print(f"engine / ceiling: {ratio:.2f}")
-    for label, result in (("burst", burst), ("paced at half rate", paced)):
-        t = result["trigger_to_first_command_ms"]
-        s = result["step_transition_ms"]
-        print(f"{label:>20}: trigger->first command p50 {t['p50']:.0f} ms p99 {t['p99']:.0f} ms;"
-              f" step transition p50 {s['p50']:.0f} ms p99 {s['p99']:.0f} ms")
+    eff = burst["efficiency"]
+    print(f"engine: {eff['engine_cpu_s_per_1k_steps']:.2f} CPU s per 1k steps, peak RSS "
+          f"{eff['engine_peak_rss_mb']:.0f} MB; worker {eff['worker_cpu_s_per_1k_steps']:.2f} "
+          "CPU s per 1k steps")
+    for label, result in (("burst", burst), *engine["open_loop"].items()):
+        print(latency_line(label, result))
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "kafka_throughput.json").write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
         "cores": os.cpu_count(), "partitions": args.partitions, "runs": args.runs,
         "ceiling": ceiling, "engine": engine, "engine_over_ceiling": ratio}, indent=2))
+
+
+def latency_line(label: str, result: dict[str, Any]) -> str:
+    t, s = result["trigger_to_first_command_ms"], result["step_transition_ms"]
+    offered = result.get("offered_rate")
+    rate = f" at {offered:,.0f} runs/s" if offered else ""
+    return (f"{label:>6}{rate}: trigger->first command p50/p95/p99 "
+            f"{t['p50']:.0f}/{t['p95']:.0f}/{t['p99']:.0f} ms; step transition "
+            f"{s['p50']:.0f}/{s['p95']:.0f}/{s['p99']:.0f} ms")
 
 
 if __name__ == "__main__":

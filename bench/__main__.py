@@ -1,0 +1,225 @@
+"""``python -m bench all``: every benchmark of the engine, its ceiling and its peers, in
+one run, so the ratios compare figures taken on the same machine at the same time.
+
+1. ceiling: a bare aiokafka transactional consume -> produce loop with the engine's
+   batching and per-step fan-out (``bench/kafka_throughput.py``);
+2. Terranoha on Kafka: N runs of a 5-step workflow, workers in another process; the
+   burst rate, then open-loop arrivals at 25/50/75/90% of it with latency percentiles;
+3. Terranoha embedded: the same workflow on SQLite (``bench/embedded.py``);
+4. DBOS Transact on the same PostgreSQL (``bench/peers/dbos_bench.py``);
+5. Restate, server from npm, Python SDK (``bench/peers/restate_bench.py``);
+6. recovery with 100k runs' state in the changelog, timer lateness with 100k timers and
+   the engine's memory with 100k active runs (``bench/recovery.py``);
+7. efficiency: CPU seconds and peak RSS per 1k steps, for each engine.
+
+It starts the local broker and PostgreSQL with ``deploy/local/infra.sh up`` and installs
+the peers into ``.local/bench-peers/`` (never into the project's environment). Prints a
+table and writes the figures, the machine, the versions and the settings to
+``bench/results/latest.json``.
+
+    python -m bench all [--runs 2000] [--recovery-runs 100000] [--skip restate,recovery]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import kafka_throughput
+from bench._common import ROOT, infra_settings
+
+PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery")
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:")), 0)
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 1024**2, 1),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def _versions(postgres: str) -> dict[str, str]:
+    out = {name: importlib.metadata.version(name)
+           for name in ("aiokafka", "fastavro", "psycopg", "pydantic")}
+    version_file = ROOT / ".local" / "kafka" / "lib" / ".version"
+    out["kafka"] = version_file.read_text().strip() if version_file.exists() else "?"
+    try:
+        import psycopg
+
+        with psycopg.connect(postgres) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            out["postgresql"] = str(row[0]) if row else "?"
+    except Exception as exc:  # a version is informative, not essential
+        out["postgresql"] = f"? ({exc})"
+    return out
+
+
+def _json_child(args: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run a benchmark in a process of its own; its last stdout line is its JSON."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
+                          env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(args[:2])} exited {proc.returncode}:\n{tail}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _guarded(name: str, results: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
+    print(f"== {name} ...", flush=True)
+    started = time.monotonic()
+    try:
+        results[name] = fn()
+    except Exception as exc:  # one failed part must not lose the others
+        traceback.print_exc()
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    print(f"== {name}: {time.monotonic() - started:.0f}s", flush=True)
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    subprocess.run(["bash", str(ROOT / "deploy" / "local" / "infra.sh"), "up"], check=True)
+    bootstrap, postgres = infra_settings()
+    skip = {s for s in args.skip.split(",") if s}
+    results: dict[str, Any] = {}
+    steps = args.runs * kafka_throughput.STEPS
+    if "ceiling" not in skip:
+        _guarded("ceiling", results, lambda: kafka_throughput.bench_ceiling(
+            bootstrap, args.partitions, steps))
+    if "kafka" not in skip:
+        _guarded("kafka", results, lambda: kafka_throughput.bench_engine(
+            bootstrap, postgres, args.partitions, args.runs))
+    if "embedded" not in skip:
+        _guarded("embedded", results, lambda: _json_child(
+            [sys.executable, "bench/embedded.py", "--runs", str(args.runs)], 900))
+    if {"dbos", "restate"} - skip:
+        from bench.peers.venv import peer_python, restate_server
+
+        if "dbos" not in skip:
+            _guarded("dbos", results, lambda: _json_child(
+                [str(peer_python()), "bench/peers/dbos_bench.py", "--postgres", postgres,
+                 "--runs", str(args.runs)], 1200))
+        if "restate" not in skip:
+            _guarded("restate", results, lambda: _json_child(
+                [str(peer_python()), "bench/peers/restate_bench.py", "--server",
+                 str(restate_server()), "--runs", str(args.runs)], 1200))
+    if "recovery" not in skip:
+        from bench import recovery
+
+        _guarded("recovery", results, lambda: recovery.run(args.recovery_runs,
+                                                           args.partitions))
+    kafka = results.get("kafka", {}).get("burst", {})
+    ratios = {
+        "engine_over_ceiling": _ratio(kafka.get("steps_per_s"),
+                                      results.get("ceiling", {}).get("steps_per_s")),
+        "terranoha_over_dbos": _ratio(kafka.get("runs_per_s"),
+                                      results.get("dbos", {}).get("runs_per_s")),
+        "terranoha_over_restate": _ratio(kafka.get("runs_per_s"),
+                                         results.get("restate", {}).get("runs_per_s")),
+        "embedded_over_dbos": _ratio(results.get("embedded", {}).get("runs_per_s"),
+                                     results.get("dbos", {}).get("runs_per_s")),
+    }
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": _machine(),
+        "versions": _versions(postgres),
+        "settings": {"runs": args.runs, "steps_per_run": kafka_throughput.STEPS,
+                     "partitions": args.partitions, "recovery_runs": args.recovery_runs,
+                     "open_loop_loads": list(kafka_throughput.LOADS),
+                     "kafka": bootstrap, "skipped": sorted(skip)},
+        **ratios,
+        "results": results,
+    }
+
+
+def _fmt(value: Any, spec: str = ",.0f") -> str:
+    return format(value, spec) if isinstance(value, int | float) else "-"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The table ``python -m bench all`` prints."""
+    r = report["results"]
+    lines = [f"{report['date']}: {report['machine']['cpu']}, {report['machine']['cores']} "
+             f"cores, Python {report['machine']['python']}, Kafka {report['versions']['kafka']}"
+             f", PostgreSQL {report['versions']['postgresql']}", ""]
+    lines.append(f"{'workload':<34}{'runs/s':>9}{'steps/s':>10}{'CPU s/1k steps':>16}"
+                 f"{'peak RSS MB':>13}")
+
+    def row(label: str, res: dict[str, Any] | None, cpu: Any = None, rss: Any = None) -> None:
+        if not res:
+            return
+        if "error" in res:
+            lines.append(f"{label:<34}failed: {res['error'][:80]}")
+            return
+        lines.append(f"{label:<34}{_fmt(res.get('runs_per_s')):>9}"
+                     f"{_fmt(res.get('steps_per_s')):>10}"
+                     f"{_fmt(cpu if cpu is not None else res.get('cpu_s_per_1k_steps'), '.2f'):>16}"
+                     f"{_fmt(rss if rss is not None else res.get('peak_rss_mb')):>13}")
+
+    row("ceiling (bare txn loop)", r.get("ceiling"))
+    burst = r.get("kafka", {}).get("burst")
+    if burst:
+        eff = burst.get("efficiency", {})
+        row("Terranoha on Kafka (burst)", burst, eff.get("engine_cpu_s_per_1k_steps"),
+            eff.get("engine_peak_rss_mb"))
+    elif "kafka" in r:
+        row("Terranoha on Kafka", r["kafka"])
+    row("Terranoha embedded (SQLite)", r.get("embedded"))
+    row("DBOS Transact", r.get("dbos"))
+    row("Restate", r.get("restate"))
+    lines.append("")
+    for key in ("engine_over_ceiling", "terranoha_over_dbos", "terranoha_over_restate",
+                "embedded_over_dbos"):
+        lines.append(f"{key:<26}{_fmt(report.get(key), '.2f')}")
+    open_loop = r.get("kafka", {}).get("open_loop", {})
+    if open_loop:
+        lines.append("")
+        lines.append("Terranoha on Kafka, open-loop arrivals (latency p50/p95/p99 ms):")
+        for label, res in open_loop.items():
+            lines.append(kafka_throughput.latency_line(label, res))
+    rec = r.get("recovery")
+    if rec:
+        lines.append("")
+        lines.append("recovery, timers and memory: " + json.dumps(rec, default=str)[:600])
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", default="all", choices=["all"])
+    parser.add_argument("--runs", type=int, default=2000, help="runs per throughput workload")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--recovery-runs", type=int, default=100_000)
+    parser.add_argument("--skip", default="", help=f"comma-separated parts of {PARTS} to skip")
+    args = parser.parse_args(argv)
+    report = run_all(args)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print()
+    print(render(report))
+    print(f"\nwritten to {out / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
