@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,12 +155,7 @@ class KafkaEngine:
                 records = await self.consumer.getmany(timeout_ms=self.poll_ms,
                                                       max_records=self.max_batch)
                 async with self.lock:
-                    # Partitions are independent (own producer, own transaction): their
-                    # commits overlap instead of waiting for the broker one after another.
-                    for tp, messages in records.items():
-                        part = self.parts.get(tp.partition)
-                        if part is not None and messages:
-                            await self._process(part, messages)
+                    await self._process_all(records)
                     await self._fire_timers()
         finally:
             async with self.lock:
@@ -315,6 +310,24 @@ class KafkaEngine:
 
     # ------------------------------------------------------------------ processing
 
+    async def _process_all(self, records: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Each partition's batch in its own transaction. Partitions are independent (own
+        producer, state cache and timers), so their transactions run concurrently: one
+        partition's commit round trip overlaps another's processing instead of adding to
+        every input's latency."""
+        work = [(part, messages) for tp, messages in records.items()
+                if messages and (part := self.parts.get(tp.partition)) is not None]
+        if len(work) == 1:
+            await self._process(*work[0])
+            return
+        outcomes = await asyncio.gather(*(self._process(part, messages)
+                                          for part, messages in work),
+                                        return_exceptions=True)
+        # Every partition finished (committed, aborted or gave up) before an error moves on.
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
     async def _process(self, part: _Partition, messages: Sequence[Any]) -> None:
         inputs = [Input(self.topics.inputs, part.number, m.offset, m.value or b"")
                   for m in messages if m.offset >= part.next_offset]
@@ -322,8 +335,10 @@ class KafkaEngine:
             return
         batch = part.processor.process(inputs, self.clock.now_ms())
         unknown = any(d.reason == "unknown_workflow" for d in batch.dead_letters)
-        # A spec deployed just before its first trigger may not have reached us yet.
-        if unknown and self.refresh_specs is not None and await self.refresh_specs():
+        # A spec deployed just before its first trigger may not have reached us yet. (Decide
+        # again even if this catch-up added nothing: another partition's may have.)
+        if unknown and self.refresh_specs is not None:
+            await self.refresh_specs()
             batch = part.processor.process(inputs, self.clock.now_ms())
         first = inputs[0].offset
         if part.aborts_at[0] == first and part.aborts_at[1] >= MAX_ABORTS:
