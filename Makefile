@@ -46,8 +46,10 @@ faults: $(STAMP)
 	$(BIN)/python -m pytest tests/faults -m faults -s -q \
 		--seconds $(SECONDS) $(if $(SEED),--seed $(SEED))
 
+# Every benchmark in one run (starts Kafka and PostgreSQL, installs the peers into
+# .local/bench-peers): a table, and bench/results/latest.json.
 bench: $(STAMP)
-	$(BIN)/python bench/replay.py
+	$(BIN)/python -m bench all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

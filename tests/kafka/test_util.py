@@ -1,8 +1,7 @@
-"""``stop_quietly``: a client being thrown away never takes its owner down with it.
-
-aiokafka's ``AIOKafkaConsumer.stop`` awaits its cancelled fetch task; when the broker is
-down that task sits in a retry back-off and its ``CancelledError`` comes out of
-``stop`` (seen in the broker-restart fault scenario, where it killed the engine)."""
+"""The Kafka helpers. ``stop_quietly`` never takes its owner down with a client being
+thrown away: aiokafka's ``AIOKafkaConsumer.stop`` awaits its cancelled fetch task; when
+the broker is down that task sits in a retry back-off and its ``CancelledError`` comes
+out of ``stop`` (seen in the broker-restart fault scenario, where it killed the engine)."""
 
 from __future__ import annotations
 
@@ -47,3 +46,13 @@ def test_the_callers_own_cancellation_still_propagates() -> None:
             await task
 
     asyncio.run(main())
+
+
+def test_the_concurrent_transactions_retry_is_short() -> None:
+    """Importing the Kafka adapters shortens aiokafka's CONCURRENT_TRANSACTIONS retry (see
+    ``CONCURRENT_TXN_RETRY_S``); if aiokafka renames the constant, this says so."""
+    from aiokafka.producer import sender
+
+    from engine.kafka._util import CONCURRENT_TXN_RETRY_S
+
+    assert sender.BACKOFF_OVERRIDE == CONCURRENT_TXN_RETRY_S
