@@ -126,9 +126,13 @@ class TriggerRouter:
                 if not fetched and not self._retry_at:
                     continue
                 async with self.lock:
-                    for tp, messages in fetched.items():
-                        if messages:
-                            await self._route(tp, messages)
+                    # Each partition has its own producer and transaction: they run
+                    # concurrently, so one commit's round trip does not delay the others.
+                    routes = [self._route(tp, messages)
+                              for tp, messages in fetched.items() if messages]
+                    for outcome in await asyncio.gather(*routes, return_exceptions=True):
+                        if isinstance(outcome, BaseException):
+                            raise outcome
                     if self._retry_at:
                         await self._retry_acquire()
         finally:
