@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $TERRANOHA_POSTGRES)")
     p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
     p.add_argument("--no-router", action="store_true", help="do not run the trigger router")
+    p.add_argument("--instance-id", default=os.environ.get("TERRANOHA_INSTANCE_ID"),
+                   help="Kafka: a stable id of this process (static group membership): "
+                   "restarted after a crash, it takes its partitions back at once instead of "
+                   "after the session timeout; one id per live process "
+                   "(default $TERRANOHA_INSTANCE_ID)")
     _otel_option(p)
 
     topics = sub.add_parser("topics", help="create the Kafka topics")

@@ -90,8 +90,11 @@ class TriggerRouter:
         poll_ms: int = 50,
         commit_timeout_s: float = 15.0,
         retry_s: float = 5.0,
+        instance_id: str | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.instance_id = instance_id
+        """Static group membership, as for the engine (``KafkaEngine.instance_id``)."""
         self.topics = topics
         self.app = app
         self.group_id = f"{app}-router"
@@ -115,6 +118,7 @@ class TriggerRouter:
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            group_instance_id=f"{self.instance_id}-router" if self.instance_id else None,
         )
         self._consumer = consumer
         try:

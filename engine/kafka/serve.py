@@ -31,6 +31,12 @@ class ServeOptions:
     postgres: str | None = None
     registry: ToolRegistry | None = None
     concurrency: int = 8
+    instance_id: str | None = None
+    """Static consumer-group membership for the engine and the router: give each process
+    a stable id of its own (say the host or pod name) and a restart after a crash gets its
+    partitions back at once, without waiting for the group's session timeout. Two live
+    processes with one id fence each other; a stopped one keeps its partitions until the
+    session timeout (10 s)."""
 
 
 @dataclass(slots=True)
@@ -62,11 +68,12 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     if options.engine:
         running.engine = KafkaEngine(options.bootstrap, options.topics, follower.registry,
                                      app=options.app, clock=clock,
-                                     refresh_specs=follower.catch_up)
+                                     refresh_specs=follower.catch_up,
+                                     instance_id=options.instance_id)
         runners.append(running.engine.run(stop))
     if options.router:
         running.router = TriggerRouter(options.bootstrap, options.topics, app=options.app,
-                                       clock=clock)
+                                       clock=clock, instance_id=options.instance_id)
         runners.append(running.router.run(stop))
     if options.registry is not None and options.registry.queues:
         if options.postgres is None:

@@ -92,3 +92,29 @@ def test_two_processes_share_partitions_and_rebalance(tmp_path: Path) -> None:
         err = stop_process(first)
     assert first.returncode == 0, err[-3000:]
     _check(cluster, run_ids)
+
+
+@pytest.mark.timeout(420)
+def test_sigkill_and_restart_under_the_same_instance_id(tmp_path: Path) -> None:
+    """Static membership (``--instance-id``): the restarted process takes the dead one's
+    place in the group (no wait for its session to expire), with the same guarantees. A
+    clean stop at the end still exits 0 (static members do not leave the group)."""
+    seed = int(os.environ.get("TERRANOHA_SEED", random.randrange(1 << 30)))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    cluster = Cluster(kafka_bootstrap(), postgres_dsn(), tmp_path)
+    cluster.setup()
+    run_ids = cluster.trigger(200)
+    for _ in range(2):
+        proc = cluster.serve("--instance-id", "node-a")
+        wait_ready(proc)
+        time.sleep(rng.uniform(0.5, 3.0))
+        stop_process(proc, signal.SIGKILL)
+    proc = cluster.serve("--instance-id", "node-a")
+    wait_ready(proc)
+    try:
+        _wait_done(cluster, run_ids, 240)
+    finally:
+        err = stop_process(proc)
+    assert proc.returncode == 0, err[-3000:]
+    _check(cluster, run_ids)
