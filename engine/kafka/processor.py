@@ -18,16 +18,20 @@ Failure rules (the path where Jepsen found lost writes and torn transactions):
 * a fenced producer: another process owns the partition now. Stop processing it; if the
   group still assigns it to us, take it back the same way after a pause.
 
-On assignment the producer is initialised first (fencing zombies and settling their open
-transactions), then the state is restored from the changelog up to its last stable
-offset, and timers are re-armed, before any input of that partition is processed.
+On assignment the partition is paused and taken over in the background (not inside the
+rebalance callback, during which aiokafka sends no heartbeats: a long restore there
+would get the member evicted, over and over): the producer is initialised first (fencing
+zombies and settling their open transactions), then the state is restored from the
+changelog up to its last stable offset and timers are re-armed; only then is the
+partition resumed and its inputs processed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +53,9 @@ from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
+
+RESTORE_SLICE = 2000
+"""Snapshots decoded between two yields to the event loop while restoring."""
 
 MAX_ABORTS = 3
 """Aborted transactions of one batch before its inputs are isolated one by one."""
@@ -89,16 +96,17 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.engine = engine
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self.engine._cancel_takeovers([tp.partition for tp in revoked])
         async with self.engine.lock:
             for tp in revoked:
                 await self.engine._release(tp.partition)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        # Partitions are taken over concurrently: their producers' fencing and their
-        # changelog reads overlap (a restarted engine is back sooner).
-        async with self.engine.lock:
-            await asyncio.gather(*(self.engine._acquire_or_retry(tp.partition)
-                                   for tp in assigned))
+        # The takeover runs after this callback returns: aiokafka stops the group
+        # heartbeat until it does, so a changelog restore longer than the session timeout
+        # done here would get this member evicted, and the restore would start over.
+        for tp in assigned:
+            self.engine._take_over(tp.partition)
 
 
 class KafkaEngine:
@@ -138,6 +146,8 @@ class KafkaEngine:
         self.retired = PartitionStats()
         self.consumer: AIOKafkaConsumer | None = None
         self.started = asyncio.Event()
+        self._takeovers: dict[int, asyncio.Task[None]] = {}
+        """Partitions being taken over (paused until their state is restored)."""
         self.on_committed: Callable[[Sequence[Event]], None] | None = None
         """Called with the events of each committed batch (telemetry); must not raise."""
 
@@ -165,6 +175,7 @@ class KafkaEngine:
                     await self._process_all(records)
                     await self._fire_timers()
         finally:
+            await self._cancel_takeovers()
             async with self.lock:
                 for number in list(self.parts):
                     await self._release(number)
@@ -203,8 +214,14 @@ class KafkaEngine:
         return producer
 
     async def _acquire(self, number: int, stats: PartitionStats | None = None) -> None:
+        """Take the partition over now (the caller holds the lock)."""
         if number in self.parts:
             return
+        await self._install(await self._prepare(number, stats))
+
+    async def _prepare(self, number: int, stats: PartitionStats | None) -> _Partition:
+        """A new producer (which fences the previous owner's and settles its transaction),
+        then the partition's state restored from the changelog. Touches nothing shared."""
         producer = await self._new_producer(number)
         try:
             cache, timers, restored, restore_ms = await self._restore(number)
@@ -218,16 +235,68 @@ class KafkaEngine:
         part.stats.restores += 1
         part.stats.restored_states += restored
         part.stats.restore_ms += restore_ms
+        return part
+
+    async def _install(self, part: _Partition) -> None:
         # aiokafka may already have fetched this partition from a committed offset read
         # before the previous owner's transaction settled: resume from a fresh one.
         try:
             part.next_offset = await self._seek_committed(part.tp)
         except BaseException:
-            await stop_quietly(producer)
+            await stop_quietly(part.producer)
             raise
-        self.parts[number] = part
+        self.parts[part.number] = part
         log.info("partition %d acquired: %d runs restored in %d ms, %d timers armed",
-                 number, restored, restore_ms, len(timers))
+                 part.number, part.stats.restored_states, part.stats.restore_ms,
+                 len(part.timers))
+
+    def _take_over(self, number: int) -> None:
+        """Pause the newly assigned partition and take it over in the background, while
+        the consumer keeps polling (and the group keeps hearing from this member)."""
+        assert self.consumer is not None
+        if number in self.parts or number in self._takeovers:
+            return
+        self.consumer.pause(TopicPartition(self.topics.inputs, number))
+        task = asyncio.get_running_loop().create_task(self._take_over_task(number))
+        self._takeovers[number] = task
+        task.add_done_callback(
+            lambda done: self._takeovers.pop(number) if self._takeovers.get(number) is done
+            else None)
+
+    async def _take_over_task(self, number: int) -> None:
+        assert self.consumer is not None
+        tp = TopicPartition(self.topics.inputs, number)
+        stats = PartitionStats()
+        try:
+            part = await self._prepare(number, stats)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("partition %d: cannot take it over yet (%r); retrying", number, exc)
+            self._pause_and_reclaim(number, stats)
+            return
+        async with self.lock:
+            if tp not in self.consumer.assignment() or number in self.parts:
+                await stop_quietly(part.producer)
+                return
+            try:
+                await self._install(part)
+            except Exception as exc:
+                log.warning("partition %d: cannot take it over yet (%r); retrying", number,
+                            exc)
+                self._pause_and_reclaim(number, stats)
+                return
+            self.consumer.resume(tp)
+
+    async def _cancel_takeovers(self, numbers: Iterable[int] | None = None) -> None:
+        """Stop the takeovers of ``numbers`` (all if None) and wait for them to end."""
+        tasks = [task for number, task in list(self._takeovers.items())
+                 if numbers is None or number in numbers]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def _release(self, number: int) -> None:
         part = self.parts.pop(number, None)
@@ -265,10 +334,12 @@ class KafkaEngine:
             await stop_quietly(consumer)
         cache = StateCache()
         states: dict[str, RunState] = {}
-        for run_id, payload in snapshots.items():
+        for i, (run_id, payload) in enumerate(snapshots.items()):
             state = decode(payload)
             if isinstance(state, RunState):
                 states[run_id] = state
+            if i % RESTORE_SLICE == RESTORE_SLICE - 1:
+                await asyncio.sleep(0)  # decoding is CPU-bound: let the others run
         cache.commit(states)
         timers = TimerService(lambda run_id, timer_id: _armed(cache, run_id, timer_id))
         for state in states.values():
