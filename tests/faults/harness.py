@@ -145,12 +145,15 @@ class Fleet:
 
     def projector_exits(self) -> list[str]:
         """Projector processes that exited without being told to, with their last line."""
+        return self._exits(self.projectors, "projector")
+
+    def _exits(self, procs: list[subprocess.Popen[bytes]], name: str) -> list[str]:
         out = []
-        for i, proc in enumerate(self.projectors):
+        for i, proc in enumerate(procs):
             if proc.poll() is not None and proc.pid not in self.signalled:
-                lines = (self.tmp / f"projector-{i}.log").read_text(errors="replace").splitlines()
+                lines = (self.tmp / f"{name}-{i}.log").read_text(errors="replace").splitlines()
                 last = next((x for x in reversed(lines) if x and not x.startswith(" ")), "")
-                out.append(f"projector-{i} (pid {proc.pid}) exited {proc.returncode}: {last}")
+                out.append(f"{name}-{i} (pid {proc.pid}) exited {proc.returncode}: {last}")
         return out
 
     def revive_projector(self) -> bool:
@@ -186,13 +189,7 @@ class Fleet:
 
     def crashes(self) -> list[str]:
         """Engine processes that exited without being told to, with their last log line."""
-        out = []
-        for i, proc in enumerate(self.procs):
-            if proc.poll() is not None and proc.pid not in self.signalled:
-                lines = (self.tmp / f"engine-{i}.log").read_text(errors="replace").splitlines()
-                last = next((x for x in reversed(lines) if x and not x.startswith(" ")), "")
-                out.append(f"engine-{i} (pid {proc.pid}) exited {proc.returncode}: {last}")
-        return out
+        return self._exits(self.procs, "engine")
 
     def revive(self, **options: Any) -> None:
         """What a supervisor would do: start an engine if none is running."""
@@ -203,29 +200,28 @@ class Fleet:
     def stop_all(self) -> list[int | None]:
         """Stop every engine and projector process; the engines' exit codes."""
         for proc in self.projectors:
-            if proc.poll() is None:
-                self.signalled.add(proc.pid)
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            self._terminate(proc, 30)
         codes = []
         for proc in self.procs:
-            if proc.poll() is None:
-                self.signalled.add(proc.pid)
-                proc.send_signal(signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            self._terminate(proc, 60)
             codes.append(proc.returncode)
             if proc.stdout is not None:
                 proc.stdout.close()
         return codes
+
+    def _terminate(self, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+        """SIGTERM (after SIGCONT, in case it was paused), SIGKILL if it outlasts
+        ``timeout_s``."""
+        if proc.poll() is not None:
+            return
+        self.signalled.add(proc.pid)
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         """Signal an engine process and wait for it to exit."""

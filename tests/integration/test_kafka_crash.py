@@ -48,22 +48,21 @@ def _check(cluster: Cluster, run_ids: list[str]) -> None:
     print(f"{len(run_ids)} runs completed; {calls} tool calls for {len(per_write)} effects")
 
 
-@pytest.mark.timeout(420)
-def test_sigkill_under_load(tmp_path: Path) -> None:
+def _kill_under_load(tmp_path: Path, runs: int, kills: int, *serve_args: str) -> None:
+    """``runs`` triggers; ``kills`` times start ``serve`` and SIGKILL it at a random moment;
+    then a last one to finish the work, stopped cleanly; then every check."""
     seed = int(os.environ.get("TERRANOHA_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
     cluster = Cluster(kafka_bootstrap(), postgres_dsn(), tmp_path)
     cluster.setup()
-    run_ids = cluster.trigger(300)
-    kills = 0
-    for _ in range(4):
-        proc = cluster.serve()
+    run_ids = cluster.trigger(runs)
+    for _ in range(kills):
+        proc = cluster.serve(*serve_args)
         wait_ready(proc)
         time.sleep(rng.uniform(0.5, 4.0))
         stop_process(proc, signal.SIGKILL)
-        kills += 1
-    proc = cluster.serve()
+    proc = cluster.serve(*serve_args)
     wait_ready(proc)
     try:
         _wait_done(cluster, run_ids, 240)
@@ -72,6 +71,11 @@ def test_sigkill_under_load(tmp_path: Path) -> None:
     assert proc.returncode == 0, err[-3000:]
     print(f"{kills} kills")
     _check(cluster, run_ids)
+
+
+@pytest.mark.timeout(420)
+def test_sigkill_under_load(tmp_path: Path) -> None:
+    _kill_under_load(tmp_path, 300, 4)
 
 
 @pytest.mark.timeout(420)
@@ -99,22 +103,4 @@ def test_sigkill_and_restart_under_the_same_instance_id(tmp_path: Path) -> None:
     """Static membership (``--instance-id``): the restarted process takes the dead one's
     place in the group (no wait for its session to expire), with the same guarantees. A
     clean stop at the end still exits 0 (static members do not leave the group)."""
-    seed = int(os.environ.get("TERRANOHA_SEED", random.randrange(1 << 30)))
-    print(f"seed {seed}")
-    rng = random.Random(seed)
-    cluster = Cluster(kafka_bootstrap(), postgres_dsn(), tmp_path)
-    cluster.setup()
-    run_ids = cluster.trigger(200)
-    for _ in range(2):
-        proc = cluster.serve("--instance-id", "node-a")
-        wait_ready(proc)
-        time.sleep(rng.uniform(0.5, 3.0))
-        stop_process(proc, signal.SIGKILL)
-    proc = cluster.serve("--instance-id", "node-a")
-    wait_ready(proc)
-    try:
-        _wait_done(cluster, run_ids, 240)
-    finally:
-        err = stop_process(proc)
-    assert proc.returncode == 0, err[-3000:]
-    _check(cluster, run_ids)
+    _kill_under_load(tmp_path, 200, 2, "--instance-id", "node-a")
