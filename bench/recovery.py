@@ -237,6 +237,10 @@ class Profile:
     def __init__(self, enabled: bool, pid: int, label: str) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if enabled and not Path(py_spy).exists():
+            say("--py-spy: py-spy is not installed (`.venv/bin/pip install py-spy`); "
+                "no profile taken")
+            enabled = False
         if enabled:
             self.proc = subprocess.Popen(
                 [py_spy, "record", "--pid", str(pid), "--rate", "100", "--format", "raw",
