@@ -275,18 +275,23 @@ class KafkaEngine:
             log.warning("partition %d: cannot take it over yet (%r); retrying", number, exc)
             self._pause_and_reclaim(number, stats)
             return
-        async with self.lock:
-            if tp not in self.consumer.assignment() or number in self.parts:
+        installed = False
+        try:
+            async with self.lock:
+                if tp not in self.consumer.assignment() or number in self.parts:
+                    return
+                try:
+                    await self._install(part)
+                except Exception as exc:
+                    log.warning("partition %d: cannot take it over yet (%r); retrying",
+                                number, exc)
+                    self._pause_and_reclaim(number, stats)
+                    return
+                installed = True
+                self.consumer.resume(tp)
+        finally:
+            if not installed:  # revoked, cancelled or failed: the producer is not ours
                 await stop_quietly(part.producer)
-                return
-            try:
-                await self._install(part)
-            except Exception as exc:
-                log.warning("partition %d: cannot take it over yet (%r); retrying", number,
-                            exc)
-                self._pause_and_reclaim(number, stats)
-                return
-            self.consumer.resume(tp)
 
     async def _cancel_takeovers(self, numbers: Iterable[int] | None = None) -> None:
         """Stop the takeovers of ``numbers`` (all if None) and wait for them to end."""
