@@ -199,8 +199,29 @@ def render(report: dict[str, Any]) -> str:
     rec = r.get("recovery")
     if rec:
         lines.append("")
-        lines.append("recovery, timers and memory: " + json.dumps(rec, default=str)[:600])
+        lines += _recovery_lines(rec)
     return "\n".join(lines)
+
+
+def _recovery_lines(rec: dict[str, Any]) -> list[str]:
+    if "error" in rec:
+        return [f"recovery: failed: {rec['error'][:200]}"]
+    runs = rec.get("runs")
+    out = [f"recovery, timers and memory with {_fmt(runs)} runs in the changelog:"]
+    for key, label in (("recovery_with_instance_id", "with --instance-id"),
+                       ("recovery", "without an instance id")):
+        got = rec.get(key) or {}
+        out.append(f"  SIGKILL -> first command {label}: "
+                   f"{_fmt(got.get('kill_to_first_command_ms'))} ms (restore "
+                   f"{_fmt(got.get('restore_ms'))} ms)")
+    out.append(f"  engine RSS with all runs active: {_fmt(rec.get('engine_peak_rss_mb'))} MB peak;"
+               f" after a restore {_fmt(rec.get('restored_rss_mb'))} MB")
+    timers = rec.get("timers") or {}
+    late = timers.get("lateness_ms") or {}
+    out.append(f"  timers: {_fmt(timers.get('fired'))} of {_fmt(timers.get('armed'))} fired, "
+               f"{_fmt(timers.get('duplicates'))} twice, {_fmt(timers.get('early'))} early; "
+               f"lateness p50 {_fmt(late.get('p50'))} ms, p99 {_fmt(late.get('p99'))} ms")
+    return out
 
 
 def main(argv: list[str]) -> int:
