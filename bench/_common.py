@@ -36,20 +36,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """A live process's resident set now (``VmRSS``) and its peak so far (``VmHWM``), in
+    MiB, as ``{"rss_mb": ..., "peak_rss_mb": ...}``."""
+    figures = {"VmRSS": float("nan"), "VmHWM": float("nan")}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in figures:
+            figures[name] = int(value.split()[0]) / 1024  # kB
+    return {"rss_mb": figures["VmRSS"], "peak_rss_mb": figures["VmHWM"]}
+
+
 def peak_rss_mb(pid: int) -> float:
-    """The peak resident set size of a live process (``VmHWM``), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb(pid: int) -> float:
-    """The current resident set size of a live process (``VmRSS``), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The peak resident set size of a live process (``VmHWM``), in MiB."""
+    return memory_mb(pid)["peak_rss_mb"]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -32,7 +32,6 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,7 +43,7 @@ from engine.core import events as ev  # noqa: E402
 from engine.core.spec import load_spec  # noqa: E402
 from engine.embedded import Store  # noqa: E402
 from engine.kafka.specs import publish_spec  # noqa: E402
-from engine.kafka.topics import Topics, ensure_topics  # noqa: E402
+from engine.kafka.topics import Topics, delete_topics, ensure_topics  # noqa: E402
 from engine.runtime.processor import Batch  # noqa: E402
 from engine.runtime.specs import SpecRegistry  # noqa: E402
 from projections.postgres import create_schema, rebuild  # noqa: E402
@@ -126,17 +125,6 @@ async def publish_steadily(bootstrap: str, topics: Topics, events: list[ev.Event
     return sent, time.perf_counter() - started
 
 
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        names = [n for n in await admin.list_topics() if n.startswith(f"{prefix}.")]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=int, default=2000, help="events per second")
@@ -198,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     with psycopg.connect(base_dsn, autocommit=True) as conn:
         for schema in (live_schema, fresh_schema):
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    asyncio.run(_delete_topics(bootstrap, prefix))
+    asyncio.run(delete_topics(bootstrap, prefix))
 
     lag, rb, lite = result["lag"], result["rebuild"], result["sqlite"]
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores; "

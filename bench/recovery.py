@@ -63,19 +63,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import infra_settings, percentile  # noqa: E402
+from bench._common import infra_settings, memory_mb, percentile  # noqa: E402
 from engine.codec import decode, encode  # noqa: E402
 from engine.core.events import CommandRejected, TaskDispatched, TimerArmed, TimerFired  # noqa: E402
 from engine.core.policies import run_id_for  # noqa: E402
 from engine.core.records import Trigger  # noqa: E402
 from engine.core.spec import WorkflowSpec, load_spec  # noqa: E402
 from engine.kafka.specs import publish_spec  # noqa: E402
-from engine.kafka.topics import Topics, ensure_topics  # noqa: E402
+from engine.kafka.topics import Topics, delete_topics, ensure_topics  # noqa: E402
 
 PROBE = load_spec({
     "workflow": "probe", "version": 1,
@@ -180,12 +179,7 @@ class EngineProcess:
 
     def memory_mb(self) -> dict[str, float]:
         """Resident set now (VmRSS) and its peak so far (VmHWM), in MiB."""
-        figures: dict[str, float] = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                figures[name] = int(value.split()[0]) / 1024  # kB
-        return {"rss_mb": figures["VmRSS"], "peak_rss_mb": figures["VmHWM"]}
+        return memory_mb(self.pid)
 
     def save_log(self, path: Path) -> None:
         path.write_text("\n".join([*self.log, ""]))
@@ -606,16 +600,10 @@ def _quantiles(values: list[float]) -> dict[str, float | None]:
 
 
 async def _delete_topics(bootstrap: str, topics: Topics) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
     try:
-        names = [t for t in await admin.list_topics() if t.startswith(f"{topics.prefix}.")]
-        if names:
-            await admin.delete_topics(names)
+        await delete_topics(bootstrap, topics.prefix)
     except Exception as exc:  # cleanup only: the figures are taken
         say(f"could not delete topics {topics.prefix}.*: {exc!r}")
-    finally:
-        await admin.close()
 
 
 # ---------------------------------------------------------------------- output

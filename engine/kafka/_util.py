@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Any, Protocol
 
@@ -44,6 +44,18 @@ class Outcome(Enum):
     committed offset (and, for state, from the changelog)."""
     FENCED = "fenced"
     """Another producer with the same transactional id exists: the partition is not ours."""
+
+
+async def gather_all(aws: Iterable[Awaitable[Any]]) -> None:
+    """Await every one of ``aws`` to its end, then raise the first error if any: nothing is
+    left running behind an error (``asyncio.gather`` alone lets the others run on)."""
+    pending = list(aws)
+    if len(pending) == 1:  # the common case: no task to create
+        await pending[0]
+        return
+    for outcome in await asyncio.gather(*pending, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def send_batched(producer: AIOKafkaProducer,

@@ -44,6 +44,7 @@ from engine.kafka._util import (
     Headers,
     Outcome,
     Record,
+    gather_all,
     run_transaction,
     stop_quietly,
     trace_headers,
@@ -267,30 +268,19 @@ class KafkaEngine:
         assert self.consumer is not None
         tp = TopicPartition(self.topics.inputs, number)
         stats = PartitionStats()
+        part: _Partition | None = None
         try:
             part = await self._prepare(number, stats)
-        except asyncio.CancelledError:
-            raise
+            async with self.lock:
+                if tp in self.consumer.assignment() and number not in self.parts:
+                    await self._install(part)
+                    self.consumer.resume(tp)
+                    part = None  # installed: the producer is the partition's now
         except Exception as exc:
             log.warning("partition %d: cannot take it over yet (%r); retrying", number, exc)
             self._pause_and_reclaim(number, stats)
-            return
-        installed = False
-        try:
-            async with self.lock:
-                if tp not in self.consumer.assignment() or number in self.parts:
-                    return
-                try:
-                    await self._install(part)
-                except Exception as exc:
-                    log.warning("partition %d: cannot take it over yet (%r); retrying",
-                                number, exc)
-                    self._pause_and_reclaim(number, stats)
-                    return
-                installed = True
-                self.consumer.resume(tp)
         finally:
-            if not installed:  # revoked, cancelled or failed: the producer is not ours
+            if part is not None:  # revoked, cancelled or failed: the producer is not ours
                 await stop_quietly(part.producer)
 
     async def _cancel_takeovers(self, numbers: Iterable[int] | None = None) -> None:
@@ -398,18 +388,8 @@ class KafkaEngine:
         producer, state cache and timers), so their transactions run concurrently: one
         partition's commit round trip overlaps another's processing instead of adding to
         every input's latency."""
-        work = [(part, messages) for tp, messages in records.items()
-                if messages and (part := self.parts.get(tp.partition)) is not None]
-        if len(work) == 1:
-            await self._process(*work[0])
-            return
-        outcomes = await asyncio.gather(*(self._process(part, messages)
-                                          for part, messages in work),
-                                        return_exceptions=True)
-        # Every partition finished (committed, aborted or gave up) before an error moves on.
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await gather_all(self._process(part, messages) for tp, messages in records.items()
+                         if messages and (part := self.parts.get(tp.partition)) is not None)
 
     async def _process(self, part: _Partition, messages: Sequence[Any]) -> None:
         inputs = [Input(self.topics.inputs, part.number, m.offset, m.value or b"")

@@ -36,6 +36,7 @@ from engine.core.records import Trigger
 from engine.kafka._util import (
     Outcome,
     Record,
+    gather_all,
     run_transaction,
     seek_committed,
     stop_quietly,
@@ -132,11 +133,8 @@ class TriggerRouter:
                 async with self.lock:
                     # Each partition has its own producer and transaction: they run
                     # concurrently, so one commit's round trip does not delay the others.
-                    routes = [self._route(tp, messages)
-                              for tp, messages in fetched.items() if messages]
-                    for outcome in await asyncio.gather(*routes, return_exceptions=True):
-                        if isinstance(outcome, BaseException):
-                            raise outcome
+                    await gather_all(self._route(tp, messages)
+                                     for tp, messages in fetched.items() if messages)
                     if self._retry_at:
                         await self._retry_acquire()
         finally:

@@ -109,6 +109,20 @@ async def ensure_topics(bootstrap: str, topics: Iterable[NewTopic]) -> list[str]
         await admin.close()
 
 
+async def delete_topics(bootstrap: str, prefix: str) -> list[str]:
+    """Delete every topic named ``<prefix>.*`` (a test's or a benchmark's own); return the
+    names deleted."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [n for n in await admin.list_topics() if n.startswith(f"{prefix}.")]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()
+
+
 async def deployed_topics(bootstrap: str, topics: Topics) -> Topics:
     """``topics`` with the partition counts the broker actually has. Routing by run id
     must use the real count: a different one sends runs to the wrong partition."""

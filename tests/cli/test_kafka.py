@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
+from engine.kafka.topics import delete_topics
 from tests.cli.conftest import Cli, Result
 from tests.infra import kafka_bootstrap, postgres_dsn
 
@@ -49,18 +49,7 @@ def kafka(tmp_path: Path) -> Iterator[list[str]]:
     bootstrap = kafka_bootstrap()
     prefix = f"c{uuid.uuid4().hex[:10]}"
     yield ["--kafka", bootstrap, "--topic-prefix", prefix]
-    asyncio.run(_delete_topics(bootstrap, prefix))
-
-
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        names = [n for n in await admin.list_topics() if n.startswith(f"{prefix}.")]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
+    asyncio.run(delete_topics(bootstrap, prefix))
 
 
 def _eventually(check: Callable[[], Result], until: Callable[[Result], bool],

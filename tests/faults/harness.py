@@ -333,37 +333,22 @@ class Fleet:
     # ------------------------------------------------------------------ reading
 
     def read(self, timeout_s: float = 60.0) -> LogView:
-        async def view(isolation: str) -> tuple[list[Logged], list[DeadLetter]]:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.infra.bootstrap,
-                                        isolation_level=isolation, enable_auto_commit=False,
-                                        max_partition_fetch_bytes=8 << 20)
-            await consumer.start()
-            out: list[Logged] = []
-            dead: list[DeadLetter] = []
-            try:
-                t = self.topics
-                parts = [TopicPartition(t.events, p) for p in range(t.partitions)]
-                parts += [TopicPartition(t.dead_letters, p) for p in range(t.partitions)]
-                consumer.assign(parts)
-                await consumer.seek_to_beginning(*parts)
-                ends = await consumer.end_offsets(parts)
-                while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
-                    fetched = await consumer.getmany(timeout_ms=200, max_records=50_000)
-                    for tp, messages in fetched.items():
-                        for message in messages:
-                            record = decode(message.value)
-                            if tp.topic == t.events:
-                                out.append(Logged(tp.partition, message.offset, record))
-                            elif isinstance(record, DeadLetter):
-                                dead.append(record)
-            finally:
-                await consumer.stop()
-            return out, dead
+        t = self.topics
 
         async def go() -> LogView:
-            committed, dead = await view("read_committed")
-            uncommitted, _ = await view("read_uncommitted")
-            return LogView(committed, uncommitted, dead)
+            parts = [TopicPartition(t.events, p) for p in range(t.partitions)]
+            parts += [TopicPartition(t.dead_letters, p) for p in range(t.partitions)]
+            logs: dict[str, list[Logged]] = {}
+            dead: list[DeadLetter] = []
+            for isolation in ("read_committed", "read_uncommitted"):
+                logs[isolation] = []
+                for tp, message in await self._read_to_end(parts, isolation):
+                    record = decode(message.value)
+                    if tp.topic == t.events:
+                        logs[isolation].append(Logged(tp.partition, message.offset, record))
+                    elif isolation == "read_committed" and isinstance(record, DeadLetter):
+                        dead.append(record)
+            return LogView(logs["read_committed"], logs["read_uncommitted"], dead)
 
         return asyncio.run(asyncio.wait_for(go(), timeout_s))
 
@@ -371,31 +356,36 @@ class Fleet:
         """The committed run inputs (commands) that decode; poison is left out."""
 
         async def go() -> list[Logged]:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.infra.bootstrap,
-                                        isolation_level="read_committed",
-                                        enable_auto_commit=False,
-                                        max_partition_fetch_bytes=8 << 20)
-            await consumer.start()
+            parts = [TopicPartition(self.topics.inputs, p) for p in range(self.partitions)]
             out: list[Logged] = []
-            try:
-                parts = [TopicPartition(self.topics.inputs, p) for p in range(self.partitions)]
-                consumer.assign(parts)
-                await consumer.seek_to_beginning(*parts)
-                ends = await consumer.end_offsets(parts)
-                while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
-                    fetched = await consumer.getmany(timeout_ms=200, max_records=50_000)
-                    for tp, messages in fetched.items():
-                        for message in messages:
-                            try:
-                                record = decode(message.value or b"")
-                            except Exception:
-                                continue
-                            out.append(Logged(tp.partition, message.offset, record))
-            finally:
-                await consumer.stop()
+            for tp, message in await self._read_to_end(parts, "read_committed"):
+                try:
+                    record = decode(message.value or b"")
+                except Exception:
+                    continue
+                out.append(Logged(tp.partition, message.offset, record))
             return out
 
         return asyncio.run(asyncio.wait_for(go(), 60))
+
+    async def _read_to_end(self, parts: list[TopicPartition], isolation: str,
+                           ) -> list[tuple[TopicPartition, Any]]:
+        """Every record of ``parts`` from the beginning to the current end."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.infra.bootstrap,
+                                    isolation_level=isolation, enable_auto_commit=False,
+                                    max_partition_fetch_bytes=8 << 20)
+        await consumer.start()
+        out: list[tuple[TopicPartition, Any]] = []
+        try:
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            ends = await consumer.end_offsets(parts)
+            while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
+                fetched = await consumer.getmany(timeout_ms=200, max_records=50_000)
+                out.extend((tp, m) for tp, messages in fetched.items() for m in messages)
+        finally:
+            await consumer.stop()
+        return out
 
     def wait_settled(self, timeout_s: float, done: Callable[[LogView], bool] | None = None,
                      ) -> tuple[LogView, float]:

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from uuid import uuid4
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
-from engine.kafka.topics import Topics, ensure_topics
+from engine.kafka.topics import Topics, delete_topics, ensure_topics
 from tests import infra
 
 
@@ -31,15 +30,6 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
     t = Topics(prefix=f"t{uuid4().hex[:8]}", partitions=3, trigger_partitions=3)
     asyncio.run(ensure_topics(kafka_bootstrap, t.core_topics()))
     yield t
-    asyncio.run(_delete_topics(kafka_bootstrap, t.prefix))
+    asyncio.run(delete_topics(kafka_bootstrap, t.prefix))
 
 
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        names = [n for n in await admin.list_topics() if n.startswith(f"{prefix}.")]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()

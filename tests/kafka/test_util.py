@@ -56,3 +56,20 @@ def test_the_concurrent_transactions_retry_is_short() -> None:
     from engine.kafka._util import CONCURRENT_TXN_RETRY_S
 
     assert sender.BACKOFF_OVERRIDE == CONCURRENT_TXN_RETRY_S
+
+
+def test_gather_all_lets_every_one_finish_then_raises_the_first_error() -> None:
+    from engine.kafka._util import gather_all
+
+    finished: list[str] = []
+
+    async def fail() -> None:
+        raise RuntimeError("boom")
+
+    async def slow() -> None:
+        await asyncio.sleep(0.05)
+        finished.append("slow")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(gather_all([fail(), slow()]))
+    assert finished == ["slow"]
