@@ -47,7 +47,12 @@ from engine.codec import decode, encode  # noqa: E402
 from engine.core.events import RunCompleted, TaskDispatched  # noqa: E402
 from engine.core.records import Trigger  # noqa: E402
 from engine.core.spec import load_spec  # noqa: E402
-from engine.kafka._util import Outcome, Record, run_transaction  # noqa: E402
+from engine.kafka._util import (  # noqa: E402
+    Outcome,
+    Record,
+    run_transaction,
+    transactional_producer,
+)
 from engine.kafka.specs import publish_spec  # noqa: E402
 from engine.kafka.topics import Topics, ensure_topics  # noqa: E402
 
@@ -74,9 +79,8 @@ async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
     producers: dict[int, AIOKafkaProducer] = {}
     for p in range(partitions):
-        producers[p] = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, transactional_id=f"{prefix}-ceil-{p}",
-            enable_idempotence=True, acks="all", linger_ms=2, max_batch_size=512 * 1024)
+        # The engine's producer settings.
+        producers[p] = transactional_producer(bootstrap, f"{prefix}-ceil-{p}")
         await producers[p].start()
     await consumer.start()
     payloads = [os.urandom(size) for size in FANOUT]

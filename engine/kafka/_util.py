@@ -27,6 +27,16 @@ back-to-back one-record transactions), and every processor here commits back to 
 if hasattr(_aiokafka_sender, "BACKOFF_OVERRIDE"):
     _aiokafka_sender.BACKOFF_OVERRIDE = CONCURRENT_TXN_RETRY_S
 
+TXN_RETRY_BACKOFF_MS = 10
+"""How soon a transactional producer retries a refused request (aiokafka's default is
+100 ms). Kafka 4 brokers verify that a transaction holds a partition before writing to it
+(KIP-890, part 1); a client speaking the older protocol, as aiokafka does, is refused with
+a retriable error while the previous transaction's markers are still being written:
+NOT_ENOUGH_REPLICAS for a produce, COORDINATOR_NOT_AVAILABLE for the offsets. Each
+processor here commits back to back, so under load a few transactions in a hundred met
+that refusal and waited 100 ms: the p99 of a transaction was 120 ms against a p50 of
+18 ms (38 ms with this back-off). The retries are bounded by each request's timeout."""
+
 Headers = list[tuple[str, bytes]]
 Record = tuple[str, int, bytes | None, bytes, Headers]
 """(topic, partition, key, value, headers) ready to send."""
@@ -56,6 +66,26 @@ async def gather_all(aws: Iterable[Awaitable[Any]]) -> None:
     for outcome in await asyncio.gather(*pending, return_exceptions=True):
         if isinstance(outcome, BaseException):
             raise outcome
+
+
+def transactional_producer(bootstrap: str, transactional_id: str,
+                           **overrides: Any) -> AIOKafkaProducer:
+    """A producer for exactly-once processing: idempotent, ``acks=all``, a short linger
+    (a processor sends a whole batch at once), large batches and requests (dead letters
+    carry the original bytes), and the short retry back-off of ``TXN_RETRY_BACKOFF_MS``.
+    ``start()`` it to fence older producers with the same ``transactional_id``."""
+    settings: dict[str, Any] = {
+        "enable_idempotence": True,
+        "acks": "all",
+        "linger_ms": 2,
+        "max_batch_size": 512 * 1024,
+        "max_request_size": 8 << 20,
+        "retry_backoff_ms": TXN_RETRY_BACKOFF_MS,
+        "transaction_timeout_ms": 60_000,
+    }
+    settings.update(overrides)
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id,
+                            **settings)
 
 
 async def send_batched(producer: AIOKafkaProducer,

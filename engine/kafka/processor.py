@@ -48,6 +48,7 @@ from engine.kafka._util import (
     run_transaction,
     stop_quietly,
     trace_headers,
+    transactional_producer,
 )
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock, SystemClock
@@ -201,16 +202,7 @@ class KafkaEngine:
         return f"{self.app}-{self.topics.inputs}-{number}"
 
     async def _new_producer(self, number: int) -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            transactional_id=self._transactional_id(number),
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=2,
-            max_batch_size=512 * 1024,
-            max_request_size=8 << 20,
-            transaction_timeout_ms=60_000,
-        )
+        producer = transactional_producer(self.bootstrap, self._transactional_id(number))
         await producer.start()  # InitProducerId: fences older producers with this id
         return producer
 

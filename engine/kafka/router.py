@@ -41,6 +41,7 @@ from engine.kafka._util import (
     seek_committed,
     stop_quietly,
     trace_headers,
+    transactional_producer,
 )
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock, SystemClock
@@ -155,14 +156,7 @@ class TriggerRouter:
         return f"{self.app}-{self.topics.triggers}-{number}"
 
     async def _new_producer(self, number: int) -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            transactional_id=self._transactional_id(number),
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=2,
-            max_request_size=8 << 20,  # dead letters carry the original bytes
-        )
+        producer = transactional_producer(self.bootstrap, self._transactional_id(number))
         try:
             await producer.start()  # InitProducerId: fences older producers with this id
         except BaseException:
