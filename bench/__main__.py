@@ -138,6 +138,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "embedded_over_dbos": _ratio(results.get("embedded", {}).get("runs_per_s"),
                                      results.get("dbos", {}).get("runs_per_s")),
     }
+    ratios["engine_over_ceiling_bound"] = _bound(results)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": _machine(),
@@ -149,6 +150,28 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         **ratios,
         "results": results,
     }
+
+
+def _bound(results: dict[str, Any]) -> dict[str, Any] | None:
+    """How far the engine could go on this machine if it cost no CPU at all: the worker,
+    the broker and PostgreSQL use the cores too, at their per-step costs of the burst
+    (the broker's no lower than under the ceiling's loop, which writes the same records).
+    An upper bound of engine/ceiling for this workload on this machine."""
+    ceiling = results.get("ceiling", {})
+    eff = results.get("kafka", {}).get("burst", {}).get("efficiency", {})
+    keys = ("worker_cpu_s_per_1k_steps", "broker_cpu_s_per_1k_steps",
+            "postgresql_cpu_s_per_1k_steps")
+    if not ceiling.get("steps_per_s") or not all(isinstance(eff.get(k), float) for k in keys):
+        return None
+    others = {k.removesuffix("_cpu_s_per_1k_steps"): eff[k] for k in keys}
+    floor = ceiling.get("broker_cpu_s_per_1k_steps")
+    if isinstance(floor, float) and floor == floor:  # not NaN
+        others["broker"] = min(others["broker"], floor)
+    cores = os.cpu_count() or 1
+    steps_per_s = cores / (sum(others.values()) / 1000)
+    return {"cpu_s_per_1k_steps_besides_the_engine": others, "cores": cores,
+            "zero_cost_engine_steps_per_s": steps_per_s,
+            "engine_over_ceiling_at_most": steps_per_s / ceiling["steps_per_s"]}
 
 
 def _fmt(value: Any, spec: str = ",.0f") -> str:
@@ -190,6 +213,15 @@ def render(report: dict[str, Any]) -> str:
     for key in ("engine_over_ceiling", "terranoha_over_dbos", "terranoha_over_restate",
                 "embedded_over_dbos"):
         lines.append(f"{key:<26}{_fmt(report.get(key), '.2f')}")
+    bound = report.get("engine_over_ceiling_bound")
+    if bound:
+        others = bound["cpu_s_per_1k_steps_besides_the_engine"]
+        lines.append(
+            "bound: besides the engine, each 1k steps cost "
+            + ", ".join(f"{name} {cpu:.2f}" for name, cpu in others.items())
+            + f" CPU s; on {bound['cores']} cores an engine costing nothing would reach "
+            f"{_fmt(bound['zero_cost_engine_steps_per_s'])} steps/s, engine/ceiling "
+            f"<= {_fmt(bound['engine_over_ceiling_at_most'], '.2f')}")
     open_loop = r.get("kafka", {}).get("open_loop", {})
     if open_loop:
         lines.append("")

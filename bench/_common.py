@@ -56,3 +56,66 @@ def percentiles(values: list[float]) -> dict[str, float]:
     """p50, p95 and p99 of ``values`` (NaN for none)."""
     return {"p50": percentile(values, 0.5), "p95": percentile(values, 0.95),
             "p99": percentile(values, 0.99)}
+
+
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def broker_pid() -> int | None:
+    """The local broker's pid (``deploy/local/infra.sh`` writes it), if it is running."""
+    try:
+        pid = int((ROOT / ".local" / "kafka" / "kafka.pid").read_text().strip())
+        _stat(pid)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def postgres_pid() -> int | None:
+    """The local PostgreSQL postmaster's pid (first line of ``postmaster.pid``)."""
+    for pidfile in (ROOT / ".local").glob("pg*/data/postmaster.pid"):
+        try:
+            pid = int(pidfile.read_text().splitlines()[0])
+            _stat(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        return pid
+    return None
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a server and every process it forked, live or ended (PostgreSQL
+    serves each connection from a process of its own)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = _stat(pid)
+    total = sum(int(f) for f in fields[11:15])  # utime, stime, children's utime and stime
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = _stat(int(entry.name))
+        except OSError:
+            continue
+        if child[1] == str(pid):  # its parent
+            total += int(child[11]) + int(child[12])
+    return total / tick
+
+
+class InfraCpu:
+    """CPU seconds the broker and PostgreSQL spend between ``start()`` and ``stop()``:
+    a benchmark's records cost the broker as much as the processes that write them."""
+
+    def __init__(self) -> None:
+        self.pids = {"broker": broker_pid(), "postgresql": postgres_pid()}
+        self.before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        return {name: tree_cpu_seconds(pid) for name, pid in self.pids.items() if pid}
+
+    def start(self) -> None:
+        self.before = self._now()
+
+    def stop(self) -> dict[str, float]:
+        return {name: cpu - self.before[name] for name, cpu in self._now().items()
+                if name in self.before}

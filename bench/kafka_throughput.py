@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._common import (  # noqa: E402
+    InfraCpu,
+    broker_pid,
     cpu_seconds,
     infra_settings,
     peak_rss_mb,
@@ -54,7 +56,7 @@ from engine.kafka._util import (  # noqa: E402
     transactional_producer,
 )
 from engine.kafka.specs import publish_spec  # noqa: E402
-from engine.kafka.topics import Topics, ensure_topics  # noqa: E402
+from engine.kafka.topics import Topics, delete_topics, ensure_topics  # noqa: E402
 
 STEPS = 5
 SPEC = load_spec({
@@ -85,11 +87,14 @@ async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
     await consumer.start()
     payloads = [os.urandom(size) for size in FANOUT]
     done, started = 0, None
+    broker, cpu_before, broker_before = broker_pid(), 0.0, 0.0
     try:
         while done < expected:
             fetched = await consumer.getmany(timeout_ms=20, max_records=1000)
             if started is None and fetched:
                 started = time.perf_counter()
+                cpu_before = time.process_time()
+                broker_before = cpu_seconds(broker) if broker else 0.0
             async def transact(tp: TopicPartition, messages: list[Any]) -> int:
                 records: list[Record] = [(sink, tp.partition, message.key, payload, [])
                                          for message in messages for payload in payloads]
@@ -100,14 +105,18 @@ async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
                 return len(messages)
 
             # Partitions commit concurrently, as the engine's do.
-            for tp, messages in fetched.items():
-                done += await transact(tp, messages)
+            done += sum(await asyncio.gather(*(transact(tp, messages)
+                                               for tp, messages in fetched.items() if messages)))
         elapsed = time.perf_counter() - (started or time.perf_counter())
+        cpu = time.process_time() - cpu_before
+        broker_cpu = cpu_seconds(broker) - broker_before if broker else float("nan")
     finally:
         await consumer.stop()
         for producer in producers.values():
             await producer.stop()
-    return {"inputs": done, "seconds": elapsed, "inputs_per_s": done / elapsed}
+    return {"inputs": done, "seconds": elapsed, "inputs_per_s": done / elapsed,
+            "cpu_s_per_1k_steps": cpu / done * 1000,
+            "broker_cpu_s_per_1k_steps": broker_cpu / done * 1000}
 
 
 async def _prefill(bootstrap: str, topic: str, partitions: int, count: int) -> None:
@@ -122,14 +131,22 @@ async def _prefill(bootstrap: str, topic: str, partitions: int, count: int) -> N
         await producer.stop()
 
 
+CEILING_MIN_INPUTS = 50_000
+"""The ceiling loop gets at least this many inputs: over a second of it."""
+
+
 def bench_ceiling(bootstrap: str, partitions: int, inputs: int) -> dict[str, Any]:
+    inputs = max(inputs, CEILING_MIN_INPUTS)
     prefix = f"b{uuid.uuid4().hex[:8]}"
     asyncio.run(ensure_topics(bootstrap, [NewTopic(f"{prefix}.ceil-in", partitions, 1),
                                           NewTopic(f"{prefix}.ceil-out", partitions, 1)]))
-    asyncio.run(_prefill(bootstrap, f"{prefix}.ceil-in", partitions, inputs))
-    out = subprocess.run(
-        [sys.executable, __file__, "ceiling-loop", bootstrap, prefix, str(partitions), str(inputs)],
-        check=True, capture_output=True, text=True)
+    try:
+        asyncio.run(_prefill(bootstrap, f"{prefix}.ceil-in", partitions, inputs))
+        out = subprocess.run(
+            [sys.executable, __file__, "ceiling-loop", bootstrap, prefix, str(partitions),
+             str(inputs)], check=True, capture_output=True, text=True)
+    finally:
+        asyncio.run(delete_topics(bootstrap, prefix))
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     result["steps_per_s"] = result["inputs_per_s"]  # one input per step, same fan-out
     return result
@@ -251,14 +268,19 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
                     "--workers", "bench.noop_tools", "--concurrency", "64")
     try:
         asyncio.run(_drive(bootstrap, topics, min(100, runs), None, "warm"))
+        infra = InfraCpu()
         cpu_before = cpu_seconds(engine.pid), cpu_seconds(worker.pid)
+        infra.start()
         burst = asyncio.run(_drive(bootstrap, topics, runs, None, "burst"))
+        infra_cpu = infra.stop()
         steps = burst["completed"] * STEPS
         engine_cpu = cpu_seconds(engine.pid) - cpu_before[0]
         worker_cpu = cpu_seconds(worker.pid) - cpu_before[1]
         burst["efficiency"] = {
             "engine_cpu_s_per_1k_steps": engine_cpu / steps * 1000,
             "worker_cpu_s_per_1k_steps": worker_cpu / steps * 1000,
+            **{f"{name}_cpu_s_per_1k_steps": cpu / steps * 1000
+               for name, cpu in infra_cpu.items()},
             "engine_peak_rss_mb": peak_rss_mb(engine.pid),
             "worker_peak_rss_mb": peak_rss_mb(worker.pid),
         }
@@ -273,6 +295,7 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
         for proc in (engine, worker):
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
+        asyncio.run(delete_topics(bootstrap, topics.prefix))
     return {"burst": burst, "open_loop": open_loop}
 
 

@@ -277,3 +277,7 @@ class KafkaDriver(Driver):
         if hasattr(self, "_ledger"):
             self.threads.call(self._ledger.close())
         self.threads.shutdown()
+        from engine.kafka.topics import delete_topics
+
+        # A broker holding every past test's partitions slows the tests after this one.
+        asyncio.run(delete_topics(self.bootstrap, self.topics.prefix))

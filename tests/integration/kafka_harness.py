@@ -23,7 +23,7 @@ from engine.core.records import DeadLetter, Trigger
 from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState
 from engine.kafka.specs import publish_spec
-from engine.kafka.topics import Topics, ensure_topics
+from engine.kafka.topics import Topics, delete_topics, ensure_topics
 from tests.embedded.durable_tools import DURABLE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +52,11 @@ class Cluster:
             await publish_spec(self.bootstrap, self.topics, spec)
 
         asyncio.run(go())
+
+    def delete_topics(self) -> None:
+        """Remove this corner's topics: a broker holding the partitions of every past test
+        spends more on each request (it walks all its logs) and the tests after slow down."""
+        asyncio.run(delete_topics(self.bootstrap, self.prefix))
 
     def serve(self, *extra: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONPATH": str(ROOT),

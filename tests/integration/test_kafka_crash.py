@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,13 +49,19 @@ def _check(cluster: Cluster, run_ids: list[str]) -> None:
     print(f"{len(run_ids)} runs completed; {calls} tool calls for {len(per_write)} effects")
 
 
-def _kill_under_load(tmp_path: Path, runs: int, kills: int, *serve_args: str) -> None:
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(kafka_bootstrap(), postgres_dsn(), tmp_path)
+    yield cluster
+    cluster.delete_topics()
+
+
+def _kill_under_load(cluster: Cluster, runs: int, kills: int, *serve_args: str) -> None:
     """``runs`` triggers; ``kills`` times start ``serve`` and SIGKILL it at a random moment;
     then a last one to finish the work, stopped cleanly; then every check."""
     seed = int(os.environ.get("TERRANOHA_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
-    cluster = Cluster(kafka_bootstrap(), postgres_dsn(), tmp_path)
     cluster.setup()
     run_ids = cluster.trigger(runs)
     for _ in range(kills):
@@ -74,13 +81,12 @@ def _kill_under_load(tmp_path: Path, runs: int, kills: int, *serve_args: str) ->
 
 
 @pytest.mark.timeout(420)
-def test_sigkill_under_load(tmp_path: Path) -> None:
-    _kill_under_load(tmp_path, 300, 4)
+def test_sigkill_under_load(cluster: Cluster) -> None:
+    _kill_under_load(cluster, 300, 4)
 
 
 @pytest.mark.timeout(420)
-def test_two_processes_share_partitions_and_rebalance(tmp_path: Path) -> None:
-    cluster = Cluster(kafka_bootstrap(), postgres_dsn(), tmp_path)
+def test_two_processes_share_partitions_and_rebalance(cluster: Cluster) -> None:
     cluster.setup()
     first = cluster.serve()
     wait_ready(first)
@@ -99,8 +105,8 @@ def test_two_processes_share_partitions_and_rebalance(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_sigkill_and_restart_under_the_same_instance_id(tmp_path: Path) -> None:
+def test_sigkill_and_restart_under_the_same_instance_id(cluster: Cluster) -> None:
     """Static membership (``--instance-id``): the restarted process takes the dead one's
     place in the group (no wait for its session to expire), with the same guarantees. A
     clean stop at the end still exits 0 (static members do not leave the group)."""
-    _kill_under_load(tmp_path, 200, 2, "--instance-id", "node-a")
+    _kill_under_load(cluster, 200, 2, "--instance-id", "node-a")

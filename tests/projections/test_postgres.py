@@ -271,11 +271,13 @@ def test_the_module_entry_point_rebuilds(event_log: EventLog, pg: Schemas) -> No
 
 
 @pytest.mark.slow
-def test_a_real_engine_is_projected(pg: Schemas, tmp_path: Path) -> None:
+def test_a_real_engine_is_projected(pg: Schemas, tmp_path: Path,
+                                    request: pytest.FixtureRequest) -> None:
     """``terranoha serve --kafka`` runs the durable workflow; the projector follows."""
     live, fresh = pg(), pg()
     migrate(live)
     cluster = Cluster(kafka_bootstrap(), postgres_dsn(), tmp_path)
+    request.addfinalizer(cluster.delete_topics)
     cluster.setup()
     run_ids = cluster.trigger(20)
     proc = cluster.serve()
