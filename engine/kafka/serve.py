@@ -90,6 +90,13 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     try:
         await asyncio.gather(*runners)
     finally:
+        if running.engine is not None:
+            stats = running.engine.stats
+            log.info("engine: %d inputs in %d transactions (%.1f each), %d events; %d aborted, "
+                     "%d unknown outcomes, %d fenced; %d restores (%d states, %d ms)",
+                     stats.inputs, stats.batches, stats.inputs / max(stats.batches, 1),
+                     stats.events, stats.aborted, stats.unknown_outcomes, stats.fenced,
+                     stats.restores, stats.restored_states, stats.restore_ms)
         await follower.stop()
         if ledger is not None:
             await ledger.close()
