@@ -149,7 +149,57 @@ def bench_ceiling(bootstrap: str, partitions: int, inputs: int) -> dict[str, Any
         asyncio.run(delete_topics(bootstrap, prefix))
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     result["steps_per_s"] = result["inputs_per_s"]  # one input per step, same fan-out
+    result["codec_floor"] = codec_floor()
     return result
+
+
+# ---------------------------------------------------------------------- codec floor
+
+
+def codec_floor(runs: int = 400) -> dict[str, Any]:
+    """CPU microseconds per step of the Avro work alone: decoding the step's input and
+    encoding the records the engine writes for it (events, recorded command, state
+    snapshot, task command), with the steps of ``runs`` real runs decided in-process.
+    Whatever else an engine does, it does at least this beside the ceiling's work."""
+    from engine.core.commands import CompleteTask
+    from engine.runtime.processor import Input, Processor, StateCache
+    from engine.runtime.specs import SpecRegistry
+
+    specs = SpecRegistry()
+    specs.add(SPEC)
+    cache = StateCache()
+    processor = Processor(specs, cache)
+    inputs: list[bytes] = []
+    written: list[object] = []
+    now = 1_700_000_000_000
+    pending = []
+    for i in range(runs):
+        payload = encode(Trigger(workflow="bench5", idempotency_key=f"floor-{i}"))
+        batch = processor.process([Input("inputs", 0, i, payload)], now)
+        cache.commit(batch.states)
+        pending.extend(batch.tasks)
+    offset = runs
+    while pending:
+        task = pending.pop()
+        payload = encode(CompleteTask(
+            command_id=f"r:{task.task_id}", run_id=task.run_id, tenant=task.tenant,
+            correlation_id=task.correlation_id, task_id=task.task_id, step=task.step,
+            result={"step": task.step}))
+        batch = processor.process([Input("inputs", 0, offset, payload)], now)
+        offset += 1
+        cache.commit(batch.states)
+        pending.extend(batch.tasks)
+        inputs.append(payload)
+        written += [*batch.events, *batch.recorded, *batch.states.values(), *batch.tasks]
+    steps = len(inputs)
+    started = time.process_time()
+    for payload in inputs:
+        decode(payload)
+    for record in written:
+        encode(record)
+    seconds = time.process_time() - started
+    return {"steps": steps, "records_per_step": len(written) / steps,
+            "us_per_step": seconds / steps * 1e6}
 
 
 # ---------------------------------------------------------------------- engine
