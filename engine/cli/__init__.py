@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "restarted after a crash, it takes its partitions back at once instead of "
                    "after the session timeout; one id per live process "
                    "(default $TERRANOHA_INSTANCE_ID)")
+    p.add_argument("--log-level", default=os.environ.get("TERRANOHA_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"],
+                   help="what serve logs on stderr: partitions acquired and released, "
+                   "restores, specs deployed and the totals at a clean stop at info; "
+                   "retries, dead letters and fencing at warning "
+                   "(default $TERRANOHA_LOG_LEVEL or info)")
     _otel_option(p)
 
     topics = sub.add_parser("topics", help="create the Kafka topics")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -67,6 +68,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    _configure_logging(getattr(args, "log_level", "info"))
     registry = load_worker_modules(args.workers or [])
     telemetry = _telemetry(args)
     try:
@@ -82,6 +84,20 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         if telemetry is not None:
             telemetry.shutdown()
+
+
+def _configure_logging(level: str) -> None:
+    """Timestamped lines on stderr at ``level``. aiokafka's own lines start at warning:
+    at info it narrates every group join and coordinator lookup."""
+    numeric = getattr(logging, level.upper())
+    root = logging.getLogger()
+    if not root.handlers:  # a host program (or a test) may have configured logging
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(numeric)
+    logging.getLogger("aiokafka").setLevel(max(numeric, logging.WARNING))
 
 
 def cmd_project(args: argparse.Namespace, out: TextIO) -> int:

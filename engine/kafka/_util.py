@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import KafkaError, NotEnoughReplicasError, ProducerFenced
 from aiokafka.producer import sender as _aiokafka_sender
 
 log = logging.getLogger("terranoha.kafka")
@@ -37,6 +37,26 @@ processor here commits back to back, so under load a few transactions in a hundr
 that refusal and waited 100 ms: the p99 of a transaction was 120 ms against a p50 of
 18 ms (39 to 61 ms with a back-off of 5 to 20 ms). The retries are bounded by each
 request's timeout."""
+
+
+
+class _VerificationRefusals(logging.Filter):
+    """Demotes to debug aiokafka's warning for each produce retried after a
+    NOT_ENOUGH_REPLICAS answer: from a Kafka 4 broker to aiokafka's transactional
+    producers, that answer is the routine refusal described at ``TXN_RETRY_BACKOFF_MS``,
+    a few times in every hundred transactions, not a replication problem. Real
+    under-replication still surfaces: as the broker's own metrics and, once the request
+    times out, as a failed transaction in the engine's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.args and isinstance(record.args, tuple) \
+                and any(arg is NotEnoughReplicasError for arg in record.args):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("aiokafka.producer.sender").addFilter(_VerificationRefusals())
 
 Headers = list[tuple[str, bytes]]
 Record = tuple[str, int, bytes | None, bytes, Headers]

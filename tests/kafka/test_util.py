@@ -122,3 +122,28 @@ def test_back_to_back_transactions_retry_refusals_soon(
     assert max(waits, default=0.0) <= TXN_RETRY_BACKOFF_MS / 1000
     events = asyncio.run(read_all(kafka_bootstrap, topics.events, topics.partitions))
     assert [m.value for m in events] == [b"e%d" % i for i in range(count)]
+
+
+def test_verification_refusals_are_not_logged_as_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiokafka warns of every produce it retries; the routine refusals of a Kafka 4
+    broker (NOT_ENOUGH_REPLICAS, see ``TXN_RETRY_BACKOFF_MS``) are demoted to debug, any
+    other retried error still warns."""
+    import logging
+
+    from aiokafka.errors import NotEnoughReplicasError, NotLeaderForPartitionError
+
+    import engine.kafka._util  # noqa: F401  (installs the filter)
+
+    sender = logging.getLogger("aiokafka.producer.sender")
+    message = "Got error produce response on topic-partition %s, retrying. Error: %s"
+    tp = TopicPartition("t.run-events", 0)
+    with caplog.at_level(logging.WARNING, logger="aiokafka.producer.sender"):
+        sender.warning(message, tp, NotEnoughReplicasError)
+        sender.warning(message, tp, NotLeaderForPartitionError)
+    assert [r.getMessage() for r in caplog.records] == [message % (tp, NotLeaderForPartitionError)]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="aiokafka.producer.sender"):
+        sender.warning(message, tp, NotEnoughReplicasError)
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
