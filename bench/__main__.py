@@ -221,6 +221,8 @@ def render(report: dict[str, Any]) -> str:
         eff = burst.get("efficiency", {})
         row("Terranoha on Kafka (burst)", burst, eff.get("engine_cpu_s_per_1k_steps"),
             eff.get("engine_peak_rss_mb"))
+        if eff.get("topology"):
+            lines.append(f"  ({eff['topology']})")
     elif "kafka" in r:
         row("Terranoha on Kafka", r["kafka"])
     row("Terranoha embedded (SQLite)", r.get("embedded"))

@@ -4,8 +4,9 @@
    producer per input partition, the engine's batching, and per input the same number
    and size of output records the engine writes for one step (events, the recorded
    command, a state snapshot, a task command);
-2. engine: N runs of a 5-step workflow (no-op tool), the orchestrator and trigger router in
-   one process, workers in another, triggers published as fast as the broker takes them.
+2. engine: N runs of a 5-step workflow (no-op tool), the orchestrator and the trigger
+   router in one process (``--router-apart``: in two), workers in another, triggers
+   published as fast as the broker takes them.
 
 Prints steps/s for both and their ratio; the engine's CPU seconds and peak RSS per 1k
 steps; and, for open-loop (Poisson) arrivals at 25/50/75/90% of the burst rate,
@@ -303,9 +304,15 @@ LOADS = (0.25, 0.5, 0.75, 0.9)
 
 
 def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
-                 loads: tuple[float, ...] = LOADS) -> dict[str, Any]:
+                 loads: tuple[float, ...] = LOADS, router_apart: bool = False) -> dict[str, Any]:
     """The burst (the maximum sustained rate: triggers as fast as the broker takes them),
-    the engine process's CPU and peak RSS over it, then open-loop runs at ``loads``."""
+    the engine's CPU and peak RSS over it, then open-loop runs at ``loads``.
+
+    The trigger router runs in the orchestrator's process, or with ``router_apart`` in a
+    process of its own (``serve --no-engine`` beside ``serve --no-router``). Apart, its
+    hop is shorter (it no longer waits for the batches the orchestrator decides) but one
+    more process competes for the cores: on two cores neither topology was faster end to
+    end in every run. The engine's CPU figure counts both processes."""
     topics = Topics(prefix=f"b{uuid.uuid4().hex[:8]}", partitions=partitions)
 
     async def setup() -> None:
@@ -313,25 +320,35 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
         await publish_spec(bootstrap, topics, SPEC)
 
     asyncio.run(setup())
-    engine = _serve(bootstrap, postgres, topics)
+    engine = _serve(bootstrap, postgres, topics, *(["--no-router"] if router_apart else []))
+    router = _serve(bootstrap, postgres, topics, "--no-engine") if router_apart else None
     worker = _serve(bootstrap, postgres, topics, "--no-engine", "--no-router",
                     "--workers", "bench.noop_tools", "--concurrency", "64")
+    procs = [p for p in (engine, router, worker) if p is not None]
     try:
         asyncio.run(_drive(bootstrap, topics, min(100, runs), None, "warm"))
         infra = InfraCpu()
-        cpu_before = cpu_seconds(engine.pid), cpu_seconds(worker.pid)
+        cpu_before = {p.pid: cpu_seconds(p.pid) for p in procs}
         infra.start()
         burst = asyncio.run(_drive(bootstrap, topics, runs, None, "burst"))
         infra_cpu = infra.stop()
         steps = burst["completed"] * STEPS
-        engine_cpu = cpu_seconds(engine.pid) - cpu_before[0]
-        worker_cpu = cpu_seconds(worker.pid) - cpu_before[1]
+
+        def per_1k(proc: subprocess.Popen[bytes] | None) -> float:
+            if proc is None:
+                return 0.0
+            return (cpu_seconds(proc.pid) - cpu_before[proc.pid]) / steps * 1000
+
         burst["efficiency"] = {
-            "engine_cpu_s_per_1k_steps": engine_cpu / steps * 1000,
-            "worker_cpu_s_per_1k_steps": worker_cpu / steps * 1000,
+            "topology": "router in its own process" if router_apart
+            else "router in the engine's process",
+            "engine_cpu_s_per_1k_steps": per_1k(engine) + per_1k(router),
+            "router_cpu_s_per_1k_steps": per_1k(router),
+            "worker_cpu_s_per_1k_steps": per_1k(worker),
             **{f"{name}_cpu_s_per_1k_steps": cpu / steps * 1000
                for name, cpu in infra_cpu.items()},
             "engine_peak_rss_mb": peak_rss_mb(engine.pid),
+            "router_peak_rss_mb": peak_rss_mb(router.pid) if router else 0.0,
             "worker_peak_rss_mb": peak_rss_mb(worker.pid),
         }
         open_loop = {}
@@ -342,7 +359,7 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
             open_loop[f"{round(load * 100)}%"] = asyncio.run(
                 _drive(bootstrap, topics, count, rate, f"load{load}"))
     finally:
-        for proc in (engine, worker):
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
         asyncio.run(delete_topics(bootstrap, topics.prefix))
@@ -359,11 +376,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--loads", default=",".join(str(x) for x in LOADS),
                         help="open-loop loads, fractions of the burst rate")
+    parser.add_argument("--router-apart", action="store_true",
+                        help="run the trigger router in a process of its own")
     args = parser.parse_args(argv)
     loads = tuple(float(x) for x in args.loads.split(",") if x)
     bootstrap, postgres = infra_settings()
     ceiling = bench_ceiling(bootstrap, args.partitions, args.runs * STEPS)
-    engine = bench_engine(bootstrap, postgres, args.partitions, args.runs, loads)
+    engine = bench_engine(bootstrap, postgres, args.partitions, args.runs, loads,
+                          router_apart=args.router_apart)
     ratio = engine["burst"]["steps_per_s"] / ceiling["steps_per_s"]
     burst = engine["burst"]
     print(f"python {platform.python_version()}, {os.cpu_count()} cores, "
@@ -373,6 +393,7 @@ def main(argv: list[str]) -> None:
           f"  ({burst['runs_per_s']:,.0f} runs/s)")
     print(f"engine / ceiling: {ratio:.2f}")
     eff = burst["efficiency"]
+    print(f"{eff['topology']}")
     print(f"engine: {eff['engine_cpu_s_per_1k_steps']:.2f} CPU s per 1k steps, peak RSS "
           f"{eff['engine_peak_rss_mb']:.0f} MB; worker {eff['worker_cpu_s_per_1k_steps']:.2f} "
           "CPU s per 1k steps")
