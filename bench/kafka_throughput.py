@@ -83,8 +83,7 @@ async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
     producers: dict[int, AIOKafkaProducer] = {}
     for p in range(partitions):
         # The engine's producer settings.
-        producers[p] = transactional_producer(bootstrap, f"{prefix}-ceil-{p}")
-        await producers[p].start()
+        producers[p] = await transactional_producer(bootstrap, f"{prefix}-ceil-{p}")
     await consumer.start()
     payloads = [os.urandom(size) for size in FANOUT]
     done, started = 0, None

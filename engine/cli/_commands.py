@@ -68,7 +68,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
-    _configure_logging(getattr(args, "log_level", "info"))
+    _configure_logging(args.log_level)
     registry = load_worker_modules(args.workers or [])
     telemetry = _telemetry(args)
     try:

@@ -39,7 +39,6 @@ that refusal and waited 100 ms: the p99 of a transaction was 120 ms against a p5
 request's timeout."""
 
 
-
 class _VerificationRefusals(logging.Filter):
     """Demotes to debug aiokafka's warning for each produce retried after a
     NOT_ENOUGH_REPLICAS answer: from a Kafka 4 broker to aiokafka's transactional
@@ -49,8 +48,8 @@ class _VerificationRefusals(logging.Filter):
     times out, as a failed transaction in the engine's log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and record.args and isinstance(record.args, tuple) \
-                and any(arg is NotEnoughReplicasError for arg in record.args):
+        if record.levelno == logging.WARNING and isinstance(record.args, tuple) \
+                and NotEnoughReplicasError in record.args:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
@@ -89,24 +88,23 @@ async def gather_all(aws: Iterable[Awaitable[Any]]) -> None:
             raise outcome
 
 
-def transactional_producer(bootstrap: str, transactional_id: str,
-                           **overrides: Any) -> AIOKafkaProducer:
-    """A producer for exactly-once processing: idempotent, ``acks=all``, a short linger
-    (a processor sends a whole batch at once), large batches and requests (dead letters
-    carry the original bytes), and the short retry back-off of ``TXN_RETRY_BACKOFF_MS``.
-    ``start()`` it to fence older producers with the same ``transactional_id``."""
-    settings: dict[str, Any] = {
-        "enable_idempotence": True,
-        "acks": "all",
-        "linger_ms": 2,
-        "max_batch_size": 512 * 1024,
-        "max_request_size": 8 << 20,
-        "retry_backoff_ms": TXN_RETRY_BACKOFF_MS,
-        "transaction_timeout_ms": 60_000,
-    }
-    settings.update(overrides)
-    return AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id,
-                            **settings)
+async def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKafkaProducer:
+    """A started producer for exactly-once processing: idempotent, ``acks=all``, a short
+    linger (a processor sends a whole batch at once), large batches and requests (dead
+    letters carry the original bytes), and the short retry back-off of
+    ``TXN_RETRY_BACKOFF_MS``. Starting it (InitProducerId) fences older producers with the
+    same ``transactional_id`` and settles their open transaction."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, transactional_id=transactional_id,
+        enable_idempotence=True, acks="all", linger_ms=2, max_batch_size=512 * 1024,
+        max_request_size=8 << 20, retry_backoff_ms=TXN_RETRY_BACKOFF_MS,
+        transaction_timeout_ms=60_000)
+    try:
+        await producer.start()
+    except BaseException:
+        await stop_quietly(producer)
+        raise
+    return producer
 
 
 async def send_batched(producer: AIOKafkaProducer,

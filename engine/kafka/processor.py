@@ -46,6 +46,7 @@ from engine.kafka._util import (
     Record,
     gather_all,
     run_transaction,
+    seek_committed,
     stop_quietly,
     trace_headers,
     transactional_producer,
@@ -201,11 +202,6 @@ class KafkaEngine:
     def _transactional_id(self, number: int) -> str:
         return f"{self.app}-{self.topics.inputs}-{number}"
 
-    async def _new_producer(self, number: int) -> AIOKafkaProducer:
-        producer = transactional_producer(self.bootstrap, self._transactional_id(number))
-        await producer.start()  # InitProducerId: fences older producers with this id
-        return producer
-
     async def _acquire(self, number: int, stats: PartitionStats | None = None) -> None:
         """Take the partition over now (the caller holds the lock)."""
         if number in self.parts:
@@ -215,7 +211,7 @@ class KafkaEngine:
     async def _prepare(self, number: int, stats: PartitionStats | None) -> _Partition:
         """A new producer (which fences the previous owner's and settles its transaction),
         then the partition's state restored from the changelog. Touches nothing shared."""
-        producer = await self._new_producer(number)
+        producer = await transactional_producer(self.bootstrap, self._transactional_id(number))
         try:
             cache, timers, restored, restore_ms = await self._restore(number)
         except BaseException:
@@ -364,14 +360,8 @@ class KafkaEngine:
             self._retire_stats(stats)
 
     async def _seek_committed(self, tp: TopicPartition) -> int:
-        """Seek to the group's committed offset (asked of the broker afresh); return it."""
         assert self.consumer is not None
-        committed = await self.consumer.committed(tp)
-        if committed is None:
-            await self.consumer.seek_to_beginning(tp)
-            return 0
-        self.consumer.seek(tp, committed)
-        return int(committed)
+        return await seek_committed(self.consumer, tp)
 
     # ------------------------------------------------------------------ processing
 

@@ -50,7 +50,6 @@ from engine.runtime.processor import MAX_INPUT_BYTES, dead_letter, trigger_to_st
 log = logging.getLogger("terranoha.kafka.router")
 
 
-
 @dataclass(slots=True)
 class RouterStats:
     """What the router did since it started (committed transactions only)."""
@@ -156,13 +155,7 @@ class TriggerRouter:
         return f"{self.app}-{self.topics.triggers}-{number}"
 
     async def _new_producer(self, number: int) -> AIOKafkaProducer:
-        producer = transactional_producer(self.bootstrap, self._transactional_id(number))
-        try:
-            await producer.start()  # InitProducerId: fences older producers with this id
-        except BaseException:
-            await stop_quietly(producer)
-            raise
-        return producer
+        return await transactional_producer(self.bootstrap, self._transactional_id(number))
 
     async def _acquire(self, tp: TopicPartition) -> None:
         """Initialise the partition's producer, which settles any transaction a previous

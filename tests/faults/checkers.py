@@ -47,8 +47,6 @@ class Check:
         return "\n".join([head, *(f"    {p}" for p in self.problems[:20])])
 
 
-
-
 def _where(view: LogView, run_id: str) -> str:
     spots = [f"{e.partition}@{e.offset}" for e in view.events().get(run_id, [])[:4]]
     return f"{run_id} (events at {', '.join(spots) or 'nowhere'})"

@@ -31,5 +31,3 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
     asyncio.run(ensure_topics(kafka_bootstrap, t.core_topics()))
     yield t
     asyncio.run(delete_topics(kafka_bootstrap, t.prefix))
-
-

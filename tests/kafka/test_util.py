@@ -107,8 +107,7 @@ def test_back_to_back_transactions_retry_refusals_soon(
     inputs = TopicPartition(topics.inputs, 0)
 
     async def main() -> list[Outcome]:
-        producer = transactional_producer(kafka_bootstrap, f"{topics.prefix}-txn")
-        await producer.start()
+        producer = await transactional_producer(kafka_bootstrap, f"{topics.prefix}-txn")
         try:
             return [await run_transaction(
                 producer,
