@@ -4,9 +4,11 @@
    producer per input partition, the engine's batching, and per input the same number
    and size of output records the engine writes for one step (events, the recorded
    command, a state snapshot, a task command);
-2. engine: N runs of a 5-step workflow (no-op tool), the orchestrator and the trigger
-   router in one process (``--router-apart``: in two), workers in another, triggers
-   published as fast as the broker takes them.
+2. engine: N runs of a 5-step workflow (no-op tool), the orchestrator reading the
+   co-partitioned triggers in one process, workers in another, triggers (keyed by run
+   id, as the client sends them) published as fast as the broker takes them. With
+   ``--topology router`` the triggers topic has another partition count, so the trigger
+   router reads it, in the orchestrator's process (``router-apart``: in its own).
 
 Prints steps/s for both and their ratio; the engine's CPU seconds and peak RSS per 1k
 steps; and, for open-loop (Poisson) arrivals at 25/50/75/90% of the burst rate,
@@ -253,10 +255,12 @@ async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
                 if delay > 0:
                     await asyncio.sleep(delay)
             key = f"{tag}-{i}"
-            sent_at[run_id_for("default", key)] = time.time() * 1000
+            run_id = run_id_for("default", key)
+            sent_at[run_id] = time.time() * 1000
+            # Keyed by run id, as the client does: each lands on its run's partition.
             await producer.send(topics.triggers, encode(Trigger(workflow="bench5",
                                                                 idempotency_key=key)),
-                                key=key.encode())
+                                key=run_id.encode())
         await producer.flush()
 
     began = time.perf_counter()
@@ -298,27 +302,39 @@ async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
     }
 
 
+TOPOLOGIES = {
+    "direct": "the orchestrator reads the co-partitioned triggers",
+    "router": "a triggers topic of another partition count, the router in the engine's "
+              "process",
+    "router-apart": "a triggers topic of another partition count, the router in a "
+                    "process of its own",
+}
+
 LOADS = (0.25, 0.5, 0.75, 0.9)
 """Open-loop loads, as fractions of the burst (maximum sustained) rate."""
 
 
 def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
-                 loads: tuple[float, ...] = LOADS, router_apart: bool = False) -> dict[str, Any]:
+                 loads: tuple[float, ...] = LOADS, topology: str = "direct") -> dict[str, Any]:
     """The burst (the maximum sustained rate: triggers as fast as the broker takes them),
     the engine's CPU and peak RSS over it, then open-loop runs at ``loads``.
 
-    The trigger router runs in the orchestrator's process, or with ``router_apart`` in a
-    process of its own (``serve --no-engine`` beside ``serve --no-router``). Apart, its
-    hop is shorter (it no longer waits for the batches the orchestrator decides) but one
-    more process competes for the cores: on two cores neither topology was faster end to
-    end in every run. The engine's CPU figure counts both processes."""
-    topics = Topics(prefix=f"b{uuid.uuid4().hex[:8]}", partitions=partitions)
+    ``topology`` (see ``TOPOLOGIES``): by default the orchestrator reads the triggers
+    itself. The router topologies give the triggers topic one partition more than the
+    run inputs, so ``serve`` runs the trigger router: in the orchestrator's process, or
+    in a process of its own (``serve --no-engine`` beside ``serve --no-router``); the
+    engine's CPU figure counts both processes."""
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology {topology!r}: choose one of {', '.join(TOPOLOGIES)}")
+    topics = Topics(prefix=f"b{uuid.uuid4().hex[:8]}", partitions=partitions,
+                    trigger_partitions=None if topology == "direct" else partitions + 1)
 
     async def setup() -> None:
         await ensure_topics(bootstrap, topics.core_topics())
         await publish_spec(bootstrap, topics, SPEC)
 
     asyncio.run(setup())
+    router_apart = topology == "router-apart"
     engine = _serve(bootstrap, postgres, topics, *(["--no-router"] if router_apart else []))
     router = _serve(bootstrap, postgres, topics, "--no-engine") if router_apart else None
     worker = _serve(bootstrap, postgres, topics, "--no-engine", "--no-router",
@@ -339,8 +355,7 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
             return (cpu_seconds(proc.pid) - cpu_before[proc.pid]) / steps * 1000
 
         burst["efficiency"] = {
-            "topology": "router in its own process" if router_apart
-            else "router in the engine's process",
+            "topology": TOPOLOGIES[topology],
             "engine_cpu_s_per_1k_steps": per_1k(engine) + per_1k(router),
             "router_cpu_s_per_1k_steps": per_1k(router),
             "worker_cpu_s_per_1k_steps": per_1k(worker),
@@ -375,14 +390,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--loads", default=",".join(str(x) for x in LOADS),
                         help="open-loop loads, fractions of the burst rate")
-    parser.add_argument("--router-apart", action="store_true",
-                        help="run the trigger router in a process of its own")
+    parser.add_argument("--topology", choices=list(TOPOLOGIES), default="direct",
+                        help="who reads the triggers: " + "; ".join(
+                            f"{k}: {v}" for k, v in TOPOLOGIES.items()))
     args = parser.parse_args(argv)
     loads = tuple(float(x) for x in args.loads.split(",") if x)
     bootstrap, postgres = infra_settings()
     ceiling = bench_ceiling(bootstrap, args.partitions, args.runs * STEPS)
     engine = bench_engine(bootstrap, postgres, args.partitions, args.runs, loads,
-                          router_apart=args.router_apart)
+                          topology=args.topology)
     ratio = engine["burst"]["steps_per_s"] / ceiling["steps_per_s"]
     burst = engine["burst"]
     print(f"python {platform.python_version()}, {os.cpu_count()} cores, "

@@ -334,10 +334,10 @@ class Watcher:
 
 async def publish(producer: AIOKafkaProducer, topics: Topics, workflow: str,
                   keys: Iterable[str]) -> None:
-    for key in keys:
+    for key in keys:  # keyed by run id, as the client does: the trigger's own partition
         await producer.send(topics.triggers, encode(Trigger(workflow=workflow,
                                                             idempotency_key=key)),
-                            key=key.encode())
+                            key=run_of(key).encode())
     await producer.flush()
 
 

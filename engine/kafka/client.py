@@ -210,9 +210,11 @@ class KafkaClient:
     # ------------------------------------------------------------------ writing
 
     async def trigger(self, trigger: Trigger) -> str:
-        """Publish ``trigger`` on the triggers topic, keyed by its idempotency key; return
-        the run id it addresses. A trigger without a key gets its identity from where it
-        lands, so its run id is only known once the router has read it: give a key."""
+        """Publish ``trigger`` on the triggers topic, keyed by the run id it addresses, and
+        return that run id. The key puts it on its run's partition: with a co-partitioned
+        triggers topic the orchestrator starts the run in the transaction that reads it.
+        A trigger without an idempotency key gets its identity from where it lands, so its
+        run id is only known once it has been read: give a key."""
         if not trigger.idempotency_key:
             raise KafkaClientError("a trigger sent from here needs an idempotency key")
         self._need(self.topics.triggers)
@@ -221,7 +223,7 @@ class KafkaClient:
         headers = trace_headers(trigger.correlation_id or run_id, trigger.idempotency_key,
                                 trigger.tenant)
         await producer.send_and_wait(self.topics.triggers, encode(trigger),
-                                     key=trigger.idempotency_key.encode(), headers=headers)
+                                     key=run_id.encode(), headers=headers)
         return run_id
 
     async def send_command(self, command: Command, wait_s: float = 10.0) -> list[Event] | None:

@@ -1,13 +1,20 @@
 """The orchestrator on Kafka, exactly once.
 
-One consumer (group ``<app>-engine``, read_committed) reads the run inputs topic. For
-each assigned input partition p there is one transactional producer,
-``transactional.id = <app>-<inputs topic>-<p>`` (aiokafka has no KIP-447, so fencing is
-per partition). A batch of partition p is decided by the shared ``Processor`` and written
-in ONE transaction: events and recorded commands (events topic, p), state snapshots
-(state changelog, p), task commands (task topics, p), notifications, dead letters, and
-the input offsets (``send_offsets_to_transaction``). Only after the commit succeeds does
-the batch's state enter the partition's cache.
+One consumer (group ``<app>-engine``, read_committed) reads the run inputs topic and,
+when it is co-partitioned with them, the triggers topic: the range assignor gives one
+member partition p of both. For each assigned partition p there is one transactional
+producer, ``transactional.id = <app>-<inputs topic>-<p>`` (aiokafka has no KIP-447, so
+fencing is per partition). A batch of partition p is decided by the shared ``Processor``
+and written in ONE transaction: events and recorded commands (events topic, p), state
+snapshots (state changelog, p), task commands (task topics, p), notifications, dead
+letters, the ``StartRun`` of triggers read at p for runs of other partitions (run inputs,
+their partition), and the offsets of both input partitions
+(``send_offsets_to_transaction``). Only after the commit succeeds does the batch's state
+enter the partition's cache.
+
+A trigger keyed by its run id lands on its run's partition and is decided in the same
+transaction that reads it: one transactional hop from the trigger to the first command,
+where the trigger router (for a triggers topic with another partition count) takes two.
 
 Failure rules (the path where Jepsen found lost writes and torn transactions):
 
@@ -36,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from engine.codec import decode, encode
 from engine.core.events import Event
@@ -61,7 +69,8 @@ RESTORE_SLICE = 2000
 """Snapshots decoded between two yields to the event loop while restoring."""
 
 MAX_ABORTS = 3
-"""Aborted transactions of one batch before its inputs are isolated one by one."""
+"""Aborted transactions in a row (each rewinds to the committed offsets, so each retried
+the same inputs) before a partition's inputs are isolated one by one."""
 
 log = logging.getLogger("terranoha.kafka.engine")
 
@@ -83,14 +92,17 @@ class PartitionStats:
 class _Partition:
     number: int
     tp: TopicPartition
+    """The run inputs partition."""
+    tps: tuple[TopicPartition, ...]
+    """Every partition read for it: the run inputs', and the triggers' when co-partitioned."""
     producer: AIOKafkaProducer
     cache: StateCache
     timers: TimerService
     processor: Processor
-    next_offset: int = 0
-    """Inputs below this offset are done: records fetched before a seek are dropped."""
-    aborts_at: tuple[int, int] = (-1, 0)
-    """(offset, count): consecutive aborted transactions of the batch starting there."""
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    """Records below these offsets are done: records fetched before a seek are dropped."""
+    aborts: int = 0
+    """Aborted transactions since the last commit."""
     stats: PartitionStats = field(default_factory=PartitionStats)
 
 
@@ -99,17 +111,18 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.engine = engine
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        await self.engine._cancel_takeovers([tp.partition for tp in revoked])
+        numbers = sorted({tp.partition for tp in revoked})
+        await self.engine._cancel_takeovers(numbers)
         async with self.engine.lock:
-            for tp in revoked:
-                await self.engine._release(tp.partition)
+            for number in numbers:
+                await self.engine._release(number)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         # The takeover runs after this callback returns: aiokafka stops the group
         # heartbeat until it does, so a changelog restore longer than the session timeout
         # done here would get this member evicted, and the restore would start over.
-        for tp in assigned:
-            self.engine._take_over(tp.partition)
+        for number in sorted({tp.partition for tp in assigned}):
+            self.engine._take_over(number)
 
 
 class KafkaEngine:
@@ -129,8 +142,16 @@ class KafkaEngine:
         commit_timeout_s: float = 15.0,
         refence_pause_s: float = 5.0,
         instance_id: str | None = None,
+        read_triggers: bool | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self.read_triggers = topics.co_partitioned if read_triggers is None else read_triggers
+        """Read the triggers topic beside the run inputs (default: when co-partitioned)."""
+        if self.read_triggers and not topics.co_partitioned:
+            raise ValueError(f"the triggers topic has {topics.trigger_count} partitions and "
+                             f"the run inputs {topics.partitions}: the orchestrator reads "
+                             "triggers only when the counts are equal; run the trigger "
+                             "router for this topic instead")
         self.instance_id = instance_id
         """Static group membership (``group.instance.id``): a process restarted under the
         same id gets its partitions back at once instead of after the session timeout."""
@@ -166,9 +187,14 @@ class KafkaEngine:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 << 20,
             group_instance_id=f"{self.instance_id}-engine" if self.instance_id else None,
+            # Partition p of the inputs and of the triggers go to the same member.
+            partition_assignment_strategy=(RangePartitionAssignor,),
         )
         await self.consumer.start()
-        self.consumer.subscribe([self.topics.inputs], listener=_Rebalance(self))
+        subscribed = [self.topics.inputs]
+        if self.read_triggers:
+            subscribed.append(self.topics.triggers)
+        self.consumer.subscribe(subscribed, listener=_Rebalance(self))
         self.started.set()
         try:
             while not stop.is_set():
@@ -202,6 +228,22 @@ class KafkaEngine:
     def _transactional_id(self, number: int) -> str:
         return f"{self.app}-{self.topics.inputs}-{number}"
 
+    def _tps(self, number: int) -> tuple[TopicPartition, ...]:
+        """The partitions read for partition ``number``: the run inputs' first."""
+        inputs = TopicPartition(self.topics.inputs, number)
+        if not self.read_triggers:
+            return (inputs,)
+        return inputs, TopicPartition(self.topics.triggers, number)
+
+    def _assigned(self, number: int) -> list[TopicPartition]:
+        assert self.consumer is not None
+        assignment = self.consumer.assignment()
+        return [tp for tp in self._tps(number) if tp in assignment]
+
+    def _owns(self, number: int) -> Callable[[str], bool]:
+        partition_of = self.topics.partition_of
+        return lambda run_id: partition_of(run_id) == number
+
     async def _acquire(self, number: int, stats: PartitionStats | None = None) -> None:
         """Take the partition over now (the caller holds the lock)."""
         if number in self.parts:
@@ -217,10 +259,11 @@ class KafkaEngine:
         except BaseException:
             await stop_quietly(producer)
             raise
-        part = _Partition(
-            number=number, tp=TopicPartition(self.topics.inputs, number), producer=producer,
-            cache=cache, timers=timers, processor=Processor(self.specs, cache),
-            stats=stats or PartitionStats())
+        tps = self._tps(number)
+        processor = Processor(self.specs, cache, owns=self._owns(number),
+                              triggers_source=self.topics.triggers)
+        part = _Partition(number=number, tp=tps[0], tps=tps, producer=producer, cache=cache,
+                          timers=timers, processor=processor, stats=stats or PartitionStats())
         part.stats.restores += 1
         part.stats.restored_states += restored
         part.stats.restore_ms += restore_ms
@@ -230,7 +273,7 @@ class KafkaEngine:
         # aiokafka may already have fetched this partition from a committed offset read
         # before the previous owner's transaction settled: resume from a fresh one.
         try:
-            part.next_offset = await self._seek_committed(part.tp)
+            await self._rewind(part)
         except BaseException:
             await stop_quietly(part.producer)
             raise
@@ -245,7 +288,11 @@ class KafkaEngine:
         assert self.consumer is not None
         if number in self.parts or number in self._takeovers:
             return
-        self.consumer.pause(TopicPartition(self.topics.inputs, number))
+        tps = self._assigned(number)
+        if len(tps) < len(self._tps(number)):
+            log.error("partition %d: assigned %s without its pair; the group mixes "
+                      "assignors or the topics' partition counts changed", number, tps)
+        self.consumer.pause(*tps)
         task = asyncio.get_running_loop().create_task(self._take_over_task(number))
         self._takeovers[number] = task
         task.add_done_callback(
@@ -254,15 +301,14 @@ class KafkaEngine:
 
     async def _take_over_task(self, number: int) -> None:
         assert self.consumer is not None
-        tp = TopicPartition(self.topics.inputs, number)
         stats = PartitionStats()
         part: _Partition | None = None
         try:
             part = await self._prepare(number, stats)
             async with self.lock:
-                if tp in self.consumer.assignment() and number not in self.parts:
+                if self._still_assigned(number) and number not in self.parts:
                     await self._install(part)
-                    self.consumer.resume(tp)
+                    self.consumer.resume(*part.tps)
                     part = None  # installed: the producer is the partition's now
         except Exception as exc:
             log.warning("partition %d: cannot take it over yet (%r); retrying", number, exc)
@@ -335,11 +381,14 @@ class KafkaEngine:
         log.warning("partition %d: %s; recreating its producer and restoring", part.number, why)
         self.parts.pop(part.number, None)
         await stop_quietly(part.producer)
-        assert self.consumer is not None
-        if part.tp not in self.consumer.assignment():
+        if not self._still_assigned(part.number):
             self._retire_stats(part.stats)
             return
         await self._acquire_or_retry(part.number, part.stats)
+
+    def _still_assigned(self, number: int) -> bool:
+        """Every partition read for ``number`` is still assigned to this member."""
+        return len(self._assigned(number)) == len(self._tps(number))
 
     async def _acquire_or_retry(self, number: int, stats: PartitionStats | None = None) -> None:
         """Acquire the partition; if the broker cannot be reached (it may be restarting),
@@ -352,16 +401,17 @@ class KafkaEngine:
 
     def _pause_and_reclaim(self, number: int, stats: PartitionStats) -> None:
         assert self.consumer is not None
-        tp = TopicPartition(self.topics.inputs, number)
-        if tp in self.consumer.assignment():
-            self.consumer.pause(tp)
+        if self._still_assigned(number):
+            self.consumer.pause(*self._tps(number))
             asyncio.get_running_loop().create_task(self._reclaim_later(number, stats))
         else:
             self._retire_stats(stats)
 
-    async def _seek_committed(self, tp: TopicPartition) -> int:
+    async def _rewind(self, part: _Partition) -> None:
+        """Seek each of the partition's inputs back to its committed offset."""
         assert self.consumer is not None
-        return await seek_committed(self.consumer, tp)
+        for tp in part.tps:
+            part.next_offsets[tp] = await seek_committed(self.consumer, tp)
 
     # ------------------------------------------------------------------ processing
 
@@ -370,12 +420,18 @@ class KafkaEngine:
         producer, state cache and timers), so their transactions run concurrently: one
         partition's commit round trip overlaps another's processing instead of adding to
         every input's latency."""
-        await gather_all(self._process(part, messages) for tp, messages in records.items()
-                         if messages and (part := self.parts.get(tp.partition)) is not None)
+        fetched: dict[int, dict[TopicPartition, Sequence[Any]]] = {}
+        for tp, messages in records.items():
+            if messages:
+                fetched.setdefault(tp.partition, {})[tp] = messages
+        await gather_all(self._process(part, by_tp) for number, by_tp in fetched.items()
+                         if (part := self.parts.get(number)) is not None)
 
-    async def _process(self, part: _Partition, messages: Sequence[Any]) -> None:
-        inputs = [Input(self.topics.inputs, part.number, m.offset, m.value or b"")
-                  for m in messages if m.offset >= part.next_offset]
+    async def _process(self, part: _Partition,
+                       fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        inputs = [Input(tp.topic, part.number, m.offset, m.value or b"")
+                  for tp in part.tps for m in fetched.get(tp, ())
+                  if m.offset >= part.next_offsets.get(tp, 0)]
         if not inputs:
             return
         batch = part.processor.process(inputs, self.clock.now_ms())
@@ -385,10 +441,9 @@ class KafkaEngine:
         if unknown and self.refresh_specs is not None:
             await self.refresh_specs()
             batch = part.processor.process(inputs, self.clock.now_ms())
-        first = inputs[0].offset
-        if part.aborts_at[0] == first and part.aborts_at[1] >= MAX_ABORTS:
-            log.warning("partition %d: the batch at offset %d aborted %d times; isolating "
-                        "its inputs", part.number, first, part.aborts_at[1])
+        if part.aborts >= MAX_ABORTS:
+            log.warning("partition %d: %d transactions in a row aborted; isolating its "
+                        "%d inputs", part.number, part.aborts, len(inputs))
             await self._process_one_by_one(part, inputs)
             return
         try:
@@ -398,36 +453,36 @@ class KafkaEngine:
                           part.number)
             await self._process_one_by_one(part, inputs)
             return
-        if await self._transact(part, records, inputs[-1].offset + 1):
+        offsets = _next_offsets(inputs)
+        if await self._transact(part, records, offsets):
             self._committed(part, batch)
-            part.next_offset = inputs[-1].offset + 1
-            part.aborts_at = (-1, 0)
-        elif part.next_offset == first:
-            count = part.aborts_at[1] + 1 if part.aborts_at[0] == first else 1
-            part.aborts_at = (first, count)
+            part.next_offsets.update(offsets)
+            part.aborts = 0
 
     async def _process_one_by_one(self, part: _Partition, inputs: list[Input]) -> None:
         """Each input in a transaction of its own; an input whose outcome cannot be
         encoded or written becomes a dead letter, so the partition keeps moving."""
         for item in inputs:
+            tp = TopicPartition(item.source, item.partition)
+            offsets = {tp: item.offset + 1}
             batch = part.processor.process([item], self.clock.now_ms())
             try:
                 records = self._records(part.number, batch)
-                committed = await self._transact(part, records, item.offset + 1)
+                committed = await self._transact(part, records, offsets)
             except Exception as exc:
-                log.exception("partition %d: input %d cannot be processed", part.number,
-                              item.offset)
+                log.exception("partition %d: input %s/%d cannot be processed", part.number,
+                              item.source, item.offset)
                 committed, batch = False, self._dead_batch(part, item, f"{exc!r}")
             still_ours = self.parts.get(part.number) is part  # not recreated or fenced
-            if not committed and still_ours and part.next_offset == item.offset:
+            if not committed and still_ours and part.next_offsets.get(tp) == item.offset:
                 batch = self._dead_batch(part, item, "its outcome was refused by Kafka")
                 committed = await self._transact(part, self._records(part.number, batch),
-                                                 item.offset + 1)
+                                                 offsets)
             if not committed:
                 return
             self._committed(part, batch)
-            part.next_offset = item.offset + 1
-        part.aborts_at = (-1, 0)
+            part.next_offsets[tp] = item.offset + 1
+        part.aborts = 0
 
     def _dead_batch(self, part: _Partition, item: Input, why: str) -> Batch:
         dead = dead_letter(item.source, item.partition, item.offset, "engine_error",
@@ -472,19 +527,23 @@ class KafkaEngine:
         for dead in batch.dead_letters:
             out.append((t.dead_letters, number, dead.run_id.encode() or None, encode(dead),
                         [("reason", dead.reason.encode())]))
+        for start in batch.forwards:
+            out.append((t.inputs, t.partition_of(start.run_id), start.run_id.encode(),
+                        encode(start), trace_headers(start.correlation_id, start.command_id,
+                                                     start.tenant)))
         return out
 
     async def _transact(self, part: _Partition, records: list[Record],
-                        next_offset: int | None) -> bool:
-        """One transaction: the records, and the input offset if given. True if committed."""
-        offsets = {part.tp: next_offset} if next_offset is not None else None
+                        offsets: Mapping[TopicPartition, int] | None) -> bool:
+        """One transaction: the records, and the input offsets if given. True if committed."""
         outcome = await run_transaction(part.producer, records, offsets, self.group_id,
                                         self.commit_timeout_s)
         if outcome is Outcome.FENCED:
             await self._fenced(part)
         elif outcome is Outcome.ABORTED:
             part.stats.aborted += 1
-            part.next_offset = await self._seek_committed(part.tp)
+            part.aborts += 1
+            await self._rewind(part)
         elif outcome is Outcome.UNKNOWN:
             part.stats.unknown_outcomes += 1
             await self._take_back(part, "transaction outcome unknown")
@@ -501,19 +560,18 @@ class KafkaEngine:
     async def _reclaim_later(self, number: int, stats: PartitionStats) -> None:
         """Take a paused partition back after a pause, for as long as it stays assigned."""
         delay = self.refence_pause_s
-        tp = TopicPartition(self.topics.inputs, number)
         while True:
             await asyncio.sleep(delay)
             async with self.lock:
                 assert self.consumer is not None
-                if tp not in self.consumer.assignment() or number in self.parts:
+                if not self._still_assigned(number) or number in self.parts:
                     return
                 try:
                     await self._acquire(number, stats)
                 except Exception as exc:
                     log.warning("partition %d: still cannot take it over (%r)", number, exc)
                 else:
-                    self.consumer.resume(tp)
+                    self.consumer.resume(*self._tps(number))
                     return
             delay = min(delay * 2, 30.0)
 
@@ -527,6 +585,11 @@ class KafkaEngine:
                 (self.topics.inputs, part.number, c.run_id.encode(), encode(c),
                  trace_headers(c.run_id, c.command_id, c.tenant)) for c in due]
             await self._transact(part, records, None)
+
+
+def _next_offsets(inputs: Sequence[Input]) -> dict[TopicPartition, int]:
+    """The offsets to commit once ``inputs`` are done: one past the last of each partition."""
+    return {TopicPartition(item.source, item.partition): item.offset + 1 for item in inputs}
 
 
 def _event_headers(event: Event, cache: dict[str, Headers]) -> Headers:

@@ -1,6 +1,9 @@
 """Run the Kafka backend's parts in one process: the orchestrator, the trigger router,
 the spec follower and, given tools and PostgreSQL, a worker. Each part can be left out
-to run them as separate processes."""
+to run them as separate processes.
+
+The router runs only for a triggers topic whose partition count differs from the run
+inputs': a co-partitioned triggers topic (the default) is read by the orchestrator."""
 
 from __future__ import annotations
 
@@ -71,7 +74,10 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                      refresh_specs=follower.catch_up,
                                      instance_id=options.instance_id)
         runners.append(running.engine.run(stop))
-    if options.router:
+    if options.router and topics.co_partitioned:
+        log.info("%s is co-partitioned with %s: the orchestrator reads the triggers, no "
+                 "router runs", topics.triggers, topics.inputs)
+    elif options.router:
         running.router = TriggerRouter(options.bootstrap, options.topics, app=options.app,
                                        clock=clock, instance_id=options.instance_id)
         runners.append(running.router.run(stop))

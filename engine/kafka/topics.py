@@ -3,6 +3,12 @@
 All run-keyed topics (run inputs, run events, run state, task topics) have the same
 partition count and are keyed by run id, so partition p of each holds the same runs:
 one transaction per input partition can write all of them.
+
+The triggers topic has that partition count too unless told otherwise. Then it is
+co-partitioned with the run inputs: the orchestrator reads triggers partition p beside
+inputs partition p and starts the runs that live there in the same transaction; a trigger
+keyed by its run id (Kafka's default partitioner) always lands there. A triggers topic
+with another partition count is read by the trigger router instead, one hop more.
 """
 
 from __future__ import annotations
@@ -27,12 +33,24 @@ COMPACTED = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
 
 @dataclass(frozen=True, slots=True)
 class Topics:
-    """Where everything lives. ``partitions`` is the run-keyed partition count."""
+    """Where everything lives. ``partitions`` is the run-keyed partition count;
+    ``trigger_partitions`` the triggers topic's, the same when None (co-partitioned)."""
 
     prefix: str = "terranoha"
     partitions: int = 6
-    trigger_partitions: int = 3
+    trigger_partitions: int | None = None
     replication: int = 1
+
+    @property
+    def trigger_count(self) -> int:
+        """The triggers topic's partition count."""
+        return self.partitions if self.trigger_partitions is None else self.trigger_partitions
+
+    @property
+    def co_partitioned(self) -> bool:
+        """True when triggers partition p goes with run inputs partition p: the
+        orchestrator reads the triggers itself and no router is needed."""
+        return self.trigger_count == self.partitions
 
     @property
     def inputs(self) -> str:
@@ -76,7 +94,7 @@ class Topics:
             NewTopic(self.inputs, n, r),
             NewTopic(self.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
             NewTopic(self.state, n, r, topic_configs=dict(COMPACTED)),
-            NewTopic(self.triggers, self.trigger_partitions, r),
+            NewTopic(self.triggers, self.trigger_count, r),
             NewTopic(self.notifications, n, r),
             NewTopic(self.dead_letters, n, r,
                      topic_configs={**RETAIN_FOREVER, "max.message.bytes": str(DEAD_LETTER_BYTES)}),
@@ -135,7 +153,7 @@ async def deployed_topics(bootstrap: str, topics: Topics) -> Topics:
     counts = {d["topic"]: len(d["partitions"]) for d in described
               if d.get("error_code", 0) == 0 and d.get("partitions")}
     return replace(topics, partitions=counts.get(topics.inputs, topics.partitions),
-                   trigger_partitions=counts.get(topics.triggers, topics.trigger_partitions))
+                   trigger_partitions=counts.get(topics.triggers, topics.trigger_count))
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str],

@@ -156,9 +156,10 @@ def configure(exporter: str, *, set_global: bool = True,
 
 
 def kafka_lag(engine: KafkaEngine) -> LagSource:
-    """Records behind per input partition of a ``KafkaEngine``: the partition's high
-    watermark minus the next offset to process (transaction markers count, so an idle
-    partition may show 1)."""
+    """Records behind per input partition of a ``KafkaEngine``: the high watermark minus
+    the next offset to process, summed over the partitions read for it (run inputs, and
+    triggers when co-partitioned; transaction markers count, so an idle partition may
+    show 1)."""
 
     def lag() -> dict[int, int]:
         consumer = engine.consumer
@@ -166,9 +167,11 @@ def kafka_lag(engine: KafkaEngine) -> LagSource:
         if consumer is None:
             return out
         for number, part in list(engine.parts.items()):
-            highwater = consumer.highwater(part.tp)
-            if highwater is not None:
-                out[number] = max(0, int(highwater) - int(part.next_offset))
+            for tp in part.tps:
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    behind = max(0, int(highwater) - int(part.next_offsets.get(tp, 0)))
+                    out[number] = out.get(number, 0) + behind
         return out
 
     return lag

@@ -63,6 +63,9 @@ class Batch:
     notifications: list[Notification] = field(default_factory=list)
     timers: list[tuple[str, TimerArmed]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    forwards: list[StartRun] = field(default_factory=list)
+    """Triggers read here for runs that live elsewhere: their ``StartRun`` goes to the
+    run's own input partition, in the same atomic unit."""
     inputs: int = 0
     last: Input | None = None
 
@@ -116,11 +119,20 @@ def trigger_to_start(trigger: Trigger, source: str, partition: int, offset: int)
 
 
 class Processor:
-    """Decides a batch of inputs against committed state plus the batch's own changes."""
+    """Decides a batch of inputs against committed state plus the batch's own changes.
 
-    def __init__(self, specs: SpecRegistry, cache: StateCache) -> None:
+    ``owns(run_id)`` says whether a run lives in this processor's cache (on Kafka: its
+    partition); a trigger for a run that lives elsewhere becomes a forward instead of a
+    decision. Inputs from ``triggers_source`` must be triggers: a command written there
+    is a dead letter, since it may address a run owned elsewhere."""
+
+    def __init__(self, specs: SpecRegistry, cache: StateCache,
+                 owns: Callable[[str], bool] | None = None,
+                 triggers_source: str | None = None) -> None:
         self.specs = specs
         self.cache = cache
+        self.owns = owns
+        self.triggers_source = triggers_source
 
     def process(self, inputs: Iterable[Input], now: int) -> Batch:
         batch = Batch()
@@ -138,8 +150,16 @@ class Processor:
                 self._dead(batch, item, exc.reason, str(exc), now)
                 continue
             if isinstance(record, Trigger):
-                command: Command = trigger_to_start(record, item.source, item.partition,
-                                                    item.offset)
+                start = trigger_to_start(record, item.source, item.partition, item.offset)
+                if self.owns is not None and not self.owns(start.run_id):
+                    batch.forwards.append(start)
+                    continue
+                command: Command = start
+            elif item.source == self.triggers_source:
+                self._dead(batch, item, "unexpected_record",
+                           f"{type(record).__name__} is not a trigger; commands go to the "
+                           "run inputs topic", now)
+                continue
             elif isinstance(record, Command):
                 command = record
             else:

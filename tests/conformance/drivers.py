@@ -148,8 +148,9 @@ class EmbeddedDriver(Driver):
 
 
 class KafkaDriver(Driver):
-    """The orchestrator, the trigger router, a worker (PostgreSQL ledger) and the spec
-    follower on the real broker, each under a fresh topic prefix and app name."""
+    """The orchestrator (reading the co-partitioned triggers itself, as deployed by
+    default), a worker (PostgreSQL ledger) and the spec follower on the real broker,
+    under a fresh topic prefix and app name."""
 
     name = "kafka"
 
@@ -159,7 +160,7 @@ class KafkaDriver(Driver):
         prefix = f"c{uuid.uuid4().hex[:10]}"
         self.bootstrap = bootstrap
         self.dsn = dsn
-        self.topics = Topics(prefix=prefix, partitions=partitions, trigger_partitions=2)
+        self.topics = Topics(prefix=prefix, partitions=partitions)
         self.app = prefix
         self.threads = _LoopThread()
         self._events: dict[str, list[Event]] = {}
@@ -170,7 +171,6 @@ class KafkaDriver(Driver):
 
         from engine.kafka.ledger import PostgresLedger
         from engine.kafka.processor import KafkaEngine
-        from engine.kafka.router import TriggerRouter
         from engine.kafka.specs import SpecFollower, publish_spec
         from engine.kafka.topics import ensure_topics
         from engine.kafka.worker import KafkaWorker
@@ -188,8 +188,7 @@ class KafkaDriver(Driver):
         call(ledger.open())
         self._ledger = ledger
         self.worker = KafkaWorker(self.bootstrap, t, registry, ledger, app=self.app)
-        router = TriggerRouter(self.bootstrap, t, app=self.app)
-        for runner in (self.engine.run, router.run, self.worker.run, follower.follow):
+        for runner in (self.engine.run, self.worker.run, follower.follow):
             self.threads.spawn(runner)
 
         async def clients() -> None:

@@ -45,8 +45,7 @@ async def main(args: argparse.Namespace) -> int:
         follower = loop.create_task(_follow_offset(clock, Path(args.clock_file), stop))
     registry = load_worker_modules(["tests.embedded.durable_tools"] if args.worker else [])
     options = serve_module.ServeOptions(
-        bootstrap=args.kafka, topics=Topics(prefix=args.prefix, partitions=args.partitions,
-                                            trigger_partitions=2),
+        bootstrap=args.kafka, topics=Topics(prefix=args.prefix, partitions=args.partitions),
         app=args.prefix, postgres=args.postgres, registry=registry, concurrency=8)
 
     async def ready(running: serve_module.Running) -> None:

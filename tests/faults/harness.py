@@ -101,7 +101,8 @@ class Fleet:
         self.tmp = tmp
         self.partitions = partitions
         self.prefix = f"f{uuid.uuid4().hex[:10]}"
-        self.topics = Topics(prefix=self.prefix, partitions=partitions, trigger_partitions=2)
+        self.topics = Topics(prefix=self.prefix, partitions=partitions)
+        """Co-partitioned triggers, as deployed by default: the orchestrator reads them."""
         self.effects = tmp / "effects.db"
         self.clock_file = tmp / "clock-offset"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -249,11 +250,14 @@ class Fleet:
                 await producer.start()
                 futures = []
                 for _ in range(copies):
-                    for key in keys:
+                    for i, key in enumerate(keys):
                         trigger = Trigger(workflow=workflow, idempotency_key=key,
                                           input={"n": len(key)}, requested_by=requested_by)
+                        # Half keyed by run id (decided where they land), half by the
+                        # idempotency key (mostly forwarded to their run's partition).
+                        record_key = run_id_for("default", key) if i % 2 else key
                         futures.append((key, await producer.send(
-                            self.topics.triggers, encode(trigger), key=key.encode())))
+                            self.topics.triggers, encode(trigger), key=record_key.encode())))
                 results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
                 with self._lock:
                     for (key, _), result in zip(futures, results, strict=True):

@@ -1,0 +1,67 @@
+"""The shared processor with a partition's view of ownership: triggers for runs that
+live elsewhere are forwarded, not decided; the triggers source takes triggers only."""
+
+from __future__ import annotations
+
+from engine.codec import decode, encode
+from engine.core.commands import StartRun
+from engine.core.policies import run_id_for
+from engine.core.records import Trigger
+from engine.core.spec import load_spec
+from engine.runtime.processor import Input, Processor, StateCache
+from engine.runtime.specs import SpecRegistry
+
+SPEC = load_spec({"workflow": "hold", "version": 1,
+                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+NOW = 1_700_000_000_000
+
+
+def _processor(owned: set[str]) -> Processor:
+    specs = SpecRegistry()
+    specs.add(SPEC)
+    return Processor(specs, StateCache(), owns=owned.__contains__, triggers_source="triggers")
+
+
+def test_a_trigger_for_a_run_owned_here_is_decided_and_one_owned_elsewhere_forwarded() -> None:
+    mine, theirs = run_id_for("default", "mine"), run_id_for("default", "theirs")
+    processor = _processor({mine})
+    batch = processor.process([
+        Input("triggers", 2, 7, encode(Trigger(workflow="hold", idempotency_key="mine"))),
+        Input("triggers", 2, 8, encode(Trigger(workflow="hold", idempotency_key="theirs"))),
+    ], NOW)
+    assert set(batch.states) == {mine}
+    assert {e.run_id for e in batch.events} == {mine}
+    assert batch.recorded[0].command.command_id == "trigger:triggers/2/7"
+    assert [f.run_id for f in batch.forwards] == [theirs]
+    forwarded = batch.forwards[0]
+    # The same StartRun the router would write: its id names where the trigger was read,
+    # so the run's own partition decides it exactly as if it had landed there.
+    assert forwarded.command_id == "trigger:triggers/2/8"
+    assert decode(encode(forwarded)) == forwarded
+    assert batch.inputs == 2 and not batch.dead_letters
+
+
+def test_a_command_on_the_triggers_source_is_a_dead_letter() -> None:
+    mine = run_id_for("default", "mine")
+    processor = _processor({mine})
+    command = encode(StartRun(command_id="c", run_id=mine, workflow="hold", version=1))
+    batch = processor.process([Input("triggers", 0, 3, command)], NOW)
+    assert not batch.states and not batch.events and not batch.forwards
+    [dead] = batch.dead_letters
+    assert (dead.source, dead.partition, dead.offset, dead.reason) == (
+        "triggers", 0, 3, "unexpected_record")
+    assert "commands go to the run inputs topic" in dead.detail
+    assert dead.payload == command
+    # The same command on the run inputs is decided.
+    batch = processor.process([Input("inputs", 0, 3, command)], NOW)
+    assert set(batch.states) == {mine}
+
+
+def test_without_ownership_every_trigger_is_decided() -> None:
+    specs = SpecRegistry()
+    specs.add(SPEC)
+    processor = Processor(specs, StateCache())
+    batch = processor.process(
+        [Input("store", 0, i, encode(Trigger(workflow="hold", idempotency_key=f"k{i}")))
+         for i in range(3)], NOW)
+    assert len(batch.states) == 3 and not batch.forwards
