@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postgres", help="PostgreSQL DSN for the workers' ledger "
                    "(default $TERRANOHA_POSTGRES)")
     p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
-    p.add_argument("--no-router", action="store_true", help="do not run the trigger router")
+    p.add_argument("--no-router", action="store_true",
+                   help="do not run the trigger router (it runs only for a triggers topic "
+                   "whose partition count differs from the run inputs')")
     p.add_argument("--instance-id", default=os.environ.get("TERRANOHA_INSTANCE_ID"),
                    help="Kafka: a stable id of this process (static group membership): "
                    "restarted after a crash, it takes its partitions back at once instead of "

@@ -1,7 +1,10 @@
-"""The triggers topic becomes run inputs, exactly once.
+"""The triggers topic becomes run inputs, exactly once, when it is not co-partitioned.
 
-Users publish ``Trigger`` records to the triggers topic; the router turns each into one
-``StartRun`` on the run inputs topic, keyed and partitioned by its run id. The run id
+A triggers topic with the run inputs' partition count is read by the orchestrator itself
+(``engine.kafka.processor``). One created with another count (more partitions for the
+producers, say) is read by this router: users publish ``Trigger`` records to it, and the
+router turns each into one ``StartRun`` on the run inputs topic, keyed and partitioned by
+its run id. The run id
 comes from (tenant, idempotency key), or from the trigger's topic/partition/offset when
 it has no key, so the same trigger published twice, or read twice, addresses one run:
 the orchestrator refuses the second ``StartRun``.
