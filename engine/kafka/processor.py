@@ -52,7 +52,6 @@ from engine.kafka._util import (
     Headers,
     Outcome,
     Record,
-    gather_all,
     run_transaction,
     seek_committed,
     stop_quietly,
@@ -73,6 +72,9 @@ MAX_ABORTS = 3
 the same inputs) before a partition's inputs are isolated one by one."""
 
 log = logging.getLogger("terranoha.kafka.engine")
+
+Fetched = Mapping[TopicPartition, Sequence[Any]]
+"""Consumer records by partition, as ``getmany`` returns them."""
 
 
 @dataclass(slots=True)
@@ -113,9 +115,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         numbers = sorted({tp.partition for tp in revoked})
         await self.engine._cancel_takeovers(numbers)
+        await self.engine._settle(numbers)  # the transactions in flight end first
         async with self.engine.lock:
             for number in numbers:
                 await self.engine._release(number)
+        self.engine._leaving.difference_update(numbers)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         # The takeover runs after this callback returns: aiokafka stops the group
@@ -166,7 +170,14 @@ class KafkaEngine:
         self.commit_timeout_s = commit_timeout_s
         self.refence_pause_s = refence_pause_s
         self.lock = asyncio.Lock()
+        """Held while partitions are installed or released."""
         self.parts: dict[int, _Partition] = {}
+        self._busy: dict[int, asyncio.Task[None]] = {}
+        """Partitions with a batch (or timers) in hand, until its transaction ends."""
+        self._leaving: set[int] = set()
+        """Partitions being revoked: no new batch starts for them."""
+        self._freed = asyncio.Event()
+        """Set when a partition's work ends, so the loop hands it its next batch."""
         self.retired = PartitionStats()
         self.consumer: AIOKafkaConsumer | None = None
         self.started = asyncio.Event()
@@ -198,13 +209,10 @@ class KafkaEngine:
         self.started.set()
         try:
             while not stop.is_set():
-                records = await self.consumer.getmany(timeout_ms=self.poll_ms,
-                                                      max_records=self.max_batch)
-                async with self.lock:
-                    await self._process_all(records)
-                    await self._fire_timers()
+                self._dispatch(await self._poll())
         finally:
             await self._cancel_takeovers()
+            await self._settle()
             async with self.lock:
                 for number in list(self.parts):
                     await self._release(number)
@@ -384,7 +392,8 @@ class KafkaEngine:
         if not self._still_assigned(part.number):
             self._retire_stats(part.stats)
             return
-        await self._acquire_or_retry(part.number, part.stats)
+        async with self.lock:
+            await self._acquire_or_retry(part.number, part.stats)
 
     def _still_assigned(self, number: int) -> bool:
         """Every partition read for ``number`` is still assigned to this member."""
@@ -415,17 +424,89 @@ class KafkaEngine:
 
     # ------------------------------------------------------------------ processing
 
-    async def _process_all(self, records: Mapping[TopicPartition, Sequence[Any]]) -> None:
-        """Each partition's batch in its own transaction. Partitions are independent (own
-        producer, state cache and timers), so their transactions run concurrently: one
-        partition's commit round trip overlaps another's processing instead of adding to
-        every input's latency."""
+    async def _poll(self) -> Fetched:
+        """Records of the partitions with nothing in hand. Returns early, with nothing,
+        when a busy partition finishes, so that it gets its next batch at once instead of
+        after the others' poll timeout."""
+        assert self.consumer is not None
+        self._reap()
+        idle = [tp for number, part in self.parts.items()
+                if number not in self._busy and number not in self._leaving for tp in part.tps]
+        self._freed.clear()
+        if not idle:
+            if self._busy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), self.poll_ms / 1000)
+            else:
+                await asyncio.sleep(self.poll_ms / 1000)
+            return {}
+        fetch = self.consumer.getmany(*idle, timeout_ms=self.poll_ms, max_records=self.max_batch)
+        if not self._busy:
+            fetched: Fetched = await fetch
+            return fetched
+        getter: asyncio.Future[Fetched] = asyncio.ensure_future(fetch)
+        freed = asyncio.ensure_future(self._freed.wait())
+        try:
+            await asyncio.wait((getter, freed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            freed.cancel()
+        if getter.done():
+            return getter.result()
+        # aiokafka hands records out without awaiting once it has them, so a getmany
+        # cancelled while it waits has taken nothing from its buffers.
+        getter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            return await getter
+        return {}
+
+    def _dispatch(self, records: Fetched) -> None:
+        """Start the work of each idle partition that has records or timers due: one
+        task per partition, so one partition's commit round trip holds back only its
+        own next batch, and the transactions of different partitions overlap."""
         fetched: dict[int, dict[TopicPartition, Sequence[Any]]] = {}
         for tp, messages in records.items():
             if messages:
                 fetched.setdefault(tp.partition, {})[tp] = messages
-        await gather_all(self._process(part, by_tp) for number, by_tp in fetched.items()
-                         if (part := self.parts.get(number)) is not None)
+        now = self.clock.now_ms()
+        for number, part in self.parts.items():
+            if number in self._busy or number in self._leaving:
+                continue  # its records stay in the consumer's buffer (not polled)
+            due = part.timers.next_due()
+            by_tp = fetched.get(number)
+            if by_tp or (due is not None and due <= now):
+                task = asyncio.get_running_loop().create_task(self._work(part, by_tp or {}))
+                self._busy[number] = task
+
+    async def _work(self, part: _Partition,
+                    fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        try:
+            if fetched:
+                await self._process(part, fetched)
+            if self.parts.get(part.number) is part:
+                await self._fire_timers(part)
+        finally:
+            self._freed.set()
+
+    def _reap(self) -> None:
+        """Forget the partition tasks that ended; an error in one stops the engine, as
+        it would have in the loop itself."""
+        for number, task in list(self._busy.items()):
+            if task.done():
+                del self._busy[number]
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    raise error
+
+    async def _settle(self, numbers: Iterable[int] | None = None) -> None:
+        """Stop starting work for ``numbers`` (all if None) and wait for what is in hand."""
+        chosen = list(self._busy) if numbers is None else [n for n in numbers if n in self._busy]
+        self._leaving.update(chosen if numbers is None else numbers)
+        tasks = [self._busy[n] for n in chosen]
+        if tasks:
+            await asyncio.wait(tasks)
+        self._reap()
+        if numbers is None:
+            self._leaving.clear()
 
     async def _process(self, part: _Partition,
                        fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
@@ -575,16 +656,14 @@ class KafkaEngine:
                     return
             delay = min(delay * 2, 30.0)
 
-    async def _fire_timers(self) -> None:
-        now = self.clock.now_ms()
-        for part in list(self.parts.values()):
-            due = part.timers.due(now)
-            if not due:
-                continue
-            records: list[Record] = [
-                (self.topics.inputs, part.number, c.run_id.encode(), encode(c),
-                 trace_headers(c.run_id, c.command_id, c.tenant)) for c in due]
-            await self._transact(part, records, None)
+    async def _fire_timers(self, part: _Partition) -> None:
+        due = part.timers.due(self.clock.now_ms())
+        if not due:
+            return
+        records: list[Record] = [
+            (self.topics.inputs, part.number, c.run_id.encode(), encode(c),
+             trace_headers(c.run_id, c.command_id, c.tenant)) for c in due]
+        await self._transact(part, records, None)
 
 
 def _next_offsets(inputs: Sequence[Input]) -> dict[TopicPartition, int]:
