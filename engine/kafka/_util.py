@@ -14,6 +14,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, NotEnoughReplicasError, ProducerFenced
 from aiokafka.producer import sender as _aiokafka_sender
 
+from engine.codec import encode
+from engine.core.commands import StartRun
+from engine.kafka.topics import Topics
+
 log = logging.getLogger("terranoha.kafka")
 
 CONCURRENT_TXN_RETRY_S = 0.002
@@ -169,6 +173,12 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
 
 class _Stoppable(Protocol):
     async def stop(self) -> Any: ...
+
+
+def start_run_record(topics: Topics, start: StartRun) -> Record:
+    """A trigger's ``StartRun`` for the run inputs partition of its run."""
+    return (topics.inputs, topics.partition_of(start.run_id), start.run_id.encode(),
+            encode(start), trace_headers(start.correlation_id, start.command_id, start.tenant))
 
 
 def trace_headers(correlation_id: str, causation_id: str, tenant: str) -> Headers:

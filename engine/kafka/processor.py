@@ -54,6 +54,7 @@ from engine.kafka._util import (
     Record,
     run_transaction,
     seek_committed,
+    start_run_record,
     stop_quietly,
     trace_headers,
     transactional_producer,
@@ -93,8 +94,6 @@ class PartitionStats:
 @dataclass(slots=True)
 class _Partition:
     number: int
-    tp: TopicPartition
-    """The run inputs partition."""
     tps: tuple[TopicPartition, ...]
     """Every partition read for it: the run inputs', and the triggers' when co-partitioned."""
     producer: AIOKafkaProducer
@@ -270,7 +269,7 @@ class KafkaEngine:
         tps = self._tps(number)
         processor = Processor(self.specs, cache, owns=self._owns(number),
                               triggers_source=self.topics.triggers)
-        part = _Partition(number=number, tp=tps[0], tps=tps, producer=producer, cache=cache,
+        part = _Partition(number=number, tps=tps, producer=producer, cache=cache,
                           timers=timers, processor=processor, stats=stats or PartitionStats())
         part.stats.restores += 1
         part.stats.restored_states += restored
@@ -499,9 +498,9 @@ class KafkaEngine:
 
     async def _settle(self, numbers: Iterable[int] | None = None) -> None:
         """Stop starting work for ``numbers`` (all if None) and wait for what is in hand."""
-        chosen = list(self._busy) if numbers is None else [n for n in numbers if n in self._busy]
-        self._leaving.update(chosen if numbers is None else numbers)
-        tasks = [self._busy[n] for n in chosen]
+        leaving = list(self._busy if numbers is None else numbers)
+        self._leaving.update(leaving)
+        tasks = [self._busy[n] for n in leaving if n in self._busy]
         if tasks:
             await asyncio.wait(tasks)
         self._reap()
@@ -608,10 +607,7 @@ class KafkaEngine:
         for dead in batch.dead_letters:
             out.append((t.dead_letters, number, dead.run_id.encode() or None, encode(dead),
                         [("reason", dead.reason.encode())]))
-        for start in batch.forwards:
-            out.append((t.inputs, t.partition_of(start.run_id), start.run_id.encode(),
-                        encode(start), trace_headers(start.correlation_id, start.command_id,
-                                                     start.tenant)))
+        out.extend(start_run_record(t, start) for start in batch.forwards)
         return out
 
     async def _transact(self, part: _Partition, records: list[Record],

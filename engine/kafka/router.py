@@ -34,21 +34,21 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
-from engine.codec import DecodeError, decode, encode
-from engine.core.records import Trigger
+from engine.codec import encode
 from engine.kafka._util import (
     Outcome,
     Record,
     gather_all,
     run_transaction,
     seek_committed,
+    start_run_record,
     stop_quietly,
-    trace_headers,
     transactional_producer,
 )
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock, SystemClock
-from engine.runtime.processor import MAX_INPUT_BYTES, dead_letter, trigger_to_start
+from engine.runtime.processor import Input, Processor, StateCache, dead_letter
+from engine.runtime.specs import SpecRegistry
 
 log = logging.getLogger("terranoha.kafka.router")
 
@@ -113,6 +113,10 @@ class TriggerRouter:
         self._next: dict[int, int] = {}
         self._retry_at: dict[int, float] = {}
         self._consumer: AIOKafkaConsumer | None = None
+        self._reader = Processor(SpecRegistry(), StateCache(), owns=lambda run_id: False,
+                                 triggers_source=topics.triggers)
+        """The engine's reading of a trigger, with every run owned elsewhere: each trigger
+        becomes a forward (its ``StartRun``), anything else a dead letter."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Route until ``stop`` is set; then finish the batch in hand and leave the group."""
@@ -231,45 +235,26 @@ class TriggerRouter:
         through it for a reason that is not Kafka's."""
         out: list[Record] = []
         started = dead = 0
+        now = self.clock.now_ms()
         for message in messages:
-            payload: bytes = message.value or b""
-            try:
-                out.append(self._start_record(tp, message.offset, payload))
-                started += 1
-            except _NotATrigger as exc:
-                out.append(self._dead_record(tp, message.offset, payload, exc.reason, exc.detail))
+            item = Input(tp.topic, tp.partition, message.offset, message.value or b"")
+            batch = self._reader.process([item], now)
+            letters = batch.dead_letters
+            for start in batch.forwards:
+                try:
+                    out.append(start_run_record(self.topics, start))
+                    started += 1
+                except Exception as exc:
+                    letters.append(dead_letter(
+                        tp.topic, tp.partition, message.offset, "engine_error",
+                        f"encoding its StartRun failed: {exc!r}", item.payload, now))
+            for letter in letters:
+                log.warning("dead letter %s/%d/%d: %s: %s", tp.topic, tp.partition,
+                            message.offset, letter.reason, letter.detail)
+                out.append((self.topics.dead_letters, tp.partition % self.topics.partitions,
+                            None, encode(letter), [("reason", letter.reason.encode())]))
                 dead += 1
         return out, started, dead
-
-    def _start_record(self, tp: TopicPartition, offset: int, payload: bytes) -> Record:
-        if len(payload) > MAX_INPUT_BYTES:
-            raise _NotATrigger("oversize", f"{len(payload)} bytes is over the "
-                                           f"{MAX_INPUT_BYTES} byte limit")
-        try:
-            trigger = decode(payload)
-        except DecodeError as exc:
-            raise _NotATrigger(exc.reason, str(exc)) from None
-        if not isinstance(trigger, Trigger):
-            raise _NotATrigger("unexpected_record",
-                               f"{type(trigger).__name__} is not a trigger; commands go to "
-                               f"{self.topics.inputs}")
-        start = trigger_to_start(trigger, tp.topic, tp.partition, offset)
-        try:
-            value = encode(start)
-        except Exception as exc:
-            raise _NotATrigger("engine_error", f"encoding its StartRun failed: {exc!r}") from None
-        headers = trace_headers(start.correlation_id, start.command_id, start.tenant)
-        return (self.topics.inputs, self.topics.partition_of(start.run_id),
-                start.run_id.encode(), value, headers)
-
-    def _dead_record(self, tp: TopicPartition, offset: int, payload: bytes, reason: str,
-                     detail: str) -> Record:
-        dead = dead_letter(tp.topic, tp.partition, offset, reason, detail, payload,
-                           self.clock.now_ms())
-        log.warning("dead letter %s/%d/%d: %s: %s", tp.topic, tp.partition, offset, reason,
-                    detail)
-        return (self.topics.dead_letters, tp.partition % self.topics.partitions, None,
-                encode(dead), [("reason", reason.encode())])
 
     async def _transact(self, tp: TopicPartition, producer: AIOKafkaProducer,
                         records: list[Record], next_offset: int) -> bool:
@@ -316,10 +301,3 @@ class TriggerRouter:
             # Fetched records of a paused partition are dropped; the next assignment
             # resumes it from the committed offset.
             self._consumer.pause(tp)
-
-
-class _NotATrigger(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
