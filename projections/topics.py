@@ -5,13 +5,15 @@
 - ``<prefix>.sla-metrics``: key ``workflow|tenant|window|bucket_start``, value an
   ``SlaMetrics`` per window (1 minute and 1 hour by default) and bucket touched.
 
-``TopicProjector`` reads every partition of the run events topic and writes both topics
-with one transactional producer (``transactional.id = <app>-timelines``); the input
-offsets go into the same transaction (``send_offsets_to_transaction``, group
-``<app>-timelines``). On start it rebuilds its state from the timelines topic (its own
-changelog: everything up to the committed offsets, nothing after), so a crash at any
-point neither loses nor doubles anything. SLA figures span all partitions, so there is
-one active instance; starting another fences the first, which then stops with an error.
+``TopicProjector`` is one task of the exactly-once stream processor
+(``engine.kafka.stream``, not grouped): it reads every partition of the run events topic
+and writes both topics with one transactional producer (``transactional.id =
+<app>-timelines``); the input offsets go into the same transaction (group
+``<app>-timelines``), and every record is acknowledged before the commit. On start it
+rebuilds its state from the timelines topic (its own changelog: everything up to the
+committed offsets, nothing after), so a crash at any point neither loses nor doubles
+anything. SLA figures span all partitions, so there is one active instance; starting
+another fences the first, which then stops with an error.
 
 It keeps every run's timeline in memory (the topic compacted to one record per run):
 fine for millions of small runs, not unbounded.
@@ -26,16 +28,17 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
-from aiokafka.errors import ProducerFenced
 
 from engine.codec import DecodeError, decode, encode
 from engine.core.events import Event
+from engine.kafka._util import Record
 from engine.kafka.specs import SpecFollower
-from engine.kafka.topics import COMPACTED, Topics, ensure_topics
+from engine.kafka.stream import Step, StreamProcessor, Task, TaskFencedError
+from engine.kafka.topics import COMPACTED, Topics, ensure_topics, key_partition
+from engine.runtime.processor import Input
 from engine.runtime.specs import SpecRegistry
 from projections._kafka import topic_partitions
 from projections.project import (
@@ -87,6 +90,86 @@ def _fit(record: RunTimeline) -> bytes:
     return encode(slim)
 
 
+class TimelinesTask(Task):
+    """Every run's timeline and the SLA buckets it counts in: the projector's one task.
+    Restored from the timelines topic, its own changelog."""
+
+    def __init__(self, projector: TopicProjector) -> None:
+        self.projector = projector
+        self.timelines: dict[str, Timeline] = {}
+        self.buckets: dict[Bucket, set[str]] = defaultdict(set)
+
+    async def restore(self, latest: Mapping[bytes, bytes]) -> int:
+        for value in latest.values():
+            record = decode(value)
+            if isinstance(record, RunTimeline):
+                timeline = timeline_of(record)
+                self.timelines[timeline.run_id] = timeline
+                self._index(timeline)
+        log.info("restored %d run timelines from %s", len(self.timelines),
+                 timelines_topic(self.projector.topics))
+        return len(self.timelines)
+
+    def _index(self, t: Timeline) -> None:
+        if t.workflow:
+            for bucket in self.projector.buckets_of(t):
+                self.buckets[bucket].add(t.run_id)
+
+    async def process(self, inputs: Sequence[Input], now: int) -> Step:
+        p = self.projector
+        items: list[Located] = [(p.decode(item.payload), item.partition, item.offset)
+                                for item in inputs]
+        events = [e for e, _, _ in items if e is not None]
+        if p.follower is not None and p.book.missing(events):
+            await p.follower.catch_up()
+        batch = project_batch(self.timelines, items, p.book)
+        return Step(self._records(batch), commit=lambda: self._committed(batch, len(items)),
+                    events=len(batch.events))
+
+    def isolated(self, item: Input, now: int, why: str) -> Step:
+        # An event whose timeline cannot be written is left out of the projection.
+        log.warning("event %s/%d/%d left out of the timelines: %s", item.source,
+                    item.partition, item.offset, why)
+        self.projector.stats.undecodable += 1
+        return Step()
+
+    def _committed(self, batch: ProjectedBatch, records: int) -> None:
+        for run_id, timeline in batch.touched.items():
+            self.timelines[run_id] = timeline
+            self._index(timeline)
+        stats = self.projector.stats
+        stats.batches += 1
+        stats.records += records
+        stats.events += len(batch.events)
+        stats.skipped += batch.skipped
+        stats.runs_written += len(batch.touched)
+
+    def _records(self, batch: ProjectedBatch) -> list[Record]:
+        p = self.projector
+        count = p.output_partitions
+        timelines = timelines_topic(p.topics)
+        out: list[Record] = []
+        for run_id, t in batch.touched.items():
+            key = run_id.encode()
+            out.append((timelines, key_partition(key, count), key, _fit(timeline_record(t)),
+                        []))
+        touched: dict[Bucket, set[str]] = defaultdict(set)
+        for run_id, t in batch.touched.items():
+            if t.workflow:
+                for bucket in p.buckets_of(t):
+                    touched[bucket].add(run_id)
+        now = p.now()
+        sla = sla_topic(p.topics)
+        for bucket, new in touched.items():
+            name = bucket[0]
+            members = self.buckets.get(bucket, set()) | new
+            rows = [sla_row(batch.touched.get(r) or self.timelines[r]) for r in members]
+            for metrics in sla_aggregates(rows, name, now_ms=now):
+                key = metrics.key.encode()
+                out.append((sla, key_partition(key, count), key, encode(metrics), []))
+        return out
+
+
 class TopicProjector:
     """Writes the run timelines and SLA metrics topics (see the module doc)."""
 
@@ -96,137 +179,69 @@ class TopicProjector:
                  clock: Callable[[], int] | None = None, commit_timeout_s: float = 15.0) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
-        self.group_id = f"{app}-timelines"
-        self.transactional_id = f"{app}-timelines"
-        self.batch = batch
-        self.poll_ms = poll_ms
         self.windows = [(w, window_ms(w)) for w in windows]
-        self.clock = clock or (lambda: time.time_ns() // 1_000_000)
-        self.commit_timeout_s = commit_timeout_s
+        self.now = clock or (lambda: time.time_ns() // 1_000_000)
         self.stats = ProjectorStats()
-        self.timelines: dict[str, Timeline] = {}
-        self._buckets: dict[Bucket, set[str]] = defaultdict(set)
         self._specs = specs
-        self._follower: SpecFollower | None = None
+        self.follower: SpecFollower | None = None
         self.book = PolicyBook(specs)
-        self._next: dict[int, int] = {}
-        self._producer: AIOKafkaProducer | None = None
+        self.output_partitions = topics.partitions
+        self._ready: Callable[[], Awaitable[None]] | None = None
+        self.processor = StreamProcessor(
+            bootstrap, name="timelines projector", inputs=[topics.events],
+            group_id=f"{app}-timelines", transactional_id=lambda number: f"{app}-timelines",
+            make_task=lambda number: TimelinesTask(self), changelog=self._changelog,
+            grouped=False, max_batch=batch, poll_ms=poll_ms,
+            commit_timeout_s=commit_timeout_s, partitions_of=self._partitions_of,
+            on_ready=self._on_ready)
+
+    @property
+    def timelines(self) -> dict[str, Timeline]:
+        part = self.processor.parts.get(0)
+        return part.task.timelines if part is not None and isinstance(
+            part.task, TimelinesTask) else {}
 
     async def run(self, stop: asyncio.Event,
                   ready: Callable[[], Awaitable[None]] | None = None) -> ProjectorStats:
         started = time.monotonic()
+        self._ready = ready
         if self._specs is None:
-            self._follower = SpecFollower(self.bootstrap, self.topics)
-            await self._follower.start()
-            self.book = PolicyBook(self._follower.registry)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=self.group_id,
-            isolation_level="read_committed", enable_auto_commit=False,
-            auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
-        await consumer.start()
+            self.follower = SpecFollower(self.bootstrap, self.topics)
+            await self.follower.start()
+            self.book = PolicyBook(self.follower.registry)
         try:
-            parts = await self._partitions()
-            await ensure_topics(self.bootstrap, projection_topics(self.topics, len(parts)))
-            consumer.assign(parts)
-            await self._take_over(consumer, parts)
-            if ready is not None:
-                await ready()
-            while not stop.is_set():
-                fetched = await consumer.getmany(timeout_ms=self.poll_ms,
-                                                 max_records=self.batch)
-                if fetched and not await self._project(fetched):
-                    await self._take_over(consumer, parts)
+            await self.processor.run(stop)
+        except TaskFencedError as exc:
+            raise ProjectionError(str(exc)) from None
         finally:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-            if self._producer is not None:
+            if self.follower is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._producer.stop(), 10)
-            if self._follower is not None:
-                with contextlib.suppress(Exception):
-                    await self._follower.stop()
+                    await self.follower.stop()
             self.stats.seconds = time.monotonic() - started
         return self.stats
 
-    # ------------------------------------------------------------------ state
+    async def _on_ready(self) -> None:
+        if self._ready is not None:
+            await self._ready()
 
-    async def _partitions(self) -> list[TopicPartition]:
-        numbers = await topic_partitions(self.bootstrap, self.topics.events)
+    async def _partitions_of(self, topic: str) -> list[int]:
+        numbers = await topic_partitions(self.bootstrap, topic)
         if not numbers:
-            raise ProjectionError(f"topic {self.topics.events} does not exist: check the "
-                                  "topic prefix, or start the engine first")
-        return [TopicPartition(self.topics.events, p) for p in numbers]
+            raise ProjectionError(f"topic {topic} does not exist: check the topic prefix, "
+                                  "or start the engine first")
+        self.output_partitions = len(numbers)
+        await ensure_topics(self.bootstrap, projection_topics(self.topics, len(numbers)))
+        return numbers
 
-    async def _take_over(self, consumer: AIOKafkaConsumer, parts: list[TopicPartition]) -> None:
-        """(Re)create the producer, which fences any other instance and settles its open
-        transaction; then restore the state from the timelines topic and seek the events
-        to the committed offsets. After this, state and offsets agree."""
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), 10)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, transactional_id=self.transactional_id,
-            enable_idempotence=True, acks="all", linger_ms=2, max_batch_size=512 * 1024,
-            max_request_size=MAX_RECORD + (64 << 10), transaction_timeout_ms=60_000)
-        await self._producer.start()
-        await self._restore()
-        for tp in parts:
-            committed = await consumer.committed(tp)
-            if committed is None or committed < 0:
-                await consumer.seek_to_beginning(tp)
-                self._next[tp.partition] = 0
-            else:
-                consumer.seek(tp, committed)
-                self._next[tp.partition] = committed
-
-    async def _restore(self) -> None:
+    async def _changelog(self, number: int) -> list[TopicPartition]:
         topic = timelines_topic(self.topics)
-        reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                  isolation_level="read_committed", enable_auto_commit=False,
-                                  max_partition_fetch_bytes=8 << 20)
-        await reader.start()
-        latest: dict[bytes, bytes | None] = {}
-        try:
-            parts = [TopicPartition(topic, p)
-                     for p in await topic_partitions(self.bootstrap, topic)]
-            if parts:
-                reader.assign(parts)
-                await reader.seek_to_beginning(*parts)
-                end = await reader.end_offsets(parts)
-                while [tp for tp in parts if await reader.position(tp) < end[tp]]:
-                    fetched = await reader.getmany(timeout_ms=500, max_records=10_000)
-                    for messages in fetched.values():
-                        for message in messages:
-                            if message.key is not None:
-                                latest[message.key] = message.value
-        finally:
-            await reader.stop()
-        self.timelines.clear()
-        self._buckets.clear()
-        for value in latest.values():
-            if value is None:
-                continue
-            record = decode(value)
-            if isinstance(record, RunTimeline):
-                timeline = timeline_of(record)
-                self.timelines[timeline.run_id] = timeline
-                self._index(timeline)
-        log.info("restored %d run timelines from %s", len(self.timelines), topic)
+        return [TopicPartition(topic, p) for p in await topic_partitions(self.bootstrap, topic)]
 
-    def _index(self, t: Timeline) -> None:
-        if t.workflow:
-            for bucket in self._buckets_of(t):
-                self._buckets[bucket].add(t.run_id)
-
-    def _buckets_of(self, t: Timeline) -> list[Bucket]:
+    def buckets_of(self, t: Timeline) -> list[Bucket]:
         return [(name, width, t.workflow, t.tenant, bucket_of(t.started_at, width))
                 for name, width in self.windows]
 
-    # ------------------------------------------------------------------ batches
-
-    def _decode(self, value: bytes | None) -> Event | None:
-        if value is None:
-            return None
+    def decode(self, value: bytes) -> Event | None:
         try:
             record = decode(value)
         except DecodeError as exc:
@@ -235,89 +250,6 @@ class TopicProjector:
                         self.topics.events, exc)
             return None
         return record if isinstance(record, Event) else None
-
-    async def _project(self, fetched: Mapping[TopicPartition, Sequence[Any]]) -> bool:
-        """Project one poll in one transaction; False if it did not commit."""
-        items: list[Located] = []
-        for tp, messages in fetched.items():
-            floor = self._next.get(tp.partition, 0)
-            items += [(self._decode(m.value), tp.partition, m.offset)
-                      for m in messages if m.offset >= floor]
-        if not items:
-            return True
-        events = [e for e, _, _ in items if e is not None]
-        if self._follower is not None and self.book.missing(events):
-            await self._follower.catch_up()
-        batch = project_batch(self.timelines, items, self.book)
-        records = self._records(batch)
-        offsets = {TopicPartition(self.topics.events, p): o + 1
-                   for p, o in batch.offsets.items()}
-        if not await self._transact(records, offsets):
-            return False
-        for partition, offset in batch.offsets.items():
-            self._next[partition] = offset + 1
-        for run_id, timeline in batch.touched.items():
-            self.timelines[run_id] = timeline
-            self._index(timeline)
-        self.stats.batches += 1
-        self.stats.records += len(items)
-        self.stats.events += len(batch.events)
-        self.stats.skipped += batch.skipped
-        self.stats.runs_written += len(batch.touched)
-        return True
-
-    def _records(self, batch: ProjectedBatch) -> list[tuple[str, bytes, bytes]]:
-        out = [(timelines_topic(self.topics), run_id.encode(), _fit(timeline_record(t)))
-               for run_id, t in batch.touched.items()]
-        touched: dict[Bucket, set[str]] = defaultdict(set)
-        for run_id, t in batch.touched.items():
-            if t.workflow:
-                for bucket in self._buckets_of(t):
-                    touched[bucket].add(run_id)
-        now = self.clock()
-        for bucket, new in touched.items():
-            name = bucket[0]
-            members = self._buckets.get(bucket, set()) | new
-            rows = [sla_row(batch.touched.get(r) or self.timelines[r]) for r in members]
-            for metrics in sla_aggregates(rows, name, now_ms=now):
-                out.append((sla_topic(self.topics), metrics.key.encode(), encode(metrics)))
-        return out
-
-    async def _transact(self, records: list[tuple[str, bytes, bytes]],
-                        offsets: dict[TopicPartition, int]) -> bool:
-        producer = self._producer
-        assert producer is not None
-        try:
-            await producer.begin_transaction()
-            for topic, key, value in records:
-                delivery = await producer.send(topic, value, key=key)
-                delivery.add_done_callback(_retrieve)
-            await producer.send_offsets_to_transaction(offsets, self.group_id)
-        except ProducerFenced:
-            raise ProjectionError("another timelines projector took over (its producer "
-                                  f"fenced {self.transactional_id}); this one stops") from None
-        except Exception as exc:
-            log.warning("timelines transaction failed before commit (%r); aborting", exc)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.abort_transaction(), self.commit_timeout_s)
-            return False
-        try:
-            await asyncio.wait_for(producer.commit_transaction(), self.commit_timeout_s)
-        except ProducerFenced:
-            raise ProjectionError("another timelines projector took over (its producer "
-                                  f"fenced {self.transactional_id}); this one stops") from None
-        except Exception as exc:
-            # Never abort after a commit whose outcome is unknown: the next producer's
-            # initialisation settles it, and the state is read back from the topics.
-            log.warning("timelines commit outcome unknown (%r); restoring from the topics", exc)
-            return False
-        return True
-
-
-def _retrieve(delivery: asyncio.Future[Any]) -> None:
-    """Mark a delivery's error as seen: a failed transaction is handled as a whole."""
-    if not delivery.cancelled():
-        delivery.exception()
 
 
 async def run_topic_projector(bootstrap: str, topics: Topics, stop: asyncio.Event, *,

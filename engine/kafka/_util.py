@@ -67,17 +67,19 @@ Record = tuple[str, int, bytes | None, bytes, Headers]
 
 
 class Outcome(Enum):
-    """How a transaction ended, and so what its owner must do next."""
+    """How a transaction ended, and so what its owner must do next (the rules, and how
+    each outcome is detected, are in ``engine.kafka.stream``'s module doc)."""
 
     COMMITTED = "committed"
     ABORTED = "aborted"
-    """Failed before the commit request and aborted: seek back to the committed offset."""
+    """Refused before the commit request, and aborted: nothing is visible. Replace the
+    producer (a new epoch) and seek back to the committed offsets."""
     UNKNOWN = "unknown"
-    """The commit (or abort) may or may not have happened: never abort again. Recreate the
-    producer, which fences the old one and settles the transaction, then resume from the
-    committed offset (and, for state, from the changelog)."""
+    """The transaction may or may not commit: never abort. Replace the producer, which
+    fences the old one and settles the transaction, then restore the state from the
+    changelog and resume from the committed offsets."""
     FENCED = "fenced"
-    """Another producer with the same transactional id exists: the partition is not ours."""
+    """Another producer with the same transactional id exists: the task is not ours."""
 
 
 async def gather_all(aws: Iterable[Awaitable[Any]]) -> None:
@@ -136,24 +138,45 @@ async def send_batched(producer: AIOKafkaProducer,
 async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
                           offsets: Mapping[TopicPartition, int] | None, group_id: str,
                           timeout_s: float) -> Outcome:
-    """One transaction holding ``records`` and, if given, the consumer ``offsets``.
+    """One transaction holding ``records`` and, if given, the consumer ``offsets``; the
+    outcomes and what each asks of the caller are in ``engine.kafka.stream``.
 
-    aiokafka waits for a commit without a limit; a paused or partitioned broker would
-    hang it, so the commit is bounded by ``timeout_s`` and a timeout is an unknown outcome.
+    Every record and the offsets must be acknowledged before the commit is requested: a
+    refused batch (too large, say) would otherwise leave a committed, torn transaction.
+    Nothing here cancels a delivery: aiokafka's abort and commit first wait for the
+    batches in flight and take a cancelled one for finished, so an abort after a
+    cancelled delivery goes out while that batch may still be written, into whatever
+    transaction the producer has open by then. aiokafka waits for a commit without a
+    limit; a paused or partitioned broker would hang it, so each stage is bounded by
+    ``timeout_s`` and a timeout is an unknown outcome, never an abort.
     """
     try:
         await producer.begin_transaction()
-        pending: list[Awaitable[Any]] = list(await send_batched(producer, records))
+        pending: list[asyncio.Future[Any]] = list(
+            await asyncio.wait_for(send_batched(producer, records), timeout_s))
         if offsets:
-            pending.append(producer.send_offsets_to_transaction(dict(offsets), group_id))
-        # Every record must be acknowledged before the commit is requested: a refused
-        # batch (too large, say) would otherwise leave a committed, torn transaction.
-        # The offsets travel while the records are being acknowledged.
-        await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+            pending.append(asyncio.ensure_future(
+                producer.send_offsets_to_transaction(dict(offsets), group_id)))
+        for future in pending:
+            future.add_done_callback(_retrieve)
+        done, waiting = await asyncio.wait(pending, timeout=timeout_s,
+                                           return_when=asyncio.FIRST_EXCEPTION)
+        for future in done:
+            if not future.cancelled() and (error := future.exception()) is not None:
+                raise error
+        if waiting:
+            log.warning("%d of %d sends of a transaction unanswered after %.1fs; its "
+                        "outcome is unknown", len(waiting), len(pending), timeout_s)
+            return Outcome.UNKNOWN
     except ProducerFenced:
         return Outcome.FENCED
+    except TimeoutError:
+        log.warning("sending a transaction's records took over %.1fs; its outcome is "
+                    "unknown", timeout_s)
+        return Outcome.UNKNOWN
     except Exception as exc:
         log.warning("transaction failed before commit (%r); aborting", exc)
+        _retrieve_transaction_error(producer)
         try:
             await asyncio.wait_for(producer.abort_transaction(), timeout_s)
         except ProducerFenced:
@@ -169,6 +192,34 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
         log.warning("commit outcome unknown (%r)", exc)
         return Outcome.UNKNOWN
     return Outcome.COMMITTED
+
+
+def _retrieve(future: asyncio.Future[Any] | None) -> None:
+    """Mark a send's error as seen: a failed transaction is handled as a whole."""
+    if future is not None and future.done() and not future.cancelled():
+        future.exception()
+
+
+def _retrieve_transaction_error(producer: AIOKafkaProducer) -> None:
+    """aiokafka keeps a transaction's error in a future that an abort replaces and a
+    fenced producer leaves behind, unread: its "exception was never retrieved" report
+    would then come from the garbage collector at some random later moment (once, in the
+    middle of a ``compile()``, where it broke pytest's assertion rewriting)."""
+    _retrieve(getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None))
+
+
+async def discard_producer(producer: AIOKafkaProducer, timeout_s: float = 5.0) -> None:
+    """Throw away a producer whose transaction did not end in a clean commit. Its sender
+    is cancelled first: ``stop`` would wait for the batches of that transaction (for
+    ever while the broker is away), and a ``stop`` that times out leaves the sender
+    running, retrying the old transaction's requests behind the new producer's back."""
+    _retrieve_transaction_error(producer)
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=timeout_s)
+    await stop_quietly(producer, timeout_s)
 
 
 class _Stoppable(Protocol):

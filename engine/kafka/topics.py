@@ -85,8 +85,7 @@ class Topics:
 
     def partition_of(self, run_id: str) -> int:
         """The partition of a run on every run-keyed topic (Kafka's default partitioner)."""
-        hashed: int = murmur2(run_id.encode())
-        return (hashed & 0x7FFFFFFF) % self.partitions
+        return key_partition(run_id.encode(), self.partitions)
 
     def core_topics(self) -> list[NewTopic]:
         n, r = self.partitions, self.replication
@@ -103,6 +102,12 @@ class Topics:
 
     def task_topics(self, queues: Iterable[str]) -> list[NewTopic]:
         return [NewTopic(self.tasks(q), self.partitions, self.replication) for q in queues]
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` among ``partitions``."""
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 async def ensure_topics(bootstrap: str, topics: Iterable[NewTopic]) -> list[str]:

@@ -48,7 +48,7 @@ def test_triggers_become_start_runs_exactly_once(kafka_bootstrap: str, topics: T
             inputs = await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions, 4)
             dead = await wait_for_records(kafka_bootstrap, topics.dead_letters,
                                           topics.partitions, 1)
-        assert router.stats.started == 4 and router.stats.dead_letters == 1
+        assert router.stats.forwards == 4 and router.stats.dead_letters == 1
 
         starts = _starts(inputs)
         keyed_run = run_id_for("acme", "order-42")
@@ -79,7 +79,7 @@ def test_triggers_become_start_runs_exactly_once(kafka_bootstrap: str, topics: T
         again = TriggerRouter(kafka_bootstrap, topics, app=app)
         async with running(again.run):
             after = await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions, 7)
-        assert again.stats.started == 3 and again.stats.dead_letters == 0
+        assert again.stats.forwards == 3 and again.stats.dead_letters == 0
         new = Counter(s.idempotency_key for s in _starts(after)) - Counter(by_key)
         assert new == {"order-42": 2, "sentinel-0": 1, "sentinel-1": 1, "sentinel-2": 1}
         dead_after = await read_all(kafka_bootstrap, topics.dead_letters, topics.partitions)

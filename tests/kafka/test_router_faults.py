@@ -149,6 +149,6 @@ def test_partitions_move_between_routers_without_loss_or_duplicates(
         inputs = await read_all(kafka_bootstrap, topics.inputs, topics.partitions)
         ids = _command_ids(inputs)
         assert len(ids) == 90 and set(ids.values()) == {1}
-        assert first.stats.started + second.stats.started == 90
+        assert first.stats.forwards + second.stats.forwards == 90
 
     asyncio.run(scenario())

@@ -15,10 +15,9 @@ from engine.core.commands import StartRun
 from engine.core.spec import load_spec
 from engine.core.state import RunStatus
 from engine.kafka.processor import KafkaEngine
+from engine.kafka.stream import Task
 from engine.kafka.topics import Topics
-from engine.runtime.processor import StateCache
 from engine.runtime.specs import SpecRegistry
-from engine.runtime.timers import TimerService
 from tests.kafka.helpers import eventually, produce, running
 
 SPEC = load_spec({"workflow": "hold", "version": 1,
@@ -32,9 +31,9 @@ class _SlowRestore(KafkaEngine):
 
     released = 0
 
-    async def _restore(self, number: int) -> tuple[StateCache, TimerService, int, int]:
+    async def _restore(self, number: int, task: Task) -> int:
         await asyncio.sleep(SLOW_RESTORE_S)
-        return await super()._restore(number)
+        return await super()._restore(number, task)
 
     async def _release(self, number: int) -> None:
         self.released += number in self.parts
