@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit infra-up infra-down faults bench clean
+.PHONY: demo test lint typecheck unit infra-up infra-down faults fault-seeds bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,19 @@ faults: $(STAMP)
 	@test -f .local/kafka/lib/.version || bash deploy/local/infra.sh up
 	$(BIN)/python -m pytest tests/faults -m faults -s -q \
 		--seconds $(SECONDS) $(if $(SEED),--seed $(SEED))
+
+# The fault scenarios across many seeds, one pytest run per seed (the long profile):
+#   make fault-seeds SECONDS=20 SEEDS="1 2 3" K="broker_killed or zombie"
+# Each run prints its seed and what it drove; the first red seed stops the loop.
+SEEDS ?= $(shell seq 1 20)
+K ?=
+fault-seeds: $(STAMP)
+	@test -f .local/kafka/lib/.version || bash deploy/local/infra.sh up
+	@for seed in $(SEEDS); do \
+	  echo "== seed $$seed"; \
+	  $(BIN)/python -m pytest tests/faults -m faults -s -q -p no:cacheprovider \
+	    --seconds $(SECONDS) --seed $$seed $(if $(K),-k "$(K)") || exit 1; \
+	done
 
 # Every benchmark in one run (starts Kafka and PostgreSQL, installs the peers into
 # .local/bench-peers): a table, and bench/results/latest.json.

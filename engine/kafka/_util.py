@@ -175,6 +175,8 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
                     "unknown", timeout_s)
         return Outcome.UNKNOWN
     except Exception as exc:
+        if was_fenced(producer):
+            return Outcome.FENCED
         log.warning("transaction failed before commit (%r); aborting", exc)
         _retrieve_transaction_error(producer)
         try:
@@ -182,7 +184,7 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
         except ProducerFenced:
             return Outcome.FENCED
         except Exception:
-            return Outcome.UNKNOWN
+            return Outcome.FENCED if was_fenced(producer) else Outcome.UNKNOWN
         return Outcome.ABORTED
     try:
         await asyncio.wait_for(producer.commit_transaction(), timeout_s)
@@ -208,17 +210,29 @@ def _retrieve_transaction_error(producer: AIOKafkaProducer) -> None:
     _retrieve(getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None))
 
 
+def was_fenced(producer: AIOKafkaProducer) -> bool:
+    """The producer's sender stopped because a newer producer took its transactional id.
+    aiokafka then answers every later call with some other error (``IllegalOperation``:
+    "not in transaction"), so the fencing is read from the sender itself."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if task is None or not task.done() or task.cancelled():
+        return False
+    return isinstance(task.exception(), ProducerFenced)
+
+
 async def discard_producer(producer: AIOKafkaProducer, timeout_s: float = 5.0) -> None:
     """Throw away a producer whose transaction did not end in a clean commit. Its sender
     is cancelled first: ``stop`` would wait for the batches of that transaction (for
     ever while the broker is away), and a ``stop`` that times out leaves the sender
     running, retrying the old transaction's requests behind the new producer's back."""
-    _retrieve_transaction_error(producer)
     sender = getattr(producer, "_sender", None)
     task = getattr(sender, "sender_task", None)
     if task is not None and not task.done():
         task.cancel()
         await asyncio.wait([task], timeout=timeout_s)
+    if task is not None and task.done() and not task.cancelled():
+        task.exception()
+    _retrieve_transaction_error(producer)
     await stop_quietly(producer, timeout_s)
 
 
