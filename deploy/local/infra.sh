@@ -21,6 +21,11 @@ KAFKA_HOST=127.0.0.1
 KAFKA_PORT="${TERRANOHA_KAFKA_PORT:-29092}"
 KAFKA_CONTROLLER_PORT="${TERRANOHA_CONTROLLER_PORT:-29093}"
 KAFKA_BOOTSTRAP="$KAFKA_HOST:$KAFKA_PORT"
+# Optional second client listener for a test proxy: the broker listens on
+# TERRANOHA_KAFKA_PROXIED_PORT and advertises TERRANOHA_KAFKA_PROXY_PORT, where
+# the proxy forwards to it. Both or neither; unset by default.
+KAFKA_PROXIED_PORT="${TERRANOHA_KAFKA_PROXIED_PORT:-}"
+KAFKA_PROXY_PORT="${TERRANOHA_KAFKA_PROXY_PORT:-}"
 KAFKA_START_TIMEOUT="${TERRANOHA_KAFKA_START_TIMEOUT:-90}"
 KAFKA_STOP_TIMEOUT=30
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
@@ -198,10 +203,19 @@ kafka_write_config() {
   grep -q '^log\.dirs=' "$KAFKA_TEMPLATE" || die "$KAFKA_TEMPLATE has no log.dirs= line"
   # The template names the default ports; TERRANOHA_KAFKA_PORT and
   # TERRANOHA_CONTROLLER_PORT move a second instance next to the first.
+  # With a proxy (TERRANOHA_KAFKA_PROXIED_PORT), clients that bootstrap through it
+  # learn the proxy's address from a PROXIED listener; the inter-broker listener
+  # (and so the transaction markers) stays the direct PLAINTEXT one.
   awk -v dir="$KAFKA_DATA" -v broker="$KAFKA_HOST:$KAFKA_PORT" \
-      -v controller="$KAFKA_HOST:$KAFKA_CONTROLLER_PORT" '
+      -v controller="$KAFKA_HOST:$KAFKA_CONTROLLER_PORT" \
+      -v proxied="${KAFKA_PROXIED_PORT:+$KAFKA_HOST:$KAFKA_PROXIED_PORT}" \
+      -v proxy="${KAFKA_PROXY_PORT:+$KAFKA_HOST:$KAFKA_PROXY_PORT}" '
     /^log\.dirs=/ { print "log.dirs=" dir; next }
-    { gsub(/127\.0\.0\.1:29092/, broker); gsub(/127\.0\.0\.1:29093/, controller); print }' \
+    { gsub(/127\.0\.0\.1:29092/, broker); gsub(/127\.0\.0\.1:29093/, controller) }
+    proxied != "" && /^listeners=/ { $0 = $0 ",PROXIED://" proxied }
+    proxied != "" && /^advertised\.listeners=/ { $0 = $0 ",PROXIED://" proxy }
+    proxied != "" && /^listener\.security\.protocol\.map=/ { $0 = $0 ",PROXIED:PLAINTEXT" }
+    { print }' \
     "$KAFKA_TEMPLATE" >"$KAFKA_CONF.tmp"
   mv "$KAFKA_CONF.tmp" "$KAFKA_CONF"
 }
@@ -254,7 +268,7 @@ kafka_up() {
   fi
   rm -f "$KAFKA_PIDFILE"
   local port
-  for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+  for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" ${KAFKA_PROXIED_PORT:+"$KAFKA_PROXIED_PORT"}; do
     if port_open "$port"; then
       die "kafka: 127.0.0.1:$port is already in use by another process ($(port_owner "$port")); stop it first"
     fi
@@ -583,6 +597,10 @@ pg_status() {
 # ---------------------------------------------------------------- commands --
 cmd_up() {
   local start=$SECONDS
+  if [[ -n "$KAFKA_PROXIED_PORT" && -z "$KAFKA_PROXY_PORT" ]] \
+      || [[ -z "$KAFKA_PROXIED_PORT" && -n "$KAFKA_PROXY_PORT" ]]; then
+    die "set both TERRANOHA_KAFKA_PROXIED_PORT (the broker listens there) and TERRANOHA_KAFKA_PROXY_PORT (the proxy in front of it, advertised to clients), or neither"
+  fi
   check_prerequisites
   take_lock
   pg_prepare

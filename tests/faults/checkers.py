@@ -9,6 +9,9 @@ check names run ids and log offsets.
    the runs whose rows differ);
 5. the run log: per-run sequence numbers contiguous, no duplicate events, and nothing
    counted that only a read_uncommitted consumer sees.
+
+``check_decided_once`` is the narrow form of 1 and 5 for the transaction-window
+scenarios (tests/faults/test_txn_windows.py): no projection or worker, only the log.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +28,11 @@ import psycopg
 from psycopg import sql
 
 from engine.core.events import Event, RunStarted
+from engine.core.records import RecordedCommand
 from engine.core.state import RunState, RunStatus, Waiting
 from projections._pg_schema import CHECKSUM_TABLES
 from projections.postgres import checksum, counts, create_schema, rebuild, stored_offsets
-from tests.faults.harness import Fleet, LogView, Sent
+from tests.faults.harness import Fleet, Logged, LogView, Sent
 
 
 @dataclass
@@ -177,6 +181,53 @@ def check_log(view: LogView) -> Check:
                        f"({len(aborted_events)} events), none counted" if not leaked else
                        f"{len(leaked)} aborted records counted")
     return check
+
+
+def check_decided_once(view: LogView, triggers: Mapping[str, str]) -> Check:
+    """What a transaction committed twice leaves in the log, by name: each trigger
+    (idempotency key -> run id) has exactly one ``RunStarted``; each run's sequence
+    numbers are committed once each and contiguous from 1; each command a run recorded
+    (``RecordedCommand``, keyed by its command id, which names the input's position) is
+    recorded once. Only what a read_committed consumer sees counts."""
+    check = Check("each input decided once: one run per trigger, each seq once")
+    runs = view.events()
+    starts: dict[str, list[Logged]] = {}
+    recorded: dict[tuple[str, str], list[Logged]] = {}
+    for logged in view.committed:
+        record = logged.record
+        if isinstance(record, RunStarted):
+            starts.setdefault(record.run_id, []).append(logged)
+        elif isinstance(record, RecordedCommand):
+            recorded.setdefault((record.run_id, record.command.command_id), []).append(logged)
+    for key, run_id in triggers.items():
+        found = starts.get(run_id, [])
+        if len(found) != 1:
+            check.fail(f"trigger {key}: {len(found)} RunStarted for run {run_id}"
+                       + (f" at {_offsets(found)}" if found else " (no committed event)"))
+    for run_id, events in runs.items():
+        by_seq: dict[int, list[Logged]] = {}
+        for entry in events:
+            by_seq.setdefault(entry.record.seq, []).append(entry)
+        for seq, entries in sorted(by_seq.items()):
+            if len(entries) > 1:
+                kinds = "/".join(sorted({type(e.record).__name__ for e in entries}))
+                check.fail(f"run {run_id}: seq {seq} ({kinds}) committed {len(entries)} "
+                           f"times, at {_offsets(entries)}")
+        if sorted(by_seq) != list(range(1, len(by_seq) + 1)):
+            check.fail(f"run {run_id}: seqs {sorted(by_seq)} are not 1..{len(by_seq)} "
+                       f"(events at {_offsets(events)})")
+    for (run_id, command_id), entries in recorded.items():
+        if len(entries) > 1:
+            check.fail(f"run {run_id}: command {command_id} recorded {len(entries)} times, "
+                       f"at {_offsets(entries)}")
+    check.found.append(f"{len(triggers)} triggers, {len(runs)} runs, "
+                       f"{sum(len(e) for e in runs.values())} committed events, "
+                       f"{len(view.aborted)} records only visible read_uncommitted")
+    return check
+
+
+def _offsets(entries: Iterable[Logged]) -> str:
+    return ", ".join(f"{e.partition}@{e.offset}" for e in entries)
 
 
 def _row_digests(dsn: str, table: str) -> dict[str, list[str]]:

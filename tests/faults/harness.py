@@ -337,24 +337,8 @@ class Fleet:
     # ------------------------------------------------------------------ reading
 
     def read(self, timeout_s: float = 60.0) -> LogView:
-        t = self.topics
-
-        async def go() -> LogView:
-            parts = [TopicPartition(t.events, p) for p in range(t.partitions)]
-            parts += [TopicPartition(t.dead_letters, p) for p in range(t.partitions)]
-            logs: dict[str, list[Logged]] = {}
-            dead: list[DeadLetter] = []
-            for isolation in ("read_committed", "read_uncommitted"):
-                logs[isolation] = []
-                for tp, message in await self._read_to_end(parts, isolation):
-                    record = decode(message.value)
-                    if tp.topic == t.events:
-                        logs[isolation].append(Logged(tp.partition, message.offset, record))
-                    elif isolation == "read_committed" and isinstance(record, DeadLetter):
-                        dead.append(record)
-            return LogView(logs["read_committed"], logs["read_uncommitted"], dead)
-
-        return asyncio.run(asyncio.wait_for(go(), timeout_s))
+        return asyncio.run(asyncio.wait_for(read_log(self.infra.bootstrap, self.topics),
+                                            timeout_s))
 
     def read_inputs(self) -> list[Logged]:
         """The committed run inputs (commands) that decode; poison is left out."""
@@ -362,7 +346,8 @@ class Fleet:
         async def go() -> list[Logged]:
             parts = [TopicPartition(self.topics.inputs, p) for p in range(self.partitions)]
             out: list[Logged] = []
-            for tp, message in await self._read_to_end(parts, "read_committed"):
+            for tp, message in await read_to_end(self.infra.bootstrap, parts,
+                                                 "read_committed"):
                 try:
                     record = decode(message.value or b"")
                 except Exception:
@@ -371,25 +356,6 @@ class Fleet:
             return out
 
         return asyncio.run(asyncio.wait_for(go(), 60))
-
-    async def _read_to_end(self, parts: list[TopicPartition], isolation: str,
-                           ) -> list[tuple[TopicPartition, Any]]:
-        """Every record of ``parts`` from the beginning to the current end."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.infra.bootstrap,
-                                    isolation_level=isolation, enable_auto_commit=False,
-                                    max_partition_fetch_bytes=8 << 20)
-        await consumer.start()
-        out: list[tuple[TopicPartition, Any]] = []
-        try:
-            consumer.assign(parts)
-            await consumer.seek_to_beginning(*parts)
-            ends = await consumer.end_offsets(parts)
-            while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
-                fetched = await consumer.getmany(timeout_ms=200, max_records=50_000)
-                out.extend((tp, m) for tp, messages in fetched.items() for m in messages)
-        finally:
-            await consumer.stop()
-        return out
 
     def wait_settled(self, timeout_s: float, done: Callable[[LogView], bool] | None = None,
                      ) -> tuple[LogView, float]:
@@ -408,6 +374,43 @@ class Fleet:
                 return view, time.monotonic() - started
             previous = len(view.uncommitted) if finished else -1
             time.sleep(1.0)
+
+
+async def read_log(bootstrap: str, topics: Topics) -> LogView:
+    """The events and dead-letter topics of ``topics``, read to their end under both
+    isolation levels."""
+    parts = [TopicPartition(topics.events, p) for p in range(topics.partitions)]
+    parts += [TopicPartition(topics.dead_letters, p) for p in range(topics.partitions)]
+    logs: dict[str, list[Logged]] = {}
+    dead: list[DeadLetter] = []
+    for isolation in ("read_committed", "read_uncommitted"):
+        logs[isolation] = []
+        for tp, message in await read_to_end(bootstrap, parts, isolation):
+            record = decode(message.value)
+            if tp.topic == topics.events:
+                logs[isolation].append(Logged(tp.partition, message.offset, record))
+            elif isolation == "read_committed" and isinstance(record, DeadLetter):
+                dead.append(record)
+    return LogView(logs["read_committed"], logs["read_uncommitted"], dead)
+
+
+async def read_to_end(bootstrap: str, parts: list[TopicPartition], isolation: str,
+                      ) -> list[tuple[TopicPartition, Any]]:
+    """Every record of ``parts`` from the beginning to the current end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation,
+                                enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
+    await consumer.start()
+    out: list[tuple[TopicPartition, Any]] = []
+    try:
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
+            fetched = await consumer.getmany(timeout_ms=200, max_records=50_000)
+            out.extend((tp, m) for tp, messages in fetched.items() for m in messages)
+    finally:
+        await consumer.stop()
+    return out
 
 
 class LoadThread(threading.Thread):

@@ -40,8 +40,17 @@ class FaultInfra:
         self.kafka_port = _port("TERRANOHA_FAULT_KAFKA_PORT", 39092)
         self.controller_port = _port("TERRANOHA_FAULT_CONTROLLER_PORT", 39093)
         self.pg_port = _port("TERRANOHA_FAULT_PG_PORT", 35432)
+        self.proxied_port = _port("TERRANOHA_FAULT_PROXIED_PORT", 39094)
+        """A second client listener of the broker, the upstream of ``tests.faults.kafka_proxy``."""
+        self.proxy_port = _port("TERRANOHA_FAULT_PROXY_PORT", 39095)
+        """Where that listener is advertised: the proxy listens here while a test runs one."""
         self.dir = Path(tempfile.mkdtemp(prefix="terranoha-faults-"))
         self.bootstrap = f"127.0.0.1:{self.kafka_port}"
+        """Direct to the broker: admin clients, readers, load generators."""
+        self.proxied_bootstrap = f"127.0.0.1:{self.proxy_port}"
+        """Through the proxy: a client bootstrapped here reaches the broker only while a
+        ``KafkaProxy(fault_infra.proxy_port, fault_infra.proxied_port)`` runs, and every
+        broker address it learns (metadata, coordinators) is the proxy's again."""
         self.postgres = (f"postgresql://terranoha:terranoha@127.0.0.1:{self.pg_port}"
                          f"/terranoha")
 
@@ -50,7 +59,9 @@ class FaultInfra:
         return {**os.environ, "TERRANOHA_LOCAL_DIR": str(self.dir),
                 "TERRANOHA_KAFKA_PORT": str(self.kafka_port),
                 "TERRANOHA_CONTROLLER_PORT": str(self.controller_port),
-                "TERRANOHA_PG_PORT": str(self.pg_port)}
+                "TERRANOHA_PG_PORT": str(self.pg_port),
+                "TERRANOHA_KAFKA_PROXIED_PORT": str(self.proxied_port),
+                "TERRANOHA_KAFKA_PROXY_PORT": str(self.proxy_port)}
 
     def _infra(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(["bash", str(INFRA_SH), *args], env=self.env, text=True,
@@ -60,12 +71,14 @@ class FaultInfra:
         return done
 
     def up(self) -> None:
-        for port in (self.kafka_port, self.controller_port, self.pg_port):
+        for port in (self.kafka_port, self.controller_port, self.pg_port, self.proxied_port,
+                     self.proxy_port):
             if _port_open(port):
                 raise RuntimeError(
                     f"127.0.0.1:{port} is in use; the fault suite needs its own ports "
                     "(set TERRANOHA_FAULT_KAFKA_PORT, TERRANOHA_FAULT_CONTROLLER_PORT, "
-                    "TERRANOHA_FAULT_PG_PORT)")
+                    "TERRANOHA_FAULT_PG_PORT, TERRANOHA_FAULT_PROXIED_PORT, "
+                    "TERRANOHA_FAULT_PROXY_PORT)")
         # The postgres OS user must reach the data directory (the server runs as it).
         self.dir.chmod(0o755)
         (self.dir / "kafka").mkdir(exist_ok=True)
