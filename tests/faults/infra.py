@@ -37,12 +37,15 @@ class FaultInfra:
     """Start, pause, kill and restart a broker and a PostgreSQL cluster nobody else uses."""
 
     def __init__(self) -> None:
-        self.kafka_port = _port("TERRANOHA_FAULT_KAFKA_PORT", 39092)
-        self.controller_port = _port("TERRANOHA_FAULT_CONTROLLER_PORT", 39093)
-        self.pg_port = _port("TERRANOHA_FAULT_PG_PORT", 35432)
-        self.proxied_port = _port("TERRANOHA_FAULT_PROXIED_PORT", 39094)
+        # Below Linux's ephemeral range (32768-60999): a client reconnecting to a killed
+        # broker's port in that range can be given that very port as its own, connect to
+        # itself, and hold the port, so that the broker cannot bind it when it restarts.
+        self.kafka_port = _port("TERRANOHA_FAULT_KAFKA_PORT", 28092)
+        self.controller_port = _port("TERRANOHA_FAULT_CONTROLLER_PORT", self.kafka_port + 1)
+        self.pg_port = _port("TERRANOHA_FAULT_PG_PORT", 28432)
+        self.proxied_port = _port("TERRANOHA_FAULT_PROXIED_PORT", self.kafka_port + 2)
         """A second client listener of the broker, the upstream of ``tests.faults.kafka_proxy``."""
-        self.proxy_port = _port("TERRANOHA_FAULT_PROXY_PORT", 39095)
+        self.proxy_port = _port("TERRANOHA_FAULT_PROXY_PORT", self.kafka_port + 3)
         """Where that listener is advertised: the proxy listens here while a test runs one."""
         self.dir = Path(tempfile.mkdtemp(prefix="terranoha-faults-"))
         self.bootstrap = f"127.0.0.1:{self.kafka_port}"
