@@ -23,6 +23,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--seconds", type=float, default=None,
                     help="seconds of load and faults per fault scenario (default 4)")
     group.addoption("--seed", type=int, default=None, help="seed of the fault schedule")
+    group.addoption("--seeds", type=str, default=None,
+                    help="run each scenario once per seed of this list (e.g. '1-20' or "
+                         "'3 7 11'), against one broker and PostgreSQL: the long profile")
+
+
+def _seeds(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.replace(",", " ").split():
+        first, _, last = part.partition("-")
+        out.extend(range(int(first), int(last or first) + 1))
+    return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    seeds = metafunc.config.getoption("--seeds", default=None)
+    if seeds and "rng" in metafunc.fixturenames:
+        metafunc.parametrize("rng", _seeds(seeds), indirect=True,
+                             ids=[f"seed{s}" for s in _seeds(seeds)])
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +53,9 @@ def fault_seconds(request: pytest.FixtureRequest) -> float:
 
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> random.Random:
-    seed = request.config.getoption("--seed", default=None)
+    seed = getattr(request, "param", None)
+    if seed is None:
+        seed = request.config.getoption("--seed", default=None)
     if seed is None:
         env = os.environ.get("TERRANOHA_SEED")
         seed = int(env) if env else random.randrange(1 << 30)

@@ -40,7 +40,7 @@ def test_broker_paused_during_commits(fleet: Fleet, rng: random.Random,
     view, waited = fleet.wait_settled(240)
     log = fleet.stderr()
     print(f"drove {len(fleet.sent.triggers)} runs; broker paused {pauses} s; engine logged "
-          f"{_count(log, 'commit outcome unknown')} unknown commit outcomes, "
+          f"{_count(log, 'transaction outcome unknown')} unknown transaction outcomes, "
           f"{_count(log, 'recreating its producer')} producer recreations, "
           f"{_count(log, 'producer fenced')} fencings; settled {waited:.1f}s after the load")
     assert_checks(run_checks(fleet, view))
@@ -65,7 +65,7 @@ def test_broker_killed_and_restarted(fleet: Fleet, rng: random.Random,
     print(f"drove {len(fleet.sent.triggers)} runs "
           f"({len(fleet.sent.unacknowledged)} sends unacknowledged); broker SIGKILLed "
           f"{len(restarts)} times, restarts took {restarts} s; engine logged "
-          f"{_count(log, 'commit outcome unknown')} unknown commit outcomes; "
+          f"{_count(log, 'transaction outcome unknown')} unknown transaction outcomes; "
           f"settled {waited:.1f}s after the load")
     assert_checks(run_checks(fleet, view))
 
