@@ -28,9 +28,6 @@ every transaction begun right after a commit. aiokafka waits 20 ms then (KAFKA-5
 value): on loopback that wait was most of a transaction's time (23 ms instead of 4 ms for
 back-to-back one-record transactions), and every processor here commits back to back."""
 
-if hasattr(_aiokafka_sender, "BACKOFF_OVERRIDE"):
-    _aiokafka_sender.BACKOFF_OVERRIDE = CONCURRENT_TXN_RETRY_S
-
 TXN_RETRY_BACKOFF_MS = 10
 """How soon a transactional producer retries a refused request (aiokafka's default is
 100 ms). Kafka 4 brokers verify that a transaction holds a partition before writing to it
@@ -59,7 +56,19 @@ class _VerificationRefusals(logging.Filter):
         return True
 
 
-logging.getLogger("aiokafka.producer.sender").addFilter(_VerificationRefusals())
+_REFUSALS = _VerificationRefusals()
+
+
+def tune_aiokafka() -> None:
+    """The two changes this project makes to aiokafka, in one place: the short
+    CONCURRENT_TRANSACTIONS retry (``CONCURRENT_TXN_RETRY_S``) and the demoted warning
+    for routine verification refusals (``_VerificationRefusals``). Called by every
+    stream processor when it starts, and by ``transactional_producer``; idempotent."""
+    if hasattr(_aiokafka_sender, "BACKOFF_OVERRIDE"):
+        _aiokafka_sender.BACKOFF_OVERRIDE = CONCURRENT_TXN_RETRY_S
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+    if _REFUSALS not in sender_log.filters:
+        sender_log.addFilter(_REFUSALS)
 
 Headers = list[tuple[str, bytes]]
 Record = tuple[str, int, bytes | None, bytes, Headers]
@@ -100,6 +109,7 @@ async def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKa
     letters carry the original bytes), and the short retry back-off of
     ``TXN_RETRY_BACKOFF_MS``. Starting it (InitProducerId) fences older producers with the
     same ``transactional_id`` and settles their open transaction."""
+    tune_aiokafka()
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, transactional_id=transactional_id,
         enable_idempotence=True, acks="all", linger_ms=2, max_batch_size=512 * 1024,

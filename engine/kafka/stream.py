@@ -94,6 +94,7 @@ from engine.kafka._util import (
     seek_committed,
     stop_quietly,
     transactional_producer,
+    tune_aiokafka,
 )
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import Input
@@ -283,6 +284,7 @@ class StreamProcessor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process until ``stop`` is set; then finish the batches in hand and leave."""
+        tune_aiokafka()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group_id,

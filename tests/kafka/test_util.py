@@ -53,11 +53,14 @@ def test_the_callers_own_cancellation_still_propagates() -> None:
 
 
 def test_the_concurrent_transactions_retry_is_short() -> None:
-    """Importing the Kafka adapters shortens aiokafka's CONCURRENT_TRANSACTIONS retry (see
-    ``CONCURRENT_TXN_RETRY_S``); if aiokafka renames the constant, this says so."""
+    """``tune_aiokafka`` (every processor's start) shortens aiokafka's
+    CONCURRENT_TRANSACTIONS retry (see ``CONCURRENT_TXN_RETRY_S``); if aiokafka renames
+    the constant, this says so."""
     from aiokafka.producer import sender
 
-    from engine.kafka._util import CONCURRENT_TXN_RETRY_S
+    from engine.kafka._util import CONCURRENT_TXN_RETRY_S, tune_aiokafka
+
+    tune_aiokafka()
 
     assert sender.BACKOFF_OVERRIDE == CONCURRENT_TXN_RETRY_S
 
@@ -133,7 +136,9 @@ def test_verification_refusals_are_not_logged_as_warnings(
 
     from aiokafka.errors import NotEnoughReplicasError, NotLeaderForPartitionError
 
-    import engine.kafka._util  # noqa: F401  (installs the filter)
+    from engine.kafka._util import tune_aiokafka
+
+    tune_aiokafka()
 
     sender = logging.getLogger("aiokafka.producer.sender")
     message = "Got error produce response on topic-partition %s, retrying. Error: %s"
