@@ -8,8 +8,9 @@
 ``TopicProjector`` is one task of the exactly-once stream processor
 (``engine.kafka.stream``, not grouped): it reads every partition of the run events topic
 and writes both topics with one transactional producer (``transactional.id =
-<app>-timelines``); the input offsets go into the same transaction (group
-``<app>-timelines``), and every record is acknowledged before the commit. On start it
+<deployment>-timelines``, see ``Topics.deployment``); the input offsets go into the
+same transaction (group ``<deployment>-timelines``), and every record is acknowledged
+before the commit. On start it
 rebuilds its state from the timelines topic (its own changelog: everything up to the
 committed offsets, nothing after), so a crash at any point neither loses nor doubles
 anything. SLA figures span all partitions, so there is one active instance; starting
@@ -187,9 +188,11 @@ class TopicProjector:
         self.book = PolicyBook(specs)
         self.output_partitions = topics.partitions
         self._ready: Callable[[], Awaitable[None]] | None = None
+        deployment = topics.deployment(app)
         self.processor = StreamProcessor(
             bootstrap, name="timelines projector", inputs=[topics.events],
-            group_id=f"{app}-timelines", transactional_id=lambda number: f"{app}-timelines",
+            group_id=f"{deployment}-timelines",
+            transactional_id=lambda number: f"{deployment}-timelines",
             make_task=lambda number: TimelinesTask(self), changelog=self._changelog,
             grouped=False, max_batch=batch, poll_ms=poll_ms,
             commit_timeout_s=commit_timeout_s, partitions_of=self._partitions_of,

@@ -1,14 +1,14 @@
 """The orchestrator on Kafka: the run core on the exactly-once stream processor.
 
-One consumer (group ``<app>-engine``, read_committed) reads the run inputs topic and,
-when it is co-partitioned with them, the triggers topic; task p reads partition p of
-both (``engine.kafka.stream``: ownership, fencing, restore, transactions and their
-outcomes). A batch of task p is decided by the shared ``Processor`` and written in ONE
-transaction: events and recorded commands (events topic, p), state snapshots (state
-changelog, p), task commands (task topics, p), notifications, dead letters, the
-``StartRun`` of triggers read at p for runs of other partitions (run inputs, their
-partition), and the offsets of both input partitions. Only after the commit succeeds
-does the batch's state enter the task's cache.
+One consumer (group ``<deployment>-engine``, read_committed; ``Topics.deployment``)
+reads the run inputs topic and, when it is co-partitioned with them, the triggers topic;
+task p reads partition p of both (``engine.kafka.stream``: ownership, fencing, restore,
+transactions and their outcomes). A batch of task p is decided by the shared
+``Processor`` and written in ONE transaction: events and recorded commands (events
+topic, p), state snapshots (state changelog, p), task commands (task topics, p),
+notifications, dead letters, the ``StartRun`` of triggers read at p for runs of other
+partitions (run inputs, their partition), and the offsets of both input partitions. Only
+after the commit succeeds does the batch's state enter the task's cache.
 
 A trigger keyed by its run id lands on its run's partition and is decided in the same
 transaction that reads it: one transactional hop from the trigger to the first command,
@@ -182,7 +182,7 @@ class KafkaEngine(StreamProcessor):
         """Called with the events of each committed batch (telemetry); must not raise."""
         inputs = [topics.inputs, topics.triggers] if self.read_triggers else [topics.inputs]
         super().__init__(
-            bootstrap, name="engine", inputs=inputs, group_id=f"{app}-engine",
+            bootstrap, name="engine", inputs=inputs, group_id=f"{topics.deployment(app)}-engine",
             transactional_id=lambda number: f"{app}-{topics.inputs}-{number}",
             make_task=lambda number: RunTask(self, number), changelog=self._changelog,
             clock=clock, max_batch=max_batch, poll_ms=poll_ms,

@@ -9,7 +9,7 @@ topic/partition/offset when it has no key, so the same trigger published twice, 
 twice, addresses one run: the orchestrator refuses the second ``StartRun``.
 
 The router is a stateless task of the exactly-once stream processor
-(``engine.kafka.stream``): task p reads triggers partition p (group ``<app>-router``,
+(``engine.kafka.stream``): task p reads triggers partition p (group ``<deployment>-router``,
 ``transactional.id = <app>-<triggers topic>-<p>``) and writes, in ONE transaction per
 batch, its ``StartRun`` commands, its dead letters (bytes that are not a trigger) and the
 consumer offset. Ownership, fencing and the transaction outcomes are the processor's.
@@ -81,7 +81,7 @@ class RouteTask(Task):
 
 
 class TriggerRouter(StreamProcessor):
-    """Routes the triggers partitions the consumer group ``<app>-router`` assigns it."""
+    """Routes the triggers partitions the consumer group ``<deployment>-router`` assigns it."""
 
     def __init__(
         self,
@@ -99,7 +99,8 @@ class TriggerRouter(StreamProcessor):
         self.topics = topics
         self.app = app
         super().__init__(
-            bootstrap, name="router", inputs=[topics.triggers], group_id=f"{app}-router",
+            bootstrap, name="router", inputs=[topics.triggers],
+            group_id=f"{topics.deployment(app)}-router",
             transactional_id=lambda number: f"{app}-{topics.triggers}-{number}",
             make_task=lambda number: RouteTask(topics, number), clock=clock,
             max_batch=max_batch, poll_ms=poll_ms, commit_timeout_s=commit_timeout_s,

@@ -85,7 +85,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         if options.postgres is None:
             raise ValueError("workers keep their idempotency ledger in PostgreSQL: "
                              "pass --postgres DSN")
-        ledger = PostgresLedger(options.postgres, namespace=options.app)
+        ledger = PostgresLedger(options.postgres,
+                                namespace=options.topics.deployment(options.app))
         await ledger.open()
         running.worker = KafkaWorker(options.bootstrap, options.topics, options.registry,
                                      ledger, app=options.app,

@@ -83,6 +83,15 @@ class Topics:
     def tasks(self, queue: str) -> str:
         return f"{self.prefix}.tasks.{queue}"
 
+    def deployment(self, app: str) -> str:
+        """The name of the deployment that runs as ``app`` on these topics: its consumer
+        groups, the topic projector's transactional id and the workers' ledger keys are
+        named by it, so two deployments on one broker and one database (another topic
+        prefix, or another app) never share a group, a transactional id or a ledger
+        entry. When the app and the prefix are alike (the default: both ``terranoha``)
+        it is the app's name alone, as it always was."""
+        return app if self.prefix == app else f"{app}.{self.prefix}"
+
     def partition_of(self, run_id: str) -> int:
         """The partition of a run on every run-keyed topic (Kafka's default partitioner)."""
         return key_partition(run_id.encode(), self.partitions)

@@ -1,11 +1,11 @@
 """Workers over Kafka: task commands in, result commands out, at least once.
 
 A ``KafkaWorker`` consumes the task topics of its registry's queues (consumer group
-``<app>-workers``, read_committed, manual commits). For each task it asks the
-PostgreSQL ledger whether the task's idempotency key already completed, runs the tool
-if not (``engine.worker.sdk.execute``), records a new result in the ledger, sends the
-result command to the run inputs topic and waits for the broker to acknowledge it, and
-only then lets the task's offset be committed.
+``<deployment>-workers``, see ``Topics.deployment``; read_committed, manual commits).
+For each task it asks the PostgreSQL ledger whether the task's idempotency key already
+completed, runs the tool if not (``engine.worker.sdk.execute``), records a new result in
+the ledger, sends the result command to the run inputs topic and waits for the broker to
+acknowledge it, and only then lets the task's offset be committed.
 
 A crash anywhere in that sequence redelivers the task. If the result was recorded, the
 redelivery is answered from the ledger without calling the tool; the orchestrator
@@ -102,7 +102,7 @@ class KafkaWorker:
         self.registry = registry
         self.ledger = ledger
         self.app = app
-        self.group_id = f"{app}-workers"
+        self.group_id = f"{topics.deployment(app)}-workers"
         self.concurrency = concurrency
         self.clock = clock or SystemClock()
         self.poll_ms = poll_ms

@@ -184,7 +184,7 @@ class KafkaDriver(Driver):
         self.follower = follower
         self.engine = KafkaEngine(self.bootstrap, t, follower.registry, app=self.app,
                                   refresh_specs=follower.catch_up)
-        ledger = PostgresLedger(self.dsn, namespace=self.app)
+        ledger = PostgresLedger(self.dsn, namespace=t.deployment(self.app))
         call(ledger.open())
         self._ledger = ledger
         self.worker = KafkaWorker(self.bootstrap, t, registry, ledger, app=self.app)
