@@ -94,6 +94,7 @@ class KafkaWorker:
         poll_ms: int = 50,
         drain_s: float = 10.0,
         max_backoff_s: float = 5.0,
+        instance_id: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -108,6 +109,10 @@ class KafkaWorker:
         self.poll_ms = poll_ms
         self.drain_s = drain_s
         self.max_backoff_s = max_backoff_s
+        self.instance_id = instance_id
+        """Static group membership, as for the engine: a worker restarted under the same
+        id gets its task partitions back at once, instead of after the session timeout
+        (during which nobody works their tasks, and task timeouts fire)."""
         self.calls = 0
         """Tasks whose tool was called."""
         self.answered_from_ledger = 0
@@ -137,6 +142,7 @@ class KafkaWorker:
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            group_instance_id=f"{self.instance_id}-worker" if self.instance_id else None,
         )
         try:
             await producer.start()
