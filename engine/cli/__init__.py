@@ -21,7 +21,6 @@ from engine.cli._commands import (
     cmd_dead_letters,
     cmd_demo,
     cmd_deploy,
-    cmd_project,
     cmd_replay,
     cmd_run,
     cmd_runs,
@@ -32,6 +31,7 @@ from engine.cli._commands import (
     cmd_topics_create,
     cmd_workflows_list,
 )
+from engine.cli._process import otel_option
 from engine.cli._projections import add_commands
 from engine.cli._shared import CliError
 from engine.core.errors import TerranohaError
@@ -61,12 +61,6 @@ def _backend_options(p: argparse.ArgumentParser, kafka_only: bool = False) -> No
                    help="partitions of the run-keyed topics, when creating them")
     p.add_argument("--app", default="terranoha",
                    help="application id: consumer groups and transactional ids")
-
-
-def _otel_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--otel", choices=("none", "console", "otlp"), default="none",
-                   help="OpenTelemetry traces and metrics: none (default), console (stdout) "
-                   "or otlp (OTEL_EXPORTER_OTLP_* settings; needs the otlp extra)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "restores, specs deployed and the totals at a clean stop at info; "
                    "retries, dead letters and fencing at warning "
                    "(default $TERRANOHA_LOG_LEVEL or info)")
-    _otel_option(p)
+    otel_option(p)
 
     topics = sub.add_parser("topics", help="create the Kafka topics")
     topics_sub = topics.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -172,9 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
     add_commands(sub, _backend_options)
-    project = sub.choices["project"]
-    _otel_option(project)
-    project.set_defaults(fn=cmd_project)
     return parser
 
 

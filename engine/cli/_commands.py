@@ -9,9 +9,7 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +23,7 @@ from engine.cli._backends import (
     open_backend,
     processor_lock,
 )
+from engine.cli._process import configure_telemetry, stop_on_signals
 from engine.cli._shared import (
     CliError,
     is_spec_file,
@@ -40,7 +39,7 @@ from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
 from engine.core.state import RunStatus
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
-from engine.observability.setup import Telemetry, TelemetryError, configure, kafka_lag
+from engine.observability.setup import Telemetry, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
 from engine.worker import load_worker_modules
@@ -70,7 +69,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     _configure_logging(args.log_level)
     registry = load_worker_modules(args.workers or [])
-    telemetry = _telemetry(args)
+    telemetry = configure_telemetry(args)
     try:
         if args.kafka:
             return asyncio.run(_serve_kafka(args, registry, out, telemetry))
@@ -100,69 +99,11 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("aiokafka").setLevel(max(numeric, logging.WARNING))
 
 
-def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
-    """``project``; with ``--otel``, also run telemetry from the run events topic."""
-    from engine.cli._projections import cmd_project as project
-
-    telemetry = _telemetry(args)
-    if telemetry is None:
-        return project(args, out)
-    if not args.kafka:
-        telemetry.shutdown()
-        raise CliError("project --otel reads the Kafka run events topic; on the embedded "
-                       "store use `terranoha serve --db PATH --otel ...`")
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    def follow() -> None:
-        try:
-            loop.run_until_complete(_follow_events(args, telemetry, stop))
-        except Exception as exc:
-            print(f"error: telemetry from the run events topic stopped: {exc!r}",
-                  file=sys.stderr)
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=follow, daemon=True, name="otel")
-    thread.start()
-    try:
-        return project(args, out)
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(15)
-        telemetry.shutdown()
-
-
-async def _follow_events(args: argparse.Namespace, telemetry: Telemetry,
-                         stop: asyncio.Event) -> None:
-    from engine.kafka.topics import deployed_topics
-    from engine.observability.follow import follow_events
-
-    topics = await deployed_topics(args.kafka, kafka_topics(args))
-    await follow_events(args.kafka, topics, telemetry, stop, app=args.app)
-
-
-def _telemetry(args: argparse.Namespace) -> Telemetry | None:
-    """OpenTelemetry as ``--otel`` asks (None for ``none``)."""
-    try:
-        return configure(getattr(args, "otel", "none") or "none")
-    except TelemetryError as exc:
-        raise CliError(str(exc)) from exc
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                        telemetry: Telemetry | None = None) -> int:
     from engine.kafka.serve import Running, ServeOptions, serve
 
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     options = ServeOptions(
         bootstrap=args.kafka, topics=kafka_topics(args), app=args.app,
         engine=not args.no_engine, router=not args.no_router,
@@ -188,7 +129,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
 
 async def _serve(db: Path, registry: Any, concurrency: int,
                  telemetry: Telemetry | None = None) -> int:
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     engine = EmbeddedEngine(db)
     if telemetry is not None:
         telemetry.bind(engine.specs, engine.cache.get)

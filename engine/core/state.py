@@ -23,9 +23,6 @@ class RunStatus(StrEnum):
     CANCELLED = "Cancelled"
 
 
-TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
-
-
 class Waiting(StrEnum):
     """What the current step is waiting for."""
 

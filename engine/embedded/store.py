@@ -226,12 +226,6 @@ class Store:
             "SELECT payload FROM events WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall()
         return [self._decode(p, Event) for (p,) in rows]
 
-    def all_events(self, after: int = 0, limit: int = 10_000) -> list[tuple[int, Event]]:
-        rows = self.db.execute(
-            "SELECT pos, payload FROM events WHERE pos > ? ORDER BY pos LIMIT ?",
-            (after, limit)).fetchall()
-        return [(pos, self._decode(p, Event)) for pos, p in rows]
-
     def recorded_commands(self, run_id: str) -> list[RecordedCommand]:
         rows = self.db.execute(
             "SELECT payload FROM commands WHERE run_id = ? ORDER BY first_seq", (run_id,)
@@ -309,9 +303,6 @@ class Store:
         if row is None:
             return None
         return LedgerEntry(idempotency_key, json.loads(row[0]), row[1], row[2])
-
-    def pending_tasks(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM tasks WHERE done = 0").fetchone()[0])
 
     # ------------------------------------------------------------------ specs
 

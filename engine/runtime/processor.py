@@ -88,14 +88,6 @@ class StateCache:
     def commit(self, states: Mapping[str, RunState]) -> None:
         self._states.update(states)
 
-    def clear(self) -> None:
-        self._states.clear()
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-    def values(self) -> Iterable[RunState]:
-        return self._states.values()
 
 
 def trigger_to_start(trigger: Trigger, source: str, partition: int, offset: int) -> StartRun:

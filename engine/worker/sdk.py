@@ -16,7 +16,7 @@ import asyncio
 import importlib
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -225,5 +225,3 @@ async def _call(handler: Handler, ctx: TaskContext) -> Any:
         return await result
     return result
 
-
-AsyncHandler = Callable[[TaskContext], Awaitable[Any]]
