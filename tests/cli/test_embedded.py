@@ -159,3 +159,20 @@ def test_an_unreachable_broker_is_named_with_how_to_start_it(cli: Cli) -> None:
     assert result.code == 2
     assert "cannot reach Kafka at 127.0.0.1:1" in result.err
     assert "bash deploy/local/infra.sh up" in result.err
+
+
+def test_replay_shows_the_status_after_each_event(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "nda"}',
+                  "--as", "alice", "--db", db)
+    run_id = started.out.splitlines()[0]
+    assert cli("approve", run_id, "review", "--as", "bob", "--db", db).code == 0
+
+    lines = cli("replay", run_id, "--db", db).out.splitlines()
+    status = {line.split()[1]: line.rsplit("-> ", 1)[1] for line in lines[:6]}
+    assert status == {"RunStarted": "Pending", "StepStarted": "Running",
+                      "ApprovalRequested": "Waiting", "ApprovalGranted": "Running",
+                      "StepCompleted": "Running", "RunCompleted": "Completed"}, lines
+    at = cli("replay", run_id, "--at", "5", "--db", db)
+    assert at.out.splitlines()[0] == "state after seq 5 (StepCompleted):"
+    assert f"{run_id}  sign-off v1  Running" in at.out

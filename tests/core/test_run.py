@@ -335,6 +335,26 @@ def test_status_through_a_run() -> None:
     assert flow.state is not None and flow.state.terminal and flow.state.ended_at == flow.now
 
 
+def test_status_between_steps_is_running_not_pending() -> None:
+    flow = Flow(TWO_TASKS)
+    flow.given(flow.start()).when(flow.complete("a")).then(
+        TaskCompleted, StepCompleted, StepStarted, TaskDispatched, TimerArmed)
+    completed = fold(flow.log[:flow.log.index(flow.last[1]) + 1])
+    assert completed is not None and completed.current is None
+    assert completed.status is RunStatus.RUNNING, "a run between two steps has started"
+
+
+def test_status_after_every_event_of_a_run_is_never_pending_once_a_step_ran() -> None:
+    flow = Flow(wf({"id": "a", "task": "q"}, {"id": "c", "choice": [
+        {"when": "steps.a.result.ok", "goto": "b"}]}, {"id": "b", "task": "q"}))
+    flow.given(flow.start()).given(flow.complete("a", {"ok": True})).given(flow.complete("b"))
+    statuses = [s.status for s in (fold(flow.log[:n]) for n in range(1, len(flow.log) + 1))
+                if s is not None]
+    assert statuses[0] is RunStatus.PENDING
+    assert RunStatus.PENDING not in statuses[1:], statuses
+    assert statuses[-1] is RunStatus.COMPLETED
+
+
 def test_status_failed_and_cancelled() -> None:
     failed = Flow(TWO_TASKS)
     failed.given(failed.start()).given(failed.fail("a", "permanent")).then_status(RunStatus.FAILED)
