@@ -438,7 +438,7 @@ def _start_run(ctx: _Context, c: cmd.StartRun) -> None:
     )
     if sla_due is not None:
         ctx.arm("run_sla", "", c.run_id, sla_due)
-    problem = check_input(spec.input, c.input, "input")
+    problem = check_input(spec.input, c.input, "input", strict=spec.strict_input)
     if problem is not None:
         path, message = problem
         ctx.fail_run("permanent", "INVALID_INPUT", f"{path}: {message}", path)

@@ -34,7 +34,7 @@ from engine.core.errors import TerranohaError
 from engine.core.events import Event
 from engine.core.outbox import TaskCommand
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
-from engine.core.spec import WorkflowSpec, load_spec, spec_to_data
+from engine.core.spec import WorkflowSpec, load_deployed_spec, spec_to_data
 from engine.core.state import RunState
 from engine.runtime.processor import Batch, Input
 from engine.worker.sdk import LedgerEntry
@@ -325,4 +325,4 @@ class Store:
 
     def specs(self) -> list[WorkflowSpec]:
         rows = self.db.execute("SELECT body FROM specs ORDER BY workflow, version").fetchall()
-        return [load_spec(json.loads(body)) for (body,) in rows]
+        return [load_deployed_spec(json.loads(body)) for (body,) in rows]

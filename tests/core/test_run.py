@@ -127,6 +127,28 @@ def test_missing_required_input_names_the_field() -> None:
         RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input.order_id"}))
 
 
+def test_an_undeclared_input_field_fails_the_run_naming_it() -> None:
+    flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}})
+    flow.when(flow.start({"order_id": "o1", "ammount": 10})).then(
+        RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input.ammount"}))
+    failed = flow.last[-1]
+    assert isinstance(failed, RunFailed)
+    assert failed.message == ("input.ammount: field 'ammount' is not declared; the spec "
+                              "declares order_id (strict_input: false accepts others)")
+
+
+def test_a_lenient_spec_accepts_undeclared_input_fields() -> None:
+    flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}, "strict_input": False})
+    flow.when(flow.start({"order_id": "o1", "note": "x"})).then(
+        RunStarted, StepStarted, TaskDispatched, TimerArmed)
+
+
+def test_a_spec_without_an_input_schema_checks_nothing() -> None:
+    flow = Flow(TWO_TASKS)
+    flow.when(flow.start({"anything": 1})).then(RunStarted, StepStarted, TaskDispatched,
+                                                TimerArmed)
+
+
 def test_input_that_is_not_an_object_is_invalid() -> None:
     flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}})
     flow.when(flow.start(["o1"])).then(
