@@ -205,6 +205,21 @@ class WorkflowSpec(_Model):
         position = self._positions()[step_id]
         return self.steps[position + 1].id if position + 1 < len(self.steps) else None
 
+    def requester_excluded_at(self) -> str | None:
+        """The first step with an approval the run's requester may not vote in (an
+        approval or review with ``exclude_requester``, or an escalation, which always
+        excludes the requester), or None."""
+        for step in self.steps:
+            handlers = [*step.on_business_error.values(), step.on_exhausted]
+            for approval in (step.approval, step.review):
+                if approval is not None:
+                    if approval.exclude_requester:
+                        return step.id
+                    handlers += [approval.on_expire, approval.on_reject]
+            if any(h is not None and h.escalate for h in handlers):
+                return step.id
+        return None
+
     def _index(self) -> dict[str, StepSpec]:
         cached: dict[str, StepSpec] | None = self.__dict__.get("_index_cache")
         if cached is None:

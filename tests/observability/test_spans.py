@@ -205,7 +205,7 @@ def test_the_embedded_engine_hands_committed_events_to_telemetry(tmp_path: Path)
     engine.on_committed = telemetry.observe
     worker = EmbeddedWorker(tmp_path / "e.db", _registry(), clock=clock)
     engine.submit(Trigger(workflow="refund", idempotency_key="k", correlation_id="ticket-9",
-                          input={"order": "o-1", "card": CARD}))
+                          input={"order": "o-1", "card": CARD}, requested_by="ann"))
     run_id = run_id_for("default", "k")
     engine.drain()
     asyncio.run(worker.work_once())
