@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -39,6 +40,20 @@ T = TypeVar("T")
 COMMAND_WAIT_S = 10.0
 """How long a command sent to Kafka waits for the orchestrator to process it."""
 
+START_WAIT_S = 3.0
+"""How long ``run`` (without ``--wait``) gives a running orchestrator to start the run, so
+that a run that fails at once is reported as failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What ``Backend.start`` did: the run id, the run's state if known, and whether the
+    run existed already (then nothing was submitted: the same key is the same run)."""
+
+    run_id: str
+    state: RunState | None
+    existed: bool = False
+
 
 class Backend(Protocol):
     """The operations the run commands need, on either backend."""
@@ -47,8 +62,8 @@ class Backend(Protocol):
 
     def specs(self) -> list[WorkflowSpec]: ...
 
-    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
-        """Submit ``trigger``; return its run id and its state if already known."""
+    def start(self, trigger: Trigger) -> Started:
+        """Submit ``trigger`` unless its run exists already; say what happened."""
         ...
 
     def queued(self) -> str:
@@ -132,9 +147,14 @@ class EmbeddedBackend:
         with self._store() as store:
             return store.specs()
 
-    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
+    def start(self, trigger: Trigger) -> Started:
         run_id = run_id_for(trigger.tenant, trigger.idempotency_key)
-        return run_id, self._submit_and_settle([trigger], run_id)
+        if self.db.exists():
+            with self._store() as store:
+                existing = store.state(run_id)
+            if existing is not None:
+                return Started(run_id, existing, existed=True)
+        return Started(run_id, self._submit_and_settle([trigger], run_id))
 
     def queued(self) -> str:
         return f"queued in {self.db}"
@@ -250,8 +270,18 @@ class KafkaBackend:
     def specs(self) -> list[WorkflowSpec]:
         return self._call(self.client.specs())
 
-    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
-        return self._call(self.client.trigger(trigger)), None
+    def start(self, trigger: Trigger) -> Started:
+        run_id = run_id_for(trigger.tenant, trigger.idempotency_key)
+        existing = self.state(run_id)
+        if existing is not None:
+            return Started(run_id, existing, existed=True)
+        self._call(self.client.trigger(trigger))
+        deadline = time.monotonic() + START_WAIT_S
+        state = self.state(run_id)
+        while state is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            state = self.state(run_id)
+        return Started(run_id, state)
 
     def queued(self) -> str:
         return f"trigger published to {self.topics.triggers}"

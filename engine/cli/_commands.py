@@ -37,7 +37,7 @@ from engine.core.events import Event
 from engine.core.evolve import fold
 from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
-from engine.core.state import RunStatus
+from engine.core.state import RunState, RunStatus
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
 from engine.observability.setup import Telemetry, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
@@ -50,7 +50,14 @@ from projections.timeline import Timeline, build_timeline, render_timeline
 IN_PROGRESS = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRY})
 """What ``run --wait`` waits out: a run in any other status needs no more from it."""
 
+UNSUCCESSFUL = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
+
+# Exit codes (the README's table): 2 is any error (``main``), 3 a replay divergence.
+REFUSED = 1
+"""A command was refused, or the run it started has failed or was cancelled."""
 WAIT_TIMED_OUT = 4
+KEY_CONFLICT = 5
+"""The idempotency key names a run started with another input (the API's 409)."""
 
 
 # ---------------------------------------------------------------------- processes
@@ -194,17 +201,53 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
                            "`terranoha workflows deploy SPEC` or pass the spec file")
         key = args.key or str(uuid.uuid4())
         trigger = Trigger(workflow=workflow, version=version, tenant=args.tenant,
-                          idempotency_key=key, input=data, requested_by=args.as_user,
+                          idempotency_key=key, input=data, requested_by=args.as_user.strip(),
                           priority=args.priority, correlation_id=args.correlation_id or key)
-        run_id, state = backend.start(trigger)
+        started = backend.start(trigger)
+        run_id, state = started.run_id, started.state
         out.write(f"{run_id}\n")
+        conflict = _conflict(trigger, state) if started.existed else None
+        if conflict is not None:
+            print_state(state, out)
+            print(f"error: run {run_id} already exists for key {key!r} of tenant "
+                  f"{args.tenant!r} and was started with {conflict}; the same key always "
+                  "gives the same run: use another --key for a new run", file=sys.stderr)
+            return KEY_CONFLICT
         if args.wait is not None:
             return _wait(backend, run_id, args.wait, out)
         if state is None:
             out.write(f"{backend.queued()}\n")
-        else:
-            print_state(state, out)
-    return 0
+            return 0
+        print_state(state, out)
+        return _outcome(state)
+
+
+_ABSENT = object()
+
+
+def _conflict(trigger: Trigger, state: RunState | None) -> str | None:
+    """How the existing run differs from what ``trigger`` asks for, or None."""
+    if state is None:
+        return None
+    if state.workflow != trigger.workflow or trigger.version not in (0, state.version):
+        return f"workflow {state.workflow} v{state.version}"
+    if state.input == trigger.input:
+        return None
+    old = state.input if isinstance(state.input, dict) else {}
+    new = trigger.input if isinstance(trigger.input, dict) else {}
+    if not old and not new:
+        return "another input"
+    fields = sorted(k for k in {*old, *new} if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    return "another input (it differs in " + ", ".join(f"input.{k}" for k in fields) + ")"
+
+
+def _outcome(state: RunState) -> int:
+    """The exit code for a run the command started or found: REFUSED if it did not go
+    well, saying why on stderr."""
+    if state.status not in UNSUCCESSFUL:
+        return 0
+    print(f"error: run {state.run_id} is {state.status.value}", file=sys.stderr)
+    return REFUSED
 
 
 def _wait(backend: Backend, run_id: str, seconds: float, out: TextIO) -> int:
@@ -222,7 +265,7 @@ def _wait(backend: Backend, run_id: str, seconds: float, out: TextIO) -> int:
         where = state.status.value if state is not None else "not started"
         print(f"error: run {run_id} is still {where} after {seconds:g}s", file=sys.stderr)
         return WAIT_TIMED_OUT
-    return 0
+    return _outcome(state)
 
 
 def cmd_approve(args: argparse.Namespace, out: TextIO) -> int:
@@ -234,7 +277,7 @@ def cmd_approve(args: argparse.Namespace, out: TextIO) -> int:
             roles = state.current.approval.approvers
         command = DecideApproval(command_id=str(uuid.uuid4()), run_id=state.run_id,
                                  tenant=state.tenant, correlation_id=state.correlation_id,
-                                 step=args.step, approver=args.as_user, roles=roles,
+                                 step=args.step, approver=args.as_user.strip(), roles=roles,
                                  approve=not args.reject, comment=args.comment)
         return _report_command(backend, command, out)
 
@@ -265,7 +308,7 @@ def _report_command(backend: Backend, command: Command, out: TextIO) -> int:
             out.write(f"refused: {getattr(event, 'reason', '')}: "
                       f"{getattr(event, 'detail', '')}\n")
             print_state(state, out)
-            return 1
+            return REFUSED
     out.write(", ".join(e.TYPE for e in events) + "\n" if events else "queued\n")
     print_state(state, out)
     return 0
@@ -280,8 +323,12 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
-        for state in backend.runs(args.status, args.limit):
-            print_state(state, out)
+        found = backend.runs(args.status, args.limit + 1)
+    for state in found[:args.limit]:
+        print_state(state, out)
+    if len(found) > args.limit:
+        print(f"more runs exist than the {args.limit} most recent shown; pass --limit N "
+              "for more", file=sys.stderr)
     return 0
 
 

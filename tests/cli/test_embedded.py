@@ -3,6 +3,8 @@ what to fix (exit 2), refused commands exit 1, ``run --wait`` waits."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,94 @@ def test_replay_shows_the_status_after_each_event(cli: Cli, specs: Path) -> None
     at = cli("replay", run_id, "--at", "5", "--db", db)
     assert at.out.splitlines()[0] == "state after seq 5 (StepCompleted):"
     assert f"{run_id}  sign-off v1  Running" in at.out
+
+
+def test_a_run_that_fails_at_once_exits_1_with_and_without_wait(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    spec = str(specs / "approval.yaml")
+    for wait in ([], ["--wait", "5"]):
+        failed = cli("run", spec, "--input", '{"doc": 7}', "--as", "alice", *wait, "--db", db)
+        assert failed.code == 1, (wait, failed)
+        assert "sign-off v1  Failed" in failed.out
+        assert "error: INVALID_INPUT: input.doc: expected string, got int 7" in failed.out
+        assert "is Failed" in failed.err
+    extra = cli("run", spec, "--input", '{"doc": "x", "dco": 1}', "--as", "alice", "--db", db)
+    assert extra.code == 1
+    assert "input.dco: field 'dco' is not declared (did you mean 'doc'?)" in extra.out
+    fine = cli("run", spec, "--input", '{"doc": "x"}', "--as", "alice", "--db", db)
+    assert fine.code == 0 and "Waiting at step review" in fine.out
+
+
+def test_the_same_key_with_another_input_is_a_conflict_exit_5(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    spec = str(specs / "approval.yaml")
+    first = cli("run", spec, "--input", '{"doc": 1}', "--key", "k", "--as", "al", "--db", db)
+    assert first.code == 1  # failed at once: bad input
+    run_id = first.out.splitlines()[0]
+
+    again = cli("run", spec, "--input", '{"doc": 1}', "--key", "k", "--as", "al", "--db", db)
+    assert (again.code, again.out.splitlines()[0]) == (1, run_id), "same input: same run"
+    other = cli("run", spec, "--input", '{"doc": "fixed"}', "--key", "k", "--db", db)
+    assert other.code == 5, other
+    assert other.out.splitlines()[0] == run_id and "Failed" in other.out
+    assert (f"error: run {run_id} already exists for key 'k' of tenant 'default' and was "
+            "started with another input (it differs in input.doc)") in other.err
+    assert "use another --key" in other.err
+    events = cli("replay", run_id, "--json", "--db", db).out
+    assert events.count('"type": "RunStarted"') == 1 and "CommandRejected" not in events
+
+
+def test_runs_takes_a_status_in_any_case_and_refuses_an_unknown_one(
+        cli: Cli, specs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(specs / "t.db")
+    started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "x"}', "--db", db)
+    run_id = started.out.splitlines()[0]
+    for spelling in ("Waiting", "waiting", " WAITING "):
+        assert cli("runs", "--status", spelling, "--db", db).out.startswith(run_id), spelling
+    assert cli("runs", "--status", "failed", "--db", db).out == ""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["runs", "--status", "Bogus"])
+    assert exit_.value.code == 2
+    assert ("argument --status: unknown status 'Bogus'; use one of Pending, Running, Waiting, "
+            "Retry, Completed, Failed, Cancelled") in capsys.readouterr().err
+    help_text = build_parser()._subparsers._group_actions[0].choices["runs"].format_help()  # type: ignore[union-attr]
+    assert "Pending, Running, Waiting" in " ".join(help_text.split())
+
+
+def test_runs_says_when_more_runs_exist(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    for i in range(3):
+        cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "x"}', "--key", f"k{i}",
+            "--db", db)
+    listed = cli("runs", "--limit", "2", "--db", db)
+    assert len(listed.out.splitlines()) == 2
+    assert "more runs exist than the 2 most recent shown; pass --limit N" in listed.err
+    everything = cli("runs", "--limit", "3", "--db", db)
+    assert len(everything.out.splitlines()) == 3 and everything.err == ""
+
+
+def test_a_closed_pipe_ends_the_command_quietly(specs: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    db = str(specs / "t.db")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "run", str(specs / "approval.yaml"),
+         "--input", '{"doc": "x"}', "--db", db],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line: `| head -0`
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(60) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_status_names_the_task_phase_once(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    started = cli("run", str(specs / "task.yaml"), "--db", db)
+    assert "Running at step fetch (task attempt 1 dispatched)" in started.out
+
+
+def test_every_run_option_has_help() -> None:
+    run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    missing = [a.dest for a in run._actions if not a.help]
+    assert not missing, f"options without help: {missing}"
