@@ -33,7 +33,7 @@ from engine.cli._shared import (
     redacted_view,
 )
 from engine.core.commands import CancelRun, Command, DecideApproval, DeliverSignal
-from engine.core.events import Event
+from engine.core.events import CommandRejected, CommandRejectedV2, Event
 from engine.core.evolve import fold
 from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
@@ -45,7 +45,7 @@ from engine.runtime.specs import SpecRegistry
 from engine.worker import load_worker_modules
 from projections.postgres import timeline_from_postgres
 from projections.redaction import PolicyBook, redact_events
-from projections.timeline import Timeline, build_timeline, render_timeline
+from projections.timeline import Timeline, build_timeline, render_timeline, timeline_view
 
 IN_PROGRESS = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRY})
 """What ``run --wait`` waits out: a run in any other status needs no more from it."""
@@ -348,7 +348,7 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
             timeline = build_timeline(_redacted(backend.log(args.run).events,
                                                 backend.specs()))
     if args.json:
-        out.write(json.dumps(to_jsonable(timeline), indent=2, default=str) + "\n")
+        out.write(json.dumps(timeline_view(timeline), indent=2, default=str) + "\n")
     else:
         out.write(render_timeline(timeline) + "\n")
     return 0
@@ -374,11 +374,12 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     steps = states(events)
     report = verify(run_id, events, log.recorded, specs) if args.verify else None
+    shown = _redacted(events, deployed)
     if args.json:
         doc: dict[str, Any] = {
             "run_id": run_id,
-            "events": [{"seq": e.seq, "type": e.TYPE, "ts": e.ts,
-                        "status": s.status.value} for e, s in zip(events, steps, strict=True)],
+            "events": [{"seq": e.seq, "type": e.TYPE, "ts": e.ts, "status": s.status.value,
+                        **_refusal(e)} for e, s in zip(shown, steps, strict=True)],
             "final": redacted_view(steps[-1], deployed) if steps else None,
         }
         if report is not None:
@@ -386,10 +387,16 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
                              "divergence": to_jsonable(report.divergence)}
         out.write(json.dumps(doc, indent=2, default=str) + "\n")
     else:
-        for event, state in zip(events, steps, strict=True):
-            step = getattr(event, "step", "") or ""
-            out.write(f"{event.seq:>4}  {event.TYPE:<22}{step:<16}-> {state.status.value}\n")
-        out.write("\n" + render_timeline(build_timeline(_redacted(events, deployed))) + "\n")
+        for event, state in zip(shown, steps, strict=True):
+            step = getattr(event, "step", "") or getattr(event, "at_step", "") or ""
+            line = f"{event.seq:>4}  {event.TYPE:<22}{step:<16}-> {state.status.value}"
+            refusal = _refusal(event)
+            if refusal:
+                who = f" by {refusal['by']}" if refusal["by"] else ""
+                line += (f"  {refusal['command']}{who} refused: {refusal['reason']}: "
+                         f"{refusal['detail']}")
+            out.write(line + "\n")
+        out.write("\n" + render_timeline(build_timeline(shown)) + "\n")
         if report is not None:
             if report.ok:
                 out.write(f"\nverify: OK, {report.commands} commands re-decided, "
@@ -398,6 +405,15 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
                 assert report.divergence is not None
                 out.write("\nverify: DIVERGED\n" + report.divergence.describe() + "\n")
     return 0 if report is None or report.ok else 3
+
+
+def _refusal(event: Event) -> dict[str, Any]:
+    """What a ``CommandRejected`` says: the command, who sent it (version 2), why."""
+    if not isinstance(event, CommandRejected):
+        return {}
+    by = event.by if isinstance(event, CommandRejectedV2) else ""
+    return {"command": event.command_type, "by": by, "reason": event.reason,
+            "detail": event.detail}
 
 
 def cmd_dead_letters(args: argparse.Namespace, out: TextIO) -> int:

@@ -122,15 +122,16 @@ class _Context:
 
     def reject(self, reason: str, detail: str = "") -> None:
         c = self.command
+        by, at_step = _sender(c)
         fields = {"command_type": c.TYPE, "command_id": c.command_id, "reason": reason,
-                  "detail": detail}
+                  "detail": detail, "by": by, "at_step": at_step}
         if self.state is None or not self.state.workflow:
             # No run to record it in: the runtime sends it to dead letters.
-            self.events.append(ev.CommandRejected(
+            self.events.append(ev.CommandRejectedV2(
                 run_id=c.run_id, seq=0, ts=self.now, tenant=c.tenant,
                 correlation_id=c.correlation_id, causation_id=c.command_id, **fields))
             return
-        self.emit(ev.CommandRejected, **fields)
+        self.emit(ev.CommandRejectedV2, **fields)
 
     def active(self) -> bool:
         if self.run.terminal:
@@ -395,6 +396,19 @@ class _Context:
             self.enter(handler.goto)
         else:
             self.fail_run("business", code, message, None)
+
+
+def _sender(c: cmd.Command) -> tuple[str, str]:
+    """Who sent ``c`` as the command names them, and the step it is about."""
+    if isinstance(c, cmd.DecideApproval):
+        return c.approver, c.step
+    if isinstance(c, cmd.CompleteTask | cmd.FailTask):
+        return "", c.step
+    if isinstance(c, cmd.CancelRun):
+        return c.by, ""
+    if isinstance(c, cmd.StartRun):
+        return c.requested_by, ""
+    return "", ""
 
 
 # ---------------------------------------------------------------------- command handlers

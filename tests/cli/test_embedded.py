@@ -3,6 +3,9 @@ what to fix (exit 2), refused commands exit 1, ``run --wait`` waits."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import build_parser
+from engine.codec import decode, encode
 from tests.cli.conftest import Cli
 
 APPROVAL_ONLY = """\
@@ -269,3 +273,68 @@ def test_every_run_option_has_help() -> None:
     run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
     missing = [a.dest for a in run._actions if not a.help]
     assert not missing, f"options without help: {missing}"
+
+
+def _approved_run(cli: Cli, specs: Path, db: str) -> str:
+    """A sign-off run by alice: her own approval refused, then bob's granted."""
+    started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "nda"}',
+                  "--as", "alice", "--db", db)
+    run_id = started.out.splitlines()[0]
+    assert cli("approve", run_id, "review", "--as", "alice", "--db", db).code == 1
+    assert cli("approve", run_id, "nostep", "--as", "bob", "--db", db).code == 1
+    assert cli("approve", run_id, "review", "--as", "bob", "--db", db).code == 0
+    return run_id
+
+
+def test_replay_verify_reports_the_first_event_that_differs_with_exit_3(
+        cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    run_id = _approved_run(cli, specs, db)
+    assert cli("replay", run_id, "--verify", "--db", db).code == 0
+
+    store = sqlite3.connect(db)
+    seq, payload = store.execute("SELECT seq, payload FROM events WHERE run_id = ? AND "
+                                 "type = 'ApprovalGranted'", (run_id,)).fetchone()
+    granted = decode(payload)
+    store.execute("UPDATE events SET payload = ? WHERE run_id = ? AND seq = ?",
+                  (encode(dataclasses.replace(granted, approvers=["mallory"])), run_id, seq))
+    store.commit()
+    store.close()
+
+    diverged = cli("replay", run_id, "--verify", "--db", db)
+    assert diverged.code == 3, diverged
+    report = diverged.out.split("verify: DIVERGED\n", 1)[1]
+    assert report.startswith(f"first divergence at seq {seq}, command DecideApproval ")
+    assert "recorded: ApprovalGranted(" in report and "approvers=['mallory']" in report
+    assert "replayed: ApprovalGranted(" in report and "approvers=['bob']" in report
+    doc = json.loads(cli("replay", run_id, "--verify", "--json", "--db", db).out)
+    assert doc["verify"]["ok"] is False and doc["verify"]["divergence"]["seq"] == seq
+
+
+def test_refusals_show_who_and_why_in_timeline_and_replay(cli: Cli, specs: Path) -> None:
+    db = str(specs / "t.db")
+    run_id = _approved_run(cli, specs, db)
+
+    timeline = cli("timeline", run_id, "--db", db).out
+    refused = timeline.split("refused (kept in the run log, no effect):\n", 1)[1].splitlines()
+    assert "DecideApproval by alice at step review: self-approval: alice requested this run" \
+        in refused[0]
+    assert "DecideApproval by bob at step nostep: unknown step: sign-off v1 has no step " \
+        "'nostep'; step 'review' is waiting for approval" in refused[1]
+
+    doc = json.loads(cli("timeline", run_id, "--json", "--db", db).out)
+    assert [(r["command"], r["by"], r["step"], r["reason"]) for r in doc["rejections"]] == [
+        ("DecideApproval", "alice", "review", "self-approval"),
+        ("DecideApproval", "bob", "nostep", "unknown step")]
+    assert doc["rejected_commands"] == 2
+    assert "redacted" not in doc and all("_wait_from" not in s for s in doc["steps"])
+    assert doc["steps"][0]["duration_ms"] is not None
+
+    replay = cli("replay", run_id, "--db", db).out.splitlines()
+    rejected = [line for line in replay if "  CommandRejected  " in line]
+    assert len(rejected) == 2
+    assert rejected[0].endswith("DecideApproval by alice refused: self-approval: alice "
+                                "requested this run and may not approve it; ask another "
+                                "approver")
+    events = json.loads(cli("replay", run_id, "--json", "--db", db).out)["events"]
+    assert [e.get("by") for e in events if e["type"] == "CommandRejected"] == ["alice", "bob"]

@@ -12,6 +12,7 @@ from engine.core.events import (
     ApprovalRequested,
     ApprovalVoted,
     CommandRejected,
+    CommandRejectedV2,
     Escalated,
     RunCancelled,
     RunFailed,
@@ -87,21 +88,33 @@ def test_approval_for_another_step_is_rejected() -> None:
 def test_approval_for_a_step_that_does_not_exist_says_so_and_names_the_waiting_step() -> None:
     flow = approval_flow()
     flow.when(flow.approve("nostep", "bob", "finance")).then(
-        (CommandRejected, {"reason": "unknown step",
-                           "detail": "w v1 has no step 'nostep'; step 'sign' is waiting for "
-                                     "approval"}))
+        (CommandRejectedV2, {"reason": "unknown step", "by": "bob", "at_step": "nostep",
+                             "detail": "w v1 has no step 'nostep'; step 'sign' is waiting "
+                                       "for approval"}))
     flow.when(flow.approve("pay", "bob", "finance")).then(
-        (CommandRejected, {"reason": "no pending approval",
-                           "detail": "step 'pay' is not waiting for approval: it was decided, "
-                                     "expired, or the run is elsewhere; step 'sign' is "
-                                     "waiting for approval"}))
+        (CommandRejectedV2, {"reason": "no pending approval",
+                             "detail": "step 'pay' is not waiting for approval: it was "
+                                       "decided, expired, or the run is elsewhere; step "
+                                       "'sign' is waiting for approval"}))
     flow.when(flow.approve("sign", "bob", "finance")).then(
         ApprovalGranted, StepCompleted, StepStarted, TaskDispatched, TimerArmed)
     flow.when(flow.approve("sign", "bob", "finance")).then(
-        (CommandRejected, {"reason": "no pending approval"}))
+        (CommandRejectedV2, {"reason": "no pending approval"}))
     rejected = flow.last[0]
     assert isinstance(rejected, CommandRejected)
     assert rejected.detail.endswith("; no step is waiting for approval")
+
+
+def test_a_refusal_records_who_sent_the_command_and_the_step_it_was_about() -> None:
+    flow = approval_flow(run_by="alice")
+    flow.when(flow.approve("sign", "alice", "finance")).then(
+        (CommandRejectedV2, {"command_type": "DecideApproval", "reason": "self-approval",
+                             "by": "alice", "at_step": "sign"}))
+    flow.given(flow.approve("sign", "bob", "finance")).when(flow.cancel(by="ops")).then(
+        RunCancelled)
+    flow.when(flow.cancel(by="ops")).then(
+        (CommandRejectedV2, {"command_type": "CancelRun", "reason": "run ended", "by": "ops",
+                             "at_step": ""}))
 
 
 # --------------------------------------------------------------------------- identities

@@ -159,3 +159,7 @@ def test_demo_completes_and_replays(tmp_path: Path) -> None:
     replay = io.StringIO()
     assert main(["replay", run_id, "--db", str(db), "--verify"], out=replay) == 0
     assert "verify: OK" in replay.getvalue()
+    timeline = io.StringIO()
+    assert main(["timeline", run_id, "--db", str(db)], out=timeline) == 0
+    assert timeline.getvalue() in text, "the demo shows the timeline the CLI shows (redacted)"
+    assert "DecideApproval by alice at step refund: self-approval: alice requested" in text

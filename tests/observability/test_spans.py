@@ -240,7 +240,7 @@ def test_a_command_refused_after_the_run_ended_opens_no_trace() -> None:
     flow = _flow()
     flow.after(100).when(flow.approve("refund", "dave", "finance"))
     late = flow.last
-    assert [type(e) for e in late] == [ev.CommandRejected]
+    assert [type(e) for e in late] == [ev.CommandRejectedV2]
     spans = RunSpans(_book())
     spans.apply(flow.log[:-1])
     assert spans.apply(late) == [] and len(spans) == 0
