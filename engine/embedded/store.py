@@ -4,7 +4,8 @@
 |----------------|--------------------------------------------------------|
 | inputs         | the run inputs topic (commands, triggers, timer firings)|
 | events         | the run events topic (the immutable run log)           |
-| commands       | recorded commands, next to the events they produced    |
+| commands       | recorded commands, next to the events they produced,   |
+|                | with the position of the input each was read from      |
 | states         | the run state changelog (latest snapshot per run)      |
 | tasks          | the task topics, one queue column per worker queue      |
 | notifications  | the notifications topic                                |
@@ -189,8 +190,8 @@ class Store:
             db.executemany(
                 "INSERT INTO commands (input_pos, run_id, first_seq, last_seq, payload) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(batch.last.offset if batch.last else 0, r.run_id, r.first_seq, r.last_seq,
-                  encode(r)) for r in batch.recorded])
+                [(pos, r.run_id, r.first_seq, r.last_seq, encode(r))
+                 for r, pos in zip(batch.recorded, batch.recorded_offsets, strict=True)])
             db.executemany(
                 "INSERT OR REPLACE INTO states (run_id, workflow, version, status, updated_at,"
                 " payload) VALUES (?, ?, ?, ?, ?, ?)",
