@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correlation-id", help="the id the run's records and trace carry "
                    "(default the key)")
     p.add_argument("--wait", type=float, metavar="SECONDS",
-                   help="wait until the run is no longer pending, running or retrying "
-                   "(exit 4 if it still is after SECONDS)")
+                   help="wait until the run has ended or waits for someone (an approval, "
+                   "a signal), through retries and sleeps (exit 4 if it has not after "
+                   "SECONDS); on the embedded store without serve, fire due timers meanwhile")
 
     p = add(sub, "approve", cmd_approve, "approve (or --reject) a step waiting for approval")
     p.add_argument("run")

@@ -23,7 +23,7 @@ from engine.core.events import Event
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, Trigger
 from engine.core.spec import WorkflowSpec
-from engine.core.state import RunState
+from engine.core.state import RunState, Waiting
 from engine.embedded import EmbeddedEngine, Store
 from engine.kafka.client import (
     START_HINT,
@@ -86,6 +86,15 @@ class Backend(Protocol):
     def runs(self, status: str | None, limit: int) -> list[RunState]: ...
 
     def dead_letters(self) -> list[DeadLetter]: ...
+
+    def advance(self) -> None:
+        """Let what is due happen, where this command is the one to do it (the embedded
+        store with no server: process the inputs, fire the due timers)."""
+        ...
+
+    def stalled(self, state: RunState) -> str | None:
+        """Why ``state`` will not move on by itself (its timers will not fire), or None."""
+        ...
 
     def close(self) -> None: ...
 
@@ -191,6 +200,28 @@ class EmbeddedBackend:
     def dead_letters(self) -> list[DeadLetter]:
         with self._store() as store:
             return store.dead_letters()
+
+    def advance(self) -> None:
+        with processor_lock(self.db, wait=False) as held:
+            if held:
+                engine = EmbeddedEngine(self.db)
+                try:
+                    engine.drain()
+                finally:
+                    engine.close()
+
+    def stalled(self, state: RunState) -> str | None:
+        current = state.current
+        timed = current is not None and current.waiting in (Waiting.TIMER, Waiting.RETRY)
+        overdue = any(t.due_at <= now_ms() for t in state.timers.values())
+        if state.terminal or not (timed or overdue):
+            return None
+        with processor_lock(self.db, wait=False) as held:
+            if not held:
+                return None  # a server holds the store: it fires the timers
+        return (f"no `terranoha serve` holds {self.db}: the run's timers (sleeps, retries, "
+                "reminders, expiries, SLAs) fire only while one runs, or while a command "
+                f"processes the store; start `terranoha serve --db {self.db}`")
 
     def close(self) -> None:
         pass
@@ -313,6 +344,12 @@ class KafkaBackend:
 
     def dead_letters(self) -> list[DeadLetter]:
         return self._call(self.client.dead_letters())
+
+    def advance(self) -> None:
+        pass  # the orchestrator fires timers
+
+    def stalled(self, state: RunState) -> str | None:
+        return None
 
     @staticmethod
     def _not_found(text: str, topic: str) -> str:

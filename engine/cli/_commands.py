@@ -37,7 +37,7 @@ from engine.core.events import CommandRejected, CommandRejectedV2, Event
 from engine.core.evolve import fold
 from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
-from engine.core.state import RunState, RunStatus
+from engine.core.state import RunState, RunStatus, Waiting
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
 from engine.observability.setup import Telemetry, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
@@ -48,7 +48,8 @@ from projections.redaction import PolicyBook, redact_events
 from projections.timeline import Timeline, build_timeline, render_timeline, timeline_view
 
 IN_PROGRESS = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRY})
-"""What ``run --wait`` waits out: a run in any other status needs no more from it."""
+"""What ``run --wait`` waits out, with a sleep: a run in any other state needs someone
+(an approver, a signal) or has ended."""
 
 UNSUCCESSFUL = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 
@@ -250,18 +251,26 @@ def _outcome(state: RunState) -> int:
     return REFUSED
 
 
+def _in_progress(state: RunState | None) -> bool:
+    if state is None or state.status in IN_PROGRESS:
+        return True
+    return state.current is not None and state.current.waiting is Waiting.TIMER
+
+
 def _wait(backend: Backend, run_id: str, seconds: float, out: TextIO) -> int:
-    """Poll the run until it leaves Pending/Running/Retry, or ``seconds`` pass."""
+    """Poll the run until it leaves Pending/Running/Retry and any sleep, or ``seconds``
+    pass. On the embedded store with no server, the polling fires the due timers."""
     deadline = time.monotonic() + seconds
     state = backend.state(run_id)
-    while (state is None or state.status in IN_PROGRESS) and time.monotonic() < deadline:
+    while _in_progress(state) and time.monotonic() < deadline:
         time.sleep(0.2)
+        backend.advance()
         state = backend.state(run_id)
     if state is None:
         out.write(f"{backend.queued()}\n")
     else:
         print_state(state, out)
-    if state is None or state.status in IN_PROGRESS:
+    if state is None or _in_progress(state):
         where = state.status.value if state is not None else "not started"
         print(f"error: run {run_id} is still {where} after {seconds:g}s", file=sys.stderr)
         return WAIT_TIMED_OUT
@@ -316,8 +325,11 @@ def _report_command(backend: Backend, command: Command, out: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
-        print_state(backend.run(args.run), out, args.json,
-                    backend.specs() if args.json else ())
+        state = backend.run(args.run)
+        print_state(state, out, args.json, backend.specs() if args.json else ())
+        stalled = backend.stalled(state)
+    if stalled is not None:
+        print(f"note: {stalled}", file=sys.stderr)
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,32 @@ def test_refusals_show_who_and_why_in_timeline_and_replay(cli: Cli, specs: Path)
                                 "approver")
     events = json.loads(cli("replay", run_id, "--json", "--db", db).out)["events"]
     assert [e.get("by") for e in events if e["type"] == "CommandRejected"] == ["alice", "bob"]
+
+
+SLEEPER = """\
+workflow: nap
+version: 1
+steps:
+  - id: nap
+    sleep: 300ms
+  - id: sign
+    approval: {approvers: [ops], exclude_requester: false}
+"""
+
+
+def test_on_the_store_run_wait_fires_due_timers_and_status_says_when_none_will(
+        cli: Cli, tmp_path: Path) -> None:
+    db = str(tmp_path / "t.db")
+    (tmp_path / "nap.yaml").write_text(SLEEPER)
+    started = cli("run", str(tmp_path / "nap.yaml"), "--db", db)
+    run_id = started.out.splitlines()[0]
+    assert "Waiting at step nap" in started.out
+    time.sleep(0.4)
+    stuck = cli("status", run_id, "--db", db)
+    assert "Waiting at step nap" in stuck.out
+    assert f"note: no `terranoha serve` holds {db}: the run's timers" in stuck.err
+
+    waited = cli("run", str(tmp_path / "nap.yaml"), "--key", "k2", "--wait", "10", "--db", db)
+    assert waited.code == 0, waited
+    assert "Waiting at step sign (waiting for approval by ops" in waited.out
+    assert cli("status", waited.out.splitlines()[0], "--db", db).err == ""
