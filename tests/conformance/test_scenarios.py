@@ -67,6 +67,11 @@ SPECS = [
             {"id": "wait", "wait_event": {"name": "never", "timeout": "200ms"}},
         ],
     }),
+    load_spec({
+        "workflow": "bad-result", "version": 1, "input": {"kind": "string"},
+        "steps": [{"id": "act", "task": "c.bad_result", "input": {"kind": "input.kind"},
+                   "retry": FAST_RETRY}],
+    }),
 ]
 
 
@@ -101,6 +106,15 @@ def _registry(counter: dict[str, int]) -> ToolRegistry:
         if mode in ("detour", "escalate"):
             raise BusinessError(mode.upper(), "rule says no")
         return {"ok": True}
+
+    @registry.tool("c.bad_result")
+    def bad_result(ctx: TaskContext) -> Any:
+        count(ctx)
+        if ctx.input["kind"] == "nan":
+            return {"score": float("nan")}
+        if ctx.input["kind"] == "huge":
+            return {"text": "x" * (1 << 20)}
+        return {"thing": object()}
 
     @registry.tool("c.classify")
     def classify(ctx: TaskContext) -> Any:
@@ -259,6 +273,20 @@ def test_approver_names_are_one_identity_and_a_run_needs_a_requester(
     assert getattr(rejected[0], "detail", "") == ("humans v1 has no step 'nostep'; step 'pay' "
                                                  "is waiting for approval")
     assert d.wait_status(run_id, "Waiting").results["pay"] == {"paid": 20.0}
+
+
+@pytest.mark.parametrize(("kind", "code"), [("nan", "RESULT_NOT_ENCODABLE"),
+                                          ("huge", "RESULT_TOO_LARGE"),
+                                          ("object", "RESULT_NOT_JSON")])
+def test_a_result_that_cannot_travel_fails_the_task_at_once(
+        env: tuple[Driver, dict[str, int]], kind: str, code: str) -> None:
+    d, counter = env
+    run_id = _start(d, "bad-result", {"kind": kind})
+    state = d.wait_status(run_id, "Failed")
+    assert state.error is not None
+    assert (state.error["class"], state.error["code"]) == ("permanent", code), state.error
+    assert counter[f"{run_id}/act/1"] == 1, "called once: not retried, not answered by a ledger"
+    assert not d.dead_letters(), "the result is refused by the worker, not dead-lettered"
 
 
 def test_high_confidence_skips_review(env: tuple[Driver, dict[str, int]]) -> None:
