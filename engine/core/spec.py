@@ -367,6 +367,9 @@ def _prune(data: dict[str, Any], loc: tuple[int | str, ...]) -> tuple[int | str,
         elif isinstance(node, Mapping | list) and not str(part).startswith(
                 ("function-", "literal[", "Handler")) and "[" not in str(part):
             break  # a missing field: take out what should hold it
+    if not trail and loc and loc[0] in _PLACEHOLDERS:
+        data[str(loc[0])] = _PLACEHOLDERS[str(loc[0])]
+        return (loc[0],)
     while trail:
         container, key = trail[-1]
         if len(trail) == 1 and key in _PLACEHOLDERS:

@@ -266,6 +266,8 @@ def test_bad_top_level_fields_and_step_problems_together() -> None:
     found = paths({"workflow": "w", "version": "one", "sla": "soon",
                    "steps": [{"id": "a", "task": "q", "next": "ghost"}]})
     assert found == ["version", "sla", "steps[0](a).next"]
+    missing = paths({"steps": [{"id": "a", "task": "q", "next": "ghost"}]})
+    assert missing == ["workflow", "version", "steps[0](a).next"]
 
 
 # --------------------------------------------------------------------------- references
