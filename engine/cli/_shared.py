@@ -87,7 +87,8 @@ def print_state(state: RunState | None, out: TextIO, as_json: bool = False,
         elif current.waiting is Waiting.SIGNAL:
             where += f" (waiting for signal {current.signal!r})"
         elif current.waiting is Waiting.TASK:
-            where += f" (task {current.phase} attempt {current.attempt} dispatched)"
+            task = "task" if current.phase == "task" else f"{current.phase} task"
+            where += f" ({task} attempt {current.attempt} dispatched)"
         elif current.waiting is Waiting.RETRY:
             where += f" (retry after attempt {current.attempt})"
     out.write(f"{state.run_id}  {state.workflow} v{state.version}  {state.status.value}{where}\n")

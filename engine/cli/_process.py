@@ -1,0 +1,34 @@
+"""What the long-running commands (``serve``, ``project``) share: stopping on signals and
+OpenTelemetry as ``--otel`` asks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from engine.cli._shared import CliError
+from engine.observability.setup import Telemetry, TelemetryError, configure
+
+
+def otel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--otel", choices=("none", "console", "otlp"), default="none",
+                   help="OpenTelemetry traces and metrics: none (default), console (stdout) "
+                   "or otlp (OTEL_EXPORTER_OTLP_* settings; needs the otlp extra)")
+
+
+def configure_telemetry(args: argparse.Namespace) -> Telemetry | None:
+    """OpenTelemetry as ``--otel`` asks (None for ``none``)."""
+    try:
+        return configure(getattr(args, "otel", "none") or "none")
+    except TelemetryError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, on the running loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
