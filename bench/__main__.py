@@ -10,14 +10,19 @@ one run, so the ratios compare figures taken on the same machine at the same tim
 5. Restate, server from npm, Python SDK (``bench/peers/restate_bench.py``);
 6. recovery with 100k runs' state in the changelog, timer lateness with 100k timers and
    the engine's memory with 100k active runs (``bench/recovery.py``);
-7. efficiency: CPU seconds and peak RSS per 1k steps, for each engine.
+7. worker restart: a worker process SIGKILLed and restarted at once under a steady
+   50 runs/s, without and with ``--instance-id``: SIGKILL -> first task result
+   (``worker_restart_gap_ms``, static membership; ``worker_restart_gap_ms_dynamic``)
+   and the tasks that timed out meanwhile (``bench/worker_restart.py``);
+8. efficiency: CPU seconds and peak RSS per 1k steps, for each engine.
 
 It starts the local broker and PostgreSQL with ``deploy/local/infra.sh up`` and installs
 the peers into ``.local/bench-peers/`` (never into the project's environment). Prints a
 table and writes the figures, the machine, the versions and the settings to
 ``bench/results/latest.json``.
 
-    python -m bench all [--runs 2000] [--recovery-runs 100000] [--skip restate,recovery]
+    python -m bench all [--runs 2000] [--recovery-runs 100000]
+                        [--skip restate,recovery,worker_restart]
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 from bench import kafka_throughput
 from bench._common import ROOT, infra_settings
 
-PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery")
+PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart")
 
 
 def _machine() -> dict[str, Any]:
@@ -127,6 +132,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
         _guarded("recovery", results, lambda: recovery.run(args.recovery_runs,
                                                            args.partitions))
+    if "worker_restart" not in skip:
+        from bench import worker_restart
+
+        _guarded("worker_restart", results, lambda: worker_restart.run(
+            partitions=args.partitions))
     kafka = results.get("kafka", {}).get("burst", {})
     ratios = {
         "engine_over_ceiling": _ratio(kafka.get("steps_per_s"),
@@ -139,6 +149,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                                      results.get("dbos", {}).get("runs_per_s")),
     }
     ratios["engine_over_ceiling_bound"] = _bound(results)
+    restart = results.get("worker_restart", {})
+    gaps = {key: restart.get(key) for key in ("worker_restart_gap_ms",
+                                              "worker_restart_gap_ms_dynamic")}
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": _machine(),
@@ -148,6 +161,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                      "open_loop_loads": list(kafka_throughput.LOADS),
                      "kafka": bootstrap, "skipped": sorted(skip)},
         **ratios,
+        **gaps,
         "results": results,
     }
 
@@ -256,6 +270,10 @@ def render(report: dict[str, Any]) -> str:
     if rec:
         lines.append("")
         lines += _recovery_lines(rec)
+    restart = r.get("worker_restart")
+    if restart:
+        lines.append("")
+        lines += _worker_restart_lines(restart)
     return "\n".join(lines)
 
 
@@ -277,6 +295,19 @@ def _recovery_lines(rec: dict[str, Any]) -> list[str]:
     out.append(f"  timers: {_fmt(timers.get('fired'))} of {_fmt(timers.get('armed'))} fired, "
                f"{_fmt(timers.get('duplicates'))} twice, {_fmt(timers.get('early'))} early; "
                f"lateness p50 {_fmt(late.get('p50'))} ms, p99 {_fmt(late.get('p99'))} ms")
+    return out
+
+
+def _worker_restart_lines(res: dict[str, Any]) -> list[str]:
+    if "error" in res:
+        return [f"worker restart: failed: {res['error'][:200]}"]
+    out = [f"worker restart, {_fmt(res.get('rate_runs_per_s'))} runs/s of a one-task workflow "
+           f"(task timeout {_fmt(res.get('task_timeout_ms'))} ms):"]
+    for key, label in (("static", "with --instance-id"), ("dynamic", "without an instance id")):
+        got = res.get(key) or {}
+        out.append(f"  SIGKILL -> first task result {label}: {_fmt(got.get('gap_ms'))} ms; "
+                   f"{_fmt(got.get('tasks_timed_out'))} tasks timed out, "
+                   f"{_fmt(got.get('runs_failed'))} runs failed")
     return out
 
 
