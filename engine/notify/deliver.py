@@ -59,6 +59,17 @@ class NotifierStats:
     """Notifications no route matched."""
 
 
+def retry_delay_ms(settings: DeliverySettings, delivery: Delivery, attempt: int,
+                   retry_after_ms: int | None) -> int:
+    """The wait after failed attempt ``attempt`` (1-based): the retry policy's capped,
+    jittered backoff (jitter drawn from the id, the target and the attempt), or the
+    receiver's ``Retry-After`` when longer, up to ``max_retry_after``."""
+    delay = backoff_ms(settings.retry, delivery.notification_id, str(delivery.target), attempt)
+    if retry_after_ms is not None:
+        delay = max(delay, min(retry_after_ms, settings.max_retry_after))
+    return delay
+
+
 class Deliverer:
     """Routes a notification, skips what the ledger has settled, delivers the rest."""
 
@@ -103,14 +114,6 @@ class Deliverer:
                 for target in pending:
                     group.create_task(self._settle(Delivery(note, nid, target), dead_letter))
 
-    def delay_ms(self, delivery: Delivery, attempt: int, retry_after_ms: int | None) -> int:
-        """The wait after failed attempt ``attempt`` (1-based)."""
-        delay = backoff_ms(self.settings.retry, delivery.notification_id,
-                           str(delivery.target), attempt)
-        if retry_after_ms is not None:
-            delay = max(delay, min(retry_after_ms, self.settings.max_retry_after))
-        return delay
-
     async def _settle(self, delivery: Delivery, dead_letter: DeadLetterSink) -> None:
         channel = self.channels[delivery.target.channel]
         limit = self.settings.retry.max_attempts
@@ -121,7 +124,8 @@ class Deliverer:
                 await channel.send(delivery)
             except DeliveryError as exc:
                 if exc.retriable and attempt < limit:
-                    delay = self.delay_ms(delivery, attempt, exc.retry_after_ms)
+                    delay = retry_delay_ms(self.settings, delivery, attempt,
+                                           exc.retry_after_ms)
                     self.stats.retries += 1
                     log.info("notification %s to %s: %s; attempt %d of %d in %d ms",
                              delivery.notification_id, delivery.target, exc, attempt + 1,

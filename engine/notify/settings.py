@@ -39,13 +39,14 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 from standardwebhooks import Webhook
@@ -109,32 +110,28 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _standard_webhooks_secret(secret: SecretStr) -> SecretStr:
+    try:
+        Webhook(secret.get_secret_value())
+    except Exception:
+        raise ValueError("not a Standard Webhooks secret; write whsec_ followed by base64 "
+                         "(at least 24 bytes)") from None
+    return secret
+
+
+Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
+"""``env:NAME`` or ``file:PATH`` in the document; the secret itself once loaded."""
+WebhookSecret = Annotated[Secret, AfterValidator(_standard_webhooks_secret)]
+
+
 class WebhookEndpoint(_Model):
     """An HTTPS (or HTTP) endpoint. Every secret signs each request, so a receiver that
     knows any one of them verifies it: add the new secret, move the receiver, drop the
     old one."""
 
     url: str = Field(pattern=r"^https?://[^\s/]+")
-    secrets: list[SecretStr] = Field(min_length=1)
+    secrets: list[WebhookSecret] = Field(min_length=1)
     timeout: Duration = 10_000
-
-    @field_validator("secrets", mode="before")
-    @classmethod
-    def _secrets(cls, value: object, info: ValidationInfo) -> list[SecretStr]:
-        if not isinstance(value, list):
-            value = [value]
-        resolved = []
-        for index, item in enumerate(value):
-            try:
-                secret = _resolve_secret(item, info)
-                Webhook(secret.get_secret_value())
-            except ValueError as exc:
-                raise ValueError(f"secrets[{index}]: {exc}") from None
-            except Exception:
-                raise ValueError(f"secrets[{index}]: not a Standard Webhooks secret; write "
-                                 "whsec_ followed by base64 (at least 24 bytes)") from None
-            resolved.append(secret)
-        return resolved
 
     @property
     def origin(self) -> str:
@@ -151,13 +148,8 @@ class SmtpServer(_Model):
     sender: str = Field(alias="from", min_length=3)
     tls: TlsMode = TlsMode.STARTTLS
     username: str | None = None
-    password: SecretStr | None = None
+    password: Secret | None = None
     timeout: Duration = 30_000
-
-    @field_validator("password", mode="before")
-    @classmethod
-    def _password(cls, value: object, info: ValidationInfo) -> SecretStr | None:
-        return None if value is None else _resolve_secret(value, info)
 
     @model_validator(mode="after")
     def _auth_pairs(self) -> SmtpServer:
@@ -200,18 +192,25 @@ class DeliverySettings(_Model):
     max_retry_after: Duration = 3_600_000
     """A receiver's Retry-After is honoured up to this long."""
 
-    @model_validator(mode="after")
-    def _references(self) -> DeliverySettings:
-        problems = []
-        for index, route in enumerate(self.routes):
-            problems += [f"routes[{index}].webhooks: no webhook named {name!r} (known: "
-                         f"{', '.join(sorted(self.webhooks)) or 'none'})"
-                         for name in route.webhooks if name not in self.webhooks]
-            if route.email and self.smtp is None:
-                problems.append(f"routes[{index}].email: sending email needs an smtp section")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+
+def _reference_issues(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Routes naming webhooks that are not defined, or sending email without smtp:
+    checked on the raw document, so they are reported with every other problem."""
+    webhooks = data.get("webhooks")
+    known = set(webhooks) if isinstance(webhooks, Mapping) else set()
+    routes = data.get("routes")
+    issues: list[tuple[str, str]] = []
+    for index, item in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(item, Mapping):
+            continue
+        names = item.get("webhooks")
+        for name in names if isinstance(names, list) else []:
+            if isinstance(name, str) and name not in known:
+                issues.append((f"routes[{index}].webhooks", f"no webhook named {name!r} "
+                               f"(known: {', '.join(sorted(known)) or 'none'})"))
+        if item.get("email") and data.get("smtp") is None:
+            issues.append((f"routes[{index}].email", "sending email needs an smtp section"))
+    return issues
 
 
 def parse_settings(data: object, source: str = "<settings>",
@@ -223,15 +222,18 @@ def parse_settings(data: object, source: str = "<settings>",
                                       "webhooks and/or smtp)")])
     context = {"environ": os.environ if environ is None else environ,
                "base": base or Path(".")}
+    issues = []
     try:
-        return DeliverySettings.model_validate(data, context=context)
+        settings = DeliverySettings.model_validate(data, context=context)
     except ValidationError as exc:
-        issues = []
         for error in exc.errors():
             path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
             message = error["msg"].removeprefix("Value error, ")
             issues.append((path.lstrip(".") or "$", message))
-        raise SettingsError(source, issues) from None
+    issues += _reference_issues(data)
+    if issues:
+        raise SettingsError(source, issues)
+    return settings
 
 
 def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> DeliverySettings:

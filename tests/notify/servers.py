@@ -50,7 +50,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(length)
                 with receiver._lock:
@@ -94,16 +94,19 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         with self.sink.lock:
             self.sink.attempts += 1
-            reply = self.sink.rcpt_script.pop(0) if self.sink.rcpt_script else "250 OK"
+            if address in self.sink.refuse:
+                reply = self.sink.refuse[address]
+            else:
+                reply = self.sink.rcpt_script.pop(0) if self.sink.rcpt_script else "250 OK"
         if reply.startswith("250"):
             envelope.rcpt_tos.append(address)
         return reply
 
-    async def handle_DATA(self, server: SMTP, session: Session,  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session,
                           envelope: Envelope) -> str:
         content = envelope.original_content or b""
         mail = message_from_bytes(content, policy=policy.default)
@@ -114,11 +117,14 @@ class _Handler:
 
 
 class SmtpSink:
-    """An SMTP server that keeps every message; RCPT replies come from ``rcpt_script``
-    in order (e.g. ``"451 try later"``), then ``250 OK``."""
+    """An SMTP server that keeps every message. An address in ``refuse`` always gets
+    its reply there; other RCPT replies come from ``rcpt_script`` in order (e.g.
+    ``"451 try later"``), then ``250 OK``."""
 
-    def __init__(self, rcpt_script: list[str] | None = None) -> None:
+    def __init__(self, rcpt_script: list[str] | None = None,
+                 refuse: dict[str, str] | None = None) -> None:
         self.rcpt_script = list(rcpt_script or [])
+        self.refuse = dict(refuse or {})
         self.messages: list[tuple[str, list[str], EmailMessage]] = []
         self.attempts = 0
         self.lock = threading.Lock()
