@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from engine.cli._backends import (
     open_backend,
     processor_lock,
 )
+from engine.cli._notify import delivery_settings, postgres_dsn
 from engine.cli._shared import (
     CliError,
     is_spec_file,
@@ -32,6 +32,7 @@ from engine.cli._shared import (
     load_spec_file,
     print_state,
     redacted_view,
+    stop_on_signals,
 )
 from engine.core.commands import CancelRun, Command, DecideApproval, DeliverSignal
 from engine.core.events import Event
@@ -40,6 +41,7 @@ from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
 from engine.core.state import RunStatus
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
+from engine.notify import DeliverySettings, EmbeddedNotifier
 from engine.observability.setup import Telemetry, TelemetryError, configure, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
@@ -70,17 +72,20 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     _configure_logging(args.log_level)
     registry = load_worker_modules(args.workers or [])
+    notify = delivery_settings(args)
+    if notify is not None and args.kafka:
+        postgres_dsn(args, "serve --notify")
     telemetry = _telemetry(args)
     try:
         if args.kafka:
-            return asyncio.run(_serve_kafka(args, registry, out, telemetry))
+            return asyncio.run(_serve_kafka(args, registry, out, telemetry, notify))
         db = db_path(args)
         with processor_lock(db, wait=False) as held:
             if not held:
                 raise CliError(f"another process is already serving {db}")
             out.write(f"serving {db}; tools: {', '.join(registry.queues) or 'none'}\n")
             out.flush()
-            return asyncio.run(_serve(db, registry, args.concurrency, telemetry))
+            return asyncio.run(_serve(db, registry, args.concurrency, telemetry, notify))
     finally:
         if telemetry is not None:
             telemetry.shutdown()
@@ -150,24 +155,18 @@ def _telemetry(args: argparse.Namespace) -> Telemetry | None:
         raise CliError(str(exc)) from exc
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
-                       telemetry: Telemetry | None = None) -> int:
+                       telemetry: Telemetry | None = None,
+                       notify: DeliverySettings | None = None) -> int:
     from engine.kafka.serve import Running, ServeOptions, serve
 
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     options = ServeOptions(
         bootstrap=args.kafka, topics=kafka_topics(args), app=args.app,
         engine=not args.no_engine, router=not args.no_router,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
-        registry=registry, concurrency=args.concurrency, instance_id=args.instance_id)
+        registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
+        notify=notify)
 
     async def ready(running: Running) -> None:
         if telemetry is not None and running.engine is not None:
@@ -176,7 +175,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                            engine.state)
             telemetry.watch_lag(kafka_lag(engine))
             engine.on_committed = telemetry.observe
-        parts = [name for name in ("engine", "router", "worker")
+        parts = [name for name in ("engine", "router", "worker", "notifier")
                  if getattr(running, name) is not None]
         out.write(f"serving kafka {args.kafka} ({', '.join(parts)}); "
                   f"tools: {', '.join(registry.queues) or 'none'}\n")
@@ -187,8 +186,9 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
 
 
 async def _serve(db: Path, registry: Any, concurrency: int,
-                 telemetry: Telemetry | None = None) -> int:
-    stop = _stop_on_signals()
+                 telemetry: Telemetry | None = None,
+                 notify: DeliverySettings | None = None) -> int:
+    stop = stop_on_signals()
     engine = EmbeddedEngine(db)
     if telemetry is not None:
         telemetry.bind(engine.specs, engine.cache.get)
@@ -198,6 +198,8 @@ async def _serve(db: Path, registry: Any, concurrency: int,
     if registry.queues:
         worker = EmbeddedWorker(db, registry, concurrency=concurrency)
         loops.append(asyncio.create_task(worker.run(stop)))
+    if notify is not None:
+        loops.append(asyncio.create_task(EmbeddedNotifier(db, notify).run(stop)))
     await asyncio.gather(*loops)
     engine.close()
     if worker is not None:

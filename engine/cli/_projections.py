@@ -51,7 +51,7 @@ def _progress_bar(what: str, out: TextIO) -> postgres.Progress:
 
 def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
     """Keep the projections up to date until SIGTERM."""
-    from engine.cli._commands import _stop_on_signals
+    from engine.cli._shared import stop_on_signals as _stop_on_signals
 
     if not args.kafka:
         db = db_path(args)

@@ -3,7 +3,9 @@ state is printed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +25,15 @@ class CliError(TerranohaError):
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: long-running commands drain and exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def json_arg(text: str, what: str) -> Any:
