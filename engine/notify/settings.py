@@ -4,7 +4,7 @@
 webhooks:                        # endpoints by name
   ops:
     url: https://hooks.example.com/terranoha
-    secrets: [env:OPS_WEBHOOK_SECRET, file:/run/secrets/ops-old]
+    secrets: [env:OPS_WEBHOOK_SECRET, file:secrets/ops-webhook-old]
     timeout: 10s
 smtp:                            # needed when a route sends email
   host: smtp.example.com

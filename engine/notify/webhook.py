@@ -98,7 +98,7 @@ class WebhookChannel:
             "webhook-signature": signature(self._signers[name], delivery.notification_id,
                                            now, body.decode()),
         }
-        where = f"{endpoint.origin} (webhook {name})"
+        where = endpoint.origin
         try:
             answer = await self.client.post(endpoint.url, content=body, headers=headers,
                                             timeout=endpoint.timeout / 1000)
