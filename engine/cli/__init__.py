@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "send nothing")
     p.add_argument("--once", action="store_true",
                    help="embedded store: deliver the notifications waiting now, then exit")
+    p.add_argument("--log-level", default=os.environ.get("TERRANOHA_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"],
+                   help="what notify logs on stderr: retries at info, dead letters and "
+                   "notifications no route matches at warning (default $TERRANOHA_LOG_LEVEL "
+                   "or info)")
 
     topics = sub.add_parser("topics", help="create the Kafka topics")
     topics_sub = topics.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import threading
@@ -27,6 +26,7 @@ from engine.cli._backends import (
 from engine.cli._notify import delivery_settings, postgres_dsn
 from engine.cli._shared import (
     CliError,
+    configure_logging,
     is_spec_file,
     json_arg,
     load_spec_file,
@@ -70,7 +70,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     registry = load_worker_modules(args.workers or [])
     notify = delivery_settings(args)
     if notify is not None and args.kafka:
@@ -89,20 +89,6 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         if telemetry is not None:
             telemetry.shutdown()
-
-
-def _configure_logging(level: str) -> None:
-    """Timestamped lines on stderr at ``level``. aiokafka's own lines start at warning:
-    at info it narrates every group join and coordinator lookup."""
-    numeric = getattr(logging, level.upper())
-    root = logging.getLogger()
-    if not root.handlers:  # a host program (or a test) may have configured logging
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(numeric)
-    logging.getLogger("aiokafka").setLevel(max(numeric, logging.WARNING))
 
 
 def cmd_project(args: argparse.Namespace, out: TextIO) -> int:

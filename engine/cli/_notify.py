@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from engine.cli._backends import db_path, kafka_topics
-from engine.cli._shared import CliError, stop_on_signals
+from engine.cli._shared import CliError, configure_logging, stop_on_signals
 from engine.notify import DeliverySettings, EmbeddedNotifier, NotifierStats, load_settings
 
 
@@ -54,6 +54,7 @@ def describe(settings: DeliverySettings) -> list[str]:
 
 
 def cmd_notify(args: argparse.Namespace, out: TextIO) -> int:
+    configure_logging(args.log_level)
     settings = delivery_settings(args, "settings")
     assert settings is not None
     if args.check:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,22 @@ class CliError(TerranohaError):
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def configure_logging(level: str) -> None:
+    """Timestamped lines on stderr at ``level``. aiokafka's own lines start at warning:
+    at info it narrates every group join and coordinator lookup. httpx's too: its info
+    line for each request shows the full URL, and a webhook's URL can hold a token."""
+    numeric = getattr(logging, level.upper())
+    root = logging.getLogger()
+    if not root.handlers:  # a host program (or a test) may have configured logging
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(numeric)
+    for chatty in ("aiokafka", "httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -75,13 +75,14 @@ class Deliverer:
 
     def __init__(self, settings: DeliverySettings, ledger: DeliveryLedger,
                  channels: Mapping[ChannelKind, Channel], clock: Clock | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 stats: NotifierStats | None = None) -> None:
         self.settings = settings
         self.ledger = ledger
         self.channels = dict(channels)
         self.clock = clock or SystemClock()
         self.sleep = sleep
-        self.stats = NotifierStats()
+        self.stats = stats if stats is not None else NotifierStats()
         self._in_flight: dict[str, asyncio.Future[None]] = {}
 
     async def deliver(self, note: Notification, dead_letter: DeadLetterSink) -> None:
@@ -150,7 +151,8 @@ class Deliverer:
 
 @contextlib.asynccontextmanager
 async def open_deliverer(settings: DeliverySettings, ledger: DeliveryLedger,
-                         clock: Clock | None = None) -> AsyncIterator[Deliverer]:
+                         clock: Clock | None = None,
+                         stats: NotifierStats | None = None) -> AsyncIterator[Deliverer]:
     """A ``Deliverer`` with the channels the settings need; their connections are
     closed on leaving."""
     clock = clock or SystemClock()
@@ -159,7 +161,7 @@ async def open_deliverer(settings: DeliverySettings, ledger: DeliveryLedger,
             ChannelKind.WEBHOOK: WebhookChannel(settings.webhooks, client, clock)}
         if settings.smtp is not None:
             channels[ChannelKind.EMAIL] = EmailChannel(settings.smtp)
-        yield Deliverer(settings, ledger, channels, clock)
+        yield Deliverer(settings, ledger, channels, clock, stats=stats)
 
 
 async def persistently(what: str, step: Callable[[], Awaitable[T]],

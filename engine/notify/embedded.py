@@ -114,8 +114,8 @@ class EmbeddedNotifier:
             store = Store(self.path)
             try:
                 ledger = SqliteDeliveryLedger(store, self.clock)
-                async with open_deliverer(self.settings, ledger, self.clock) as deliverer:
-                    deliverer.stats = self.stats
+                async with open_deliverer(self.settings, ledger, self.clock,
+                                          self.stats) as deliverer:
                     await self._loop(store, deliverer, stop, once)
             finally:
                 store.close()

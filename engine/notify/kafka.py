@@ -96,8 +96,8 @@ class KafkaNotifier:
             auto_offset_reset="earliest",
         )
         try:
-            async with open_deliverer(self.settings, self.ledger, self.clock) as deliverer:
-                deliverer.stats = self.stats
+            async with open_deliverer(self.settings, self.ledger, self.clock,
+                                      self.stats) as deliverer:
                 self._deliverer = deliverer
                 await producer.start()
                 await consumer.start()

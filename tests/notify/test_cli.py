@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.cli.conftest import Cli
-from tests.notify.servers import WebhookReceiver, new_secret, webhook_receiver
+from tests.notify.servers import Answer, WebhookReceiver, new_secret, webhook_receiver
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = """
@@ -62,6 +63,23 @@ def test_notify_once_delivers_a_runs_approval_request(
     assert event["data"]["recipients"] == ["finance"]
     status = cli("status", event["data"]["run_id"], "--db", db, "--json")
     assert json.loads(status.out)["status"] == "Waiting"
+
+
+def test_notify_logs_retries_without_a_urls_path_or_a_secret(
+        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    secret = new_secret()
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", secret)
+    db = str(tmp_path / "t.db")
+    with webhook_receiver([Answer(500)]) as receiver, caplog.at_level(logging.DEBUG):
+        spec, settings = _files(tmp_path, receiver.url)
+        assert cli("run", str(spec), "--db", db).code == 0
+        done = cli("notify", str(settings), "--db", db, "--once", "--log-level", "debug")
+    assert done.code == 0, done.err
+    assert len(receiver.received) == 2
+    assert "answered 500 Internal Server Error; attempt 2 of 8" in caplog.text
+    assert "token" not in caplog.text and "/hooks" not in caplog.text
+    assert secret not in caplog.text and secret.removeprefix("whsec_") not in caplog.text
 
 
 def test_notify_check_shows_the_routes_and_no_secret(
