@@ -360,6 +360,7 @@ _EVENT_FIELDS: dict[type[ev.Event], Callable[[_Bound, Any], dict[str, Any]]] = {
     ev.RunFailed: lambda p, e: {"message": p.text(e.message)},
     ev.RunCancelled: lambda p, e: {"reason": p.text(e.reason)},
     ev.CommandRejected: lambda p, e: {"detail": p.text(e.detail)},
+    ev.CommandRejectedV2: lambda p, e: {"detail": p.text(e.detail)},
 }
 
 

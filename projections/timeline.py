@@ -54,8 +54,11 @@ class Timeline:
     """A run as operators read it. ``sla_breached`` is about the run's own SLA (breached
     when it fired, or when the run ended after ``sla_due_at``); ``sla_breaches`` counts
     every SLA breach event, step SLAs included. ``approval_since``/``approval_due_at``
-    describe the approval the run is waiting for, if any. ``redacted`` holds the
-    fingerprints of the values redaction hid in this run (``projections.redaction``)."""
+    describe the approval the run is waiting for, if any. ``rejections`` lists the refused
+    commands: what was refused, who sent it (when the event says: ``CommandRejected`` v2),
+    the step it was about, why. ``redacted`` holds the fingerprints of the values redaction
+    hid in this run (``projections.redaction``): fold state, like a step's ``_wait_from``,
+    that ``timeline_view`` leaves out."""
 
     run_id: str
     workflow: str = ""
@@ -84,6 +87,7 @@ class Timeline:
     updated_at: int = 0
     events: int = 0
     redacted: list[str] = field(default_factory=list)
+    rejections: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def duration_ms(self) -> int | None:
@@ -223,6 +227,9 @@ def apply(t: Timeline, e: ev.Event) -> None:
             t.sla_breached = True
     elif isinstance(e, ev.CommandRejected):
         t.rejected_commands += 1
+        by, at_step = (e.by, e.at_step) if isinstance(e, ev.CommandRejectedV2) else ("", "")
+        t.rejections.append({"seq": e.seq, "ts": e.ts, "command": e.command_type, "by": by,
+                             "step": at_step, "reason": e.reason, "detail": e.detail})
     elif isinstance(e, ev.RunCompleted):
         t.output = e.output
         _ended(t, "Completed", e.ts)
@@ -249,6 +256,21 @@ def timeline_to_dict(t: Timeline) -> dict[str, Any]:
     Lists are copied, payload values are shared (``apply`` replaces them, never edits)."""
     out: dict[str, Any] = {name: getattr(t, name) for name in _TIMELINE_FIELDS}
     out["steps"] = [_step_to_dict(s) for s in t.steps]
+    out["redacted"] = list(t.redacted)
+    out["rejections"] = list(t.rejections)
+    return out
+
+
+_FOLD_STATE = ("redacted",)
+
+
+def timeline_view(t: Timeline) -> dict[str, Any]:
+    """What a reader sees (``timeline --json``): the timeline with durations, without the
+    fold's own state (the redaction fingerprints, when an open wait began)."""
+    out = {k: v for k, v in timeline_to_dict(t).items() if k not in _FOLD_STATE}
+    out["duration_ms"] = t.duration_ms
+    out["steps"] = [{**{k: v for k, v in _step_to_dict(s).items() if not k.startswith("_")},
+                     "duration_ms": s.duration_ms} for s in t.steps]
     return out
 
 
@@ -264,6 +286,7 @@ def timeline_from_dict(data: Mapping[str, Any]) -> Timeline:
     take their defaults, so states written by an older version still load)."""
     known = {k: v for k, v in data.items() if k in _TIMELINE_FIELDS}
     timeline = Timeline(**known)
+    timeline.redacted, timeline.rejections = list(timeline.redacted), list(timeline.rejections)
     for item in data.get("steps") or ():
         step = StepEntry(**{k: v for k, v in item.items() if k in _STEP_FIELDS})
         step.decisions, step.errors = list(step.decisions), list(step.errors)
@@ -303,6 +326,13 @@ def render_timeline(t: Timeline) -> str:
             f"{s.step:<16}{s.kind:<15}{s.status:<11}{'+' + offset:>9}"
             f"{format_duration(s.duration_ms):>10}{format_duration(s.waited_ms or None):>9}"
             f"{s.attempts:>6}{'$' + format(s.cost, '.4f'):>9}  {'; '.join(notes)}")
+    if t.rejections:
+        lines += ["", "refused (kept in the run log, no effect):"]
+        for r in t.rejections:
+            who = f" by {r['by']}" if r["by"] else ""
+            where = f" at step {r['step']}" if r["step"] else ""
+            lines.append(f"  {'+' + format_duration(r['ts'] - t.started_at):>9}  "
+                         f"{r['command']}{who}{where}: {r['reason']}: {r['detail']}")
     if t.error:
         lines += ["", f"error: {t.error['code']} ({t.error['class']}) at step {t.error['step']}:"
                   f" {t.error['message']}"]

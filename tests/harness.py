@@ -85,7 +85,7 @@ class Flow:
 
     def then_rejected(self, reason: str) -> Flow:
         """The last ``when`` was refused with ``reason`` and changed nothing but the seq."""
-        return self.then((ev.CommandRejected, {"reason": reason}))
+        return self.then((ev.CommandRejectedV2, {"reason": reason}))
 
     def then_status(self, status: RunStatus) -> Flow:
         assert self.state is not None, "no run"

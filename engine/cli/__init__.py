@@ -21,7 +21,6 @@ from engine.cli._commands import (
     cmd_dead_letters,
     cmd_demo,
     cmd_deploy,
-    cmd_project,
     cmd_replay,
     cmd_run,
     cmd_runs,
@@ -33,9 +32,11 @@ from engine.cli._commands import (
     cmd_workflows_list,
 )
 from engine.cli._notify import cmd_notify
+from engine.cli._process import otel_option
 from engine.cli._projections import add_commands
 from engine.cli._shared import CliError
 from engine.core.errors import TerranohaError
+from engine.core.state import RunStatus
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -64,15 +65,24 @@ def _backend_options(p: argparse.ArgumentParser, kafka_only: bool = False) -> No
                    help="application id: consumer groups and transactional ids")
 
 
-def _otel_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--otel", choices=("none", "console", "otlp"), default="none",
-                   help="OpenTelemetry traces and metrics: none (default), console (stdout) "
-                   "or otlp (OTEL_EXPORTER_OTLP_* settings; needs the otlp extra)")
+def _status(text: str) -> str:
+    for status in RunStatus:
+        if status.value.casefold() == text.strip().casefold():
+            return status.value
+    raise argparse.ArgumentTypeError(
+        f"unknown status {text!r}; use one of {', '.join(s.value for s in RunStatus)}")
+
+
+EXIT_CODES = """exit codes: 0 done; 1 refused, or the run failed or was cancelled; 2 bad input or
+an error (the message says what to fix); 3 replay --verify found a divergence; 4 run --wait
+gave up; 5 the idempotency key names a run started with another input; 141 the reader of
+the output went away (a closed pipe)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or "The terranoha command."
-    parser = argparse.ArgumentParser(prog="terranoha", description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="terranoha", description=doc.splitlines()[0],
+                                     epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
@@ -111,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "restores, specs deployed and the totals at a clean stop at info; "
                    "retries, dead letters and fencing at warning "
                    "(default $TERRANOHA_LOG_LEVEL or info)")
-    _otel_option(p)
+    otel_option(p)
 
     p = add(sub, "notify", cmd_notify, "deliver notifications by webhook and email until "
             "stopped (--once: those waiting now)")
@@ -123,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "send nothing")
     p.add_argument("--once", action="store_true",
                    help="embedded store: deliver the notifications waiting now, then exit")
+    p.add_argument("--instance-id", default=os.environ.get("TERRANOHA_INSTANCE_ID"),
+                   help="Kafka: a stable id of this process (static group membership), as "
+                   "for serve (default $TERRANOHA_INSTANCE_ID)")
     p.add_argument("--log-level", default=os.environ.get("TERRANOHA_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"],
                    help="what notify logs on stderr: retries at info, dead letters and "
@@ -146,19 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workflow", help="spec file (deployed first) or deployed workflow name")
     p.add_argument("--input", default="{}", help="run input as JSON")
     p.add_argument("--key", help="idempotency key (same key, same run)")
-    p.add_argument("--tenant", default="default")
-    p.add_argument("--as", dest="as_user", default="cli", help="requester")
-    p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--correlation-id")
+    p.add_argument("--tenant", default="default",
+                   help="the tenant the run belongs to, part of its identity with the key "
+                   "(default default)")
+    p.add_argument("--as", dest="as_user", default="cli",
+                   help="who requests the run (its requested_by; default cli): an approval "
+                   "that excludes the requester refuses this name")
+    p.add_argument("--priority", type=int, default=0,
+                   help="the run's priority, recorded on the run (default 0)")
+    p.add_argument("--correlation-id", help="the id the run's records and trace carry "
+                   "(default the key)")
     p.add_argument("--wait", type=float, metavar="SECONDS",
-                   help="wait until the run is no longer pending, running or retrying "
-                   "(exit 4 if it still is after SECONDS)")
+                   help="wait until the run has ended or waits for someone (an approval, "
+                   "a signal), through retries and sleeps (exit 4 if it has not after "
+                   "SECONDS); on the embedded store without serve, fire due timers meanwhile")
 
     p = add(sub, "approve", cmd_approve, "approve (or --reject) a step waiting for approval")
     p.add_argument("run")
     p.add_argument("step")
-    p.add_argument("--as", dest="as_user", required=True, help="approver")
-    p.add_argument("--role", action="append", help="approver group (repeatable)")
+    p.add_argument("--as", dest="as_user", required=True,
+                   help="approver (compared without case and surrounding spaces)")
+    p.add_argument("--role", action="append",
+                   help="a group the approver acts for (repeatable); without it, the "
+                   "command acts for the groups the approval asks for, as a local operator")
     p.add_argument("--reject", action="store_true")
     p.add_argument("--comment", default="")
 
@@ -188,15 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", type=int, metavar="SEQ", help="show the state after event SEQ")
 
     p = add(sub, "runs", cmd_runs, "list runs (on Kafka: reads the whole state changelog)")
-    p.add_argument("--status")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--status", type=_status,
+                   help=f"only runs in this status: {', '.join(s.value for s in RunStatus)} "
+                   "(any case)")
+    p.add_argument("--limit", type=int, default=20,
+                   help="how many of the most recent runs (default 20)")
 
     add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
     add_commands(sub, _backend_options)
-    project = sub.choices["project"]
-    _otel_option(project)
-    project.set_defaults(fn=cmd_project)
     return parser
+
+
+BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a tool whose reader went away."""
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -204,10 +231,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     stream = out or sys.stdout
     try:
         code: int = args.fn(args, stream)
+        stream.flush()
         return code
     except TerranohaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `terranoha runs | head -1`: the reader has all it wanted. Stop quietly, and point
+        # stdout at /dev/null so the flush at exit does not fail again.
+        if stream is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return BROKEN_PIPE
 
 
 def _exit() -> NoReturn:

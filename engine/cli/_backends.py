@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -22,7 +23,7 @@ from engine.core.events import Event
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, Trigger
 from engine.core.spec import WorkflowSpec
-from engine.core.state import RunState
+from engine.core.state import RunState, Waiting
 from engine.embedded import EmbeddedEngine, Store
 from engine.kafka.client import (
     START_HINT,
@@ -39,6 +40,20 @@ T = TypeVar("T")
 COMMAND_WAIT_S = 10.0
 """How long a command sent to Kafka waits for the orchestrator to process it."""
 
+START_WAIT_S = 3.0
+"""How long ``run`` (without ``--wait``) gives a running orchestrator to start the run, so
+that a run that fails at once is reported as failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What ``Backend.start`` did: the run id, the run's state if known, and whether the
+    run existed already (then nothing was submitted: the same key is the same run)."""
+
+    run_id: str
+    state: RunState | None
+    existed: bool = False
+
 
 class Backend(Protocol):
     """The operations the run commands need, on either backend."""
@@ -47,8 +62,8 @@ class Backend(Protocol):
 
     def specs(self) -> list[WorkflowSpec]: ...
 
-    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
-        """Submit ``trigger``; return its run id and its state if already known."""
+    def start(self, trigger: Trigger) -> Started:
+        """Submit ``trigger`` unless its run exists already; say what happened."""
         ...
 
     def queued(self) -> str:
@@ -71,6 +86,15 @@ class Backend(Protocol):
     def runs(self, status: str | None, limit: int) -> list[RunState]: ...
 
     def dead_letters(self) -> list[DeadLetter]: ...
+
+    def advance(self) -> None:
+        """Let what is due happen, where this command is the one to do it (the embedded
+        store with no server: process the inputs, fire the due timers)."""
+        ...
+
+    def stalled(self, state: RunState) -> str | None:
+        """Why ``state`` will not move on by itself (its timers will not fire), or None."""
+        ...
 
     def close(self) -> None: ...
 
@@ -132,9 +156,14 @@ class EmbeddedBackend:
         with self._store() as store:
             return store.specs()
 
-    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
+    def start(self, trigger: Trigger) -> Started:
         run_id = run_id_for(trigger.tenant, trigger.idempotency_key)
-        return run_id, self._submit_and_settle([trigger], run_id)
+        if self.db.exists():
+            with self._store() as store:
+                existing = store.state(run_id)
+            if existing is not None:
+                return Started(run_id, existing, existed=True)
+        return Started(run_id, self._submit_and_settle([trigger], run_id))
 
     def queued(self) -> str:
         return f"queued in {self.db}"
@@ -171,6 +200,28 @@ class EmbeddedBackend:
     def dead_letters(self) -> list[DeadLetter]:
         with self._store() as store:
             return store.dead_letters()
+
+    def advance(self) -> None:
+        with processor_lock(self.db, wait=False) as held:
+            if held:
+                engine = EmbeddedEngine(self.db)
+                try:
+                    engine.drain()
+                finally:
+                    engine.close()
+
+    def stalled(self, state: RunState) -> str | None:
+        current = state.current
+        timed = current is not None and current.waiting in (Waiting.TIMER, Waiting.RETRY)
+        overdue = any(t.due_at <= now_ms() for t in state.timers.values())
+        if state.terminal or not (timed or overdue):
+            return None
+        with processor_lock(self.db, wait=False) as held:
+            if not held:
+                return None  # a server holds the store: it fires the timers
+        return (f"no `terranoha serve` holds {self.db}: the run's timers (sleeps, retries, "
+                "reminders, expiries, SLAs) fire only while one runs, or while a command "
+                f"processes the store; start `terranoha serve --db {self.db}`")
 
     def close(self) -> None:
         pass
@@ -250,8 +301,18 @@ class KafkaBackend:
     def specs(self) -> list[WorkflowSpec]:
         return self._call(self.client.specs())
 
-    def start(self, trigger: Trigger) -> tuple[str, RunState | None]:
-        return self._call(self.client.trigger(trigger)), None
+    def start(self, trigger: Trigger) -> Started:
+        run_id = run_id_for(trigger.tenant, trigger.idempotency_key)
+        existing = self.state(run_id)
+        if existing is not None:
+            return Started(run_id, existing, existed=True)
+        self._call(self.client.trigger(trigger))
+        deadline = time.monotonic() + START_WAIT_S
+        state = self.state(run_id)
+        while state is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            state = self.state(run_id)
+        return Started(run_id, state)
 
     def queued(self) -> str:
         return f"trigger published to {self.topics.triggers}"
@@ -283,6 +344,12 @@ class KafkaBackend:
 
     def dead_letters(self) -> list[DeadLetter]:
         return self._call(self.client.dead_letters())
+
+    def advance(self) -> None:
+        pass  # the orchestrator fires timers
+
+    def stalled(self, state: RunState) -> str | None:
+        return None
 
     @staticmethod
     def _not_found(text: str, topic: str) -> str:

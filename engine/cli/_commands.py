@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,36 +23,43 @@ from engine.cli._backends import (
     processor_lock,
 )
 from engine.cli._notify import delivery_settings, postgres_dsn
+from engine.cli._process import configure_logging, configure_telemetry, stop_on_signals
 from engine.cli._shared import (
     CliError,
-    configure_logging,
     is_spec_file,
     json_arg,
     load_spec_file,
     print_state,
     redacted_view,
-    stop_on_signals,
 )
 from engine.core.commands import CancelRun, Command, DecideApproval, DeliverSignal
-from engine.core.events import Event
+from engine.core.events import CommandRejected, CommandRejectedV2, Event
 from engine.core.evolve import fold
 from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
-from engine.core.state import RunStatus
+from engine.core.state import RunState, RunStatus, Waiting
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
 from engine.notify import DeliverySettings, EmbeddedNotifier
-from engine.observability.setup import Telemetry, TelemetryError, configure, kafka_lag
+from engine.observability.setup import Telemetry, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
 from engine.worker import load_worker_modules
 from projections.postgres import timeline_from_postgres
 from projections.redaction import PolicyBook, redact_events
-from projections.timeline import Timeline, build_timeline, render_timeline
+from projections.timeline import Timeline, build_timeline, render_timeline, timeline_view
 
 IN_PROGRESS = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRY})
-"""What ``run --wait`` waits out: a run in any other status needs no more from it."""
+"""What ``run --wait`` waits out, with a sleep: a run in any other state needs someone
+(an approver, a signal) or has ended."""
 
+UNSUCCESSFUL = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
+
+# Exit codes (the README's table): 2 is any error (``main``), 3 a replay divergence.
+REFUSED = 1
+"""A command was refused, or the run it started has failed or was cancelled."""
 WAIT_TIMED_OUT = 4
+KEY_CONFLICT = 5
+"""The idempotency key names a run started with another input (the API's 409)."""
 
 
 # ---------------------------------------------------------------------- processes
@@ -75,7 +81,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     notify = delivery_settings(args)
     if notify is not None and args.kafka:
         postgres_dsn(args, "serve --notify")
-    telemetry = _telemetry(args)
+    telemetry = configure_telemetry(args)
     try:
         if args.kafka:
             return asyncio.run(_serve_kafka(args, registry, out, telemetry, notify))
@@ -89,56 +95,6 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         if telemetry is not None:
             telemetry.shutdown()
-
-
-def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
-    """``project``; with ``--otel``, also run telemetry from the run events topic."""
-    from engine.cli._projections import cmd_project as project
-
-    telemetry = _telemetry(args)
-    if telemetry is None:
-        return project(args, out)
-    if not args.kafka:
-        telemetry.shutdown()
-        raise CliError("project --otel reads the Kafka run events topic; on the embedded "
-                       "store use `terranoha serve --db PATH --otel ...`")
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    def follow() -> None:
-        try:
-            loop.run_until_complete(_follow_events(args, telemetry, stop))
-        except Exception as exc:
-            print(f"error: telemetry from the run events topic stopped: {exc!r}",
-                  file=sys.stderr)
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=follow, daemon=True, name="otel")
-    thread.start()
-    try:
-        return project(args, out)
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(15)
-        telemetry.shutdown()
-
-
-async def _follow_events(args: argparse.Namespace, telemetry: Telemetry,
-                         stop: asyncio.Event) -> None:
-    from engine.kafka.topics import deployed_topics
-    from engine.observability.follow import follow_events
-
-    topics = await deployed_topics(args.kafka, kafka_topics(args))
-    await follow_events(args.kafka, topics, telemetry, stop, app=args.app)
-
-
-def _telemetry(args: argparse.Namespace) -> Telemetry | None:
-    """OpenTelemetry as ``--otel`` asks (None for ``none``)."""
-    try:
-        return configure(getattr(args, "otel", "none") or "none")
-    except TelemetryError as exc:
-        raise CliError(str(exc)) from exc
 
 
 async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
@@ -241,35 +197,79 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
                            "`terranoha workflows deploy SPEC` or pass the spec file")
         key = args.key or str(uuid.uuid4())
         trigger = Trigger(workflow=workflow, version=version, tenant=args.tenant,
-                          idempotency_key=key, input=data, requested_by=args.as_user,
+                          idempotency_key=key, input=data, requested_by=args.as_user.strip(),
                           priority=args.priority, correlation_id=args.correlation_id or key)
-        run_id, state = backend.start(trigger)
+        started = backend.start(trigger)
+        run_id, state = started.run_id, started.state
         out.write(f"{run_id}\n")
+        conflict = _conflict(trigger, state) if started.existed else None
+        if conflict is not None:
+            print_state(state, out)
+            print(f"error: run {run_id} already exists for key {key!r} of tenant "
+                  f"{args.tenant!r} and was started with {conflict}; the same key always "
+                  "gives the same run: use another --key for a new run", file=sys.stderr)
+            return KEY_CONFLICT
         if args.wait is not None:
             return _wait(backend, run_id, args.wait, out)
         if state is None:
             out.write(f"{backend.queued()}\n")
-        else:
-            print_state(state, out)
-    return 0
+            return 0
+        print_state(state, out)
+        return _outcome(state)
+
+
+_ABSENT = object()
+
+
+def _conflict(trigger: Trigger, state: RunState | None) -> str | None:
+    """How the existing run differs from what ``trigger`` asks for, or None."""
+    if state is None:
+        return None
+    if state.workflow != trigger.workflow or trigger.version not in (0, state.version):
+        return f"workflow {state.workflow} v{state.version}"
+    if state.input == trigger.input:
+        return None
+    old = state.input if isinstance(state.input, dict) else {}
+    new = trigger.input if isinstance(trigger.input, dict) else {}
+    if not old and not new:
+        return "another input"
+    fields = sorted(k for k in {*old, *new} if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    return "another input (it differs in " + ", ".join(f"input.{k}" for k in fields) + ")"
+
+
+def _outcome(state: RunState) -> int:
+    """The exit code for a run the command started or found: REFUSED if it did not go
+    well, saying why on stderr."""
+    if state.status not in UNSUCCESSFUL:
+        return 0
+    print(f"error: run {state.run_id} is {state.status.value}", file=sys.stderr)
+    return REFUSED
+
+
+def _in_progress(state: RunState | None) -> bool:
+    if state is None or state.status in IN_PROGRESS:
+        return True
+    return state.current is not None and state.current.waiting is Waiting.TIMER
 
 
 def _wait(backend: Backend, run_id: str, seconds: float, out: TextIO) -> int:
-    """Poll the run until it leaves Pending/Running/Retry, or ``seconds`` pass."""
+    """Poll the run until it leaves Pending/Running/Retry and any sleep, or ``seconds``
+    pass. On the embedded store with no server, the polling fires the due timers."""
     deadline = time.monotonic() + seconds
     state = backend.state(run_id)
-    while (state is None or state.status in IN_PROGRESS) and time.monotonic() < deadline:
+    while _in_progress(state) and time.monotonic() < deadline:
         time.sleep(0.2)
+        backend.advance()
         state = backend.state(run_id)
     if state is None:
         out.write(f"{backend.queued()}\n")
     else:
         print_state(state, out)
-    if state is None or state.status in IN_PROGRESS:
+    if state is None or _in_progress(state):
         where = state.status.value if state is not None else "not started"
         print(f"error: run {run_id} is still {where} after {seconds:g}s", file=sys.stderr)
         return WAIT_TIMED_OUT
-    return 0
+    return _outcome(state)
 
 
 def cmd_approve(args: argparse.Namespace, out: TextIO) -> int:
@@ -281,7 +281,7 @@ def cmd_approve(args: argparse.Namespace, out: TextIO) -> int:
             roles = state.current.approval.approvers
         command = DecideApproval(command_id=str(uuid.uuid4()), run_id=state.run_id,
                                  tenant=state.tenant, correlation_id=state.correlation_id,
-                                 step=args.step, approver=args.as_user, roles=roles,
+                                 step=args.step, approver=args.as_user.strip(), roles=roles,
                                  approve=not args.reject, comment=args.comment)
         return _report_command(backend, command, out)
 
@@ -312,7 +312,7 @@ def _report_command(backend: Backend, command: Command, out: TextIO) -> int:
             out.write(f"refused: {getattr(event, 'reason', '')}: "
                       f"{getattr(event, 'detail', '')}\n")
             print_state(state, out)
-            return 1
+            return REFUSED
     out.write(", ".join(e.TYPE for e in events) + "\n" if events else "queued\n")
     print_state(state, out)
     return 0
@@ -320,15 +320,22 @@ def _report_command(backend: Backend, command: Command, out: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
-        print_state(backend.run(args.run), out, args.json,
-                    backend.specs() if args.json else ())
+        state = backend.run(args.run)
+        print_state(state, out, args.json, backend.specs() if args.json else ())
+        stalled = backend.stalled(state)
+    if stalled is not None:
+        print(f"note: {stalled}", file=sys.stderr)
     return 0
 
 
 def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
-        for state in backend.runs(args.status, args.limit):
-            print_state(state, out)
+        found = backend.runs(args.status, args.limit + 1)
+    for state in found[:args.limit]:
+        print_state(state, out)
+    if len(found) > args.limit:
+        print(f"more runs exist than the {args.limit} most recent shown; pass --limit N "
+              "for more", file=sys.stderr)
     return 0
 
 
@@ -348,7 +355,7 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
             timeline = build_timeline(_redacted(backend.log(args.run).events,
                                                 backend.specs()))
     if args.json:
-        out.write(json.dumps(to_jsonable(timeline), indent=2, default=str) + "\n")
+        out.write(json.dumps(timeline_view(timeline), indent=2, default=str) + "\n")
     else:
         out.write(render_timeline(timeline) + "\n")
     return 0
@@ -374,11 +381,12 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     steps = states(events)
     report = verify(run_id, events, log.recorded, specs) if args.verify else None
+    shown = _redacted(events, deployed)
     if args.json:
         doc: dict[str, Any] = {
             "run_id": run_id,
-            "events": [{"seq": e.seq, "type": e.TYPE, "ts": e.ts,
-                        "status": s.status.value} for e, s in zip(events, steps, strict=True)],
+            "events": [{"seq": e.seq, "type": e.TYPE, "ts": e.ts, "status": s.status.value,
+                        **_refusal(e)} for e, s in zip(shown, steps, strict=True)],
             "final": redacted_view(steps[-1], deployed) if steps else None,
         }
         if report is not None:
@@ -386,10 +394,16 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
                              "divergence": to_jsonable(report.divergence)}
         out.write(json.dumps(doc, indent=2, default=str) + "\n")
     else:
-        for event, state in zip(events, steps, strict=True):
-            step = getattr(event, "step", "") or ""
-            out.write(f"{event.seq:>4}  {event.TYPE:<22}{step:<16}-> {state.status.value}\n")
-        out.write("\n" + render_timeline(build_timeline(_redacted(events, deployed))) + "\n")
+        for event, state in zip(shown, steps, strict=True):
+            step = getattr(event, "step", "") or getattr(event, "at_step", "") or ""
+            line = f"{event.seq:>4}  {event.TYPE:<22}{step:<16}-> {state.status.value}"
+            refusal = _refusal(event)
+            if refusal:
+                who = f" by {refusal['by']}" if refusal["by"] else ""
+                line += (f"  {refusal['command']}{who} refused: {refusal['reason']}: "
+                         f"{refusal['detail']}")
+            out.write(line + "\n")
+        out.write("\n" + render_timeline(build_timeline(shown)) + "\n")
         if report is not None:
             if report.ok:
                 out.write(f"\nverify: OK, {report.commands} commands re-decided, "
@@ -398,6 +412,15 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
                 assert report.divergence is not None
                 out.write("\nverify: DIVERGED\n" + report.divergence.describe() + "\n")
     return 0 if report is None or report.ok else 3
+
+
+def _refusal(event: Event) -> dict[str, Any]:
+    """What a ``CommandRejected`` says: the command, who sent it (version 2), why."""
+    if not isinstance(event, CommandRejected):
+        return {}
+    by = event.by if isinstance(event, CommandRejectedV2) else ""
+    return {"command": event.command_type, "by": by, "reason": event.reason,
+            "detail": event.detail}
 
 
 def cmd_dead_letters(args: argparse.Namespace, out: TextIO) -> int:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TextIO
 
 from engine.cli._backends import db_path, kafka_topics
-from engine.cli._shared import CliError, configure_logging, stop_on_signals
+from engine.cli._process import configure_logging, stop_on_signals
+from engine.cli._shared import CliError
 from engine.notify import DeliverySettings, EmbeddedNotifier, NotifierStats, load_settings
 
 
@@ -97,7 +98,8 @@ async def _notify_kafka(args: argparse.Namespace, settings: DeliverySettings,
     ledger = PostgresDeliveryLedger(dsn, deployment=topics.deployment(args.app))
     await ledger.open()
     try:
-        notifier = KafkaNotifier(args.kafka, topics, settings, ledger, app=args.app)
+        notifier = KafkaNotifier(args.kafka, topics, settings, ledger, app=args.app,
+                                 instance_id=args.instance_id)
         out.write(f"delivering notifications from {topics.notifications} (group "
                   f"{notifier.group_id})\n")
         out.flush()

@@ -10,13 +10,17 @@ import argparse
 import asyncio
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from engine.cli._backends import db_path
+from engine.cli._process import configure_telemetry, otel_option, stop_on_signals
 from engine.cli._shared import CliError
 from engine.kafka.specs import SpecFollower
 from engine.kafka.topics import Topics, deployed_topics
+from engine.observability.setup import Telemetry
 from projections import postgres, query, sqlite
 from projections.project import ProjectorStats
 from projections.sla import render_sla
@@ -50,16 +54,53 @@ def _progress_bar(what: str, out: TextIO) -> postgres.Progress:
 
 
 def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
-    """Keep the projections up to date until SIGTERM."""
-    from engine.cli._shared import stop_on_signals as _stop_on_signals
+    """Keep the projections up to date until SIGTERM; with ``--otel``, also translate the
+    run events topic into telemetry."""
+    telemetry = configure_telemetry(args)
+    if telemetry is None:
+        return _project(args, out)
+    if not args.kafka:
+        telemetry.shutdown()
+        raise CliError("project --otel reads the Kafka run events topic; on the embedded "
+                       "store use `terranoha serve --db PATH --otel ...`")
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
 
+    def follow() -> None:
+        try:
+            loop.run_until_complete(_follow_events(args, telemetry, stop))
+        except Exception as exc:
+            print(f"error: telemetry from the run events topic stopped: {exc!r}",
+                  file=sys.stderr)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=follow, daemon=True, name="otel")
+    thread.start()
+    try:
+        return _project(args, out)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(15)
+        telemetry.shutdown()
+
+
+async def _follow_events(args: argparse.Namespace, telemetry: Telemetry,
+                         stop: asyncio.Event) -> None:
+    from engine.observability.follow import follow_events
+
+    topics = await deployed_topics(args.kafka, _topics(args))
+    await follow_events(args.kafka, topics, telemetry, stop, app=args.app)
+
+
+def _project(args: argparse.Namespace, out: TextIO) -> int:
     if not args.kafka:
         db = db_path(args)
         if not db.exists():
             raise CliError(f"no store at {db}; pass --db PATH")
 
         async def follow_embedded() -> None:
-            stop = _stop_on_signals()
+            stop = stop_on_signals()
             out.write(f"projecting {db}\n")
             out.flush()
             await sqlite.follow_store(db, stop)
@@ -70,7 +111,7 @@ def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
     assert dsn is not None
 
     async def follow_kafka() -> None:
-        stop = _stop_on_signals()
+        stop = stop_on_signals()
         topics = await deployed_topics(args.kafka, _topics(args))
         follower = SpecFollower(args.kafka, topics)
         await follower.start()
@@ -137,9 +178,9 @@ def cmd_sla(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                 backend_options: object) -> None:
+                 backend_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    """``project``, ``projections rebuild`` and ``sla``, each with ``backend_options``."""
     add = backend_options
-    assert callable(add)
     p = sub.add_parser("project", help="keep the projections up to date until stopped",
                        description="project the run log into PostgreSQL and the projection "
                        "topics (Kafka), or into the store file (embedded)")
@@ -147,6 +188,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--postgres", help="PostgreSQL DSN (default $TERRANOHA_POSTGRES)")
     p.add_argument("--no-topics", action="store_true",
                    help="do not write the run timeline and SLA metrics topics")
+    otel_option(p)
     p.set_defaults(fn=cmd_project)
 
     proj = sub.add_parser("projections", help="manage the projections")

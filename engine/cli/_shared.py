@@ -3,11 +3,7 @@ state is printed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import signal
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,31 +23,6 @@ class CliError(TerranohaError):
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def configure_logging(level: str) -> None:
-    """Timestamped lines on stderr at ``level``. aiokafka's own lines start at warning:
-    at info it narrates every group join and coordinator lookup. httpx's too: its info
-    line for each request shows the full URL, and a webhook's URL can hold a token."""
-    numeric = getattr(logging, level.upper())
-    root = logging.getLogger()
-    if not root.handlers:  # a host program (or a test) may have configured logging
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(numeric)
-    for chatty in ("aiokafka", "httpx", "httpcore"):
-        logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
-
-
-def stop_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT: long-running commands drain and exit."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def json_arg(text: str, what: str) -> Any:
@@ -116,7 +87,8 @@ def print_state(state: RunState | None, out: TextIO, as_json: bool = False,
         elif current.waiting is Waiting.SIGNAL:
             where += f" (waiting for signal {current.signal!r})"
         elif current.waiting is Waiting.TASK:
-            where += f" (task {current.phase} attempt {current.attempt} dispatched)"
+            task = "task" if current.phase == "task" else f"{current.phase} task"
+            where += f" ({task} attempt {current.attempt} dispatched)"
         elif current.waiting is Waiting.RETRY:
             where += f" (retry after attempt {current.attempt})"
     out.write(f"{state.run_id}  {state.workflow} v{state.version}  {state.status.value}{where}\n")

@@ -20,7 +20,7 @@ from engine.core.durations import format_duration
 from engine.core.errors import ExpressionError
 from engine.core.evolve import evolve, wait_ref
 from engine.core.expressions import evaluate, map_input, truthy
-from engine.core.policies import backoff_ms, idempotency_key, task_id
+from engine.core.policies import backoff_ms, idempotency_key, identity, task_id
 from engine.core.spec import FAIL, ApprovalSpec, Handler, StepSpec, WorkflowSpec, check_input
 from engine.core.state import Approval, RunState, Waiting
 
@@ -122,15 +122,16 @@ class _Context:
 
     def reject(self, reason: str, detail: str = "") -> None:
         c = self.command
+        by, at_step = _sender(c)
         fields = {"command_type": c.TYPE, "command_id": c.command_id, "reason": reason,
-                  "detail": detail}
+                  "detail": detail, "by": by, "at_step": at_step}
         if self.state is None or not self.state.workflow:
             # No run to record it in: the runtime sends it to dead letters.
-            self.events.append(ev.CommandRejected(
+            self.events.append(ev.CommandRejectedV2(
                 run_id=c.run_id, seq=0, ts=self.now, tenant=c.tenant,
                 correlation_id=c.correlation_id, causation_id=c.command_id, **fields))
             return
-        self.emit(ev.CommandRejected, **fields)
+        self.emit(ev.CommandRejectedV2, **fields)
 
     def active(self) -> bool:
         if self.run.terminal:
@@ -397,6 +398,19 @@ class _Context:
             self.fail_run("business", code, message, None)
 
 
+def _sender(c: cmd.Command) -> tuple[str, str]:
+    """Who sent ``c`` as the command names them, and the step it is about."""
+    if isinstance(c, cmd.DecideApproval):
+        return c.approver, c.step
+    if isinstance(c, cmd.CompleteTask | cmd.FailTask):
+        return "", c.step
+    if isinstance(c, cmd.CancelRun):
+        return c.by, ""
+    if isinstance(c, cmd.StartRun):
+        return c.requested_by, ""
+    return "", ""
+
+
 # ---------------------------------------------------------------------- command handlers
 
 _HANDLERS: dict[type[cmd.Command], Callable[[_Context, Any], None]] = {}
@@ -438,10 +452,19 @@ def _start_run(ctx: _Context, c: cmd.StartRun) -> None:
     )
     if sla_due is not None:
         ctx.arm("run_sla", "", c.run_id, sla_due)
-    problem = check_input(spec.input, c.input, "input")
+    problem = check_input(spec.input, c.input, "input", strict=spec.strict_input)
     if problem is not None:
         path, message = problem
         ctx.fail_run("permanent", "INVALID_INPUT", f"{path}: {message}", path)
+        return
+    excluding = spec.requester_excluded_at()
+    if excluding is not None and not identity(c.requested_by):
+        # Without a requester, "anyone but the requester" is anyone: four-eyes would hold
+        # in name only. Refuse at the start, before any step has an effect.
+        ctx.fail_run("permanent", "REQUESTER_REQUIRED",
+                     f"step {excluding!r} has an approval the requester may not vote in, "
+                     "but the run names no requester: start it with requested_by (--as on "
+                     "the command line), or set exclude_requester: false", "requested_by")
         return
     ctx.enter(spec.steps[0].id)
 
@@ -514,26 +537,39 @@ def _decide_approval(ctx: _Context, c: cmd.DecideApproval) -> None:
     if not ctx.active():
         return
     current = ctx.run.current
-    if (current is None or current.step != c.step or current.waiting is not Waiting.APPROVAL
-            or current.approval is None):
+    waiting = (current is not None and current.waiting is Waiting.APPROVAL
+               and current.approval is not None)
+    elsewhere = (f"step {current.step!r} is waiting for approval" if waiting and current
+                 else "no step is waiting for approval")
+    if not ctx.workflow.has_step(c.step):
+        ctx.reject("unknown step", f"{ctx.workflow.workflow} v{ctx.workflow.version} has no "
+                   f"step {c.step!r}; {elsewhere}")
+        return
+    if not waiting or current is None or current.step != c.step or current.approval is None:
         ctx.reject("no pending approval",
                    f"step {c.step!r} is not waiting for approval: it was decided, expired, "
-                   "or the run is elsewhere")
+                   f"or the run is elsewhere; {elsewhere}")
         return
     approval = current.approval
+    who = identity(c.approver)
+    if not who:
+        ctx.reject("no approver", "a decision names who made it; give the approver's name "
+                   "(--as on the command line)")
+        return
     if not set(c.roles) & set(approval.approvers):
         ctx.reject("not an approver",
                    f"{c.approver} (roles: {', '.join(c.roles) or 'none'}) is in none of "
                    f"{', '.join(approval.approvers)}")
         return
-    if approval.exclude_requester and c.approver == ctx.run.requested_by:
+    if approval.exclude_requester and who == identity(ctx.run.requested_by):
         ctx.reject("self-approval",
                    f"{c.approver} requested this run and may not approve it; "
                    "ask another approver")
         return
-    if c.approver in approval.votes:
+    if who in {identity(v) for v in approval.votes}:
         ctx.reject("duplicate approval", f"{c.approver} already approved; the quorum of "
-                   f"{approval.quorum} needs distinct approvers")
+                   f"{approval.quorum} needs distinct approvers (names are compared "
+                   "without case and surrounding spaces)")
         return
     if not c.approve:
         ctx.emit(ev.ApprovalRejected, step=c.step, approval_id=approval.approval_id,

@@ -294,6 +294,18 @@ class CommandRejected(Event):
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandRejectedV2(CommandRejected):
+    """A refused command, with who sent it (by: the approver, canceller or requester;
+    empty for workers and timers) and the step it was about (at_step, may be empty).
+    Version 1's fields and two more: replay --verify matches it with a version 1 event
+    an older engine recorded when their common fields agree."""
+
+    VERSION: ClassVar[int] = 2
+    by: str = ""
+    at_step: str = ""
+
+
 EVENT_TYPES: dict[tuple[str, int], type[Event]] = {
     (cls.TYPE, cls.VERSION): cls
     for cls in (
@@ -302,6 +314,7 @@ EVENT_TYPES: dict[tuple[str, int], type[Event]] = {
         ApprovalRejected, ApprovalReminded, ApprovalExpired, Escalated, SignalAwaited,
         SignalReceived, SleepStarted, ChoiceEvaluated, BusinessErrorHandled, StepCompleted,
         StepFailed, SlaBreached, RunCompleted, RunFailed, RunCancelled, CommandRejected,
+        CommandRejectedV2,
     )
 }
 """Every event class by (type, version): the codec and the evolver registry use it."""

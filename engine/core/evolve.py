@@ -251,7 +251,8 @@ def _only_seq(state: RunState, e: ev.Event) -> RunState:
     return replace(state, seq=e.seq)
 
 
-for _event_type in (ev.ChoiceEvaluated, ev.BusinessErrorHandled, ev.CommandRejected):
+for _event_type in (ev.ChoiceEvaluated, ev.BusinessErrorHandled, ev.CommandRejected,
+                    ev.CommandRejectedV2):
     EVOLVERS[_event_type] = _only_seq
 
 

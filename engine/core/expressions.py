@@ -48,3 +48,74 @@ def map_input(mapping: Any, data: Any) -> Any:
     if isinstance(mapping, list):
         return [map_input(value, data) for value in mapping]
     return mapping
+
+
+_CHAINED = frozenset({"subexpression", "index_expression", "projection", "value_projection",
+                      "filter_projection", "flatten"})
+"""AST nodes whose first child is evaluated where the node is, the others on its result."""
+
+
+def root_paths(text: str) -> list[tuple[str, ...]]:
+    """The leading field names of every part of ``text`` evaluated against the document
+    itself (not against an element of a projection or a filter): ``steps.a.result.x >
+    input.limit`` gives ``("steps", "a", "result", "x")`` and ``("input", "limit")``.
+    Deploy-time checks use them to refuse unknown roots and unknown step references."""
+    found: list[tuple[str, ...]] = []
+    tree: dict[str, Any] = dict(compile_expression(text).parsed)
+    _visit(tree, True, found)
+    return found
+
+
+def _chain(node: dict[str, Any]) -> list[str]:
+    kind = node["type"]
+    if kind == "field":
+        return [str(node["value"])]
+    if kind == "subexpression":
+        out: list[str] = []
+        for child in node["children"]:
+            if child["type"] != "field":
+                out += _chain(child)
+                break
+            out.append(str(child["value"]))
+        return out
+    if kind in _CHAINED:
+        return _chain(node["children"][0])
+    return []
+
+
+def _visit(node: dict[str, Any], at_root: bool, found: list[tuple[str, ...]]) -> None:
+    kind = node["type"]
+    children: list[dict[str, Any]] = node.get("children") or []
+    if kind == "field":
+        if at_root:
+            found.append((str(node["value"]),))
+    elif kind in _CHAINED:
+        if at_root and (chain := _chain(node)):
+            found.append(tuple(chain))
+        first, *rest = children
+        if first["type"] not in ("field", *_CHAINED):
+            _visit(first, at_root, found)
+        elif first["type"] in _CHAINED:
+            _visit_inner(first, at_root, found)
+        for child in rest:
+            _visit(child, False, found)
+    elif kind == "pipe":
+        _visit(children[0], at_root, found)
+        _visit(children[1], False, found)
+    elif kind == "expref":
+        for child in children:
+            _visit(child, False, found)
+    else:  # comparators, and/or/not, functions, multi-selects: children where the node is
+        for child in children:
+            _visit(child, at_root, found)
+
+
+def _visit_inner(node: dict[str, Any], at_root: bool, found: list[tuple[str, ...]]) -> None:
+    """A chained node inside a chain already recorded: only its nested contexts."""
+    first, *rest = node["children"]
+    if first["type"] in _CHAINED:
+        _visit_inner(first, at_root, found)
+    elif first["type"] != "field":
+        _visit(first, at_root, found)
+    for child in rest:
+        _visit(child, False, found)

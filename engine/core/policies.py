@@ -42,3 +42,10 @@ def idempotency_key(run_id: str, step: str, visit: int, phase: str) -> str:
     uses the step's own key; the prepare phase gets a key of its own."""
     base = f"{run_id}/{step}/{visit}"
     return f"{base}/prepare" if phase == "prepare" else base
+
+
+def identity(name: str) -> str:
+    """Who a name stands for when approvers are counted and compared with the requester:
+    runs of whitespace become one space, the ends are stripped, the case is folded.
+    ``" Alice"``, ``"ALICE"`` and ``"alice\\t"`` are one person; ``""`` is nobody."""
+    return " ".join(name.split()).casefold()

@@ -6,6 +6,8 @@ refusal names the path of the offending field, e.g. ``steps[2](refund).retry.ini
 
 from __future__ import annotations
 
+import copy
+import difflib
 import re
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
@@ -15,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from engine.core.durations import parse_duration
 from engine.core.errors import ExpressionError, SpecError
-from engine.core.expressions import compile_expression
+from engine.core.expressions import root_paths
 
 Duration = Annotated[int, BeforeValidator(parse_duration)]
 """Milliseconds; accepts ``30s``-style strings."""
@@ -24,6 +26,11 @@ INPUT_TYPES = ("string", "number", "integer", "boolean", "object", "array", "any
 STEP_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 QUEUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 MAX_STEPS = 500
+ROOTS = ("input", "steps", "signals", "run")
+"""What expressions start from: the document ``RunState.data()`` builds."""
+RESULT_ROOTS = (*ROOTS, "result", "confidence")
+"""``review_if`` also sees the task's ``result`` and ``confidence``."""
+RUN_FIELDS = ("id", "tenant", "requested_by", "workflow", "version")
 
 
 class _Model(BaseModel):
@@ -174,6 +181,10 @@ class WorkflowSpec(_Model):
     description: str = ""
     sla: Duration | None = None
     input: dict[str, str] = Field(default_factory=dict)
+    strict_input: bool = True
+    """With an ``input`` schema, a run input with a field it does not declare fails the
+    run (``INVALID_INPUT``); ``false`` accepts such fields. Without a schema nothing is
+    checked."""
     output: str | None = None
     redact: list[str] = Field(default_factory=list)
     steps: list[StepSpec] = Field(min_length=1, max_length=MAX_STEPS)
@@ -193,6 +204,21 @@ class WorkflowSpec(_Model):
             return spec.next
         position = self._positions()[step_id]
         return self.steps[position + 1].id if position + 1 < len(self.steps) else None
+
+    def requester_excluded_at(self) -> str | None:
+        """The first step with an approval the run's requester may not vote in (an
+        approval or review with ``exclude_requester``, or an escalation, which always
+        excludes the requester), or None."""
+        for step in self.steps:
+            handlers = [*step.on_business_error.values(), step.on_exhausted]
+            for approval in (step.approval, step.review):
+                if approval is not None:
+                    if approval.exclude_requester:
+                        return step.id
+                    handlers += [approval.on_expire, approval.on_reject]
+            if any(h is not None and h.escalate for h in handlers):
+                return step.id
+        return None
 
     def _index(self) -> dict[str, StepSpec]:
         cached: dict[str, StepSpec] | None = self.__dict__.get("_index_cache")
@@ -217,16 +243,38 @@ class WorkflowSpec(_Model):
 
 
 def load_spec(data: Mapping[str, Any]) -> WorkflowSpec:
-    """Validate a spec given as plain data. Raises ``SpecError`` listing every problem."""
+    """Validate a spec given as plain data. Raises ``SpecError`` listing every problem at
+    once: field types and values, and the checks across fields (references, expressions,
+    cycles) on every part that has the right types."""
+    name = str(data.get("workflow", "")) if isinstance(data, Mapping) else ""
+    try:
+        spec = WorkflowSpec.model_validate(data)
+    except ValidationError as exc:
+        issues = [_pydantic_issue(data, err) for err in exc.errors()]
+        issues += [i for i in _issues_beside(data, exc) if i not in issues]
+        raise SpecError(name, _in_step_order(issues)) from None
+    issues = list(_semantic_issues(spec))
+    if issues:
+        raise SpecError(spec.workflow, _in_step_order(issues))
+    return spec
+
+
+def load_deployed_spec(data: Mapping[str, Any]) -> WorkflowSpec:
+    """A spec read back from a deployment (the store, the specs topic). Checked as at
+    deploy except for what expressions refer to (roots, steps, input fields): a version
+    deployed before those checks existed keeps loading, and its runs keep running."""
     name = str(data.get("workflow", "")) if isinstance(data, Mapping) else ""
     try:
         spec = WorkflowSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(name, [_pydantic_issue(data, err) for err in exc.errors()]) from None
-    issues = list(_semantic_issues(spec))
+    issues = list(_semantic_issues(spec, references=False))
     if issues:
-        raise SpecError(spec.workflow, issues)
+        raise SpecError(spec.workflow, _in_step_order(issues))
     return spec
+
+
+_WORKFLOW_NAME = re.compile(r"""^workflow:[ \t]*["']?([^"'\s#]+)""", re.MULTILINE)
 
 
 def load_spec_yaml(text: str) -> WorkflowSpec:
@@ -234,7 +282,9 @@ def load_spec_yaml(text: str) -> WorkflowSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError("", [("$", f"not valid YAML: {exc}")]) from None
+        named = _WORKFLOW_NAME.search(text)
+        raise SpecError(named.group(1) if named else "",
+                        [("$", f"not valid YAML: {exc}")]) from None
     if not isinstance(data, Mapping):
         raise SpecError("", [("$", "a spec is a mapping with workflow, version and steps")])
     return load_spec(data)
@@ -263,6 +313,90 @@ def _path(data: Any, loc: tuple[int | str, ...]) -> str:
     return out or "$"
 
 
+def _in_step_order(issues: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Top-level fields first, then step by step; the order found within each."""
+    def step_of(issue: tuple[str, str]) -> int:
+        match = re.match(r"steps\[(\d+)\]", issue[0])
+        return int(match.group(1)) if match else -1
+
+    return sorted(issues, key=step_of)
+
+
+_PLACEHOLDERS: dict[str, Any] = {"workflow": "_", "version": 1}
+
+
+def _issues_beside(data: Any, exc: ValidationError) -> list[tuple[str, str]]:
+    """The checks across fields, for a spec whose types are wrong somewhere.
+
+    Every part that failed is taken out of a copy (a step that cannot stand becomes a
+    placeholder that keeps its id, so references to it still resolve) until the rest
+    validates; the cross-field checks then run on the rest, except where a removed part
+    could make them wrong: on or around a removed path, and the cycle checks."""
+    if not isinstance(data, Mapping):
+        return []
+    pruned: Any = copy.deepcopy(dict(data))
+    removed: list[str] = []
+    errors = exc.errors()
+    for _ in range(20):
+        for err in errors:
+            where = _prune(pruned, tuple(err["loc"]))
+            if where is None:
+                return []
+            removed.append(_path(data, where))
+        try:
+            spec = WorkflowSpec.model_validate(pruned)
+        except ValidationError as again:
+            errors = again.errors()
+            continue
+        return [(path, message) for path, message in _semantic_issues(spec, graph=False)
+                if not any(_related(path, gone) for gone in removed)]
+    return []
+
+
+def _prune(data: dict[str, Any], loc: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
+    """Take out what ``loc`` points at (the nearest part of it that exists); return the
+    location taken out, or None if nothing can be."""
+    trail: list[tuple[Any, int | str]] = []  # (container, key) down to the deepest part
+    node: Any = data
+    for part in loc:
+        found = (part in node if isinstance(node, Mapping) else
+                 isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node))
+        if found:
+            trail.append((node, part))
+            node = node[part]
+        elif isinstance(node, Mapping | list) and not str(part).startswith(
+                ("function-", "literal[", "Handler")) and "[" not in str(part):
+            break  # a missing field: take out what should hold it
+    if not trail and loc and loc[0] in _PLACEHOLDERS:
+        data[str(loc[0])] = _PLACEHOLDERS[str(loc[0])]
+        return (loc[0],)
+    while trail:
+        container, key = trail[-1]
+        if len(trail) == 1 and key in _PLACEHOLDERS:
+            container[key] = _PLACEHOLDERS[key]
+            return (key,)
+        if isinstance(container, list):
+            if len(trail) == 2 and trail[0][1] == "steps" and isinstance(key, int):
+                old = container[key]
+                raw_id = old.get("id") if isinstance(old, Mapping) else None
+                step_id = raw_id if isinstance(raw_id, str) else f"_{key}"
+                container[key] = {"id": step_id, "sleep": 1}
+                return ("steps", key)
+            trail.pop()  # taking an item out would renumber the rest: take the list out
+            continue
+        if len(trail) == 1 and key == "steps":
+            return None
+        del container[key]
+        return tuple(k for _, k in trail)
+    return None
+
+
+def _related(path: str, other: str) -> bool:
+    """Whether one of the two paths is the other or lies inside it."""
+    short, long = sorted((path, other), key=len)
+    return long == short or long.startswith((short + ".", short + "["))
+
+
 def _pydantic_issue(data: Any, err: Any) -> tuple[str, str]:
     message = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
@@ -275,7 +409,9 @@ def _pydantic_issue(data: Any, err: Any) -> tuple[str, str]:
 # --------------------------------------------------------------------------- semantic checks
 
 
-def _semantic_issues(spec: WorkflowSpec) -> Iterator[tuple[str, str]]:
+def _semantic_issues(spec: WorkflowSpec, graph: bool = True,
+                     references: bool = True) -> Iterator[tuple[str, str]]:
+    """The checks across fields; ``references`` includes what expressions refer to."""
     ids: dict[str, int] = {}
     for i, step in enumerate(spec.steps):
         where = f"steps[{i}]({step.id})"
@@ -288,17 +424,82 @@ def _semantic_issues(spec: WorkflowSpec) -> Iterator[tuple[str, str]]:
         if type_name.rstrip("?") not in INPUT_TYPES:
             yield (f"input.{name}",
                    f"unknown type {type_name!r}; use one of {', '.join(INPUT_TYPES)}")
+    scope = _Scope(spec, ids, ROOTS if references else None)
     if spec.output is not None:
-        yield from _expression_issue("output", spec.output)
+        yield from scope.issues("output", spec.output)
 
     for i, step in enumerate(spec.steps):
         where = f"steps[{i}]({step.id})"
-        yield from _step_issues(spec, step, where, ids)
-    yield from _graph_issues(spec)
+        yield from _step_issues(scope, step, where, ids)
+    if graph:
+        yield from _graph_issues(spec)
+
+
+class _Scope:
+    """What the expressions of a spec may refer to: the roots of the run document, the
+    steps of the spec and, when the spec declares its input strictly, the input fields."""
+
+    def __init__(self, spec: WorkflowSpec, ids: Mapping[str, int],
+                 roots: tuple[str, ...] | None) -> None:
+        self.spec = spec
+        self.ids = ids
+        self.roots = roots
+        self.fields = list(spec.input) if spec.input and spec.strict_input else None
+
+    def with_roots(self, roots: tuple[str, ...]) -> _Scope:
+        return _Scope(self.spec, self.ids, roots if self.roots is not None else None)
+
+    def issues(self, path: str, text: str) -> Iterator[tuple[str, str]]:
+        try:
+            chains = root_paths(text)
+        except ExpressionError as exc:
+            yield path, str(exc)
+            return
+        said: set[str] = set()
+        for chain in chains:
+            problem = self._problem(chain, text)
+            if problem is not None and problem not in said:
+                said.add(problem)
+                yield path, problem
+
+    def _problem(self, chain: tuple[str, ...], text: str) -> str | None:
+        """What is wrong with one root path of ``text`` (None: nothing, or not checked)."""
+        if self.roots is None:
+            return None
+        root = chain[0]
+        if root not in self.roots:
+            hint = _did_you_mean(root, self.roots)
+            if text.strip() == root:
+                hint += f"; a literal string is quoted: \"'{root}'\""
+            return (f"unknown root {root!r} in {text!r}{hint}: expressions start from "
+                    f"{', '.join(self.roots)}")
+        if root == "steps" and len(chain) > 1:
+            step = chain[1]
+            if step not in self.ids:
+                return (f"unknown step {step!r} in {text!r}"
+                        f"{_did_you_mean(step, list(self.ids))}; known steps: "
+                        f"{', '.join(self.ids)}")
+            if len(chain) > 2 and chain[2] != "result":
+                return (f"steps.{step} has only result, not {chain[2]!r}, in {text!r}: "
+                        f"write steps.{step}.result")
+        if root == "run" and len(chain) > 1 and chain[1] not in RUN_FIELDS:
+            return (f"run has no field {chain[1]!r} in {text!r}"
+                    f"{_did_you_mean(chain[1], RUN_FIELDS)}; it has {', '.join(RUN_FIELDS)}")
+        if (root == "input" and len(chain) > 1 and self.fields is not None
+                and chain[1] not in self.fields):
+            return (f"input has no field {chain[1]!r} in {text!r}"
+                    f"{_did_you_mean(chain[1], self.fields)}; the spec declares "
+                    f"{', '.join(self.fields)} (strict_input: false lets runs pass others)")
+        return None
+
+
+def _did_you_mean(word: str, options: Iterator[str] | tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _step_issues(
-    spec: WorkflowSpec, step: StepSpec, where: str, ids: Mapping[str, int]
+    scope: _Scope, step: StepSpec, where: str, ids: Mapping[str, int]
 ) -> Iterator[tuple[str, str]]:
     def ref(path: str, target: str | None) -> Iterator[tuple[str, str]]:
         if target is not None and target not in ids:
@@ -312,9 +513,9 @@ def _step_issues(
         yield f"{where}.end", "a step cannot have both next and end"
     if step.input is not None:
         for path, text in _mapping_expressions(step.input, f"{where}.input"):
-            yield from _expression_issue(path, text)
+            yield from scope.issues(path, text)
     if step.review_if is not None:
-        yield from _expression_issue(f"{where}.review_if", step.review_if)
+        yield from scope.with_roots(RESULT_ROOTS).issues(f"{where}.review_if", step.review_if)
         if step.kind == "prepare_commit" and step.approval is None:
             yield f"{where}.approval", "review_if on prepare_commit gates its approval; add one"
         elif step.kind != "prepare_commit" and step.review is None:
@@ -349,7 +550,7 @@ def _step_issues(
             yield f"{where}.{label}.expires_after", "on_expire needs expires_after"
     if step.wait_event is not None:
         if step.wait_event.key is not None:
-            yield from _expression_issue(f"{where}.wait_event.key", step.wait_event.key)
+            yield from scope.issues(f"{where}.wait_event.key", step.wait_event.key)
         yield from _handler_issues(step.wait_event.on_timeout,
                                    f"{where}.wait_event.on_timeout", ids)
         if step.wait_event.on_timeout.action not in ("goto", "fail"):
@@ -359,7 +560,7 @@ def _step_issues(
         if not step.choice:
             yield f"{where}.choice", "a choice needs at least one branch"
         for j, branch in enumerate(step.choice):
-            yield from _expression_issue(f"{where}.choice[{j}].when", branch.when)
+            yield from scope.issues(f"{where}.choice[{j}].when", branch.when)
             yield from ref(f"{where}.choice[{j}].goto", branch.goto)
         yield from ref(f"{where}.default", step.default)
     elif step.default is not None:
@@ -389,13 +590,6 @@ def _mapping_expressions(mapping: Any, path: str) -> Iterator[tuple[str, str]]:
     elif isinstance(mapping, list):
         for i, value in enumerate(mapping):
             yield from _mapping_expressions(value, f"{path}[{i}]")
-
-
-def _expression_issue(path: str, text: str) -> Iterator[tuple[str, str]]:
-    try:
-        compile_expression(text)
-    except ExpressionError as exc:
-        yield path, str(exc)
 
 
 def successors(spec: WorkflowSpec, step: StepSpec) -> list[str | None]:
@@ -463,10 +657,19 @@ def _on_choice_cycle(start: str, edges: Mapping[str, list[str | None]], choices:
     return False
 
 
-def check_input(schema: Mapping[str, str], value: Any, prefix: str) -> tuple[str, str] | None:
-    """Check ``value`` against a flat ``{field: type}`` schema; return (path, problem) or None."""
+def check_input(schema: Mapping[str, str], value: Any, prefix: str,
+                strict: bool = False) -> tuple[str, str] | None:
+    """Check ``value`` against a flat ``{field: type}`` schema; return (path, problem) or None.
+    ``strict`` refuses a field the schema does not declare (when it declares any)."""
     if not isinstance(value, Mapping):
         return prefix, f"expected an object, got {type(value).__name__}"
+    if strict and schema:
+        for name in value:
+            if name not in schema:
+                hint = _did_you_mean(str(name), list(schema))
+                return (f"{prefix}.{name}",
+                        f"field {str(name)!r} is not declared{hint}; the spec declares "
+                        f"{', '.join(schema)} (strict_input: false accepts others)")
     for name, type_name in schema.items():
         optional = type_name.endswith("?")
         base = type_name.rstrip("?")

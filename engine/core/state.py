@@ -23,9 +23,6 @@ class RunStatus(StrEnum):
     CANCELLED = "Cancelled"
 
 
-TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
-
-
 class Waiting(StrEnum):
     """What the current step is waiting for."""
 
@@ -112,7 +109,9 @@ class RunState:
             return self.outcome
         current = self.current
         if current is None:
-            return RunStatus.PENDING
+            # Between two steps (a step completed, the next not yet entered) the run has
+            # started: only a run that has entered no step yet is pending.
+            return RunStatus.RUNNING if self.visits else RunStatus.PENDING
         if current.waiting in (Waiting.APPROVAL, Waiting.SIGNAL, Waiting.TIMER):
             return RunStatus.WAITING
         if current.waiting is Waiting.RETRY:

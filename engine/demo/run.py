@@ -14,13 +14,13 @@ from importlib import resources
 from pathlib import Path
 
 from engine.core.commands import DecideApproval
-from engine.core.events import CommandRejected
 from engine.core.policies import run_id_for
 from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec, load_spec_yaml
 from engine.core.state import RunState, Waiting
 from engine.demo.tools import PaymentProvider, build_registry
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
+from projections.redaction import PolicyBook, redact_events
 from projections.timeline import build_timeline, render_timeline
 
 TENANT = "acme"
@@ -63,15 +63,11 @@ async def run_demo(db: Path, say: Callable[[str], None] = print, timeout_s: floa
         stop.set()
         await asyncio.gather(*loops)
 
-    events = engine.store.events(run_id)
+    # What people see is redacted under the spec's policy, as `terranoha timeline` shows it;
+    # the timeline lists the refused commands (the requester's own approval among them).
+    events = redact_events(engine.store.events(run_id), PolicyBook(engine.specs))
     say("")
     say(render_timeline(build_timeline(events)))
-    rejected = [e for e in events if isinstance(e, CommandRejected)]
-    if rejected:
-        say("")
-        say("refused commands (kept in the run log for audit):")
-        for event in rejected:
-            say(f"  {event.command_type}: {event.reason} - {event.detail}")
     effects = payments.effects()
     say("")
     say(f"refunds applied by the payment provider: {sum(effects.values())} "

@@ -4,7 +4,8 @@
 |----------------|--------------------------------------------------------|
 | inputs         | the run inputs topic (commands, triggers, timer firings)|
 | events         | the run events topic (the immutable run log)           |
-| commands       | recorded commands, next to the events they produced    |
+| commands       | recorded commands, next to the events they produced,   |
+|                | with the position of the input each was read from      |
 | states         | the run state changelog (latest snapshot per run)      |
 | tasks          | the task topics, one queue column per worker queue      |
 | notifications  | the notifications topic                                |
@@ -35,7 +36,7 @@ from engine.core.errors import TerranohaError
 from engine.core.events import Event
 from engine.core.outbox import TaskCommand
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
-from engine.core.spec import WorkflowSpec, load_spec, spec_to_data
+from engine.core.spec import WorkflowSpec, load_deployed_spec, spec_to_data
 from engine.core.state import RunState
 from engine.runtime.processor import Batch, Input
 from engine.worker.sdk import LedgerEntry
@@ -190,8 +191,8 @@ class Store:
             db.executemany(
                 "INSERT INTO commands (input_pos, run_id, first_seq, last_seq, payload) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(batch.last.offset if batch.last else 0, r.run_id, r.first_seq, r.last_seq,
-                  encode(r)) for r in batch.recorded])
+                [(pos, r.run_id, r.first_seq, r.last_seq, encode(r))
+                 for r, pos in zip(batch.recorded, batch.recorded_offsets, strict=True)])
             db.executemany(
                 "INSERT OR REPLACE INTO states (run_id, workflow, version, status, updated_at,"
                 " payload) VALUES (?, ?, ?, ?, ?, ?)",
@@ -226,12 +227,6 @@ class Store:
         rows = self.db.execute(
             "SELECT payload FROM events WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall()
         return [self._decode(p, Event) for (p,) in rows]
-
-    def all_events(self, after: int = 0, limit: int = 10_000) -> list[tuple[int, Event]]:
-        rows = self.db.execute(
-            "SELECT pos, payload FROM events WHERE pos > ? ORDER BY pos LIMIT ?",
-            (after, limit)).fetchall()
-        return [(pos, self._decode(p, Event)) for pos, p in rows]
 
     def recorded_commands(self, run_id: str) -> list[RecordedCommand]:
         rows = self.db.execute(
@@ -329,9 +324,6 @@ class Store:
             return None
         return LedgerEntry(idempotency_key, json.loads(row[0]), row[1], row[2])
 
-    def pending_tasks(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM tasks WHERE done = 0").fetchone()[0])
-
     # ------------------------------------------------------------------ specs
 
     def deploy(self, spec: WorkflowSpec, now: int) -> bool:
@@ -353,4 +345,4 @@ class Store:
 
     def specs(self) -> list[WorkflowSpec]:
         rows = self.db.execute("SELECT body FROM specs ORDER BY workflow, version").fetchall()
-        return [load_spec(json.loads(body)) for (body,) in rows]
+        return [load_deployed_spec(json.loads(body)) for (body,) in rows]

@@ -33,7 +33,7 @@ from engine.core.errors import SpecError, TerranohaError
 from engine.core.events import Event
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
-from engine.core.spec import WorkflowSpec, load_spec
+from engine.core.spec import WorkflowSpec, load_deployed_spec
 from engine.core.state import RunState
 from engine.kafka._util import stop_quietly, trace_headers
 from engine.kafka.specs import publish_spec, spec_key
@@ -198,7 +198,7 @@ class KafkaClient:
         specs: list[WorkflowSpec] = []
         for key, body in bodies.items():
             try:
-                spec = load_spec(json.loads(body))
+                spec = load_deployed_spec(json.loads(body))
             except (ValueError, SpecError) as exc:
                 log.warning("spec record %s is not a valid spec, skipped: %s",
                             key.decode(errors="replace"), exc)

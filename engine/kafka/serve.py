@@ -38,11 +38,11 @@ class ServeOptions:
     registry: ToolRegistry | None = None
     concurrency: int = 8
     instance_id: str | None = None
-    """Static consumer-group membership for the engine and the router: give each process
-    a stable id of its own (say the host or pod name) and a restart after a crash gets its
-    partitions back at once, without waiting for the group's session timeout. Two live
-    processes with one id fence each other; a stopped one keeps its partitions until the
-    session timeout (10 s)."""
+    """Static consumer-group membership for the engine, the router, the worker and the
+    notifier: give each process a stable id of its own (say the host or pod name) and a
+    restart after a crash gets its partitions back at once, without waiting for the
+    group's session timeout. Two live processes with one id fence each other; a stopped
+    one keeps its partitions until the session timeout (10 s)."""
     notify: DeliverySettings | None = None
     """Delivery settings: run the notifier too (its ledger needs ``postgres``)."""
 
@@ -99,7 +99,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         await ledger.open()
         running.worker = KafkaWorker(options.bootstrap, options.topics, options.registry,
                                      ledger, app=options.app,
-                                     concurrency=options.concurrency, clock=clock)
+                                     concurrency=options.concurrency, clock=clock,
+                                     instance_id=options.instance_id)
         runners.append(running.worker.run(stop))
     deliveries: PostgresDeliveryLedger | None = None
     if options.notify is not None and options.postgres is not None:
@@ -107,7 +108,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                             deployment=options.topics.deployment(options.app))
         await deliveries.open()
         running.notifier = KafkaNotifier(options.bootstrap, options.topics, options.notify,
-                                         deliveries, app=options.app, clock=clock)
+                                         deliveries, app=options.app, clock=clock,
+                                         instance_id=options.instance_id)
         runners.append(running.notifier.run(stop))
     if ready is not None:
         await ready(running)

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from engine.core.errors import SpecError
-from engine.core.spec import WorkflowSpec, load_spec, spec_to_data
+from engine.core.spec import WorkflowSpec, load_deployed_spec, spec_to_data
 from engine.embedded.store import SpecConflictError
 from engine.kafka._util import stop_quietly, wait_or_stop
 from engine.kafka.topics import Topics, ensure_topics
@@ -220,7 +220,7 @@ class SpecFollower:
                           "first one (deployed versions never change)", where)
             return None
         try:
-            spec = load_spec(json.loads(value))
+            spec = load_deployed_spec(json.loads(value))
         except (ValueError, SpecError) as exc:
             log.error("spec record %s is not a valid spec, skipped: %s", where, exc)
             return None

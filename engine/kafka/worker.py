@@ -26,16 +26,15 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from engine.codec import DecodeError, EncodeError, decode, encode
-from engine.core.commands import Command, FailTask
+from engine.codec import DecodeError, decode
+from engine.core.commands import Command
 from engine.core.outbox import TaskCommand
 from engine.kafka._util import stop_quietly, trace_headers
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.topics import Topics, ensure_topics
 from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
-from engine.runtime.processor import MAX_INPUT_BYTES
-from engine.worker.sdk import LedgerEntry, MemoryLedger, ToolRegistry, execute
+from engine.worker.sdk import MemoryLedger, ToolRegistry, execute
 
 log = logging.getLogger("terranoha.kafka.worker")
 
@@ -94,6 +93,7 @@ class KafkaWorker:
         poll_ms: int = 50,
         drain_s: float = 10.0,
         max_backoff_s: float = 5.0,
+        instance_id: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -108,6 +108,10 @@ class KafkaWorker:
         self.poll_ms = poll_ms
         self.drain_s = drain_s
         self.max_backoff_s = max_backoff_s
+        self.instance_id = instance_id
+        """Static group membership, as for the engine: a worker restarted under the same
+        id gets its task partitions back at once, instead of after the session timeout
+        (during which nobody works their tasks, and task timeouts fire)."""
         self.calls = 0
         """Tasks whose tool was called."""
         self.answered_from_ledger = 0
@@ -137,6 +141,7 @@ class KafkaWorker:
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            group_instance_id=f"{self.instance_id}-worker" if self.instance_id else None,
         )
         try:
             await producer.start()
@@ -221,8 +226,8 @@ class KafkaWorker:
             self.calls += 1
         elif known is not None:
             self.answered_from_ledger += 1
-        # Encode before recording: a result that cannot travel is never remembered.
-        command, value, entry = _report(task, outcome.command, outcome.entry)
+        # execute() encoded the report: a result that cannot travel was never remembered.
+        command, value, entry = outcome.command, outcome.payload, outcome.entry
         if entry is not None:
             await self._retrying("ledger record", lambda: self.ledger.record(entry, task.queue))
         await self._retrying("result delivery", lambda: self._send(command, value))
@@ -289,24 +294,3 @@ class KafkaWorker:
         for tp in revoked:
             self._tracks.pop(tp, None)
 
-
-def _report(task: TaskCommand, command: Command,
-            entry: LedgerEntry | None) -> tuple[Command, bytes, LedgerEntry | None]:
-    """The result command encoded, or a permanent failure if the result cannot travel
-    (the codec refuses it, or it is larger than the engine accepts as an input)."""
-    try:
-        value = encode(command)
-    except EncodeError as exc:
-        code = "RESULT_NOT_ENCODABLE"
-        problem = f"{task.queue} returned a result the engine cannot encode: {exc}"
-    else:
-        if len(value) <= MAX_INPUT_BYTES:
-            return command, value, entry
-        code = "RESULT_TOO_LARGE"
-        problem = (f"{task.queue} returned a {len(value)} byte result; the limit is "
-                   f"{MAX_INPUT_BYTES} bytes")
-    failed = FailTask(command_id=f"result:{task.task_id}", run_id=task.run_id,
-                      tenant=task.tenant, correlation_id=task.correlation_id, step=task.step,
-                      task_id=task.task_id, error_class="permanent", code=code,
-                      message=problem)
-    return failed, encode(failed), None

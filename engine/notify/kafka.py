@@ -61,7 +61,8 @@ class KafkaNotifier:
 
     def __init__(self, bootstrap: str, topics: Topics, settings: DeliverySettings,
                  ledger: DeliveryLedger, app: str = "terranoha", clock: Clock | None = None,
-                 *, concurrency: int = 8, poll_ms: int = 100, drain_s: float = 10.0) -> None:
+                 *, concurrency: int = 8, poll_ms: int = 100, drain_s: float = 10.0,
+                 instance_id: str | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.bootstrap = bootstrap
@@ -73,6 +74,10 @@ class KafkaNotifier:
         self.concurrency = concurrency
         self.poll_ms = poll_ms
         self.drain_s = drain_s
+        self.instance_id = instance_id
+        """Static group membership, as for the engine and the workers: a notifier
+        restarted under the same id gets its partitions back at once, instead of after
+        the session timeout."""
         self.stats = NotifierStats()
         self.undecodable = 0
         """Records on the notifications topic that are not notifications (dead-lettered)."""
@@ -94,6 +99,7 @@ class KafkaNotifier:
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            group_instance_id=f"{self.instance_id}-notifier" if self.instance_id else None,
         )
         try:
             async with open_deliverer(self.settings, self.ledger, self.clock,

@@ -338,5 +338,6 @@ def _span_event(e: ev.Event) -> tuple[str, Attributes]:
         return "command rejected", {"terranoha.command.type": e.command_type,
                                     "terranoha.command.id": e.command_id,
                                     "terranoha.command.reason": e.reason,
-                                    "terranoha.command.detail": e.detail}
+                                    "terranoha.command.detail": e.detail,
+                                    "terranoha.command.by": getattr(e, "by", "")}
     return "", {}

@@ -58,6 +58,8 @@ class Batch:
 
     events: list[Event] = field(default_factory=list)
     recorded: list[RecordedCommand] = field(default_factory=list)
+    recorded_offsets: list[int] = field(default_factory=list)
+    """The offset of the input each of ``recorded`` was read from, in the same order."""
     states: dict[str, RunState] = field(default_factory=dict)
     tasks: list[TaskCommand] = field(default_factory=list)
     notifications: list[Notification] = field(default_factory=list)
@@ -88,14 +90,6 @@ class StateCache:
     def commit(self, states: Mapping[str, RunState]) -> None:
         self._states.update(states)
 
-    def clear(self) -> None:
-        self._states.clear()
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-    def values(self) -> Iterable[RunState]:
-        return self._states.values()
 
 
 def trigger_to_start(trigger: Trigger, source: str, partition: int, offset: int) -> StartRun:
@@ -203,6 +197,7 @@ class Processor:
         batch.events.extend(events)
         batch.recorded.append(RecordedCommand(run_id=run_id, command=command, now=now,
                                               first_seq=events[0].seq, last_seq=events[-1].seq))
+        batch.recorded_offsets.append(item.offset)
         workflow = decision.state.workflow
         for event in events:
             if isinstance(event, TimerArmed):

@@ -4,6 +4,8 @@
 the events before it, decides the command again with the current code and the ``now``
 recorded with it, and compares the result with the recorded events. The first
 difference is reported: that is where a code change broke determinism for this run.
+A newer event version that only adds fields to the recorded one is not a difference
+(``_same``).
 """
 
 from __future__ import annotations
@@ -74,11 +76,24 @@ def verify(run_id: str, events: Sequence[Event], recorded: Sequence[RecordedComm
         for i in range(max(len(expected), len(replayed))):
             want = expected[i] if i < len(expected) else None
             got = replayed[i] if i < len(replayed) else None
-            if want != got:
+            if not _same(want, got):
                 seq = want.seq if want is not None else rec.first_seq + i
                 return VerifyReport(run_id, len(recorded), len(events), Divergence(
                     rec.command.command_id, rec.command.TYPE, seq, _show(want), _show(got)))
     return VerifyReport(run_id, len(recorded), len(events), None)
+
+
+def _same(recorded: Event | None, replayed: Event | None) -> bool:
+    """Whether the replayed event is the recorded one. A newer version of an event that
+    extends the recorded version (its class is a subclass: the same fields and more, as
+    ``CommandRejectedV2`` extends ``CommandRejected``) matches when the recorded version's
+    fields agree: an engine that now says more about the same decision has not diverged."""
+    if recorded is None or replayed is None:
+        return recorded is replayed
+    if type(replayed) is not type(recorded) and isinstance(replayed, type(recorded)):
+        return all(getattr(recorded, f.name) == getattr(replayed, f.name)
+                   for f in fields(recorded))
+    return recorded == replayed
 
 
 def _show(event: Event | None) -> str:

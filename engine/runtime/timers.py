@@ -33,9 +33,6 @@ class TimerService:
         for timer in state.timers.values():
             self.arm(state.run_id, timer.timer_id, timer.due_at)
 
-    def clear(self) -> None:
-        self._heap.clear()
-
     def next_due(self) -> int | None:
         return self._heap[0][0] if self._heap else None
 

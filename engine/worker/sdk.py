@@ -16,13 +16,15 @@ import asyncio
 import importlib
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from engine.codec import EncodeError, encode
 from engine.core.commands import Command, CompleteTask, FailTask
 from engine.core.errors import TerranohaError
 from engine.core.outbox import TaskCommand
+from engine.runtime.processor import MAX_INPUT_BYTES
 
 
 class TaskError(TerranohaError):
@@ -157,12 +159,14 @@ class MemoryLedger:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What executing a task produced: the command to send, and the ledger entry to write
-    in the same atomic unit as that command (None when there is nothing new to record)."""
+    """What executing a task produced: the command to send (``payload``: encoded, and
+    known to fit the engine's input limit), and the ledger entry to write in the same
+    atomic unit as that command (None when there is nothing new to record)."""
 
     command: Command
     entry: LedgerEntry | None
     called: bool
+    payload: bytes = b""
 
 
 def _fail(task: TaskCommand, error_class: str, code: str, message: str,
@@ -181,7 +185,33 @@ def _complete(task: TaskCommand, result: Any, cost: float,
 
 async def execute(task: TaskCommand, registry: ToolRegistry, ledger: Ledger,
                   now_ms: Callable[[], int]) -> Outcome:
-    """Run the tool for ``task`` (unless its key already completed) and build the report."""
+    """Run the tool for ``task`` (unless its key already completed) and build the report.
+
+    Every backend sends what this returns, so a result that cannot travel fails the same
+    way everywhere, at once and without a ledger entry: ``RESULT_NOT_JSON`` (not a JSON
+    value), ``RESULT_NOT_ENCODABLE`` (the codec refuses it: NaN, infinity),
+    ``RESULT_TOO_LARGE`` (over the engine's input limit)."""
+    return _deliverable(task, await _execute(task, registry, ledger, now_ms))
+
+
+def _deliverable(task: TaskCommand, outcome: Outcome) -> Outcome:
+    try:
+        payload = encode(outcome.command)
+    except EncodeError as exc:
+        code = "RESULT_NOT_ENCODABLE"
+        problem = f"{task.queue} returned a result the engine cannot encode: {exc}"
+    else:
+        if len(payload) <= MAX_INPUT_BYTES:
+            return replace(outcome, payload=payload)
+        code = "RESULT_TOO_LARGE"
+        problem = (f"{task.queue} returned a {len(payload)} byte result; the limit is "
+                   f"{MAX_INPUT_BYTES} bytes")
+    failed = _fail(task, "permanent", code, problem)
+    return Outcome(failed, None, outcome.called, encode(failed))
+
+
+async def _execute(task: TaskCommand, registry: ToolRegistry, ledger: Ledger,
+                   now_ms: Callable[[], int]) -> Outcome:
     known = ledger.lookup(task.idempotency_key)
     if known is not None:
         return Outcome(_complete(task, known.result, 0.0, known.confidence), None, called=False)
@@ -225,5 +255,3 @@ async def _call(handler: Handler, ctx: TaskContext) -> Any:
         return await result
     return result
 
-
-AsyncHandler = Callable[[TaskContext], Awaitable[Any]]

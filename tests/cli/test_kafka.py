@@ -213,5 +213,25 @@ def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str],
         cancelled = cli("cancel", other.out.splitlines()[0], *kafka)
         assert cancelled.code == 0, cancelled
         assert "RunCancelled" in cancelled.out and "Cancelled" in cancelled.out
+
+        # A run that fails at once exits 1, with or without --wait; the same key with
+        # another input is a conflict (exit 5); --status takes any case.
+        bad = cli("run", "cli-refund", "--input", '{"n": "four"}', "--key", "order-6",
+                  "--as", "alice", *kafka)
+        assert bad.code == 1, bad
+        assert "Failed" in bad.out and "INVALID_INPUT: input.n: expected integer" in bad.out
+        waited = cli("run", "cli-refund", "--input", '{"n": 7, "m": 1}', "--key", "order-7",
+                     "--as", "alice", "--wait", "30", *kafka)
+        assert waited.code == 1, waited
+        assert "input.m: field 'm' is not declared" in waited.out
+        conflict = cli("run", "cli-refund", "--input", '{"n": 6}', "--key", "order-6", *kafka)
+        assert conflict.code == 5, conflict
+        assert "was started with another input (it differs in input.n)" in conflict.err
+        failed = cli("runs", "--status", "FAILED", *kafka)
+        assert sorted(line.split()[0] for line in failed.out.splitlines()
+                      if not line.startswith("error:")) == sorted(
+            [bad.out.splitlines()[0], waited.out.splitlines()[0]])
+        assert cli("runs", "--status", "cancelled", *kafka).out.startswith(
+            other.out.splitlines()[0])
     finally:
         _stop(server)

@@ -67,6 +67,11 @@ SPECS = [
             {"id": "wait", "wait_event": {"name": "never", "timeout": "200ms"}},
         ],
     }),
+    load_spec({
+        "workflow": "bad-result", "version": 1, "input": {"kind": "string"},
+        "steps": [{"id": "act", "task": "c.bad_result", "input": {"kind": "input.kind"},
+                   "retry": FAST_RETRY}],
+    }),
 ]
 
 
@@ -101,6 +106,15 @@ def _registry(counter: dict[str, int]) -> ToolRegistry:
         if mode in ("detour", "escalate"):
             raise BusinessError(mode.upper(), "rule says no")
         return {"ok": True}
+
+    @registry.tool("c.bad_result")
+    def bad_result(ctx: TaskContext) -> Any:
+        count(ctx)
+        if ctx.input["kind"] == "nan":
+            return {"score": float("nan")}
+        if ctx.input["kind"] == "huge":
+            return {"text": "x" * (1 << 20)}
+        return {"thing": object()}
 
     @registry.tool("c.classify")
     def classify(ctx: TaskContext) -> Any:
@@ -233,6 +247,48 @@ def test_review_four_eyes_and_signal(env: tuple[Driver, dict[str, int]]) -> None
     _contiguous(d, run_id)
 
 
+def test_approver_names_are_one_identity_and_a_run_needs_a_requester(
+    env: tuple[Driver, dict[str, int]],
+) -> None:
+    d, _ = env
+    nobody = _start(d, "humans", {"amount": 20.0}, by="")
+    failed = d.wait_status(nobody, "Failed")
+    assert failed.error is not None and failed.error["code"] == "REQUESTER_REQUIRED"
+    assert failed.error["field"] == "requested_by" and "pay" not in failed.results
+
+    run_id = _start(d, "humans", {"amount": 20.0}, by="Ann")
+    d.wait(run_id, lambda s: s.current is not None and s.current.step == "pay"
+           and s.current.waiting is Waiting.APPROVAL, what="four-eyes approval")
+    _approve(d, run_id, "nostep", "bob", "finance")   # no such step
+    _approve(d, run_id, "pay", " ANN", "finance")     # the requester, spelt otherwise
+    _approve(d, run_id, "pay", "bob", "finance")
+    _approve(d, run_id, "pay", "Bob\t", "finance")    # bob again
+    _approve(d, run_id, "pay", "  ", "finance")       # nobody
+    _approve(d, run_id, "pay", "cat", "finance")
+    d.wait(run_id, lambda s: s.current is not None and s.current.step == "confirm",
+           what="waiting for confirmation")
+    rejected = [e for e in d.events(run_id) if e.TYPE == "CommandRejected"]
+    assert [getattr(e, "reason", "") for e in rejected] == [
+        "unknown step", "self-approval", "duplicate approval", "no approver"]
+    assert getattr(rejected[0], "detail", "") == ("humans v1 has no step 'nostep'; step 'pay' "
+                                                 "is waiting for approval")
+    assert d.wait_status(run_id, "Waiting").results["pay"] == {"paid": 20.0}
+
+
+@pytest.mark.parametrize(("kind", "code"), [("nan", "RESULT_NOT_ENCODABLE"),
+                                          ("huge", "RESULT_TOO_LARGE"),
+                                          ("object", "RESULT_NOT_JSON")])
+def test_a_result_that_cannot_travel_fails_the_task_at_once(
+        env: tuple[Driver, dict[str, int]], kind: str, code: str) -> None:
+    d, counter = env
+    run_id = _start(d, "bad-result", {"kind": kind})
+    state = d.wait_status(run_id, "Failed")
+    assert state.error is not None
+    assert (state.error["class"], state.error["code"]) == ("permanent", code), state.error
+    assert counter[f"{run_id}/act/1"] == 1, "called once: not retried, not answered by a ledger"
+    assert not d.dead_letters(), "the result is refused by the worker, not dead-lettered"
+
+
 def test_high_confidence_skips_review(env: tuple[Driver, dict[str, int]]) -> None:
     d, _ = env
     run_id = _start(d, "humans", {"amount": 20.0})
@@ -254,7 +310,8 @@ def test_expiry_escalation_and_signal_timeout(env: tuple[Driver, dict[str, int]]
 
 def test_idempotent_start_cancel_and_late_commands(env: tuple[Driver, dict[str, int]]) -> None:
     d, _ = env
-    trigger = Trigger(workflow="expiry", idempotency_key="same-key", input={})
+    trigger = Trigger(workflow="expiry", idempotency_key="same-key", input={},
+                      requested_by="ann")
     d.submit(trigger, trigger, trigger)
     run_id = run_id_for("default", "same-key")
     d.wait(run_id, lambda s: s.current is not None, what="started")

@@ -11,9 +11,12 @@ from engine.core.events import (
     ApprovalReminded,
     ApprovalRequested,
     ApprovalVoted,
+    CommandRejected,
+    CommandRejectedV2,
     Escalated,
     RunCancelled,
     RunFailed,
+    RunStarted,
     SlaBreached,
     StepCompleted,
     StepFailed,
@@ -80,6 +83,89 @@ def test_non_member_is_not_an_approver() -> None:
 def test_approval_for_another_step_is_rejected() -> None:
     flow = approval_flow()
     flow.when(flow.approve("pay", "bob", "finance")).then_rejected("no pending approval")
+
+
+def test_approval_for_a_step_that_does_not_exist_says_so_and_names_the_waiting_step() -> None:
+    flow = approval_flow()
+    flow.when(flow.approve("nostep", "bob", "finance")).then(
+        (CommandRejectedV2, {"reason": "unknown step", "by": "bob", "at_step": "nostep",
+                             "detail": "w v1 has no step 'nostep'; step 'sign' is waiting "
+                                       "for approval"}))
+    flow.when(flow.approve("pay", "bob", "finance")).then(
+        (CommandRejectedV2, {"reason": "no pending approval",
+                             "detail": "step 'pay' is not waiting for approval: it was "
+                                       "decided, expired, or the run is elsewhere; step "
+                                       "'sign' is waiting for approval"}))
+    flow.when(flow.approve("sign", "bob", "finance")).then(
+        ApprovalGranted, StepCompleted, StepStarted, TaskDispatched, TimerArmed)
+    flow.when(flow.approve("sign", "bob", "finance")).then(
+        (CommandRejectedV2, {"reason": "no pending approval"}))
+    rejected = flow.last[0]
+    assert isinstance(rejected, CommandRejected)
+    assert rejected.detail.endswith("; no step is waiting for approval")
+
+
+def test_a_refusal_records_who_sent_the_command_and_the_step_it_was_about() -> None:
+    flow = approval_flow(run_by="alice")
+    flow.when(flow.approve("sign", "alice", "finance")).then(
+        (CommandRejectedV2, {"command_type": "DecideApproval", "reason": "self-approval",
+                             "by": "alice", "at_step": "sign"}))
+    flow.given(flow.approve("sign", "bob", "finance")).when(flow.cancel(by="ops")).then(
+        RunCancelled)
+    flow.when(flow.cancel(by="ops")).then(
+        (CommandRejectedV2, {"command_type": "CancelRun", "reason": "run ended", "by": "ops",
+                             "at_step": ""}))
+
+
+# --------------------------------------------------------------------------- identities
+
+
+def test_names_that_differ_by_case_or_spaces_are_one_approver() -> None:
+    flow = approval_flow(quorum=2)
+    flow.when(flow.approve("sign", "bob", "finance")).then(ApprovalVoted)
+    for same in ("bob ", " bob", "BOB", "bob\t", "Bob"):
+        flow.when(flow.approve("sign", same, "finance")).then_rejected("duplicate approval")
+    flow.when(flow.approve("sign", "carol", "finance")).then(
+        (ApprovalGranted, {"approvers": ["bob", "carol"]}), StepCompleted, StepStarted,
+        TaskDispatched, TimerArmed)
+
+
+def test_the_requester_is_recognised_whatever_the_case_or_spaces() -> None:
+    flow = approval_flow(run_by="Alice")
+    for same in ("alice", " ALICE", "alice\n"):
+        flow.when(flow.approve("sign", same, "finance")).then_rejected("self-approval")
+
+
+def test_an_empty_approver_is_no_vote() -> None:
+    flow = approval_flow()
+    for nobody in ("", "   ", "\t"):
+        flow.when(flow.approve("sign", nobody, "finance")).then_rejected("no approver")
+    assert flow.state is not None and flow.state.current is not None
+    assert flow.state.current.approval is not None and flow.state.current.approval.votes == ()
+
+
+def test_a_run_without_a_requester_cannot_start_when_an_approval_excludes_the_requester(
+) -> None:
+    flow = Flow({"workflow": "w", "version": 1, "steps": [
+        {"id": "fetch", "task": "crm.get"},
+        {"id": "sign", "approval": {"approvers": ["finance"], "quorum": 2}}]})
+    flow.when(flow.start(by="")).then(
+        RunStarted,
+        (RunFailed, {"code": "REQUESTER_REQUIRED", "field": "requested_by", "step": None}),
+    ).then_status(RunStatus.FAILED)
+    failed = flow.last[-1]
+    assert isinstance(failed, RunFailed) and "step 'sign'" in failed.message
+
+
+def test_an_escalation_also_needs_a_requester() -> None:
+    flow = Flow({"workflow": "w", "version": 1, "steps": [
+        {"id": "fetch", "task": "crm.get", "on_business_error": {"X": {"escalate": "ops"}}}]})
+    flow.when(flow.start(by="  ")).then(RunStarted, (RunFailed, {"code": "REQUESTER_REQUIRED"}))
+
+
+def test_without_an_excluding_approval_no_requester_is_needed() -> None:
+    flow = approval_flow(run_by="", exclude_requester=False)
+    assert flow.state is not None and flow.state.status is RunStatus.WAITING
 
 
 # --------------------------------------------------------------------------- reject

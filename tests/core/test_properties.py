@@ -242,7 +242,7 @@ class Run:
         decision = process(state, command, self.spec, self.now)
         if command.run_id != RUN:
             assert decision.state is None
-            assert [(e.seq, type(e)) for e in decision.events] == [(0, ev.CommandRejected)]
+            assert [(e.seq, type(e)) for e in decision.events] == [(0, ev.CommandRejectedV2)]
             self.outside += decision.events
             return decision.events
         if decision.state is not None:

@@ -127,6 +127,28 @@ def test_missing_required_input_names_the_field() -> None:
         RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input.order_id"}))
 
 
+def test_an_undeclared_input_field_fails_the_run_naming_it() -> None:
+    flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}})
+    flow.when(flow.start({"order_id": "o1", "ammount": 10})).then(
+        RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input.ammount"}))
+    failed = flow.last[-1]
+    assert isinstance(failed, RunFailed)
+    assert failed.message == ("input.ammount: field 'ammount' is not declared; the spec "
+                              "declares order_id (strict_input: false accepts others)")
+
+
+def test_a_lenient_spec_accepts_undeclared_input_fields() -> None:
+    flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}, "strict_input": False})
+    flow.when(flow.start({"order_id": "o1", "note": "x"})).then(
+        RunStarted, StepStarted, TaskDispatched, TimerArmed)
+
+
+def test_a_spec_without_an_input_schema_checks_nothing() -> None:
+    flow = Flow(TWO_TASKS)
+    flow.when(flow.start({"anything": 1})).then(RunStarted, StepStarted, TaskDispatched,
+                                                TimerArmed)
+
+
 def test_input_that_is_not_an_object_is_invalid() -> None:
     flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}})
     flow.when(flow.start(["o1"])).then(
@@ -333,6 +355,26 @@ def test_status_through_a_run() -> None:
     flow.fire("sleep").then_status(RunStatus.RUNNING)
     flow.given(flow.complete("b")).then_status(RunStatus.COMPLETED)
     assert flow.state is not None and flow.state.terminal and flow.state.ended_at == flow.now
+
+
+def test_status_between_steps_is_running_not_pending() -> None:
+    flow = Flow(TWO_TASKS)
+    flow.given(flow.start()).when(flow.complete("a")).then(
+        TaskCompleted, StepCompleted, StepStarted, TaskDispatched, TimerArmed)
+    completed = fold(flow.log[:flow.log.index(flow.last[1]) + 1])
+    assert completed is not None and completed.current is None
+    assert completed.status is RunStatus.RUNNING, "a run between two steps has started"
+
+
+def test_status_after_every_event_of_a_run_is_never_pending_once_a_step_ran() -> None:
+    flow = Flow(wf({"id": "a", "task": "q"}, {"id": "c", "choice": [
+        {"when": "steps.a.result.ok", "goto": "b"}]}, {"id": "b", "task": "q"}))
+    flow.given(flow.start()).given(flow.complete("a", {"ok": True})).given(flow.complete("b"))
+    statuses = [s.status for s in (fold(flow.log[:n]) for n in range(1, len(flow.log) + 1))
+                if s is not None]
+    assert statuses[0] is RunStatus.PENDING
+    assert RunStatus.PENDING not in statuses[1:], statuses
+    assert statuses[-1] is RunStatus.COMPLETED
 
 
 def test_status_failed_and_cancelled() -> None:

@@ -225,3 +225,133 @@ def test_yaml_errors_carry_paths_too() -> None:
     assert [p for p, _ in refused.value.issues] == ["steps[0](lookup).timeout"]
     assert refused.value.workflow == "refund-agent"
     assert "steps[0](lookup).timeout" in str(refused.value)
+
+
+# --------------------------------------------------------------------------- all at once
+
+
+def test_type_errors_do_not_hide_the_checks_across_fields() -> None:
+    found = issues(wf(
+        {"id": "lookup", "task": "crm.get_order", "retry": {"initial": "1x"}},
+        {"id": "pay", "task": "payments.commit",
+         "on_business_error": {"AMOUNT_OVER_LIMIT": {"goto": "nowhere"}}},
+    ))
+    assert [p for p, _ in found] == ["steps[0](lookup).retry.initial",
+                                     "steps[1](pay).on_business_error.AMOUNT_OVER_LIMIT.goto"]
+    assert "bad duration '1x'" in found[0][1]
+    assert "unknown step 'nowhere'" in found[1][1]
+
+
+def test_a_bad_field_and_a_bad_reference_in_one_step_are_both_reported() -> None:
+    found = paths(wf({"id": "a", "task": "q", "timeout": "5 parsecs", "next": "ghost",
+                      "input": {"x": "inputs.x"}}))
+    assert found == ["steps[0](a).timeout", "steps[0](a).next", "steps[0](a).input.x"]
+
+
+def test_checks_around_a_field_with_a_bad_type_are_not_guessed() -> None:
+    # the approval is malformed: "critical steps need an approval" would be wrong
+    found = paths(wf({"id": "a", "task": "q", "critical": True,
+                      "approval": {"approvers": ["g"], "expires_after": "soon"}}))
+    assert found == ["steps[0](a).approval.expires_after"]
+
+
+def test_a_step_that_cannot_stand_still_resolves_as_a_target() -> None:
+    found = paths(wf({"id": "a", "task": "q", "next": "b", "retry": {"initial": "x"}},
+                     {"id": "b"},
+                     {"id": "c", "task": "q", "next": "nowhere"}))
+    assert found == ["steps[0](a).retry.initial", "steps[1](b)", "steps[2](c).next"]
+
+
+def test_bad_top_level_fields_and_step_problems_together() -> None:
+    found = paths({"workflow": "w", "version": "one", "sla": "soon",
+                   "steps": [{"id": "a", "task": "q", "next": "ghost"}]})
+    assert found == ["version", "sla", "steps[0](a).next"]
+    missing = paths({"steps": [{"id": "a", "task": "q", "next": "ghost"}]})
+    assert missing == ["workflow", "version", "steps[0](a).next"]
+
+
+# --------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize(("step", "path", "message"), [
+    ({"id": "a", "choice": [{"when": "inputs.amount > `100`", "goto": "b"}]},
+     "steps[0](a).choice[0].when",
+     "unknown root 'inputs' in 'inputs.amount > `100`' (did you mean 'input'?): "
+     "expressions start from input, steps, signals, run"),
+    ({"id": "a", "task": "q", "input": {"x": "steps.nope.result"}}, "steps[0](a).input.x",
+     "unknown step 'nope' in 'steps.nope.result'; known steps: a, b"),
+    ({"id": "a", "task": "q", "input": {"x": "steps.b.output"}}, "steps[0](a).input.x",
+     "steps.b has only result, not 'output', in 'steps.b.output': write steps.b.result"),
+    ({"id": "a", "task": "q", "input": {"who": "run.requester"}}, "steps[0](a).input.who",
+     "run has no field 'requester' in 'run.requester' (did you mean 'requested_by'?); it has "
+     "id, tenant, requested_by, workflow, version"),
+    ({"id": "a", "task": "q", "input": {"template": "refund_issued"}},
+     "steps[0](a).input.template",
+     "unknown root 'refund_issued' in 'refund_issued'; a literal string is quoted: "
+     "\"'refund_issued'\": expressions start from input, steps, signals, run"),
+    ({"id": "a", "wait_event": {"name": "s", "key": "step.b.result.id"}},
+     "steps[0](a).wait_event.key",
+     "unknown root 'step' in 'step.b.result.id' (did you mean 'steps'?): expressions start "
+     "from input, steps, signals, run"),
+    ({"id": "a", "task": "q", "review_if": "confidance < `0.8`",
+      "review": {"approvers": ["g"]}}, "steps[0](a).review_if",
+     "unknown root 'confidance' in 'confidance < `0.8`' (did you mean 'confidence'?): "
+     "expressions start from input, steps, signals, run, result, confidence"),
+])
+def test_unknown_roots_and_steps_in_expressions_are_refused(step: dict[str, Any], path: str,
+                                                            message: str) -> None:
+    assert issues(wf(step, {"id": "b", "task": "q"})) == [(path, message)]
+
+
+def test_the_output_and_nested_expressions_are_checked_too() -> None:
+    found = issues(wf({"id": "a", "task": "q",
+                       "input": {"order": {"ids": ["input.id", "steps.gone.result"]}}},
+                      output="length(steps.a.result.items[?price > limit]) || inptu"))
+    assert found == [
+        ("output", "unknown root 'inptu' in 'length(steps.a.result.items[?price > limit]) || "
+                   "inptu' (did you mean 'input'?): expressions start from input, steps, "
+                   "signals, run"),
+        ("steps[0](a).input.order.ids[1]",
+         "unknown step 'gone' in 'steps.gone.result'; known steps: a"),
+    ]
+
+
+def test_input_fields_are_checked_against_a_strict_schema() -> None:
+    step = {"id": "a", "choice": [{"when": "input.amout > `100`", "goto": "b"}]}
+    found = issues(wf(step, {"id": "b", "task": "q"}, input={"amount": "number"}))
+    assert found == [("steps[0](a).choice[0].when",
+                      "input has no field 'amout' in 'input.amout > `100`' (did you mean "
+                      "'amount'?); the spec declares amount (strict_input: false lets runs "
+                      "pass others)")]
+    load_spec(wf(step, {"id": "b", "task": "q"}, input={"amount": "number"},
+                 strict_input=False))
+    load_spec(wf(step, {"id": "b", "task": "q"}))  # no schema: nothing to check against
+
+
+def test_valid_references_are_accepted() -> None:
+    load_spec(wf(
+        {"id": "a", "task": "q", "input": {"n": "input.n", "all": "steps.*.result",
+                                           "who": "run.requested_by", "lit": "'text'",
+                                           "first": "input.items[0].name", "me": "@"}},
+        {"id": "b", "choice": [{"when": "steps.a.result.ok && signals.go", "goto": "c"}]},
+        {"id": "c", "task": "q", "review_if": "result.score < `0.5` || confidence < `0.8`",
+         "review": {"approvers": ["g"]}},
+        input={"n": "integer", "items": "array"}, output="steps.c.result",
+    ))
+
+
+def test_a_deployed_spec_loads_without_the_newer_reference_checks() -> None:
+    from engine.core.spec import load_deployed_spec
+
+    data = wf({"id": "a", "task": "q", "input": {"x": "inputs.x"}})
+    assert issues(data)
+    assert load_deployed_spec(data).step("a").input == {"x": "inputs.x"}
+    with pytest.raises(SpecError):
+        load_deployed_spec(wf({"id": "a", "task": "q", "next": "ghost"}))
+
+
+def test_a_yaml_error_names_the_workflow() -> None:
+    with pytest.raises(SpecError) as broken:
+        load_spec_yaml("workflow: refund-agent\nversion: 1\ninput: {a: string, b: string?}\n")
+    assert broken.value.workflow == "refund-agent"
+    assert str(broken.value).startswith("workflow spec refund-agent is invalid:\n  $: not valid")

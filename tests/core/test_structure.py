@@ -26,7 +26,12 @@ def test_every_event_type_has_an_evolver(event_type: type) -> None:
 
 def test_event_registry_keys_match_the_classes() -> None:
     assert all(key == (cls.TYPE, cls.VERSION) for key, cls in EVENT_TYPES.items())
-    assert len({cls.TYPE for cls in EVENT_TYPES.values()}) == len(EVENT_TYPES)
+    assert len(set(EVENT_TYPES.values())) == len(EVENT_TYPES)
+    versions: dict[str, list[int]] = {}
+    for name, version in EVENT_TYPES:
+        versions.setdefault(name, []).append(version)
+    assert all(sorted(v) == list(range(1, len(v) + 1)) for v in versions.values()), versions
+
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -159,3 +159,20 @@ def test_demo_completes_and_replays(tmp_path: Path) -> None:
     replay = io.StringIO()
     assert main(["replay", run_id, "--db", str(db), "--verify"], out=replay) == 0
     assert "verify: OK" in replay.getvalue()
+    timeline = io.StringIO()
+    assert main(["timeline", run_id, "--db", str(db)], out=timeline) == 0
+    assert timeline.getvalue() in text, "the demo shows the timeline the CLI shows (redacted)"
+    assert "DecideApproval by alice at step refund: self-approval: alice requested" in text
+
+
+def test_each_recorded_command_keeps_the_position_of_the_input_it_came_from(
+        tmp_path: Path) -> None:
+    engine = _setup(tmp_path, ManualClock())
+    positions = engine.store.append_inputs(
+        [Trigger(workflow="w", idempotency_key=f"k{i}", input={"x": i}) for i in range(3)], 0)
+    assert engine.step() == 3  # one batch
+    rows = engine.store.db.execute(
+        "SELECT input_pos, run_id FROM commands ORDER BY input_pos").fetchall()
+    assert [pos for pos, _ in rows] == positions
+    assert [run_id for _, run_id in rows] == [run_id_for("default", f"k{i}") for i in range(3)]
+    engine.close()

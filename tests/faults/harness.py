@@ -240,7 +240,7 @@ class Fleet:
     # ------------------------------------------------------------------ load
 
     def trigger(self, keys: list[str], workflow: str = "durable", copies: int = 1,
-                timeout_s: float = 60.0, requested_by: str = "") -> None:
+                timeout_s: float = 60.0, requested_by: str = "harness") -> None:
         """Publish one trigger per key (``copies`` times each), recording what was acked."""
 
         async def go() -> None:

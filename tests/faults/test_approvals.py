@@ -85,7 +85,7 @@ def test_approval_races(fleet: Fleet, rng: random.Random, fault_seconds: float) 
     groups = {name: [f"{fleet.prefix}-{name}-{i}" for i in range(n)]
               for name in ("race", "self", "cancel", "twice")}
     for name, keys in groups.items():
-        fleet.trigger(keys, workflow="gate", requested_by="alice" if name == "self" else "")
+        fleet.trigger(keys, workflow="gate", requested_by="alice" if name == "self" else "ann")
     expiring = [f"{fleet.prefix}-expire-{i}" for i in range(n)]
     fleet.trigger(expiring, workflow="gate-fast")
     ids = {name: [fleet.sent.triggers[k] for k in keys] for name, keys in groups.items()}

@@ -135,7 +135,8 @@ def test_serve_with_notify_delivers_a_runs_approval_request(
                                         topics.partitions, 60)
                 await publish_spec(kafka_bootstrap, topics, spec)
                 await produce(kafka_bootstrap, topics.triggers, [(encode(Trigger(
-                    workflow="sign-off", tenant="acme", idempotency_key=key)),
+                    workflow="sign-off", tenant="acme", idempotency_key=key,
+                    requested_by="support-bot")),
                     run_id.encode(), topics.partition_of(run_id))])
                 assert await eventually(lambda: bool(receiver.received), 60), \
                     "the approval request never arrived"

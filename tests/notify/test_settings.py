@@ -158,14 +158,3 @@ def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
     assert retry_after_ms("soon", now) is None
     assert retry_after_ms(None, now) is None
 
-
-def test_the_readmes_settings_example_is_valid(tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Notifications"):]
-    block = section[section.index("```yaml\n") + 8:]
-    (tmp_path / "secrets").mkdir()
-    (tmp_path / "secrets" / "ops-webhook-old").write_text(new_secret())
-    path = tmp_path / "notify.yaml"
-    path.write_text(block[:block.index("```")])
-    settings = load_settings(path, {"OPS_WEBHOOK_SECRET": SECRET, "SMTP_PASSWORD": "pw"})
-    assert len(settings.webhooks["ops"].secrets) == 2 and len(settings.routes) == 2

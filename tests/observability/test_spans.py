@@ -205,7 +205,7 @@ def test_the_embedded_engine_hands_committed_events_to_telemetry(tmp_path: Path)
     engine.on_committed = telemetry.observe
     worker = EmbeddedWorker(tmp_path / "e.db", _registry(), clock=clock)
     engine.submit(Trigger(workflow="refund", idempotency_key="k", correlation_id="ticket-9",
-                          input={"order": "o-1", "card": CARD}))
+                          input={"order": "o-1", "card": CARD}, requested_by="ann"))
     run_id = run_id_for("default", "k")
     engine.drain()
     asyncio.run(worker.work_once())
@@ -240,7 +240,7 @@ def test_a_command_refused_after_the_run_ended_opens_no_trace() -> None:
     flow = _flow()
     flow.after(100).when(flow.approve("refund", "dave", "finance"))
     late = flow.last
-    assert [type(e) for e in late] == [ev.CommandRejected]
+    assert [type(e) for e in late] == [ev.CommandRejectedV2]
     spans = RunSpans(_book())
     spans.apply(flow.log[:-1])
     assert spans.apply(late) == [] and len(spans) == 0

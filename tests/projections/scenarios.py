@@ -32,7 +32,7 @@ SECRETS = (CARD, CARD.replace(" ", ""), API_TOKEN, SSN, IBAN, "c2VjcmV0LXBheWxvY
 
 CLAIMS = load_spec({
     "workflow": "claims", "version": 1, "sla": "10m",
-    "input": {"claim": "string"},
+    "input": {"claim": "string", "card_number": "string", "note": "string?"},
     "redact": ["$.input.card_number", "*token*", "$.signals.docs.ssn",
                "$.steps.pay.result.iban"],
     "steps": [
