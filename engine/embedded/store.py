@@ -10,10 +10,10 @@
 | tasks          | the task topics, one queue column per worker queue      |
 | notifications  | the notifications topic                                |
 | dead_letters   | the dead-letter topic                                  |
-| offsets        | committed consumer positions                           |
+| offsets        | committed consumer positions (the processor's, the notifier's) |
 | specs          | the compacted specs topic                              |
 | ledger         | the workers' idempotency ledger                        |
-| notify_deliveries | the notifier's delivery ledger (``engine.notify``)  |
+| notify_deliveries | the notifier's delivery ledger (made by ``engine.notify``) |
 
 Every record is stored as the same Avro bytes the Kafka backend sends. A processed
 batch (events, commands, states, tasks, notifications, dead letters and the input
