@@ -1,5 +1,6 @@
-"""The README's examples are fixtures: every YAML block is a spec that deploys, and the
-refusal it shows is the one the engine gives."""
+"""The README's examples are fixtures: every YAML block is a spec that deploys (or, marked
+``# notify.yaml``, delivery settings that load), and the refusal it shows is the one the
+engine gives."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import pytest
 
 from engine.core.errors import SpecError
 from engine.core.spec import load_spec_yaml
+from engine.notify import load_settings
+from tests.notify.servers import new_secret
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 YAML_BLOCKS = re.findall(r"^```ya?ml\n(.*?)^```", README, re.MULTILINE | re.DOTALL)
+SETTINGS_MARK = "# notify.yaml"
+SPECS = [block for block in YAML_BLOCKS if not block.startswith(SETTINGS_MARK)]
+SETTINGS = [block for block in YAML_BLOCKS if block.startswith(SETTINGS_MARK)]
 
 # What the README says it changed in its first spec to get the refusal it shows.
 BROKEN = (("initial: 1s", "initial: 1x"),
@@ -24,7 +30,7 @@ def test_the_readme_has_yaml_blocks() -> None:
     assert YAML_BLOCKS, "no ```yaml block found in README.md"
 
 
-@pytest.mark.parametrize("block", YAML_BLOCKS, ids=lambda b: b.split("\n", 1)[0])
+@pytest.mark.parametrize("block", SPECS, ids=lambda b: b.split("\n", 1)[0])
 def test_every_yaml_block_is_a_valid_spec(block: str) -> None:
     try:
         load_spec_yaml(block)
@@ -33,7 +39,7 @@ def test_every_yaml_block_is_a_valid_spec(block: str) -> None:
 
 
 def test_the_refusal_shown_is_the_one_given() -> None:
-    spec = YAML_BLOCKS[0]
+    spec = SPECS[0]
     for before, after in BROKEN:
         assert spec.count(before) == 1, f"the README spec no longer has {before!r}"
         spec = spec.replace(before, after)
@@ -41,3 +47,13 @@ def test_the_refusal_shown_is_the_one_given() -> None:
         load_spec_yaml(spec)
     shown = README.split("refuses invalid specs", 1)[1].split("```\n", 2)[1]
     assert str(refused.value) + "\n" == shown
+
+
+@pytest.mark.parametrize("block", SETTINGS, ids=lambda b: b.split("\n", 1)[0])
+def test_every_settings_block_loads(block: str, tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "ops-webhook-old").write_text(new_secret())
+    path = tmp_path / "notify.yaml"
+    path.write_text(block)
+    settings = load_settings(path, {"OPS_WEBHOOK_SECRET": new_secret(), "SMTP_PASSWORD": "pw"})
+    assert settings.routes

@@ -31,6 +31,7 @@ from engine.cli._commands import (
     cmd_topics_create,
     cmd_workflows_list,
 )
+from engine.cli._notify import cmd_notify
 from engine.cli._process import otel_option
 from engine.cli._projections import add_commands
 from engine.cli._shared import CliError
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "restarted after a crash, it takes its partitions back at once instead of "
                    "after the session timeout; one id per live process "
                    "(default $TERRANOHA_INSTANCE_ID)")
+    p.add_argument("--notify", metavar="SETTINGS",
+                   help="also deliver notifications (approval requests, reminders, "
+                   "escalations) by this delivery settings file; on Kafka the delivery "
+                   "ledger needs --postgres")
     p.add_argument("--log-level", default=os.environ.get("TERRANOHA_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"],
                    help="what serve logs on stderr: partitions acquired and released, "
@@ -117,6 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "retries, dead letters and fencing at warning "
                    "(default $TERRANOHA_LOG_LEVEL or info)")
     otel_option(p)
+
+    p = add(sub, "notify", cmd_notify, "deliver notifications by webhook and email until "
+            "stopped (--once: those waiting now)")
+    p.add_argument("settings", metavar="SETTINGS", help="the delivery settings file (YAML)")
+    p.add_argument("--postgres", help="Kafka: PostgreSQL DSN for the delivery ledger "
+                   "(default $TERRANOHA_POSTGRES)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the settings, resolve their secrets and print the routes; "
+                   "send nothing")
+    p.add_argument("--once", action="store_true",
+                   help="embedded store: deliver the notifications waiting now, then exit")
+    p.add_argument("--instance-id", default=os.environ.get("TERRANOHA_INSTANCE_ID"),
+                   help="Kafka: a stable id of this process (static group membership), as "
+                   "for serve (default $TERRANOHA_INSTANCE_ID)")
+    p.add_argument("--log-level", default=os.environ.get("TERRANOHA_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"],
+                   help="what notify logs on stderr: retries at info, dead letters and "
+                   "notifications no route matches at warning (default $TERRANOHA_LOG_LEVEL "
+                   "or info)")
 
     topics = sub.add_parser("topics", help="create the Kafka topics")
     topics_sub = topics.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -23,7 +22,8 @@ from engine.cli._backends import (
     open_backend,
     processor_lock,
 )
-from engine.cli._process import configure_telemetry, stop_on_signals
+from engine.cli._notify import delivery_settings, postgres_dsn
+from engine.cli._process import configure_logging, configure_telemetry, stop_on_signals
 from engine.cli._shared import (
     CliError,
     is_spec_file,
@@ -39,6 +39,7 @@ from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState, RunStatus, Waiting
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
+from engine.notify import DeliverySettings, EmbeddedNotifier
 from engine.observability.setup import Telemetry, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
@@ -75,40 +76,30 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     registry = load_worker_modules(args.workers or [])
+    notify = delivery_settings(args)
+    if notify is not None and args.kafka:
+        postgres_dsn(args, "serve --notify")
     telemetry = configure_telemetry(args)
     try:
         if args.kafka:
-            return asyncio.run(_serve_kafka(args, registry, out, telemetry))
+            return asyncio.run(_serve_kafka(args, registry, out, telemetry, notify))
         db = db_path(args)
         with processor_lock(db, wait=False) as held:
             if not held:
                 raise CliError(f"another process is already serving {db}")
             out.write(f"serving {db}; tools: {', '.join(registry.queues) or 'none'}\n")
             out.flush()
-            return asyncio.run(_serve(db, registry, args.concurrency, telemetry))
+            return asyncio.run(_serve(db, registry, args.concurrency, telemetry, notify))
     finally:
         if telemetry is not None:
             telemetry.shutdown()
 
 
-def _configure_logging(level: str) -> None:
-    """Timestamped lines on stderr at ``level``. aiokafka's own lines start at warning:
-    at info it narrates every group join and coordinator lookup."""
-    numeric = getattr(logging, level.upper())
-    root = logging.getLogger()
-    if not root.handlers:  # a host program (or a test) may have configured logging
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(numeric)
-    logging.getLogger("aiokafka").setLevel(max(numeric, logging.WARNING))
-
-
 async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
-                       telemetry: Telemetry | None = None) -> int:
+                       telemetry: Telemetry | None = None,
+                       notify: DeliverySettings | None = None) -> int:
     from engine.kafka.serve import Running, ServeOptions, serve
 
     stop = stop_on_signals()
@@ -116,7 +107,8 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
         bootstrap=args.kafka, topics=kafka_topics(args), app=args.app,
         engine=not args.no_engine, router=not args.no_router,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
-        registry=registry, concurrency=args.concurrency, instance_id=args.instance_id)
+        registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
+        notify=notify)
 
     async def ready(running: Running) -> None:
         if telemetry is not None and running.engine is not None:
@@ -125,7 +117,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                            engine.state)
             telemetry.watch_lag(kafka_lag(engine))
             engine.on_committed = telemetry.observe
-        parts = [name for name in ("engine", "router", "worker")
+        parts = [name for name in ("engine", "router", "worker", "notifier")
                  if getattr(running, name) is not None]
         out.write(f"serving kafka {args.kafka} ({', '.join(parts)}); "
                   f"tools: {', '.join(registry.queues) or 'none'}\n")
@@ -136,7 +128,8 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
 
 
 async def _serve(db: Path, registry: Any, concurrency: int,
-                 telemetry: Telemetry | None = None) -> int:
+                 telemetry: Telemetry | None = None,
+                 notify: DeliverySettings | None = None) -> int:
     stop = stop_on_signals()
     engine = EmbeddedEngine(db)
     if telemetry is not None:
@@ -147,6 +140,8 @@ async def _serve(db: Path, registry: Any, concurrency: int,
     if registry.queues:
         worker = EmbeddedWorker(db, registry, concurrency=concurrency)
         loops.append(asyncio.create_task(worker.run(stop)))
+    if notify is not None:
+        loops.append(asyncio.create_task(EmbeddedNotifier(db, notify).run(stop)))
     await asyncio.gather(*loops)
     engine.close()
     if worker is not None:

@@ -7,6 +7,7 @@ re-derived on replay: replay folds events only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from engine.core import events as ev
@@ -28,6 +29,14 @@ class TaskCommand:
     tenant: str
     correlation_id: str
     workflow: str = ""
+
+
+class NotificationKind(StrEnum):
+    """What a ``Notification`` is about; its ``kind`` holds the value."""
+
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_REMINDER = "approval_reminder"
+    ESCALATED = "escalated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +66,21 @@ def outgoing(event: ev.Event, workflow: str = "") -> list[Outgoing]:
             input=event.input, deadline=event.timeout_at, tenant=event.tenant,
             correlation_id=event.correlation_id, workflow=workflow)]
     if isinstance(event, ev.ApprovalRequested):
-        return [_note(event, "approval_requested", event.approval_id, event.approvers,
+        return [_note(event, NotificationKind.APPROVAL_REQUESTED, event.approval_id,
+                      event.approvers,
                       f"approval needed for step {event.step} ({event.reason}), quorum "
                       f"{event.quorum}")]
     if isinstance(event, ev.ApprovalReminded):
-        return [_note(event, "approval_reminder", event.approval_id, event.approvers,
+        return [_note(event, NotificationKind.APPROVAL_REMINDER, event.approval_id, event.approvers,
                       f"reminder {event.reminder}: step {event.step} still awaits approval")]
     if isinstance(event, ev.Escalated):
-        return [_note(event, "escalated", "", [event.to],
+        return [_note(event, NotificationKind.ESCALATED, "", [event.to],
                       f"step {event.step} escalated to {event.to}: {event.reason}")]
     return []
 
 
-def _note(event: Any, kind: str, approval_id: str, recipients: list[str],
+def _note(event: Any, kind: NotificationKind, approval_id: str, recipients: list[str],
           message: str) -> Notification:
-    return Notification(kind=kind, run_id=event.run_id, step=event.step, approval_id=approval_id,
-                        recipients=list(recipients), message=message, ts=event.ts,
-                        tenant=event.tenant, correlation_id=event.correlation_id)
+    return Notification(kind=kind.value, run_id=event.run_id, step=event.step,
+                        approval_id=approval_id, recipients=list(recipients), message=message,
+                        ts=event.ts, tenant=event.tenant, correlation_id=event.correlation_id)

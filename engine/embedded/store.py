@@ -10,9 +10,10 @@
 | tasks          | the task topics, one queue column per worker queue      |
 | notifications  | the notifications topic                                |
 | dead_letters   | the dead-letter topic                                  |
-| offsets        | committed consumer positions                           |
+| offsets        | committed consumer positions (the processor's, the notifier's) |
 | specs          | the compacted specs topic                              |
 | ledger         | the workers' idempotency ledger                        |
+| notify_deliveries | the notifier's delivery ledger (made by ``engine.notify``) |
 
 Every record is stored as the same Avro bytes the Kafka backend sends. A processed
 batch (events, commands, states, tasks, notifications, dead letters and the input
@@ -256,6 +257,24 @@ class Store:
     def notifications(self) -> list[Any]:
         rows = self.db.execute("SELECT payload FROM notifications ORDER BY pos").fetchall()
         return [decode(p) for (p,) in rows]
+
+    def read_notifications(self, after: int, limit: int) -> list[Input]:
+        """The notification records after position ``after``, undecoded."""
+        rows = self.db.execute(
+            "SELECT pos, payload FROM notifications WHERE pos > ? ORDER BY pos LIMIT ?",
+            (after, limit)).fetchall()
+        return [Input("notifications", 0, pos, payload) for pos, payload in rows]
+
+    def add_dead_letter(self, dead: DeadLetter) -> None:
+        """A dead letter from outside a processed batch (the notifier's)."""
+        self.db.execute("INSERT INTO dead_letters (reason, payload) VALUES (?, ?)",
+                        (dead.reason, encode(dead)))
+
+    def set_offset(self, consumer: str, pos: int) -> None:
+        """Store the position of a consumer other than the processor (the notifier)."""
+        self.db.execute(
+            "INSERT INTO offsets (consumer, pos) VALUES (?, ?) "
+            "ON CONFLICT (consumer) DO UPDATE SET pos = excluded.pos", (consumer, pos))
 
     @staticmethod
     def _decode(payload: bytes, expected: type[Any]) -> Any:

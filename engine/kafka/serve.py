@@ -1,6 +1,6 @@
 """Run the Kafka backend's parts in one process: the orchestrator, the trigger router,
-the spec follower and, given tools and PostgreSQL, a worker. Each part can be left out
-to run them as separate processes.
+the spec follower, given tools and PostgreSQL a worker, and given delivery settings and
+PostgreSQL the notifier. Each part can be left out to run them as separate processes.
 
 The router runs only for a triggers topic whose partition count differs from the run
 inputs': a co-partitioned triggers topic (the default) is read by the orchestrator."""
@@ -18,6 +18,9 @@ from engine.kafka.router import TriggerRouter
 from engine.kafka.specs import SpecFollower
 from engine.kafka.topics import Topics, deployed_topics, ensure_topics
 from engine.kafka.worker import KafkaWorker
+from engine.notify.kafka import KafkaNotifier
+from engine.notify.postgres import PostgresDeliveryLedger
+from engine.notify.settings import DeliverySettings
 from engine.runtime.clock import Clock
 from engine.worker import ToolRegistry
 
@@ -35,11 +38,13 @@ class ServeOptions:
     registry: ToolRegistry | None = None
     concurrency: int = 8
     instance_id: str | None = None
-    """Static consumer-group membership for the engine, the router and the worker: give
-    each process a stable id of its own (say the host or pod name) and a restart
-    after a crash gets its partitions back at once, without waiting for the group's
-    session timeout. Two live processes with one id fence each other; a stopped one
-    keeps its partitions until the session timeout (10 s)."""
+    """Static consumer-group membership for the engine, the router, the worker and the
+    notifier: give each process a stable id of its own (say the host or pod name) and a
+    restart after a crash gets its partitions back at once, without waiting for the
+    group's session timeout. Two live processes with one id fence each other; a stopped
+    one keeps its partitions until the session timeout (10 s)."""
+    notify: DeliverySettings | None = None
+    """Delivery settings: run the notifier too (its ledger needs ``postgres``)."""
 
 
 @dataclass(slots=True)
@@ -50,12 +55,16 @@ class Running:
     router: TriggerRouter | None = None
     worker: KafkaWorker | None = None
     follower: SpecFollower | None = None
+    notifier: KafkaNotifier | None = None
 
 
 async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None = None,
                 ready: Callable[[Running], Awaitable[None]] | None = None) -> Running:
     """Run until ``stop`` is set; a clean stop finishes the batches in hand and leaves the
     consumer groups."""
+    if options.notify is not None and options.postgres is None:
+        raise ValueError("the notifier keeps its delivery ledger in PostgreSQL: pass "
+                         "--postgres DSN")
     await ensure_topics(options.bootstrap, options.topics.core_topics())
     topics = await deployed_topics(options.bootstrap, options.topics)
     if topics.partitions != options.topics.partitions:
@@ -93,6 +102,15 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                      concurrency=options.concurrency, clock=clock,
                                      instance_id=options.instance_id)
         runners.append(running.worker.run(stop))
+    deliveries: PostgresDeliveryLedger | None = None
+    if options.notify is not None and options.postgres is not None:
+        deliveries = PostgresDeliveryLedger(options.postgres,
+                                            deployment=options.topics.deployment(options.app))
+        await deliveries.open()
+        running.notifier = KafkaNotifier(options.bootstrap, options.topics, options.notify,
+                                         deliveries, app=options.app, clock=clock,
+                                         instance_id=options.instance_id)
+        runners.append(running.notifier.run(stop))
     if ready is not None:
         await ready(running)
     try:
@@ -108,4 +126,6 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         await follower.stop()
         if ledger is not None:
             await ledger.close()
+        if deliveries is not None:
+            await deliveries.close()
     return running
