@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +123,22 @@ class InfraCpu:
     def stop(self) -> dict[str, float]:
         return {name: cpu - self.before[name] for name, cpu in self._now().items()
                 if name in self.before}
+
+
+def sigkill(proc: subprocess.Popen[bytes]) -> float:
+    """SIGKILL ``proc`` and reap it; return when the signal was sent (wall clock, s)."""
+    at = time.time()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return at
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """SIGTERM ``proc`` if it runs, and SIGKILL it if it has not stopped in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

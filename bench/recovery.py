@@ -67,7 +67,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import infra_settings, memory_mb, percentile  # noqa: E402
+from bench._common import infra_settings, memory_mb, percentile, sigkill, terminate  # noqa: E402
 from engine.codec import decode, encode  # noqa: E402
 from engine.core.events import CommandRejected, TaskDispatched, TimerArmed, TimerFired  # noqa: E402
 from engine.core.policies import run_id_for  # noqa: E402
@@ -199,19 +199,10 @@ class EngineProcess:
 
     def kill(self) -> float:
         """SIGKILL; return when it was sent (wall clock, s)."""
-        at = time.time()
-        os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait()
-        return at
+        return sigkill(self.proc)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def acquisitions(self) -> list[dict[str, float]]:
         """The engine's "partition acquired" log lines: when, runs restored, restore ms."""

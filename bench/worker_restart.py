@@ -50,7 +50,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import threading
@@ -66,7 +65,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import infra_settings  # noqa: E402
+from bench._common import infra_settings, sigkill, terminate  # noqa: E402
 from engine.codec import decode, encode  # noqa: E402
 from engine.core.commands import CompleteTask, FailTask  # noqa: E402
 from engine.core.events import RetryScheduled, RunFailed, TaskDispatched, TaskFailed  # noqa: E402
@@ -173,19 +172,10 @@ class ServeProcess:
 
     def kill(self) -> float:
         """SIGKILL; return when it was sent (wall clock, s)."""
-        at = time.time()
-        os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait()
-        return at
+        return sigkill(self.proc)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 def _drain(stream: IO[bytes]) -> None:

@@ -103,6 +103,17 @@ async def gather_all(aws: Iterable[Awaitable[Any]]) -> None:
             raise outcome
 
 
+def group_consumer(bootstrap: str, group_id: str, instance_id: str | None = None,
+                   **options: Any) -> AIOKafkaConsumer:
+    """A consumer in group ``group_id`` for work whose progress is committed by hand:
+    read_committed, no auto-commit, from the beginning when the group has no offset yet,
+    and static membership (``group.instance.id``) when ``instance_id`` is given."""
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
+                            isolation_level="read_committed", enable_auto_commit=False,
+                            auto_offset_reset="earliest", group_instance_id=instance_id,
+                            **options)
+
+
 async def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKafkaProducer:
     """A started producer for exactly-once processing: idempotent, ``acks=all``, a short
     linger (a processor sends a whole batch at once), large batches and requests (dead

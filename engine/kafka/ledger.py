@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 from psycopg.types.json import Jsonb
 
+from engine.pgconn import PgConnection
 from engine.worker.sdk import LedgerEntry
 
 log = logging.getLogger("terranoha.kafka.ledger")
@@ -84,8 +85,7 @@ class PostgresLedger:
         self.namespace = namespace
         self.connect_timeout_s = connect_timeout_s
         self.reconnects = 0
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._connecting = asyncio.Lock()
+        self._pg = PgConnection(dsn, connect_timeout_s)
         self._lookups: Coalescer[str, LedgerEntry | None] = Coalescer(self._lookup_many)
         self._records: Coalescer[tuple[LedgerEntry, str], bool] = Coalescer(self._record_many)
 
@@ -96,9 +96,7 @@ class PostgresLedger:
             await self._run(lambda conn: conn.execute(SCHEMA))
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        await self._pg.close()
 
     async def lookup(self, idempotency_key: str) -> LedgerEntry | None:
         """The completed result recorded for ``idempotency_key``, if any."""
@@ -150,11 +148,7 @@ class PostgresLedger:
         return out
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        async with self._connecting:
-            if self._conn is None or self._conn.closed:
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s)
-            return self._conn
+        return await self._pg.get()
 
     async def _run(self, operation: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Run ``operation``; if the connection is gone, reconnect and run it once more.
@@ -169,8 +163,4 @@ class PostgresLedger:
             return await operation(await self._connection())
 
     async def _discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        async with self._connecting:
-            if self._conn is conn:
-                self._conn = None
-        with contextlib.suppress(psycopg.Error):
-            await conn.close()
+        await self._pg.discard(conn)

@@ -90,6 +90,7 @@ from engine.kafka._util import (
     Outcome,
     Record,
     discard_producer,
+    group_consumer,
     run_transaction,
     seek_committed,
     stop_quietly,
@@ -285,17 +286,11 @@ class StreamProcessor:
     async def run(self, stop: asyncio.Event) -> None:
         """Process until ``stop`` is set; then finish the batches in hand and leave."""
         tune_aiokafka()
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group_id,
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        self.consumer = group_consumer(
+            self.bootstrap, self.group_id,
+            f"{self.instance_id}-{self.name}" if self.instance_id and self.grouped else None,
             max_partition_fetch_bytes=4 << 20,
-            group_instance_id=(f"{self.instance_id}-{self.name}"
-                               if self.instance_id and self.grouped else None),
-            partition_assignment_strategy=(RangePartitionAssignor,),
-        )
+            partition_assignment_strategy=(RangePartitionAssignor,))
         await self.consumer.start()
         try:
             if self.grouped:

@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from engine.codec import DecodeError, decode
 from engine.core.commands import Command
 from engine.core.outbox import TaskCommand
-from engine.kafka._util import stop_quietly, trace_headers
+from engine.kafka._util import group_consumer, stop_quietly, trace_headers
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.topics import Topics, ensure_topics
 from engine.observability.tools import run_tool_in_span
@@ -135,14 +135,9 @@ class KafkaWorker:
         await ensure_topics(self.bootstrap, self.topics.task_topics(queues))
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True,
                                     acks="all", linger_ms=2)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group_id,
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            group_instance_id=f"{self.instance_id}-worker" if self.instance_id else None,
-        )
+        consumer = group_consumer(
+            self.bootstrap, self.group_id,
+            f"{self.instance_id}-worker" if self.instance_id else None)
         try:
             await producer.start()
             await consumer.start()

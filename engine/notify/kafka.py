@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from engine.codec import DecodeError, decode, encode
 from engine.core.outbox import Notification
 from engine.core.records import DeadLetter
-from engine.kafka._util import stop_quietly
+from engine.kafka._util import group_consumer, stop_quietly
 from engine.kafka.topics import Topics, ensure_topics
 from engine.notify._positions import Positions
 from engine.notify.channel import Delivery
@@ -93,14 +93,9 @@ class KafkaNotifier:
         await ensure_topics(self.bootstrap, self.topics.core_topics())
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True,
                                     acks="all")
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group_id,
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            group_instance_id=f"{self.instance_id}-notifier" if self.instance_id else None,
-        )
+        consumer = group_consumer(
+            self.bootstrap, self.group_id,
+            f"{self.instance_id}-notifier" if self.instance_id else None)
         try:
             async with open_deliverer(self.settings, self.ledger, self.clock,
                                       self.stats) as deliverer:

@@ -9,7 +9,6 @@ answers: a delivery made must not be forgotten, or it would be made again.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ import psycopg
 from engine.notify.deliver import persistently
 from engine.notify.ledger import DeliveryLedger, Outcome
 from engine.notify.routing import ChannelKind, Target
+from engine.pgconn import PgConnection
 
 log = logging.getLogger("terranoha.notify.postgres")
 
@@ -51,8 +51,7 @@ class PostgresDeliveryLedger(DeliveryLedger):
         self.deployment = deployment
         self.connect_timeout_s = connect_timeout_s
         self.reconnects = 0
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._connecting = asyncio.Lock()
+        self._pg = PgConnection(dsn, connect_timeout_s)
 
     async def open(self) -> None:
         """Connect and create the schema and table if they are missing. Unlike later
@@ -64,9 +63,7 @@ class PostgresDeliveryLedger(DeliveryLedger):
             await conn.execute(SCHEMA)
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        await self._pg.close()
 
     async def outcomes(self, notification_id: str) -> dict[Target, Outcome]:
         async def query(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
@@ -94,11 +91,7 @@ class PostgresDeliveryLedger(DeliveryLedger):
         return await self._run(insert) == 1
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        async with self._connecting:
-            if self._conn is None or self._conn.closed:
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s)
-            return self._conn
+        return await self._pg.get()
 
     async def _run(self, operation: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Run ``operation`` (one idempotent statement) until PostgreSQL answers it."""
@@ -116,8 +109,4 @@ class PostgresDeliveryLedger(DeliveryLedger):
                                   lambda exc: isinstance(exc, psycopg.OperationalError))
 
     async def _discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        async with self._connecting:
-            if self._conn is conn:
-                self._conn = None
-        with contextlib.suppress(psycopg.Error):
-            await conn.close()
+        await self._pg.discard(conn)

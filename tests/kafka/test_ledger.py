@@ -40,7 +40,7 @@ def test_ledger_reconnects_when_postgres_drops_its_connection(postgres_dsn: str)
         try:
             assert await ledger.record(LedgerEntry(key, [1, "two"], 0.5, None), "q") is True
             assert await ledger.record(LedgerEntry(key, "other", 9.0, None), "q") is False
-            conn = ledger._conn
+            conn = await ledger._pg.get()  # the connection it uses
             assert conn is not None
             with psycopg.connect(postgres_dsn, autocommit=True) as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))

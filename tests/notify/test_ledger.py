@@ -113,7 +113,7 @@ class TestPostgresDeliveryLedger(DeliveryLedgerContract):
             await ledger.open()
             try:
                 assert await ledger.record(nid, HOOK, Outcome.DELIVERED, 1)
-                conn = ledger._conn
+                conn = await ledger._pg.get()  # the connection it uses
                 assert conn is not None
                 with psycopg.connect(self.dsn, autocommit=True) as admin:
                     admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
