@@ -54,7 +54,7 @@ def _audit(view: LogView, decisions: list[Command]) -> Check:
     caused: dict[str, list[str]] = {}
     for e in view.committed:
         if isinstance(e.record, Event):
-            caused.setdefault(e.record.causation_id, []).append(type(e.record).__name__)
+            caused.setdefault(e.record.causation_id, []).append(e.record.TYPE)  # any version
     outcomes: Counter[str] = Counter()
     for command in decisions:
         kinds = caused.get(command.command_id, [])
