@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"TERRANOHA_KAFKA": "127.0.0.1:29092",
@@ -142,3 +146,34 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class TopicReader:
+    """Reads chosen topic-partitions from their beginning in the background, read_committed,
+    until stopped; a subclass's ``_read`` loop does something with the records."""
+
+    def __init__(self, bootstrap: str, **options: int) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
+                                         isolation_level="read_committed",
+                                         enable_auto_commit=False, **options)
+        self._task: asyncio.Task[None] | None = None
+
+    def partitions(self) -> list[TopicPartition]:
+        raise NotImplementedError
+
+    async def _read(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        tps = self.partitions()
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -62,12 +61,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import infra_settings, memory_mb, percentile, sigkill, terminate  # noqa: E402
+from bench._common import (  # noqa: E402
+    TopicReader,
+    infra_settings,
+    memory_mb,
+    percentile,
+    sigkill,
+    terminate,
+)
 from engine.codec import decode, encode  # noqa: E402
 from engine.core.events import CommandRejected, TaskDispatched, TimerArmed, TimerFired  # noqa: E402
 from engine.core.policies import run_id_for  # noqa: E402
@@ -245,17 +251,14 @@ class Profile:
 # ---------------------------------------------------------------------- the run log
 
 
-class Watcher:
+class Watcher(TopicReader):
     """Reads the events topic from its beginning (the topics are this benchmark's own)
     and keeps what the figures need. Only the records measured are decoded: the watcher
     shares two cores with the broker and the engine."""
 
     def __init__(self, bootstrap: str, topics: Topics) -> None:
         self.topics = topics
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
-                                         isolation_level="read_committed",
-                                         enable_auto_commit=False,
-                                         max_partition_fetch_bytes=8 << 20)
+        super().__init__(bootstrap, max_partition_fetch_bytes=8 << 20)
         self.armed: dict[tuple[str, str], tuple[int, int]] = {}
         """(run id, timer id) of a hold sleep -> (due_at, record timestamp of TimerArmed)."""
         self.warm_armed: list[int] = []
@@ -265,21 +268,9 @@ class Watcher:
         self.dispatched: dict[str, tuple[int, float]] = {}
         """run id -> (record timestamp, wall clock seen) of its first TaskDispatched."""
         self.rejected_firings = 0
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.consumer.start()
-        tps = [TopicPartition(self.topics.events, p) for p in range(self.topics.partitions)]
-        self.consumer.assign(tps)
-        await self.consumer.seek_to_beginning(*tps)
-        self._task = asyncio.get_running_loop().create_task(self._read())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.consumer.stop()
+    def partitions(self) -> list[TopicPartition]:
+        return [TopicPartition(self.topics.events, p) for p in range(self.topics.partitions)]
 
     async def _read(self) -> None:
         wanted = (b"TimerArmed", b"TimerFired", b"TaskDispatched", b"CommandRejected")

@@ -60,12 +60,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import infra_settings, sigkill, terminate  # noqa: E402
+from bench._common import TopicReader, infra_settings, sigkill, terminate  # noqa: E402
 from engine.codec import decode, encode  # noqa: E402
 from engine.core.commands import CompleteTask, FailTask  # noqa: E402
 from engine.core.events import RetryScheduled, RunFailed, TaskDispatched, TaskFailed  # noqa: E402
@@ -189,37 +189,23 @@ def _drain(stream: IO[bytes]) -> None:
 # ---------------------------------------------------------------------- the log
 
 
-class Watcher:
+class Watcher(TopicReader):
     """Reads the run inputs and run events topics from their beginning (the topics are
     this benchmark's own) and keeps the record timestamps the figures need, in order."""
 
     def __init__(self, bootstrap: str, topics: Topics) -> None:
+        super().__init__(bootstrap)
         self.topics = topics
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
-                                         isolation_level="read_committed",
-                                         enable_auto_commit=False)
         self.results: list[int] = []
         """CompleteTask and FailTask on the run inputs topic: what workers wrote."""
         self.dispatched: list[int] = []
         self.timed_out: list[int] = []
         self.retries: list[int] = []
         self.runs_failed: list[int] = []
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.consumer.start()
-        tps = [TopicPartition(topic, p) for topic in (self.topics.inputs, self.topics.events)
-               for p in range(self.topics.partitions)]
-        self.consumer.assign(tps)
-        await self.consumer.seek_to_beginning(*tps)
-        self._task = asyncio.get_running_loop().create_task(self._read())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.consumer.stop()
+    def partitions(self) -> list[TopicPartition]:
+        return [TopicPartition(topic, p) for topic in (self.topics.inputs, self.topics.events)
+                for p in range(self.topics.partitions)]
 
     async def _read(self) -> None:
         wanted = (b"TaskDispatched", b"TaskFailed", b"RetryScheduled", b"RunFailed")
