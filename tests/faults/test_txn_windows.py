@@ -144,6 +144,25 @@ def _summary(w: Window, *seen: Seen) -> None:
     print("\n".join(["--- faulted ---", *(s.line() for s in seen)]))
 
 
+def _hold_or_drop_answer(api: Api, action: Action,
+                         release_after: Api) -> Callable[[Window], Awaitable[None]]:
+    """The scenario: the first ``api`` request of the engine's transaction is held (and
+    released once a later ``release_after`` of the same transactional id was answered
+    without error) or has its answer dropped."""
+
+    async def scenario(w: Window) -> None:
+        rule = w.proxy.arm(api, action, when=w.txn())
+        await w.trigger(w.key())
+        first = await rule.wait_fired()
+        if action is Action.HOLD:
+            added = await w.proxy.wait_seen(release_after, w.txn(),
+                                            after=first.number, ok=True, timeout_s=40)
+            rule.release()
+            _summary(w, await w.answered(first), added)
+
+    return scenario
+
+
 @pytest.mark.timeout(90)
 def test_a_produce_held_past_the_commit_timeout_is_not_committed_twice(
         fault_infra: FaultInfra) -> None:
@@ -188,17 +207,8 @@ def test_add_partitions_to_txn(fault_infra: FaultInfra, fault: str) -> None:
     the partitions, the client never learns it."""
     action = Action.HOLD if fault == "held-released-late" else Action.DROP_RESPONSE
 
-    async def scenario(w: Window) -> None:
-        rule = w.proxy.arm(Api.ADD_PARTITIONS_TO_TXN, action, when=w.txn())
-        await w.trigger(w.key())
-        first = await rule.wait_fired()
-        if action is Action.HOLD:
-            added = await w.proxy.wait_seen(Api.ADD_PARTITIONS_TO_TXN, w.txn(),
-                                            after=first.number, ok=True, timeout_s=40)
-            rule.release()
-            _summary(w, await w.answered(first), added)
-
-    run_window(fault_infra, scenario)
+    run_window(fault_infra, _hold_or_drop_answer(Api.ADD_PARTITIONS_TO_TXN, action,
+                                                 Api.ADD_PARTITIONS_TO_TXN))
 
 
 @pytest.mark.timeout(90)
@@ -234,17 +244,8 @@ def test_txn_offset_commit(fault_infra: FaultInfra, fault: str) -> None:
     broker holds the offsets in the first transaction, the client never learns it."""
     action = Action.HOLD if fault == "held-released-late" else Action.DROP_RESPONSE
 
-    async def scenario(w: Window) -> None:
-        rule = w.proxy.arm(Api.TXN_OFFSET_COMMIT, action, when=w.txn())
-        await w.trigger(w.key())
-        first = await rule.wait_fired()
-        if action is Action.HOLD:
-            added = await w.proxy.wait_seen(Api.ADD_OFFSETS_TO_TXN, w.txn(),
-                                            after=first.number, ok=True, timeout_s=40)
-            rule.release()
-            _summary(w, await w.answered(first), added)
-
-    run_window(fault_infra, scenario)
+    run_window(fault_infra, _hold_or_drop_answer(Api.TXN_OFFSET_COMMIT, action,
+                                                 Api.ADD_OFFSETS_TO_TXN))
 
 
 @pytest.mark.timeout(90)
