@@ -20,6 +20,18 @@ from engine.core.durations import format_duration
 from engine.core.errors import ExpressionError
 from engine.core.evolve import evolve, wait_ref
 from engine.core.expressions import evaluate, map_input, truthy
+from engine.core.kinds import (
+    ApprovalReason,
+    ErrorClass,
+    HandlerAction,
+    Phase,
+    Resume,
+    StepKind,
+    TimerKind,
+    escalated,
+    granted_reason,
+    is_escalation,
+)
 from engine.core.policies import backoff_ms, idempotency_key, identity, task_id
 from engine.core.spec import FAIL, ApprovalSpec, Handler, StepSpec, WorkflowSpec, check_input
 from engine.core.state import Approval, RunState, Waiting
@@ -70,7 +82,7 @@ def process(
         try:
             handler(ctx, command)
         except ExpressionError as exc:
-            ctx.fail_run("permanent", "EXPRESSION_FAILED", str(exc), None)
+            ctx.fail_run(ErrorClass.PERMANENT, "EXPRESSION_FAILED", str(exc), None)
     return Decision(ctx.state, ctx.events)
 
 
@@ -139,7 +151,7 @@ class _Context:
             return False
         return True
 
-    def arm(self, kind: str, step: str, ref: str, due_at: int) -> None:
+    def arm(self, kind: TimerKind, step: str, ref: str, due_at: int) -> None:
         timer_id = f"{kind}@{self.run.seq + 1}"
         self.emit(ev.TimerArmed, timer_id=timer_id, kind=kind, step=step, ref=ref, due_at=due_at)
 
@@ -157,7 +169,7 @@ class _Context:
         self.entered += 1
         if self.entered > MAX_TRANSITIONS:
             self.fail_run(
-                "permanent",
+                ErrorClass.PERMANENT,
                 "LOOP_LIMIT",
                 f"more than {MAX_TRANSITIONS} steps entered for one command; "
                 f"the loop through {step_id!r} never waits",
@@ -167,56 +179,32 @@ class _Context:
         step = self.workflow.step(step_id)
         visit = self.run.visits.get(step_id, 0) + 1
         self.emit(ev.StepStarted, step=step_id, visit=visit, kind=step.kind)
-        kind = step.kind
-        if kind == "task":
-            if step.approval is not None:
-                payload = self.task_input(step, "task")
-                self.request_approval("critical", step.approval, payload)
-            else:
-                self.dispatch("task", 1)
-        elif kind == "prepare_commit":
-            self.dispatch("prepare", 1)
-        elif kind == "approval":
-            assert step.approval is not None
-            payload = map_input(step.input, self.run.data()) if step.input is not None else None
-            self.request_approval("approval", step.approval, payload)
-        elif kind == "wait_event":
-            assert step.wait_event is not None
-            wait = step.wait_event
-            key = evaluate(wait.key, self.run.data()) if wait.key is not None else None
-            self.await_signal(wait.name, None if key is None else str(key), wait.timeout,
-                              "complete")
-        elif kind == "choice":
-            self.choose(step)
-        elif kind == "sleep":
-            assert step.sleep is not None
-            until = self.now + step.sleep
-            self.emit(ev.SleepStarted, step=step_id, until=until)
-            self.arm("sleep", step_id, self.wait_ref(), until)
+        _ENTER[step.kind](self, step)
 
     def wait_ref(self) -> str:
         current = self.run.current
         assert current is not None
         return wait_ref(current)
 
-    def task_input(self, step: StepSpec, phase: str) -> Any:
+    def task_input(self, step: StepSpec, phase: Phase) -> Any:
         data = self.run.data()
         mapped = map_input(step.input, data) if step.input is not None else self.run.input
-        if phase == "commit":
+        if phase is Phase.COMMIT:
             current = self.run.current
             base = mapped if isinstance(mapped, dict) else {"input": mapped}
             return {**base, "change_set": current.change_set if current else None}
         return mapped
 
-    def dispatch(self, phase: str, attempt: int) -> None:
+    def dispatch(self, phase: Phase, attempt: int) -> None:
         step = self.step_spec()
         current = self.run.current
         assert current is not None
-        if phase == "task":
+        if phase is Phase.TASK:
             queue = step.task
         else:
             assert step.prepare_commit is not None
-            queue = getattr(step.prepare_commit, phase)
+            queue = (step.prepare_commit.prepare if phase is Phase.PREPARE
+                     else step.prepare_commit.commit)
         assert queue is not None
         tid = task_id(self.run.run_id, step.id, current.visit, phase, attempt)
         timeout_at = self.now + step.timeout
@@ -231,9 +219,11 @@ class _Context:
             input=self.task_input(step, phase),
             timeout_at=timeout_at,
         )
-        self.arm("task_timeout", step.id, tid, timeout_at)
+        self.arm(TimerKind.TASK_TIMEOUT, step.id, tid, timeout_at)
 
     def request_approval(self, reason: str, spec: ApprovalSpec, payload: Any) -> None:
+        """Ask ``spec``'s approvers; ``reason`` (an ``ApprovalReason``, or the
+        ``escalation:<reason>`` of an escalated one) says what a grant leads to."""
         current = self.run.current
         assert current is not None
         approval_id = f"{current.step}#{current.visit}/{reason}@{self.run.seq + 1}"
@@ -253,30 +243,31 @@ class _Context:
         if spec.remind_every is not None:
             due = self.now + spec.remind_every
             if expires_at is None or due < expires_at:
-                self.arm("approval_reminder", current.step, approval_id, due)
+                self.arm(TimerKind.APPROVAL_REMINDER, current.step, approval_id, due)
         if expires_at is not None:
-            self.arm("approval_expiry", current.step, approval_id, expires_at)
+            self.arm(TimerKind.APPROVAL_EXPIRY, current.step, approval_id, expires_at)
         if spec.sla is not None:
-            self.arm("approval_sla", current.step, approval_id, self.now + spec.sla)
+            self.arm(TimerKind.APPROVAL_SLA, current.step, approval_id, self.now + spec.sla)
 
     def approval_spec(self, approval: Approval) -> ApprovalSpec:
         step = self.step_spec()
-        if approval.reason.startswith("escalation"):
+        if is_escalation(approval.reason):
             return ApprovalSpec(approvers=list(approval.approvers))
-        if approval.reason == "review" and step.review is not None:
+        if approval.reason == ApprovalReason.REVIEW and step.review is not None:
             return step.review
         assert step.approval is not None
         return step.approval
 
-    def await_signal(self, name: str, key: str | None, timeout: int | None, resume: str) -> None:
+    def await_signal(self, name: str, key: str | None, timeout: int | None,
+                     resume: Resume) -> None:
         current = self.run.current
         assert current is not None
         timeout_at = self.now + timeout if timeout is not None else None
         self.emit(ev.SignalAwaited, step=current.step, name=name, key=key, resume=resume,
                   timeout_at=timeout_at)
         if timeout_at is not None:
-            self.arm("signal_timeout", current.step, self.wait_ref(), timeout_at)
-        if resume == "complete" and name in self.run.unconsumed:
+            self.arm(TimerKind.SIGNAL_TIMEOUT, current.step, self.wait_ref(), timeout_at)
+        if resume is Resume.COMPLETE and name in self.run.unconsumed:
             self.complete_step(self.run.signals.get(name))
 
     def choose(self, step: StepSpec) -> None:
@@ -307,7 +298,8 @@ class _Context:
             output = finished[-1].result if finished else None
         self.emit(ev.RunCompleted, output=output)
 
-    def fail_run(self, error_class: str, code: str, message: str, field: str | None) -> None:
+    def fail_run(self, error_class: ErrorClass, code: str, message: str,
+                 field: str | None) -> None:
         current = self.run.current
         step = current.step if current is not None else None
         if step is not None:
@@ -318,49 +310,52 @@ class _Context:
 
     # ------------------------------------------------------------------ outcomes
 
-    def handle_failure(self, error_class: str, code: str, message: str, field: str | None) -> None:
+    def handle_failure(self, error_class: ErrorClass, code: str, message: str,
+                       field: str | None) -> None:
         step = self.step_spec()
         current = self.run.current
         assert current is not None
-        if error_class == "permanent":
-            self.fail_run("permanent", code, message, field)
-        elif error_class == "business":
+        if error_class is ErrorClass.PERMANENT:
+            self.fail_run(ErrorClass.PERMANENT, code, message, field)
+        elif error_class is ErrorClass.BUSINESS:
             handler = step.on_business_error.get(code) or step.on_business_error.get("*")
             if handler is None:
                 hint = f"; add on_business_error.{code} to step {step.id!r} to handle it"
-                self.fail_run("business", code, message + hint, field)
+                self.fail_run(ErrorClass.BUSINESS, code, message + hint, field)
             else:
-                self.apply_handler(handler, code, message, "business")
+                self.apply_handler(handler, code, message, ErrorClass.BUSINESS)
         elif current.attempt < step.retry.max_attempts:
             delay = backoff_ms(step.retry, self.run.run_id, step.id, current.attempt)
             due = self.now + delay
             self.emit(ev.RetryScheduled, step=step.id, phase=current.phase,
                       attempt=current.attempt + 1, delay_ms=delay, due_at=due)
-            self.arm("retry", step.id, self.wait_ref(), due)
+            self.arm(TimerKind.RETRY, step.id, self.wait_ref(), due)
         else:
             summary = (f"gave up after {current.attempt} attempts; last error {code}: {message}")
             if step.on_exhausted is not None:
-                self.apply_handler(step.on_exhausted, "RETRIES_EXHAUSTED", summary, "transient")
+                self.apply_handler(step.on_exhausted, "RETRIES_EXHAUSTED", summary,
+                                   ErrorClass.TRANSIENT)
             else:
-                self.fail_run("transient", "RETRIES_EXHAUSTED", summary, field)
+                self.fail_run(ErrorClass.TRANSIENT, "RETRIES_EXHAUSTED", summary, field)
 
-    def apply_handler(self, handler: Handler, code: str, message: str, error_class: str) -> None:
+    def apply_handler(self, handler: Handler, code: str, message: str,
+                      error_class: ErrorClass) -> None:
         current = self.run.current
         assert current is not None
         action = handler.action
-        if action == "fail":
+        if action is HandlerAction.FAIL:
             self.fail_run(error_class, code, message, None)
             return
         target = handler.goto or handler.wait_event or handler.escalate or ""
         self.emit(ev.BusinessErrorHandled, step=current.step, code=code, action=action,
                   target=target)
-        if action == "goto":
+        if action is HandlerAction.GOTO:
             self.enter(handler.goto)
-        elif action == "wait_event":
+        elif action is HandlerAction.WAIT_EVENT:
             assert handler.wait_event is not None
-            self.await_signal(handler.wait_event, None, handler.timeout, "retry")
+            self.await_signal(handler.wait_event, None, handler.timeout, Resume.RETRY)
         else:
-            self.escalate(handler, code, message, "escalation")
+            self.escalate(handler, code, message, ApprovalReason.ESCALATION)
 
     def escalate(self, handler: Handler, code: str, message: str, reason: str) -> None:
         current = self.run.current
@@ -370,32 +365,20 @@ class _Context:
         self.request_approval(reason, spec, {"code": code, "message": message})
 
     def after_grant(self, approval: Approval, approvers: list[str]) -> None:
-        reason = approval.reason.removeprefix("escalation:")
-        current = self.run.current
-        assert current is not None
-        if reason == "critical":
-            self.dispatch("task", 1)
-        elif reason == "prepare_commit":
-            self.dispatch("commit", 1)
-        elif reason == "review":
-            self.complete_step(current.result)
-        elif reason == "escalation":
-            self.complete_step({"resolved_by": approvers})
-        else:
-            self.complete_step({"approved_by": approvers})
+        """The quorum is met: do what the approval was asked for (``_ON_GRANT``). An
+        escalated approval does what its original would have done."""
+        rule = _ON_GRANT.get(granted_reason(approval.reason), _grant_approval)
+        rule(self, approvers)
 
     def on_approval_end(self, handler: Handler, approval: Approval, code: str,
                         message: str) -> None:
         """An approval expired or was rejected: fail, go to a step, or escalate."""
-        if handler.action == "escalate":
-            reason = approval.reason
-            if not reason.startswith("escalation"):
-                reason = f"escalation:{reason}"
-            self.escalate(handler, code, message, reason)
-        elif handler.action == "goto":
+        if handler.action is HandlerAction.ESCALATE:
+            self.escalate(handler, code, message, escalated(approval.reason))
+        elif handler.action is HandlerAction.GOTO:
             self.enter(handler.goto)
         else:
-            self.fail_run("business", code, message, None)
+            self.fail_run(ErrorClass.BUSINESS, code, message, None)
 
 
 def _sender(c: cmd.Command) -> tuple[str, str]:
@@ -409,6 +392,106 @@ def _sender(c: cmd.Command) -> tuple[str, str]:
     if isinstance(c, cmd.StartRun):
         return c.requested_by, ""
     return "", ""
+
+
+# ---------------------------------------------------------------------- entering a step
+# One function per step kind, as Zeebe registers one processor per intent.
+
+_StepEntry = Callable[[_Context, StepSpec], None]
+_ENTER: dict[StepKind, _StepEntry] = {}
+
+
+def _enters(kind: StepKind) -> Callable[[_StepEntry], _StepEntry]:
+    def register(fn: _StepEntry) -> _StepEntry:
+        _ENTER[kind] = fn
+        return fn
+
+    return register
+
+
+@_enters(StepKind.TASK)
+def _enter_task(ctx: _Context, step: StepSpec) -> None:
+    if step.approval is not None:
+        payload = ctx.task_input(step, Phase.TASK)
+        ctx.request_approval(ApprovalReason.CRITICAL, step.approval, payload)
+    else:
+        ctx.dispatch(Phase.TASK, 1)
+
+
+@_enters(StepKind.PREPARE_COMMIT)
+def _enter_prepare_commit(ctx: _Context, step: StepSpec) -> None:
+    ctx.dispatch(Phase.PREPARE, 1)
+
+
+@_enters(StepKind.APPROVAL)
+def _enter_approval(ctx: _Context, step: StepSpec) -> None:
+    assert step.approval is not None
+    payload = map_input(step.input, ctx.run.data()) if step.input is not None else None
+    ctx.request_approval(ApprovalReason.APPROVAL, step.approval, payload)
+
+
+@_enters(StepKind.WAIT_EVENT)
+def _enter_wait_event(ctx: _Context, step: StepSpec) -> None:
+    assert step.wait_event is not None
+    wait = step.wait_event
+    key = evaluate(wait.key, ctx.run.data()) if wait.key is not None else None
+    ctx.await_signal(wait.name, None if key is None else str(key), wait.timeout,
+                     Resume.COMPLETE)
+
+
+@_enters(StepKind.CHOICE)
+def _enter_choice(ctx: _Context, step: StepSpec) -> None:
+    ctx.choose(step)
+
+
+@_enters(StepKind.SLEEP)
+def _enter_sleep(ctx: _Context, step: StepSpec) -> None:
+    assert step.sleep is not None
+    until = ctx.now + step.sleep
+    ctx.emit(ev.SleepStarted, step=step.id, until=until)
+    ctx.arm(TimerKind.SLEEP, step.id, ctx.wait_ref(), until)
+
+
+# ---------------------------------------------------------------------- granted approvals
+# What the grant of an approval leads to, by the reason it was requested for.
+
+_GrantRule = Callable[[_Context, list[str]], None]
+_ON_GRANT: dict[str, _GrantRule] = {}
+
+
+def _on_grant(reason: ApprovalReason) -> Callable[[_GrantRule], _GrantRule]:
+    def register(fn: _GrantRule) -> _GrantRule:
+        _ON_GRANT[reason] = fn
+        return fn
+
+    return register
+
+
+@_on_grant(ApprovalReason.CRITICAL)
+def _grant_critical(ctx: _Context, approvers: list[str]) -> None:
+    ctx.dispatch(Phase.TASK, 1)
+
+
+@_on_grant(ApprovalReason.PREPARE_COMMIT)
+def _grant_prepare_commit(ctx: _Context, approvers: list[str]) -> None:
+    ctx.dispatch(Phase.COMMIT, 1)
+
+
+@_on_grant(ApprovalReason.REVIEW)
+def _grant_review(ctx: _Context, approvers: list[str]) -> None:
+    current = ctx.run.current
+    assert current is not None
+    ctx.complete_step(current.result)
+
+
+@_on_grant(ApprovalReason.ESCALATION)
+def _grant_escalation(ctx: _Context, approvers: list[str]) -> None:
+    ctx.complete_step({"resolved_by": approvers})
+
+
+@_on_grant(ApprovalReason.APPROVAL)
+def _grant_approval(ctx: _Context, approvers: list[str]) -> None:
+    ctx.complete_step({"approved_by": approvers})
 
 
 # ---------------------------------------------------------------------- command handlers
@@ -451,17 +534,17 @@ def _start_run(ctx: _Context, c: cmd.StartRun) -> None:
         sla_due_at=sla_due,
     )
     if sla_due is not None:
-        ctx.arm("run_sla", "", c.run_id, sla_due)
+        ctx.arm(TimerKind.RUN_SLA, "", c.run_id, sla_due)
     problem = check_input(spec.input, c.input, "input", strict=spec.strict_input)
     if problem is not None:
         path, message = problem
-        ctx.fail_run("permanent", "INVALID_INPUT", f"{path}: {message}", path)
+        ctx.fail_run(ErrorClass.PERMANENT, "INVALID_INPUT", f"{path}: {message}", path)
         return
     excluding = spec.requester_excluded_at()
     if excluding is not None and not identity(c.requested_by):
         # Without a requester, "anyone but the requester" is anyone: four-eyes would hold
         # in name only. Refuse at the start, before any step has an effect.
-        ctx.fail_run("permanent", "REQUESTER_REQUIRED",
+        ctx.fail_run(ErrorClass.PERMANENT, "REQUESTER_REQUIRED",
                      f"step {excluding!r} has an approval the requester may not vote in, "
                      "but the run names no requester: start it with requested_by (--as on "
                      "the command line), or set exclude_requester: false", "requested_by")
@@ -493,27 +576,27 @@ def _complete_task(ctx: _Context, c: cmd.CompleteTask) -> None:
     step = ctx.step_spec()
     common = {"step": c.step, "phase": current.phase, "attempt": current.attempt,
               "task_id": c.task_id, "cost": c.cost}
-    if step.result is not None and current.phase == "task":
+    if step.result is not None and current.phase == Phase.TASK:
         problem = check_input(step.result, c.result, "result")
         if problem is not None:
             path, message = problem
             text = f"{step.task} returned an invalid result: {path}: {message}"
-            ctx.emit(ev.TaskFailed, error_class="permanent", code="SCHEMA_VIOLATION",
+            ctx.emit(ev.TaskFailed, error_class=ErrorClass.PERMANENT, code="SCHEMA_VIOLATION",
                      message=text, field=path, **common)
-            ctx.handle_failure("permanent", "SCHEMA_VIOLATION", text, path)
+            ctx.handle_failure(ErrorClass.PERMANENT, "SCHEMA_VIOLATION", text, path)
             return
     ctx.emit(ev.TaskCompleted, result=c.result, confidence=c.confidence, **common)
     data = {**ctx.run.data(), "result": c.result, "confidence": c.confidence}
-    if current.phase == "prepare":
+    if current.phase == Phase.PREPARE:
         wanted = step.review_if is None or truthy(evaluate(step.review_if, data))
         if step.approval is not None and wanted:
-            ctx.request_approval("prepare_commit", step.approval, c.result)
+            ctx.request_approval(ApprovalReason.PREPARE_COMMIT, step.approval, c.result)
         else:
-            ctx.dispatch("commit", 1)
-    elif step.review is not None and current.phase == "task" and (
+            ctx.dispatch(Phase.COMMIT, 1)
+    elif step.review is not None and current.phase == Phase.TASK and (
         step.review_if is None or truthy(evaluate(step.review_if, data))
     ):
-        ctx.request_approval("review", step.review,
+        ctx.request_approval(ApprovalReason.REVIEW, step.review,
                              {"result": c.result, "confidence": c.confidence})
     else:
         ctx.complete_step(c.result)
@@ -525,7 +608,11 @@ def _fail_task(ctx: _Context, c: cmd.FailTask) -> None:
         return
     current = ctx.run.current
     assert current is not None
-    error_class = c.error_class if c.error_class in ("permanent", "business") else "transient"
+    # A worker's class is taken as it says when it is one the engine handles specially;
+    # anything else (empty, a typo, a class a newer SDK invented) is retried.
+    error_class = (ErrorClass(c.error_class)
+                   if c.error_class in (ErrorClass.PERMANENT, ErrorClass.BUSINESS)
+                   else ErrorClass.TRANSIENT)
     ctx.emit(ev.TaskFailed, step=c.step, phase=current.phase, attempt=current.attempt,
              task_id=c.task_id, error_class=error_class, code=c.code, message=c.message,
              field=c.field, cost=c.cost)
@@ -598,7 +685,7 @@ def _deliver_signal(ctx: _Context, c: cmd.DeliverSignal) -> None:
     ctx.emit(ev.SignalReceived, name=c.name, data=c.data)
     if awaited:
         assert current is not None
-        if current.resume == "retry":
+        if current.resume == Resume.RETRY:
             ctx.enter(current.step)
         else:
             ctx.complete_step(c.data)
@@ -631,7 +718,7 @@ def _on_approval_sla(ctx: _Context, ref: str, due_at: int) -> None:
 def _on_retry(ctx: _Context, ref: str, due_at: int) -> None:
     current = ctx.run.current
     if current is not None and current.waiting is Waiting.RETRY:
-        ctx.dispatch(current.phase, current.attempt + 1)
+        ctx.dispatch(Phase(current.phase), current.attempt + 1)
 
 
 def _on_task_timeout(ctx: _Context, ref: str, due_at: int) -> None:
@@ -641,9 +728,9 @@ def _on_task_timeout(ctx: _Context, ref: str, due_at: int) -> None:
     step = ctx.step_spec()
     message = f"no result within {format_duration(step.timeout)} (attempt {current.attempt})"
     ctx.emit(ev.TaskFailed, step=current.step, phase=current.phase, attempt=current.attempt,
-             task_id=current.task_id, error_class="transient", code="TASK_TIMEOUT",
+             task_id=current.task_id, error_class=ErrorClass.TRANSIENT, code="TASK_TIMEOUT",
              message=message, field=None, cost=0.0)
-    ctx.handle_failure("transient", "TASK_TIMEOUT", message, None)
+    ctx.handle_failure(ErrorClass.TRANSIENT, "TASK_TIMEOUT", message, None)
 
 
 def _pending_approval(ctx: _Context, ref: str) -> Approval | None:
@@ -665,7 +752,7 @@ def _on_approval_reminder(ctx: _Context, ref: str, due_at: int) -> None:
     if every is not None:
         due = ctx.now + every
         if approval.expires_at is None or due < approval.expires_at:
-            ctx.arm("approval_reminder", current.step, ref, due)
+            ctx.arm(TimerKind.APPROVAL_REMINDER, current.step, ref, due)
 
 
 def _on_approval_expiry(ctx: _Context, ref: str, due_at: int) -> None:
@@ -687,10 +774,10 @@ def _on_signal_timeout(ctx: _Context, ref: str, due_at: int) -> None:
     step = ctx.step_spec()
     handler = step.wait_event.on_timeout if step.wait_event is not None else FAIL
     message = f"signal {current.signal!r} did not arrive in time"
-    if handler.action == "goto":
+    if handler.action is HandlerAction.GOTO:
         ctx.enter(handler.goto)
     else:
-        ctx.fail_run("business", "SIGNAL_TIMEOUT", message, None)
+        ctx.fail_run(ErrorClass.BUSINESS, "SIGNAL_TIMEOUT", message, None)
 
 
 def _on_sleep(ctx: _Context, ref: str, due_at: int) -> None:
@@ -700,15 +787,17 @@ def _on_sleep(ctx: _Context, ref: str, due_at: int) -> None:
 
 
 _TIMER_KINDS: dict[str, Callable[[_Context, str, int], None]] = {
-    "run_sla": _on_run_sla,
-    "approval_sla": _on_approval_sla,
-    "retry": _on_retry,
-    "task_timeout": _on_task_timeout,
-    "approval_reminder": _on_approval_reminder,
-    "approval_expiry": _on_approval_expiry,
-    "signal_timeout": _on_signal_timeout,
-    "sleep": _on_sleep,
+    TimerKind.RUN_SLA: _on_run_sla,
+    TimerKind.APPROVAL_SLA: _on_approval_sla,
+    TimerKind.RETRY: _on_retry,
+    TimerKind.TASK_TIMEOUT: _on_task_timeout,
+    TimerKind.APPROVAL_REMINDER: _on_approval_reminder,
+    TimerKind.APPROVAL_EXPIRY: _on_approval_expiry,
+    TimerKind.SIGNAL_TIMEOUT: _on_signal_timeout,
+    TimerKind.SLEEP: _on_sleep,
 }
+"""What a fired timer does, by its kind (``TimerKind``); keyed by the string the timer
+carries, which is the member's value."""
 
 
 @_handles(cmd.CancelRun)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TerranohaError(Exception):
     """Base class. ``retriable`` tells a caller whether trying again can help."""
@@ -21,3 +23,23 @@ class SpecError(TerranohaError):
 
 class ExpressionError(TerranohaError):
     """An expression could not be compiled or evaluated."""
+
+
+class UnknownEventError(TerranohaError):
+    """An event reached ``evolve`` with no evolver for its type and version.
+
+    Applying it as a no-op would fold a run into a state the engine that wrote the event
+    never had. It means the log was written by a newer engine (run that version, or a
+    newer one, to read it) or an event class was added without its evolver (register
+    one with ``@evolver`` in ``engine/core/evolve.py``).
+    """
+
+    def __init__(self, event: Any) -> None:
+        self.event_type = type(event)
+        name = getattr(event, "TYPE", type(event).__name__)
+        version = getattr(event, "VERSION", "?")
+        super().__init__(
+            f"no evolver for event {name} v{version} ({type(event).__name__}) of run "
+            f"{getattr(event, 'run_id', '?')!r} at seq {getattr(event, 'seq', '?')}: read this "
+            "log with the engine version that wrote it or a newer one; a new event class "
+            "needs an @evolver in engine/core/evolve.py")

@@ -4,6 +4,10 @@ One evolver per event (type, version), registered in ``EVOLVERS``. Live processi
 replay both call ``evolve``, so they cannot drift. Evolvers are total: any event applied
 to any state (even none) yields a state and never raises. A bug in an old evolver is
 fixed by a new event version, not by editing the old one.
+
+An event with no evolver is an error (``UnknownEventError``), as Zeebe's missing event
+applier is: skipping it would build a state that silently differs from the one the
+engine that wrote it had, and every later decision would rest on that.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from engine.core import events as ev
+from engine.core.errors import UnknownEventError
+from engine.core.kinds import Phase
 from engine.core.state import Approval, RunState, RunStatus, StepState, Timer, Waiting, replace
 
 E = TypeVar("E", bound=ev.Event)
@@ -31,13 +37,15 @@ def evolver(event_type: type[E]) -> Callable[[_Typed[E]], _Typed[E]]:
 
 
 def evolve(state: RunState | None, event: ev.Event) -> RunState:
-    """Apply one event. An unknown event type only advances the sequence number."""
+    """Apply one event; ``UnknownEventError`` if its type has no evolver."""
+    fn = EVOLVERS.get(type(event))
+    if fn is None:
+        raise UnknownEventError(event)
     if state is None:
         state = RunState(
             run_id=event.run_id, tenant=event.tenant, correlation_id=event.correlation_id
         )
-    fn = EVOLVERS.get(type(event))
-    return fn(state, event) if fn is not None else replace(state, seq=event.seq)
+    return fn(state, event)
 
 
 def fold(events: Iterable[ev.Event], state: RunState | None = None) -> RunState | None:
@@ -110,7 +118,7 @@ def _task_dispatched(state: RunState, e: ev.TaskDispatched) -> RunState:
 @evolver(ev.TaskCompleted)
 def _task_completed(state: RunState, e: ev.TaskCompleted) -> RunState:
     changes: dict[str, Any] = {"waiting": Waiting.NOTHING, "result": e.result}
-    if e.phase == "prepare":
+    if e.phase == Phase.PREPARE:
         changes["change_set"] = e.result
     return replace(
         state,

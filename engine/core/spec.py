@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from engine.core.durations import parse_duration
 from engine.core.errors import ExpressionError, SpecError
 from engine.core.expressions import root_paths
+from engine.core.kinds import HandlerAction, StepKind
 
 Duration = Annotated[int, BeforeValidator(parse_duration)]
 """Milliseconds; accepts ``30s``-style strings."""
@@ -74,14 +75,14 @@ class Handler(_Model):
         return self
 
     @property
-    def action(self) -> str:
+    def action(self) -> HandlerAction:
         if self.goto:
-            return "goto"
+            return HandlerAction.GOTO
         if self.wait_event:
-            return "wait_event"
+            return HandlerAction.WAIT_EVENT
         if self.escalate:
-            return "escalate"
-        return "fail"
+            return HandlerAction.ESCALATE
+        return HandlerAction.FAIL
 
 
 def _handler(value: object) -> object:
@@ -166,11 +167,12 @@ class StepSpec(_Model):
         return self
 
     @property
-    def kind(self) -> str:
-        for k in ("task", "prepare_commit", "wait_event", "choice", "sleep"):
+    def kind(self) -> StepKind:
+        for k in (StepKind.TASK, StepKind.PREPARE_COMMIT, StepKind.WAIT_EVENT, StepKind.CHOICE,
+                  StepKind.SLEEP):
             if getattr(self, k) is not None:
                 return k
-        return "approval"
+        return StepKind.APPROVAL
 
 
 class WorkflowSpec(_Model):
@@ -516,15 +518,16 @@ def _step_issues(
             yield from scope.issues(path, text)
     if step.review_if is not None:
         yield from scope.with_roots(RESULT_ROOTS).issues(f"{where}.review_if", step.review_if)
-        if step.kind == "prepare_commit" and step.approval is None:
+        if step.kind is StepKind.PREPARE_COMMIT and step.approval is None:
             yield f"{where}.approval", "review_if on prepare_commit gates its approval; add one"
-        elif step.kind != "prepare_commit" and step.review is None:
+        elif step.kind is not StepKind.PREPARE_COMMIT and step.review is None:
             yield f"{where}.review", "review_if needs review: {approvers: [...]} to route to"
     if step.critical and step.approval is None:
         yield f"{where}.approval", "critical steps need an approval: {approvers: [...]}"
-    if step.approval is not None and step.kind not in ("task", "prepare_commit", "approval"):
+    if step.approval is not None and step.kind not in (StepKind.TASK, StepKind.PREPARE_COMMIT,
+                                                       StepKind.APPROVAL):
         yield f"{where}.approval", f"approval does not apply to a {step.kind} step"
-    if step.review is not None and step.kind != "task":
+    if step.review is not None and step.kind is not StepKind.TASK:
         yield f"{where}.review", f"review does not apply to a {step.kind} step"
     if step.result is not None:
         for name, type_name in step.result.items():
@@ -532,7 +535,7 @@ def _step_issues(
                 yield f"{where}.result.{name}", f"unknown type {type_name!r}"
     for code, handler in step.on_business_error.items():
         yield from _handler_issues(handler, f"{where}.on_business_error.{code}", ids)
-    if step.on_business_error and step.kind not in ("task", "prepare_commit"):
+    if step.on_business_error and step.kind not in (StepKind.TASK, StepKind.PREPARE_COMMIT):
         yield f"{where}.on_business_error", "only task and prepare_commit steps fail with errors"
     if step.on_exhausted is not None:
         yield from _handler_issues(step.on_exhausted, f"{where}.on_exhausted", ids)
@@ -546,14 +549,15 @@ def _step_issues(
             yield from _handler_issues(handler, f"{where}.{label}.{hname}", ids)
             if handler.wait_event:
                 yield f"{where}.{label}.{hname}", "use goto, escalate or fail here"
-        if approval.on_expire.action != "fail" and approval.expires_after is None:
+        expires = approval.expires_after is not None
+        if approval.on_expire.action is not HandlerAction.FAIL and not expires:
             yield f"{where}.{label}.expires_after", "on_expire needs expires_after"
     if step.wait_event is not None:
         if step.wait_event.key is not None:
             yield from scope.issues(f"{where}.wait_event.key", step.wait_event.key)
         yield from _handler_issues(step.wait_event.on_timeout,
                                    f"{where}.wait_event.on_timeout", ids)
-        if step.wait_event.on_timeout.action not in ("goto", "fail"):
+        if step.wait_event.on_timeout.action not in (HandlerAction.GOTO, HandlerAction.FAIL):
             # decide only knows goto and fail here; anything else would silently fail the run
             yield f"{where}.wait_event.on_timeout", "use goto or fail when the signal times out"
     if step.choice is not None:
@@ -595,7 +599,7 @@ def _mapping_expressions(mapping: Any, path: str) -> Iterator[tuple[str, str]]:
 def successors(spec: WorkflowSpec, step: StepSpec) -> list[str | None]:
     """Every step control can move to from ``step``; None stands for the end of the run."""
     out: list[str | None] = []
-    if step.kind == "choice":
+    if step.kind is StepKind.CHOICE:
         out.extend(branch.goto for branch in step.choice or [])
         out.append(step.default if step.default is not None else spec.next_step(step.id))
     else:
@@ -633,7 +637,7 @@ def _graph_issues(spec: WorkflowSpec) -> Iterator[tuple[str, str]]:
                 "cycle without exit: no path from this step reaches the end of the workflow; "
                 "add end: true, a next that leaves the loop, or a choice default that exits",
             )
-    choices = {s.id for s in spec.steps if s.kind == "choice"}
+    choices = {s.id for s in spec.steps if s.kind is StepKind.CHOICE}
     for i, step in enumerate(spec.steps):
         if step.id in choices and _on_choice_cycle(step.id, edges, choices):
             yield (

@@ -99,9 +99,15 @@ def _same(recorded: Event | None, replayed: Event | None) -> bool:
 def _show(event: Event | None) -> str:
     if event is None:
         return "(no event)"
-    body = ", ".join(f"{f.name}={getattr(event, f.name)!r}" for f in fields(event)
+    body = ", ".join(f"{f.name}={_plain(getattr(event, f.name))!r}" for f in fields(event)
                      if f.name not in ("run_id", "tenant", "correlation_id"))
     return f"{event.TYPE}({body})"
+
+
+def _plain(value: Any) -> Any:
+    """A decided event holds enum members where a decoded one holds their string
+    values; both are shown as the string."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def to_jsonable(value: Any) -> Any:

@@ -1,15 +1,22 @@
-"""Structural rules of the core: every event has an evolver, and the core stays pure."""
+"""Structural rules of the core: every event has an evolver, every step kind, timer kind
+and approval reason has its processor, and the core stays pure."""
 
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 import engine.core
+from engine.core import decide
+from engine.core import events as ev
+from engine.core.errors import UnknownEventError
 from engine.core.events import EVENT_TYPES
-from engine.core.evolve import EVOLVERS
+from engine.core.evolve import EVOLVERS, evolve, fold
+from engine.core.kinds import ApprovalReason, StepKind, TimerKind
 
 CORE = Path(engine.core.__file__).parent
 FORBIDDEN = frozenset({
@@ -22,6 +29,43 @@ FORBIDDEN = frozenset({
 def test_every_event_type_has_an_evolver(event_type: type) -> None:
     assert event_type in EVOLVERS, (
         f"add an @evolver({event_type.__name__}) in engine/core/evolve.py")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Unregistered(ev.Event):
+    TYPE: ClassVar[str] = "Unregistered"
+
+
+def _started() -> ev.RunStarted:
+    return ev.RunStarted(run_id="r", seq=1, ts=0, tenant="t", correlation_id="r",
+                         causation_id="c", workflow="w", version=1, input={},
+                         idempotency_key="k", requested_by="", priority=0)
+
+
+def test_an_event_without_an_evolver_is_an_error_not_a_skip() -> None:
+    stray = _Unregistered(run_id="r", seq=2, ts=0, tenant="t", correlation_id="r",
+                          causation_id="c")
+    with pytest.raises(UnknownEventError, match="no evolver for event Unregistered v1"):
+        evolve(fold([_started()]), stray)
+    with pytest.raises(UnknownEventError, match="@evolver"):
+        fold([_started(), stray])
+    with pytest.raises(UnknownEventError):
+        evolve(None, stray)
+
+
+@pytest.mark.parametrize("kind", list(StepKind))
+def test_every_step_kind_has_an_entry(kind: StepKind) -> None:
+    assert kind in decide._ENTER, f"register an @_enters(StepKind.{kind.name}) in decide.py"
+
+
+@pytest.mark.parametrize("kind", list(TimerKind))
+def test_every_timer_kind_has_a_handler(kind: TimerKind) -> None:
+    assert kind in decide._TIMER_KINDS, f"add TimerKind.{kind.name} to decide._TIMER_KINDS"
+
+
+@pytest.mark.parametrize("reason", list(ApprovalReason))
+def test_every_approval_reason_has_a_grant_rule(reason: ApprovalReason) -> None:
+    assert reason in decide._ON_GRANT, f"register an @_on_grant(ApprovalReason.{reason.name})"
 
 
 def test_event_registry_keys_match_the_classes() -> None:
