@@ -17,6 +17,7 @@ from aiokafka.producer import sender as _aiokafka_sender
 from engine.codec import encode
 from engine.core.commands import StartRun
 from engine.kafka.topics import Topics
+from engine.runtime.processor import Input, origin_headers
 
 log = logging.getLogger("terranoha.kafka")
 
@@ -261,10 +262,14 @@ class _Stoppable(Protocol):
     async def stop(self) -> Any: ...
 
 
-def start_run_record(topics: Topics, start: StartRun) -> Record:
-    """A trigger's ``StartRun`` for the run inputs partition of its run."""
-    return (topics.inputs, topics.partition_of(start.run_id), start.run_id.encode(),
-            encode(start), trace_headers(start.correlation_id, start.command_id, start.tenant))
+def start_run_record(topics: Topics, start: StartRun, trigger: Input) -> Record:
+    """A trigger's ``StartRun`` for the run inputs partition of its run, with headers
+    naming the trigger it came from (``origin_headers``)."""
+    value = encode(start)
+    headers = trace_headers(start.correlation_id, start.command_id, start.tenant)
+    headers += origin_headers(trigger, len(value))
+    return (topics.inputs, topics.partition_of(start.run_id), start.run_id.encode(), value,
+            headers)
 
 
 def trace_headers(correlation_id: str, causation_id: str, tenant: str) -> Headers:

@@ -34,7 +34,7 @@ from engine.kafka._util import Headers, Record, start_run_record, trace_headers
 from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStats
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock
-from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter
+from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter_of
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 
@@ -89,8 +89,7 @@ class RunTask(Task):
         return self._step(batch)
 
     def isolated(self, item: Input, now: int, why: str) -> Step:
-        dead = dead_letter(item.source, item.partition, item.offset, "engine_error",
-                           f"processing failed: {why}", item.payload, now)
+        dead = dead_letter_of(item, "engine_error", f"processing failed: {why}", now)
         return self._step(Batch(last=item, inputs=1, dead_letters=[dead]))
 
     def next_due(self) -> int | None:
@@ -144,7 +143,8 @@ class RunTask(Task):
         for dead in batch.dead_letters:
             out.append((t.dead_letters, number, dead.run_id.encode() or None, encode(dead),
                         [("reason", dead.reason.encode())]))
-        out.extend(start_run_record(t, start) for start in batch.forwards)
+        out.extend(start_run_record(t, start, trigger)
+                   for start, trigger in zip(batch.forwards, batch.forwarded_from, strict=True))
         return out
 
 

@@ -26,7 +26,7 @@ from engine.kafka._util import Record, start_run_record
 from engine.kafka.stream import Step, StreamProcessor, Task
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock
-from engine.runtime.processor import Input, Processor, StateCache, dead_letter
+from engine.runtime.processor import Input, Processor, StateCache, dead_letter_of
 from engine.runtime.specs import SpecRegistry
 
 log = logging.getLogger("terranoha.kafka.router")
@@ -55,20 +55,18 @@ class RouteTask(Task):
             letters = batch.dead_letters
             for start in batch.forwards:
                 try:
-                    step.records.append(start_run_record(self.topics, start))
+                    step.records.append(start_run_record(self.topics, start, item))
                     step.forwards += 1
                 except Exception as exc:
-                    letters.append(dead_letter(
-                        item.source, item.partition, item.offset, "engine_error",
-                        f"encoding its StartRun failed: {exc!r}", item.payload, now))
+                    letters.append(dead_letter_of(
+                        item, "engine_error", f"encoding its StartRun failed: {exc!r}", now))
             for letter in letters:
                 self._dead(step, letter)
         return step
 
     def isolated(self, item: Input, now: int, why: str) -> Step:
         step = Step()
-        self._dead(step, dead_letter(item.source, item.partition, item.offset, "engine_error",
-                                     f"processing failed: {why}", item.payload, now))
+        self._dead(step, dead_letter_of(item, "engine_error", f"processing failed: {why}", now))
         return step
 
     def _dead(self, step: Step, letter: DeadLetter) -> None:

@@ -655,7 +655,7 @@ class StreamProcessor:
 
     async def _process(self, part: OwnedTask,
                        fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
-        inputs = [Input(tp.topic, tp.partition, m.offset, m.value or b"")
+        inputs = [Input(tp.topic, tp.partition, m.offset, m.value or b"", m.headers)
                   for tp in part.tps for m in fetched.get(tp, ())
                   if m.offset >= part.next_offsets.get(tp, 0)]
         if not inputs:

@@ -10,7 +10,7 @@ nothing outside the batch: the backend writes the batch atomically and then call
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.codec import DecodeError, decode
@@ -42,14 +42,100 @@ def dead_letter(source: str, partition: int, offset: int, reason: str, detail: s
                       detail=detail, payload=payload, ts=ts, run_id=run_id)
 
 
+ORIGIN_INLINE_BYTES = 256 << 10
+"""A forwarded trigger carries its original bytes along while trigger and ``StartRun``
+together stay below this: the forwarded record must stay well under the broker's default
+limit of 1 MiB per record on the run inputs topic. A larger one carries its position."""
+
+Headers = Sequence[tuple[str, bytes]]
+
+
 @dataclass(frozen=True, slots=True)
 class Input:
-    """One input record and where it came from (topic or table, partition, offset)."""
+    """One input record and where it came from (topic or table, partition, offset).
+
+    ``headers`` are the record's Kafka headers (none on the embedded store); only the
+    origin headers of a forwarded trigger are read, and only to write a dead letter."""
 
     source: str
     partition: int
     offset: int
     payload: bytes
+    headers: Headers = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a forwarded ``StartRun`` was first read as a trigger, and that trigger's
+    bytes (None when it was too large to carry along)."""
+
+    source: str
+    partition: int
+    offset: int
+    payload: bytes | None
+
+
+def origin_headers(trigger: Input, forwarded_size: int) -> list[tuple[str, bytes]]:
+    """The headers that tie a forwarded ``StartRun`` to the trigger it came from, so a
+    dead letter of the forward names and keeps the trigger, as one of the trigger itself
+    would."""
+    headers = [("origin_topic", trigger.source.encode()),
+               ("origin_partition", str(trigger.partition).encode()),
+               ("origin_offset", str(trigger.offset).encode())]
+    if len(trigger.payload) + forwarded_size <= ORIGIN_INLINE_BYTES:
+        headers.append(("origin_payload", trigger.payload))
+    return headers
+
+
+def forwarded_origin(item: Input) -> Origin | None:
+    """The trigger ``item`` was forwarded from, if it is a forward.
+
+    The headers are believed only when they agree with the record: its ``StartRun`` has
+    the command id of a trigger at that position, and the carried bytes are a trigger of
+    that workflow. Anyone may write the run inputs topic; a made-up origin must not make a
+    dead letter blame a record it did not come from."""
+    if not item.headers:
+        return None
+    found = {k: v for k, v in item.headers if k.startswith("origin_")}
+    try:
+        source = found["origin_topic"].decode()
+        partition = int(found["origin_partition"])
+        offset = int(found["origin_offset"])
+        start = decode(item.payload)
+    except (KeyError, ValueError, DecodeError):
+        return None
+    if not isinstance(start, StartRun) or (
+            start.command_id != f"trigger:{source}/{partition}/{offset}"):
+        return None
+    payload = found.get("origin_payload")
+    if payload is not None:
+        try:
+            trigger = decode(payload)
+        except DecodeError:
+            return None
+        if not isinstance(trigger, Trigger) or trigger.workflow != start.workflow:
+            return None
+    return Origin(source, partition, offset, payload)
+
+
+def dead_letter_of(item: Input, reason: str, detail: str, ts: int,
+                   run_id: str = "") -> DeadLetter:
+    """The dead letter of ``item``. A forwarded ``StartRun`` is dead-lettered as the
+    trigger it came from: that trigger's topic, partition, offset and bytes, with where
+    the forward was read in the detail."""
+    origin = forwarded_origin(item)
+    if origin is None:
+        return dead_letter(item.source, item.partition, item.offset, reason, detail,
+                           item.payload, ts, run_id)
+    detail += (f" (the trigger read at {origin.source}/{origin.partition}/{origin.offset}, "
+               f"forwarded as a StartRun to {item.source}/{item.partition}/{item.offset})")
+    payload = origin.payload
+    if payload is None:
+        detail += ("; the trigger was too large to carry along: the payload is the "
+                   "forwarded StartRun, the trigger's own bytes are at its position")
+        payload = item.payload
+    return dead_letter(origin.source, origin.partition, origin.offset, reason, detail,
+                       payload, ts, run_id)
 
 
 @dataclass(slots=True)
@@ -68,6 +154,8 @@ class Batch:
     forwards: list[StartRun] = field(default_factory=list)
     """Triggers read here for runs that live elsewhere: their ``StartRun`` goes to the
     run's own input partition, in the same atomic unit."""
+    forwarded_from: list[Input] = field(default_factory=list)
+    """The trigger each of ``forwards`` was read from, in the same order."""
     inputs: int = 0
     last: Input | None = None
 
@@ -147,6 +235,7 @@ class Processor:
                 start = trigger_to_start(record, item.source, item.partition, item.offset)
                 if self.owns is not None and not self.owns(start.run_id):
                     batch.forwards.append(start)
+                    batch.forwarded_from.append(item)
                     continue
                 command: Command = start
             elif item.source == self.triggers_source:
@@ -212,5 +301,4 @@ class Processor:
     @staticmethod
     def _dead(batch: Batch, item: Input, reason: str, detail: str, now: int,
               run_id: str = "") -> None:
-        batch.dead_letters.append(dead_letter(item.source, item.partition, item.offset, reason,
-                                              detail, item.payload, now, run_id))
+        batch.dead_letters.append(dead_letter_of(item, reason, detail, now, run_id))

@@ -8,7 +8,15 @@ from engine.core.commands import StartRun
 from engine.core.policies import run_id_for
 from engine.core.records import Trigger
 from engine.core.spec import load_spec
-from engine.runtime.processor import Input, Processor, StateCache
+from engine.runtime.processor import (
+    ORIGIN_INLINE_BYTES,
+    Input,
+    Processor,
+    StateCache,
+    dead_letter_of,
+    forwarded_origin,
+    origin_headers,
+)
 from engine.runtime.specs import SpecRegistry
 
 SPEC = load_spec({"workflow": "hold", "version": 1,
@@ -65,3 +73,56 @@ def test_without_ownership_every_trigger_is_decided() -> None:
         [Input("store", 0, i, encode(Trigger(workflow="hold", idempotency_key=f"k{i}")))
          for i in range(3)], NOW)
     assert len(batch.states) == 3 and not batch.forwards
+
+
+def _forward(trigger: Trigger, workflow_owner: set[str], size_padding: int = 0) -> Input:
+    """The run inputs record a forward of ``trigger`` read at triggers/1/5 becomes."""
+    read = Input("triggers", 1, 5, encode(trigger))
+    batch = _processor(workflow_owner).process([read], NOW)
+    [start] = batch.forwards
+    assert batch.forwarded_from == [read]
+    value = encode(start)
+    return Input("inputs", 0, 9, value, origin_headers(read, len(value) + size_padding))
+
+
+def test_a_forward_that_cannot_start_is_dead_lettered_as_its_trigger() -> None:
+    trigger = Trigger(workflow="nowhere", idempotency_key="k")
+    forwarded = _forward(trigger, set())
+    [dead] = _processor({run_id_for("default", "k")}).process([forwarded], NOW).dead_letters
+    assert dead.reason == "unknown_workflow"
+    assert (dead.source, dead.partition, dead.offset) == ("triggers", 1, 5)
+    assert dead.payload == encode(trigger)
+    assert "forwarded as a StartRun to inputs/0/9" in dead.detail
+
+
+def test_a_forward_too_large_to_carry_its_trigger_names_where_the_trigger_is() -> None:
+    forwarded = _forward(Trigger(workflow="nowhere", idempotency_key="k"), set(),
+                         size_padding=ORIGIN_INLINE_BYTES)
+    assert "origin_payload" not in dict(forwarded.headers)
+    dead = dead_letter_of(forwarded, "unknown_workflow", "not deployed", NOW)
+    assert (dead.source, dead.partition, dead.offset) == ("triggers", 1, 5)
+    assert dead.payload == forwarded.payload
+    assert "too large to carry along" in dead.detail
+
+
+def test_origin_headers_that_disagree_with_the_record_are_not_believed() -> None:
+    forwarded = _forward(Trigger(workflow="nowhere", idempotency_key="k"), set())
+    headers = dict(forwarded.headers)
+    other_workflow = encode(Trigger(workflow="elsewhere", idempotency_key="k"))
+    lies = {
+        "another position": {**headers, "origin_offset": b"6"},
+        "not a number": {**headers, "origin_partition": b"one"},
+        "a payload that is no trigger": {**headers, "origin_payload": b"junk"},
+        "another workflow's trigger": {**headers, "origin_payload": other_workflow},
+        "no topic": {k: v for k, v in headers.items() if k != "origin_topic"},
+    }
+    for why, claimed in lies.items():
+        item = Input("inputs", 0, 9, forwarded.payload, list(claimed.items()))
+        assert forwarded_origin(item) is None, why
+        dead = dead_letter_of(item, "unknown_workflow", "not deployed", NOW)
+        assert (dead.source, dead.partition, dead.offset, dead.payload) == (
+            "inputs", 0, 9, forwarded.payload), why
+    # A StartRun written by hand, with the headers copied from a real forward.
+    hand = encode(StartRun(command_id="c", run_id="r", workflow="nowhere", version=1))
+    assert forwarded_origin(Input("inputs", 0, 9, hand, forwarded.headers)) is None
+    assert forwarded_origin(forwarded) is not None
