@@ -59,7 +59,8 @@ class RunTask(Task):
         partition_of = engine.topics.partition_of
         self.processor = Processor(engine.specs, self.cache,
                                    owns=lambda run_id: partition_of(run_id) == number,
-                                   triggers_source=engine.topics.triggers)
+                                   triggers_source=engine.topics.triggers,
+                                   partition_of=partition_of)
 
     def _armed(self, run_id: str, timer_id: str) -> bool:
         state = self.cache.get(run_id)

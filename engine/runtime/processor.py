@@ -205,16 +205,21 @@ class Processor:
 
     ``owns(run_id)`` says whether a run lives in this processor's cache (on Kafka: its
     partition); a trigger for a run that lives elsewhere becomes a forward instead of a
-    decision. Inputs from ``triggers_source`` must be triggers: a command written there
-    is a dead letter, since it may address a run owned elsewhere."""
+    decision, and a command for one is a dead letter (``wrong_partition``) naming the
+    partition it belongs on (``partition_of``): deciding it here would answer "no such
+    run" for a run that exists, or start a second one. Inputs from ``triggers_source``
+    must be triggers: a command written there is a dead letter, since it may address a
+    run owned elsewhere."""
 
     def __init__(self, specs: SpecRegistry, cache: StateCache,
                  owns: Callable[[str], bool] | None = None,
-                 triggers_source: str | None = None) -> None:
+                 triggers_source: str | None = None,
+                 partition_of: Callable[[str], int] | None = None) -> None:
         self.specs = specs
         self.cache = cache
         self.owns = owns
         self.triggers_source = triggers_source
+        self.partition_of = partition_of
 
     def process(self, inputs: Iterable[Input], now: int) -> Batch:
         batch = Batch()
@@ -255,6 +260,10 @@ class Processor:
     def apply(self, batch: Batch, item: Input, command: Command, now: int) -> None:
         run_id = command.run_id
         state = batch.states.get(run_id) or self.cache.get(run_id)
+        if state is None and self.owns is not None and not self.owns(run_id):
+            self._dead(batch, item, "wrong_partition", self._misrouted(command, item), now,
+                       run_id)
+            return
         if state is not None and state.workflow:
             spec = self.specs.get(state.workflow, state.version)
         elif isinstance(command, StartRun):
@@ -297,6 +306,15 @@ class Processor:
                     batch.tasks.append(out)
                 else:
                     batch.notifications.append(out)
+
+    def _misrouted(self, command: Command, item: Input) -> str:
+        home = ("another partition" if self.partition_of is None
+                else f"partition {self.partition_of(command.run_id)}")
+        return (f"{command.TYPE} for run {command.run_id!r} reached partition {item.partition} "
+                f"of {item.source}, but that run lives on {home}: every record of a run is "
+                "keyed by its run id (UTF-8 bytes) and partitioned by Kafka's default "
+                "partitioner (murmur2 of the key, modulo the partition count); send it "
+                f"with key {command.run_id!r} and no explicit partition, or to {home}")
 
     @staticmethod
     def _dead(batch: Batch, item: Input, reason: str, detail: str, now: int,
