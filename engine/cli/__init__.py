@@ -100,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
             "stopped")
     p.add_argument("--workers", nargs="*", metavar="MODULE", help="modules defining @tool handlers")
     p.add_argument("--concurrency", type=int, default=8, help="tasks run at once per worker")
-    p.add_argument("--postgres", help="PostgreSQL DSN for the workers' ledger "
-                   "(default $TERRANOHA_POSTGRES)")
+    p.add_argument("--postgres", help="PostgreSQL DSN (default $TERRANOHA_POSTGRES): the "
+                   "notifier's delivery ledger, and the workers' ledger without --ledger-dsn")
+    p.add_argument("--ledger-dsn", metavar="DSN", default=os.environ.get("TERRANOHA_LEDGER_DSN"),
+                   help="Kafka: PostgreSQL DSN for the workers' idempotency ledger, which keeps "
+                   "tool results unredacted (schema terranoha_ledger); give it a role of its "
+                   "own (default $TERRANOHA_LEDGER_DSN, else the --postgres DSN)")
     p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
     p.add_argument("--no-router", action="store_true",
                    help="do not run the trigger router (it runs only for a triggers topic "

@@ -107,6 +107,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
         bootstrap=args.kafka, topics=kafka_topics(args), app=args.app,
         engine=not args.no_engine, router=not args.no_router,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
+        ledger_dsn=args.ledger_dsn,
         registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
         notify=notify)
 

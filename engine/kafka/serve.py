@@ -8,6 +8,7 @@ inputs': a co-partitioned triggers topic (the default) is read by the orchestrat
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -35,6 +36,9 @@ class ServeOptions:
     engine: bool = True
     router: bool = True
     postgres: str | None = None
+    ledger_dsn: str | None = None
+    """Where the workers keep their idempotency ledger (raw tool results, unredacted; see
+    ``engine.kafka.ledger``); ``postgres`` when None."""
     registry: ToolRegistry | None = None
     concurrency: int = 8
     instance_id: str | None = None
@@ -91,12 +95,15 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                        clock=clock, instance_id=options.instance_id)
         runners.append(running.router.run(stop))
     if options.registry is not None and options.registry.queues:
-        if options.postgres is None:
+        ledger_dsn = options.ledger_dsn or options.postgres
+        if ledger_dsn is None:
             raise ValueError("workers keep their idempotency ledger in PostgreSQL: "
-                             "pass --postgres DSN")
-        ledger = PostgresLedger(options.postgres,
-                                namespace=options.topics.deployment(options.app))
-        await ledger.open()
+                             "pass --ledger-dsn DSN (or --postgres DSN)")
+        if options.ledger_dsn is None:
+            log.info("the workers' ledger (raw tool results) shares the --postgres DSN; "
+                     "give it a role of its own with --ledger-dsn")
+        ledger = PostgresLedger(ledger_dsn, namespace=options.topics.deployment(options.app))
+        await _opening(ledger.open(), runners, follower)
         running.worker = KafkaWorker(options.bootstrap, options.topics, options.registry,
                                      ledger, app=options.app,
                                      concurrency=options.concurrency, clock=clock,
@@ -106,7 +113,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     if options.notify is not None and options.postgres is not None:
         deliveries = PostgresDeliveryLedger(options.postgres,
                                             deployment=options.topics.deployment(options.app))
-        await deliveries.open()
+        await _opening(deliveries.open(), runners, follower)
         running.notifier = KafkaNotifier(options.bootstrap, options.topics, options.notify,
                                          deliveries, app=options.app, clock=clock,
                                          instance_id=options.instance_id)
@@ -129,3 +136,18 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         if deliveries is not None:
             await deliveries.close()
     return running
+
+
+async def _opening(opened: Awaitable[None], runners: list[Awaitable[None]],
+                   follower: SpecFollower) -> None:
+    """Open a ledger; if it cannot be opened, undo what ``serve`` started before it (the
+    spec follower, the parts not yet running) and raise."""
+    try:
+        await opened
+    except BaseException:
+        for runner in runners:
+            if inspect.iscoroutine(runner) and (
+                    inspect.getcoroutinestate(runner) == inspect.CORO_CREATED):
+                runner.close()
+        await follower.stop()
+        raise
