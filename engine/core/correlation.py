@@ -437,3 +437,66 @@ def subscription_changes(before: RunState | None, events: Sequence[ev.Event],
 def _close_of(wait: _Wait) -> CloseSubscription:
     return CloseSubscription(run_id=wait.run_id, wait=wait.wait, name=wait.name, key=wait.key,
                              tenant=wait.tenant)
+
+
+# ---------------------------------------------------------------------- the edges
+
+
+class MessageError(ValueError):
+    """A message that cannot be published; the text names the field and what to fix."""
+
+
+def new_message(*, message_id: str, name: str, key: str, data: Any = None,
+                ttl_ms: int = DEFAULT_TTL_MS, tenant: str = "default") -> PublishMessage:
+    """A ``PublishMessage`` checked at the edge (CLI, API): what the processors would have
+    to refuse later is refused here, with the field to fix."""
+    for field_name, value in (("message_id", message_id), ("name", name), ("key", key),
+                              ("tenant", tenant)):
+        if not isinstance(value, str) or not value.strip():
+            raise MessageError(f"{field_name}: give a non-empty string")
+    if "/" in tenant or "/" in name:
+        raise MessageError(f"{'tenant' if '/' in tenant else 'name'}: '/' separates tenant, "
+                           "name and key in the record key; use another character")
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 0:
+        raise MessageError("ttl: give a duration of zero or more (0 delivers only to the "
+                           "waits open now)")
+    return PublishMessage(message_id=message_id, name=name, key=key, tenant=tenant, data=data,
+                          ttl_ms=ttl_ms)
+
+
+@dataclass(slots=True)
+class MessageSummary:
+    """One message as its events tell it, for listings (``terranoha messages``)."""
+
+    message_id: str
+    name: str
+    key: str
+    tenant: str
+    published_at: int
+    expires_at: int
+    runs: list[str]
+    expired: bool = False
+
+    @property
+    def status(self) -> str:
+        if not self.expired:
+            return "buffered"
+        return "delivered" if self.runs else "unmatched"
+
+
+def summarize(events: Sequence[CorrelationEvent]) -> list[MessageSummary]:
+    """The messages of ``events`` (in log order), oldest first."""
+    out: dict[tuple[str, str, str, str], MessageSummary] = {}
+    for e in events:
+        if isinstance(e, MessagePublished):
+            out[(e.tenant, e.name, e.key, e.message_id)] = MessageSummary(
+                e.message_id, e.name, e.key, e.tenant, e.ts, e.expires_at, [])
+        elif isinstance(e, MessageCorrelated | MessageExpired):
+            found = out.get((e.tenant, e.name, e.key, e.message_id))
+            if found is None:
+                continue
+            if isinstance(e, MessageCorrelated):
+                found.runs.append(e.run_id)
+            else:
+                found.expired = True
+    return sorted(out.values(), key=lambda m: m.published_at)
