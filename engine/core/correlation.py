@@ -93,13 +93,17 @@ class CloseSubscription:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExpireMessages:
-    """The timer of a correlation key: expire what is due, forget old ids."""
+    """The timer of a correlation key: expire what is due, forget old ids. ``due_at``
+    tells one arming from the next, so a timer written for an earlier due time is
+    recognised as spent (the keyed processor writes only timers the state still asks
+    for)."""
 
     TYPE: ClassVar[str] = "ExpireMessages"
     VERSION: ClassVar[int] = 1
     name: str
     key: str
     tenant: str = "default"
+    due_at: int = 0
 
 
 CorrelationCommand = PublishMessage | OpenSubscription | CloseSubscription | ExpireMessages
@@ -360,7 +364,7 @@ def timer(state: CorrelationState) -> tuple[int, ExpireMessages] | None:
     if due is None:
         return None
     tenant, name, key = _parts(state)
-    return due, ExpireMessages(name=name, key=key, tenant=tenant)
+    return due, ExpireMessages(name=name, key=key, tenant=tenant, due_at=due)
 
 
 def _parts(state: CorrelationState) -> tuple[str, str, str]:

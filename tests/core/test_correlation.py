@@ -129,6 +129,19 @@ def test_a_buffered_message_past_its_ttl_answers_nobody_and_expires_by_its_timer
     assert key.last[0].runs == ()
 
 
+def test_each_arming_of_a_keys_timer_is_a_different_command() -> None:
+    """The keyed processor re-writes a timer its state still asks for: a timer for an
+    earlier due time must not look like the one armed now."""
+    key = Key()
+    key.when(publish("m1", ttl=1_000), T0)
+    first = timer(key.state)  # type: ignore[arg-type]
+    key.when(publish("m2", ttl=1_000), T0 + 10)
+    key.when(ExpireMessages(name="payment", key="o1", due_at=T0 + 1_000), T0 + 1_000)
+    second = timer(key.state)  # type: ignore[arg-type]
+    assert first is not None and second is not None
+    assert first[1] != second[1] and (first[0], second[0]) == (T0 + 1_000, T0 + 1_010)
+
+
 def test_a_buffered_message_reaches_a_run_at_most_once_across_its_waits() -> None:
     key = Key()
     key.when(publish("m1", ttl=60_000))
