@@ -106,10 +106,30 @@ class ExpireMessages:
     due_at: int = 0
 
 
-CorrelationCommand = PublishMessage | OpenSubscription | CloseSubscription | ExpireMessages
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectCorrelation:
+    """The run refused a delivery: the wait it was for had ended on the way (a timeout,
+    say). The message is no longer counted as the run's, so the run's next wait on the
+    key can take it (Zeebe does the same)."""
+
+    TYPE: ClassVar[str] = "RejectCorrelation"
+    VERSION: ClassVar[int] = 1
+    run_id: str
+    wait: str
+    message_id: str
+    name: str
+    key: str
+    tenant: str = "default"
+
+
+CorrelationCommand = (PublishMessage | OpenSubscription | CloseSubscription | ExpireMessages
+                      | RejectCorrelation)
 
 CORRELATION_COMMANDS: tuple[type, ...] = (PublishMessage, OpenSubscription, CloseSubscription,
-                                         ExpireMessages)
+                                         ExpireMessages, RejectCorrelation)
+
+RunSideCommand = OpenSubscription | CloseSubscription | RejectCorrelation
+"""What a run's engine writes to message correlation."""
 
 
 def key_of(command: CorrelationCommand) -> str:
@@ -188,6 +208,21 @@ class SubscriptionClosed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CorrelationRejected:
+    """Run ``run_id`` refused message ``message_id`` for its ended wait ``wait``."""
+
+    TYPE: ClassVar[str] = "CorrelationRejected"
+    VERSION: ClassVar[int] = 1
+    message_id: str
+    name: str
+    key: str
+    tenant: str
+    run_id: str
+    wait: str
+    ts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MessageIdsForgotten:
     """Ids past their de-duplication window: a publish with one of them is new again."""
 
@@ -198,11 +233,11 @@ class MessageIdsForgotten:
 
 
 CorrelationEvent = (MessagePublished | MessageCorrelated | MessageExpired | SubscriptionOpened
-                    | SubscriptionClosed | MessageIdsForgotten)
+                    | SubscriptionClosed | CorrelationRejected | MessageIdsForgotten)
 
 CORRELATION_EVENTS: tuple[type, ...] = (MessagePublished, MessageCorrelated, MessageExpired,
                                        SubscriptionOpened, SubscriptionClosed,
-                                       MessageIdsForgotten)
+                                       CorrelationRejected, MessageIdsForgotten)
 
 
 # ---------------------------------------------------------------------- state
@@ -258,6 +293,8 @@ def decide(state: CorrelationState | None, command: CorrelationCommand,
         return _open(current, command, now)
     if isinstance(command, CloseSubscription):
         return _close(current, command, now)
+    if isinstance(command, RejectCorrelation):
+        return _rejected(current, command, now)
     return _expire(current, now)
 
 
@@ -306,6 +343,22 @@ def _close(state: CorrelationState, c: CloseSubscription, now: int) -> list[Corr
                                tenant=c.tenant, ts=now)]
 
 
+def _rejected(state: CorrelationState, c: RejectCorrelation,
+              now: int) -> list[CorrelationEvent]:
+    out: list[CorrelationEvent] = [CorrelationRejected(
+        message_id=c.message_id, name=c.name, key=c.key, tenant=c.tenant, run_id=c.run_id,
+        wait=c.wait, ts=now)]
+    message = next((m for m in state.messages if m.message_id == c.message_id
+                    and _matches(m, c.tenant, c.name, c.key)), None)
+    if message is None or message.expires_at <= now:
+        return out  # not buffered (TTL 0, or expired): nothing is left to hand on
+    for sub in state.subscriptions:  # the run waits again on this key: it takes it now
+        if sub.run_id == c.run_id and _matches(sub, c.tenant, c.name, c.key):
+            out.append(_correlated(message.message_id, message.data, sub, now))
+            break
+    return out
+
+
 def _expire(state: CorrelationState, now: int) -> list[CorrelationEvent]:
     out: list[CorrelationEvent] = [
         MessageExpired(message_id=m.message_id, name=m.name, key=m.key, tenant=m.tenant,
@@ -344,6 +397,10 @@ def evolve(state: CorrelationState | None, event: CorrelationEvent) -> Correlati
     if isinstance(event, MessageExpired):
         return replace(current, messages=tuple(m for m in current.messages
                                                if m.message_id != event.message_id))
+    if isinstance(event, CorrelationRejected):
+        return replace(current, messages=tuple(
+            replace(m, runs=tuple(r for r in m.runs if r != event.run_id))
+            if m.message_id == event.message_id else m for m in current.messages))
     if isinstance(event, SubscriptionOpened):
         sub = Subscription(event.run_id, event.wait, event.name, event.key, event.tenant)
         return replace(current, subscriptions=(*current.subscriptions, sub))
@@ -438,6 +495,16 @@ def subscription_changes(before: RunState | None, events: Sequence[ev.Event],
     return out
 
 
+def refused_delivery(command: CorrelateMessage,
+                     events: Sequence[ev.Event]) -> RejectCorrelation | None:
+    """The answer to correlation when the run refused ``command`` (its wait had ended)."""
+    if not any(isinstance(e, ev.CommandRejected | ev.CommandRejectedV2) for e in events):
+        return None
+    return RejectCorrelation(run_id=command.run_id, wait=command.wait,
+                             message_id=command.message_id, name=command.name,
+                             key=command.key, tenant=command.tenant)
+
+
 def _close_of(wait: _Wait) -> CloseSubscription:
     return CloseSubscription(run_id=wait.run_id, wait=wait.wait, name=wait.name, key=wait.key,
                              tenant=wait.tenant)
@@ -495,12 +562,14 @@ def summarize(events: Sequence[CorrelationEvent]) -> list[MessageSummary]:
         if isinstance(e, MessagePublished):
             out[(e.tenant, e.name, e.key, e.message_id)] = MessageSummary(
                 e.message_id, e.name, e.key, e.tenant, e.ts, e.expires_at, [])
-        elif isinstance(e, MessageCorrelated | MessageExpired):
+        elif isinstance(e, MessageCorrelated | MessageExpired | CorrelationRejected):
             found = out.get((e.tenant, e.name, e.key, e.message_id))
             if found is None:
                 continue
             if isinstance(e, MessageCorrelated):
                 found.runs.append(e.run_id)
+            elif isinstance(e, CorrelationRejected):
+                found.runs = [r for r in found.runs if r != e.run_id]
             else:
                 found.expired = True
     return sorted(out.values(), key=lambda m: m.published_at)

@@ -29,7 +29,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from aiokafka import TopicPartition
 
 from engine.codec import decode, encode
-from engine.core.correlation import CloseSubscription, OpenSubscription, key_of
+from engine.core.correlation import (
+    CloseSubscription,
+    OpenSubscription,
+    RejectCorrelation,
+    key_of,
+)
 from engine.core.events import Event
 from engine.core.state import RunState
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
@@ -148,7 +153,7 @@ class RunTask(Task):
         out.extend(start_run_record(t, start, trigger)
                    for start, trigger in zip(batch.forwards, batch.forwarded_from, strict=True))
         for change in batch.correlation:
-            if isinstance(change, OpenSubscription | CloseSubscription):
+            if isinstance(change, OpenSubscription | CloseSubscription | RejectCorrelation):
                 key = key_of(change).encode()
                 out.append((t.messages, key_partition(key, t.partitions), key, encode(change),
                             trace_headers(change.run_id, f"{change.TYPE}:{change.wait}",

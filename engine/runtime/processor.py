@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.codec import DecodeError, decode
-from engine.core.commands import Command, StartRun
+from engine.core.commands import Command, CorrelateMessage, StartRun
 from engine.core.correlation import (
     CloseSubscription,
     CorrelationCommand,
     OpenSubscription,
     PublishMessage,
+    RejectCorrelation,
+    refused_delivery,
     subscription_changes,
 )
 from engine.core.decide import process
@@ -262,7 +264,8 @@ class Processor:
             elif isinstance(record, PublishMessage) and self.accepts_messages:
                 batch.correlation.append(record)
                 continue
-            elif isinstance(record, PublishMessage | OpenSubscription | CloseSubscription):
+            elif isinstance(record, PublishMessage | OpenSubscription | CloseSubscription
+                            | RejectCorrelation):
                 self._dead(batch, item, "unexpected_record",
                            f"{type(record).__name__} is a message-correlation record: publish "
                            "messages to the messages topic (`terranoha publish`), keyed by "
@@ -311,6 +314,10 @@ class Processor:
                                               first_seq=events[0].seq, last_seq=events[-1].seq))
         batch.recorded_offsets.append(item.offset)
         batch.correlation.extend(subscription_changes(state, events, decision.state))
+        if isinstance(command, CorrelateMessage):
+            refused = refused_delivery(command, events)
+            if refused is not None:
+                batch.correlation.append(refused)
         workflow = decision.state.workflow
         for event in events:
             if isinstance(event, TimerArmed):

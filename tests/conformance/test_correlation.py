@@ -27,6 +27,12 @@ SPECS = [
                                                "timeout": "30s"}}],
     }),
     load_spec({
+        "workflow": "looping", "version": 1, "input": {"order": "string"},
+        "steps": [{"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
+                                               "timeout": "100ms",
+                                               "on_timeout": {"goto": "pay"}}}],
+    }),
+    load_spec({
         "workflow": "short", "version": 1, "input": {"order": "string"},
         "steps": [{"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
                                                "timeout": "300ms"}}],
@@ -138,3 +144,18 @@ def test_a_wait_that_timed_out_gets_no_message_and_signals_by_run_id_still_work(
     d.submit(DeliverSignal(command_id=uuid.uuid4().hex, run_id=direct, name="payment",
                            data="by run id"))
     assert d.wait_status(direct, "Completed").results["pay"] == "by run id"
+
+
+def test_a_run_that_keeps_waiting_again_gets_the_message_once(d: Driver) -> None:
+    """The wait times out every 100 ms and begins again: a message can reach a wait that
+    has just ended; the run refuses that delivery, and its next wait takes the message."""
+    tag = uuid.uuid4().hex[:8]
+    run_id = _start(d, f"L-{tag}", workflow="looping")
+    d.wait(run_id, lambda s: s.visits.get("pay", 0) >= 3, what="a few waits")
+    paid = _message(f"L-{tag}", "at last", ttl_ms=60_000)
+    d.publish(paid)
+    state = d.wait_status(run_id, "Completed")
+    assert state.results["pay"] == "at last"
+    assert [e.TYPE for e in d.events(run_id)].count("SignalReceived") == 1
+    _eventually(lambda: (_status(d, paid.message_id) or ("", []))[1] == [run_id],
+                "the message counted as the run's once")

@@ -22,12 +22,14 @@ from engine.core.correlation import (
     MessagePublished,
     OpenSubscription,
     PublishMessage,
+    RejectCorrelation,
     SubscriptionClosed,
     decide,
     delivery,
     evolve,
     is_empty,
     new_message,
+    refused_delivery,
     subscription_changes,
     summarize,
     timer,
@@ -498,3 +500,41 @@ def test_every_published_message_is_accounted_for_when_it_expires(
         assert list(e.runs) == [c.run_id for c in log if isinstance(c, MessageCorrelated)
                                 and ident(c) == ident(e)]
     assert all(m.status != "buffered" for m in summarize(log))
+
+
+def test_a_refused_delivery_goes_to_the_runs_next_wait_on_the_key() -> None:
+    """The run's wait ended while the message was on its way and the run waits again on
+    the key: once the run refuses the first delivery, its new wait takes the message."""
+    key = Key()
+    key.when(open_("r1", wait="pay#1"))
+    key.when(publish("m1", ttl=60_000))          # correlated to pay#1 ...
+    key.when(close("r1", wait="pay#1"))          # ... which timed out meanwhile
+    key.when(open_("r1", wait="pay#2"))
+    assert key.types() == ["SubscriptionOpened"], "a run gets a message at most once"
+    events = key.when(RejectCorrelation(run_id="r1", wait="pay#1", message_id="m1",
+                                        name="payment", key="o1"))
+    assert key.types() == ["CorrelationRejected", "MessageCorrelated"]
+    assert events[1].wait == "pay#2"
+
+
+def test_a_refused_delivery_of_an_unbuffered_message_is_recorded_and_taken_back() -> None:
+    key = Key()
+    log = [*key.when(open_("r1")), *key.when(publish("m1"))]
+    log += key.when(RejectCorrelation(run_id="r1", wait="pay#1", message_id="m1",
+                                      name="payment", key="o1"))
+    assert key.types() == ["CorrelationRejected"]
+    assert [(m.message_id, m.status, m.runs) for m in summarize(log)] == [
+        ("m1", "unmatched", [])]
+
+
+def test_the_run_side_answers_a_refused_delivery() -> None:
+    flow = _waiting(KEYED)
+    stale = cmd.CorrelateMessage(command_id="x", run_id=RUN, name="payment", key="o1",
+                                 message_id="m1", wait="pay#7")
+    flow.when(stale)
+    assert refused_delivery(stale, flow.last) == RejectCorrelation(
+        run_id=RUN, wait="pay#7", message_id="m1", name="payment", key="o1")
+    good = cmd.CorrelateMessage(command_id="y", run_id=RUN, name="payment", key="o1",
+                                message_id="m2", wait="pay#1")
+    flow.when(good)
+    assert refused_delivery(good, flow.last) is None
