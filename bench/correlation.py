@@ -6,11 +6,12 @@ their key.
 On topics of its own (random prefix, deleted at the end), the orchestrator and the
 correlation processor run in this process (as ``serve --kafka`` runs them). N runs of a
 one-step workflow (``wait_event`` keyed on the run's order id) are started and waited
-for until each has opened its subscription; then N messages, one per order, are
-published as fast as the broker takes them. Figures: deliveries per second (first
-publish to last run completed) and publish → run completed latency p50/p95/p99 (record
+for until each has opened its subscription; then one message per order: for half of
+the runs as fast as the broker takes them (deliveries per second, first publish to last
+run completed, and the latency under that burst), for the other half at ``--rate`` a
+second (the latency at low load). Latency is publish → run completed, from the record
 timestamps of the message and of the run's ``RunCompleted``: the message's hop through
-the correlation processor and the run's transaction). Written to
+the correlation processor, the delivery, and the run's transaction. Written to
 ``bench/results/correlation.json``.
 """
 
@@ -68,7 +69,22 @@ async def _count(bootstrap: str, topic: str, partitions: int, kind: type,
         await consumer.stop()
 
 
-async def main(runs: int, partitions: int) -> dict[str, Any]:
+async def _publish(producer: AIOKafkaProducer, topics: Topics, orders: list[str],
+                   published: dict[str, int], rate: float | None) -> None:
+    """One message per order, as fast as possible (``rate`` None) or at ``rate`` a second;
+    records each run's message timestamp."""
+    sent = []
+    for order in orders:
+        topic, key, value = message_record(topics, PublishMessage(
+            message_id=f"paid-{order}", name="payment", key=order, data={"ok": True}))
+        sent.append((run_id_for("default", order), await producer.send(topic, value, key=key)))
+        if rate is not None:
+            await asyncio.sleep(1 / rate)
+    for run_id, future in sent:
+        published[run_id] = (await future).timestamp
+
+
+async def main(runs: int, partitions: int, rate: float) -> dict[str, Any]:
     bootstrap, _ = infra_settings()
     topics = Topics(prefix=f"bc{uuid.uuid4().hex[:8]}", partitions=partitions)
     await ensure_topics(bootstrap, topics.core_topics())
@@ -94,21 +110,25 @@ async def main(runs: int, partitions: int) -> dict[str, Any]:
         opened = await _count(bootstrap, topics.message_events, partitions, SubscriptionOpened,
                               runs, 300)
         assert len(opened) == runs, f"only {len(opened)} of {runs} waits opened"
-        sent = []
-        for order in orders:
-            topic, key, value = message_record(topics, PublishMessage(
-                message_id=f"paid-{order}", name="payment", key=order, data={"ok": True}))
-            sent.append((run_id_for("default", order), await producer.send(topic, value,
-                                                                           key=key)))
-        published = {run_id: (await future).timestamp for run_id, future in sent}
-        published_ms = min(published.values())
+        burst, paced = orders[: runs // 2], orders[runs // 2:]
+        published: dict[str, int] = {}
+        await _publish(producer, topics, burst, published, rate=None)
+        await _publish(producer, topics, paced, published, rate=rate)
         completed = await _count(bootstrap, topics.events, partitions, RunCompleted, runs, 300)
         assert len(completed) == runs, f"only {len(completed)} of {runs} runs completed"
-        last = max(completed.values())
-        latencies = [t - published[run_id] for run_id, t in completed.items()]
-        return {"runs": runs, "partitions": partitions,
-                "deliveries_per_s": round(runs / max((last - published_ms) / 1000, 1e-3), 1),
-                "publish_to_completed_ms": percentiles([float(x) for x in latencies])}
+        burst_ids = [run_id_for("default", o) for o in burst]
+        paced_ids = [run_id_for("default", o) for o in paced]
+        first = min(published[r] for r in burst_ids)
+        last = max(completed[r] for r in burst_ids)
+        return {
+            "runs": runs, "partitions": partitions,
+            "burst_deliveries_per_s": round(len(burst) / max((last - first) / 1000, 1e-3), 1),
+            "burst_publish_to_completed_ms": percentiles(
+                [float(completed[r] - published[r]) for r in burst_ids]),
+            "paced_rate_per_s": rate,
+            "paced_publish_to_completed_ms": percentiles(
+                [float(completed[r] - published[r]) for r in paced_ids]),
+        }
     finally:
         await producer.stop()
         stop.set()
@@ -121,8 +141,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--rate", type=float, default=20.0,
+                        help="messages a second for the paced half (latency at low load)")
     args = parser.parse_args()
-    result = asyncio.run(main(args.runs, args.partitions))
+    result = asyncio.run(main(args.runs, args.partitions, args.rate))
     print(json.dumps(result, indent=2))
     out = Path(__file__).resolve().parent / "results" / "correlation.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
