@@ -63,7 +63,7 @@ def correlation_logic(topics: Topics) -> KeyedLogic[CorrelationCommand, Correlat
     return KeyedLogic(
         decode=_decode_command, key=core.key_of, decide=core.decide, evolve=core.evolve,
         encode_event=encode, encode_state=encode, decode_state=_decode_state,
-        encode_command=encode, outputs=outputs, timers=_timers)
+        encode_command=encode, outputs=outputs, timers=_timers, empty=core.is_empty)
 
 
 class CorrelationProcessor(KeyedProcessor[CorrelationCommand, CorrelationState,

@@ -13,6 +13,7 @@ import pytest
 from engine.codec import decode, encode
 from engine.core.commands import CorrelateMessage
 from engine.core.correlation import (
+    CloseSubscription,
     MessageExpired,
     OpenSubscription,
     PublishMessage,
@@ -120,5 +121,28 @@ def test_records_that_do_not_belong_become_dead_letters_that_say_why(
         detail = next(d.detail for d in dead if d.reason == "wrong_partition")
         assert "murmur2" in detail and f"partition {home}" in detail
         assert not await read_all(kafka_bootstrap, topics.inputs, topics.partitions)
+
+    asyncio.run(main())
+
+
+def test_a_key_with_nothing_left_leaves_memory_and_its_changelog(
+        kafka_bootstrap: str, topics: Topics) -> None:
+    """A wait that opened and closed leaves nothing to keep: the key's changelog entry is a
+    tombstone and the processor forgets it (state follows live keys, not history)."""
+    async def main() -> None:
+        processor = CorrelationProcessor(kafka_bootstrap, topics, app=topics.prefix)
+        async with running(processor.run):
+            assert await eventually(lambda: len(processor.parts) == topics.partitions, 60)
+            await _send(kafka_bootstrap, topics, _wait("run-a", "gone"), _wait("run-b", "kept"))
+            assert await eventually(lambda: processor.state("default/payment/kept")
+                                    is not None, 60)
+            await _send(kafka_bootstrap, topics, CloseSubscription(
+                run_id="run-a", wait="pay#1", name="payment", key="gone"))
+            assert await eventually(lambda: processor.stats.events >= 3, 60)
+            assert processor.state("default/payment/gone") is None
+        changelog = await read_all(kafka_bootstrap, topics.message_state, topics.partitions)
+        latest = {r.key: r.value for r in changelog}
+        assert latest[b"default/payment/gone"] is None
+        assert latest[b"default/payment/kept"] is not None
 
     asyncio.run(main())
