@@ -538,3 +538,102 @@ def test_the_run_side_answers_a_refused_delivery() -> None:
                                 message_id="m2", wait="pay#1")
     flow.when(good)
     assert refused_delivery(good, flow.last) is None
+
+
+# ----------------------------------------------------------- both sides, interleaved
+
+LOOPING = load_spec(wf({"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
+                                                    "timeout": "1s",
+                                                    "on_timeout": {"goto": "pay"}}},
+                       input={"order": "string"}))
+ORDERS = {"r1": "k1", "r2": "k1", "r3": "k2"}
+
+step = st.one_of(
+    st.tuples(st.just("run"), st.sampled_from(sorted(ORDERS))),        # a run takes an input
+    st.tuples(st.just("correlate"), st.sampled_from(("k1", "k2"))),     # correlation does
+    st.tuples(st.just("timeout"), st.sampled_from(sorted(ORDERS))),     # a wait's timer fires
+    st.tuples(st.just("publish"), st.sampled_from(("k1", "k2")), st.sampled_from((0, 3_600_000))),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(step, max_size=40))
+def test_runs_and_correlation_interleaved_lose_no_message_and_double_none(
+        steps: list[tuple[Any, ...]]) -> None:
+    """The run side and correlation exchange records through queues (per run, per key, in
+    order, as Kafka partitions keep them) processed in any interleaving, with waits that
+    time out and begin again while deliveries are on their way. Then: a run completes only
+    with a message of its own key, no run gets a message twice, and once everything is
+    delivered no run still waits while a buffered message of its key has not reached it."""
+    now = T0
+    runs: dict[str, RunState] = {}
+    run_queue: dict[str, list[cmd.Command]] = {r: [] for r in ORDERS}
+    key_queue: dict[str, list[Any]] = {"k1": [], "k2": []}
+    keys: dict[str, CorrelationState] = {}
+    received: dict[str, list[Any]] = {r: [] for r in ORDERS}
+    ids = iter(range(10_000))
+
+    def to_correlation(records: list[Any]) -> None:
+        for record in records:
+            key_queue[record.key].append(record)
+
+    def run_input(run: str) -> None:
+        if not run_queue[run]:
+            return
+        command = run_queue[run].pop(0)
+        decision = process(runs.get(run), command, LOOPING, now)
+        assert decision.state is not None
+        before, runs[run] = runs.get(run), decision.state
+        if isinstance(command, cmd.CorrelateMessage) and any(
+                isinstance(e, SignalReceived) for e in decision.events):
+            received[run].append(command)
+        changes: list[Any] = list(subscription_changes(before, decision.events, decision.state))
+        if isinstance(command, cmd.CorrelateMessage):
+            refused = refused_delivery(command, decision.events)
+            if refused is not None:
+                changes.append(refused)
+        to_correlation(changes)
+
+    def correlation_input(key: str) -> None:
+        if not key_queue[key]:
+            return
+        batch = correlate([key_queue[key].pop(0)], keys.get, now)
+        keys.update(batch.states)
+        for delivered in batch.deliveries:
+            run_queue[delivered.run_id].append(delivered)
+
+    for run, order in ORDERS.items():
+        run_queue[run].append(cmd.StartRun(command_id=f"s-{run}", run_id=run, workflow="w",
+                                           version=1, input={"order": order}))
+        run_input(run)
+    for s in steps:
+        if s[0] == "run":
+            run_input(s[1])
+        elif s[0] == "correlate":
+            correlation_input(s[1])
+        elif s[0] == "timeout":
+            state = runs[s[1]]
+            armed = [t for t in state.timers.values() if t.kind == "signal_timeout"]
+            if armed:
+                now = max(now, armed[0].due_at)
+                run_queue[s[1]].append(cmd.FireTimer(command_id=f"t{next(ids)}", run_id=s[1],
+                                                     timer_id=armed[0].timer_id))
+        else:
+            key_queue[s[1]].append(publish(f"m{next(ids)}", key=s[1], ttl=s[2]))
+    while any(run_queue.values()) or any(key_queue.values()):  # deliver everything in hand
+        for run in ORDERS:
+            run_input(run)
+        for key in key_queue:
+            correlation_input(key)
+
+    for run, got in received.items():
+        assert len(got) <= 1, f"{run} completed twice"
+        assert all(c.key == ORDERS[run] for c in got), f"{run} got another key's message"
+        assert (runs[run].status is RunStatus.COMPLETED) == bool(got)
+    for state in keys.values():
+        for message in state.messages:
+            for run, order in ORDERS.items():
+                if order == message.key and runs[run].status is RunStatus.WAITING:
+                    assert run not in message.runs, f"{message.message_id} counted for {run}"
+                    raise AssertionError(f"{run} waits on {key} beside buffered "
+                                         f"{message.message_id}")
