@@ -440,10 +440,12 @@ def is_empty(state: CorrelationState) -> bool:
 
 
 def delivery(event: MessageCorrelated) -> CorrelateMessage:
-    """The command a correlation writes to its run's inputs. Its id is stable, so a
-    delivery written twice is one."""
+    """The command a correlation writes to its run's inputs. Its id names the message,
+    the run and the wait: a message handed back and delivered to the run's next wait is
+    another command."""
     return CorrelateMessage(
-        command_id=f"message:{event.message_id}:{event.run_id}", run_id=event.run_id,
+        command_id=f"message:{event.message_id}:{event.run_id}:{event.wait}",
+        run_id=event.run_id,
         tenant=event.tenant, correlation_id=event.run_id, name=event.name, key=event.key,
         message_id=event.message_id, wait=event.wait, data=event.data)
 

@@ -221,7 +221,7 @@ def test_delivery_addresses_the_run_and_its_wait_with_a_stable_command_id() -> N
                               run_id="r1", wait="pay#1", data=1, ts=T0)
     command = delivery(event)
     assert (command.run_id, command.wait, command.tenant, command.command_id) == (
-        "r1", "pay#1", "t", "message:m1:r1")
+        "r1", "pay#1", "t", "message:m1:r1:pay#1")
 
 
 def test_new_message_names_the_field_to_fix() -> None:
