@@ -31,6 +31,7 @@ from engine.cli._commands import (
     cmd_topics_create,
     cmd_workflows_list,
 )
+from engine.cli._messages import add_commands as add_message_commands
 from engine.cli._notify import cmd_notify
 from engine.cli._process import otel_option
 from engine.cli._projections import add_commands
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-router", action="store_true",
                    help="do not run the trigger router (it runs only for a triggers topic "
                    "whose partition count differs from the run inputs')")
+    p.add_argument("--no-correlation", action="store_true",
+                   help="do not run message correlation (it matches published messages "
+                   "to the waits that name their key)")
     p.add_argument("--instance-id", default=os.environ.get("TERRANOHA_INSTANCE_ID"),
                    help="Kafka: a stable id of this process (static group membership): "
                    "restarted after a crash, it takes its partitions back at once instead of "
@@ -222,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many of the most recent runs (default 20)")
 
     add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
+    add_message_commands(sub, add)
     add_commands(sub, _backend_options)
     return parser
 

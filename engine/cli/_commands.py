@@ -106,6 +106,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
     options = ServeOptions(
         bootstrap=args.kafka, topics=kafka_topics(args), app=args.app,
         engine=not args.no_engine, router=not args.no_router,
+        correlation=not args.no_correlation,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
         ledger_dsn=args.ledger_dsn,
         registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
@@ -118,7 +119,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                            engine.state)
             telemetry.watch_lag(kafka_lag(engine))
             engine.on_committed = telemetry.observe
-        parts = [name for name in ("engine", "router", "worker", "notifier")
+        parts = [name for name in ("engine", "router", "correlation", "worker", "notifier")
                  if getattr(running, name) is not None]
         out.write(f"serving kafka {args.kafka} ({', '.join(parts)}); "
                   f"tools: {', '.join(registry.queues) or 'none'}\n")

@@ -7,6 +7,7 @@ from typing import Any
 
 from engine.codec._shapes import NAMESPACE, record_schema
 from engine.core.commands import COMMAND_TYPES, Command
+from engine.core.correlation import CORRELATION_COMMANDS, CORRELATION_EVENTS, CorrelationState
 from engine.core.events import EVENT_TYPES
 from engine.core.outbox import Notification, TaskCommand
 from engine.core.projection_records import RunTimeline, SlaMetrics
@@ -88,12 +89,19 @@ def core_records() -> list[RecordType]:
         RecordType.of(Notification, "outbox"),
         RecordType.of(RunState, "state"),
         *projection_records(),
+        *correlation_records(),
     ]
 
 
 def projection_records() -> list[RecordType]:
     """The records of the projection topics (run timelines, SLA metrics)."""
     return [RecordType.of(RunTimeline, "projections"), RecordType.of(SlaMetrics, "projections")]
+
+
+def correlation_records() -> list[RecordType]:
+    """The records of message correlation: its commands, its events, its key's state."""
+    return [RecordType.of(cls, "correlation")
+            for cls in (*CORRELATION_COMMANDS, *CORRELATION_EVENTS, CorrelationState)]
 
 
 def _without_docs(value: Any) -> Any:

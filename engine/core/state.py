@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 
 class RunStatus(StrEnum):
@@ -72,10 +72,16 @@ class StepState:
     approval: Approval | None = None
     signal: str = ""
     resume: str = ""
+    signal_key: str | None = None
+    """The correlation key of a ``wait_event`` with a key: messages with the signal's
+    name and this key answer the wait."""
 
 
 @dataclass(frozen=True, slots=True)
 class RunState:
+    VERSION: ClassVar[int] = 2
+    """2: ``StepState.signal_key`` (the correlation key of a keyed wait)."""
+
     run_id: str
     tenant: str
     correlation_id: str

@@ -9,13 +9,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.core.commands import Command
+from engine.core.correlation import PublishMessage
 from engine.core.events import Event
 from engine.core.outbox import TaskCommand
 from engine.core.records import Trigger
 from engine.embedded.store import Store
 from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
-from engine.runtime.processor import Processor, StateCache
+from engine.runtime.correlator import correlate
+from engine.runtime.processor import Batch, Processor, StateCache
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 from engine.worker.sdk import ToolRegistry, execute
@@ -38,7 +40,7 @@ class EmbeddedEngine:
         self.poll_ms = poll_ms
         self.specs = SpecRegistry(self.store.specs(), loader=self.store.specs)
         self.cache = StateCache(loader=self.store.state)
-        self.processor = Processor(self.specs, self.cache)
+        self.processor = Processor(self.specs, self.cache, accepts_messages=True)
         self.timers = TimerService(self._is_armed)
         self.offset = self.store.offset()
         self.on_committed: Callable[[Sequence[Event]], None] | None = None
@@ -50,7 +52,7 @@ class EmbeddedEngine:
         state = self.cache.get(run_id)
         return state is not None and timer_id in state.timers
 
-    def submit(self, *records: Command | Trigger) -> None:
+    def submit(self, *records: Command | Trigger | PublishMessage) -> None:
         self.store.append_inputs(records, self.clock.now_ms())
 
     def step(self) -> int:
@@ -58,9 +60,17 @@ class EmbeddedEngine:
         Returns how many records it handled (0 when idle)."""
         handled = 0
         inputs = self.store.read_inputs(self.offset, self.batch_size)
+        now = self.clock.now_ms()
+        # Message correlation runs in the batch's transaction: the subscriptions its waits
+        # open and close, the messages it read, the keys whose TTL timers are due.
+        expiring = self.store.due_correlations(now)
+        if inputs or expiring:
+            batch = self.processor.process(inputs, now) if inputs else Batch()
+            correlation = correlate([*batch.correlation, *expiring],
+                                    self.store.correlation_state, now)
+            self.store.write_batch(batch, correlation=correlation)
+            handled += len(expiring)
         if inputs:
-            batch = self.processor.process(inputs, self.clock.now_ms())
-            self.store.write_batch(batch)
             # Only now, with the batch durable, does its state become the committed state.
             self.cache.commit(batch.states)
             if self.on_committed is not None:

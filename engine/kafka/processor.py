@@ -7,7 +7,8 @@ transactions and their outcomes). A batch of task p is decided by the shared
 ``Processor`` and written in ONE transaction: events and recorded commands (events
 topic, p), state snapshots (state changelog, p), task commands (task topics, p),
 notifications, dead letters, the ``StartRun`` of triggers read at p for runs of other
-partitions (run inputs, their partition), and the offsets of both input partitions. Only
+partitions (run inputs, their partition), the subscriptions its keyed waits open and
+close (messages topic, by correlation key), and the offsets of both input partitions. Only
 after the commit succeeds does the batch's state enter the task's cache.
 
 A trigger keyed by its run id lands on its run's partition and is decided in the same
@@ -28,11 +29,17 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from aiokafka import TopicPartition
 
 from engine.codec import decode, encode
+from engine.core.correlation import (
+    CloseSubscription,
+    OpenSubscription,
+    RejectCorrelation,
+    key_of,
+)
 from engine.core.events import Event
 from engine.core.state import RunState
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
 from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStats
-from engine.kafka.topics import Topics
+from engine.kafka.topics import Topics, key_partition
 from engine.runtime.clock import Clock
 from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter_of
 from engine.runtime.specs import SpecRegistry
@@ -146,6 +153,12 @@ class RunTask(Task):
                         [("reason", dead.reason.encode())]))
         out.extend(start_run_record(t, start, trigger)
                    for start, trigger in zip(batch.forwards, batch.forwarded_from, strict=True))
+        for change in batch.correlation:
+            if isinstance(change, OpenSubscription | CloseSubscription | RejectCorrelation):
+                key = key_of(change).encode()
+                out.append((t.messages, key_partition(key, t.partitions), key, encode(change),
+                            trace_headers(change.run_id, f"{change.TYPE}:{change.wait}",
+                                          change.tenant)))
         return out
 
 

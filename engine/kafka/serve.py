@@ -1,6 +1,7 @@
 """Run the Kafka backend's parts in one process: the orchestrator, the trigger router,
-the spec follower, given tools and PostgreSQL a worker, and given delivery settings and
-PostgreSQL the notifier. Each part can be left out to run them as separate processes.
+message correlation, the spec follower, given tools and PostgreSQL a worker, and given
+delivery settings and PostgreSQL the notifier. Each part can be left out to run them
+as separate processes.
 
 The router runs only for a triggers topic whose partition count differs from the run
 inputs': a co-partitioned triggers topic (the default) is read by the orchestrator."""
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from engine.kafka.correlation import CorrelationProcessor
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.processor import KafkaEngine
 from engine.kafka.router import TriggerRouter
@@ -35,6 +37,8 @@ class ServeOptions:
     app: str = "terranoha"
     engine: bool = True
     router: bool = True
+    correlation: bool = True
+    """Run message correlation (matching published messages to keyed waits)."""
     postgres: str | None = None
     ledger_dsn: str | None = None
     """Where the workers keep their idempotency ledger (raw tool results, unredacted; see
@@ -57,6 +61,7 @@ class Running:
 
     engine: KafkaEngine | None = None
     router: TriggerRouter | None = None
+    correlation: CorrelationProcessor | None = None
     worker: KafkaWorker | None = None
     follower: SpecFollower | None = None
     notifier: KafkaNotifier | None = None
@@ -87,6 +92,11 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                      refresh_specs=follower.catch_up,
                                      instance_id=options.instance_id)
         runners.append(running.engine.run(stop))
+    if options.correlation:
+        running.correlation = CorrelationProcessor(options.bootstrap, options.topics,
+                                                   app=options.app, clock=clock,
+                                                   instance_id=options.instance_id)
+        runners.append(running.correlation.run(stop))
     if options.router and topics.co_partitioned:
         log.info("%s is co-partitioned with %s: the orchestrator reads the triggers, no "
                  "router runs", topics.triggers, topics.inputs)

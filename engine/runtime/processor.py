@@ -14,7 +14,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.codec import DecodeError, decode
-from engine.core.commands import Command, StartRun
+from engine.core.commands import Command, CorrelateMessage, StartRun
+from engine.core.correlation import (
+    CloseSubscription,
+    CorrelationCommand,
+    OpenSubscription,
+    PublishMessage,
+    RejectCorrelation,
+    refused_delivery,
+    subscription_changes,
+)
 from engine.core.decide import process
 from engine.core.events import Event, TimerArmed
 from engine.core.outbox import Notification, TaskCommand, outgoing
@@ -156,6 +165,10 @@ class Batch:
     run's own input partition, in the same atomic unit."""
     forwarded_from: list[Input] = field(default_factory=list)
     """The trigger each of ``forwards`` was read from, in the same order."""
+    correlation: list[CorrelationCommand] = field(default_factory=list)
+    """The subscriptions the batch's keyed waits open and close, in order, and (on the
+    embedded backend, whose one inputs table carries them) published messages. Written to
+    message correlation in the same atomic unit."""
     inputs: int = 0
     last: Input | None = None
 
@@ -214,12 +227,16 @@ class Processor:
     def __init__(self, specs: SpecRegistry, cache: StateCache,
                  owns: Callable[[str], bool] | None = None,
                  triggers_source: str | None = None,
-                 partition_of: Callable[[str], int] | None = None) -> None:
+                 partition_of: Callable[[str], int] | None = None,
+                 accepts_messages: bool = False) -> None:
         self.specs = specs
         self.cache = cache
         self.owns = owns
         self.triggers_source = triggers_source
         self.partition_of = partition_of
+        self.accepts_messages = accepts_messages
+        """Published messages among the inputs go to ``Batch.correlation`` (embedded);
+        otherwise they are dead letters that say where messages go."""
 
     def process(self, inputs: Iterable[Input], now: int) -> Batch:
         batch = Batch()
@@ -250,6 +267,16 @@ class Processor:
                 continue
             elif isinstance(record, Command):
                 command = record
+            elif isinstance(record, PublishMessage) and self.accepts_messages:
+                batch.correlation.append(record)
+                continue
+            elif isinstance(record, PublishMessage | OpenSubscription | CloseSubscription
+                            | RejectCorrelation):
+                self._dead(batch, item, "unexpected_record",
+                           f"{type(record).__name__} is a message-correlation record: publish "
+                           "messages to the messages topic (`terranoha publish`), keyed by "
+                           "tenant/name/key", now)
+                continue
             else:
                 self._dead(batch, item, "unexpected_record",
                            f"{type(record).__name__} is not a command or a trigger", now)
@@ -296,6 +323,11 @@ class Processor:
         batch.recorded.append(RecordedCommand(run_id=run_id, command=command, now=now,
                                               first_seq=events[0].seq, last_seq=events[-1].seq))
         batch.recorded_offsets.append(item.offset)
+        batch.correlation.extend(subscription_changes(state, events, decision.state))
+        if isinstance(command, CorrelateMessage):
+            refused = refused_delivery(command, events)
+            if refused is not None:
+                batch.correlation.append(refused)
         workflow = decision.state.workflow
         for event in events:
             if isinstance(event, TimerArmed):
