@@ -1,0 +1,139 @@
+"""The Go worker of ``examples/go-worker`` (franz-go, hamba/avro) as one tool of a real
+workflow on the real broker: the engine dispatches to it, a Python tool reads its result,
+and the run completes; a business error it reports fails the run with its code."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.kafka.topics import delete_topics
+from tests.infra import kafka_bootstrap, postgres_dsn
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "examples" / "go-worker"
+
+SPEC = """\
+workflow: go-words
+version: 1
+input: {text: string}
+steps:
+  - id: count
+    task: text.count                 # served by the Go worker
+    input: {text: input.text}
+    timeout: 30s
+  - id: summarize
+    task: py.summarize               # served by terranoha serve --workers
+    input: {words: steps.count.result.words, upper: steps.count.result.upper}
+"""
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow,
+              pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def go_worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The worker, built from source (the Go module proxy supplies its modules)."""
+    go = shutil.which("go") or ("/usr/local/go/bin/go"
+                                if Path("/usr/local/go/bin/go").exists() else None)
+    if go is None:
+        pytest.fail("the Go toolchain is needed to build examples/go-worker: install Go "
+                    "(https://go.dev/doc/install) and put `go` on PATH", pytrace=False)
+    binary = tmp_path_factory.mktemp("go") / "go-worker"
+    built = subprocess.run([go, "build", "-o", str(binary), "."], cwd=WORKER,
+                           capture_output=True, text=True, timeout=540)
+    assert built.returncode == 0, built.stderr
+    return binary
+
+
+@pytest.fixture
+def kafka() -> Iterator[list[str]]:
+    bootstrap = kafka_bootstrap()
+    prefix = f"g{uuid.uuid4().hex[:10]}"
+    yield ["--kafka", bootstrap, "--topic-prefix", prefix]
+    asyncio.run(delete_topics(bootstrap, prefix))
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def _start(argv: list[str], first_line: bytes, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(first_line):
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"{argv[0]} did not start: {line!r}\n{err.decode(errors='replace')}")
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err.decode(errors="replace")
+
+
+def _wait_for_end(run_id: str, kafka: list[str]) -> dict[str, object]:
+    deadline = time.monotonic() + 90
+    while True:
+        code, out = _cli("status", run_id, "--json", *kafka)
+        status = json.loads(out) if code == 0 else {}
+        if status.get("status") in ("Completed", "Failed", "Cancelled") \
+                or time.monotonic() > deadline:
+            return status
+        time.sleep(0.3)
+
+
+def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[str],
+                                                  tmp_path: Path) -> None:
+    spec = tmp_path / "go-words.yaml"
+    spec.write_text(SPEC)
+    prefix = kafka[-1]
+    assert _cli("topics", "create", *kafka, "--partitions", "3")[0] == 0
+    # Deploying creates the task topics the Go worker subscribes to.
+    assert _cli("workflows", "deploy", str(spec), *kafka)[0] == 0
+    worker = _start([str(go_worker), "--kafka", kafka[1], "--topic-prefix", prefix,
+                     "--schemas", str(ROOT / "schemas")], b"go worker on")
+    server = _start([sys.executable, "-m", "engine.cli", "serve", *kafka, "--app", prefix,
+                     "--partitions", "3", "--workers", "tests.examples.words_tools",
+                     "--postgres", postgres_dsn()], b"serving")
+    try:
+        code, out = _cli("run", "go-words", "--input", '{"text": "ship it  today"}',
+                         "--key", "words-1", *kafka)
+        done = _wait_for_end(out.splitlines()[0], kafka) if code == 0 else {}
+        code, out = _cli("run", "go-words", "--input", '{"text": "   "}', "--key", "words-2",
+                         *kafka)
+        failed = _wait_for_end(out.splitlines()[0], kafka) if code == 0 else {}
+        dead_letters = _cli("dead-letters", *kafka)[1]
+    finally:
+        logs = f"serve:\n{_stop(server)}\ngo worker:\n{_stop(worker)}"
+    assert done.get("status") == "Completed", (done, logs)
+    assert done["output"] == "3 words: SHIP IT  TODAY"
+    # A business error the Go tool reports fails the run with its code (no handler).
+    assert failed.get("status") == "Failed", (failed, logs)
+    assert "EMPTY_TEXT" in json.dumps(failed["error"])
+    # Every result landed on its run's partition: none went to the dead letters.
+    assert dead_letters == "", dead_letters
+    assert "panic" not in logs and "Traceback" not in logs, logs
