@@ -11,6 +11,7 @@
 | ``terranoha.sla.breaches`` | counter | ``{breach}`` | workflow, scope |
 | ``terranoha.cost`` | counter | ``1`` (the tools' cost unit) | workflow, step |
 | ``terranoha.consumer.lag`` | gauge | ``{record}`` | partition |
+| ``terranoha.projector.events``, ``.batches`` | counter | ``{event}``, ``{batch}`` | projector (``watch_projectors``) |
 
 Durations come from the events' timestamps. Consumer lag is read when the metrics are
 collected, from a source the orchestrator provides (``watch_lag``).
@@ -25,6 +26,7 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from engine.core import events as ev
 from engine.core.state import RunState
+from projections.project import ProjectorStats
 
 LagSource = Callable[[], Mapping[int, int]]
 """Records behind per input partition."""
@@ -139,3 +141,20 @@ class EngineMetrics:
             type(e), "branched")
         self.step_duration.record(max(0, e.ts - started),
                                   {"workflow": info.workflow, "step": step, "status": status})
+
+
+def watch_projectors(provider: MeterProvider, stats: Mapping[str, ProjectorStats]) -> None:
+    """``terranoha.projector.events`` and ``.batches``: what each named projector
+    (``postgres``, ``topics``) has projected since the process started."""
+    meter = provider.get_meter("terranoha.projector")
+
+    def reading(attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(getattr(s, attribute), {"projector": name})
+                    for name, s in stats.items()]
+        return observe
+
+    meter.create_observable_counter("terranoha.projector.events", [reading("events")],
+                                    "{event}", "Run events projected")
+    meter.create_observable_counter("terranoha.projector.batches", [reading("batches")],
+                                    "{batch}", "Batches of run events projected")
