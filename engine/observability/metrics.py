@@ -11,7 +11,7 @@
 | ``terranoha.sla.breaches`` | counter | ``{breach}`` | workflow, scope |
 | ``terranoha.cost`` | counter | ``1`` (the tools' cost unit) | workflow, step |
 | ``terranoha.consumer.lag`` | gauge | ``{record}`` | partition |
-| ``terranoha.projector.events``, ``.batches`` | counter | ``{event}``, ``{batch}`` | projector (``watch_projectors``) |
+| ``terranoha.projector.events``, ``.batches`` | counter | ``{event}``, ``{batch}`` | projector |
 
 Durations come from the events' timestamps. Consumer lag is read when the metrics are
 collected, from a source the orchestrator provides (``watch_lag``).
