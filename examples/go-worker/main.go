@@ -316,9 +316,6 @@ func main() {
 		kgo.DisableAutoCommit(),
 		kgo.BlockRebalanceOnPoll(),
 		kgo.RecordPartitioner(kgo.StickyKeyPartitioner(nil)), // murmur2, as Kafka's default
-		// The engine reads uncompressed and gzip batches; franz-go's default, snappy, it
-		// cannot read.
-		kgo.ProducerBatchCompression(kgo.NoCompression()),
 	)
 	if err != nil {
 		log.Fatalf("kafka client: %v", err)
