@@ -46,6 +46,7 @@ from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState, RunStatus, Waiting
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
 from engine.notify import DeliverySettings, EmbeddedNotifier
+from engine.observability.metrics import watch_counts
 from engine.observability.setup import Telemetry, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
@@ -130,6 +131,16 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                            engine.state)
             telemetry.watch_lag(kafka_lag(engine))
             engine.on_committed = telemetry.observe
+        if telemetry is not None and telemetry.meter_provider is not None \
+                and running.worker is not None:
+            worker = running.worker
+            watch_counts(telemetry.meter_provider, "terranoha.worker.tasks", "{task}",
+                         "Tasks this worker took: tool called, answered from the ledger, "
+                         "dropped past their deadline, or not a task", "outcome",
+                         lambda: {"called": worker.calls,
+                                  "from_ledger": worker.answered_from_ledger,
+                                  "expired": worker.expired,
+                                  "undecodable": worker.undecodable})
         if health is not None:
             if running.engine is not None:
                 health.readiness.add("engine", stream_check(running.engine))

@@ -12,6 +12,7 @@
 | ``terranoha.cost`` | counter | ``1`` (the tools' cost unit) | workflow, step |
 | ``terranoha.consumer.lag`` | gauge | ``{record}`` | partition |
 | ``terranoha.projector.events``, ``.batches`` | counter | ``{event}``, ``{batch}`` | projector |
+| ``terranoha.worker.tasks`` | counter | ``{task}`` | outcome |
 
 Durations come from the events' timestamps. Consumer lag is read when the metrics are
 collected, from a source the orchestrator provides (``watch_lag``).
@@ -143,18 +144,24 @@ class EngineMetrics:
                                   {"workflow": info.workflow, "step": step, "status": status})
 
 
+
+def watch_counts(provider: MeterProvider, name: str, unit: str, description: str,
+                 attribute: str, counts: Callable[[], Mapping[str, float]]) -> None:
+    """An observable counter ``name`` read from ``counts()`` at each collection: one
+    series per key, under ``attribute``. For the totals a component already keeps."""
+    meter = provider.get_meter("terranoha")
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(value, {attribute: key}) for key, value in counts().items()]
+
+    meter.create_observable_counter(name, [observe], unit, description)
+
+
 def watch_projectors(provider: MeterProvider, stats: Mapping[str, ProjectorStats]) -> None:
     """``terranoha.projector.events`` and ``.batches``: what each named projector
     (``postgres``, ``topics``) has projected since the process started."""
-    meter = provider.get_meter("terranoha.projector")
-
-    def reading(attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(getattr(s, attribute), {"projector": name})
-                    for name, s in stats.items()]
-        return observe
-
-    meter.create_observable_counter("terranoha.projector.events", [reading("events")],
-                                    "{event}", "Run events projected")
-    meter.create_observable_counter("terranoha.projector.batches", [reading("batches")],
-                                    "{batch}", "Batches of run events projected")
+    watch_counts(provider, "terranoha.projector.events", "{event}", "Run events projected",
+                 "projector", lambda: {name: s.events for name, s in stats.items()})
+    watch_counts(provider, "terranoha.projector.batches", "{batch}",
+                 "Batches of run events projected", "projector",
+                 lambda: {name: s.batches for name, s in stats.items()})

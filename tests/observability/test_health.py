@@ -34,6 +34,9 @@ SPEC = """\
 workflow: health-flow
 version: 1
 steps:
+  - id: summarize
+    task: py.summarize
+    input: {words: "`2`", upper: "'TWO WORDS'"}
   - id: wait
     wait_event: {name: go}
 """
@@ -87,6 +90,7 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
 
 
 @pytest.mark.kafka
+@pytest.mark.postgres
 @pytest.mark.slow
 def test_serve_answers_health_readiness_and_metrics(cli: Cli, kafka: list[str], tmp_path: Path,
                                                     spawn: Callable[..., subprocess.Popen[bytes]]
@@ -95,13 +99,15 @@ def test_serve_answers_health_readiness_and_metrics(cli: Cli, kafka: list[str], 
     assert cli("topics", "create", *kafka, "--partitions", "2").code == 0
     port = _free_port()
     proc = spawn("serve", *kafka, "--app", prefix, "--partitions", "2", "--health-port",
-                 str(port))
+                 str(port), "--workers", "tests.examples.words_tools",
+                 "--postgres", postgres_dsn())
 
     alive = _until(lambda: _get(port, "/healthz"), lambda code, _: code != 0)
     assert alive == (200, "ok\n"), alive
     status, body = _until(lambda: _get(port, "/readyz"), lambda code, _: code == 200)
     assert status == 200, body
-    assert json.loads(body) == {"ready": True, "checks": {"engine": "ready"}}
+    assert json.loads(body) == {"ready": True,
+                                "checks": {"engine": "ready", "worker": "ready"}}
 
     spec = tmp_path / "health.yaml"
     spec.write_text(SPEC)
@@ -112,8 +118,12 @@ def test_serve_answers_health_readiness_and_metrics(cli: Cli, kafka: list[str], 
         return _get(port, "/metrics")
 
     status, metrics = _until(runs_started,
-                             lambda code, text: 'workflow="health-flow"' in text)
+                             lambda code, text: 'workflow="health-flow"' in text
+                             and 'outcome="called"} 1.0' in text)
     assert status == 200
+    tasks = [line for line in metrics.splitlines()
+             if line.startswith("terranoha_worker_tasks_total{")]
+    assert any('outcome="called"' in line and line.endswith(" 1.0") for line in tasks), tasks
     line = next(line for line in metrics.splitlines()
                 if line.startswith("terranoha_runs_started_total{"))
     assert 'workflow="health-flow"' in line and line.endswith(" 1.0"), line
