@@ -253,6 +253,8 @@ func (w *worker) deliver(ctx context.Context, out *kgo.Record) bool {
 // run polls tasks until ctx is cancelled. Each poll's results are produced and
 // acknowledged before the poll's offsets are committed.
 func (w *worker) run(ctx context.Context) {
+	// Polling blocks rebalances until AllowRebalance; leaving the group on Close needs one.
+	defer w.client.AllowRebalance()
 	for {
 		fetches := w.client.PollFetches(ctx)
 		if ctx.Err() != nil {

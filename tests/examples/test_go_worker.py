@@ -86,13 +86,15 @@ def _start(argv: list[str], first_line: bytes, cwd: Path = ROOT) -> subprocess.P
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> str:
+    """SIGTERM, and what the process logged; a process that does not stop by itself
+    within a minute is killed and said so."""
     proc.send_signal(signal.SIGTERM)
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
-    return err.decode(errors="replace")
+    return f"{err.decode(errors='replace')}\n(exit code {proc.returncode})"
 
 
 def _wait_for_end(run_id: str, kafka: list[str]) -> dict[str, object]:
@@ -128,7 +130,8 @@ def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[
         failed = _wait_for_end(out.splitlines()[0], kafka) if code == 0 else {}
         dead_letters = _cli("dead-letters", *kafka)[1]
     finally:
-        logs = f"serve:\n{_stop(server)}\ngo worker:\n{_stop(worker)}"
+        server_log, worker_log = _stop(server), _stop(worker)
+    logs = f"serve:\n{server_log}\ngo worker:\n{worker_log}"
     assert done.get("status") == "Completed", (done, logs)
     assert done["output"] == "3 words: SHIP IT  TODAY"
     # A business error the Go tool reports fails the run with its code (no handler).
@@ -137,3 +140,5 @@ def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[
     # Every result landed on its run's partition: none went to the dead letters.
     assert dead_letters == "", dead_letters
     assert "panic" not in logs and "Traceback" not in logs, logs
+    # Both stop cleanly on SIGTERM: the Go worker leaves its group and exits 0.
+    assert server_log.endswith("(exit code 0)") and worker_log.endswith("(exit code 0)"), logs
