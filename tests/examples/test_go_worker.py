@@ -1,6 +1,8 @@
 """The Go worker of ``examples/go-worker`` (franz-go, hamba/avro) as one tool of a real
 workflow on the real broker: the engine dispatches to it, a Python tool reads its result,
-and the run completes; a business error it reports fails the run with its code."""
+and the run completes; a business error it reports fails the run with its code. Then
+what the README's task protocol says about a result sent again, on the run's partition
+and on another one."""
 
 from __future__ import annotations
 
@@ -14,13 +16,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from engine.cli import main
-from engine.kafka.topics import delete_topics
+from engine.codec import decode, encode
+from engine.core.commands import CompleteTask
+from engine.core.outbox import TaskCommand
+from engine.kafka.topics import delete_topics, key_partition
 from tests.infra import kafka_bootstrap, postgres_dsn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +114,54 @@ def _wait_for_end(run_id: str, kafka: list[str]) -> dict[str, object]:
         time.sleep(0.3)
 
 
+def _wait_for(read: Callable[[], str], until: Callable[[str], bool]) -> str:
+    deadline = time.monotonic() + 60
+    text = read()
+    while not until(text) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        text = read()
+    return text
+
+
+async def _first_task(bootstrap: str, topic: str, partitions: int = 3) -> TaskCommand:
+    """The first task on ``topic``, read as any worker reads it (read_committed)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        for _ in range(100):
+            for messages in (await consumer.getmany(timeout_ms=300)).values():
+                for message in messages:
+                    task = decode(message.value)
+                    if isinstance(task, TaskCommand):
+                        return task
+        raise AssertionError(f"no task on {topic}")
+    finally:
+        await consumer.stop()
+
+
+async def _send_again(bootstrap: str, prefix: str, task: TaskCommand) -> int:
+    """The task's result, again: on its run's partition and on the next one; returns
+    that other partition."""
+    result = CompleteTask(command_id=f"result:{task.task_id}", run_id=task.run_id,
+                          tenant=task.tenant, correlation_id=task.correlation_id,
+                          step=task.step, task_id=task.task_id, result={"words": 0})
+    topic = f"{prefix}.run-inputs"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        count = len(await producer.partitions_for(topic))
+        right = key_partition(task.run_id.encode(), count)
+        wrong = (right + 1) % count
+        for partition in (right, wrong):
+            await producer.send_and_wait(topic, encode(result), key=task.run_id.encode(),
+                                         partition=partition)
+    finally:
+        await producer.stop()
+    return wrong
+
+
 def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[str],
                                                   tmp_path: Path) -> None:
     spec = tmp_path / "go-words.yaml"
@@ -129,6 +183,15 @@ def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[
                          *kafka)
         failed = _wait_for_end(out.splitlines()[0], kafka) if code == 0 else {}
         dead_letters = _cli("dead-letters", *kafka)[1]
+        # The README's promises about results sent again: on the run's partition, a
+        # result for a run that has ended is refused and recorded; on another partition
+        # (kcat's default partitioner) it goes to the dead letters.
+        task = asyncio.run(_first_task(kafka[1], f"{prefix}.tasks.text.count"))
+        astray = asyncio.run(_send_again(kafka[1], prefix, task))
+        refused = _wait_for(lambda: _cli("timeline", task.run_id, *kafka)[1],
+                            lambda text: "run ended" in text)
+        letters = _wait_for(lambda: _cli("dead-letters", *kafka)[1],
+                            lambda text: "unknown run" in text)
     finally:
         server_log, worker_log = _stop(server), _stop(worker)
     logs = f"serve:\n{server_log}\ngo worker:\n{worker_log}"
@@ -139,6 +202,8 @@ def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[
     assert "EMPTY_TEXT" in json.dumps(failed["error"])
     # Every result landed on its run's partition: none went to the dead letters.
     assert dead_letters == "", dead_letters
+    assert "run ended" in refused, refused
+    assert f"{prefix}.run-inputs/{astray}/" in letters and "unknown run" in letters, letters
     assert "panic" not in logs and "Traceback" not in logs, logs
     # Both stop cleanly on SIGTERM: the Go worker leaves its group and exits 0.
     assert server_log.endswith("(exit code 0)") and worker_log.endswith("(exit code 0)"), logs
