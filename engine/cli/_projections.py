@@ -131,7 +131,7 @@ def _project(args: argparse.Namespace, out: TextIO, health: Health | None = None
     assert dsn is not None
 
     async def follow_kafka() -> None:
-        from engine.kafka.readiness import stream_check
+        from engine.kafka.readiness import ACCEPTABLE_LAG, stream_check
 
         stop = stop_on_signals()
         if health is not None:
@@ -150,9 +150,23 @@ def _project(args: argparse.Namespace, out: TextIO, health: Health | None = None
 
         runners = [follower.follow(stop), tables.run(stop, tables_ready)]
         watched = {"postgres": tables.stats}
+        def tables_check() -> str | None:
+            if not reading.is_set():
+                return "reading its stored offsets"
+            behind = tables.behind()
+            unknown = sorted(p for p, lag in behind.items() if lag is None)
+            if unknown:
+                return f"waiting for the first fetch of {topics.events} partition(s) {unknown}"
+            lagging = {p: lag for p, lag in behind.items()
+                       if lag is not None and lag > ACCEPTABLE_LAG}
+            if lagging:
+                return "catching up: " + ", ".join(
+                    f"{topics.events}/{p} {lag} records behind" for p, lag in sorted(
+                        lagging.items()))
+            return None
+
         if health is not None:
-            health.readiness.add("postgres", lambda: None if reading.is_set()
-                                 else "reading its stored offsets")
+            health.readiness.add("postgres", tables_check)
         if not args.no_topics:
             projector = TopicProjector(args.kafka, topics, app=args.app,
                                        specs=follower.registry)
