@@ -104,6 +104,11 @@ class HealthServer:
         self._thread: threading.Thread | None = None
 
     @property
+    def host(self) -> str:
+        """The address the endpoints listen on."""
+        return str(self._server.server_address[0])
+
+    @property
     def port(self) -> int:
         """The bound port (the one chosen when asked for port 0)."""
         return int(self._server.server_address[1])

@@ -191,3 +191,33 @@ def test_a_stuck_event_loop_is_reported_dead_and_a_failing_check_not_ready() -> 
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def test_the_endpoints_listen_on_loopback_unless_told_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics name workflows and tenants: by default only this machine can read them."""
+    from engine.cli import build_parser
+    from engine.cli._process import health_of
+    from engine.cli._shared import CliError
+
+    monkeypatch.delenv("TERRANOHA_HEALTH_HOST", raising=False)
+    monkeypatch.delenv("TERRANOHA_HEALTH_PORT", raising=False)
+    parser = build_parser()
+    for command in (["serve", "--kafka", "k:9092"], ["project", "--kafka", "k:9092"]):
+        assert health_of(parser.parse_args(command)) is None  # no port, no endpoints
+        health = health_of(parser.parse_args([*command, "--health-port", "0"]))
+        assert health is not None and health.host == "127.0.0.1"
+
+    async def bound() -> tuple[str, int]:
+        assert health is not None
+        health.start()
+        try:
+            assert health.server is not None
+            return health.server.host, health.server.port
+        finally:
+            health.stop()
+
+    host, port = asyncio.run(bound())
+    assert host == "127.0.0.1" and port > 0
+    with pytest.raises(CliError, match="--health-port 70000 is not a port"):
+        health_of(parser.parse_args(["serve", "--kafka", "k:9092", "--health-port", "70000"]))
