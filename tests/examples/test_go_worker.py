@@ -185,13 +185,13 @@ def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[
         dead_letters = _cli("dead-letters", *kafka)[1]
         # The README's promises about results sent again: on the run's partition, a
         # result for a run that has ended is refused and recorded; on another partition
-        # (kcat's default partitioner) it goes to the dead letters.
+        # (kcat's default partitioner) it goes to the dead letters as wrong_partition.
         task = asyncio.run(_first_task(kafka[1], f"{prefix}.tasks.text.count"))
         astray = asyncio.run(_send_again(kafka[1], prefix, task))
         refused = _wait_for(lambda: _cli("timeline", task.run_id, *kafka)[1],
                             lambda text: "run ended" in text)
         letters = _wait_for(lambda: _cli("dead-letters", *kafka)[1],
-                            lambda text: "unknown run" in text)
+                            lambda text: "wrong_partition" in text)
     finally:
         server_log, worker_log = _stop(server), _stop(worker)
     logs = f"serve:\n{server_log}\ngo worker:\n{worker_log}"
@@ -203,7 +203,7 @@ def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[
     # Every result landed on its run's partition: none went to the dead letters.
     assert dead_letters == "", dead_letters
     assert "run ended" in refused, refused
-    assert f"{prefix}.run-inputs/{astray}/" in letters and "unknown run" in letters, letters
+    assert f"{prefix}.run-inputs/{astray}/" in letters and "wrong_partition" in letters, letters
     assert "panic" not in logs and "Traceback" not in logs, logs
     # Both stop cleanly on SIGTERM: the Go worker leaves its group and exits 0.
     assert server_log.endswith("(exit code 0)") and worker_log.endswith("(exit code 0)"), logs
