@@ -33,7 +33,7 @@ from engine.cli._commands import (
 )
 from engine.cli._messages import add_commands as add_message_commands
 from engine.cli._notify import cmd_notify
-from engine.cli._process import otel_option
+from engine.cli._process import health_option, otel_option
 from engine.cli._projections import add_commands
 from engine.cli._shared import CliError
 from engine.core.errors import TerranohaError
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "retries, dead letters and fencing at warning "
                    "(default $TERRANOHA_LOG_LEVEL or info)")
     otel_option(p)
+    health_option(p)
 
     p = add(sub, "notify", cmd_notify, "deliver notifications by webhook and email until "
             "stopped (--once: those waiting now)")
