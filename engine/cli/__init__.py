@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "restarted after a crash, it takes its partitions back at once instead of "
                    "after the session timeout; one id per live process "
                    "(default $TERRANOHA_INSTANCE_ID)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="Kafka: where the engine keeps each partition's local state (finished "
+                   "runs on disk, and a checkpoint so that a restart reads only the tail of "
+                   "the state changelog); one per process, never shared (default "
+                   "$TERRANOHA_STATE_DIR, else $XDG_STATE_HOME/terranoha, else "
+                   "~/.local/state/terranoha)")
     p.add_argument("--notify", metavar="SETTINGS",
                    help="also deliver notifications (approval requests, reminders, "
                    "escalations) by this delivery settings file; on Kafka the delivery "

@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                        telemetry: Telemetry | None = None,
                        notify: DeliverySettings | None = None) -> int:
-    from engine.kafka.serve import Running, ServeOptions, serve
+    from engine.kafka.serve import Running, ServeOptions, default_state_dir, serve
 
     stop = stop_on_signals()
     options = ServeOptions(
@@ -108,7 +108,8 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
         engine=not args.no_engine, router=not args.no_router,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
         registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
-        notify=notify)
+        notify=notify,
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir())
 
     async def ready(running: Running) -> None:
         if telemetry is not None and running.engine is not None:

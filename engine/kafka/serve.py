@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.processor import KafkaEngine
@@ -45,6 +47,20 @@ class ServeOptions:
     one keeps its partitions until the session timeout (10 s)."""
     notify: DeliverySettings | None = None
     """Delivery settings: run the notifier too (its ledger needs ``postgres``)."""
+    state_dir: Path | None = None
+    """Where the engine keeps each partition's local state store (finished runs on disk,
+    a checkpoint that makes a restart read only the changelog's tail); None: no store,
+    every restore reads the whole changelog and finished runs stay in memory."""
+
+
+def default_state_dir() -> Path:
+    """``$TERRANOHA_STATE_DIR``, else ``$XDG_STATE_HOME/terranoha``, else
+    ``~/.local/state/terranoha``."""
+    explicit = os.environ.get("TERRANOHA_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "terranoha"
 
 
 @dataclass(slots=True)
@@ -81,7 +97,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         running.engine = KafkaEngine(options.bootstrap, options.topics, follower.registry,
                                      app=options.app, clock=clock,
                                      refresh_specs=follower.catch_up,
-                                     instance_id=options.instance_id)
+                                     instance_id=options.instance_id,
+                                     state_dir=options.state_dir)
         runners.append(running.engine.run(stop))
     if options.router and topics.co_partitioned:
         log.info("%s is co-partitioned with %s: the orchestrator reads the triggers, no "
