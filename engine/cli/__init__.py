@@ -63,6 +63,11 @@ def _backend_options(p: argparse.ArgumentParser, kafka_only: bool = False) -> No
                    help="partitions of the run-keyed topics, when creating them")
     p.add_argument("--app", default="terranoha",
                    help="application id: consumer groups and transactional ids")
+    p.add_argument("--index", metavar="DSN", default=os.environ.get("TERRANOHA_INDEX"),
+                   help="Kafka: the PostgreSQL projections (`terranoha project`) whose event "
+                   "index finds a run's records by offset, for status, timeline, replay, "
+                   "approve, signal and cancel; without it they read the run's partition "
+                   "from its beginning (default $TERRANOHA_INDEX)")
 
 
 def _status(text: str) -> str:
