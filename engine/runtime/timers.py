@@ -20,7 +20,6 @@ from collections.abc import Callable
 from engine.core.commands import FireTimer
 from engine.core.state import RunState
 
-
 PRUNE_FLOOR = 4096
 """The heap is never pruned below this many entries."""
 
