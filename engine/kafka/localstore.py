@@ -64,8 +64,10 @@ log = logging.getLogger("terranoha.kafka.localstore")
 FORMAT = 1
 """The layout of the stored values and of ``meta``; a store of another format is rebuilt."""
 
-MAP_SIZE = 1 << 40
-"""LMDB's address-space reservation (a limit on the file, not memory in use)."""
+MAP_SIZE = 1 << 36
+"""LMDB's address-space reservation per store, and so the largest a store may grow: 64 GiB
+(some 200 million compact records). It is address space, not memory in use; kept well
+under the 128 TiB of a process so that hundreds of partitions fit in one."""
 
 _IDENTITY = b"identity"
 _CHECKPOINT = b"checkpoint"
@@ -274,6 +276,9 @@ class LocalStore:
                     txn.delete(key, db=self._active)
                     txn.delete(key, db=self._finished)
                 txn.put(_CHECKPOINT, checkpoint.encoded(), db=self._meta)
+        except lmdb.MapFullError:
+            raise LocalStoreError(f"the local state {self.path} is full ({MAP_SIZE >> 30} "
+                                  "GiB): spread the runs over more partitions") from None
         except lmdb.Error as exc:
             raise LocalStoreError(f"writing the local state {self.path} failed: {exc}") \
                 from None
