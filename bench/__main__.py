@@ -17,7 +17,11 @@ one run, so the ratios compare figures taken on the same machine at the same tim
 8. efficiency: CPU seconds and peak RSS per 1k steps, for each engine;
 9. memory with history: the run task's RSS after ``--state-small`` and after
    ``--state-large`` finished runs with 1k active, with its local store
-   (``bench/state_memory.py``; ``rss_mb_<N>_finished``).
+   (``bench/state_memory.py``; ``rss_mb_<N>_finished``);
+10. restart with history: ``--state-large`` finished runs in the state changelog, the
+   engine's start -> first command from an empty disk, SIGKILL -> first command with its
+   local state present, and ``status`` of a finished run without an index
+   (``bench/state_restart.py``).
 
 It starts the local broker and PostgreSQL with ``deploy/local/infra.sh up`` and installs
 the peers into ``.local/bench-peers/`` (never into the project's environment). Prints a
@@ -47,7 +51,7 @@ from bench import kafka_throughput
 from bench._common import ROOT, infra_settings
 
 PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart",
-         "state_memory")
+         "state_memory", "state_restart")
 
 
 def _machine() -> dict[str, Any]:
@@ -145,7 +149,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         _guarded("state_memory", results, lambda: _json_child(
             [sys.executable, "-m", "bench.state_memory", "--small", str(args.state_small),
              "--large", str(args.state_large)], 3600))
+    if "state_restart" not in skip:
+        _guarded("state_restart", results, lambda: _json_child(
+            [sys.executable, "-m", "bench.state_restart", "--history", str(args.state_large),
+             "--partitions", str(args.partitions)], 3600))
     memory = results.get("state_memory", {})
+    restarted = {key: value for key, value in results.get("state_restart", {}).items()
+                 if key.endswith("_ms") or "_ms_" in key}
     kafka = results.get("kafka", {}).get("burst", {})
     ratios = {
         "engine_over_ceiling": _ratio(kafka.get("steps_per_s"),
@@ -174,6 +184,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         **ratios,
         **gaps,
         **history,
+        **restarted,
         "results": results,
     }
 
