@@ -51,13 +51,15 @@ import json
 import logging
 import shutil
 import struct
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engine.core.errors import TerranohaError
+from engine.kafka._util import stop_quietly
 
 log = logging.getLogger("terranoha.kafka.localstore")
 
@@ -73,6 +75,10 @@ _IDENTITY = b"identity"
 _CHECKPOINT = b"checkpoint"
 _OPENED = b"opened"
 _CHECKPOINT_LAYOUT = struct.Struct(">qq32s")
+
+
+RESTORE_CHUNK = 10_000
+"""Changelog records read into the store per store transaction while catching up."""
 
 
 class LocalStoreError(TerranohaError):
@@ -284,3 +290,72 @@ class LocalStore:
                 from None
         self.checkpoint = checkpoint
 
+
+
+@dataclass(slots=True)
+class ChangelogWrite:
+    """Changelog values split as the store keeps them: those of keys the task keeps in
+    memory (``active``) and those of keys it keeps on disk only (``finished``)."""
+
+    active: dict[bytes, bytes] = field(default_factory=dict)
+    finished: dict[bytes, bytes] = field(default_factory=dict)
+
+
+async def catch_up(store: LocalStore, bootstrap: str, tp: TopicPartition,
+                   split: Callable[[Mapping[bytes, bytes]], ChangelogWrite]) -> None:
+    """Bring ``store`` up to the last stable offset of its changelog partition ``tp``,
+    reading only the records after its checkpoint; a checkpoint the changelog disproves
+    (see the module doc) makes it discard its content and read from the beginning.
+    ``split`` says which values the task keeps in memory."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                                enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        first = (await consumer.beginning_offsets([tp]))[tp]
+        end = (await consumer.end_offsets([tp]))[tp]
+        checkpoint = store.checkpoint
+        if checkpoint is not None and not (first <= checkpoint.anchor
+                                           < checkpoint.position <= end):
+            store.discard(f"its checkpoint (records up to offset {checkpoint.position}) is "
+                          f"outside the changelog {tp.topic}/{tp.partition}'s offsets "
+                          f"{first}..{end}: the topic was recreated or truncated")
+            checkpoint = None
+        consumer.seek(tp, checkpoint.anchor if checkpoint is not None else first)
+        anchored = checkpoint is None
+        pending: dict[bytes, bytes | None] = {}
+        last: tuple[int, bytes] | None = None
+        while await consumer.position(tp) < end:
+            fetched = await consumer.getmany(tp, timeout_ms=500, max_records=RESTORE_CHUNK)
+            for message in fetched.get(tp, []):
+                digest = record_digest(message.key, message.value)
+                if not anchored:
+                    assert checkpoint is not None
+                    anchored = True
+                    if message.offset == checkpoint.anchor and digest == checkpoint.digest:
+                        continue  # the store has it: the changelog is the one it was built from
+                    store.discard(f"the changelog {tp.topic}/{tp.partition} has no record "
+                                  f"at offset {checkpoint.anchor} like the one its "
+                                  "checkpoint names")
+                    consumer.seek(tp, first)
+                    pending.clear()
+                    break
+                pending[message.key or b""] = message.value
+                last = (message.offset, digest)
+            if last is not None and len(pending) >= RESTORE_CHUNK:
+                _write_read(store, pending, last, split)
+                pending.clear()
+        if last is not None and pending:
+            _write_read(store, pending, last, split)
+    finally:
+        await stop_quietly(consumer)
+
+
+def _write_read(store: LocalStore, pending: Mapping[bytes, bytes | None],
+                last: tuple[int, bytes],
+                split: Callable[[Mapping[bytes, bytes]], ChangelogWrite]) -> None:
+    """Records read from the changelog, into the store with the checkpoint after them."""
+    values = split({k: v for k, v in pending.items() if v is not None})
+    removed = tuple(k for k, v in pending.items() if v is None)
+    store.write(values.active, values.finished, removed,
+                Checkpoint(last[0] + 1, last[0], last[1]))

@@ -37,7 +37,8 @@ from engine.codec import decode, encode
 from engine.core.events import Event
 from engine.core.state import RunState, finished_record
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
-from engine.kafka.stream import ChangelogWrite, OwnedTask, Step, StreamProcessor, Task, TaskStats
+from engine.kafka.localstore import ChangelogWrite
+from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStats
 from engine.kafka.topics import Topics
 from engine.runtime.clock import Clock
 from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter_of

@@ -109,7 +109,14 @@ from engine.kafka._util import (
     transactional_producer,
     tune_aiokafka,
 )
-from engine.kafka.localstore import Checkpoint, LocalStore, StoreIdentity, record_digest
+from engine.kafka.localstore import (
+    ChangelogWrite,
+    Checkpoint,
+    LocalStore,
+    StoreIdentity,
+    catch_up,
+    record_digest,
+)
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import Input
 
@@ -129,19 +136,6 @@ class TaskFencedError(TerranohaError):
 
 def _nothing() -> None:
     return None
-
-
-RESTORE_CHUNK = 10_000
-"""Changelog records read into the local store per store transaction while restoring."""
-
-
-@dataclass(slots=True)
-class ChangelogWrite:
-    """A step's changelog records, split as the local store keeps them: the values of
-    keys the task keeps in memory (``active``) and of those it keeps on disk only."""
-
-    active: dict[bytes, bytes] = field(default_factory=dict)
-    finished: dict[bytes, bytes] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -441,63 +435,10 @@ class StreamProcessor:
             store.close()
 
     async def _restore_local(self, number: int, task: Task, tp: TopicPartition) -> LocalStore:
-        """Bring the task's local store up to the changelog's last stable offset, reading
-        only the records after its checkpoint; a checkpoint the changelog disproves
-        (module doc of ``engine.kafka.localstore``) makes it read from the beginning."""
+        """The task's local store, brought up to the changelog's last stable offset."""
         store = self._open_store(number, tp)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                    isolation_level="read_committed",
-                                    enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
-        await consumer.start()
-        try:
-            consumer.assign([tp])
-            first = (await consumer.beginning_offsets([tp]))[tp]
-            end = (await consumer.end_offsets([tp]))[tp]
-            checkpoint = store.checkpoint
-            if checkpoint is not None and not (first <= checkpoint.anchor
-                                               < checkpoint.position <= end):
-                store.discard(f"its checkpoint (records up to offset {checkpoint.position}) "
-                              f"is outside the changelog {tp.topic}/{tp.partition}'s offsets "
-                              f"{first}..{end}: the topic was recreated or truncated")
-                checkpoint = None
-            consumer.seek(tp, checkpoint.anchor if checkpoint is not None else first)
-            anchored = checkpoint is None
-            pending: dict[bytes, bytes | None] = {}
-            last: tuple[int, bytes] | None = None
-            while await consumer.position(tp) < end:
-                fetched = await consumer.getmany(tp, timeout_ms=500, max_records=RESTORE_CHUNK)
-                for message in fetched.get(tp, []):
-                    digest = record_digest(message.key, message.value)
-                    if not anchored:
-                        assert checkpoint is not None
-                        if message.offset != checkpoint.anchor or digest != checkpoint.digest:
-                            store.discard(f"the changelog {tp.topic}/{tp.partition} has no "
-                                          f"record at offset {checkpoint.anchor} like the one "
-                                          "its checkpoint names")
-                            consumer.seek(tp, first)
-                            pending.clear()
-                            anchored = True
-                            break
-                        anchored = True
-                        continue
-                    pending[message.key or b""] = message.value
-                    last = (message.offset, digest)
-                if last is not None and len(pending) >= RESTORE_CHUNK:
-                    self._store_restored(task, store, pending, last)
-                    pending.clear()
-            if last is not None and pending:
-                self._store_restored(task, store, pending, last)
-        finally:
-            await stop_quietly(consumer)
+        await catch_up(store, self.bootstrap, tp, task.split)
         return store
-
-    @staticmethod
-    def _store_restored(task: Task, store: LocalStore, pending: Mapping[bytes, bytes | None],
-                        last: tuple[int, bytes]) -> None:
-        split = task.split({k: v for k, v in pending.items() if v is not None})
-        removed = tuple(k for k, v in pending.items() if v is None)
-        store.write(split.active, split.finished, removed,
-                    Checkpoint(last[0] + 1, last[0], last[1]))
 
     async def _read_changelog(self, number: int) -> dict[bytes, bytes]:
         """The latest value of each key of the task's changelog, up to its last stable
