@@ -66,6 +66,11 @@ class MissingTopicError(KafkaClientError):
     """A topic the operation needs does not exist (the broker does not create topics)."""
 
 
+INDEXED_READ_RECORDS = 50
+"""Records taken per step of a read at indexed offsets: small, since the read stops as
+soon as the run's commands are recorded."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunLog:
     """A run's events in sequence order and the commands recorded beside them."""
@@ -349,7 +354,8 @@ class KafkaClient:
             consumer.seek(tp, start)
             position = start
             while position < end and (until is None or position <= until or waiting):
-                fetched = await consumer.getmany(tp, timeout_ms=500, max_records=2000)
+                fetched = await consumer.getmany(tp, timeout_ms=500,
+                                                 max_records=INDEXED_READ_RECORDS)
                 messages = fetched.get(tp, [])
                 self.records_read += len(messages)
                 for message in messages:

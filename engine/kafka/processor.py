@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 
 from aiokafka import TopicPartition
@@ -160,13 +161,20 @@ class RunTask(Task):
         number = self.number
         out: list[Record] = []
         headers: dict[str, Headers] = {}
-        for event in batch.events:
+        # Each command's events, then the command recorded: a reader that found one of
+        # the events (by its offset, from an index) finds the command right after them.
+        events = iter(batch.events)
+        for rec in batch.recorded:
+            key = rec.run_id.encode()
+            for event in islice(events, rec.last_seq - rec.first_seq + 1):
+                out.append((t.events, number, key, encode(event),
+                            _event_headers(event, headers)))
+            command = rec.command
+            out.append((t.events, number, key, encode(rec), trace_headers(
+                command.correlation_id or rec.run_id, command.command_id, command.tenant)))
+        for event in events:  # none: every event belongs to a recorded command
             out.append((t.events, number, event.run_id.encode(), encode(event),
                         _event_headers(event, headers)))
-        for rec in batch.recorded:
-            command = rec.command
-            out.append((t.events, number, rec.run_id.encode(), encode(rec), trace_headers(
-                command.correlation_id or rec.run_id, command.command_id, command.tenant)))
         for state in batch.states.values():
             key, payload = state.run_id.encode(), encode(state)
             (changelog.finished if state.terminal else changelog.active)[key] = payload
