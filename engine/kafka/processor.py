@@ -5,10 +5,11 @@ reads the run inputs topic and, when it is co-partitioned with them, the trigger
 task p reads partition p of both (``engine.kafka.stream``: ownership, fencing, restore,
 transactions and their outcomes). A batch of task p is decided by the shared
 ``Processor`` and written in ONE transaction: events and recorded commands (events
-topic, p), state snapshots (state changelog, p), task commands (task topics, p),
-notifications, dead letters, the ``StartRun`` of triggers read at p for runs of other
-partitions (run inputs, their partition), and the offsets of both input partitions. Only
-after the commit succeeds does the batch's state enter the task's cache.
+topic, p; each command's events, then the command), state snapshots (state changelog,
+p), task commands (task topics, p), notifications, dead letters, the ``StartRun`` of
+triggers read at p for runs of other partitions (run inputs, their partition), and the
+offsets of both input partitions. Only after the commit succeeds does the batch's state
+enter the task's cache.
 
 A trigger keyed by its run id lands on its run's partition and is decided in the same
 transaction that reads it: one transactional hop from the trigger to the first command,
