@@ -14,7 +14,14 @@ one run, so the ratios compare figures taken on the same machine at the same tim
    50 runs/s, without and with ``--instance-id``: SIGKILL -> first task result
    (``worker_restart_gap_ms``, static membership; ``worker_restart_gap_ms_dynamic``)
    and the tasks that timed out meanwhile (``bench/worker_restart.py``);
-8. efficiency: CPU seconds and peak RSS per 1k steps, for each engine.
+8. efficiency: CPU seconds and peak RSS per 1k steps, for each engine;
+9. memory with history: the run task's RSS after ``--state-small`` and after
+   ``--state-large`` finished runs with 1k active, with its local store
+   (``bench/state_memory.py``; ``rss_mb_<N>_finished``);
+10. restart with history: ``--state-large`` finished runs in the state changelog, the
+   engine's start -> first command from an empty disk, SIGKILL -> first command with its
+   local state present, and ``status`` of a finished run without an index
+   (``bench/state_restart.py``).
 
 It starts the local broker and PostgreSQL with ``deploy/local/infra.sh up`` and installs
 the peers into ``.local/bench-peers/`` (never into the project's environment). Prints a
@@ -43,7 +50,8 @@ from typing import Any
 from bench import kafka_throughput
 from bench._common import ROOT, infra_settings
 
-PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart")
+PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart",
+         "state_memory", "state_restart")
 
 
 def _machine() -> dict[str, Any]:
@@ -137,6 +145,17 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
         _guarded("worker_restart", results, lambda: worker_restart.run(
             partitions=args.partitions))
+    if "state_memory" not in skip:
+        _guarded("state_memory", results, lambda: _json_child(
+            [sys.executable, "-m", "bench.state_memory", "--small", str(args.state_small),
+             "--large", str(args.state_large)], 3600))
+    if "state_restart" not in skip:
+        _guarded("state_restart", results, lambda: _json_child(
+            [sys.executable, "-m", "bench.state_restart", "--history", str(args.state_large),
+             "--partitions", str(args.partitions)], 3600))
+    memory = results.get("state_memory", {})
+    restarted = {key: value for key, value in results.get("state_restart", {}).items()
+                 if key.endswith("_ms") or "_ms_" in key}
     kafka = results.get("kafka", {}).get("burst", {})
     ratios = {
         "engine_over_ceiling": _ratio(kafka.get("steps_per_s"),
@@ -152,6 +171,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     restart = results.get("worker_restart", {})
     gaps = {key: restart.get(key) for key in ("worker_restart_gap_ms",
                                               "worker_restart_gap_ms_dynamic")}
+    history = {f"rss_mb_{_k(memory.get(f'finished_{size}'))}_finished":
+               memory.get(f"rss_mb_{size}") for size in ("small", "large") if memory}
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": _machine(),
@@ -162,8 +183,16 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                      "kafka": bootstrap, "skipped": sorted(skip)},
         **ratios,
         **gaps,
+        **history,
+        **restarted,
         "results": results,
     }
+
+
+def _k(count: Any) -> str:
+    """100000 -> "100k", 2000000 -> "2m": the figure names the bench reports."""
+    n = int(count or 0)
+    return f"{n // 1_000_000}m" if n % 1_000_000 == 0 and n else f"{n // 1000}k"
 
 
 def _bound(results: dict[str, Any]) -> dict[str, Any] | None:
@@ -317,6 +346,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=2000, help="runs per throughput workload")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--recovery-runs", type=int, default=100_000)
+    parser.add_argument("--state-small", type=int, default=100_000,
+                        help="finished runs for the first memory-with-history figure")
+    parser.add_argument("--state-large", type=int, default=2_000_000,
+                        help="finished runs for the second (about 18 min on 2 shared cores)")
     parser.add_argument("--skip", default="", help=f"comma-separated parts of {PARTS} to skip")
     args = parser.parse_args(argv)
     report = run_all(args)

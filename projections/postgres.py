@@ -27,7 +27,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -47,6 +47,9 @@ from projections._pg_schema import (
     OFFSETS_UPSERT,
     upsert,
 )
+
+if TYPE_CHECKING:
+    from projections.query import EventIndex
 from projections.project import (
     EVENT_COLUMNS,
     EVENT_KEY,
@@ -162,6 +165,27 @@ def stored_offsets(dsn: str, topic: str, name: str = "postgres") -> dict[int, in
 
 
 # --------------------------------------------------------------------------- queries
+
+
+def event_offsets(dsn: str, run_id: str, topic: str, partition: int) -> EventIndex | None:
+    """``projections.query.event_index`` on PostgreSQL: one indexed query and the
+    projector's position on the run's partition."""
+    from projections.query import EventIndex
+
+    with psycopg.connect(dsn) as conn:
+        try:
+            rows = conn.execute('SELECT "partition", "offset" FROM projector_offsets '
+                                "WHERE projector = %s AND topic = %s",
+                                ("postgres", topic)).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return None
+        if not rows:
+            return None
+        projected = {int(p): int(o) for p, o in rows}
+        found = conn.execute('SELECT "offset" FROM run_events WHERE run_id = %s AND '
+                             '"partition" = %s ORDER BY seq', (run_id, partition)).fetchall()
+    return EventIndex(partition, [int(o) for (o,) in found],
+                      projected.get(partition, -1) + 1)
 
 
 def timeline_from_postgres(dsn: str, run_id: str) -> Timeline | None:

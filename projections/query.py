@@ -3,13 +3,14 @@ embedded store file."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from projections.records import SlaMetrics
 from projections.sla import render_sla
 from projections.timeline import Timeline
 
-__all__ = ["is_postgres", "render_sla", "sla", "timeline"]
+__all__ = ["EventIndex", "event_index", "is_postgres", "render_sla", "sla", "timeline"]
 
 
 def is_postgres(target: str | Path) -> bool:
@@ -43,3 +44,22 @@ def timeline(target: str | Path, run_id: str) -> Timeline | None:
     from projections.sqlite import timeline_from_store
 
     return timeline_from_store(target, run_id)
+
+
+@dataclass(frozen=True, slots=True)
+class EventIndex:
+    """Where the PostgreSQL projections saw a run's events on the events topic."""
+
+    partition: int
+    offsets: list[int]
+    """The offset of each of the run's events the projector has read."""
+    indexed_to: int
+    """The first offset of that partition the projector has not read yet."""
+
+
+def event_index(dsn: str, run_id: str, events_topic: str, partition: int) -> EventIndex | None:
+    """The run's event offsets from the projections' ``run_events`` table; None when
+    the projections at ``dsn`` do not follow ``events_topic`` (no index for it)."""
+    from projections.postgres import event_offsets
+
+    return event_offsets(dsn, run_id, events_topic, partition)

@@ -64,6 +64,11 @@ def _backend_options(p: argparse.ArgumentParser, kafka_only: bool = False) -> No
                    help="partitions of the run-keyed topics, when creating them")
     p.add_argument("--app", default="terranoha",
                    help="application id: consumer groups and transactional ids")
+    p.add_argument("--index", metavar="DSN", default=os.environ.get("TERRANOHA_INDEX"),
+                   help="Kafka: the PostgreSQL projections (`terranoha project`) whose event "
+                   "index finds a run's records by offset, for status, timeline, replay, "
+                   "approve, signal and cancel; without it they read the run's partition "
+                   "from its beginning (default $TERRANOHA_INDEX)")
 
 
 def _status(text: str) -> str:
@@ -119,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "restarted after a crash, it takes its partitions back at once instead of "
                    "after the session timeout; one id per live process "
                    "(default $TERRANOHA_INSTANCE_ID)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="Kafka: where the engine keeps each partition's local state (finished "
+                   "runs on disk, and a checkpoint so that a restart reads only the tail of "
+                   "the state changelog); one per process, never shared (default "
+                   "$TERRANOHA_STATE_DIR, else $XDG_STATE_HOME/terranoha, else "
+                   "~/.local/state/terranoha)")
     p.add_argument("--notify", metavar="SETTINGS",
                    help="also deliver notifications (approval requests, reminders, "
                    "escalations) by this delivery settings file; on Kafka the delivery "

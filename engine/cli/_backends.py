@@ -9,18 +9,21 @@ import contextlib
 import fcntl
 import logging
 import os
+import sys
 import time
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import psycopg
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from engine.cli._shared import CliError, now_ms
 from engine.core.commands import Command
 from engine.core.correlation import CorrelationEvent, PublishMessage
 from engine.core.events import Event
+from engine.core.evolve import fold
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, Trigger
 from engine.core.spec import WorkflowSpec
@@ -35,6 +38,7 @@ from engine.kafka.client import (
     TopicStatus,
 )
 from engine.kafka.topics import Topics
+from projections.query import event_index
 
 T = TypeVar("T")
 
@@ -279,6 +283,9 @@ class KafkaBackend:
         if not any(isinstance(h, logging.NullHandler) for h in quiet.handlers):
             quiet.addHandler(logging.NullHandler())
         self.bootstrap: str = args.kafka
+        self.index: str | None = getattr(args, "index", None)
+        """The PostgreSQL projections whose event index locates a run's records."""
+        self._warned = False
         self.client = KafkaClient(self.bootstrap, kafka_topics(args), app=args.app)
         self._runner = asyncio.Runner()
         try:
@@ -338,14 +345,48 @@ class KafkaBackend:
         return state
 
     def state(self, run_id: str) -> RunState | None:
-        return self._call(self.client.state(run_id))
+        """With an index: the fold of the run's events, read at their offsets (a
+        finished run's snapshot on the changelog is only its compact record). Without:
+        the run's snapshot, scanning its changelog partition."""
+        log = self._indexed_log(run_id)
+        if log is None:
+            return self._call(self.client.state(run_id))
+        return fold(log.events) if log.events else None
+
+    def _indexed_log(self, run_id: str) -> RunLog | None:
+        """The run's log read through the index; None when there is no index for the
+        events topic (then say, once, that reading falls back to a partition scan)."""
+        where = None
+        if self.index:
+            number = self.topics.partition_of(run_id)
+            try:
+                where = event_index(self.index, run_id, self.topics.events, number)
+            except psycopg.Error as exc:
+                raise CliError(f"the index at --index cannot be read ({exc}); check the "
+                               "DSN, or leave --index out to scan the partition") from None
+            if where is None:
+                self._fall_back(f"the projections at --index do not follow "
+                                f"{self.topics.events} (start `terranoha project --kafka "
+                                f"{self.bootstrap} --postgres DSN`)")
+                return None
+            return self._call(self.client.run_log_at(run_id, where.offsets,
+                                                     where.indexed_to))
+        self._fall_back("no index is configured (--index DSN or $TERRANOHA_INDEX: the "
+                        "PostgreSQL projections)")
+        return None
+
+    def _fall_back(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            sys.stderr.write(f"note: {why}; reading the run's partition from its beginning, "
+                             "which slows down as history grows\n")
 
     def submit(self, command: Command) -> tuple[list[Event] | None, RunState | None]:
         events = self._call(self.client.send_command(command, COMMAND_WAIT_S))
         return events, self.state(command.run_id)
 
     def log(self, text: str) -> RunLog:
-        log = self._call(self.client.run_log(text))
+        log = self._indexed_log(text) or self._call(self.client.run_log(text))
         if not log.events:
             raise CliError(self._not_found(text, self.topics.events))
         return log

@@ -111,7 +111,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                        notify: DeliverySettings | None = None,
                        health: Health | None = None) -> int:
     from engine.kafka.readiness import stream_check, worker_check
-    from engine.kafka.serve import Running, ServeOptions, serve
+    from engine.kafka.serve import Running, ServeOptions, default_state_dir, serve
 
     stop = stop_on_signals()
     if health is not None:
@@ -123,7 +123,8 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
         ledger_dsn=args.ledger_dsn,
         registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
-        notify=notify)
+        notify=notify,
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir())
 
     async def ready(running: Running) -> None:
         if telemetry is not None and running.engine is not None:

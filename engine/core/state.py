@@ -189,3 +189,19 @@ def replace(obj: S, /, **changes: Any) -> S:
         return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
     result: S = fast(obj, **changes)
     return result
+
+
+def finished_record(state: RunState) -> RunState:
+    """What a finished run keeps once it leaves memory: its identity, its sequence number
+    and its outcome, without its inputs, results, signals and steps.
+
+    That is all ``decide`` reads of a finished run: a duplicate ``StartRun`` is refused
+    because the run has a workflow, any other command because the run has an outcome
+    (``run ended``), and the refusal's event takes the run's tenant, correlation id and
+    next sequence number. The full history stays on the run's events. A run that has not
+    finished is returned as it is."""
+    if state.outcome is None:
+        return state
+    return replace(state, input=None, current=None, results={}, signals={},
+                   unconsumed=frozenset(), visits={}, timers={}, output=None,
+                   last_error=None)

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
@@ -137,30 +138,49 @@ async def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKa
 
 
 async def send_batched(producer: AIOKafkaProducer,
-                       records: Sequence[Record]) -> list[asyncio.Future[Any]]:
+                       records: Sequence[Record]) -> list[Delivery]:
     """Send records as one record batch per topic-partition (order kept within each),
-    which costs far less per record than ``send``. Returns the delivery futures: a
-    transaction must not be committed before they all succeeded, because aiokafka commits
-    a transaction even when one of its batches was refused."""
+    which costs far less per record than ``send``. Returns the deliveries: a transaction
+    must not be committed before they all succeeded, because aiokafka commits a
+    transaction even when one of its batches was refused."""
     groups: dict[tuple[str, int], list[Record]] = {}
     for record in records:
         groups.setdefault((record[0], record[1]), []).append(record)
-    deliveries: list[asyncio.Future[Any]] = []
+    deliveries: list[Delivery] = []
     for (topic, number), group in groups.items():
         batch = producer.create_batch()
+        count = 0
         for _, _, key, value, headers in group:
             if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                deliveries.append(await producer.send_batch(batch, topic, partition=number))
+                future = await producer.send_batch(batch, topic, partition=number)
+                deliveries.append(Delivery(future, TopicPartition(topic, number), count))
                 batch = producer.create_batch()  # an empty batch takes any first record
                 batch.append(key=key, value=value, timestamp=None, headers=headers)
-        deliveries.append(await producer.send_batch(batch, topic, partition=number))
+                count = 0
+            count += 1
+        future = await producer.send_batch(batch, topic, partition=number)
+        deliveries.append(Delivery(future, TopicPartition(topic, number), count))
     return deliveries
 
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One record batch sent: its future (the broker's answer, with the batch's base
+    offset), where it went, and how many records it holds."""
+
+    future: asyncio.Future[Any]
+    tp: TopicPartition
+    count: int
+
+    def end(self) -> int:
+        """The offset after the batch's last record; only once the future succeeded."""
+        return int(self.future.result().offset) + self.count
 
 
 async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
                           offsets: Mapping[TopicPartition, int] | None, group_id: str,
-                          timeout_s: float) -> Outcome:
+                          timeout_s: float,
+                          positions: dict[TopicPartition, int] | None = None) -> Outcome:
     """One transaction holding ``records`` and, if given, the consumer ``offsets``; the
     outcomes and what each asks of the caller are in ``engine.kafka.stream``.
 
@@ -172,11 +192,15 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
     transaction the producer has open by then. aiokafka waits for a commit without a
     limit; a paused or partitioned broker would hang it, so each stage is bounded by
     ``timeout_s`` and a timeout is an unknown outcome, never an abort.
+
+    ``positions``, if given, receives for each topic-partition written the offset after
+    its last record, once every record was acknowledged (a local state store records
+    the changelog position it reflects with it; ``engine.kafka.localstore``).
     """
     try:
         await producer.begin_transaction()
-        pending: list[asyncio.Future[Any]] = list(
-            await asyncio.wait_for(send_batched(producer, records), timeout_s))
+        deliveries = await asyncio.wait_for(send_batched(producer, records), timeout_s)
+        pending: list[asyncio.Future[Any]] = [d.future for d in deliveries]
         if offsets:
             pending.append(asyncio.ensure_future(
                 producer.send_offsets_to_transaction(dict(offsets), group_id)))
@@ -191,6 +215,9 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
             log.warning("%d of %d sends of a transaction unanswered after %.1fs; its "
                         "outcome is unknown", len(waiting), len(pending), timeout_s)
             return Outcome.UNKNOWN
+        if positions is not None:
+            for delivery in deliveries:
+                positions[delivery.tp] = max(positions.get(delivery.tp, 0), delivery.end())
     except ProducerFenced:
         return Outcome.FENCED
     except TimeoutError:

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -68,6 +68,11 @@ class MissingTopicError(KafkaClientError):
     """A topic the operation needs does not exist (the broker does not create topics)."""
 
 
+INDEXED_READ_RECORDS = 50
+"""Records taken per step of a read at indexed offsets: small, since the read stops as
+soon as the run's commands are recorded."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunLog:
     """A run's events in sequence order and the commands recorded beside them."""
@@ -96,6 +101,8 @@ class KafkaClient:
         self._partitions: dict[str, int] = {}
         self._admin: AIOKafkaAdminClient | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        self.records_read = 0
+        """Records fetched by the reads so far (what a read costs, whatever it found)."""
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> KafkaClient:
@@ -330,6 +337,62 @@ class KafkaClient:
         return RunLog(run_id, [events[s] for s in sorted(events)],
                       sorted(recorded, key=lambda r: r.first_seq))
 
+    async def run_log_at(self, run_id: str, offsets: Sequence[int],
+                         indexed_to: int) -> RunLog:
+        """The run's events and recorded commands, read at the offsets an index gives
+        for its events instead of from the partition's beginning.
+
+        ``offsets``: where the index has the run's events on their partition;
+        ``indexed_to``: the first offset the index has not read yet. From each event the
+        read goes on only until the command that caused it is recorded (the orchestrator
+        writes the recorded command after the events, in the same transaction); then
+        the records from ``indexed_to`` on, which the index may not hold yet."""
+        self._need(self.topics.events)
+        tp = TopicPartition(self.topics.events, self.topics.partition_of(run_id))
+        consumer = await self._consumer_started()
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        key = run_id.encode()
+        events: dict[int, Event] = {}
+        recorded: dict[str, RecordedCommand] = {}
+        waiting: set[str] = set()
+        """Commands whose events were read but whose recorded command was not yet."""
+        position = 0
+
+        def take(message: Any) -> None:
+            if message.key != key or message.value is None:
+                return
+            record = decode(message.value)
+            if isinstance(record, Event):
+                events[record.seq] = record
+                if record.causation_id not in recorded:
+                    waiting.add(record.causation_id)
+            elif isinstance(record, RecordedCommand):
+                recorded[record.command.command_id] = record
+                waiting.discard(record.command.command_id)
+
+        async def read(start: int, until: int | None) -> None:
+            """From ``start`` past ``until`` and on until no read event's command is
+            unrecorded; to the end if ``until`` is None."""
+            nonlocal position
+            consumer.seek(tp, start)
+            position = start
+            while position < end and (until is None or position <= until or waiting):
+                fetched = await consumer.getmany(tp, timeout_ms=500,
+                                                 max_records=INDEXED_READ_RECORDS)
+                messages = fetched.get(tp, [])
+                self.records_read += len(messages)
+                for message in messages:
+                    take(message)
+                position = await consumer.position(tp)
+
+        for offset in sorted(set(offsets)):
+            if offset >= position:  # not read already with an earlier event
+                await read(offset, offset)
+        await read(max(position, indexed_to), None)
+        return RunLog(run_id, [events[s] for s in sorted(events)],
+                      sorted(recorded.values(), key=lambda r: r.first_seq))
+
     async def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
         count = self._need(self.topics.dead_letters)
@@ -356,6 +419,7 @@ class KafkaClient:
                     f"{self.bootstrap} did not finish within {self.timeout_s:.0f}s")
             fetched = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
             for messages in fetched.values():
+                self.records_read += len(messages)
                 for message in messages:
                     if key is None or message.key == key:
                         yield message

@@ -5,19 +5,25 @@ reads the run inputs topic and, when it is co-partitioned with them, the trigger
 task p reads partition p of both (``engine.kafka.stream``: ownership, fencing, restore,
 transactions and their outcomes). A batch of task p is decided by the shared
 ``Processor`` and written in ONE transaction: events and recorded commands (events
-topic, p), state snapshots (state changelog, p), task commands (task topics, p),
-notifications, dead letters, the ``StartRun`` of triggers read at p for runs of other
-partitions (run inputs, their partition), the subscriptions its keyed waits open and
-close (messages topic, by correlation key), and the offsets of both input partitions. Only
-after the commit succeeds does the batch's state enter the task's cache.
+topic, p; each command's events, then the command), state snapshots (state changelog,
+p), task commands (task topics, p), notifications, dead letters, the ``StartRun`` of
+triggers read at p for runs of other partitions (run inputs, their partition), the
+subscriptions its keyed waits open and close (messages topic, by correlation key), and the
+offsets of both input partitions. Only after the commit succeeds does the batch's state
+enter the task's cache.
 
 A trigger keyed by its run id lands on its run's partition and is decided in the same
 transaction that reads it: one transactional hop from the trigger to the first command,
 where the trigger router (for a triggers topic with another partition count) takes two.
 
 The state changelog is the task's restore source; timers live in run state and are
-re-armed on restore; a due timer becomes a ``FireTimer`` on the task's own run inputs
-partition, written in a transaction of the task's producer.
+re-armed on restore. A finished run leaves memory: its last snapshot on the changelog is
+its compact record (``finished_record``: enough to refuse a duplicate start or a late
+command exactly as the full state would), which the task's local store keeps on disk
+(``state_dir``; ``engine.kafka.localstore``) and reads back when a command for the run
+arrives. Without a local store, compact records stay in memory. A due timer becomes a
+``FireTimer`` on the task's own run inputs partition, written in a transaction of the
+task's producer.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from itertools import islice
+from pathlib import Path
 
 from aiokafka import TopicPartition
 
@@ -36,8 +44,9 @@ from engine.core.correlation import (
     key_of,
 )
 from engine.core.events import Event
-from engine.core.state import RunState
+from engine.core.state import RunState, finished_record
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
+from engine.kafka.localstore import ChangelogWrite
 from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStats
 from engine.kafka.topics import Topics, key_partition
 from engine.runtime.clock import Clock
@@ -56,12 +65,15 @@ _Partition = OwnedTask
 
 class RunTask(Task):
     """The runs of one partition: their committed state, their timers, and the run core
-    that decides each batch against them."""
+    that decides each batch against them. Active runs are in memory; finished ones, with
+    a local store, on disk only."""
+
+    local_state = True
 
     def __init__(self, engine: KafkaEngine, number: int) -> None:
         self.engine = engine
         self.number = number
-        self.cache = StateCache()
+        self.cache = StateCache(loader=self._stored, keep_loaded=False)
         self.timers = TimerService(self._armed)
         partition_of = engine.topics.partition_of
         self.processor = Processor(engine.specs, self.cache,
@@ -70,15 +82,31 @@ class RunTask(Task):
                                    partition_of=partition_of)
 
     def _armed(self, run_id: str, timer_id: str) -> bool:
-        state = self.cache.get(run_id)
+        state = self.cache.resident(run_id)  # a finished run has no timers
         return state is not None and timer_id in state.timers
+
+    def _stored(self, run_id: str) -> RunState | None:
+        """A finished run's compact record, from the local store."""
+        payload = self.store.get(run_id.encode()) if self.store is not None else None
+        if payload is None:
+            return None
+        state = decode(payload)
+        return state if isinstance(state, RunState) else None
+
+    def split(self, values: Mapping[bytes, bytes]) -> ChangelogWrite:
+        out = ChangelogWrite()
+        for key, payload in values.items():
+            state = decode(payload)
+            finished = isinstance(state, RunState) and state.terminal
+            (out.finished if finished else out.active)[key] = payload
+        return out
 
     async def restore(self, latest: Mapping[bytes, bytes]) -> int:
         states: dict[str, RunState] = {}
         for i, (key, payload) in enumerate(latest.items()):
             state = decode(payload)
-            if isinstance(state, RunState):
-                states[key.decode()] = state
+            if isinstance(state, RunState) and (self.store is None or not state.terminal):
+                states[key.decode()] = finished_record(state)
             if i % RESTORE_SLICE == RESTORE_SLICE - 1:
                 await asyncio.sleep(0)  # decoding is CPU-bound: let the others run
         self.cache.commit(states)
@@ -112,12 +140,21 @@ class RunTask(Task):
                       trace_headers(c.run_id, c.command_id, c.tenant)) for c in due])
 
     def _step(self, batch: Batch) -> Step:
-        return Step(self._records(batch), commit=lambda: self._committed(batch),
+        changelog = ChangelogWrite()
+        finished: list[str] = []
+        for run_id, state in batch.states.items():
+            if state.terminal:
+                batch.states[run_id] = finished_record(state)
+                finished.append(run_id)
+        records = self._records(batch, changelog)
+        return Step(records, commit=lambda: self._committed(batch, finished),
                     events=len(batch.events), forwards=len(batch.forwards),
-                    dead_letters=len(batch.dead_letters))
+                    dead_letters=len(batch.dead_letters), changelog=changelog)
 
-    def _committed(self, batch: Batch) -> None:
+    def _committed(self, batch: Batch, finished: Sequence[str]) -> None:
         self.cache.commit(batch.states)
+        if self.store is not None:
+            self.cache.evict(finished)  # on disk now (the processor writes the store next)
         for run_id, timer in batch.timers:
             self.timers.arm(run_id, timer.timer_id, timer.due_at)
         for dead in batch.dead_letters:
@@ -126,22 +163,31 @@ class RunTask(Task):
         if self.engine.on_committed is not None:
             self.engine.on_committed(batch.events)
 
-    def _records(self, batch: Batch) -> list[Record]:
+    def _records(self, batch: Batch, changelog: ChangelogWrite) -> list[Record]:
         """Encode everything first: nothing can fail halfway through the transaction for
-        a reason that is not Kafka's."""
+        a reason that is not Kafka's. The state snapshots also go to ``changelog``."""
         t = self.engine.topics
         number = self.number
         out: list[Record] = []
         headers: dict[str, Headers] = {}
-        for event in batch.events:
+        # Each command's events, then the command recorded: a reader that found one of
+        # the events (by its offset, from an index) finds the command right after them.
+        events = iter(batch.events)
+        for rec in batch.recorded:
+            key = rec.run_id.encode()
+            for event in islice(events, rec.last_seq - rec.first_seq + 1):
+                out.append((t.events, number, key, encode(event),
+                            _event_headers(event, headers)))
+            command = rec.command
+            out.append((t.events, number, key, encode(rec), trace_headers(
+                command.correlation_id or rec.run_id, command.command_id, command.tenant)))
+        for event in events:  # none: every event belongs to a recorded command
             out.append((t.events, number, event.run_id.encode(), encode(event),
                         _event_headers(event, headers)))
-        for rec in batch.recorded:
-            command = rec.command
-            out.append((t.events, number, rec.run_id.encode(), encode(rec), trace_headers(
-                command.correlation_id or rec.run_id, command.command_id, command.tenant)))
         for state in batch.states.values():
-            out.append((t.state, number, state.run_id.encode(), encode(state), []))
+            key, payload = state.run_id.encode(), encode(state)
+            (changelog.finished if state.terminal else changelog.active)[key] = payload
+            out.append((t.state, number, key, payload, []))
         for task in batch.tasks:
             out.append((t.tasks(task.queue), number, task.run_id.encode(), encode(task),
                         trace_headers(task.correlation_id, task.task_id, task.tenant)))
@@ -180,6 +226,7 @@ class KafkaEngine(StreamProcessor):
         refence_pause_s: float = 5.0,
         instance_id: str | None = None,
         read_triggers: bool | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.read_triggers = topics.co_partitioned if read_triggers is None else read_triggers
         """Read the triggers topic beside the run inputs (default: when co-partitioned)."""
@@ -201,7 +248,7 @@ class KafkaEngine(StreamProcessor):
             make_task=lambda number: RunTask(self, number), changelog=self._changelog,
             clock=clock, max_batch=max_batch, poll_ms=poll_ms,
             commit_timeout_s=commit_timeout_s, refence_pause_s=refence_pause_s,
-            instance_id=instance_id)
+            instance_id=instance_id, state_dir=state_dir)
 
     async def _changelog(self, number: int) -> list[TopicPartition]:
         return [TopicPartition(self.topics.state, number)]
@@ -211,7 +258,8 @@ class KafkaEngine(StreamProcessor):
         return part.task if part is not None and isinstance(part.task, RunTask) else None
 
     def state(self, run_id: str) -> RunState | None:
-        """Committed state of a run owned by this process (None if not owned or unknown)."""
+        """Committed state of a run owned by this process (None if not owned or unknown);
+        for a finished run, its compact record (the full state is the fold of its events)."""
         task = self.run_task(self.topics.partition_of(run_id))
         return task.cache.get(run_id) if task is not None else None
 

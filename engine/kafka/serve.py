@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from engine.kafka.correlation import CorrelationProcessor
 from engine.kafka.ledger import PostgresLedger
@@ -53,6 +55,20 @@ class ServeOptions:
     one keeps its partitions until the session timeout (10 s)."""
     notify: DeliverySettings | None = None
     """Delivery settings: run the notifier too (its ledger needs ``postgres``)."""
+    state_dir: Path | None = None
+    """Where the engine keeps each partition's local state store (finished runs on disk,
+    a checkpoint that makes a restart read only the changelog's tail); None: no store,
+    every restore reads the whole changelog and finished runs stay in memory."""
+
+
+def default_state_dir() -> Path:
+    """``$TERRANOHA_STATE_DIR``, else ``$XDG_STATE_HOME/terranoha``, else
+    ``~/.local/state/terranoha``."""
+    explicit = os.environ.get("TERRANOHA_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "terranoha"
 
 
 @dataclass(slots=True)
@@ -90,7 +106,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         running.engine = KafkaEngine(options.bootstrap, options.topics, follower.registry,
                                      app=options.app, clock=clock,
                                      refresh_specs=follower.catch_up,
-                                     instance_id=options.instance_id)
+                                     instance_id=options.instance_id,
+                                     state_dir=options.state_dir)
         runners.append(running.engine.run(stop))
     if options.correlation:
         running.correlation = CorrelationProcessor(options.bootstrap, options.topics,

@@ -64,6 +64,17 @@ and commit first wait for the batches in flight, and take a cancelled one for fi
 A replaced producer is stopped and its sender cancelled (``discard_producer``): a sender
 left running would keep retrying the old transaction's requests.
 
+Local state
+-----------
+Given a ``state_dir``, a task with ``local_state`` keeps its changelog in a local store
+(``engine.kafka.localstore``): the keys it keeps in memory (``Step.changelog``'s active
+ones) and those it keeps only on disk (the finished ones). Restoring then reads only the
+changelog records after the store's checkpoint, and hands the task its active entries.
+The store is written after a transaction COMMITTED, with the offsets the broker gave the
+changelog records; an ABORTED or UNKNOWN transaction writes nothing to it, and the
+restore that follows an UNKNOWN one reads the changelog from the store's checkpoint on,
+so the store never holds a value the changelog does not have at the position it claims.
+
 Poison inputs
 -------------
 A task turns inputs it cannot read into dead-letter records of the same transaction.
@@ -80,6 +91,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -96,6 +108,14 @@ from engine.kafka._util import (
     stop_quietly,
     transactional_producer,
     tune_aiokafka,
+)
+from engine.kafka.localstore import (
+    ChangelogWrite,
+    Checkpoint,
+    LocalStore,
+    StoreIdentity,
+    catch_up,
+    record_digest,
 )
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.processor import Input
@@ -129,16 +149,28 @@ class Step:
     events: int = 0
     forwards: int = 0
     dead_letters: int = 0
+    changelog: ChangelogWrite | None = None
+    """Local state: the values of ``records``' changelog records, split (see above)."""
 
 
 class Task(ABC):
     """The per-purpose part of one task: its state and what inputs do to it. It does no
     Kafka I/O; ``process`` must not change committed state (``Step.commit`` does)."""
 
+    local_state = False
+    """True: the task can keep its changelog in a local store (``split``,
+    ``Step.changelog``); the processor then sets ``store`` before ``restore``."""
+    store: LocalStore | None = None
+
+    def split(self, values: Mapping[bytes, bytes]) -> ChangelogWrite:
+        """Local state: which changelog values stay in memory and which only on disk."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no local state")
+
     @abstractmethod
     async def restore(self, latest: Mapping[bytes, bytes]) -> int:
-        """Rebuild the state from the changelog's latest value per key; return how many
-        entries it holds. Called once, before any input."""
+        """Rebuild the state from the changelog's latest value per key (with a local
+        store: the active entries of the store); return how many entries it holds.
+        Called once, before any input."""
 
     @abstractmethod
     async def process(self, inputs: Sequence[Input], now: int) -> Step:
@@ -239,6 +271,7 @@ class StreamProcessor:
         instance_id: str | None = None,
         partitions_of: Callable[[str], Awaitable[list[int]]] | None = None,
         on_ready: Callable[[], Awaitable[None]] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.name = name
@@ -260,6 +293,10 @@ class StreamProcessor:
         """Not grouped: the partition numbers of the input topic."""
         self.on_ready = on_ready
         """Not grouped: called once the task is taken over, before the first poll."""
+        self.state_dir = state_dir
+        """Where the local stores of tasks with ``local_state`` live (None: no store)."""
+        self._stores: dict[int, LocalStore] = {}
+        """The open local store of each task number, kept across its restores."""
         self.lock = asyncio.Lock()
         """Held while tasks are installed or released."""
         self.parts: dict[int, OwnedTask] = {}
@@ -310,6 +347,8 @@ class StreamProcessor:
             async with self.lock:
                 for number in list(self.parts):
                     await self._release(number)
+            for number in list(self._stores):
+                self._close_store(number)
             await stop_quietly(self.consumer)
 
     async def _assign_all(self) -> None:
@@ -377,8 +416,33 @@ class StreamProcessor:
         return await transactional_producer(self.bootstrap, self.transactional_id(number))
 
     async def _restore(self, number: int, task: Task) -> int:
+        tps = await self.changelog(number) if self.changelog is not None else []
+        if self.state_dir is not None and task.local_state and len(tps) == 1:
+            store = await self._restore_local(number, task, tps[0])
+            task.store = store
+            return await task.restore(dict(store.active()))
         latest = await self._read_changelog(number)
         return await task.restore(latest)
+
+    def _open_store(self, number: int, tp: TopicPartition) -> LocalStore:
+        store = self._stores.get(number)
+        if store is None:
+            assert self.state_dir is not None
+            store = LocalStore(self.state_dir, StoreIdentity(self.group_id, tp.topic,
+                                                             tp.partition))
+            self._stores[number] = store
+        return store
+
+    def _close_store(self, number: int) -> None:
+        store = self._stores.pop(number, None)
+        if store is not None:
+            store.close()
+
+    async def _restore_local(self, number: int, task: Task, tp: TopicPartition) -> LocalStore:
+        """The task's local store, brought up to the changelog's last stable offset."""
+        store = self._open_store(number, tp)
+        await catch_up(store, self.bootstrap, tp, task.split)
+        return store
 
     async def _read_changelog(self, number: int) -> dict[bytes, bytes]:
         """The latest value of each key of the task's changelog, up to its last stable
@@ -468,6 +532,7 @@ class StreamProcessor:
 
     async def _release(self, number: int) -> None:
         part = self.parts.pop(number, None)
+        self._close_store(number)
         if part is None:
             return
         self.retired.add(part.stats)
@@ -553,11 +618,13 @@ class StreamProcessor:
         self._pause_and_reclaim(part.number, part.stats)
 
     async def _transact(self, part: OwnedTask, records: list[Record],
-                        offsets: Mapping[TopicPartition, int] | None) -> bool:
+                        offsets: Mapping[TopicPartition, int] | None,
+                        positions: dict[TopicPartition, int] | None = None) -> bool:
         """One transaction: the records, and the input offsets if given. True if committed;
-        otherwise the outcome's rule (module doc) has been applied."""
+        otherwise the outcome's rule (module doc) has been applied. ``positions`` receives
+        where the records ended on each partition (``run_transaction``)."""
         outcome = await run_transaction(part.producer, records, offsets, self.group_id,
-                                        self.commit_timeout_s)
+                                        self.commit_timeout_s, positions)
         if outcome is Outcome.FENCED:
             await self._fenced(part)
         elif outcome is Outcome.ABORTED:
@@ -677,8 +744,9 @@ class StreamProcessor:
             await self._process_one_by_one(part, inputs)
             return
         offsets = _next_offsets(inputs)
-        if await self._transact(part, step.records, offsets):
-            self._committed(part, step, len(inputs))
+        positions: dict[TopicPartition, int] = {}
+        if await self._transact(part, step.records, offsets, positions):
+            self._committed(part, step, len(inputs), positions)
             part.next_offsets.update(offsets)
             part.aborts = 0
 
@@ -688,9 +756,10 @@ class StreamProcessor:
         for item in inputs:
             tp = TopicPartition(item.source, item.partition)
             offsets = {tp: item.offset + 1}
+            positions: dict[TopicPartition, int] = {}
             try:
                 step = await part.task.process([item], self.clock.now_ms())
-                committed = await self._transact(part, step.records, offsets)
+                committed = await self._transact(part, step.records, offsets, positions)
             except Exception as exc:
                 log.exception("%s task %d: input %s/%d cannot be processed", self.name,
                               part.number, item.source, item.offset)
@@ -700,16 +769,19 @@ class StreamProcessor:
             if not committed and still_ours and part.next_offsets.get(tp) == item.offset:
                 step = part.task.isolated(item, self.clock.now_ms(),
                                           "its outcome was refused by Kafka")
-                committed = await self._transact(part, step.records, offsets)
+                positions.clear()
+                committed = await self._transact(part, step.records, offsets, positions)
             if not committed:
                 return
-            self._committed(part, step, 1)
+            self._committed(part, step, 1, positions)
             part.next_offsets[tp] = item.offset + 1
         part.aborts = 0
 
-    def _committed(self, part: OwnedTask, step: Step, inputs: int) -> None:
+    def _committed(self, part: OwnedTask, step: Step, inputs: int,
+                   positions: Mapping[TopicPartition, int]) -> None:
         # The transaction is durable: only now does its state become the committed state.
         step.commit()
+        self._store_committed(part.task, step, positions)
         stats = part.stats
         stats.batches += 1
         stats.inputs += inputs
@@ -719,9 +791,29 @@ class StreamProcessor:
 
     async def _fire_timers(self, part: OwnedTask) -> None:
         step = part.task.due(self.clock.now_ms())
+        positions: dict[TopicPartition, int] = {}
         if step is not None and step.records and await self._transact(part, step.records,
-                                                                       None):
+                                                                       None, positions):
             step.commit()
+            self._store_committed(part.task, step, positions)
+
+    @staticmethod
+    def _store_committed(task: Task, step: Step, positions: Mapping[TopicPartition, int]) -> None:
+        """Write a committed step's changelog records to the task's local store, with the
+        position the broker gave the last of them."""
+        store = task.store
+        if store is None or step.changelog is None:
+            return
+        topic, number = store.identity.topic, store.identity.partition
+        position = positions.get(TopicPartition(topic, number))
+        last = None
+        for record in step.records:
+            if record[0] == topic and record[1] == number:
+                last = record
+        if position is None or last is None:
+            return
+        store.write(step.changelog.active, step.changelog.finished, (),
+                    Checkpoint(position, position - 1, record_digest(last[2], last[3])))
 
 
 def _next_offsets(inputs: Sequence[Input]) -> dict[TopicPartition, int]:

@@ -174,23 +174,40 @@ class Batch:
 
 
 class StateCache:
-    """Committed run state. A batch reads through it and never writes to it directly."""
+    """Committed run state. A batch reads through it and never writes to it directly.
 
-    def __init__(self, loader: Callable[[str], RunState | None] | None = None) -> None:
+    ``loader`` finds a run that is not in memory (on disk); ``keep_loaded`` says whether
+    what it found stays in memory (the embedded store: yes; a Kafka task, whose runs not
+    in memory are the finished ones, no: memory follows active runs, not history)."""
+
+    def __init__(self, loader: Callable[[str], RunState | None] | None = None,
+                 keep_loaded: bool = True) -> None:
         self._states: dict[str, RunState] = {}
         self._loader = loader
+        self._keep_loaded = keep_loaded
 
     def get(self, run_id: str) -> RunState | None:
         state = self._states.get(run_id)
         if state is None and self._loader is not None:
             state = self._loader(run_id)
-            if state is not None:
+            if state is not None and self._keep_loaded:
                 self._states[run_id] = state
         return state
+
+    def resident(self, run_id: str) -> RunState | None:
+        """The run's state if it is in memory (the loader is not asked)."""
+        return self._states.get(run_id)
 
     def commit(self, states: Mapping[str, RunState]) -> None:
         self._states.update(states)
 
+    def evict(self, run_ids: Iterable[str]) -> None:
+        """Drop runs from memory (their committed state is on disk)."""
+        for run_id in run_ids:
+            self._states.pop(run_id, None)
+
+    def __len__(self) -> int:
+        return len(self._states)
 
 
 def trigger_to_start(trigger: Trigger, source: str, partition: int, offset: int) -> StartRun:

@@ -5,6 +5,11 @@ state on restore. A firing is a command written to the run inputs like any other
 it is decided (and de-duplicated) by the core: a timer that already fired, or was
 cleared, is rejected there. Firings whose command was lost are sent again after
 ``refire_after_ms`` while the timer is still armed in committed state.
+
+An entry outlives its timer when the timer is cleared before it is due (a task that
+completed before its timeout, a run that finished): it is dropped when it falls due,
+or earlier, when the stale entries would make the heap grow with history instead of
+with the armed timers (``prune``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from collections.abc import Callable
 
 from engine.core.commands import FireTimer
 from engine.core.state import RunState
+
+PRUNE_FLOOR = 4096
+"""The heap is never pruned below this many entries."""
 
 
 class TimerService:
@@ -25,9 +33,20 @@ class TimerService:
         self._heap: list[tuple[int, str, str]] = []
         self._is_armed = is_armed
         self.refire_after_ms = refire_after_ms
+        self._prune_at = PRUNE_FLOOR
 
     def arm(self, run_id: str, timer_id: str, due_at: int) -> None:
         heapq.heappush(self._heap, (due_at, run_id, timer_id))
+        if len(self._heap) >= self._prune_at:
+            self.prune()
+
+    def prune(self) -> None:
+        """Drop the entries of timers no longer armed. Runs each time the heap doubled
+        since the last prune, so it costs O(1) per timer armed, and the heap stays
+        within twice the armed timers (plus ``PRUNE_FLOOR``)."""
+        self._heap = [entry for entry in self._heap if self._is_armed(entry[1], entry[2])]
+        heapq.heapify(self._heap)
+        self._prune_at = max(2 * len(self._heap), PRUNE_FLOOR)
 
     def restore(self, state: RunState) -> None:
         for timer in state.timers.values():

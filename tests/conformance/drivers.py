@@ -8,6 +8,8 @@ durations), and lets a synchronous test submit records and wait for run states.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -20,7 +22,7 @@ from engine.core.correlation import CORRELATION_EVENTS, CorrelationEvent, Publis
 from engine.core.events import Event
 from engine.core.records import DeadLetter, Trigger
 from engine.core.spec import WorkflowSpec
-from engine.core.state import RunState
+from engine.core.state import RunState, finished_record
 from engine.embedded import EmbeddedEngine, EmbeddedWorker, Store
 from engine.worker import ToolRegistry
 
@@ -197,8 +199,9 @@ class KafkaDriver(Driver):
         follower = SpecFollower(self.bootstrap, t)
         call(follower.start())
         self.follower = follower
+        self.state_dir = Path(tempfile.mkdtemp(prefix=f"{self.app}-state-"))
         self.engine = KafkaEngine(self.bootstrap, t, follower.registry, app=self.app,
-                                  refresh_specs=follower.catch_up)
+                                  refresh_specs=follower.catch_up, state_dir=self.state_dir)
         ledger = PostgresLedger(self.dsn, namespace=t.deployment(self.app))
         call(ledger.open())
         self._ledger = ledger
@@ -254,7 +257,22 @@ class KafkaDriver(Driver):
         self.threads.call(self.producer.send_and_wait(self.topics.inputs, payload, partition=0))
 
     def state(self, run_id: str) -> RunState | None:
-        return self.engine.state(run_id)
+        """The engine's committed state; for a finished run, which the engine keeps as a
+        compact record, the fold of its events (checked against that record)."""
+        from engine.core.evolve import fold
+
+        state = self.engine.state(run_id)
+        if state is None or not state.terminal:
+            return state
+        events = self.events(run_id)
+        deadline = time.monotonic() + 30
+        while (not events or max(e.seq for e in events) < state.seq) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            events = self.events(run_id)
+        full = fold(sorted(events, key=lambda e: e.seq)[:state.seq])
+        assert finished_record(full) == state, "the compact record is not the run's fold"
+        return full
 
     def _read(self) -> None:
         from engine.codec import decode
@@ -305,6 +323,8 @@ class KafkaDriver(Driver):
         if hasattr(self, "producer"):
             self.threads.call(close_clients())
         self.threads.close_runners()
+        if hasattr(self, "state_dir"):
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         if hasattr(self, "follower"):
             self.threads.call(self.follower.stop())
         if hasattr(self, "_ledger"):

@@ -26,7 +26,7 @@ from engine.core import events as ev
 from engine.core.decide import process
 from engine.core.evolve import evolve, fold
 from engine.core.spec import WorkflowSpec, load_spec
-from engine.core.state import RunState, Waiting
+from engine.core.state import RunState, Waiting, finished_record
 
 RUN = "run-p"
 T0 = 1_700_000_000_000
@@ -417,3 +417,23 @@ def test_decide_never_raises(spec: WorkflowSpec, other: WorkflowSpec, script: An
                 assert all(isinstance(e, ev.Event) for e in decision.events)
                 if decision.state is not None:
                     assert decision.state == fold(decision.events, state)
+
+
+@SETTINGS
+@given(spec=specs(), other=specs().map(lambda s: s.model_copy(update={"version": 2})),
+       script=scripts, garbage=st.lists(junk_commands, max_size=8),
+       when=st.integers(-10**12, 10**13))
+def test_a_finished_runs_compact_record_decides_every_command_as_its_full_state(
+        spec: WorkflowSpec, other: WorkflowSpec, script: Any, garbage: list[cmd.Command],
+        when: int) -> None:
+    finished = [state for run in drive(spec, script) for state in [run.state]
+                if state is not None and state.terminal]
+    for state in finished[:3]:
+        compact = finished_record(state)
+        assert compact.status is state.status and compact.seq == state.seq
+        for command in garbage:
+            for against in (spec, other, None):
+                full = process(state, command, against, when)
+                small = process(compact, command, against, when)
+                assert small.events == full.events
+                assert small.state is None or finished_record(small.state) == small.state

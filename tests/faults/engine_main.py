@@ -46,7 +46,8 @@ async def main(args: argparse.Namespace) -> int:
     registry = load_worker_modules(["tests.embedded.durable_tools"] if args.worker else [])
     options = serve_module.ServeOptions(
         bootstrap=args.kafka, topics=Topics(prefix=args.prefix, partitions=args.partitions),
-        app=args.prefix, postgres=args.postgres, registry=registry, concurrency=8)
+        app=args.prefix, postgres=args.postgres, registry=registry, concurrency=8,
+        state_dir=Path(args.state_dir) if args.state_dir else None)
 
     async def ready(running: serve_module.Running) -> None:
         print("serving", flush=True)
@@ -66,6 +67,7 @@ if __name__ == "__main__":
     parser.add_argument("--commit-timeout", type=float, default=15.0)
     parser.add_argument("--clock-file", default="")
     parser.add_argument("--no-worker", dest="worker", action="store_false")
+    parser.add_argument("--state-dir", default="", help="the engine's local state store")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.exit(asyncio.run(main(parser.parse_args())))

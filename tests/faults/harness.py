@@ -100,6 +100,8 @@ class Fleet:
     def __init__(self, infra: FaultInfra, tmp: Path, partitions: int = 4) -> None:
         self.infra = infra
         self.tmp = tmp
+        self.slots: dict[int, int] = {}
+        """The local state directory (its number) of each engine process, by pid."""
         self.partitions = partitions
         self.prefix = f"f{uuid.uuid4().hex[:10]}"
         self.topics = Topics(prefix=self.prefix, partitions=partitions)
@@ -178,10 +180,16 @@ class Fleet:
                 "--clock-file", str(self.clock_file)]
         if not worker:
             args.append("--no-worker")
+        # Each live process has a local state directory of its own; a process started
+        # after one died takes the lowest one free, as a restarted pod keeps its volume.
+        taken = {self.slots[p.pid] for p in self.alive() if p.pid in self.slots}
+        slot = next(i for i in range(len(self.procs) + 1) if i not in taken)
+        args += ["--state-dir", str(self.tmp / f"state-{slot}")]
         err = open(self.tmp / f"engine-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
         err.close()
         self.procs.append(proc)
+        self.slots[proc.pid] = slot
         if wait:
             wait_serving(proc)
         return proc

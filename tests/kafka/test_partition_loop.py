@@ -32,12 +32,13 @@ class _SlowPartition(KafkaEngine):
     stalled_once = False
 
     async def _transact(self, part: _Partition, records: list[Record],
-                        offsets: Mapping[TopicPartition, int] | None) -> bool:
+                        offsets: Mapping[TopicPartition, int] | None,
+                        positions: dict[TopicPartition, int] | None = None) -> bool:
         if part.number == self.slow and offsets and not self.stalled_once:
             self.stalled_once = self.stalling = True
             await asyncio.sleep(SLOW_S)
             self.stalling = False
-        return await super()._transact(part, records, offsets)
+        return await super()._transact(part, records, offsets, positions)
 
 
 def _keys_on(topics: Topics, partition: int, count: int) -> list[str]:
