@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
+from engine.cli._api import add_commands as add_api_commands
 from engine.cli._commands import (
     cmd_approve,
     cmd_cancel,
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
     add_message_commands(sub, add)
     add_commands(sub, _backend_options)
+    add_api_commands(sub, _backend_options)
     return parser
 
 

@@ -36,7 +36,6 @@ from engine.cli._shared import (
     json_arg,
     load_spec_file,
     print_state,
-    redacted_view,
 )
 from engine.core.commands import CancelRun, Command, DecideApproval, DeliverSignal
 from engine.core.events import CommandRejected, CommandRejectedV2, Event
@@ -50,10 +49,12 @@ from engine.observability.metrics import watch_counts
 from engine.observability.setup import Telemetry, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
+from engine.runtime.starts import start_conflict
 from engine.worker import load_worker_modules
 from projections.postgres import timeline_from_postgres
 from projections.redaction import PolicyBook, redact_events
 from projections.timeline import Timeline, build_timeline, render_timeline, timeline_view
+from projections.views import redacted_view
 
 IN_PROGRESS = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRY})
 """What ``run --wait`` waits out, with a sleep: a run in any other state needs someone
@@ -248,7 +249,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         started = backend.start(trigger)
         run_id, state = started.run_id, started.state
         out.write(f"{run_id}\n")
-        conflict = _conflict(trigger, state) if started.existed else None
+        conflict = start_conflict(trigger, state) if started.existed else None
         if conflict is not None:
             print_state(state, out)
             print(f"error: run {run_id} already exists for key {key!r} of tenant "
@@ -262,25 +263,6 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             return 0
         print_state(state, out)
         return _outcome(state)
-
-
-_ABSENT = object()
-
-
-def _conflict(trigger: Trigger, state: RunState | None) -> str | None:
-    """How the existing run differs from what ``trigger`` asks for, or None."""
-    if state is None:
-        return None
-    if state.workflow != trigger.workflow or trigger.version not in (0, state.version):
-        return f"workflow {state.workflow} v{state.version}"
-    if state.input == trigger.input:
-        return None
-    old = state.input if isinstance(state.input, dict) else {}
-    new = trigger.input if isinstance(trigger.input, dict) else {}
-    if not old and not new:
-        return "another input"
-    fields = sorted(k for k in {*old, *new} if old.get(k, _ABSENT) != new.get(k, _ABSENT))
-    return "another input (it differs in " + ", ".join(f"input.{k}" for k in fields) + ")"
 
 
 def _outcome(state: RunState) -> int:
