@@ -131,28 +131,37 @@ class BodyLimit:
                     await self._refuse(scope, send)
                     return
         seen = 0
-        started = False
+        started = refused = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    # Answer now and tell the application the client went away, so it
+                    # stops reading; whatever it sends afterwards is dropped.
+                    refused = True
+                    if not started:
+                        await self._refuse(scope, send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(scope, send)
+        except Exception:
+            if not refused:
+                raise
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
         body = Problem(413, "Request too large",
