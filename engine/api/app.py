@@ -15,13 +15,13 @@ from fastapi import APIRouter, FastAPI
 
 from engine.api.context import ApiContext
 from engine.api.problems import BodyLimit, install
-from engine.api.routes import approvals, dead_letters, runs, workflows
+from engine.api.routes import approvals, dead_letters, hooks, runs, workflows
 
 MAX_BODY = 1 << 20
 """Request bodies over this many bytes are refused with 413."""
 
 ROUTERS: tuple[APIRouter, ...] = (runs.router, approvals.router, workflows.router,
-                                  dead_letters.router)
+                                  dead_letters.router, hooks.router)
 
 
 def create_app(ctx: ApiContext, *, max_body: int = MAX_BODY,

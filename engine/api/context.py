@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from engine.api.backends import ApiBackend
+from engine.api.hooks import Hooks
 from engine.api.identity import KEY_PREFIX, KeyStore, OidcVerifier, Principal, Role
 from engine.api.problems import Problem, not_found, unauthorized
 from engine.core.spec import WorkflowSpec
@@ -34,6 +35,7 @@ class ApiContext:
     backend: ApiBackend
     keys: KeyStore | None = None
     oidc: OidcVerifier | None = None
+    hooks: Hooks = field(default_factory=Hooks)
     unauthorized: int = 0
     """Requests refused for want of valid credentials (webhooks count their own)."""
     _specs: list[WorkflowSpec] = field(default_factory=list)

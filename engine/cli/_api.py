@@ -36,8 +36,12 @@ def cmd_api(args: argparse.Namespace, out: TextIO) -> int:
                                          jwks=args.oidc_jwks))
     backend: ApiBackend = (KafkaApiBackend(args.kafka, kafka_topics(args), app=args.app)
                            if args.kafka else EmbeddedApiBackend(db_path(args)))
+    from engine.api.hooks import Hooks, load_hooks
+
+    hooks = load_hooks(args.hooks) if args.hooks else Hooks()
     keys = KeyStore(keys_path(args))
-    app = create_app(ApiContext(backend, keys=keys, oidc=oidc), max_body=args.max_body)
+    app = create_app(ApiContext(backend, keys=keys, oidc=oidc, hooks=hooks),
+                     max_body=args.max_body)
     where = f"kafka {args.kafka}" if args.kafka else str(db_path(args))
     out.write(f"api on http://{args.host}:{args.port} over {where}; keys in "
               f"{keys.path}{'; OIDC ' + args.oidc_issuer if oidc else ''}\n")
@@ -111,6 +115,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--oidc-audience", help="... for this audience (aud)")
     p.add_argument("--oidc-jwks", metavar="URL|FILE", help="... signed by a key of this "
                    "JWKS (a URL or a file)")
+    p.add_argument("--hooks", metavar="FILE",
+                   help="webhook triggers (YAML): POST /v1/hooks/NAME starts a run from a "
+                   "signed delivery")
     p.add_argument("--log-level", default=os.environ.get("TERRANOHA_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(fn=cmd_api)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from engine.api.context import Caller, Ctx, principal, require, visible_run
+from engine.api.context import ApiContext, Caller, Ctx, principal, require, visible_run
 from engine.api.identity import Principal, Role
 from engine.api.problems import Problem
 from engine.core.commands import CancelRun, Command, DeliverSignal
@@ -81,7 +81,7 @@ class CommandOutcome(BaseModel):
     run: RunView | None
 
 
-async def run_view(ctx: Ctx, state: RunState) -> dict[str, Any]:
+async def run_view(ctx: ApiContext, state: RunState) -> dict[str, Any]:
     view = redacted_view(state, await ctx.specs())
     view["status"] = state.status.value
     return view
@@ -105,39 +105,52 @@ async def start_run(body: StartRunBody, ctx: Ctx, caller: Caller, response: Resp
     if not caller.sees(tenant):
         raise Problem(403, "Forbidden", f"{caller.subject} may not start runs for tenant "
                       f"{tenant!r}", field="body.tenant", kind="forbidden")
-    spec = await ctx.spec(body.workflow, body.version)
+    key = idempotency_key.strip() if idempotency_key else str(uuid.uuid4())
+    status, view = await start_or_find(
+        ctx, workflow=body.workflow, version=body.version, tenant=tenant, key=key,
+        data=body.input, priority=body.priority, correlation_id=body.correlation_id,
+        requested_by=caller.subject, key_field="header.Idempotency-Key")
+    response.status_code = status
+    response.headers["Location"] = f"/v1/runs/{view['run_id']}"
+    return view
+
+
+async def start_or_find(ctx: ApiContext, *, workflow: str, version: int, tenant: str,
+                        key: str, data: Any, requested_by: str, key_field: str,
+                        priority: int = 0, correlation_id: str | None = None,
+                        input_field: str = "body.input") -> tuple[int, dict[str, Any]]:
+    """Start the run of (tenant, key) unless it exists: 201 and the new run, 200 and the
+    existing one, or a 409 problem when the existing one has another workflow or input.
+    The input is checked against the spec here, so a bad one is a 422 naming its field
+    instead of a run that fails."""
+    spec = await ctx.spec(workflow, version)
     if spec is None:
-        what = f"{body.workflow} v{body.version}" if body.version else body.workflow
+        what = f"{workflow} v{version}" if version else workflow
         raise Problem(422, "Invalid request", f"workflow {what} is not deployed",
                       field="body.workflow", kind="invalid-request")
-    problem = check_input(spec.input, body.input, "input", strict=spec.strict_input)
+    problem = check_input(spec.input, data, "input", strict=spec.strict_input)
     if problem is not None:
-        raise Problem(422, "Invalid request", f"{problem[0]}: {problem[1]}",
-                      field=f"body.{problem[0]}", kind="invalid-request")
-    key = idempotency_key.strip() if idempotency_key else str(uuid.uuid4())
+        where = input_field + problem[0].removeprefix("input")
+        raise Problem(422, "Invalid request", f"{problem[0]}: {problem[1]}", field=where,
+                      kind="invalid-request")
     trigger = Trigger(workflow=spec.workflow, version=spec.version, tenant=tenant,
-                      idempotency_key=key, input=body.input, priority=body.priority,
-                      correlation_id=body.correlation_id or key, requested_by=caller.subject)
+                      idempotency_key=key, input=data, priority=priority,
+                      correlation_id=correlation_id or key, requested_by=requested_by)
     run_id = run_id_for(tenant, key)
     existing = await ctx.backend.state(run_id)
     if existing is not None:
         conflict = start_conflict(trigger, existing)
         if conflict is not None:
             raise Problem(409, "Conflict", f"key {key!r} already started run {run_id} with "
-                          f"{conflict}; use another Idempotency-Key for a new run",
-                          field="header.Idempotency-Key", kind="idempotency-conflict",
-                          run_id=run_id)
-        response.status_code = 200
-    else:
-        await ctx.backend.trigger(trigger)
-        existing = await ctx.backend.state(run_id)
-    response.headers["Location"] = f"/v1/runs/{run_id}"
-    if existing is None:
-        existing = RunState(run_id=run_id, tenant=tenant, correlation_id=trigger.correlation_id,
-                            workflow=spec.workflow, version=spec.version,
-                            idempotency_key=key, requested_by=caller.subject,
-                            input=body.input)
-    return await run_view(ctx, existing)
+                          f"{conflict}; use another key for a new run", field=key_field,
+                          kind="idempotency-conflict", run_id=run_id)
+        return 200, await run_view(ctx, existing)
+    await ctx.backend.trigger(trigger)
+    state = await ctx.backend.state(run_id) or RunState(
+        run_id=run_id, tenant=tenant, correlation_id=trigger.correlation_id,
+        workflow=spec.workflow, version=spec.version, idempotency_key=key,
+        requested_by=requested_by, input=data)
+    return 201, await run_view(ctx, state)
 
 
 def _cursor(state: RunState) -> str:
