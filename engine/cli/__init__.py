@@ -198,11 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "approve", cmd_approve, "approve (or --reject) a step waiting for approval")
     p.add_argument("run")
     p.add_argument("step")
-    p.add_argument("--as", dest="as_user", required=True,
-                   help="approver (compared without case and surrounding spaces)")
+    p.add_argument("--as", dest="as_user",
+                   help="embedded store: the approver (compared without case and "
+                   "surrounding spaces); with --api the approver is the key's subject")
     p.add_argument("--role", action="append",
-                   help="a group the approver acts for (repeatable); without it, the "
-                   "command acts for the groups the approval asks for, as a local operator")
+                   help="embedded store: a group the approver acts for (repeatable); "
+                   "without it, the command acts for the groups the approval asks for, as "
+                   "the local operator")
+    p.add_argument("--api", metavar="URL",
+                   help="decide through the HTTP API at URL with the key in "
+                   "$TERRANOHA_API_KEY (default $TERRANOHA_API); required on Kafka")
     p.add_argument("--reject", action="store_true")
     p.add_argument("--comment", default="")
 

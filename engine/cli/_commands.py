@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
+from engine.cli._api_client import api_url
+from engine.cli._api_client import post as api_post
 from engine.cli._backends import (
     Backend,
     KafkaBackend,
@@ -301,6 +303,16 @@ def _wait(backend: Backend, run_id: str, seconds: float, out: TextIO) -> int:
 
 
 def cmd_approve(args: argparse.Namespace, out: TextIO) -> int:
+    url = api_url(args.api)
+    if url is not None:
+        return _approve_through_api(args, url, out)
+    if args.kafka:
+        raise CliError("on Kafka a decision goes through the API, which verifies who makes "
+                       "it: pass --api URL (or set $TERRANOHA_API) with an API key in "
+                       "$TERRANOHA_API_KEY")
+    if not args.as_user:
+        raise CliError("name the approver with --as USER (the local operator decides for "
+                       "them on the embedded store)")
     with open_backend(args) as backend:
         state = backend.run(args.run)
         roles = tuple(args.role or ())
@@ -312,6 +324,24 @@ def cmd_approve(args: argparse.Namespace, out: TextIO) -> int:
                                  step=args.step, approver=args.as_user.strip(), roles=roles,
                                  approve=not args.reject, comment=args.comment)
         return _report_command(backend, command, out)
+
+
+def _approve_through_api(args: argparse.Namespace, url: str, out: TextIO) -> int:
+    """The decision as the API key's subject, for its groups: no --as, no --role."""
+    if args.as_user or args.role:
+        raise CliError("with --api the approver and its groups are those of the API key; "
+                       "drop --as and --role")
+    status, doc = api_post(url, f"/v1/approvals/{args.run}/{args.step}",
+                           {"approve": not args.reject, "comment": args.comment})
+    if status >= 400:
+        out.write(f"refused: {doc.get('detail', '')}\n")
+        return REFUSED
+    out.write(", ".join(doc.get("events") or ()) + "\n" if doc.get("events") else "queued\n")
+    run = doc.get("run") or {}
+    if run:
+        out.write(f"{run.get('run_id')}  {run.get('workflow')} v{run.get('version')}  "
+                  f"{run.get('status')}\n")
+    return 0
 
 
 def cmd_signal(args: argparse.Namespace, out: TextIO) -> int:

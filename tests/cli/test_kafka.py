@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from engine.kafka.topics import delete_topics
+from engine.api.backends import KafkaApiBackend
+from engine.kafka.topics import Topics, delete_topics
+from tests.api.server import serve_api
 from tests.cli.conftest import Cli, Result
 from tests.infra import kafka_bootstrap, postgres_dsn
 
@@ -50,6 +52,12 @@ def kafka(tmp_path: Path) -> Iterator[list[str]]:
     prefix = f"c{uuid.uuid4().hex[:10]}"
     yield ["--kafka", bootstrap, "--topic-prefix", prefix]
     asyncio.run(delete_topics(bootstrap, prefix))
+
+
+def _api_backend(kafka: list[str]) -> KafkaApiBackend:
+    prefix = kafka[kafka.index("--topic-prefix") + 1]
+    return KafkaApiBackend(kafka[kafka.index("--kafka") + 1],
+                           Topics(prefix=prefix, partitions=int(PARTITIONS)), app=prefix)
 
 
 def _eventually(check: Callable[[], Result], until: Callable[[Result], bool],
@@ -123,7 +131,9 @@ def test_run_commands_say_what_is_missing(cli: Cli, kafka: list[str]) -> None:
     assert "terranoha topics create" in missing.err
 
     assert cli("topics", "create", *kafka, "--partitions", PARTITIONS).code == 0
-    for command in (["status", "some-run"], ["approve", "some-run", "pay", "--as", "x"]):
+    impersonating = cli("approve", "some-run", "pay", "--as", "x", *kafka)
+    assert impersonating.code == 2 and "goes through the API" in impersonating.err
+    for command in (["status", "some-run"],):
         result = cli(*command, *kafka)
         assert result.code == 2, command
         assert f"no run some-run on topic {prefix}.run-state" in result.err
@@ -140,8 +150,8 @@ def test_run_commands_say_what_is_missing(cli: Cli, kafka: list[str]) -> None:
 @pytest.mark.kafka
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str],
-                                            tmp_path: Path) -> None:
+def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     spec = tmp_path / "refund.yaml"
     spec.write_text(SPEC)
     assert cli("topics", "create", *kafka, "--partitions", PARTITIONS).code == 0
@@ -169,13 +179,22 @@ def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str],
         assert f"{run_id}  cli-refund v1  Waiting at step pay (waiting for approval by " \
                "finance; 0/1 approvals)" in waiting.out, waiting
 
-        refused = cli("approve", run_id, "pay", "--as", "alice", *kafka)
-        assert refused.code == 1, refused
-        assert refused.out.startswith("refused: self-approval: alice requested this run")
+        # Decisions go through the API: the approver is the key's subject.
+        assert cli("approve", run_id, "pay", "--as", "carol", *kafka).code == 2
+        with serve_api(_api_backend(kafka), tmp_path / "keys.db") as api:
+            monkeypatch.setenv("TERRANOHA_API_KEY", api.key("alice", ["default"],
+                                                            ["approve:finance"]))
+            refused = cli("approve", run_id, "pay", "--api", api.url, *kafka)
+            assert refused.code == 1, refused
+            assert refused.out.startswith("refused: self-approval: alice requested this run")
+            as_other = cli("approve", run_id, "pay", "--api", api.url, "--as", "carol", *kafka)
+            assert as_other.code == 2 and "drop --as" in as_other.err
 
-        granted = cli("approve", run_id, "pay", "--as", "carol", *kafka)
-        assert granted.code == 0, granted
-        assert granted.out.startswith("ApprovalGranted")
+            monkeypatch.setenv("TERRANOHA_API_KEY", api.key("carol", ["default"],
+                                                            ["approve:finance"]))
+            granted = cli("approve", run_id, "pay", "--api", api.url, *kafka)
+            assert granted.code == 0, granted
+            assert granted.out.startswith("ApprovalGranted")
 
         done = _eventually(lambda: cli("status", run_id, *kafka),
                            lambda r: "Completed" in r.out)
