@@ -8,7 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
+from engine.api.hooks import parse_hooks
 from engine.core.errors import SpecError
 from engine.core.spec import load_spec_yaml
 from engine.notify import load_settings
@@ -17,7 +19,10 @@ from tests.notify.servers import new_secret
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 YAML_BLOCKS = re.findall(r"^```ya?ml\n(.*?)^```", README, re.MULTILINE | re.DOTALL)
 SETTINGS_MARK = "# notify.yaml"
-SPECS = [block for block in YAML_BLOCKS if not block.startswith(SETTINGS_MARK)]
+HOOKS_MARK = "# hooks.yaml"
+SPECS = [block for block in YAML_BLOCKS
+         if not block.startswith((SETTINGS_MARK, HOOKS_MARK))]
+HOOKS = [block for block in YAML_BLOCKS if block.startswith(HOOKS_MARK)]
 SETTINGS = [block for block in YAML_BLOCKS if block.startswith(SETTINGS_MARK)]
 
 # What the README says it changed in its first spec to get the refusal it shows.
@@ -57,3 +62,11 @@ def test_every_settings_block_loads(block: str, tmp_path: Path) -> None:
     path.write_text(block)
     settings = load_settings(path, {"OPS_WEBHOOK_SECRET": new_secret(), "SMTP_PASSWORD": "pw"})
     assert settings.routes
+
+
+@pytest.mark.parametrize("block", HOOKS, ids=lambda b: b.split("\n", 1)[0])
+def test_every_hooks_block_loads(block: str) -> None:
+    names = set(re.findall(r"env:([A-Z_]+)", block))
+    env = {name: "whsec_" + "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0" for name in names}
+    hooks = parse_hooks(yaml.safe_load(block), "README", environ=env)
+    assert hooks.hooks
