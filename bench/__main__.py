@@ -22,6 +22,8 @@ one run, so the ratios compare figures taken on the same machine at the same tim
    engine's start -> first command from an empty disk, SIGKILL -> first command with its
    local state present, and ``status`` of a finished run without an index
    (``bench/state_restart.py``).
+11. the HTTP API on Kafka: sustained ``POST /v1/runs`` requests/s and p50/p99, closed
+   and open loop (``bench/api.py``).
 
 It starts the local broker and PostgreSQL with ``deploy/local/infra.sh up`` and installs
 the peers into ``.local/bench-peers/`` (never into the project's environment). Prints a
@@ -51,7 +53,7 @@ from bench import kafka_throughput
 from bench._common import ROOT, infra_settings
 
 PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart",
-         "state_memory", "state_restart")
+         "state_memory", "state_restart", "api")
 
 
 def _machine() -> dict[str, Any]:
@@ -153,6 +155,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         _guarded("state_restart", results, lambda: _json_child(
             [sys.executable, "-m", "bench.state_restart", "--history", str(args.state_large),
              "--partitions", str(args.partitions)], 3600))
+    if "api" not in skip:
+        from bench import api
+
+        _guarded("api", results, lambda: api.run())
     memory = results.get("state_memory", {})
     restarted = {key: value for key, value in results.get("state_restart", {}).items()
                  if key.endswith("_ms") or "_ms_" in key}
