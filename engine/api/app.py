@@ -8,14 +8,26 @@ A new resource (schedules, correlated messages) is a module with a ``router`` wh
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
+from engine.api.backends import BackendUnavailableError
 from engine.api.context import ApiContext
 from engine.api.problems import BodyLimit, install
 from engine.api.routes import approvals, dead_letters, hooks, runs, workflows
+from engine.core.errors import TerranohaError
+
+log = logging.getLogger("terranoha.api")
+
+RECONNECT_S = (0.5, 1.0, 2.0, 5.0)
+"""Waits between attempts to reach a backend that was down at start-up (the last one
+repeats)."""
 
 MAX_BODY = 1 << 20
 """Request bodies over this many bytes are refused with 413."""
@@ -30,10 +42,13 @@ def create_app(ctx: ApiContext, *, max_body: int = MAX_BODY,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await ctx.backend.start()
+        connecting = asyncio.create_task(_connect(ctx))
         try:
             yield
         finally:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
             await ctx.backend.close()
 
     app = FastAPI(title="Terranoha", version="1", lifespan=lifespan,
@@ -48,7 +63,28 @@ def create_app(ctx: ApiContext, *, max_body: int = MAX_BODY,
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """Liveness: answers without credentials and says nothing about runs."""
-        return {"status": "ok"}
+        return {"status": "ok" if ctx.down is None else "backend unavailable"}
 
     app.add_middleware(BodyLimit, limit=max_body)
     return app
+
+
+async def _connect(ctx: ApiContext) -> None:
+    """Start the backend, retrying while it is down; until then requests that need it get
+    503, and requests without valid credentials still get 401."""
+    attempt = 0
+    while True:
+        try:
+            await ctx.backend.start()
+        except (BackendUnavailableError, TerranohaError, OSError, TimeoutError,
+                sqlite3.Error) as exc:
+            ctx.down = str(exc) or type(exc).__name__
+            with contextlib.suppress(Exception):
+                await ctx.backend.close()
+            log.warning("backend unavailable, retrying: %s", ctx.down)
+            await asyncio.sleep(RECONNECT_S[min(attempt, len(RECONNECT_S) - 1)])
+            attempt += 1
+            continue
+        ctx.down = None
+        log.info("backend connected")
+        return

@@ -316,6 +316,7 @@ class KafkaApiBackend(ApiBackend):
         if self._consumer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await self._consumer.stop()
+        self._follower = self._consumer = None
         await self.client.close()
 
     async def deploy(self, spec: WorkflowSpec) -> bool:

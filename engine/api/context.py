@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from engine.api.backends import ApiBackend
+from engine.api.backends import ApiBackend, BackendUnavailableError
 from engine.api.hooks import Hooks
 from engine.api.identity import KEY_PREFIX, KeyStore, OidcVerifier, Principal, Role
 from engine.api.problems import Problem, not_found, unauthorized
@@ -38,6 +38,9 @@ class ApiContext:
     hooks: Hooks = field(default_factory=Hooks)
     unauthorized: int = 0
     """Requests refused for want of valid credentials (webhooks count their own)."""
+    down: str | None = "starting"
+    """Why the backend cannot be used now (None once it is connected): requests that need
+    it get 503 meanwhile."""
     _specs: list[WorkflowSpec] = field(default_factory=list)
     _specs_at: float = float("-inf")
 
@@ -58,8 +61,16 @@ class ApiContext:
         return None
 
 
-def context(request: Request) -> ApiContext:
+def _context(request: Request) -> ApiContext:
     ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+def context(request: Request) -> ApiContext:
+    """The context of a route that uses the backend: 503 while the backend is down."""
+    ctx = _context(request)
+    if ctx.down is not None:
+        raise BackendUnavailableError(f"the backend is not available: {ctx.down}")
     return ctx
 
 
@@ -71,7 +82,7 @@ async def principal(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The verified caller, or 401."""
-    ctx = context(request)
+    ctx = _context(request)
     if credentials is None or credentials.scheme.lower() != "bearer":
         ctx.unauthorized += 1
         raise unauthorized("send Authorization: Bearer with an API key or an OIDC token")

@@ -50,7 +50,8 @@ class Api:
 
 @contextmanager
 def serve_api(backend: ApiBackend, keys_path: Path, oidc: OidcVerifier | None = None,
-              max_body: int = 1 << 20, **extra: Any) -> Iterator[Api]:
+              max_body: int = 1 << 20, ready: bool = True, **extra: Any) -> Iterator[Api]:
+    """The server; with ``ready``, once its backend is connected."""
     keys = KeyStore(keys_path)
     ctx = ApiContext(backend, keys=keys, oidc=oidc)
     app = create_app(ctx, max_body=max_body, **extra)
@@ -61,9 +62,9 @@ def serve_api(backend: ApiBackend, keys_path: Path, oidc: OidcVerifier | None = 
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
-    while not server.started:
+    while not server.started or (ready and ctx.down is not None):
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise AssertionError("the API server did not start")
+            raise AssertionError(f"the API server did not start ({ctx.down})")
         time.sleep(0.02)
     api = Api(f"http://127.0.0.1:{port}", keys, ctx)
     try:

@@ -4,14 +4,18 @@ bad input, another tenant's runs, a missing role and missing credentials."""
 from __future__ import annotations
 
 import json
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from engine.api.backends import KafkaApiBackend
+from engine.kafka.topics import Topics
 from tests.api.conftest import PAYOUT
-from tests.api.server import Api
+from tests.api.server import Api, serve_api
 
 ENDPOINTS = [
     ("POST", "/v1/runs"), ("GET", "/v1/runs"), ("GET", "/v1/runs/r1"),
@@ -290,3 +294,21 @@ def test_the_openapi_document_is_3_1_and_public(embedded_api: Api) -> None:
     body = decide["requestBody"]["content"]["application/json"]["schema"]
     schema = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
     assert set(schema["properties"]) == {"approve", "comment"}  # no approver field
+
+
+def test_a_backend_that_is_down_is_a_503_and_credentials_are_still_checked(
+        tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    backend = KafkaApiBackend(dead, Topics(prefix="nowhere", partitions=1))
+    with serve_api(backend, tmp_path / "keys.db", ready=False) as api:
+        key = api.key("alice", ["acme"], ["trigger", "read"])
+        alice = api.client(key)
+        for method, path in [("POST", "/v1/runs"), ("GET", "/v1/runs"),
+                             ("GET", "/v1/runs/r1"), ("GET", "/v1/workflows")]:
+            answer = alice.request(method, path, json={"workflow": "w"})
+            assert answer.status_code == 503, (path, answer.text)
+            assert answer.headers["retry-after"] and dead in answer.json()["detail"]
+            assert httpx.request(method, api.url + path, json={}).status_code == 401
+        assert httpx.get(api.url + "/healthz").json() == {"status": "backend unavailable"}
