@@ -86,18 +86,23 @@ async def principal(
     if credentials is None or credentials.scheme.lower() != "bearer":
         ctx.unauthorized += 1
         raise unauthorized("send Authorization: Bearer with an API key or an OIDC token")
-    token = credentials.credentials
-    found: Principal | None = None
-    if token.startswith(KEY_PREFIX + "_"):
-        if ctx.keys is not None:
-            found = await asyncio.to_thread(ctx.keys.verify, token)
-    elif ctx.oidc is not None:
-        found = await asyncio.to_thread(ctx.oidc.verify, token)
+    found = await authenticate(ctx, credentials.credentials)
     if found is None:
         ctx.unauthorized += 1
         raise unauthorized("the credentials are not valid (unknown, revoked or expired key, "
                            "or a token whose signature, issuer, audience or expiry fails)")
     return found
+
+
+async def authenticate(ctx: ApiContext, token: str) -> Principal | None:
+    """The principal of a bearer token: an API key or, if OIDC is set up, a JWT."""
+    if token.startswith(KEY_PREFIX + "_"):
+        if ctx.keys is None:
+            return None
+        return await asyncio.to_thread(ctx.keys.verify, token)
+    if ctx.oidc is None:
+        return None
+    return await asyncio.to_thread(ctx.oidc.verify, token)
 
 
 Caller = Annotated[Principal, Depends(principal)]

@@ -89,6 +89,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405) and _needs_credentials(request.url.path) \
+                and not await _has_credentials(request):
+            # No route matched: without valid credentials the answer is still 401, so
+            # the API's shape is not probed anonymously.
+            request.app.state.ctx.unauthorized += 1
+            problem = unauthorized("send Authorization: Bearer with an API key or an OIDC "
+                                   "token")
+            return problem_response(problem, request.url.path)
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Error")
         problem = Problem(exc.status_code, title, str(exc.detail),
                           headers=dict(exc.headers or {}))
@@ -106,6 +114,19 @@ def install(app: FastAPI) -> None:
         problem = Problem(503, "Backend unavailable", str(exc), kind="backend-unavailable",
                           headers={"Retry-After": "5"})
         return problem_response(problem, request.url.path)
+
+
+def _needs_credentials(path: str) -> bool:
+    return path.startswith("/v1") and not path.startswith("/v1/hooks/")
+
+
+async def _has_credentials(request: Request) -> bool:
+    from engine.api.context import authenticate
+
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return await authenticate(request.app.state.ctx, token.strip()) is not None
 
 
 class BodyLimit:

@@ -23,7 +23,8 @@ ENDPOINTS = [
     ("POST", "/v1/runs/r1/signals/docs"), ("GET", "/v1/runs/r1/stream"),
     ("GET", "/v1/approvals"), ("POST", "/v1/approvals/r1/sign_off"),
     ("POST", "/v1/workflows"), ("GET", "/v1/workflows"), ("GET", "/v1/workflows/x"),
-    ("GET", "/v1/dead-letters"),
+    ("GET", "/v1/dead-letters"), ("GET", "/v1/hooks"), ("GET", "/v1/no-such-thing"),
+    ("DELETE", "/v1/runs"), ("GET", "/v1"),
 ]
 
 
