@@ -10,7 +10,9 @@ run (its own ``Idempotency-Key``) and is answered once the trigger is on the top
 2. open loop: Poisson arrivals at ``--rate`` requests/s (default: 500, or 80% of the
    closed-loop rate if that is lower) for ``--seconds``: latency p50/p99 at that load.
 
-No orchestrator runs: this measures the front door, not the engine behind it.
+No orchestrator runs: this measures the front door, not the engine behind it. The same
+closed loop straight into an idempotent ``acks=all`` producer is the baseline
+(``api_over_producer``); the machine's load average is recorded beside the figures.
 
     python bench/api.py [--seconds 15] [--concurrency 16] [--rate R]
 """
@@ -131,6 +133,40 @@ async def _measure(url: str, key: str, seconds: float, concurrency: int,
     return {"closed_loop": closed, "open_loop": opened}
 
 
+async def _producer(bootstrap: str, topic: str, seconds: float, concurrency: int
+                    ) -> dict[str, Any]:
+    """The same closed loop straight into an idempotent ``acks=all`` producer (what a
+    client that publishes triggers itself does): the baseline the API is compared to."""
+    from aiokafka import AIOKafkaProducer
+
+    from engine.codec import encode
+    from engine.core.records import Trigger
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
+                                acks="all")
+    await producer.start()
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def loop() -> None:
+        while time.monotonic() < deadline:
+            key = uuid.uuid4().hex
+            record = encode(Trigger(workflow="bench-api", version=1, tenant="bench",
+                                    idempotency_key=key, input={"n": 1}, requested_by="b"))
+            started = time.perf_counter()
+            await producer.send_and_wait(topic, record, key=key.encode())
+            latencies.append((time.perf_counter() - started) * 1000)
+    try:
+        began = time.monotonic()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        elapsed = time.monotonic() - began
+    finally:
+        await producer.stop()
+    return {"requests_per_s": len(latencies) / elapsed, "requests": len(latencies),
+            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+            "concurrency": concurrency}
+
+
 def run(seconds: float = 15.0, concurrency: int = 16, rate: float | None = None
         ) -> dict[str, Any]:
     bootstrap, _ = infra_settings()
@@ -172,6 +208,11 @@ def run(seconds: float = 15.0, concurrency: int = 16, rate: float | None = None
             figures["api_cpu_ms_per_request"] = (
                 (cpu_seconds(server.pid) - cpu_before) * 1000 / max(1, served))
             figures["wall_s"] = time.monotonic() - began
+            figures["producer"] = asyncio.run(_producer(bootstrap, topics.triggers, seconds,
+                                                        concurrency))
+            figures["api_over_producer"] = (figures["closed_loop"]["requests_per_s"]
+                                            / figures["producer"]["requests_per_s"])
+            figures["load_average"] = os.getloadavg()[0]
         finally:
             server.terminate()
             server.communicate(timeout=30)

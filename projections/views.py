@@ -4,6 +4,7 @@ policy. The CLI prints it and the API returns it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 from engine.core.spec import WorkflowSpec
@@ -19,7 +20,7 @@ def redacted_view(state: RunState, specs: Sequence[WorkflowSpec] = ()) -> dict[s
     """The run state as JSON with every payload under the run's redaction policy (the
     spec's ``redact`` rules plus the built-in ones): what people may see."""
     spec = SpecRegistry(specs).get(state.workflow, state.version) if state.workflow else None
-    policy = RedactionPolicy.for_spec(spec)
+    policy = _policy(tuple(spec.redact) if spec is not None else ())
     taint: set[str] = set()  # a value hidden once is hidden wherever it shows up again
     view = state_view(state)
     view["input"] = policy.value(view["input"], "input", taint)
@@ -37,3 +38,10 @@ def redacted_view(state: RunState, specs: Sequence[WorkflowSpec] = ()) -> dict[s
         if view.get(field) and view[field].get("message"):
             view[field]["message"] = policy.text(view[field]["message"])
     return view
+
+
+@lru_cache(maxsize=1024)
+def _policy(rules: tuple[str, ...]) -> RedactionPolicy:
+    """The policy of a spec's ``redact`` rules, built once: building one compiles its key
+    patterns, and the API shows a run on nearly every request."""
+    return RedactionPolicy.of(rules)

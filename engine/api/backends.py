@@ -17,6 +17,7 @@ import abc
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import threading
 import time
@@ -30,14 +31,15 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from engine.codec import DecodeError, decode
 from engine.core.commands import Command
-from engine.core.errors import TerranohaError
+from engine.core.errors import SpecError, TerranohaError
 from engine.core.events import Event
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, Trigger
-from engine.core.spec import WorkflowSpec
+from engine.core.spec import WorkflowSpec, load_deployed_spec
 from engine.core.state import RunState
 from engine.embedded import EmbeddedEngine, Store
 from engine.kafka.client import BrokerUnavailableError, KafkaClient, KafkaClientError
+from engine.kafka.specs import spec_key
 from engine.kafka.topics import Topics
 
 log = logging.getLogger("terranoha.api")
@@ -222,7 +224,8 @@ class EmbeddedApiBackend(ApiBackend):
 
 
 class KafkaApiBackend(ApiBackend):
-    """The Kafka topics through ``KafkaClient``, plus a follower of the state changelog.
+    """The Kafka topics through ``KafkaClient``, plus a follower of the state changelog
+    and the specs topic.
 
     ``KafkaClient`` keeps one consumer that it assigns and seeks per operation, so the
     operations that use it take turns (a lock); reads of run state do not need it.
@@ -234,6 +237,7 @@ class KafkaApiBackend(ApiBackend):
         self.client = KafkaClient(bootstrap, topics, app=app)
         self._turn = asyncio.Lock()
         self._states: dict[str, RunState] = {}
+        self._specs: dict[bytes, WorkflowSpec] = {}
         self._accepted: dict[str, RunState] = {}
         self._changed = asyncio.Condition()
         self._follower: asyncio.Task[None] | None = None
@@ -257,18 +261,22 @@ class KafkaApiBackend(ApiBackend):
         await self._call(self.client.start())
         topics = self.client.topics
         self.client._need(topics.state)
+        self.client._need(topics.specs)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                     isolation_level="read_committed")
         await self._call(consumer.start())
         self._consumer = consumer
         tps = [TopicPartition(topics.state, p) for p in range(topics.partitions)]
+        tps.append(TopicPartition(topics.specs, 0))
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
+        self._caught_up.clear()
         self._follower = asyncio.create_task(self._follow(consumer, end))
         await asyncio.wait_for(self._caught_up.wait(), self.client.timeout_s)
 
     async def _follow(self, consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> None:
+        """Keep the latest state of every run and every deployed spec in memory."""
         pending = {tp for tp, offset in end.items() if offset > 0}
         if not pending:
             self._caught_up.set()
@@ -282,8 +290,11 @@ class KafkaApiBackend(ApiBackend):
             changed = False
             for tp, messages in fetched.items():
                 for message in messages:
-                    self._apply(message.key, message.value)
-                    changed = True
+                    if tp.topic == self.client.topics.specs:
+                        self._apply_spec(message.key, message.value)
+                    else:
+                        self._apply(message.key, message.value)
+                        changed = True
                 if tp in pending and await consumer.position(tp) >= end[tp]:
                     pending.discard(tp)
             if not pending:
@@ -291,6 +302,20 @@ class KafkaApiBackend(ApiBackend):
             if changed:
                 async with self._changed:
                     self._changed.notify_all()
+
+    def _apply_spec(self, key: bytes | None, value: bytes | None) -> None:
+        """A spec record, as the engine's spec follower reads it: the first body of a
+        (workflow, version) counts, and one that does not validate is skipped."""
+        if key is None or value is None or key in self._specs:
+            return
+        try:
+            spec = load_deployed_spec(json.loads(value))
+        except (ValueError, SpecError) as exc:
+            log.warning("spec record %s is not a valid spec, skipped: %s",
+                        key.decode(errors="replace"), exc)
+            return
+        if spec_key(*spec.key) == key:
+            self._specs[key] = spec
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
@@ -322,12 +347,11 @@ class KafkaApiBackend(ApiBackend):
     async def deploy(self, spec: WorkflowSpec) -> bool:
         async with self._turn:
             result: bool = await self._call(self.client.deploy(spec))
-            return result
+        self._specs.setdefault(spec_key(*spec.key), spec)
+        return result
 
     async def specs(self) -> list[WorkflowSpec]:
-        async with self._turn:
-            result: list[WorkflowSpec] = await self._call(self.client.specs())
-            return result
+        return sorted(self._specs.values(), key=lambda s: s.key)
 
     async def trigger(self, trigger: Trigger) -> str:
         run_id: str = await self._call(self.client.trigger(trigger))

@@ -43,11 +43,18 @@ class ApiContext:
     it get 503 meanwhile."""
     _specs: list[WorkflowSpec] = field(default_factory=list)
     _specs_at: float = float("-inf")
+    _specs_read: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def specs(self, fresh: bool = False) -> list[WorkflowSpec]:
-        if fresh or time.monotonic() - self._specs_at > SPECS_TTL_S:
-            self._specs = await self.backend.specs()
-            self._specs_at = time.monotonic()
+        """The deployed specs. One read at a time: the requests that find the list stale
+        together wait for the same read."""
+        if not fresh and time.monotonic() - self._specs_at <= SPECS_TTL_S:
+            return self._specs
+        asked = time.monotonic()
+        async with self._specs_read:
+            if self._specs_at < asked:
+                self._specs = await self.backend.specs()
+                self._specs_at = time.monotonic()
         return self._specs
 
     async def spec(self, workflow: str, version: int = 0) -> WorkflowSpec | None:
@@ -66,8 +73,9 @@ def _context(request: Request) -> ApiContext:
     return ctx
 
 
-def context(request: Request) -> ApiContext:
-    """The context of a route that uses the backend: 503 while the backend is down."""
+async def context(request: Request) -> ApiContext:
+    """The context of a route that uses the backend: 503 while the backend is down.
+    (Async, as every dependency here: FastAPI runs a plain function in a thread.)"""
     ctx = _context(request)
     if ctx.down is not None:
         raise BackendUnavailableError(f"the backend is not available: {ctx.down}")
@@ -99,6 +107,8 @@ async def authenticate(ctx: ApiContext, token: str) -> Principal | None:
     if token.startswith(KEY_PREFIX + "_"):
         if ctx.keys is None:
             return None
+        if ctx.keys.checked(token):
+            return ctx.keys.verify(token)
         return await asyncio.to_thread(ctx.keys.verify, token)
     if ctx.oidc is None:
         return None
