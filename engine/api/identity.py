@@ -250,6 +250,9 @@ class OidcSettings:
     roles_claim: str = "roles"
     groups_claim: str = "groups"
     leeway_s: float = 30.0
+    refresh_cooldown_s: float = 30.0
+    """At most one fetch of the JWKS per this many seconds for tokens with an unknown
+    kid: a flood of made-up kids does not become a flood of fetches."""
     required: tuple[str, ...] = field(default=("exp", "iss", "aud", "sub"))
 
 
@@ -263,7 +266,12 @@ class OidcVerifier:
         self._client: jwt.PyJWKClient | None = None
         self._keys: jwt.PyJWKSet | None = None
         if source.startswith(("https://", "http://")):
-            self._client = jwt.PyJWKClient(source, cache_keys=True, lifespan=300)
+            # The key set is cached for five minutes, so a key the issuer withdrew stops
+            # working by then (no per-key cache that would outlive it); a token with an
+            # unknown kid fetches the set again, at most once per cooldown.
+            self._client = jwt.PyJWKClient(source, cache_keys=False, cache_jwk_set=True,
+                                           lifespan=300, timeout=10,
+                                           cooldown_duration=settings.refresh_cooldown_s)
         else:
             path = Path(source)
             if not path.exists():

@@ -3,12 +3,14 @@ against a JWKS file, and API keys that are stored hashed and die when revoked.""
 
 from __future__ import annotations
 
+import http.server
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jwt
 import pytest
@@ -148,3 +150,50 @@ def test_operate_implies_read_and_admin_implies_all_but_approving(tmp_path: Path
         assert op.groups == {"finance"}
     finally:
         store.close()
+
+
+class _Jwks(http.server.BaseHTTPRequestHandler):
+    keys: ClassVar[list[dict[str, Any]]] = []
+    fetches: ClassVar[int] = 0
+
+    def do_GET(self) -> None:
+        type(self).fetches += 1
+        body = json.dumps({"keys": self.keys}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_jwks_url_is_fetched_and_a_rotated_key_is_picked_up(tmp_path: Path) -> None:
+    old, old_jwk = _pair("k-old")
+    new, new_jwk = _pair("k-new")
+    _Jwks.keys = [old_jwk]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Jwks)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+    try:
+        verifier = OidcVerifier(OidcSettings(issuer=ISSUER, audience=AUDIENCE, jwks=url,
+                                             refresh_cooldown_s=0))
+        with serve_api(EmbeddedApiBackend(tmp_path / "store.db"), tmp_path / "keys.db",
+                       oidc=verifier) as api:
+            assert _get(api, _signed(old, "k-old")) == 200
+            assert _get(api, _signed(new, "k-new")) == 401  # not published yet
+            _Jwks.keys = [old_jwk, new_jwk]
+            assert _get(api, _signed(new, "k-new")) == 200
+            assert _Jwks.fetches >= 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _signed(key: Any, kid: str) -> str:
+    now = int(time.time())
+    return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "ann", "exp": now + 300,
+                       "tenants": ["acme"], "roles": ["read"]}, key, algorithm="RS256",
+                      headers={"kid": kid})
