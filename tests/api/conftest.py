@@ -17,6 +17,7 @@ from engine.api.backends import ApiBackend, EmbeddedApiBackend, KafkaApiBackend
 from engine.kafka.client import KafkaClient
 from engine.kafka.topics import Topics, delete_topics
 from tests.api.server import Api, serve_api
+from tests.cli.conftest import cli  # noqa: F401 - the in-process command line, for tests here
 from tests.infra import kafka_bootstrap
 
 ROOT = Path(__file__).resolve().parents[2]
