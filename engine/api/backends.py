@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +34,7 @@ from engine.core.commands import Command
 from engine.core.errors import SpecError, TerranohaError
 from engine.core.events import Event
 from engine.core.policies import run_id_for
-from engine.core.records import DeadLetter, Trigger
+from engine.core.records import DeadLetter, RecordedCommand, Trigger
 from engine.core.spec import WorkflowSpec, load_deployed_spec
 from engine.core.state import RunState
 from engine.embedded import EmbeddedEngine, Store
@@ -223,12 +223,22 @@ class EmbeddedApiBackend(ApiBackend):
 # ---------------------------------------------------------------------- kafka
 
 
+@dataclass
+class _Pending:
+    """A command sent from here: the events seen so far, done once it is recorded."""
+
+    done: asyncio.Future[list[Event]]
+    events: list[Event] = field(default_factory=list)
+
+
 class KafkaApiBackend(ApiBackend):
     """The Kafka topics through ``KafkaClient``, plus a follower of the state changelog
     and the specs topic.
 
     ``KafkaClient`` keeps one consumer that it assigns and seeks per operation, so the
-    operations that use it take turns (a lock); reads of run state do not need it.
+    operations that use it (timelines, dead letters) take turns (a lock); reads of run
+    state and specs do not need it, nor do commands, whose outcomes the follower reads
+    from the run events topic.
     Triggers this process accepted are remembered until the engine's state shows the run,
     so a client that starts a run and reads it at once sees it (as Pending)."""
 
@@ -238,6 +248,7 @@ class KafkaApiBackend(ApiBackend):
         self._turn = asyncio.Lock()
         self._states: dict[str, RunState] = {}
         self._specs: dict[bytes, WorkflowSpec] = {}
+        self._waiting: dict[bytes, dict[str, _Pending]] = {}
         self._accepted: dict[str, RunState] = {}
         self._changed = asyncio.Condition()
         self._follower: asyncio.Task[None] | None = None
@@ -266,10 +277,13 @@ class KafkaApiBackend(ApiBackend):
                                     isolation_level="read_committed")
         await self._call(consumer.start())
         self._consumer = consumer
+        self.client._need(topics.events)
         tps = [TopicPartition(topics.state, p) for p in range(topics.partitions)]
         tps.append(TopicPartition(topics.specs, 0))
-        consumer.assign(tps)
+        events = [TopicPartition(topics.events, p) for p in range(topics.partitions)]
+        consumer.assign([*tps, *events])
         await consumer.seek_to_beginning(*tps)
+        await consumer.seek_to_end(*events)  # only outcomes of commands sent from now on
         end = await consumer.end_offsets(tps)
         self._caught_up.clear()
         self._follower = asyncio.create_task(self._follow(consumer, end))
@@ -290,7 +304,9 @@ class KafkaApiBackend(ApiBackend):
             changed = False
             for tp, messages in fetched.items():
                 for message in messages:
-                    if tp.topic == self.client.topics.specs:
+                    if tp.topic == self.client.topics.events:
+                        self._outcome(message.key, message.value)
+                    elif tp.topic == self.client.topics.specs:
                         self._apply_spec(message.key, message.value)
                     else:
                         self._apply(message.key, message.value)
@@ -302,6 +318,26 @@ class KafkaApiBackend(ApiBackend):
             if changed:
                 async with self._changed:
                     self._changed.notify_all()
+
+    def _outcome(self, key: bytes | None, value: bytes | None) -> None:
+        """Collect the events of the commands this process waits for: only records of
+        runs with such a command are decoded. The orchestrator writes a command's events
+        and then its recorded command in one transaction: the recorded command ends it."""
+        waiting = self._waiting.get(key) if key is not None else None
+        if not waiting or value is None:
+            return
+        try:
+            record = decode(value)
+        except DecodeError:
+            return
+        if isinstance(record, Event):
+            pending = waiting.get(record.causation_id)
+            if pending is not None:
+                pending.events.append(record)
+        elif isinstance(record, RecordedCommand):
+            pending = waiting.get(record.command.command_id)
+            if pending is not None and not pending.done.done():
+                pending.done.set_result(sorted(pending.events, key=lambda e: e.seq))
 
     def _apply_spec(self, key: bytes | None, value: bytes | None) -> None:
         """A spec record, as the engine's spec follower reads it: the first body of a
@@ -377,8 +413,23 @@ class KafkaApiBackend(ApiBackend):
             return events
 
     async def submit(self, command: Command) -> Submitted:
-        async with self._turn:
-            events = await self._call(self.client.send_command(command, COMMAND_WAIT_S))
+        """Publish ``command`` and wait for the events it causes, which the follower
+        collects; commands to any runs are in flight at once."""
+        key = command.run_id.encode()
+        pending = _Pending(asyncio.get_running_loop().create_future())
+        self._waiting.setdefault(key, {})[command.command_id] = pending
+        try:
+            await self._call(self.client.publish(command))
+            try:
+                events: list[Event] | None = await asyncio.wait_for(
+                    asyncio.shield(pending.done), COMMAND_WAIT_S)
+            except TimeoutError:
+                events = None
+        finally:
+            waiting = self._waiting.get(key, {})
+            waiting.pop(command.command_id, None)
+            if not waiting:
+                self._waiting.pop(key, None)
         if events is not None:
             # The events are committed; give the follower a moment to show their state.
             last = max((e.seq for e in events), default=0)

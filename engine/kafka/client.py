@@ -261,19 +261,24 @@ class KafkaClient:
         """Publish ``command`` to the run inputs topic and return the events it caused,
         once the orchestrator has committed them; None if that did not happen within
         ``wait_s`` seconds (the command stays queued)."""
-        self._need(self.topics.inputs)
         self._need(self.topics.events)
-        number = self.topics.partition_of(command.run_id)
-        events_tp = TopicPartition(self.topics.events, number)
+        events_tp = TopicPartition(self.topics.events, self.topics.partition_of(command.run_id))
         consumer = await self._consumer_started()
         start = (await consumer.end_offsets([events_tp]))[events_tp]
+        await self.publish(command)
+        return await self._caused_by(events_tp, start, command, wait_s)
+
+    async def publish(self, command: Command) -> None:
+        """Publish ``command`` to its run's partition of the run inputs topic; returns once
+        the broker has it (``acks=all``)."""
+        self._need(self.topics.inputs)
         producer = await self._producer_started()
         headers = trace_headers(command.correlation_id or command.run_id, command.command_id,
                                 command.tenant)
         await producer.send_and_wait(self.topics.inputs, encode(command),
-                                     key=command.run_id.encode(), partition=number,
+                                     key=command.run_id.encode(),
+                                     partition=self.topics.partition_of(command.run_id),
                                      headers=headers)
-        return await self._caused_by(events_tp, start, command, wait_s)
 
     async def _caused_by(self, tp: TopicPartition, start: int, command: Command,
                          wait_s: float) -> list[Event] | None:
