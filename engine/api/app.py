@@ -1,5 +1,7 @@
 """The HTTP API application: FastAPI (OpenAPI 3.1 at ``/openapi.json``, docs at
-``/docs``) over one ``ApiBackend``.
+``/docs``) over one ``ApiBackend``, served by uvicorn (with httptools and uvloop, which
+uvicorn picks when installed: about a quarter less CPU per request than its pure-Python
+parser and the default event loop).
 
 Each resource is one router module under ``engine.api.routes``; ``ROUTERS`` lists them.
 A new resource (schedules, correlated messages) is a module with a ``router`` whose
@@ -16,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
 
 from engine.api.backends import BackendUnavailableError
 from engine.api.context import ApiContext
@@ -60,10 +63,13 @@ def create_app(ctx: ApiContext, *, max_body: int = MAX_BODY,
     for router in routers:
         app.include_router(router)
 
-    @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, str]:
-        """Liveness: answers without credentials and says nothing about runs."""
-        return {"status": "ok" if ctx.down is None else "backend unavailable"}
+    @app.get("/healthz", tags=["health"], responses={503: {"description": "backend down"}})
+    async def healthz() -> JSONResponse:
+        """Readiness: 200 once the backend is connected, 503 while it is not. Answers
+        without credentials and says nothing about runs."""
+        if ctx.down is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "backend unavailable"}, status_code=503)
 
     app.add_middleware(BodyLimit, limit=max_body)
     return app

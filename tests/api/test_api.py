@@ -312,4 +312,6 @@ def test_a_backend_that_is_down_is_a_503_and_credentials_are_still_checked(
             assert answer.status_code == 503, (path, answer.text)
             assert answer.headers["retry-after"] and dead in answer.json()["detail"]
             assert httpx.request(method, api.url + path, json={}).status_code == 401
-        assert httpx.get(api.url + "/healthz").json() == {"status": "backend unavailable"}
+        health = httpx.get(api.url + "/healthz")
+        assert health.status_code == 503
+        assert health.json() == {"status": "backend unavailable"}
