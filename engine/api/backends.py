@@ -419,7 +419,7 @@ class KafkaApiBackend(ApiBackend):
         pending = _Pending(asyncio.get_running_loop().create_future())
         self._waiting.setdefault(key, {})[command.command_id] = pending
         try:
-            await self._call(self.client.publish(command))
+            await self._call(self.client.publish_command(command))
             try:
                 events: list[Event] | None = await asyncio.wait_for(
                     asyncio.shield(pending.done), COMMAND_WAIT_S)

@@ -265,10 +265,10 @@ class KafkaClient:
         events_tp = TopicPartition(self.topics.events, self.topics.partition_of(command.run_id))
         consumer = await self._consumer_started()
         start = (await consumer.end_offsets([events_tp]))[events_tp]
-        await self.publish(command)
+        await self.publish_command(command)
         return await self._caused_by(events_tp, start, command, wait_s)
 
-    async def publish(self, command: Command) -> None:
+    async def publish_command(self, command: Command) -> None:
         """Publish ``command`` to its run's partition of the run inputs topic; returns once
         the broker has it (``acks=all``)."""
         self._need(self.topics.inputs)
