@@ -4,7 +4,7 @@ uvicorn picks when installed: about a quarter less CPU per request than its pure
 parser and the default event loop).
 
 Each resource is one router module under ``engine.api.routes``; ``ROUTERS`` lists them.
-A new resource (schedules, correlated messages) is a module with a ``router`` whose
+A new resource (schedules) is a module with a ``router`` whose
 ``dependencies`` include ``principal``, added to ``ROUTERS``.
 """
 
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from engine.api.backends import BackendUnavailableError
 from engine.api.context import ApiContext
 from engine.api.problems import BodyLimit, install
-from engine.api.routes import approvals, dead_letters, hooks, runs, workflows
+from engine.api.routes import approvals, dead_letters, hooks, messages, runs, workflows
 from engine.core.errors import TerranohaError
 
 log = logging.getLogger("terranoha.api")
@@ -36,7 +36,7 @@ MAX_BODY = 1 << 20
 """Request bodies over this many bytes are refused with 413."""
 
 ROUTERS: tuple[APIRouter, ...] = (runs.router, approvals.router, workflows.router,
-                                  dead_letters.router, hooks.router)
+                                  dead_letters.router, hooks.router, messages.router)
 
 
 def create_app(ctx: ApiContext, *, max_body: int = MAX_BODY,

@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from engine.codec import DecodeError, decode
 from engine.core.commands import Command
+from engine.core.correlation import PublishMessage
 from engine.core.errors import SpecError, TerranohaError
 from engine.core.events import Event
 from engine.core.policies import run_id_for
@@ -100,6 +101,10 @@ class ApiBackend(abc.ABC):
 
     @abc.abstractmethod
     async def dead_letters(self) -> list[DeadLetter]: ...
+
+    @abc.abstractmethod
+    async def publish(self, message: PublishMessage) -> None:
+        """Make a correlated message durable on the messages input."""
 
     async def wait_change(self, run_id: str, seq: int, timeout_s: float) -> RunState | None:
         """The run's state once its sequence number passes ``seq``, or as it is after
@@ -196,7 +201,10 @@ class EmbeddedApiBackend(ApiBackend):
     async def dead_letters(self) -> list[DeadLetter]:
         return await self._run(lambda s: s.dead_letters())
 
-    async def _append_and_settle(self, record: Command | Trigger) -> bool:
+    async def publish(self, message: PublishMessage) -> None:
+        await self._append_and_settle(message)
+
+    async def _append_and_settle(self, record: Command | Trigger | PublishMessage) -> bool:
         """Append ``record`` (committed on return) and process it here unless a server
         holds the store; then wait for it to be processed. True once it has been."""
         [position] = await self._run(lambda s: s.append_inputs([record], _now_ms()))
@@ -440,6 +448,9 @@ class KafkaApiBackend(ApiBackend):
         async with self._turn:
             result: list[DeadLetter] = await self._call(self.client.dead_letters())
             return result
+
+    async def publish(self, message: PublishMessage) -> None:
+        await self._call(self.client.publish(message))
 
     async def wait_change(self, run_id: str, seq: int, timeout_s: float) -> RunState | None:
         loop = asyncio.get_running_loop()
