@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from engine.core.commands import Command
 from engine.core.correlation import PublishMessage
 from engine.core.errors import SpecError, TerranohaError
 from engine.core.events import Event
+from engine.core.evolve import fold
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
 from engine.core.spec import WorkflowSpec, load_deployed_spec
@@ -46,6 +48,9 @@ from engine.kafka.topics import Topics
 log = logging.getLogger("terranoha.api")
 
 T = TypeVar("T")
+
+FINISHED_KEPT = 10_000
+"""How many finished runs' full states (folds of their events) the Kafka backend keeps."""
 
 COMMAND_WAIT_S = 10.0
 """How long a decision, signal or cancel waits for the engine's answer before the API
@@ -256,6 +261,7 @@ class KafkaApiBackend(ApiBackend):
         self._turn = asyncio.Lock()
         self._states: dict[str, RunState] = {}
         self._specs: dict[bytes, WorkflowSpec] = {}
+        self._finished: OrderedDict[str, RunState] = OrderedDict()
         self._waiting: dict[bytes, dict[str, _Pending]] = {}
         self._accepted: dict[str, RunState] = {}
         self._changed = asyncio.Condition()
@@ -408,7 +414,26 @@ class KafkaApiBackend(ApiBackend):
         return run_id
 
     async def state(self, run_id: str) -> RunState | None:
-        return self._states.get(run_id) or self._accepted.get(run_id)
+        """The run's latest state. A finished run's snapshot on the changelog is only its
+        compact record (``finished_record``: no input, results or output), so a finished
+        run is the fold of its events, read once and kept (it does not change again)."""
+        state = self._states.get(run_id) or self._accepted.get(run_id)
+        if state is None or not state.terminal:
+            return state
+        full = self._finished.get(run_id)
+        if full is None or full.seq < state.seq:
+            async with self._turn:
+                log_ = await self._call(self.client.run_log(run_id))
+            if not log_.events:
+                return state
+            full = fold(log_.events)
+            if full is None:
+                return state
+            self._finished[run_id] = full
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
+        self._finished.move_to_end(run_id)
+        return full
 
     async def states(self) -> list[RunState]:
         return [*self._states.values(),

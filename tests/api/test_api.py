@@ -228,7 +228,8 @@ def test_four_eyes_counts_verified_subjects(api: Api) -> None:
 def test_cancel_and_the_stream_of_a_run(api: Api) -> None:
     _deploy(api)
     ops = api.client(api.key("olga", ["acme"], ["trigger", "read", "operate"]))
-    run_id = ops.post("/v1/runs", json={"workflow": "api-payout", "input": {"amount": 1}}
+    start = {"workflow": "api-payout", "input": {"amount": 1}}
+    run_id = ops.post("/v1/runs", json=start, headers={"Idempotency-Key": "c1"}
                       ).json()["run_id"]
     _waiting_at(api, ops, run_id, "docs")
     with ops.stream("GET", f"/v1/runs/{run_id}/stream") as stream:
@@ -245,6 +246,13 @@ def test_cancel_and_the_stream_of_a_run(api: Api) -> None:
     assert kinds[-2:] == ["state", "end"]
     again = ops.post(f"/v1/runs/{run_id}/cancel", json={})
     assert again.status_code == 409, again.text
+    # An ended run is still the run of its key, with its input.
+    repeat = ops.post("/v1/runs", json=start, headers={"Idempotency-Key": "c1"})
+    assert repeat.status_code == 200, repeat.text
+    assert repeat.json()["status"] == "Cancelled" and repeat.json()["input"] == {"amount": 1}
+    other = ops.post("/v1/runs", json={**start, "input": {"amount": 2}},
+                     headers={"Idempotency-Key": "c1"})
+    assert other.status_code == 409, other.text
 
 
 def _next_event(lines: Any) -> tuple[str, Any]:
