@@ -31,6 +31,7 @@ from engine.cli._commands import (
     cmd_topics_create,
     cmd_workflows_list,
 )
+from engine.cli._limits import add_commands as add_limits_commands
 from engine.cli._notify import cmd_notify
 from engine.cli._process import otel_option
 from engine.cli._projections import add_commands
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
     add_commands(sub, _backend_options)
+    add_limits_commands(sub, _backend_options)
     return parser
 
 

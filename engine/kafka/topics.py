@@ -80,6 +80,15 @@ class Topics:
     def specs(self) -> str:
         return f"{self.prefix}.specs"
 
+    @property
+    def limits(self) -> str:
+        """The deployed limits documents and paused keys (compacted, one partition);
+        created by the first ``limits deploy`` or ``limits pause``."""
+        return f"{self.prefix}.limits"
+
+    def limits_topic(self) -> NewTopic:
+        return NewTopic(self.limits, 1, self.replication, topic_configs=dict(COMPACTED))
+
     def tasks(self, queue: str) -> str:
         return f"{self.prefix}.tasks.{queue}"
 

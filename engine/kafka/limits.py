@@ -1,0 +1,161 @@
+"""Deployed limits documents and paused keys on the compacted limits topic.
+
+One partition; two kinds of record:
+
+- ``doc:<version>`` (version zero-padded, so keys sort): the canonical JSON of a
+  deployed limits document. Versions count up from 1 and never change.
+- ``pause:<key>``: the JSON ``{"paused_at": ms, "by": who}``; a tombstone resumes the key.
+
+Deploys and pauses write under one transactional id shared by every writer, as spec
+deploys do (``engine.kafka.specs``): starting the producer fences a concurrent writer and
+settles its transaction, so the read that follows sees every earlier deploy, and two
+writers can never both take the same version number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import ProducerFenced
+
+from engine.core.errors import TerranohaError
+from engine.core.limits import LimitsDocument, LimitsError, check_key, limits_body, load_limits
+from engine.kafka._util import stop_quietly
+from engine.kafka.specs import _TopicReader
+from engine.kafka.topics import Topics, ensure_topics
+
+log = logging.getLogger("terranoha.kafka.limits")
+
+_ATTEMPTS = 5
+T = TypeVar("T")
+_DOC = "doc:"
+_PAUSE = "pause:"
+
+
+class LimitsConflictError(TerranohaError):
+    """Concurrent writers kept fencing this one."""
+
+    retriable = True
+
+
+@dataclass(slots=True)
+class DeployedLimits:
+    """The limits topic read to its end."""
+
+    version: int = 0
+    document: LimitsDocument | None = None
+    paused: dict[str, int] = field(default_factory=dict)
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        """Fold one record in; a record that does not validate is logged and skipped."""
+        if key is None:
+            return
+        text = key.decode(errors="replace")
+        if text.startswith(_PAUSE):
+            name = text.removeprefix(_PAUSE)
+            if value is None:
+                self.paused.pop(name, None)
+            else:
+                try:
+                    self.paused[name] = int(json.loads(value)["paused_at"])
+                except (ValueError, KeyError, TypeError):
+                    log.error("limits record %s is not a pause, skipped", text)
+        elif text.startswith(_DOC) and value is not None:
+            try:
+                version = int(text.removeprefix(_DOC))
+                document = load_limits(json.loads(value))
+            except (ValueError, LimitsError) as exc:
+                log.error("limits record %s is not a valid limits document, skipped: %s",
+                          text, exc)
+                return
+            if version > self.version:
+                self.version, self.document = version, document
+
+
+def doc_key(version: int) -> bytes:
+    return f"{_DOC}{version:09d}".encode()
+
+
+async def read_limits(bootstrap: str, topics: Topics) -> DeployedLimits:
+    """The latest document and the paused keys (empty if nothing was ever deployed)."""
+    await ensure_topics(bootstrap, [topics.limits_topic()])
+    reader = _TopicReader(bootstrap, topics.limits)
+    deployed = DeployedLimits()
+    try:
+        await reader.start()
+        for key, value in await reader.read_to_end():
+            deployed.apply(key, value)
+    finally:
+        await reader.stop()
+    return deployed
+
+
+async def publish_limits(bootstrap: str, topics: Topics, document: LimitsDocument, *,
+                         app: str = "terranoha") -> tuple[int, bool]:
+    """Deploy ``document``: its version, and False if it equals the latest already."""
+    body = limits_body(document)
+
+    def change(deployed: DeployedLimits) -> tuple[list[tuple[bytes, bytes | None]],
+                                                  tuple[int, bool], bool]:
+        if deployed.document is not None and limits_body(deployed.document) == body:
+            return [], (deployed.version, False), False
+        version = deployed.version + 1
+        return [(doc_key(version), body.encode())], (version, True), True
+
+    return await _write(bootstrap, topics, app, change)
+
+
+async def set_paused(bootstrap: str, topics: Topics, key: str, paused: bool, *, by: str,
+                     now: int, app: str = "terranoha") -> bool:
+    """Pause or resume ``key``; False if it was in that state already."""
+    check_key(key)
+
+    def change(deployed: DeployedLimits) -> tuple[list[tuple[bytes, bytes | None]], bool, bool]:
+        if (key in deployed.paused) == paused:
+            return [], False, False
+        value = json.dumps({"paused_at": now, "by": by}).encode() if paused else None
+        return [(f"{_PAUSE}{key}".encode(), value)], True, True
+
+    return await _write(bootstrap, topics, app, change)
+
+
+async def _write(bootstrap: str, topics: Topics, app: str,
+                 change: Callable[[DeployedLimits], tuple[list[tuple[bytes, bytes | None]], T,
+                                                          bool]]) -> T:
+    """Read the topic under the writers' transactional id, then write what ``change``
+    says (records, the answer to return, whether to write at all)."""
+    await ensure_topics(bootstrap, [topics.limits_topic()])
+    for attempt in range(1, _ATTEMPTS + 1):
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap,
+                                    transactional_id=f"{app}-{topics.limits}-write",
+                                    enable_idempotence=True, acks="all")
+        reader = _TopicReader(bootstrap, topics.limits)
+        try:
+            await producer.start()  # fences a concurrent writer, settles its transaction
+            await reader.start()
+            deployed = DeployedLimits()
+            for key, value in await reader.read_to_end():
+                deployed.apply(key, value)
+            records, answer, write = change(deployed)
+            if not write:
+                return answer
+            async with producer.transaction():
+                for key, value in records:
+                    delivery = await producer.send(topics.limits, value, key=key, partition=0)
+                offset = (await delivery).offset
+            await reader.wait_visible(offset, 10.0)  # a status read next must see it
+            return answer
+        except ProducerFenced:
+            log.info("limits write raced another writer (attempt %d); reading again", attempt)
+        finally:
+            await reader.stop()
+            await stop_quietly(producer)
+    raise LimitsConflictError(f"could not write the limits topic: {_ATTEMPTS} concurrent "
+                              "writers fenced this one; try again")
+
+
