@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -82,8 +83,8 @@ def status_view(version: int, document: LimitsDocument | None,
             {"count": limits.rate.count, "period_ms": limits.rate.period_ms,
              "burst": limits.burst or limits.rate.count},
             "weight": limits.weight,
-            "budget": None if limits.budget is None else limits.budget.model_dump(),
-            "breaker": None if limits.breaker is None else limits.breaker.model_dump(),
+            "budget": None if limits.budget is None else asdict(limits.budget),
+            "breaker": None if limits.breaker is None else asdict(limits.breaker),
         })
     return {"version": version, "keys": rows}
 

@@ -26,23 +26,88 @@ refused with ``BUDGET_EXHAUSTED``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
+from engine.core.admission_records import (
+    Acquire,
+    AdmissionCommand,
+    AdmissionEvent,
+    AdmissionState,
+    BreakerClosed,
+    BreakerHalfOpened,
+    BreakerOpened,
+    BreakerState,
+    BudgetExhausted,
+    BudgetWarned,
+    BudgetWindowOpened,
+    Call,
+    Configure,
+    Configured,
+    Granted,
+    Lease,
+    Outcome,
+    Pause,
+    Paused,
+    Queued,
+    Refused,
+    Release,
+    Released,
+    ReleaseReason,
+    Resume,
+    Resumed,
+    Throttle,
+    Throttled,
+    Tick,
+    Waiter,
+)
 from engine.core.durations import format_duration
-from engine.core.limits import UNLIMITED, KeyLimits
 from engine.core.windows import format_instant, window_bounds
 
-FINISHED_MEMORY = 4096
-"""How many finished request ids a key remembers, so that a duplicate ``Acquire`` of a
-request that has ended is not granted again."""
+__all__ = [
+    "BUDGET_EXHAUSTED",
+    "Acquire",
+    "AdmissionCommand",
+    "AdmissionEvent",
+    "AdmissionState",
+    "BreakerClosed",
+    "BreakerHalfOpened",
+    "BreakerOpened",
+    "BreakerState",
+    "BudgetExhausted",
+    "BudgetWarned",
+    "BudgetWindowOpened",
+    "Call",
+    "Configure",
+    "Configured",
+    "Granted",
+    "Hold",
+    "HoldKind",
+    "Lease",
+    "Outcome",
+    "Pause",
+    "Paused",
+    "Queued",
+    "Refused",
+    "Release",
+    "ReleaseReason",
+    "Released",
+    "Resume",
+    "Resumed",
+    "Throttle",
+    "Throttled",
+    "Tick",
+    "Waiter",
+    "decide",
+    "evolve",
+    "hold",
+    "next_due",
+    "timers",
+]
 
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
-
-Outcome = Literal["ok", "failed", "cancelled"]
-
 
 class HoldKind(StrEnum):
     """What holds the next request of a key back."""
@@ -61,310 +126,6 @@ class Hold:
     kind: HoldKind
     reason: str
     """In the words a held run's status shows: ``queued: tool:llm.classify 8/8``."""
-
-
-# ---------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True)
-class Acquire:
-    """Ask for a slot on ``key`` for ``request_id`` (one task attempt), on behalf of
-    ``tenant``. ``limits`` are the key's limits as of document ``version``, as the
-    requester resolved them; a newer version than the key has seen replaces its limits.
-    ``lease_ms`` bounds how long the grant is held without a release (0: the key's
-    ``lease``)."""
-
-    key: str
-    request_id: str
-    tenant: str = "default"
-    priority: int = 0
-    weight: float = 1.0
-    estimate: float = 0.0
-    lease_ms: int = 0
-    limits: KeyLimits = UNLIMITED
-    version: int = 0
-    reply_to: str = ""
-    """Where the grant is to be delivered (the run id, for the run engine)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """The task of ``request_id`` ended (``ok``/``failed``, with its cost and how long it
-    ran) or is no longer wanted (``cancelled``: a run cancelled while queued or held)."""
-
-    key: str
-    request_id: str
-    outcome: Outcome = "ok"
-    cost: float = 0.0
-    latency_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """Time passed: expire leases, let the rate, a throttle, a budget window or an open
-    breaker move on. Written by the key's timer; harmless at any time."""
-
-    key: str
-    due_at: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Throttle:
-    """The tool answered "too many requests, retry after ``until``": hold grants."""
-
-    key: str
-    until: int
-
-
-@dataclass(frozen=True, slots=True)
-class Configure:
-    """Apply the limits of document ``version`` (ignored if the key knows a newer one)."""
-
-    key: str
-    limits: KeyLimits
-    version: int
-
-
-@dataclass(frozen=True, slots=True)
-class Pause:
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class Resume:
-    key: str
-
-
-AdmissionCommand = Acquire | Release | Tick | Throttle | Configure | Pause | Resume
-
-
-# ---------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class Configured:
-    key: str
-    at: int
-    limits: KeyLimits
-    version: int
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    key: str
-    at: int
-    request_id: str
-    tenant: str
-    priority: int
-    weight: float
-    estimate: float
-    lease_ms: int
-    tag: float
-    reply_to: str
-
-
-@dataclass(frozen=True, slots=True)
-class Granted:
-    key: str
-    at: int
-    request_id: str
-    tenant: str
-    expires_at: int
-    reserved: float
-    probe: bool
-    reply_to: str
-    waited_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """A queued request will not be granted: the budget is spent and ``on_exhausted`` is
-    ``fail`` (``action`` fail) or ``escalate`` (ask for an approval to exceed it)."""
-
-    key: str
-    at: int
-    request_id: str
-    code: str
-    message: str
-    action: Literal["fail", "escalate"]
-    reply_to: str
-
-
-@dataclass(frozen=True, slots=True)
-class Released:
-    """A lease ended (``done``, ``expired``) or a queued request was withdrawn
-    (``cancelled``); ``unknown`` records a release of a request the key never saw, so a
-    late duplicate of its ``Acquire`` is not granted."""
-
-    key: str
-    at: int
-    request_id: str
-    reason: Literal["done", "expired", "cancelled", "unknown"]
-    outcome: Outcome
-    cost: float
-    latency_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Throttled:
-    key: str
-    at: int
-    until: int
-
-
-@dataclass(frozen=True, slots=True)
-class Paused:
-    key: str
-    at: int
-
-
-@dataclass(frozen=True, slots=True)
-class Resumed:
-    key: str
-    at: int
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetWindowOpened:
-    key: str
-    at: int
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetWarned:
-    key: str
-    at: int
-    spent: float
-    amount: float
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetExhausted:
-    key: str
-    at: int
-    spent: float
-    amount: float
-    until: int
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerOpened:
-    key: str
-    at: int
-    until: int
-    trips: int
-    failure_rate: float
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerHalfOpened:
-    key: str
-    at: int
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerClosed:
-    key: str
-    at: int
-
-
-AdmissionEvent = (Configured | Queued | Granted | Refused | Released | Throttled | Paused
-                  | Resumed | BudgetWindowOpened | BudgetWarned | BudgetExhausted
-                  | BreakerOpened | BreakerHalfOpened | BreakerClosed)
-
-
-# ---------------------------------------------------------------------- state
-
-
-@dataclass(frozen=True, slots=True)
-class Waiter:
-    """A queued request."""
-
-    request_id: str
-    tenant: str
-    priority: int
-    weight: float
-    estimate: float
-    lease_ms: int
-    tag: float
-    enqueued_at: int
-    reply_to: str
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A granted slot, held until released or ``expires_at``."""
-
-    request_id: str
-    tenant: str
-    granted_at: int
-    expires_at: int
-    reserved: float
-    probe: bool
-
-
-@dataclass(frozen=True, slots=True)
-class AdmissionState:
-    """Everything one limit key knows. Never changed in place: ``evolve`` returns a new
-    one, so a batch that is not committed leaves the committed state as it was."""
-
-    key: str
-    limits: KeyLimits = UNLIMITED
-    version: int = 0
-    paused: bool = False
-    queue: tuple[Waiter, ...] = ()
-    leases: Mapping[str, Lease] = field(default_factory=dict)
-    finished: Mapping[str, int] = field(default_factory=dict)
-    """Recently ended request ids (oldest first) and when they ended."""
-    vtime: float = 0.0
-    finish_tags: Mapping[str, float] = field(default_factory=dict)
-    """Each tenant's last virtual finish time, while it is ahead of ``vtime``."""
-    tat: float = 0.0
-    """GCRA's theoretical arrival time of the next grant at the steady rate."""
-    throttled_until: int = 0
-    window_start: int = 0
-    window_end: int = 0
-    spent: float = 0.0
-    warned: bool = False
-    exhausted: bool = False
-    breaker: Literal["closed", "open", "half_open"] = "closed"
-    breaker_until: int = 0
-    trips: int = 0
-    outcomes: tuple[tuple[int, bool], ...] = ()
-    """(ended at, failed or slow) of the calls in the breaker's window."""
-    probes_ok: int = 0
-    probes_granted: int = 0
-    clock: int = 0
-    """The time of the latest event: what the key's timers are computed from."""
-
-    @property
-    def executing(self) -> int:
-        return len(self.leases)
-
-    @property
-    def reserved(self) -> float:
-        return sum(lease.reserved for lease in self.leases.values())
-
-    def tokens(self, now: int) -> float:
-        """Grants the rate would allow at once now (0 to ``burst``)."""
-        rate = self.limits.rate
-        if rate is None:
-            return float("inf")
-        burst = self.limits.burst or rate.count
-        return max(0.0, min(float(burst), burst - (self.tat - now) / rate.interval_ms))
-
-    def known(self, request_id: str) -> bool:
-        return (request_id in self.leases or request_id in self.finished
-                or any(w.request_id == request_id for w in self.queue))
-
-    def hold(self, now: int) -> Hold | None:
-        """Why the next request is not granted at ``now``, or None if nothing holds it
-        (or nothing waits)."""
-        if not self.queue:
-            return None
-        return _gate(self, _pick(self, now), now)
 
 
 # ---------------------------------------------------------------------- decide
@@ -407,10 +168,10 @@ class _Context:
         for lease in sorted(self.state.leases.values(), key=lambda x: (x.expires_at,
                                                                        x.request_id)):
             if lease.expires_at <= now:
-                self.emit(Released(self.key, now, lease.request_id, "expired", "failed", 0.0,
-                                   now - lease.granted_at))
+                self.emit(Released(self.key, now, lease.request_id, ReleaseReason.EXPIRED,
+                                   Outcome.FAILED, 0.0, now - lease.granted_at))
                 self.judge(lease, failed=True)
-        if self.state.breaker == "open" and now >= self.state.breaker_until:
+        if self.state.breaker is BreakerState.OPEN and now >= self.state.breaker_until:
             self.emit(BreakerHalfOpened(self.key, now))
         while self.state.queue:
             waiter = _pick(self.state, now)
@@ -432,7 +193,7 @@ class _Context:
             lease_ms = waiter.lease_ms or self.state.limits.lease
             self.emit(Granted(self.key, now, waiter.request_id, waiter.tenant, now + lease_ms,
                               _estimate(self.state, waiter),
-                              self.state.breaker == "half_open", waiter.reply_to,
+                              self.state.breaker is BreakerState.HALF_OPEN, waiter.reply_to,
                               now - waiter.enqueued_at))
 
     def judge(self, lease: Lease, failed: bool) -> None:
@@ -441,15 +202,15 @@ class _Context:
         spec = s.limits.breaker
         if spec is None:
             return
-        if s.breaker == "half_open" and lease.probe:
+        if s.breaker is BreakerState.HALF_OPEN and lease.probe:
             if failed:
                 self.trip(1.0)
             elif s.probes_ok >= spec.half_open_calls:
                 self.emit(BreakerClosed(self.key, now))
             return
-        if s.breaker != "closed":
+        if s.breaker is not BreakerState.CLOSED:
             return
-        calls = [bad for at, bad in s.outcomes if at > now - spec.window]
+        calls = [call.bad for call in s.outcomes if call.at > now - spec.window]
         if len(calls) >= spec.min_calls:
             rate = sum(calls) / len(calls)
             if rate >= spec.failure_rate:
@@ -461,6 +222,14 @@ class _Context:
         open_for = min(spec.max_open_for, spec.open_for * 2 ** self.state.trips)
         self.emit(BreakerOpened(self.key, self.now, self.now + open_for, self.state.trips + 1,
                                 rate))
+
+
+def hold(state: AdmissionState, now: int) -> Hold | None:
+    """Why the next request of the key is not granted at ``now``, or None if nothing holds
+    it (or nothing waits)."""
+    if not state.queue:
+        return None
+    return _gate(state, _pick(state, now), now)
 
 
 def _estimate(s: AdmissionState, w: Waiter) -> float:
@@ -497,10 +266,10 @@ def _gate(s: AdmissionState, w: Waiter, now: int) -> Hold | None:
     limits, key = s.limits, s.key
     if s.paused:
         return Hold(HoldKind.PAUSED, f"paused: {key}")
-    if s.breaker == "open":
+    if s.breaker is BreakerState.OPEN:
         return Hold(HoldKind.BREAKER_OPEN, f"breaker open: {key}")
     spec = limits.breaker
-    if s.breaker == "half_open" and spec is not None and \
+    if s.breaker is BreakerState.HALF_OPEN and spec is not None and \
             s.probes_granted >= spec.half_open_calls:
         return Hold(HoldKind.BREAKER_PROBING, f"breaker half-open: {key} "
                     f"{s.probes_granted}/{spec.half_open_calls} probes out")
@@ -547,17 +316,19 @@ def _release(ctx: _Context, c: Release) -> None:
     lease = s.leases.get(c.request_id)
     cost = max(0.0, c.cost)
     if lease is not None:
-        ctx.emit(Released(ctx.key, ctx.now, c.request_id, "done", c.outcome, cost,
+        ctx.emit(Released(ctx.key, ctx.now, c.request_id, ReleaseReason.DONE, c.outcome, cost,
                           max(0, c.latency_ms)))
-        if c.outcome != "cancelled":
+        if c.outcome is not Outcome.CANCELLED:
             spec = s.limits.breaker
             slow = spec is not None and spec.slow_call is not None and \
                 c.latency_ms >= spec.slow_call
-            ctx.judge(lease, failed=c.outcome == "failed" or slow)
+            ctx.judge(lease, failed=c.outcome is Outcome.FAILED or slow)
     elif any(w.request_id == c.request_id for w in s.queue):
-        ctx.emit(Released(ctx.key, ctx.now, c.request_id, "cancelled", "cancelled", 0.0, 0))
+        ctx.emit(Released(ctx.key, ctx.now, c.request_id, ReleaseReason.CANCELLED,
+                          Outcome.CANCELLED, 0.0, 0))
     elif c.request_id not in s.finished:
-        ctx.emit(Released(ctx.key, ctx.now, c.request_id, "unknown", c.outcome, 0.0, 0))
+        ctx.emit(Released(ctx.key, ctx.now, c.request_id, ReleaseReason.UNKNOWN, c.outcome,
+                          0.0, 0))
     ctx.advance()
     if ctx.state.limits.budget is not None:
         _warn(ctx)
@@ -615,6 +386,11 @@ def evolve(state: AdmissionState | None, event: AdmissionEvent) -> AdmissionStat
     return result if event.at <= result.clock else replace(result, clock=event.at)
 
 
+FINISHED_MEMORY = 4096
+"""How many finished request ids a key remembers, so that a duplicate ``Acquire`` of a
+request that has ended is not granted again."""
+
+
 def _finish(s: AdmissionState, request_id: str, at: int) -> dict[str, int]:
     finished = dict(s.finished)
     finished[request_id] = at
@@ -628,7 +404,7 @@ def _on_configured(s: AdmissionState, e: Configured) -> AdmissionState:
     if e.limits.budget != s.limits.budget:
         changes |= {"window_start": 0, "window_end": 0}  # re-read in the new timezone
     if e.limits.breaker is None:
-        changes |= {"breaker": "closed", "outcomes": (), "trips": 0}
+        changes |= {"breaker": BreakerState.CLOSED, "outcomes": (), "trips": 0}
     return replace(s, **changes)
 
 
@@ -670,11 +446,11 @@ def _on_released(s: AdmissionState, e: Released) -> AdmissionState:
         if s.limits.budget is not None:
             changes["spent"] = s.spent + e.cost
         spec = s.limits.breaker
-        if spec is not None and e.outcome != "cancelled":
+        if spec is not None and e.outcome is not Outcome.CANCELLED:
             slow = spec.slow_call is not None and e.latency_ms >= spec.slow_call
-            bad = e.outcome == "failed" or e.reason == "expired" or slow
-            kept = tuple(o for o in s.outcomes if o[0] > e.at - spec.window)
-            changes["outcomes"] = (*kept, (e.at, bad))
+            bad = e.outcome is Outcome.FAILED or e.reason is ReleaseReason.EXPIRED or slow
+            kept = tuple(o for o in s.outcomes if o.at > e.at - spec.window)
+            changes["outcomes"] = (*kept, Call(e.at, bad))
             if lease.probe and not bad:
                 changes["probes_ok"] = s.probes_ok + 1
     return replace(s, **changes)
@@ -707,16 +483,17 @@ def _on_exhausted(s: AdmissionState, e: BudgetExhausted) -> AdmissionState:
 
 
 def _on_opened(s: AdmissionState, e: BreakerOpened) -> AdmissionState:
-    return replace(s, breaker="open", breaker_until=e.until, trips=e.trips, probes_ok=0,
+    return replace(s, breaker=BreakerState.OPEN, breaker_until=e.until, trips=e.trips, probes_ok=0,
                    probes_granted=0)
 
 
 def _on_half_opened(s: AdmissionState, e: BreakerHalfOpened) -> AdmissionState:
-    return replace(s, breaker="half_open", probes_ok=0, probes_granted=0)
+    return replace(s, breaker=BreakerState.HALF_OPEN, probes_ok=0, probes_granted=0)
 
 
 def _on_closed(s: AdmissionState, e: BreakerClosed) -> AdmissionState:
-    return replace(s, breaker="closed", trips=0, outcomes=(), probes_ok=0, probes_granted=0)
+    return replace(s, breaker=BreakerState.CLOSED, trips=0, outcomes=(), probes_ok=0,
+                   probes_granted=0)
 
 
 _APPLIERS: dict[type[Any], Callable[[AdmissionState, Any], AdmissionState]] = {
@@ -736,15 +513,15 @@ def next_due(state: AdmissionState) -> int | None:
     Aging needs no timer: it changes who is next, and a grant is only ever made when
     something else happens."""
     due: list[int] = [lease.expires_at for lease in state.leases.values()]
-    if state.breaker == "open":
+    if state.breaker is BreakerState.OPEN:
         due.append(state.breaker_until)
-    hold = state.hold(state.clock)
-    if hold is not None:
-        if hold.kind is HoldKind.THROTTLED:
+    held = hold(state, state.clock)
+    if held is not None:
+        if held.kind is HoldKind.THROTTLED:
             due.append(state.throttled_until)
-        elif hold.kind is HoldKind.RATE:
+        elif held.kind is HoldKind.RATE:
             due.append(state.clock + math.ceil(_rate_wait(state, state.clock)))
-        elif hold.kind is HoldKind.BUDGET:
+        elif held.kind is HoldKind.BUDGET:
             due.append(state.window_end)
     return min(due) if due else None
 

@@ -28,6 +28,7 @@ import json
 import re
 import zoneinfo
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -209,16 +210,49 @@ class LimitsDocument(_Model):
         return next((r for r in self.rules if r.key == key), None)
 
 
-class KeyLimits(_Model):
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    count: int
+    period_ms: int
+
+    @property
+    def interval_ms(self) -> float:
+        return self.period_ms / self.count
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimit:
+    amount: float
+    per: str
+    timezone: str = "UTC"
+    warn_at: float | None = None
+    on_exhausted: str = "wait"
+    estimate: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerLimit:
+    failure_rate: float
+    min_calls: int = 10
+    window: int = 60_000
+    slow_call: int | None = None
+    open_for: int = 30_000
+    max_open_for: int = 600_000
+    half_open_calls: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
     """The limits in force on one concrete key, after the wildcard and the key's own rule
-    are merged. Every field None means no limit of that kind."""
+    are merged: what the admission core works with (plain records, carried on its
+    commands and state). None means no limit of that kind."""
 
     concurrency: int | None = None
-    rate: Rate | None = None
+    rate: RateLimit | None = None
     burst: int | None = None
     weight: float = 1.0
-    budget: Budget | None = None
-    breaker: Breaker | None = None
+    budget: BudgetLimit | None = None
+    breaker: BreakerLimit | None = None
     aging: int = 60_000
     lease: int = 600_000
 
@@ -242,7 +276,13 @@ def resolve(document: LimitsDocument | None, key: str) -> KeyLimits:
         if rule is not None:
             merged.update({name: getattr(rule, name) for name in LIMIT_FIELDS
                            if getattr(rule, name) is not None})
-    return KeyLimits(**merged)
+    rate, budget, breaker = merged.pop("rate", None), merged.pop("budget", None), \
+        merged.pop("breaker", None)
+    return KeyLimits(
+        **merged,
+        rate=None if rate is None else RateLimit(rate.count, rate.period_ms),
+        budget=None if budget is None else BudgetLimit(**budget.model_dump()),
+        breaker=None if breaker is None else BreakerLimit(**breaker.model_dump()))
 
 
 # --------------------------------------------------------------------------- loading

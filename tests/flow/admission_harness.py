@@ -49,8 +49,8 @@ class Key:
     def acquire(self, request_id: str, **fields_: Any) -> Key:
         return self.when(ad.Acquire(self.key, request_id, **fields_))
 
-    def release(self, request_id: str, **fields_: Any) -> Key:
-        return self.when(ad.Release(self.key, request_id, **fields_))
+    def release(self, request_id: str, outcome: str = "ok", **fields_: Any) -> Key:
+        return self.when(ad.Release(self.key, request_id, ad.Outcome(outcome), **fields_))
 
     def tick(self) -> Key:
         return self.when(ad.Tick(self.key, self.now))

@@ -3,6 +3,8 @@ pause, rate (and a tool's retry_after), budgets and breakers."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from engine.core import admission as ad
 from tests.flow.admission_harness import T0, Key
 
@@ -18,7 +20,7 @@ def test_concurrency_holds_the_next_request_until_a_slot_is_released() -> None:
     assert k.acquire("a").granted() == ["a"]
     assert k.acquire("b").granted() == ["b"]
     assert k.acquire("c").granted() == []
-    hold = k.s.hold(k.now)
+    hold = ad.hold(k.s, k.now)
     assert hold is not None and hold.reason == "queued: tool:t 2/2"
     k.release("a", outcome="ok")
     k.then(ad.Released, request_id="a", reason="done")
@@ -110,7 +112,7 @@ def test_a_paused_key_grants_nothing_until_resumed() -> None:
     k.when(ad.Pause("tool:t"))
     k.acquire("a")
     assert k.granted() == []
-    hold = k.s.hold(k.now)
+    hold = ad.hold(k.s, k.now)
     assert hold is not None and hold.kind is ad.HoldKind.PAUSED
     k.when(ad.Resume("tool:t"))
     assert k.granted() == ["a"]
@@ -119,7 +121,7 @@ def test_a_paused_key_grants_nothing_until_resumed() -> None:
 def test_the_rate_allows_a_burst_then_one_grant_per_interval() -> None:
     k = Key(rate="2/s", burst=2)
     assert [k.acquire(r).granted() for r in ("a", "b", "c")] == [["a"], ["b"], []]
-    hold = k.s.hold(k.now)
+    hold = ad.hold(k.s, k.now)
     assert hold is not None and hold.reason == "rate: tool:t 2/1.0s"
     due = ad.next_due(k.s)
     assert due == T0 + 500
@@ -146,7 +148,7 @@ def test_a_budget_reserves_the_estimate_and_settles_with_the_cost() -> None:
     assert k.acquire("b").granted() == ["b"]
     assert k.s.reserved == 8
     k.acquire("c")  # 8 reserved + 4 > 10: waits
-    hold = k.s.hold(k.now)
+    hold = ad.hold(k.s, k.now)
     assert hold is not None and hold.kind is ad.HoldKind.BUDGET
     assert hold.reason.startswith("budget exhausted: tool:t until ")
     k.then(ad.BudgetExhausted)
@@ -232,7 +234,7 @@ def test_a_newer_limits_version_replaces_the_keys_limits_and_an_older_one_does_n
     k = Key(concurrency=1)
     k.acquire("a").acquire("b")
     assert k.granted() == []
-    k.when(ad.Configure("tool:t", k.s.limits.model_copy(update={"concurrency": 2}), 2))
+    k.when(ad.Configure("tool:t", replace(k.s.limits, concurrency=2), 2))
     assert k.granted() == ["b"]
-    k.when(ad.Configure("tool:t", k.s.limits.model_copy(update={"concurrency": 9}), 1))
+    k.when(ad.Configure("tool:t", replace(k.s.limits, concurrency=9), 1))
     assert k.last == [] and k.s.limits.concurrency == 2

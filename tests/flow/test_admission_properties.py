@@ -10,6 +10,7 @@ releasing and letting time pass drains everything: nothing is leaked.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -123,7 +124,7 @@ def test_random_sequences_keep_every_limit_and_replay_to_the_live_state(
         elif kind == "throttle":
             k.when(ad.Throttle(k.key, k.now + step[1]))
         else:
-            limits = k.s.limits.model_copy(update={"concurrency": step[1]})
+            limits = replace(k.s.limits, concurrency=step[1])
             k.when(ad.Configure(k.key, limits, k.s.version + 1))
         checker.check()
     _rate_holds(rate_limits, checker.grant_times)
