@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.codec._shapes import NAMESPACE, record_schema
+from engine.core import admission_records as admission
 from engine.core.commands import COMMAND_TYPES, Command
 from engine.core.events import EVENT_TYPES
 from engine.core.outbox import Notification, TaskCommand
@@ -88,7 +89,13 @@ def core_records() -> list[RecordType]:
         RecordType.of(Notification, "outbox"),
         RecordType.of(RunState, "state"),
         *projection_records(),
+        *admission_records(),
     ]
+
+
+def admission_records() -> list[RecordType]:
+    """The admission processor's commands, events and per-key state."""
+    return [RecordType.of(cls, "admission") for cls in admission.RECORD_TYPES]
 
 
 def projection_records() -> list[RecordType]:

@@ -135,7 +135,7 @@ def decide(state: AdmissionState | None, command: AdmissionCommand,
            now: int) -> list[AdmissionEvent]:
     """The events ``command`` causes on its key at ``now`` (ms). Never raises on bad
     input: a command that does not apply causes no event."""
-    ctx = _Context(state if state is not None else AdmissionState(command.key), now)
+    ctx = _Context(state if state is not None else AdmissionState.empty(command.key), now)
     handler = _DECIDERS.get(type(command))
     if handler is not None:
         handler(ctx, command)
@@ -298,7 +298,7 @@ def _rate_wait(s: AdmissionState, now: int) -> float:
 
 
 def _acquire(ctx: _Context, c: Acquire) -> None:
-    if c.version > ctx.state.version:
+    if c.limits is not None and c.version > ctx.state.version:
         ctx.emit(Configured(ctx.key, ctx.now, c.limits, c.version))
     if ctx.state.known(c.request_id):
         ctx.advance()
@@ -380,7 +380,7 @@ _DECIDERS: dict[type[Any], Callable[[_Context, Any], None]] = {
 
 def evolve(state: AdmissionState | None, event: AdmissionEvent) -> AdmissionState:
     """Fold one event into the key's state. Total and deterministic."""
-    s = state if state is not None else AdmissionState(event.key)
+    s = state if state is not None else AdmissionState.empty(event.key)
     applier = _APPLIERS[type(event)]
     result: AdmissionState = applier(s, event)
     return result if event.at <= result.clock else replace(result, clock=event.at)

@@ -52,7 +52,8 @@ class Acquire:
     weight: float = 1.0
     estimate: float = 0.0
     lease_ms: int = 0
-    limits: KeyLimits = UNLIMITED
+    limits: KeyLimits | None = None
+    """None: the requester knows of no limits document."""
     version: int = 0
     reply_to: str = ""
     """Where the grant is to be delivered (the run id, for the run engine)."""
@@ -292,7 +293,7 @@ class AdmissionState:
     one, so a batch that is not committed leaves the committed state as it was."""
 
     key: str
-    limits: KeyLimits = UNLIMITED
+    limits: KeyLimits
     version: int = 0
     paused: bool = False
     queue: tuple[Waiter, ...] = ()
@@ -320,6 +321,10 @@ class AdmissionState:
     clock: int = 0
     """The time of the latest event: what the key's timers are computed from."""
 
+    @classmethod
+    def empty(cls, key: str) -> AdmissionState:
+        return cls(key, UNLIMITED)
+
     @property
     def executing(self) -> int:
         return len(self.leases)
@@ -341,3 +346,12 @@ class AdmissionState:
                 or any(w.request_id == request_id for w in self.queue))
 
 
+
+
+RECORD_TYPES: tuple[type, ...] = (
+    Acquire, Release, Tick, Throttle, Configure, Pause, Resume,
+    Configured, Queued, Granted, Refused, Released, Throttled, Paused, Resumed,
+    BudgetWindowOpened, BudgetWarned, BudgetExhausted, BreakerOpened, BreakerHalfOpened,
+    BreakerClosed, AdmissionState,
+)
+"""Every admission record with a schema of its own (``schemas/admission``)."""

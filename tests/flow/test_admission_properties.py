@@ -1,7 +1,8 @@
 """Hypothesis on the admission core: random acquire / release / expire / pause / throttle
 sequences under random limits.
 
-After every command: the fold of the log equals the live state (the harness checks it);
+After every command: the fold of the log equals the live state (the harness checks it),
+and events and snapshots come back equal from their Avro encoding;
 no grant while the key is at its concurrency, paused or its breaker open; no grant to a
 request that has finished, and none twice; the rate never lets more through than its
 burst plus its steady rate; a budget never reserves past its amount. At the end,
@@ -16,6 +17,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.codec import decode, encode
 from engine.core import admission as ad
 from tests.flow.admission_harness import Key
 
@@ -87,8 +89,11 @@ class Checker:
             elif isinstance(event, ad.Released | ad.Refused):
                 self.finished.add(event.request_id)
             self.state = ad.evolve(s, event)
+            assert decode(encode(event)) == event, "an event does not survive its codec"
         self.checked = len(self.key.log)
         assert self.state == self.key.state
+        if self.state is not None:
+            assert decode(encode(self.state)) == self.state, "a snapshot is not the state"
 
 
 def _rate_holds(limits: Any, times: list[int]) -> None:
