@@ -16,11 +16,14 @@ from typing import Any, TextIO
 
 from engine.cli._backends import db_path, kafka_topics
 from engine.cli._shared import CliError, now_ms
+from engine.core import admission as ad
 from engine.core.durations import format_duration
 from engine.core.limits import LimitsDocument, check_key, load_limits_yaml, resolve
 from engine.embedded.limits import LimitsStore
 from engine.embedded.store import Store
+from engine.kafka.admission import read_admission_states
 from engine.kafka.limits import publish_limits, read_limits, set_paused
+from engine.kafka.topics import deployed_topics
 
 
 def _embedded(args: argparse.Namespace) -> LimitsStore:
@@ -53,31 +56,56 @@ def cmd_limits_deploy(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _read(args: argparse.Namespace) -> tuple[int, LimitsDocument | None, dict[str, int]]:
+Read = tuple[int, LimitsDocument | None, dict[str, int], dict[str, ad.AdmissionState]]
+
+
+def _read(args: argparse.Namespace) -> Read:
     if args.kafka:
-        deployed = asyncio.run(read_limits(args.kafka, kafka_topics(args)))
-        return deployed.version, deployed.document, deployed.paused
+        async def both() -> Read:
+            topics = await deployed_topics(args.kafka, kafka_topics(args))
+            deployed = await read_limits(args.kafka, topics)
+            states = await read_admission_states(args.kafka, topics)
+            return deployed.version, deployed.document, deployed.paused, states
+        return asyncio.run(both())
     if not db_path(args).exists():
-        return 0, None, {}
+        return 0, None, {}, {}
     limits = _embedded(args)
     try:
         version, document = limits.latest()
-        return version, document, limits.paused()
+        return version, document, limits.paused(), limits.admission.states()
     finally:
         limits.store.close()
 
 
-def status_view(version: int, document: LimitsDocument | None,
-                paused: dict[str, int]) -> dict[str, Any]:
-    """What ``limits status --json`` prints: per key, the limits in force and whether
-    it is paused."""
-    keys = sorted({*(r.key for r in document.rules), *paused} if document else set(paused))
+def status_view(version: int, document: LimitsDocument | None, paused: dict[str, int],
+                states: dict[str, ad.AdmissionState], now: int) -> dict[str, Any]:
+    """What ``limits status --json`` prints: per key, the limits in force, whether it is
+    paused, and what the admission core holds: tasks executing, requests queued and why,
+    rate tokens left, budget spent and left, the breaker's state."""
+    named = {r.key for r in document.rules} if document else set()
+    keys = sorted(named | set(paused) | set(states))
     rows = []
     for key in keys:
-        limits = resolve(document, key)
+        state = states.get(key)
+        limits = state.limits if state is not None and state.version >= version \
+            else resolve(document, key)
+        held = ad.hold(state, now) if state is not None else None
+        spent = budget_left = None
+        if state is not None and limits.budget is not None:
+            spent = state.spent if now < state.window_end else 0.0  # a new window
+            budget_left = limits.budget.amount - spent - state.reserved
         rows.append({
             "key": key,
             "paused": key in paused,
+            "executing": state.executing if state is not None else 0,
+            "queued": len(state.queue) if state is not None else 0,
+            "held": held.reason if held is not None else None,
+            "rate_tokens": None if state is None or limits.rate is None
+            else round(state.tokens(now), 3),
+            "budget_spent": spent,
+            "budget_left": budget_left,
+            "breaker_state": None if limits.breaker is None
+            else str(state.breaker if state is not None else ad.BreakerState.CLOSED),
             "concurrency": limits.concurrency,
             "rate": None if limits.rate is None else
             {"count": limits.rate.count, "period_ms": limits.rate.period_ms,
@@ -93,6 +121,13 @@ def _line(row: dict[str, Any]) -> str:
     parts = []
     if row["paused"]:
         parts.append("PAUSED")
+    if row["executing"] or row["queued"]:
+        limit = f"/{row['concurrency']}" if row["concurrency"] is not None else ""
+        parts.append(f"executing {row['executing']}{limit}, queued {row['queued']}")
+    if row["held"]:
+        parts.append(f"held ({row['held']})")
+    if row["breaker_state"] not in (None, "closed"):
+        parts.append(f"breaker {row['breaker_state']}")
     if row["concurrency"] is not None:
         parts.append(f"concurrency {row['concurrency']}")
     if row["rate"] is not None:
@@ -103,15 +138,16 @@ def _line(row: dict[str, Any]) -> str:
         parts.append(f"weight {row['weight']:g}")
     if row["budget"] is not None:
         b = row["budget"]
+        left = f", {row['budget_left']:g} left" if row["budget_left"] is not None else ""
         parts.append(f"budget {b['amount']:g} per {b['per']} ({b['timezone']}, "
-                     f"on exhausted {b['on_exhausted']})")
+                     f"on exhausted {b['on_exhausted']}{left})")
     if row["breaker"] is not None:
         parts.append(f"breaker at {row['breaker']['failure_rate']:.0%} failures")
     return f"{row['key']}\t{', '.join(parts) or 'no limit'}\n"
 
 
 def cmd_limits_status(args: argparse.Namespace, out: TextIO) -> int:
-    view = status_view(*_read(args))
+    view = status_view(*_read(args), now=now_ms())
     if args.json:
         out.write(json.dumps(view, indent=2) + "\n")
         return 0
@@ -134,7 +170,7 @@ def _pause(args: argparse.Namespace, out: TextIO, paused: bool) -> int:
         limits = _embedded(args)
         try:
             changed = (limits.pause(key, args.as_user, now_ms()) if paused
-                       else limits.resume(key))
+                       else limits.resume(key, now_ms()))
         finally:
             limits.store.close()
     word = "paused" if paused else "resumed"

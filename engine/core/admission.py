@@ -32,6 +32,9 @@ from enum import StrEnum
 from typing import Any
 
 from engine.core.admission_records import (
+    COMMAND_TYPES,
+    EVENT_TYPES,
+    RECORD_TYPES,
     Acquire,
     AdmissionCommand,
     AdmissionEvent,
@@ -67,7 +70,7 @@ from engine.core.durations import format_duration
 from engine.core.windows import format_instant, window_bounds
 
 __all__ = [
-    "BUDGET_EXHAUSTED",
+    "BUDGET_EXHAUSTED", "COMMAND_TYPES", "EVENT_TYPES", "RECORD_TYPES",
     "Acquire",
     "AdmissionCommand",
     "AdmissionEvent",

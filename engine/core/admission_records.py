@@ -348,6 +348,12 @@ class AdmissionState:
 
 
 
+COMMAND_TYPES: tuple[type, ...] = (Acquire, Release, Tick, Throttle, Configure, Pause, Resume)
+EVENT_TYPES: tuple[type, ...] = (
+    Configured, Queued, Granted, Refused, Released, Throttled, Paused, Resumed,
+    BudgetWindowOpened, BudgetWarned, BudgetExhausted, BreakerOpened, BreakerHalfOpened,
+    BreakerClosed,
+)
 RECORD_TYPES: tuple[type, ...] = (
     Acquire, Release, Tick, Throttle, Configure, Pause, Resume,
     Configured, Queued, Granted, Refused, Released, Throttled, Paused, Resumed,

@@ -6,14 +6,18 @@
 | limit_pauses | its ``pause:<key>`` records                                    |
 
 A deploy whose rules equal the latest version's is not a new version; any other deploy
-is the next version, in the same transaction that reads the latest.
+is the next version, in the same transaction that reads the latest, and gives every key
+a rule names by itself its new limits (a ``Configure`` of the admission core). A pause is
+recorded with the ``Pause`` it causes, in one transaction too.
 """
 
 from __future__ import annotations
 
 import json
 
-from engine.core.limits import LimitsDocument, check_key, limits_body, load_limits
+from engine.core import admission as ad
+from engine.core.limits import LimitsDocument, check_key, limits_body, load_limits, resolve
+from engine.embedded.admission import AdmissionStore, apply_in
 from engine.embedded.store import Store
 
 SCHEMA = """
@@ -36,6 +40,7 @@ class LimitsStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         store.db.executescript(SCHEMA)
+        self.admission = AdmissionStore(store)
 
     def deploy(self, document: LimitsDocument, now: int) -> tuple[int, bool]:
         """Store ``document``; return its version and whether it is a new one."""
@@ -48,6 +53,10 @@ class LimitsStore:
             version = (int(row[0]) if row is not None else 0) + 1
             db.execute("INSERT INTO limits (version, body, deployed_at) VALUES (?, ?, ?)",
                        (version, body, now))
+            before = load_limits(json.loads(row[1])) if row is not None else None
+            named = sorted({r.key for r in document.rules if not r.wildcard}
+                           | {r.key for r in (before.rules if before else []) if not r.wildcard})
+            apply_in(db, [ad.Configure(k, resolve(document, k), version) for k in named], now)
         return version, True
 
     def latest(self) -> tuple[int, LimitsDocument | None]:
@@ -61,16 +70,24 @@ class LimitsStore:
     def pause(self, key: str, by: str, now: int) -> bool:
         """Hold every request on ``key``; False if it was paused already."""
         check_key(key)
-        cur = self.store.db.execute(
-            "INSERT OR IGNORE INTO limit_pauses (key, paused_at, by) VALUES (?, ?, ?)",
-            (key, now, by))
-        return cur.rowcount > 0
+        with self.store.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO limit_pauses (key, paused_at, by) VALUES (?, ?, ?)",
+                (key, now, by))
+            if cur.rowcount == 0:
+                return False
+            apply_in(db, [ad.Pause(key)], now)
+        return True
 
-    def resume(self, key: str) -> bool:
+    def resume(self, key: str, now: int) -> bool:
         """Let ``key``'s requests through again; False if it was not paused."""
         check_key(key)
-        cur = self.store.db.execute("DELETE FROM limit_pauses WHERE key = ?", (key,))
-        return cur.rowcount > 0
+        with self.store.transaction() as db:
+            cur = db.execute("DELETE FROM limit_pauses WHERE key = ?", (key,))
+            if cur.rowcount == 0:
+                return False
+            apply_in(db, [ad.Resume(key)], now)
+        return True
 
     def paused(self) -> dict[str, int]:
         """Paused keys and when they were paused."""

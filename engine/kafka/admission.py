@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
 from engine.codec import decode, encode
 from engine.core import admission as ad
+from engine.kafka._util import stop_quietly
 from engine.kafka.keyed import KeyedLogic, KeyedProcessor, KeyedTopics
 from engine.kafka.topics import COMPACTED, RETAIN_FOREVER, Topics, ensure_topics
 from engine.runtime.clock import Clock
-
-COMMANDS = (ad.Acquire, ad.Release, ad.Tick, ad.Throttle, ad.Configure, ad.Pause, ad.Resume)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +65,9 @@ class AdmissionTopics:
 
 def _command(value: bytes) -> ad.AdmissionCommand:
     record = decode(value)
-    if not isinstance(record, COMMANDS):
+    if not isinstance(record, ad.COMMAND_TYPES):
         raise ValueError(f"a {type(record).__name__} is not an admission command")
-    return record
+    return record  # type: ignore[return-value]
 
 
 def _state(value: bytes) -> ad.AdmissionState:
@@ -104,3 +104,32 @@ class AdmissionProcessor(KeyedProcessor[ad.AdmissionCommand, ad.AdmissionState,
         super().__init__(bootstrap, "admission", admission_logic(self.admission.grants),
                          self.admission.keyed, app=topics.deployment(app), clock=clock,
                          instance_id=instance_id, commit_timeout_s=commit_timeout_s)
+
+
+async def read_admission_states(bootstrap: str, topics: Topics) -> dict[str, ad.AdmissionState]:
+    """The latest committed state of every limit key: reads the whole admission
+    changelog (empty if the admission topics do not exist)."""
+    keyed = AdmissionTopics(topics).keyed
+    changelog = keyed.changelog
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    try:
+        if changelog not in await consumer.topics():
+            return {}
+        tps = [TopicPartition(changelog, p) for p in range(keyed.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        latest: dict[str, bytes] = {}
+        pending = [tp for tp in tps if end[tp] > 0]
+        while pending:
+            fetched = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
+            for messages in fetched.values():
+                for m in messages:
+                    if m.key is not None and m.value is not None:
+                        latest[m.key.decode()] = m.value
+            pending = [tp for tp in pending if await consumer.position(tp) < end[tp]]
+        return {key: _state(value) for key, value in latest.items()}
+    finally:
+        await stop_quietly(consumer)

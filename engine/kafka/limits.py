@@ -23,11 +23,21 @@ from typing import TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import ProducerFenced
 
+from engine.codec import encode
+from engine.core import admission as ad
 from engine.core.errors import TerranohaError
-from engine.core.limits import LimitsDocument, LimitsError, check_key, limits_body, load_limits
+from engine.core.limits import (
+    LimitsDocument,
+    LimitsError,
+    check_key,
+    limits_body,
+    load_limits,
+    resolve,
+)
 from engine.kafka._util import stop_quietly
+from engine.kafka.admission import AdmissionTopics
 from engine.kafka.specs import _TopicReader
-from engine.kafka.topics import Topics, ensure_topics
+from engine.kafka.topics import Topics, deployed_topics, ensure_topics, key_partition
 
 log = logging.getLogger("terranoha.kafka.limits")
 
@@ -95,41 +105,68 @@ async def read_limits(bootstrap: str, topics: Topics) -> DeployedLimits:
     return deployed
 
 
+Out = tuple[str, bytes, bytes | None, int]
+"""A record to write: (topic, key, value or None for a tombstone, partition)."""
+
+
+def _command(admission: AdmissionTopics, command: ad.AdmissionCommand) -> Out:
+    key = command.key.encode()
+    return (admission.keyed.inputs, key, encode(command),
+            key_partition(key, admission.keyed.partitions))
+
+
 async def publish_limits(bootstrap: str, topics: Topics, document: LimitsDocument, *,
                          app: str = "terranoha") -> tuple[int, bool]:
-    """Deploy ``document``: its version, and False if it equals the latest already."""
+    """Deploy ``document``: its version, and False if it equals the latest already.
+
+    In the same transaction, every key a rule names by itself gets its new limits as a
+    ``Configure`` on the admission inputs (a raised limit lets queued requests through at
+    once); a key only a wildcard covers takes the new version with its next request."""
     body = limits_body(document)
 
-    def change(deployed: DeployedLimits) -> tuple[list[tuple[bytes, bytes | None]],
-                                                  tuple[int, bool], bool]:
+    def change(deployed: DeployedLimits, admission: AdmissionTopics) -> tuple[
+            list[Out], tuple[int, bool], bool]:
         if deployed.document is not None and limits_body(deployed.document) == body:
             return [], (deployed.version, False), False
         version = deployed.version + 1
-        return [(doc_key(version), body.encode())], (version, True), True
+        named = sorted({r.key for r in document.rules if not r.wildcard}
+                       | {r.key for r in (deployed.document.rules if deployed.document
+                                          else []) if not r.wildcard})
+        configure = [_command(admission, ad.Configure(key, resolve(document, key), version))
+                     for key in named]
+        return [(topics.limits, doc_key(version), body.encode(), 0), *configure], \
+            (version, True), True
 
     return await _write(bootstrap, topics, app, change)
 
 
 async def set_paused(bootstrap: str, topics: Topics, key: str, paused: bool, *, by: str,
                      now: int, app: str = "terranoha") -> bool:
-    """Pause or resume ``key``; False if it was in that state already."""
+    """Pause or resume ``key``; False if it was in that state already. The record on the
+    limits topic and the ``Pause``/``Resume`` the admission processor acts on are
+    written in one transaction."""
     check_key(key)
 
-    def change(deployed: DeployedLimits) -> tuple[list[tuple[bytes, bytes | None]], bool, bool]:
+    def change(deployed: DeployedLimits, admission: AdmissionTopics) -> tuple[
+            list[Out], bool, bool]:
         if (key in deployed.paused) == paused:
             return [], False, False
         value = json.dumps({"paused_at": now, "by": by}).encode() if paused else None
-        return [(f"{_PAUSE}{key}".encode(), value)], True, True
+        command = ad.Pause(key) if paused else ad.Resume(key)
+        return [(topics.limits, f"{_PAUSE}{key}".encode(), value, 0),
+                _command(admission, command)], True, True
 
     return await _write(bootstrap, topics, app, change)
 
 
 async def _write(bootstrap: str, topics: Topics, app: str,
-                 change: Callable[[DeployedLimits], tuple[list[tuple[bytes, bytes | None]], T,
-                                                          bool]]) -> T:
+                 change: Callable[[DeployedLimits, AdmissionTopics], tuple[list[Out], T, bool]]
+                 ) -> T:
     """Read the topic under the writers' transactional id, then write what ``change``
     says (records, the answer to return, whether to write at all)."""
-    await ensure_topics(bootstrap, [topics.limits_topic()])
+    topics = await deployed_topics(bootstrap, topics)  # route keys by the real count
+    admission = AdmissionTopics(topics)
+    await ensure_topics(bootstrap, [topics.limits_topic(), *admission.new_topics()])
     for attempt in range(1, _ATTEMPTS + 1):
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap,
                                     transactional_id=f"{app}-{topics.limits}-write",
@@ -141,13 +178,15 @@ async def _write(bootstrap: str, topics: Topics, app: str,
             deployed = DeployedLimits()
             for key, value in await reader.read_to_end():
                 deployed.apply(key, value)
-            records, answer, write = change(deployed)
+            records, answer, write = change(deployed, admission)
             if not write:
                 return answer
             async with producer.transaction():
-                for key, value in records:
-                    delivery = await producer.send(topics.limits, value, key=key, partition=0)
-                offset = (await delivery).offset
+                for topic, key, value, partition in records:
+                    delivery = await producer.send(topic, value, key=key, partition=partition)
+                    if topic == topics.limits:
+                        mark = delivery
+                offset = (await mark).offset
             await reader.wait_visible(offset, 10.0)  # a status read next must see it
             return answer
         except ProducerFenced:
