@@ -7,6 +7,7 @@ from typing import Any
 
 from engine.codec._shapes import NAMESPACE, record_schema
 from engine.core import admission_records as admission
+from engine.core.alerts import Alert
 from engine.core.commands import COMMAND_TYPES, Command
 from engine.core.events import EVENT_TYPES
 from engine.core.outbox import Notification, TaskCommand
@@ -95,7 +96,8 @@ def core_records() -> list[RecordType]:
 
 def admission_records() -> list[RecordType]:
     """The admission processor's commands, events and per-key state."""
-    return [RecordType.of(cls, "admission") for cls in admission.RECORD_TYPES]
+    return [*(RecordType.of(cls, "admission") for cls in admission.RECORD_TYPES),
+            RecordType.of(Alert, "records")]
 
 
 def projection_records() -> list[RecordType]:

@@ -5,6 +5,7 @@ processor on Kafka, each batch of commands in one SQLite transaction.
 |------------------|--------------------------------------------------------------|
 | admission_states | the admission changelog (latest state per limit key)          |
 | admission_events | the admission events topic                                    |
+| alerts           | the alerts topic (one row per alert id)                       |
 
 ``due_at`` is the key's next timer (``admission.next_due``): ``tick`` applies a ``Tick``
 to every key that is due, which is how a lease expires when its release never comes.
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 
 from engine.codec import decode, encode
 from engine.core import admission as ad
+from engine.core.alerts import Alert, alerts_of
 from engine.embedded.store import Store, StoreError
 
 SCHEMA = """
@@ -26,6 +28,11 @@ CREATE TABLE IF NOT EXISTS admission_states (
     payload BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS admission_due ON admission_states (due_at);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS admission_events (
     pos INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL,
@@ -61,6 +68,10 @@ class AdmissionStore:
         rows = self.store.db.execute("SELECT key, payload FROM admission_states ORDER BY key")
         return {key: _decode_state(payload) for key, payload in rows}
 
+    def alerts(self) -> list[Alert]:
+        rows = self.store.db.execute("SELECT payload FROM alerts ORDER BY at, alert_id")
+        return [a for (p,) in rows if isinstance(a := decode(p), Alert)]
+
     def events(self, key: str | None = None) -> list[ad.AdmissionEvent]:
         if key is None:
             rows = self.store.db.execute("SELECT payload FROM admission_events ORDER BY pos")
@@ -90,6 +101,8 @@ def apply_in(db: sqlite3.Connection, commands: Iterable[ad.AdmissionCommand],
         out.extend(events)
     db.executemany("INSERT INTO admission_events (key, at, payload) VALUES (?, ?, ?)",
                    [(e.key, e.at, encode(e)) for e in out])
+    db.executemany("INSERT OR IGNORE INTO alerts (alert_id, at, payload) VALUES (?, ?, ?)",
+                   [(a.alert_id, a.at, encode(a)) for e in out for a in alerts_of(e)])
     db.executemany(
         "INSERT INTO admission_states (key, due_at, payload) VALUES (?, ?, ?) "
         "ON CONFLICT (key) DO UPDATE SET due_at = excluded.due_at, payload = excluded.payload",

@@ -7,7 +7,8 @@ a rebalance or a SIGKILL hands the key over with its state restored from the cha
 (``engine.kafka.keyed``). Requests (``Acquire``), releases, throttles, pauses and ticks
 arrive on the admission inputs; each grant or refusal is also written, in the same
 transaction, to the grants topic keyed by the request's ``reply_to`` (the run id), so it
-lands on the partition of the run that asked.
+lands on the partition of the run that asked, and each alert (a breaker opening or
+closing, a budget warning or running out, a lease expiring) to the alerts topic.
 
 Lease expiry, a rate or a throttle running out, a budget window turning and an open
 breaker half-opening are ``Tick`` commands the key's timer writes to its own inputs.
@@ -26,6 +27,7 @@ from aiokafka.admin import NewTopic
 
 from engine.codec import decode, encode
 from engine.core import admission as ad
+from engine.core.alerts import alerts_of
 from engine.kafka._util import stop_quietly
 from engine.kafka.keyed import KeyedLogic, KeyedProcessor, KeyedTopics
 from engine.kafka.topics import COMPACTED, RETAIN_FOREVER, Topics, ensure_topics
@@ -47,6 +49,11 @@ class AdmissionTopics:
                            partitions=self.topics.partitions)
 
     @property
+    def alerts(self) -> str:
+        """Alerts (``engine.core.alerts``), keyed by limit key."""
+        return f"{self.topics.prefix}.alerts"
+
+    @property
     def grants(self) -> str:
         """Grants and refusals, keyed by the request's ``reply_to``."""
         return f"{self.topics.prefix}.admission-grants"
@@ -57,7 +64,7 @@ class AdmissionTopics:
                 NewTopic(k.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
                 NewTopic(k.changelog, n, r, topic_configs=dict(COMPACTED)),
                 NewTopic(k.dead_letters, n, r, topic_configs=dict(RETAIN_FOREVER)),
-                NewTopic(self.grants, n, r)]
+                NewTopic(self.grants, n, r), NewTopic(self.alerts, n, r)]
 
     async def ensure(self, bootstrap: str) -> None:
         await ensure_topics(bootstrap, self.new_topics())
@@ -77,14 +84,16 @@ def _state(value: bytes) -> ad.AdmissionState:
     return record
 
 
-def admission_logic(grants_topic: str) -> KeyedLogic[ad.AdmissionCommand, ad.AdmissionState,
-                                                     ad.AdmissionEvent]:
+def admission_logic(topics: AdmissionTopics) -> KeyedLogic[
+        ad.AdmissionCommand, ad.AdmissionState, ad.AdmissionEvent]:
     """The admission core in the form ``KeyedProcessor`` runs."""
+    grants, alerts = topics.grants, topics.alerts
 
     def outputs(event: ad.AdmissionEvent) -> Sequence[tuple[str, bytes, bytes]]:
+        out = [(alerts, event.key.encode(), encode(alert)) for alert in alerts_of(event)]
         if isinstance(event, ad.Granted | ad.Refused) and event.reply_to:
-            return [(grants_topic, event.reply_to.encode(), encode(event))]
-        return ()
+            out.append((grants, event.reply_to.encode(), encode(event)))
+        return out
 
     return KeyedLogic(decode=_command, key=lambda c: c.key, decide=ad.decide,
                       evolve=ad.evolve, encode_event=encode, encode_state=encode,
@@ -101,7 +110,7 @@ class AdmissionProcessor(KeyedProcessor[ad.AdmissionCommand, ad.AdmissionState,
                  clock: Clock | None = None, instance_id: str | None = None,
                  commit_timeout_s: float = 15.0) -> None:
         self.admission = AdmissionTopics(topics)
-        super().__init__(bootstrap, "admission", admission_logic(self.admission.grants),
+        super().__init__(bootstrap, "admission", admission_logic(self.admission),
                          self.admission.keyed, app=topics.deployment(app), clock=clock,
                          instance_id=instance_id, commit_timeout_s=commit_timeout_s)
 

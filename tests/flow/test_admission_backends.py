@@ -13,6 +13,7 @@ from pathlib import Path
 from engine.cli._shared import now_ms
 from engine.codec import encode
 from engine.core import admission as ad
+from engine.core.alerts import AlertKind, Severity
 from engine.core.limits import load_limits_yaml, resolve
 from engine.embedded.admission import AdmissionStore
 from engine.embedded.store import Store
@@ -125,3 +126,21 @@ def test_kafka_status_reads_the_admission_state_and_pause_reaches_the_processor(
         asyncio.run(main())
     finally:
         asyncio.run(delete_topics(bootstrap, topics.prefix))
+
+
+def test_alerts_are_stored_with_the_events_that_raise_them_once_per_id(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    admission = AdmissionStore(store)
+    limits = resolve(load_limits_yaml(
+        "limits: v1\nrules:\n  - key: tool:flaky\n    breaker: {failure_rate: 0.5, "
+        "min_calls: 2, open_for: 10s}\n"), "tool:flaky")
+    for i in range(2):
+        admission.apply([ad.Acquire("tool:flaky", f"c{i}", limits=limits, version=1),
+                         ad.Release("tool:flaky", f"c{i}", ad.Outcome.FAILED)], T0 + i)
+    [opened] = admission.alerts()
+    assert (opened.kind, opened.severity, opened.key) == (
+        AlertKind.BREAKER_OPENED, Severity.CRITICAL, "tool:flaky")
+    assert "breaker of tool:flaky opened (100% of calls failed" in opened.message
+    assert opened.alert_id == f"breaker_opened:tool:flaky:{T0 + 1}"
+    store.close()

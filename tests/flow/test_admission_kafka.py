@@ -12,6 +12,7 @@ import pytest
 
 from engine.codec import decode, encode
 from engine.core import admission as ad
+from engine.core.alerts import Alert, AlertKind
 from engine.core.limits import KeyLimits
 from engine.kafka.admission import AdmissionProcessor, AdmissionTopics
 from engine.kafka.topics import Topics, delete_topics, key_partition
@@ -115,5 +116,9 @@ def test_a_lease_never_released_expires_and_its_slot_goes_to_the_next(topics: To
         expired = [e for e in events if isinstance(e, ad.Released)]
         assert [(e.request_id, e.reason) for e in expired] == [
             ("crashed", ad.ReleaseReason.EXPIRED)]
+        alerts = [decode(r.value) for r in await read_all(
+            bootstrap, AdmissionTopics(topics).alerts, PARTITIONS)]
+        assert [(a.kind, a.key) for a in alerts if isinstance(a, Alert)] == [
+            (AlertKind.LEASE_EXPIRED, key)]
 
     asyncio.run(main())
