@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postgres", help="PostgreSQL DSN for the workers' ledger "
                    "(default $TERRANOHA_POSTGRES)")
     p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
+    p.add_argument("--no-admission", action="store_true",
+                   help="Kafka: do not run the admission processor (flow control; it runs "
+                   "only when a limits document is deployed)")
     p.add_argument("--no-router", action="store_true",
                    help="do not run the trigger router (it runs only for a triggers topic "
                    "whose partition count differs from the run inputs')")

@@ -108,7 +108,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
         engine=not args.no_engine, router=not args.no_router,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
         registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
-        notify=notify)
+        notify=notify, admission=not args.no_admission)
 
     async def ready(running: Running) -> None:
         if telemetry is not None and running.engine is not None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import ProducerFenced
 
 from engine.codec import encode
@@ -92,10 +92,17 @@ def doc_key(version: int) -> bytes:
 
 
 async def read_limits(bootstrap: str, topics: Topics) -> DeployedLimits:
-    """The latest document and the paused keys (empty if nothing was ever deployed)."""
-    await ensure_topics(bootstrap, [topics.limits_topic()])
-    reader = _TopicReader(bootstrap, topics.limits)
+    """The latest document and the paused keys (empty if nothing was ever deployed).
+    Reading creates nothing: a deployment that never used flow control stays as it was."""
     deployed = DeployedLimits()
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        await probe.start()
+        if topics.limits not in await probe.topics():
+            return deployed
+    finally:
+        await stop_quietly(probe)
+    reader = _TopicReader(bootstrap, topics.limits)
     try:
         await reader.start()
         for key, value in await reader.read_to_end():

@@ -1,6 +1,7 @@
 """Run the Kafka backend's parts in one process: the orchestrator, the trigger router,
-the spec follower, given tools and PostgreSQL a worker, and given delivery settings and
-PostgreSQL the notifier. Each part can be left out to run them as separate processes.
+the spec follower, given tools and PostgreSQL a worker, given delivery settings and
+PostgreSQL the notifier, and given a deployed limits document the admission processor.
+Each part can be left out to run them as separate processes.
 
 The router runs only for a triggers topic whose partition count differs from the run
 inputs': a co-partitioned triggers topic (the default) is read by the orchestrator."""
@@ -12,7 +13,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from engine.kafka.admission import AdmissionProcessor
 from engine.kafka.ledger import PostgresLedger
+from engine.kafka.limits import read_limits
 from engine.kafka.processor import KafkaEngine
 from engine.kafka.router import TriggerRouter
 from engine.kafka.specs import SpecFollower
@@ -45,6 +48,9 @@ class ServeOptions:
     one keeps its partitions until the session timeout (10 s)."""
     notify: DeliverySettings | None = None
     """Delivery settings: run the notifier too (its ledger needs ``postgres``)."""
+    admission: bool = True
+    """Run the admission processor (flow control) when a limits document is deployed;
+    with none deployed at start, nothing of flow control runs."""
 
 
 @dataclass(slots=True)
@@ -56,6 +62,7 @@ class Running:
     worker: KafkaWorker | None = None
     follower: SpecFollower | None = None
     notifier: KafkaNotifier | None = None
+    admission: AdmissionProcessor | None = None
 
 
 async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None = None,
@@ -83,6 +90,11 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                      refresh_specs=follower.catch_up,
                                      instance_id=options.instance_id)
         runners.append(running.engine.run(stop))
+    if options.admission and (await read_limits(options.bootstrap, topics)).version > 0:
+        running.admission = AdmissionProcessor(options.bootstrap, topics, app=options.app,
+                                               clock=clock, instance_id=options.instance_id)
+        await running.admission.admission.ensure(options.bootstrap)
+        runners.append(running.admission.run(stop))
     if options.router and topics.co_partitioned:
         log.info("%s is co-partitioned with %s: the orchestrator reads the triggers, no "
                  "router runs", topics.triggers, topics.inputs)
