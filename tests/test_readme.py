@@ -1,6 +1,6 @@
 """The README's examples are fixtures: every YAML block is a spec that deploys (or, marked
-``# notify.yaml``, delivery settings that load), and the refusal it shows is the one the
-engine gives."""
+``# notify.yaml``, delivery settings that load; marked ``# limits.yaml``, a limits
+document that deploys), and the refusal it shows is the one the engine gives."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.errors import SpecError
+from engine.core.limits import LimitsError, load_limits_yaml
 from engine.core.spec import load_spec_yaml
 from engine.notify import load_settings
 from tests.notify.servers import new_secret
@@ -17,8 +18,10 @@ from tests.notify.servers import new_secret
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 YAML_BLOCKS = re.findall(r"^```ya?ml\n(.*?)^```", README, re.MULTILINE | re.DOTALL)
 SETTINGS_MARK = "# notify.yaml"
-SPECS = [block for block in YAML_BLOCKS if not block.startswith(SETTINGS_MARK)]
+LIMITS_MARK = "# limits.yaml"
+SPECS = [block for block in YAML_BLOCKS if not block.startswith((SETTINGS_MARK, LIMITS_MARK))]
 SETTINGS = [block for block in YAML_BLOCKS if block.startswith(SETTINGS_MARK)]
+LIMITS = [block for block in YAML_BLOCKS if block.startswith(LIMITS_MARK)]
 
 # What the README says it changed in its first spec to get the refusal it shows.
 BROKEN = (("initial: 1s", "initial: 1x"),
@@ -57,3 +60,20 @@ def test_every_settings_block_loads(block: str, tmp_path: Path) -> None:
     path.write_text(block)
     settings = load_settings(path, {"OPS_WEBHOOK_SECRET": new_secret(), "SMTP_PASSWORD": "pw"})
     assert settings.routes
+
+
+@pytest.mark.parametrize("block", LIMITS, ids=lambda b: b.split("\n", 1)[0])
+def test_every_limits_block_deploys(block: str) -> None:
+    try:
+        load_limits_yaml(block)
+    except LimitsError as exc:
+        pytest.fail(f"a README limits document does not deploy:\n{exc}")
+
+
+def test_the_limits_refusal_shown_is_the_one_given() -> None:
+    shown = README.split("refuses a bad limits document", 1)[1].split("```\n", 2)[1]
+    bad = LIMITS[0].replace("concurrency: 8", "concurrency: eight").replace(
+        "timezone: Europe/Berlin", "timezone: Berlin")
+    with pytest.raises(LimitsError) as refused:
+        load_limits_yaml(bad)
+    assert str(refused.value) + "\n" == shown
