@@ -14,7 +14,9 @@ one run, so the ratios compare figures taken on the same machine at the same tim
    50 runs/s, without and with ``--instance-id``: SIGKILL -> first task result
    (``worker_restart_gap_ms``, static membership; ``worker_restart_gap_ms_dynamic``)
    and the tasks that timed out meanwhile (``bench/worker_restart.py``);
-8. efficiency: CPU seconds and peak RSS per 1k steps, for each engine.
+8. efficiency: CPU seconds and peak RSS per 1k steps, for each engine;
+9. flow control: fairness of the admission processor across tenants, grant latency with
+   10,000 tenant keys active and the limiter's RSS (``bench/flow.py``).
 
 It starts the local broker and PostgreSQL with ``deploy/local/infra.sh up`` and installs
 the peers into ``.local/bench-peers/`` (never into the project's environment). Prints a
@@ -43,7 +45,8 @@ from typing import Any
 from bench import kafka_throughput
 from bench._common import ROOT, infra_settings
 
-PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart")
+PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart",
+         "flow")
 
 
 def _machine() -> dict[str, Any]:
@@ -137,6 +140,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
         _guarded("worker_restart", results, lambda: worker_restart.run(
             partitions=args.partitions))
+    if "flow" not in skip:
+        _guarded("flow", results, lambda: _json_child(
+            [sys.executable, "bench/flow.py"], 900))
     kafka = results.get("kafka", {}).get("burst", {})
     ratios = {
         "engine_over_ceiling": _ratio(kafka.get("steps_per_s"),
@@ -149,6 +155,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                                      results.get("dbos", {}).get("runs_per_s")),
     }
     ratios["engine_over_ceiling_bound"] = _bound(results)
+    flow = results.get("flow", {})
+    ratios |= {key: flow.get(key) for key in ("flow_overhead_ratio", "fair_jain_index",
+                                               "grant_latency_p99_ms")}
     restart = results.get("worker_restart", {})
     gaps = {key: restart.get(key) for key in ("worker_restart_gap_ms",
                                               "worker_restart_gap_ms_dynamic")}
@@ -274,7 +283,30 @@ def render(report: dict[str, Any]) -> str:
     if restart:
         lines.append("")
         lines += _worker_restart_lines(restart)
+    flow = r.get("flow")
+    if flow:
+        lines.append("")
+        lines += _flow_lines(flow)
     return "\n".join(lines)
+
+
+def _flow_lines(res: dict[str, Any]) -> list[str]:
+    if "error" in res:
+        return [f"flow control: failed: {res['error'][:200]}"]
+    waits = res.get("light_p99_wait_ms") or {}
+    return [
+        "flow control (admission processor):",
+        f"  fair_jain_index {_fmt(res.get('fair_jain_index'), '.3f')} "
+        f"(grants while all waited: {res.get('fair_shares')})",
+        f"  light tenants' p99 wait {_fmt(waits.get('alone'))} ms alone, "
+        f"{_fmt(waits.get('beside_a_10x_tenant'))} ms beside a 10x tenant "
+        f"(x{_fmt(res.get('light_wait_ratio'), '.2f')})",
+        f"  grant_latency_p99_ms {_fmt(res.get('grant_latency_p99_ms'))} "
+        f"(p50 {_fmt(res.get('grant_latency_p50_ms'))}) with {_fmt(res.get('active_keys'))} "
+        f"keys active; burst {_fmt(res.get('burst_grants_per_s'))} grants/s; limiter RSS "
+        f"{_fmt(res.get('limiter_rss_mb'))} MB",
+        f"  flow_overhead_ratio: {res.get('flow_overhead_note', '-')}",
+    ]
 
 
 def _recovery_lines(rec: dict[str, Any]) -> list[str]:
