@@ -180,6 +180,15 @@ class _Context:
             waiter = _pick(self.state, now)
             budget = self.state.limits.budget
             short = _budget_short(self.state, waiter)
+            never = budget is not None and _estimate(self.state, waiter) > budget.amount
+            if never and budget is not None:
+                # No window can ever hold it: waiting would block everyone behind it.
+                self.emit(Refused(
+                    self.key, now, waiter.request_id, BUDGET_EXHAUSTED,
+                    f"this request reserves {_estimate(self.state, waiter):g}, more than "
+                    f"the whole budget of {self.key} ({budget.amount:g} per {budget.per})",
+                    "fail", waiter.reply_to))
+                continue
             if short and budget is not None and not self.state.exhausted:
                 self.emit(BudgetExhausted(self.key, now, self.state.spent, budget.amount,
                                           self.state.window_end))

@@ -69,14 +69,6 @@ class Rate(_Model):
     count: int = Field(ge=1)
     period_ms: int = Field(ge=1)
 
-    @property
-    def interval_ms(self) -> float:
-        """The spacing of grants at the steady rate (GCRA's emission interval)."""
-        return self.period_ms / self.count
-
-    def __str__(self) -> str:
-        return f"{self.count}/{self.period_ms}ms"
-
 
 def _parse_rate(value: object) -> object:
     if isinstance(value, str):
@@ -217,6 +209,7 @@ class RateLimit:
 
     @property
     def interval_ms(self) -> float:
+        """The spacing of grants at the steady rate (GCRA's emission interval)."""
         return self.period_ms / self.count
 
 

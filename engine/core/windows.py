@@ -48,7 +48,6 @@ def _midnight(year: int, month: int, day: int, zone: ZoneInfo) -> int:
 
 
 def format_instant(ms: int, timezone: str) -> str:
-    """``00:00 Europe/Berlin`` for today, ``2026-12-03 00:00 Europe/Berlin`` otherwise is
-    the caller's choice; this gives the date and the time."""
+    """``2026-12-03 00:00 Europe/Berlin``: an instant as the clocks of ``timezone`` read."""
     local = datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(ZoneInfo(timezone))
     return f"{local:%Y-%m-%d %H:%M} {timezone}"

@@ -238,3 +238,11 @@ def test_a_newer_limits_version_replaces_the_keys_limits_and_an_older_one_does_n
     assert k.granted() == ["b"]
     k.when(ad.Configure("tool:t", replace(k.s.limits, concurrency=9), 1))
     assert k.last == [] and k.s.limits.concurrency == 2
+
+
+def test_a_request_larger_than_the_whole_budget_is_refused_rather_than_blocking() -> None:
+    k = Key(budget={"amount": 5, "per": "day", "on_exhausted": "wait"})
+    k.acquire("huge", estimate=6)
+    refused = k.then(ad.Refused, request_id="huge", action="fail")
+    assert "more than the whole budget" in refused.message
+    assert k.acquire("small", estimate=1).granted() == ["small"]
