@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 
 class RunStatus(StrEnum):
@@ -32,6 +32,8 @@ class Waiting(StrEnum):
     APPROVAL = "approval"
     SIGNAL = "signal"
     TIMER = "timer"
+    SLOT = "slot"
+    """A slot of a limit key (flow control) before the task is dispatched."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +74,17 @@ class StepState:
     approval: Approval | None = None
     signal: str = ""
     resume: str = ""
+    slot: str = ""
+    """The limit key whose slot the task waits for or holds ("" for none)."""
+    slot_at: int = 0
+    """When the slot was asked for (waiting) or granted (held)."""
 
 
 @dataclass(frozen=True, slots=True)
 class RunState:
+    VERSION: ClassVar[int] = 2
+    """2: the current step's ``slot`` and ``slot_at`` (flow control), Waiting.SLOT."""
+
     run_id: str
     tenant: str
     correlation_id: str

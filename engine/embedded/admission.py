@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from engine.codec import decode, encode
 from engine.core import admission as ad
 from engine.core.alerts import Alert, alerts_of
-from engine.embedded.store import Store, StoreError
+from engine.core.errors import TerranohaError
+from engine.core.flow import answer
+
+if TYPE_CHECKING:
+    from engine.embedded.store import Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS admission_states (
@@ -56,6 +61,8 @@ class AdmissionStore:
 
     def tick(self, now: int) -> list[ad.AdmissionEvent]:
         """Let time pass on every key whose timer is due."""
+        if not has_admission(self.store.db):
+            return []
         with self.store.transaction() as db:
             keys = [k for (k,) in db.execute(
                 "SELECT key FROM admission_states WHERE due_at <= ? ORDER BY key", (now,))]
@@ -81,10 +88,22 @@ class AdmissionStore:
         return [_decode_event(p) for (p,) in rows]
 
 
+def has_admission(db: sqlite3.Connection) -> bool:
+    """Whether this store ever used flow control (its admission tables exist)."""
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                      "name = 'admission_states'").fetchone() is not None
+
+
 def apply_in(db: sqlite3.Connection, commands: Iterable[ad.AdmissionCommand],
              now: int) -> list[ad.AdmissionEvent]:
     """``AdmissionStore.apply`` inside a transaction the caller holds, so a change made
-    with it (a pause recorded with the ``Pause`` it causes) commits together."""
+    with it (a pause recorded with the ``Pause`` it causes) commits together. Each grant
+    or refusal is appended to the run inputs as the ``GrantSlot`` or ``RefuseSlot`` of
+    the run that asked, in the same transaction."""
+    if not has_admission(db):
+        for statement in SCHEMA.split(";"):  # execute, not executescript: it would commit
+            if statement.strip():
+                db.execute(statement)
     states: dict[str, ad.AdmissionState | None] = {}
     changed: set[str] = set()
     out: list[ad.AdmissionEvent] = []
@@ -101,6 +120,9 @@ def apply_in(db: sqlite3.Connection, commands: Iterable[ad.AdmissionCommand],
         out.extend(events)
     db.executemany("INSERT INTO admission_events (key, at, payload) VALUES (?, ?, ?)",
                    [(e.key, e.at, encode(e)) for e in out])
+    told = [c for e in out if (c := answer(e)) is not None]
+    db.executemany("INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
+                   [(c.run_id, encode(c), now) for c in told])
     db.executemany("INSERT OR IGNORE INTO alerts (alert_id, at, payload) VALUES (?, ?, ?)",
                    [(a.alert_id, a.at, encode(a)) for e in out for a in alerts_of(e)])
     db.executemany(
@@ -119,12 +141,12 @@ def _load(db: sqlite3.Connection, key: str) -> ad.AdmissionState | None:
 def _decode_state(payload: bytes) -> ad.AdmissionState:
     record = decode(payload)
     if not isinstance(record, ad.AdmissionState):
-        raise StoreError(f"expected an AdmissionState, found {type(record).__name__}")
+        raise TerranohaError(f"expected an AdmissionState, found {type(record).__name__}")
     return record
 
 
 def _decode_event(payload: bytes) -> ad.AdmissionEvent:
     record = decode(payload)
     if not isinstance(record, ad.EVENT_TYPES):
-        raise StoreError(f"expected an admission event, found {type(record).__name__}")
+        raise TerranohaError(f"expected an admission event, found {type(record).__name__}")
     return record  # type: ignore[return-value]

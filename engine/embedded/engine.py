@@ -10,8 +10,11 @@ from pathlib import Path
 
 from engine.core.commands import Command
 from engine.core.events import Event
+from engine.core.flow import FlowLimits
 from engine.core.outbox import TaskCommand
 from engine.core.records import Trigger
+from engine.embedded.admission import AdmissionStore, apply_in
+from engine.embedded.limits import latest_flow
 from engine.embedded.store import Store
 from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
@@ -38,7 +41,8 @@ class EmbeddedEngine:
         self.poll_ms = poll_ms
         self.specs = SpecRegistry(self.store.specs(), loader=self.store.specs)
         self.cache = StateCache(loader=self.store.state)
-        self.processor = Processor(self.specs, self.cache)
+        self._flow: FlowLimits | None = None
+        self.processor = Processor(self.specs, self.cache, flow=lambda: self._flow)
         self.timers = TimerService(self._is_armed)
         self.offset = self.store.offset()
         self.on_committed: Callable[[Sequence[Event]], None] | None = None
@@ -59,8 +63,11 @@ class EmbeddedEngine:
         handled = 0
         inputs = self.store.read_inputs(self.offset, self.batch_size)
         if inputs:
-            batch = self.processor.process(inputs, self.clock.now_ms())
-            self.store.write_batch(batch)
+            self._flow = latest_flow(self.store)
+            now = self.clock.now_ms()
+            batch = self.processor.process(inputs, now)
+            self.store.write_batch(batch, also=(
+                (lambda db: apply_in(db, batch.admission, now)) if batch.admission else None))
             # Only now, with the batch durable, does its state become the committed state.
             self.cache.commit(batch.states)
             if self.on_committed is not None:
@@ -73,6 +80,8 @@ class EmbeddedEngine:
                             dead.reason, dead.detail)
             handled += len(inputs)
         now = self.clock.now_ms()
+        if self._flow is not None:
+            handled += len(AdmissionStore(self.store).tick(now))  # leases, rates, windows
         fired = self.timers.due(now)
         if fired:
             self.store.append_inputs(fired, now)

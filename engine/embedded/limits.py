@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 from engine.core import admission as ad
+from engine.core.flow import FlowLimits
 from engine.core.limits import LimitsDocument, check_key, limits_body, load_limits, resolve
 from engine.embedded.admission import AdmissionStore, apply_in
 from engine.embedded.store import Store
@@ -93,3 +94,14 @@ class LimitsStore:
         """Paused keys and when they were paused."""
         rows = self.store.db.execute("SELECT key, paused_at FROM limit_pauses ORDER BY key")
         return {key: int(at) for key, at in rows}
+
+
+def latest_flow(store: Store) -> FlowLimits | None:
+    """The limits document in force for the run engine; None if none was ever deployed
+    (nothing is created: a store that never used flow control stays as it was)."""
+    db = store.db
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'limits'"
+                  ).fetchone() is None:
+        return None
+    row = db.execute("SELECT version, body FROM limits ORDER BY version DESC LIMIT 1").fetchone()
+    return None if row is None else FlowLimits(load_limits(json.loads(row[1])), int(row[0]))

@@ -7,7 +7,8 @@ a rebalance or a SIGKILL hands the key over with its state restored from the cha
 (``engine.kafka.keyed``). Requests (``Acquire``), releases, throttles, pauses and ticks
 arrive on the admission inputs; each grant or refusal is also written, in the same
 transaction, to the grants topic keyed by the request's ``reply_to`` (the run id), so it
-lands on the partition of the run that asked, and each alert (a breaker opening or
+lands on the partition of the run that asked; the same answer goes to the run inputs as
+a ``GrantSlot`` or ``RefuseSlot`` command for that run; and each alert (a breaker opening or
 closing, a budget warning or running out, a lease expiring) to the alerts topic.
 
 Lease expiry, a rate or a throttle running out, a budget window turning and an open
@@ -28,6 +29,7 @@ from aiokafka.admin import NewTopic
 from engine.codec import decode, encode
 from engine.core import admission as ad
 from engine.core.alerts import alerts_of
+from engine.core.flow import answer
 from engine.kafka._util import stop_quietly
 from engine.kafka.keyed import KeyedLogic, KeyedProcessor, KeyedTopics
 from engine.kafka.topics import COMPACTED, RETAIN_FOREVER, Topics, ensure_topics
@@ -89,10 +91,15 @@ def admission_logic(topics: AdmissionTopics) -> KeyedLogic[
     """The admission core in the form ``KeyedProcessor`` runs."""
     grants, alerts = topics.grants, topics.alerts
 
+    run_inputs = topics.topics.inputs
+
     def outputs(event: ad.AdmissionEvent) -> Sequence[tuple[str, bytes, bytes]]:
         out = [(alerts, event.key.encode(), encode(alert)) for alert in alerts_of(event)]
-        if isinstance(event, ad.Granted | ad.Refused) and event.reply_to:
-            out.append((grants, event.reply_to.encode(), encode(event)))
+        told = answer(event)
+        if told is not None:
+            run = told.run_id.encode()
+            out.append((grants, run, encode(event)))
+            out.append((run_inputs, run, encode(told)))
         return out
 
     return KeyedLogic(decode=_command, key=lambda c: c.key, decide=ad.decide,

@@ -14,6 +14,7 @@ writers can never both take the same version number.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from engine.codec import encode
 from engine.core import admission as ad
 from engine.core.errors import TerranohaError
+from engine.core.flow import FlowLimits
 from engine.core.limits import (
     LimitsDocument,
     LimitsError,
@@ -34,7 +36,7 @@ from engine.core.limits import (
     load_limits,
     resolve,
 )
-from engine.kafka._util import stop_quietly
+from engine.kafka._util import stop_quietly, wait_or_stop
 from engine.kafka.admission import AdmissionTopics
 from engine.kafka.specs import _TopicReader
 from engine.kafka.topics import Topics, deployed_topics, ensure_topics, key_partition
@@ -205,3 +207,34 @@ async def _write(bootstrap: str, topics: Topics, app: str,
                               "writers fenced this one; try again")
 
 
+
+
+class LimitsFollower:
+    """Keeps the latest deployed limits document, reading the limits topic every
+    ``poll_s`` seconds, for the run engine to decide against (``current``)."""
+
+    def __init__(self, bootstrap: str, topics: Topics, poll_s: float = 1.0) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.poll_s = poll_s
+        self._current: FlowLimits | None = None
+
+    def current(self) -> FlowLimits | None:
+        return self._current
+
+    async def catch_up(self) -> None:
+        deployed = await read_limits(self.bootstrap, self.topics)
+        if deployed.document is not None and (
+                self._current is None or deployed.version > self._current.version):
+            self._current = FlowLimits(deployed.document, deployed.version)
+            log.info("limits version %d in force", deployed.version)
+
+    async def follow(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await wait_or_stop(stop, self.poll_s)
+            if stop.is_set():
+                break
+            try:
+                await self.catch_up()
+            except (KafkaError, OSError, TimeoutError):
+                log.exception("reading the limits topic failed; trying again")

@@ -29,10 +29,12 @@ from aiokafka import TopicPartition
 
 from engine.codec import decode, encode
 from engine.core.events import Event
+from engine.core.flow import FlowLimits
 from engine.core.state import RunState
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
+from engine.kafka.admission import AdmissionTopics
 from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStats
-from engine.kafka.topics import Topics
+from engine.kafka.topics import Topics, key_partition
 from engine.runtime.clock import Clock
 from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter_of
 from engine.runtime.specs import SpecRegistry
@@ -59,7 +61,7 @@ class RunTask(Task):
         partition_of = engine.topics.partition_of
         self.processor = Processor(engine.specs, self.cache,
                                    owns=lambda run_id: partition_of(run_id) == number,
-                                   triggers_source=engine.topics.triggers)
+                                   triggers_source=engine.topics.triggers, flow=engine.flow)
 
     def _armed(self, run_id: str, timer_id: str) -> bool:
         state = self.cache.get(run_id)
@@ -137,6 +139,12 @@ class RunTask(Task):
         for task in batch.tasks:
             out.append((t.tasks(task.queue), number, task.run_id.encode(), encode(task),
                         trace_headers(task.correlation_id, task.task_id, task.tenant)))
+        if batch.admission:
+            admission = AdmissionTopics(t).keyed.inputs
+            for request in batch.admission:
+                key = request.key.encode()
+                out.append((admission, key_partition(key, t.partitions), key, encode(request),
+                            []))
         for note in batch.notifications:
             out.append((t.notifications, number, note.run_id.encode(), encode(note),
                         trace_headers(note.correlation_id, note.approval_id, note.tenant)))
@@ -166,7 +174,10 @@ class KafkaEngine(StreamProcessor):
         refence_pause_s: float = 5.0,
         instance_id: str | None = None,
         read_triggers: bool | None = None,
+        flow: Callable[[], FlowLimits | None] | None = None,
     ) -> None:
+        self.flow = flow
+        """The limits document in force (flow control); None: none, tasks go at once."""
         self.read_triggers = topics.co_partitioned if read_triggers is None else read_triggers
         """Read the triggers topic beside the run inputs (default: when co-partitioned)."""
         if self.read_triggers and not topics.co_partitioned:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from engine.kafka.admission import AdmissionProcessor
 from engine.kafka.ledger import PostgresLedger
-from engine.kafka.limits import read_limits
+from engine.kafka.limits import LimitsFollower, read_limits
 from engine.kafka.processor import KafkaEngine
 from engine.kafka.router import TriggerRouter
 from engine.kafka.specs import SpecFollower
@@ -84,13 +84,19 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     running.follower = follower
     runners: list[Awaitable[None]] = [follower.follow(stop)]
     ledger: PostgresLedger | None = None
+    limits: LimitsFollower | None = None
+    if options.admission and (await read_limits(options.bootstrap, topics)).version > 0:
+        limits = LimitsFollower(options.bootstrap, topics)
+        await limits.catch_up()
+        runners.append(limits.follow(stop))
     if options.engine:
         running.engine = KafkaEngine(options.bootstrap, options.topics, follower.registry,
                                      app=options.app, clock=clock,
                                      refresh_specs=follower.catch_up,
-                                     instance_id=options.instance_id)
+                                     instance_id=options.instance_id,
+                                     flow=limits.current if limits is not None else None)
         runners.append(running.engine.run(stop))
-    if options.admission and (await read_limits(options.bootstrap, topics)).version > 0:
+    if limits is not None:
         running.admission = AdmissionProcessor(options.bootstrap, topics, app=options.app,
                                                clock=clock, instance_id=options.instance_id)
         await running.admission.admission.ensure(options.bootstrap)

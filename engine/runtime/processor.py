@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.codec import DecodeError, decode
+from engine.core.admission_records import Acquire, AdmissionCommand, Release
 from engine.core.commands import Command, StartRun
 from engine.core.decide import process
 from engine.core.events import Event, TimerArmed
+from engine.core.flow import FlowLimits
 from engine.core.outbox import Notification, TaskCommand, outgoing
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
@@ -149,6 +151,8 @@ class Batch:
     states: dict[str, RunState] = field(default_factory=dict)
     tasks: list[TaskCommand] = field(default_factory=list)
     notifications: list[Notification] = field(default_factory=list)
+    admission: list[AdmissionCommand] = field(default_factory=list)
+    """Slot requests and releases for the admission processor (flow control)."""
     timers: list[tuple[str, TimerArmed]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     forwards: list[StartRun] = field(default_factory=list)
@@ -210,14 +214,19 @@ class Processor:
 
     def __init__(self, specs: SpecRegistry, cache: StateCache,
                  owns: Callable[[str], bool] | None = None,
-                 triggers_source: str | None = None) -> None:
+                 triggers_source: str | None = None,
+                 flow: Callable[[], FlowLimits | None] | None = None) -> None:
         self.specs = specs
+        self.flow = flow
+        """The limits document in force (flow control), read once per batch."""
+        self._limits: FlowLimits | None = None
         self.cache = cache
         self.owns = owns
         self.triggers_source = triggers_source
 
     def process(self, inputs: Iterable[Input], now: int) -> Batch:
         batch = Batch()
+        self._limits = self.flow() if self.flow is not None else None
         for item in inputs:
             batch.inputs += 1
             batch.last = item
@@ -268,7 +277,7 @@ class Processor:
         else:
             spec = None
         try:
-            decision = process(state, command, spec, now)
+            decision = process(state, command, spec, now, self._limits)
         except Exception as exc:  # a defect in the engine: keep the partition moving
             detail = "".join(traceback.format_exception_only(exc)).strip()
             self._dead(batch, item, "engine_error", f"{command.TYPE}: {detail}", now, run_id)
@@ -295,6 +304,8 @@ class Processor:
             for out in outgoing(event, workflow):
                 if isinstance(out, TaskCommand):
                     batch.tasks.append(out)
+                elif isinstance(out, Acquire | Release):
+                    batch.admission.append(out)
                 else:
                     batch.notifications.append(out)
 
