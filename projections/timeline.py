@@ -169,7 +169,9 @@ def apply(t: Timeline, e: ev.Event) -> None:
         entry._wait_from = e.ts
         t.status = "Retry"
     elif entry is not None and isinstance(e, ev.ApprovalRequested | ev.SignalAwaited
-                                          | ev.SleepStarted):
+                                          | ev.SleepStarted | ev.SlotRequested):
+        # A task held for a slot (flow control) waits until its dispatch: held time is
+        # wait time, apart from the task's execution.
         entry.status = "waiting"
         entry._wait_from = e.ts
         t.status = "Waiting"

@@ -249,7 +249,8 @@ def _outcome(state: RunState) -> int:
 def _in_progress(state: RunState | None) -> bool:
     if state is None or state.status in IN_PROGRESS:
         return True
-    return state.current is not None and state.current.waiting is Waiting.TIMER
+    return state.current is not None and state.current.waiting in (Waiting.TIMER,
+                                                                   Waiting.SLOT)
 
 
 def _wait(backend: Backend, run_id: str, seconds: float, out: TextIO) -> int:

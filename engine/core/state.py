@@ -121,7 +121,7 @@ class RunState:
             # Between two steps (a step completed, the next not yet entered) the run has
             # started: only a run that has entered no step yet is pending.
             return RunStatus.RUNNING if self.visits else RunStatus.PENDING
-        if current.waiting in (Waiting.APPROVAL, Waiting.SIGNAL, Waiting.TIMER):
+        if current.waiting in (Waiting.APPROVAL, Waiting.SIGNAL, Waiting.TIMER, Waiting.SLOT):
             return RunStatus.WAITING
         if current.waiting is Waiting.RETRY:
             return RunStatus.RETRY
