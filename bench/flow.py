@@ -11,8 +11,8 @@ by Acquire/Release records as the run engine will write them.
 * ``grant_latency_p99_ms``: with 10,000 tenant keys active (a request holding a slot on
   each, granted in one burst: ``burst_grants_per_s``), 300 more requests on them at
   100/s, from the Acquire's send to its grant read back; the limiter's RSS after it.
-* ``flow_overhead_ratio`` needs the run engine to ask for slots, which it does not yet:
-  reported as None.
+* ``flow_overhead_ratio`` (runs/s with limits deployed but not binding over runs/s
+  without, in the same run) is not measured here yet: reported as None.
 
     PYTHONPATH=. python bench/flow.py [--keys 10000]   # prints one JSON line
 """
@@ -266,7 +266,7 @@ async def main(keys: int) -> dict[str, Any]:
         "latency_requests": latency["paced"], "latency_granted": latency["granted"],
         "limiter_rss_mb": rss["rss_mb"], "limiter_peak_rss_mb": rss["peak_rss_mb"],
         "flow_overhead_ratio": None,
-        "flow_overhead_note": "the run engine does not ask for slots yet",
+        "flow_overhead_note": "not measured yet",
         "settings": {"slots": SLOTS, "service_ms": SERVICE_MS, "partitions": PARTITIONS,
                      "light_rate_per_s": LIGHT_RATE, "open_loop_s": OPEN_LOOP_S},
     }
