@@ -237,6 +237,7 @@ class PostgresProjector:
         self.book = PolicyBook(specs)
         self._cache: OrderedDict[str, Timeline] = OrderedDict()
         self._next: dict[int, int] = {}
+        self._reading: AIOKafkaConsumer | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -249,6 +250,7 @@ class PostgresProjector:
         consumer = self._consumer()
         await consumer.start()
         conn: psycopg.AsyncConnection[Any] | None = None
+        self._reading = consumer
         try:
             parts = await self._partitions(stop)
             if not parts:
@@ -277,12 +279,26 @@ class PostgresProjector:
                     # A commit may have happened or not: only the stored state is trusted.
                     self._cache.clear()
         finally:
+            self._reading = None
             await _close_quietly(conn)
             with contextlib.suppress(Exception):
                 await consumer.stop()
             await self._stop_specs()
             self.stats.seconds = time.monotonic() - started
         return self.stats
+
+    def behind(self) -> dict[int, int | None]:
+        """Records between the next one to project and the end of each partition of the
+        run events topic while ``run`` reads (None where no fetch has told the end yet;
+        transaction markers count, so an idle partition may show one or two)."""
+        consumer = self._reading
+        if consumer is None:
+            return {}
+        out: dict[int, int | None] = {}
+        for partition, next_offset in list(self._next.items()):
+            end = consumer.highwater(TopicPartition(self.topic, partition))
+            out[partition] = None if end is None else max(0, int(end) - next_offset)
+        return out
 
     async def rebuild(self, progress: Progress | None = None) -> ProjectorStats:
         """Delete every projection row and this projector's offsets, then project the

@@ -14,11 +14,14 @@ systems (projection rows, projection topics, CLI output, span attributes) goes t
   matched against every object key at any depth; the whole value under the key goes.
 
 Always applied on top, whatever the spec says: keys named like ``*password*``,
-``*secret*``, ``*api_key*``, ``*apikey*``, ``authorization``; and, inside any string (or
-integer), card numbers (13 to 19 digits, spaces or dashes allowed, starting like a card
-network's numbers and passing the Luhn check), ``Bearer`` tokens and JWTs. The built-in
-key list is short on purpose: ``*token*`` would also hide the token counts LLM tools
-report, so it is left to the spec.
+``*secret*``, ``*api_key*``, ``*apikey*``, ``authorization``; keys named like ``*token*``
+(``api_token``, ``access_token``, ``X-Auth-Token``, ``otp_token: 123456``), except a
+number under a key that counts tokens (``prompt_tokens: 512``, ``max_tokens``,
+``token_count``), so the counts LLM tools report stay readable while a token itself, a
+string, a number, a list or an object, goes; and, inside any string (or integer),
+card numbers (13 to 19 digits, spaces or dashes allowed, starting like a card network's
+numbers and passing the Luhn check), ``Bearer`` tokens and JWTs. A spec that lists
+``*token*`` itself hides the counts too.
 
 A value hidden by a path or key rule is also hidden wherever else it turns up in the
 same run, whole (the card number copied from the input into a task's input, the IBAN
@@ -54,6 +57,9 @@ log = logging.getLogger("terranoha.projections.redaction")
 MARKER = "[redacted]"
 Mode = Literal["redact", "hash"]
 BUILTIN_KEYS = ("*password*", "*secret*", "*api_key*", "*apikey*", "authorization")
+BUILTIN_TOKEN_KEY = "token"
+"""Built in: a key containing this (any case) is hidden, unless it counts tokens."""
+_TOKEN_COUNT_KEY = re.compile(r"tokens|token_?(?:count|usage|limit|budget|total)")
 
 _CARD = re.compile(r"(?<![\d])\d(?:[ -]?\d){12,18}(?![\d])")
 _BEARER = re.compile(r"\bbearer\s+[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE)
@@ -254,7 +260,8 @@ class RedactionPolicy:
         if isinstance(value, Mapping):
             out: dict[str, Any] = {}
             for key, item in value.items():
-                if self._key_hidden(str(key)):
+                if self._key_hidden(str(key)) or (
+                        self.builtin and _builtin_token_hidden(str(key), item)):
                     out[key] = self._hide(item, taint)
                 else:
                     out[key] = self._walk(item, self._advance(states, str(key)), taint)
@@ -300,6 +307,16 @@ def redact_text(text: str, policy: RedactionPolicy | None = None) -> str:
 
 
 _MIN_TAINT = 8
+
+
+def _builtin_token_hidden(key: str, value: Any) -> bool:
+    """Whether the built-in ``*token*`` rule hides ``value`` under ``key``: always, but
+    for a number (not a numeric string) under a key that counts tokens."""
+    lowered = key.lower()
+    if BUILTIN_TOKEN_KEY not in lowered:
+        return False
+    counted = isinstance(value, int | float) and _TOKEN_COUNT_KEY.search(lowered) is not None
+    return not counted
 
 
 def _fingerprint(value: str | int) -> str:

@@ -12,12 +12,28 @@ nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 from engine.core import events as ev
 from engine.core.durations import format_duration
+from engine.core.kinds import HandlerAction, TimerKind
+from engine.core.state import RunStatus
+
+
+class StepStatus(StrEnum):
+    """Where a step visit stands in a timeline."""
+
+    RUNNING = "running"
+    RETRY = "retry"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    BRANCHED = "branched"
+    """A business error's handler went to another step."""
+    CANCELLED = "cancelled"
 
 
 @dataclass(slots=True)
@@ -30,7 +46,7 @@ class StepEntry:
     visit: int
     kind: str
     started_at: int
-    status: str = "running"
+    status: str = StepStatus.RUNNING
     ended_at: int | None = None
     attempts: int = 0
     waited_ms: int = 0
@@ -65,7 +81,7 @@ class Timeline:
     version: int = 0
     tenant: str = ""
     correlation_id: str = ""
-    status: str = "Pending"
+    status: str = RunStatus.PENDING
     started_at: int = 0
     ended_at: int | None = None
     cost: float = 0.0
@@ -127,7 +143,7 @@ def _approval_over(t: Timeline, approval_id: str | None = None) -> None:
         t.approval_id, t.approval_since, t.approval_due_at = "", None, None
 
 
-def _ended(t: Timeline, status: str, ts: int) -> None:
+def _ended(t: Timeline, status: RunStatus, ts: int) -> None:
     t.status, t.ended_at = status, ts
     _approval_over(t)
     if t.sla_due_at is not None and ts > t.sla_due_at:
@@ -135,116 +151,216 @@ def _ended(t: Timeline, status: str, ts: int) -> None:
 
 
 def apply(t: Timeline, e: ev.Event) -> None:
-    """Fold one event into the timeline (events at or below ``last_seq`` are ignored)."""
+    """Fold one event into the timeline (events at or below ``last_seq`` are ignored).
+
+    Each event type has one fold in ``_FOLDS``; a fold about a step gets the step's
+    latest entry and is skipped when the timeline has none (a step it never saw start)."""
     if e.seq <= t.last_seq:
         return
     t.last_seq, t.updated_at, t.events = e.seq, e.ts, t.events + 1
-    step = getattr(e, "step", None)
-    entry = _current(t, step) if isinstance(step, str) else None
-    if isinstance(e, ev.RunStarted):
-        t.workflow, t.version, t.tenant = e.workflow, e.version, e.tenant
-        t.correlation_id, t.started_at, t.status = e.correlation_id, e.ts, "Running"
-        t.requested_by, t.input, t.sla_due_at = e.requested_by, e.input, e.sla_due_at
-    elif isinstance(e, ev.StepStarted):
-        t.steps.append(StepEntry(step=e.step, visit=e.visit, kind=e.kind, started_at=e.ts))
-        t.status = "Running"
-    elif entry is not None and isinstance(e, ev.TaskDispatched):
-        entry.attempts += 1
-        t.attempts += 1
-        entry.input = e.input
-        _end_wait(entry, e.ts)
-        entry.status = "running"
-        t.status = "Running"
-    elif entry is not None and isinstance(e, ev.TaskCompleted):
-        entry.cost += _cost(e.cost)
-        t.cost += _cost(e.cost)
-        entry.result = e.result
-    elif entry is not None and isinstance(e, ev.TaskFailed):
-        entry.cost += _cost(e.cost)
-        t.cost += _cost(e.cost)
-        entry.errors.append({"attempt": e.attempt, "class": e.error_class, "code": e.code,
-                             "message": e.message})
-    elif entry is not None and isinstance(e, ev.RetryScheduled):
-        entry.status = "retry"
-        entry._wait_from = e.ts
-        t.status = "Retry"
-    elif entry is not None and isinstance(e, ev.ApprovalRequested | ev.SignalAwaited
-                                          | ev.SleepStarted | ev.SlotRequested):
-        # A task held for a slot (flow control) waits until its dispatch: held time is
-        # wait time, apart from the task's execution.
-        entry.status = "waiting"
-        entry._wait_from = e.ts
-        t.status = "Waiting"
-        if isinstance(e, ev.ApprovalRequested):
-            entry.payload = e.payload
-            t.approval_id, t.approval_since, t.approval_due_at = (
-                e.approval_id, e.ts, e.expires_at)
-    elif isinstance(e, ev.TimerArmed):
-        if e.kind == "approval_sla" and t.approval_id and e.ref == t.approval_id:
-            due = t.approval_due_at
-            t.approval_due_at = e.due_at if due is None else min(due, e.due_at)
-    elif entry is not None and isinstance(e, ev.ApprovalVoted):
-        entry.decisions.append({"approver": e.approver, "decision": "approved", "ts": e.ts})
-    elif entry is not None and isinstance(e, ev.ApprovalGranted):
-        if e.approvers:
-            entry.decisions.append({"approver": e.approvers[-1], "decision": "approved",
-                                    "ts": e.ts})
-        _end_wait(entry, e.ts)
-        _approval_over(t, e.approval_id)
-        entry.status = "running"
-        t.status = "Running"
-    elif entry is not None and isinstance(e, ev.ApprovalRejected):
-        entry.decisions.append({"approver": e.approver, "decision": "rejected", "ts": e.ts})
-        _end_wait(entry, e.ts)
-        _approval_over(t, e.approval_id)
-    elif entry is not None and isinstance(e, ev.ApprovalExpired):
-        entry.decisions.append({"approver": "", "decision": "expired", "ts": e.ts})
-        _end_wait(entry, e.ts)
-        _approval_over(t, e.approval_id)
-    elif entry is not None and isinstance(e, ev.Escalated):
-        t.escalations += 1
-        entry.note = f"escalated to {e.to}"
-    elif isinstance(e, ev.SignalReceived):
-        last = t.steps[-1] if t.steps else None
-        if last is not None and last.status == "waiting":
-            _end_wait(last, e.ts)
-            last.signal = {"name": e.name, "data": e.data}
-    elif entry is not None and isinstance(e, ev.BusinessErrorHandled):
-        _end_wait(entry, e.ts)
-        entry.note = f"{e.code}: {e.action} {e.target}"
-        if e.action == "goto":
-            entry.status, entry.ended_at = "branched", e.ts
-    elif entry is not None and isinstance(e, ev.StepCompleted):
-        _end_wait(entry, e.ts)
-        entry.status, entry.ended_at, entry.result = "completed", e.ts, e.result
-        _approval_over(t)
-    elif entry is not None and isinstance(e, ev.StepFailed):
-        _end_wait(entry, e.ts)
-        entry.status, entry.ended_at = "failed", e.ts
-        entry.note = f"{e.code}: {e.message}"
-        _approval_over(t)
-    elif isinstance(e, ev.SlaBreached):
-        t.sla_breaches += 1
-        if e.scope == "run":
-            t.sla_breached = True
-    elif isinstance(e, ev.CommandRejected):
-        t.rejected_commands += 1
-        by, at_step = (e.by, e.at_step) if isinstance(e, ev.CommandRejectedV2) else ("", "")
-        t.rejections.append({"seq": e.seq, "ts": e.ts, "command": e.command_type, "by": by,
-                             "step": at_step, "reason": e.reason, "detail": e.detail})
-    elif isinstance(e, ev.RunCompleted):
-        t.output = e.output
-        _ended(t, "Completed", e.ts)
-    elif isinstance(e, ev.RunFailed):
-        _ended(t, "Failed", e.ts)
-        t.error = {"step": e.step, "class": e.error_class, "code": e.code,
-                   "message": e.message, "field": e.field}
-    elif isinstance(e, ev.RunCancelled):
-        _ended(t, "Cancelled", e.ts)
-        for open_entry in t.steps:
-            if open_entry.ended_at is None:
-                _end_wait(open_entry, e.ts)
-                open_entry.status, open_entry.ended_at = "cancelled", e.ts
+    fold = _FOLDS.get(type(e))
+    if fold is None:
+        return
+    if fold.about_step:
+        entry = _current(t, e.step)  # type: ignore[attr-defined]  # every such event has one
+        if entry is not None:
+            fold.fn(t, entry, e)
+    else:
+        fold.fn(t, None, e)
+
+
+_Fn = Callable[[Timeline, Any, Any], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Fold:
+    fn: _Fn
+    about_step: bool
+
+
+_FOLDS: dict[type[ev.Event], _Fold] = {}
+IGNORED: tuple[type[ev.Event], ...] = (ev.TimerFired, ev.ChoiceEvaluated, ev.ApprovalReminded)
+"""Events that change nothing an operator reads in a timeline (beyond ``events``)."""
+
+
+def _folds(*event_types: type[ev.Event], about_step: bool = False) -> Callable[[_Fn], _Fn]:
+    def register(fn: _Fn) -> _Fn:
+        for event_type in event_types:
+            _FOLDS[event_type] = _Fold(fn, about_step)
+        return fn
+
+    return register
+
+
+@_folds(ev.RunStarted)
+def _run_started(t: Timeline, _: None, e: ev.RunStarted) -> None:
+    t.workflow, t.version, t.tenant = e.workflow, e.version, e.tenant
+    t.correlation_id, t.started_at, t.status = e.correlation_id, e.ts, RunStatus.RUNNING
+    t.requested_by, t.input, t.sla_due_at = e.requested_by, e.input, e.sla_due_at
+
+
+@_folds(ev.StepStarted)
+def _step_started(t: Timeline, _: None, e: ev.StepStarted) -> None:
+    t.steps.append(StepEntry(step=e.step, visit=e.visit, kind=e.kind, started_at=e.ts))
+    t.status = RunStatus.RUNNING
+
+
+@_folds(ev.TaskDispatched, about_step=True)
+def _task_dispatched(t: Timeline, entry: StepEntry, e: ev.TaskDispatched) -> None:
+    entry.attempts += 1
+    t.attempts += 1
+    entry.input = e.input
+    _end_wait(entry, e.ts)
+    entry.status = StepStatus.RUNNING
+    t.status = RunStatus.RUNNING
+
+
+@_folds(ev.TaskCompleted, about_step=True)
+def _task_completed(t: Timeline, entry: StepEntry, e: ev.TaskCompleted) -> None:
+    entry.cost += _cost(e.cost)
+    t.cost += _cost(e.cost)
+    entry.result = e.result
+
+
+@_folds(ev.TaskFailed, about_step=True)
+def _task_failed(t: Timeline, entry: StepEntry, e: ev.TaskFailed) -> None:
+    entry.cost += _cost(e.cost)
+    t.cost += _cost(e.cost)
+    entry.errors.append({"attempt": e.attempt, "class": e.error_class, "code": e.code,
+                         "message": e.message})
+
+
+@_folds(ev.RetryScheduled, about_step=True)
+def _retry_scheduled(t: Timeline, entry: StepEntry, e: ev.RetryScheduled) -> None:
+    entry.status = StepStatus.RETRY
+    entry._wait_from = e.ts
+    t.status = RunStatus.RETRY
+
+
+@_folds(ev.ApprovalRequested, ev.SignalAwaited, ev.SleepStarted, ev.SlotRequested,
+        about_step=True)
+def _wait_began(t: Timeline, entry: StepEntry,
+                e: ev.ApprovalRequested | ev.SignalAwaited | ev.SleepStarted
+                | ev.SlotRequested) -> None:
+    # A task held for a slot (flow control) waits until its dispatch: held time is wait
+    # time, apart from the task's execution.
+    entry.status = StepStatus.WAITING
+    entry._wait_from = e.ts
+    t.status = RunStatus.WAITING
+    if isinstance(e, ev.ApprovalRequested):
+        entry.payload = e.payload
+        t.approval_id, t.approval_since, t.approval_due_at = e.approval_id, e.ts, e.expires_at
+
+
+@_folds(ev.TimerArmed)
+def _timer_armed(t: Timeline, _: None, e: ev.TimerArmed) -> None:
+    if e.kind == TimerKind.APPROVAL_SLA and t.approval_id and e.ref == t.approval_id:
+        due = t.approval_due_at
+        t.approval_due_at = e.due_at if due is None else min(due, e.due_at)
+
+
+@_folds(ev.ApprovalVoted, about_step=True)
+def _approval_voted(t: Timeline, entry: StepEntry, e: ev.ApprovalVoted) -> None:
+    entry.decisions.append({"approver": e.approver, "decision": "approved", "ts": e.ts})
+
+
+@_folds(ev.ApprovalGranted, about_step=True)
+def _approval_granted(t: Timeline, entry: StepEntry, e: ev.ApprovalGranted) -> None:
+    if e.approvers:
+        entry.decisions.append({"approver": e.approvers[-1], "decision": "approved",
+                                "ts": e.ts})
+    _end_wait(entry, e.ts)
+    _approval_over(t, e.approval_id)
+    entry.status = StepStatus.RUNNING
+    t.status = RunStatus.RUNNING
+
+
+@_folds(ev.ApprovalRejected, about_step=True)
+def _approval_rejected(t: Timeline, entry: StepEntry, e: ev.ApprovalRejected) -> None:
+    entry.decisions.append({"approver": e.approver, "decision": "rejected", "ts": e.ts})
+    _end_wait(entry, e.ts)
+    _approval_over(t, e.approval_id)
+
+
+@_folds(ev.ApprovalExpired, about_step=True)
+def _approval_expired(t: Timeline, entry: StepEntry, e: ev.ApprovalExpired) -> None:
+    entry.decisions.append({"approver": "", "decision": "expired", "ts": e.ts})
+    _end_wait(entry, e.ts)
+    _approval_over(t, e.approval_id)
+
+
+@_folds(ev.Escalated, about_step=True)
+def _escalated(t: Timeline, entry: StepEntry, e: ev.Escalated) -> None:
+    t.escalations += 1
+    entry.note = f"escalated to {e.to}"
+
+
+@_folds(ev.SignalReceived)
+def _signal_received(t: Timeline, _: None, e: ev.SignalReceived) -> None:
+    last = t.steps[-1] if t.steps else None
+    if last is not None and last.status == StepStatus.WAITING:
+        _end_wait(last, e.ts)
+        last.signal = {"name": e.name, "data": e.data}
+
+
+@_folds(ev.BusinessErrorHandled, about_step=True)
+def _business_error_handled(t: Timeline, entry: StepEntry, e: ev.BusinessErrorHandled) -> None:
+    _end_wait(entry, e.ts)
+    entry.note = f"{e.code}: {e.action} {e.target}"
+    if e.action == HandlerAction.GOTO:
+        entry.status, entry.ended_at = StepStatus.BRANCHED, e.ts
+
+
+@_folds(ev.StepCompleted, about_step=True)
+def _step_completed(t: Timeline, entry: StepEntry, e: ev.StepCompleted) -> None:
+    _end_wait(entry, e.ts)
+    entry.status, entry.ended_at, entry.result = StepStatus.COMPLETED, e.ts, e.result
+    _approval_over(t)
+
+
+@_folds(ev.StepFailed, about_step=True)
+def _step_failed(t: Timeline, entry: StepEntry, e: ev.StepFailed) -> None:
+    _end_wait(entry, e.ts)
+    entry.status, entry.ended_at = StepStatus.FAILED, e.ts
+    entry.note = f"{e.code}: {e.message}"
+    _approval_over(t)
+
+
+@_folds(ev.SlaBreached)
+def _sla_breached(t: Timeline, _: None, e: ev.SlaBreached) -> None:
+    t.sla_breaches += 1
+    if e.scope == "run":
+        t.sla_breached = True
+
+
+@_folds(ev.CommandRejected, ev.CommandRejectedV2)
+def _command_rejected(t: Timeline, _: None, e: ev.CommandRejected) -> None:
+    t.rejected_commands += 1
+    by, at_step = (e.by, e.at_step) if isinstance(e, ev.CommandRejectedV2) else ("", "")
+    t.rejections.append({"seq": e.seq, "ts": e.ts, "command": e.command_type, "by": by,
+                         "step": at_step, "reason": e.reason, "detail": e.detail})
+
+
+@_folds(ev.RunCompleted)
+def _run_completed(t: Timeline, _: None, e: ev.RunCompleted) -> None:
+    t.output = e.output
+    _ended(t, RunStatus.COMPLETED, e.ts)
+
+
+@_folds(ev.RunFailed)
+def _run_failed(t: Timeline, _: None, e: ev.RunFailed) -> None:
+    _ended(t, RunStatus.FAILED, e.ts)
+    t.error = {"step": e.step, "class": e.error_class, "code": e.code,
+               "message": e.message, "field": e.field}
+
+
+@_folds(ev.RunCancelled)
+def _run_cancelled(t: Timeline, _: None, e: ev.RunCancelled) -> None:
+    _ended(t, RunStatus.CANCELLED, e.ts)
+    for open_entry in t.steps:
+        if open_entry.ended_at is None:
+            _end_wait(open_entry, e.ts)
+            open_entry.status, open_entry.ended_at = StepStatus.CANCELLED, e.ts
 
 
 # --------------------------------------------------------------------------- JSON form

@@ -176,3 +176,18 @@ def test_the_engine_image_is_built_from_the_repository() -> None:
     assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.MULTILINE)
     assert "pip install ." in dockerfile
     assert "TERRANOHA_SCHEMAS=" in dockerfile
+
+
+def test_long_running_services_are_healthy_when_ready() -> None:
+    """serve and project serve the health endpoints; their healthcheck asks /readyz on
+    that port, inside the container."""
+    parser = build_parser()
+    long_running = {name: command for name, command in _terranoha_commands().items()
+                    if command[1] in ("serve", "project")}
+    assert {"engine", "worker", "projector"} <= set(long_running)
+    for name, command in long_running.items():
+        args = parser.parse_args(command[1:])
+        assert args.health_port is not None and args.health_host == "0.0.0.0", name
+        probe = SERVICES[name]["healthcheck"]["test"]
+        assert f"http://127.0.0.1:{args.health_port}/readyz" in " ".join(probe), name
+    assert SERVICES["topics"]["healthcheck"] == {"disable": True}

@@ -32,8 +32,9 @@ from engine.cli._commands import (
     cmd_workflows_list,
 )
 from engine.cli._limits import add_commands as add_limits_commands
+from engine.cli._messages import add_commands as add_message_commands
 from engine.cli._notify import cmd_notify
-from engine.cli._process import otel_option
+from engine.cli._process import health_option, otel_option
 from engine.cli._projections import add_commands
 from engine.cli._shared import CliError
 from engine.core.errors import TerranohaError
@@ -101,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
             "stopped")
     p.add_argument("--workers", nargs="*", metavar="MODULE", help="modules defining @tool handlers")
     p.add_argument("--concurrency", type=int, default=8, help="tasks run at once per worker")
-    p.add_argument("--postgres", help="PostgreSQL DSN for the workers' ledger "
-                   "(default $TERRANOHA_POSTGRES)")
+    p.add_argument("--postgres", help="PostgreSQL DSN (default $TERRANOHA_POSTGRES): the "
+                   "notifier's delivery ledger, and the workers' ledger without --ledger-dsn")
+    p.add_argument("--ledger-dsn", metavar="DSN", default=os.environ.get("TERRANOHA_LEDGER_DSN"),
+                   help="Kafka: PostgreSQL DSN for the workers' idempotency ledger, which keeps "
+                   "tool results unredacted (schema terranoha_ledger); give it a role of its "
+                   "own (default $TERRANOHA_LEDGER_DSN, else the --postgres DSN)")
     p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
     p.add_argument("--no-admission", action="store_true",
                    help="Kafka: do not run the admission processor (flow control; it runs "
@@ -110,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-router", action="store_true",
                    help="do not run the trigger router (it runs only for a triggers topic "
                    "whose partition count differs from the run inputs')")
+    p.add_argument("--no-correlation", action="store_true",
+                   help="do not run message correlation (it matches published messages "
+                   "to the waits that name their key)")
     p.add_argument("--instance-id", default=os.environ.get("TERRANOHA_INSTANCE_ID"),
                    help="Kafka: a stable id of this process (static group membership): "
                    "restarted after a crash, it takes its partitions back at once instead of "
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "retries, dead letters and fencing at warning "
                    "(default $TERRANOHA_LOG_LEVEL or info)")
     otel_option(p)
+    health_option(p)
 
     p = add(sub, "notify", cmd_notify, "deliver notifications by webhook and email until "
             "stopped (--once: those waiting now)")
@@ -222,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many of the most recent runs (default 20)")
 
     add(sub, "dead-letters", cmd_dead_letters, "list dead letters with their reasons")
+    add_message_commands(sub, add)
     add_commands(sub, _backend_options)
     add_limits_commands(sub, _backend_options)
     return parser

@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from engine.cli._shared import CliError, now_ms
 from engine.core.commands import Command
+from engine.core.correlation import CorrelationEvent, PublishMessage
 from engine.core.events import Event
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, Trigger
@@ -86,6 +87,12 @@ class Backend(Protocol):
     def runs(self, status: str | None, limit: int) -> list[RunState]: ...
 
     def dead_letters(self) -> list[DeadLetter]: ...
+
+    def publish(self, message: PublishMessage) -> None:
+        """Publish a message for the waits that name its key (and process it, embedded)."""
+        ...
+
+    def message_events(self) -> list[CorrelationEvent]: ...
 
     def advance(self) -> None:
         """Let what is due happen, where this command is the one to do it (the embedded
@@ -201,6 +208,13 @@ class EmbeddedBackend:
         with self._store() as store:
             return store.dead_letters()
 
+    def publish(self, message: PublishMessage) -> None:
+        self._submit_and_settle([message], "")
+
+    def message_events(self) -> list[CorrelationEvent]:
+        with self._store() as store:
+            return store.message_events()
+
     def advance(self) -> None:
         with processor_lock(self.db, wait=False) as held:
             if held:
@@ -226,7 +240,7 @@ class EmbeddedBackend:
     def close(self) -> None:
         pass
 
-    def _submit_and_settle(self, records: Sequence[Command | Trigger],
+    def _submit_and_settle(self, records: Sequence[Command | Trigger | PublishMessage],
                            run_id: str) -> RunState | None:
         """Append the records; process them here unless a server holds the store."""
         with self._store(must_exist=False) as store:
@@ -344,6 +358,12 @@ class KafkaBackend:
 
     def dead_letters(self) -> list[DeadLetter]:
         return self._call(self.client.dead_letters())
+
+    def publish(self, message: PublishMessage) -> None:
+        self._call(self.client.publish(message))
+
+    def message_events(self) -> list[CorrelationEvent]:
+        return self._call(self.client.message_events())
 
     def advance(self) -> None:
         pass  # the orchestrator fires timers

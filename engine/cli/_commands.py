@@ -23,7 +23,13 @@ from engine.cli._backends import (
     processor_lock,
 )
 from engine.cli._notify import delivery_settings, postgres_dsn
-from engine.cli._process import configure_logging, configure_telemetry, stop_on_signals
+from engine.cli._process import (
+    Health,
+    configure_logging,
+    configure_telemetry,
+    health_of,
+    stop_on_signals,
+)
 from engine.cli._shared import (
     CliError,
     is_spec_file,
@@ -40,6 +46,7 @@ from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState, RunStatus, Waiting
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
 from engine.notify import DeliverySettings, EmbeddedNotifier
+from engine.observability.metrics import watch_counts
 from engine.observability.setup import Telemetry, kafka_lag
 from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
@@ -81,17 +88,19 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     notify = delivery_settings(args)
     if notify is not None and args.kafka:
         postgres_dsn(args, "serve --notify")
-    telemetry = configure_telemetry(args)
+    health = health_of(args)
+    telemetry = configure_telemetry(args, health)
     try:
         if args.kafka:
-            return asyncio.run(_serve_kafka(args, registry, out, telemetry, notify))
+            return asyncio.run(_serve_kafka(args, registry, out, telemetry, notify, health))
         db = db_path(args)
         with processor_lock(db, wait=False) as held:
             if not held:
                 raise CliError(f"another process is already serving {db}")
             out.write(f"serving {db}; tools: {', '.join(registry.queues) or 'none'}\n")
             out.flush()
-            return asyncio.run(_serve(db, registry, args.concurrency, telemetry, notify))
+            return asyncio.run(_serve(db, registry, args.concurrency, telemetry, notify,
+                                      health))
     finally:
         if telemetry is not None:
             telemetry.shutdown()
@@ -99,14 +108,20 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                        telemetry: Telemetry | None = None,
-                       notify: DeliverySettings | None = None) -> int:
+                       notify: DeliverySettings | None = None,
+                       health: Health | None = None) -> int:
+    from engine.kafka.readiness import stream_check, worker_check
     from engine.kafka.serve import Running, ServeOptions, serve
 
     stop = stop_on_signals()
+    if health is not None:
+        health.start()  # alive (and not ready) while the topics are checked
     options = ServeOptions(
         bootstrap=args.kafka, topics=kafka_topics(args), app=args.app,
         engine=not args.no_engine, router=not args.no_router,
+        correlation=not args.no_correlation,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
+        ledger_dsn=args.ledger_dsn,
         registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
         notify=notify, admission=not args.no_admission)
 
@@ -117,21 +132,47 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
                            engine.state)
             telemetry.watch_lag(kafka_lag(engine))
             engine.on_committed = telemetry.observe
-        parts = [name for name in ("engine", "router", "worker", "notifier")
+        if telemetry is not None and telemetry.meter_provider is not None \
+                and running.worker is not None:
+            worker = running.worker
+            watch_counts(telemetry.meter_provider, "terranoha.worker.tasks", "{task}",
+                         "Tasks this worker took: tool called, answered from the ledger, "
+                         "dropped past their deadline, or not a task", "outcome",
+                         lambda: {"called": worker.calls,
+                                  "from_ledger": worker.answered_from_ledger,
+                                  "expired": worker.expired,
+                                  "undecodable": worker.undecodable})
+        if health is not None:
+            if running.engine is not None:
+                health.readiness.add("engine", stream_check(running.engine))
+            if running.router is not None:
+                health.readiness.add("router", stream_check(running.router))
+            if running.worker is not None:
+                health.readiness.add("worker", worker_check(running.worker))
+            health.readiness.started = True
+        parts = [name for name in ("engine", "router", "correlation", "worker", "notifier")
                  if getattr(running, name) is not None]
         out.write(f"serving kafka {args.kafka} ({', '.join(parts)}); "
                   f"tools: {', '.join(registry.queues) or 'none'}\n")
         out.flush()
 
-    await serve(options, stop, ready=ready)
+    try:
+        await serve(options, stop, ready=ready)
+    finally:
+        if health is not None:
+            health.stop()
     return 0
 
 
 async def _serve(db: Path, registry: Any, concurrency: int,
                  telemetry: Telemetry | None = None,
-                 notify: DeliverySettings | None = None) -> int:
+                 notify: DeliverySettings | None = None,
+                 health: Health | None = None) -> int:
     stop = stop_on_signals()
     engine = EmbeddedEngine(db)
+    if health is not None:
+        health.start()  # the store is one file: ready as soon as it is open
+        health.readiness.started = True
     if telemetry is not None:
         telemetry.bind(engine.specs, engine.cache.get)
         engine.on_committed = telemetry.observe
@@ -142,7 +183,11 @@ async def _serve(db: Path, registry: Any, concurrency: int,
         loops.append(asyncio.create_task(worker.run(stop)))
     if notify is not None:
         loops.append(asyncio.create_task(EmbeddedNotifier(db, notify).run(stop)))
-    await asyncio.gather(*loops)
+    try:
+        await asyncio.gather(*loops)
+    finally:
+        if health is not None:
+            health.stop()
     engine.close()
     if worker is not None:
         worker.close()

@@ -16,15 +16,24 @@ from pathlib import Path
 from typing import TextIO
 
 from engine.cli._backends import db_path
-from engine.cli._process import configure_telemetry, otel_option, stop_on_signals
+from engine.cli._process import (
+    Health,
+    configure_telemetry,
+    health_of,
+    health_option,
+    otel_option,
+    stop_on_signals,
+)
 from engine.cli._shared import CliError
 from engine.kafka.specs import SpecFollower
 from engine.kafka.topics import Topics, deployed_topics
+from engine.observability.health import prometheus_meter_provider
+from engine.observability.metrics import watch_projectors
 from engine.observability.setup import Telemetry
 from projections import postgres, query, sqlite
 from projections.project import ProjectorStats
 from projections.sla import render_sla
-from projections.topics import run_topic_projector
+from projections.topics import TopicProjector
 
 
 def _dsn(args: argparse.Namespace, required: bool = True) -> str | None:
@@ -56,9 +65,12 @@ def _progress_bar(what: str, out: TextIO) -> postgres.Progress:
 def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
     """Keep the projections up to date until SIGTERM; with ``--otel``, also translate the
     run events topic into telemetry."""
-    telemetry = configure_telemetry(args)
+    health = health_of(args)
+    telemetry = None
+    if (getattr(args, "otel", "none") or "none") != "none":
+        telemetry = configure_telemetry(args, health)
     if telemetry is None:
-        return _project(args, out)
+        return _project(args, out, health)
     if not args.kafka:
         telemetry.shutdown()
         raise CliError("project --otel reads the Kafka run events topic; on the embedded "
@@ -78,7 +90,7 @@ def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
     thread = threading.Thread(target=follow, daemon=True, name="otel")
     thread.start()
     try:
-        return _project(args, out)
+        return _project(args, out, health, telemetry)
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(15)
@@ -93,7 +105,8 @@ async def _follow_events(args: argparse.Namespace, telemetry: Telemetry,
     await follow_events(args.kafka, topics, telemetry, stop, app=args.app)
 
 
-def _project(args: argparse.Namespace, out: TextIO) -> int:
+def _project(args: argparse.Namespace, out: TextIO, health: Health | None = None,
+             telemetry: Telemetry | None = None) -> int:
     if not args.kafka:
         db = db_path(args)
         if not db.exists():
@@ -101,9 +114,16 @@ def _project(args: argparse.Namespace, out: TextIO) -> int:
 
         async def follow_embedded() -> None:
             stop = stop_on_signals()
+            if health is not None:
+                health.start()
+                health.readiness.started = True
             out.write(f"projecting {db}\n")
             out.flush()
-            await sqlite.follow_store(db, stop)
+            try:
+                await sqlite.follow_store(db, stop)
+            finally:
+                if health is not None:
+                    health.stop()
 
         asyncio.run(follow_embedded())
         return 0
@@ -111,23 +131,59 @@ def _project(args: argparse.Namespace, out: TextIO) -> int:
     assert dsn is not None
 
     async def follow_kafka() -> None:
+        from engine.kafka.readiness import ACCEPTABLE_LAG, stream_check
+
         stop = stop_on_signals()
+        if health is not None:
+            health.start()
         topics = await deployed_topics(args.kafka, _topics(args))
         follower = SpecFollower(args.kafka, topics)
         await follower.start()
         parts = ["postgres"] + ([] if args.no_topics else ["timeline and SLA topics"])
         out.write(f"projecting {topics.events} into {', '.join(parts)}\n")
         out.flush()
-        runners = [follower.follow(stop),
-                   postgres.run_projector(args.kafka, topics, dsn, stop,
-                                          specs=follower.registry)]
+        tables = postgres.PostgresProjector(args.kafka, topics, dsn, specs=follower.registry)
+        reading = asyncio.Event()
+
+        async def tables_ready() -> None:
+            reading.set()
+
+        runners = [follower.follow(stop), tables.run(stop, tables_ready)]
+        watched = {"postgres": tables.stats}
+        def tables_check() -> str | None:
+            if not reading.is_set():
+                return "reading its stored offsets"
+            behind = tables.behind()
+            unknown = sorted(p for p, lag in behind.items() if lag is None)
+            if unknown:
+                return f"waiting for the first fetch of {topics.events} partition(s) {unknown}"
+            lagging = {p: lag for p, lag in behind.items()
+                       if lag is not None and lag > ACCEPTABLE_LAG}
+            if lagging:
+                return "catching up: " + ", ".join(
+                    f"{topics.events}/{p} {lag} records behind" for p, lag in sorted(
+                        lagging.items()))
+            return None
+
+        if health is not None:
+            health.readiness.add("postgres", tables_check)
         if not args.no_topics:
-            runners.append(run_topic_projector(args.kafka, topics, stop, app=args.app,
-                                               specs=follower.registry))
+            projector = TopicProjector(args.kafka, topics, app=args.app,
+                                       specs=follower.registry)
+            runners.append(projector.run(stop))
+            watched["topics"] = projector.stats
+            if health is not None:
+                health.readiness.add("topics", stream_check(projector.processor))
+        if health is not None:
+            provider = telemetry.meter_provider if telemetry is not None else None
+            watch_projectors(provider or prometheus_meter_provider(health.registry), watched)
+            health.readiness.started = True
         try:
             await asyncio.gather(*runners)
         finally:
             await follower.stop()
+            if health is not None:
+                health.stop()
 
     asyncio.run(follow_kafka())
     return 0
@@ -189,6 +245,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--no-topics", action="store_true",
                    help="do not write the run timeline and SLA metrics topics")
     otel_option(p)
+    health_option(p)
     p.set_defaults(fn=cmd_project)
 
     proj = sub.add_parser("projections", help="manage the projections")

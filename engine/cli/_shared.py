@@ -85,7 +85,9 @@ def print_state(state: RunState | None, out: TextIO, as_json: bool = False,
             where += (f" (waiting for approval by {', '.join(a.approvers)}; "
                       f"{len(a.votes)}/{a.quorum} approvals)")
         elif current.waiting is Waiting.SIGNAL:
-            where += f" (waiting for signal {current.signal!r})"
+            where += (f" (waiting for signal {current.signal!r})" if current.signal_key is None
+                      else f" (waiting for message {current.signal!r} with key "
+                      f"{current.signal_key!r})")
         elif current.waiting is Waiting.TASK:
             task = "task" if current.phase == "task" else f"{current.phase} task"
             where += f" ({task} attempt {current.attempt} dispatched)"

@@ -9,6 +9,7 @@ from engine.codec._shapes import NAMESPACE, record_schema
 from engine.core import admission_records as admission
 from engine.core.alerts import Alert
 from engine.core.commands import COMMAND_TYPES, Command
+from engine.core.correlation import CORRELATION_COMMANDS, CORRELATION_EVENTS, CorrelationState
 from engine.core.events import EVENT_TYPES
 from engine.core.outbox import Notification, TaskCommand
 from engine.core.projection_records import RunTimeline, SlaMetrics
@@ -91,6 +92,7 @@ def core_records() -> list[RecordType]:
         RecordType.of(RunState, "state"),
         *projection_records(),
         *admission_records(),
+        *correlation_records(),
     ]
 
 
@@ -103,6 +105,12 @@ def admission_records() -> list[RecordType]:
 def projection_records() -> list[RecordType]:
     """The records of the projection topics (run timelines, SLA metrics)."""
     return [RecordType.of(RunTimeline, "projections"), RecordType.of(SlaMetrics, "projections")]
+
+
+def correlation_records() -> list[RecordType]:
+    """The records of message correlation: its commands, its events, its key's state."""
+    return [RecordType.of(cls, "correlation")
+            for cls in (*CORRELATION_COMMANDS, *CORRELATION_EVENTS, CorrelationState)]
 
 
 def _without_docs(value: Any) -> Any:

@@ -79,6 +79,20 @@ class DeliverSignal(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CorrelateMessage(Command):
+    """Message ``message_id`` (``name``, correlation ``key``) answers the run's wait
+    ``wait`` (``step#visit``). The correlation processor writes it to the run's inputs;
+    the run refuses it when that wait is no longer open."""
+
+    TYPE: ClassVar[str] = "CorrelateMessage"
+    name: str
+    key: str
+    message_id: str
+    wait: str
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FireTimer(Command):
     TYPE: ClassVar[str] = "FireTimer"
     timer_id: str
@@ -114,5 +128,5 @@ class RefuseSlot(Command):
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.TYPE: cls
     for cls in (StartRun, CompleteTask, FailTask, DecideApproval, DeliverSignal, FireTimer,
-                CancelRun, GrantSlot, RefuseSlot)
+                CancelRun, CorrelateMessage, GrantSlot, RefuseSlot)
 }

@@ -464,6 +464,11 @@ def _enter_wait_event(ctx: _Context, step: StepSpec) -> None:
     assert step.wait_event is not None
     wait = step.wait_event
     key = evaluate(wait.key, ctx.run.data()) if wait.key is not None else None
+    if wait.key is not None and key is None:
+        ctx.fail_run(ErrorClass.PERMANENT, "CORRELATION_KEY_MISSING",
+                     f"wait_event.key {wait.key!r} of step {step.id!r} is null for this run: "
+                     "no message could ever match it", None)
+        return
     ctx.await_signal(wait.name, None if key is None else str(key), wait.timeout,
                      Resume.COMPLETE)
 
@@ -760,6 +765,21 @@ def _deliver_signal(ctx: _Context, c: cmd.DeliverSignal) -> None:
             ctx.enter(current.step)
         else:
             ctx.complete_step(c.data)
+
+
+@_handles(cmd.CorrelateMessage)
+def _correlate_message(ctx: _Context, c: cmd.CorrelateMessage) -> None:
+    """A message matched this run's keyed wait ``c.wait``; it answers only that wait."""
+    if not ctx.active():
+        return
+    current = ctx.run.current
+    if (current is None or current.waiting is not Waiting.SIGNAL or wait_ref(current) != c.wait
+            or current.signal != c.name or current.signal_key != c.key):
+        ctx.reject("stale message", f"message {c.message_id!r} ({c.name!r}, key {c.key!r}) "
+                   f"answers wait {c.wait!r}, which is no longer open")
+        return
+    ctx.emit(ev.SignalReceived, name=c.name, data=c.data)
+    ctx.complete_step(c.data)
 
 
 @_handles(cmd.FireTimer)

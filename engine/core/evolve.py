@@ -237,7 +237,8 @@ def _escalated(state: RunState, e: ev.Escalated) -> RunState:
 
 @evolver(ev.SignalAwaited)
 def _signal_awaited(state: RunState, e: ev.SignalAwaited) -> RunState:
-    current = _step(state, e.step, waiting=Waiting.SIGNAL, signal=e.name, resume=e.resume)
+    current = _step(state, e.step, waiting=Waiting.SIGNAL, signal=e.name, resume=e.resume,
+                    signal_key=e.key)
     return replace(state, seq=e.seq, current=current)
 
 
@@ -258,7 +259,7 @@ def _signal_received(state: RunState, e: ev.SignalReceived) -> RunState:
             seq=e.seq,
             signals=signals,
             unconsumed=state.unconsumed - {e.name},
-            current=replace(current, waiting=Waiting.NOTHING, signal=""),
+            current=replace(current, waiting=Waiting.NOTHING, signal="", signal_key=None),
             timers=_drop_timers(state.timers, wait_ref(current)),
         )
     return replace(state, seq=e.seq, signals=signals, unconsumed=state.unconsumed | {e.name})

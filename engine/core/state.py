@@ -74,6 +74,9 @@ class StepState:
     approval: Approval | None = None
     signal: str = ""
     resume: str = ""
+    signal_key: str | None = None
+    """The correlation key of a ``wait_event`` with a key: messages with the signal's
+    name and this key answer the wait."""
     slot: str = ""
     """The limit key whose slot the task waits for or holds ("" for none)."""
     slot_at: int = 0
@@ -82,8 +85,9 @@ class StepState:
 
 @dataclass(frozen=True, slots=True)
 class RunState:
-    VERSION: ClassVar[int] = 2
-    """2: the current step's ``slot`` and ``slot_at`` (flow control), Waiting.SLOT."""
+    VERSION: ClassVar[int] = 3
+    """2: ``StepState.signal_key`` (the correlation key of a keyed wait). 3: the current
+    step's ``slot`` and ``slot_at`` (flow control), ``Waiting.SLOT``."""
 
     run_id: str
     tenant: str

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.core.commands import Command
+from engine.core.correlation import PublishMessage
 from engine.core.events import Event
 from engine.core.flow import FlowLimits
 from engine.core.outbox import TaskCommand
@@ -18,7 +19,8 @@ from engine.embedded.limits import latest_flow
 from engine.embedded.store import Store
 from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
-from engine.runtime.processor import Processor, StateCache
+from engine.runtime.correlator import correlate
+from engine.runtime.processor import Batch, Processor, StateCache
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 from engine.worker.sdk import ToolRegistry, execute
@@ -42,7 +44,8 @@ class EmbeddedEngine:
         self.specs = SpecRegistry(self.store.specs(), loader=self.store.specs)
         self.cache = StateCache(loader=self.store.state)
         self._flow: FlowLimits | None = None
-        self.processor = Processor(self.specs, self.cache, flow=lambda: self._flow)
+        self.processor = Processor(self.specs, self.cache, accepts_messages=True,
+                                   flow=lambda: self._flow)
         self.timers = TimerService(self._is_armed)
         self.offset = self.store.offset()
         self.on_committed: Callable[[Sequence[Event]], None] | None = None
@@ -54,7 +57,7 @@ class EmbeddedEngine:
         state = self.cache.get(run_id)
         return state is not None and timer_id in state.timers
 
-    def submit(self, *records: Command | Trigger) -> None:
+    def submit(self, *records: Command | Trigger | PublishMessage) -> None:
         self.store.append_inputs(records, self.clock.now_ms())
 
     def step(self) -> int:
@@ -62,12 +65,20 @@ class EmbeddedEngine:
         Returns how many records it handled (0 when idle)."""
         handled = 0
         inputs = self.store.read_inputs(self.offset, self.batch_size)
-        if inputs:
+        now = self.clock.now_ms()
+        # Message correlation runs in the batch's transaction: the subscriptions its waits
+        # open and close, the messages it read, the keys whose TTL timers are due.
+        expiring = self.store.due_correlations(now)
+        if inputs or expiring:
             self._flow = latest_flow(self.store)
-            now = self.clock.now_ms()
-            batch = self.processor.process(inputs, now)
-            self.store.write_batch(batch, also=(
-                (lambda db: apply_in(db, batch.admission, now)) if batch.admission else None))
+            batch = self.processor.process(inputs, now) if inputs else Batch()
+            correlation = correlate([*batch.correlation, *expiring],
+                                    self.store.correlation_state, now)
+            admission = batch.admission
+            self.store.write_batch(batch, correlation=correlation, also=(
+                (lambda db: apply_in(db, admission, now)) if admission else None))
+            handled += len(expiring)
+        if inputs:
             # Only now, with the batch durable, does its state become the committed state.
             self.cache.commit(batch.states)
             if self.on_committed is not None:

@@ -14,11 +14,14 @@
 | specs          | the compacted specs topic                              |
 | ledger         | the workers' idempotency ledger                        |
 | notify_deliveries | the notifier's delivery ledger (made by ``engine.notify``) |
+| correlations   | the message-correlation state changelog (per correlation key) |
+| message_events | the message-events topic (published, correlated, expired)   |
 
 Every record is stored as the same Avro bytes the Kafka backend sends. A processed
-batch (events, commands, states, tasks, notifications, dead letters and the input
-position) is written in one SQLite transaction: after a crash, either all of it is
-there or none of it is, and processing resumes from the stored position.
+batch (events, commands, states, tasks, notifications, dead letters, the message
+correlation it caused and the input position) is written in one SQLite transaction:
+after a crash, either all of it is there or none of it is, and processing resumes from
+the stored position.
 """
 
 from __future__ import annotations
@@ -32,12 +35,22 @@ from typing import Any
 
 from engine.codec import decode, encode
 from engine.core.commands import Command
+from engine.core.correlation import (
+    CORRELATION_EVENTS,
+    CorrelationEvent,
+    CorrelationState,
+    ExpireMessages,
+    PublishMessage,
+    is_empty,
+    timer,
+)
 from engine.core.errors import TerranohaError
 from engine.core.events import Event
 from engine.core.outbox import TaskCommand
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
 from engine.core.spec import WorkflowSpec, load_deployed_spec, spec_to_data
 from engine.core.state import RunState
+from engine.runtime.correlator import CorrelationBatch
 from engine.runtime.processor import Batch, Input
 from engine.worker.sdk import LedgerEntry
 
@@ -107,6 +120,18 @@ CREATE TABLE IF NOT EXISTS specs (
     deployed_at INTEGER NOT NULL,
     PRIMARY KEY (workflow, version)
 );
+CREATE TABLE IF NOT EXISTS correlations (
+    key TEXT PRIMARY KEY,
+    due_at INTEGER,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS correlations_due ON correlations (due_at);
+CREATE TABLE IF NOT EXISTS message_events (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS ledger (
     idempotency_key TEXT PRIMARY KEY,
     result TEXT NOT NULL,
@@ -153,7 +178,8 @@ class Store:
 
     # ------------------------------------------------------------------ inputs
 
-    def append_inputs(self, records: Iterable[Command | Trigger], now: int) -> list[int]:
+    def append_inputs(self, records: Iterable[Command | Trigger | PublishMessage],
+                      now: int) -> list[int]:
         rows = [(getattr(r, "run_id", ""), encode(r), now) for r in records]
         return self.append_raw_inputs(rows)
 
@@ -183,10 +209,13 @@ class Store:
     # ------------------------------------------------------------------ batches
 
     def write_batch(self, batch: Batch, consumer: str = PROCESSOR,
+                    correlation: CorrelationBatch | None = None,
                     also: Callable[[sqlite3.Connection], object] | None = None) -> None:
-        """Everything a batch produced, and the input position, in one transaction;
-        ``also`` writes more in it (the admission core's decisions)."""
+        """Everything a batch produced, the correlation it caused, and the input position,
+        in one transaction; ``also`` writes more in it (the admission core's decisions)."""
         with self.transaction() as db:
+            if correlation is not None:
+                self._write_correlation(db, correlation)
             if also is not None:
                 also(db)
             db.executemany(
@@ -214,6 +243,41 @@ class Store:
                     "INSERT INTO offsets (consumer, pos) VALUES (?, ?) "
                     "ON CONFLICT (consumer) DO UPDATE SET pos = excluded.pos",
                     (consumer, batch.last.offset))
+
+    @staticmethod
+    def _write_correlation(db: sqlite3.Connection, correlation: CorrelationBatch) -> None:
+        for key, state in correlation.states.items():
+            if is_empty(state):
+                db.execute("DELETE FROM correlations WHERE key = ?", (key,))
+                continue
+            armed = timer(state)
+            db.execute("INSERT OR REPLACE INTO correlations (key, due_at, payload) "
+                       "VALUES (?, ?, ?)", (key, armed[0] if armed else None, encode(state)))
+        db.executemany("INSERT INTO message_events (type, ts, payload) VALUES (?, ?, ?)",
+                       [(e.TYPE, e.ts, encode(e)) for e in correlation.events])
+        db.executemany("INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
+                       [(d.run_id, encode(d), correlation.now) for d in correlation.deliveries])
+
+    def correlation_state(self, key: str) -> CorrelationState | None:
+        row = self.db.execute("SELECT payload FROM correlations WHERE key = ?",
+                              (key,)).fetchone()
+        return self._decode(row[0], CorrelationState) if row else None
+
+    def due_correlations(self, now: int, limit: int = 1000) -> list[ExpireMessages]:
+        """The timers of correlation keys due at ``now``."""
+        rows = self.db.execute(
+            "SELECT payload FROM correlations WHERE due_at IS NOT NULL AND due_at <= ? "
+            "ORDER BY due_at LIMIT ?", (now, limit)).fetchall()
+        due = []
+        for (payload,) in rows:
+            armed = timer(self._decode(payload, CorrelationState))
+            if armed is not None:
+                due.append(armed[1])
+        return due
+
+    def message_events(self) -> list[CorrelationEvent]:
+        rows = self.db.execute("SELECT payload FROM message_events ORDER BY pos").fetchall()
+        return [self._decode(p, CORRELATION_EVENTS) for (p,) in rows]
 
     # ------------------------------------------------------------------ reading
 
@@ -281,10 +345,11 @@ class Store:
             "ON CONFLICT (consumer) DO UPDATE SET pos = excluded.pos", (consumer, pos))
 
     @staticmethod
-    def _decode(payload: bytes, expected: type[Any]) -> Any:
+    def _decode(payload: bytes, expected: type[Any] | tuple[type, ...]) -> Any:
         record = decode(payload)
         if not isinstance(record, expected):
-            raise StoreError(f"expected a {expected.__name__}, found {type(record).__name__}")
+            wanted = getattr(expected, "__name__", "correlation event")
+            raise StoreError(f"expected a {wanted}, found {type(record).__name__}")
         return record
 
     # ------------------------------------------------------------------ tasks and ledger

@@ -72,8 +72,9 @@ def tune_aiokafka() -> None:
         sender_log.addFilter(_REFUSALS)
 
 Headers = list[tuple[str, bytes]]
-Record = tuple[str, int, bytes | None, bytes, Headers]
-"""(topic, partition, key, value, headers) ready to send."""
+Record = tuple[str, int, bytes | None, bytes | None, Headers]
+"""(topic, partition, key, value, headers) ready to send; a None value is a tombstone
+(a compacted changelog then forgets the key)."""
 
 
 class Outcome(Enum):

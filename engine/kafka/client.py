@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from engine.codec import DecodeError, decode, encode
 from engine.core.commands import Command
+from engine.core.correlation import CORRELATION_EVENTS, CorrelationEvent, PublishMessage
 from engine.core.errors import SpecError, TerranohaError
 from engine.core.events import Event
 from engine.core.policies import run_id_for
@@ -36,6 +37,7 @@ from engine.core.records import DeadLetter, RecordedCommand, Trigger
 from engine.core.spec import WorkflowSpec, load_deployed_spec
 from engine.core.state import RunState
 from engine.kafka._util import stop_quietly, trace_headers
+from engine.kafka.correlation import message_record
 from engine.kafka.specs import publish_spec, spec_key
 from engine.kafka.topics import Topics, ensure_topics
 
@@ -225,6 +227,28 @@ class KafkaClient:
         await producer.send_and_wait(self.topics.triggers, encode(trigger),
                                      key=run_id.encode(), headers=headers)
         return run_id
+
+    async def publish(self, message: PublishMessage) -> None:
+        """Publish ``message`` on the messages topic, keyed by its correlation key (what
+        message correlation partitions on); acknowledged by every in-sync replica."""
+        self._need(self.topics.messages)
+        topic, key, value = message_record(self.topics, message)
+        producer = await self._producer_started()
+        await producer.send_and_wait(topic, value, key=key, headers=trace_headers(
+            message.message_id, message.message_id, message.tenant))
+
+    async def message_events(self) -> list[CorrelationEvent]:
+        """Every message-correlation event, each partition in log order."""
+        count = self._need(self.topics.message_events)
+        tps = [TopicPartition(self.topics.message_events, p) for p in range(count)]
+        out: list[CorrelationEvent] = []
+        async for m in self._read(tps):
+            if m.value is None:
+                continue
+            record = decode(m.value)
+            if isinstance(record, CORRELATION_EVENTS):
+                out.append(record)  # type: ignore[arg-type]
+        return out
 
     async def send_command(self, command: Command, wait_s: float = 10.0) -> list[Event] | None:
         """Publish ``command`` to the run inputs topic and return the events it caused,

@@ -60,7 +60,9 @@ class KeyedLogic(Generic[C, S, E]):
     ``decide(state, command, now)`` returns the events of a command (none to ignore it);
     it must not raise on bad input. ``evolve(state, event)`` folds one event into the
     state. ``outputs(event)`` lists the (topic, key, value) records an event causes.
-    ``timers(key, state)`` lists (due_at, command) pairs to be written back to the inputs."""
+    ``timers(key, state)`` lists (due_at, command) pairs to be written back to the inputs.
+    ``empty(state)`` says a key has nothing left to keep: its changelog entry becomes a
+    tombstone and the key leaves memory, so both follow live keys, not history."""
 
     decode: Callable[[bytes], C]
     """Raises on bytes that are not a command: the input becomes a dead letter."""
@@ -73,6 +75,7 @@ class KeyedLogic(Generic[C, S, E]):
     encode_command: Callable[[C], bytes]
     outputs: Callable[[E], Sequence[tuple[str, bytes, bytes]]] = lambda event: ()
     timers: Callable[[str, S], Sequence[tuple[int, C]]] = lambda key, state: ()
+    empty: Callable[[S], bool] = lambda state: False
 
 
 @dataclass(slots=True)
@@ -105,8 +108,8 @@ class KeyedTask(Task, Generic[C, S, E]):
         for item in inputs:
             self._one(batch, item, now)
         for key, state in batch.states.items():
-            batch.records.append((self.topics.changelog, self.number, key.encode(),
-                                  self.logic.encode_state(state), []))
+            value = None if self.logic.empty(state) else self.logic.encode_state(state)
+            batch.records.append((self.topics.changelog, self.number, key.encode(), value, []))
         return Step(batch.records, commit=lambda: self._commit(batch.states),
                     events=batch.events, dead_letters=batch.dead)
 
@@ -163,8 +166,11 @@ class KeyedTask(Task, Generic[C, S, E]):
         return Step([self._dead_record(letter)], dead_letters=1)
 
     def _commit(self, states: Mapping[str, S]) -> None:
-        self.states.update(states)
         for key, state in states.items():
+            if self.logic.empty(state):
+                self.states.pop(key, None)  # its timers are no longer armed (``_armed``)
+                continue
+            self.states[key] = state
             self._arm(key, state)
 
     def _arm(self, key: str, state: S) -> None:

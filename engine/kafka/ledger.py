@@ -3,12 +3,23 @@
 A worker records a result here before it reports it, and looks a task's key up before
 calling its tool, so a redelivered task whose key already completed is answered from
 the ledger instead of calling the tool again. The first result recorded for a key wins.
+
+The ledger holds tool results as the tools returned them, secrets included: it must
+answer a redelivered task with exactly the result the run was given, so it cannot
+redact. It therefore lives apart from the projections (which are redacted and meant to
+be read): in a schema of its own, ``terranoha_ledger`` (table ``results``), which grants
+nothing to PUBLIC, reached through a DSN of its own (``--ledger-dsn``) so that it can be
+owned by a role that the projections' readers are not.
+
+Earlier versions kept it in ``terranoha_worker_ledger`` on the search path, beside the
+projections. ``open`` moves this deployment's entries out of that table into the
+ledger's schema, in one transaction, before any lookup: none is lost, so no tool is
+called again for a key that completed before the upgrade.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -16,6 +27,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 from psycopg.types.json import Jsonb
 
+from engine.core.errors import TerranohaError
 from engine.pgconn import PgConnection
 from engine.worker.sdk import LedgerEntry
 
@@ -23,15 +35,35 @@ log = logging.getLogger("terranoha.kafka.ledger")
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS terranoha_worker_ledger (
+SCHEMA_NAME = "terranoha_ledger"
+OLD_TABLE = "terranoha_worker_ledger"
+"""Where earlier versions kept the ledger: resolved on the search path, beside the
+projections."""
+
+
+def _schema_sql(schema: str) -> str:
+    return f"""
+REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS {schema}.results (
     idempotency_key text PRIMARY KEY,
     queue text,
     result jsonb,
     cost double precision,
     confidence double precision,
     recorded_at timestamptz DEFAULT now()
+);
+REVOKE ALL ON {schema}.results FROM PUBLIC;
+"""
+
+
+def _move_sql(schema: str) -> str:
+    return f"""
+WITH moved AS (
+    DELETE FROM {OLD_TABLE} WHERE starts_with(idempotency_key, %s)
+    RETURNING idempotency_key, queue, result, cost, confidence, recorded_at
 )
+INSERT INTO {schema}.results (idempotency_key, queue, result, cost, confidence, recorded_at)
+SELECT * FROM moved ON CONFLICT (idempotency_key) DO NOTHING
 """
 
 
@@ -73,16 +105,25 @@ class Coalescer(Generic[K, T]):
             self._draining = False
 
 
+class LedgerError(TerranohaError):
+    """The ledger cannot be opened as it is; the message says what to do."""
+
+
 class PostgresLedger:
     """One autocommit connection, reopened once when PostgreSQL drops it (a restart,
     an idle timeout). Safe to share between the tasks of one event loop; concurrent
     lookups and records are coalesced into one statement each."""
 
-    def __init__(self, dsn: str, *, namespace: str = "", connect_timeout_s: int = 10) -> None:
+    def __init__(self, dsn: str, *, namespace: str = "", connect_timeout_s: int = 10,
+                 schema: str = SCHEMA_NAME) -> None:
+        if not schema.isidentifier() or schema != schema.lower():
+            raise ValueError(f"ledger schema {schema!r}: use lower-case letters, digits and _")
         self.dsn = dsn
         # Keys are unique within one application; several applications (topic prefixes)
         # may share a database without answering each other's tasks.
         self.namespace = namespace
+        self.schema = schema
+        self.table = f"{schema}.results"
         self.connect_timeout_s = connect_timeout_s
         self.reconnects = 0
         self._pg = PgConnection(dsn, connect_timeout_s)
@@ -90,10 +131,58 @@ class PostgresLedger:
         self._records: Coalescer[tuple[LedgerEntry, str], bool] = Coalescer(self._record_many)
 
     async def open(self) -> None:
-        """Connect and create the table if it is missing."""
-        # Two workers creating the table at the same moment: one of them loses, harmlessly.
-        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
-            await self._run(lambda conn: conn.execute(SCHEMA))
+        """Connect, create the schema and table if they are missing, and move this
+        deployment's entries out of the table earlier versions used."""
+        try:
+            for _ in range(3):
+                try:
+                    await self._run(self._create)
+                    break
+                except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable,
+                        psycopg.errors.DuplicateSchema):
+                    # Another worker created them at the same moment; once it has
+                    # committed, every IF NOT EXISTS holds and the statements go through.
+                    await asyncio.sleep(0.1)
+            moved = await self._run(self._move_old_entries)
+        except BaseException:
+            await self.close()
+            raise
+        if moved:
+            log.info("moved %d ledger entries of %r from %s to %s", moved, self.namespace,
+                     OLD_TABLE, self.table)
+
+    async def _create(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # CREATE SCHEMA IF NOT EXISTS needs the right to create schemas even when the
+        # schema exists: a role given a schema by its administrator (README) lacks it.
+        cur = await conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (self.schema,))
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+        await conn.execute(_schema_sql(self.schema))
+
+    async def _move_old_entries(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Move the entries of this namespace out of the old table. Other deployments'
+        entries stay there for their own workers to move. A ledger without a namespace
+        (``serve`` always gives one) moves nothing: it cannot tell its entries from
+        another deployment's."""
+        if not self.namespace:
+            return 0
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (OLD_TABLE,))
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            return 0
+        try:
+            async with conn.transaction():
+                moved = await conn.execute(_move_sql(self.schema), (f"{self.namespace}/",))
+                return moved.rowcount
+        except psycopg.errors.UndefinedTable:
+            return 0  # another worker dropped it between the check and the move
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise LedgerError(
+                f"the ledger found entries of earlier versions in {OLD_TABLE} but its role "
+                f"may not move them ({exc}); move them as that table's owner: "
+                f"INSERT INTO {self.table} SELECT * FROM {OLD_TABLE} ON CONFLICT DO NOTHING; "
+                f"DROP TABLE {OLD_TABLE}; then start the worker again") from exc
 
     async def close(self) -> None:
         await self._pg.close()
@@ -111,7 +200,7 @@ class PostgresLedger:
 
         async def query(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
             cur = await conn.execute(
-                "SELECT idempotency_key, result, cost, confidence FROM terranoha_worker_ledger "
+                f"SELECT idempotency_key, result, cost, confidence FROM {self.table} "
                 "WHERE idempotency_key = ANY(%s)", (list(stored),))
             return await cur.fetchall()
 
@@ -130,7 +219,7 @@ class PostgresLedger:
 
         async def insert(conn: psycopg.AsyncConnection[Any]) -> set[str]:
             cur = await conn.execute(
-                "INSERT INTO terranoha_worker_ledger "
+                f"INSERT INTO {self.table} "
                 "(idempotency_key, queue, result, cost, confidence) "
                 "SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::float8[], "
                 "%s::float8[]) ON CONFLICT (idempotency_key) DO NOTHING "

@@ -7,7 +7,8 @@ transactions and their outcomes). A batch of task p is decided by the shared
 ``Processor`` and written in ONE transaction: events and recorded commands (events
 topic, p), state snapshots (state changelog, p), task commands (task topics, p),
 notifications, dead letters, the ``StartRun`` of triggers read at p for runs of other
-partitions (run inputs, their partition), and the offsets of both input partitions. Only
+partitions (run inputs, their partition), the subscriptions its keyed waits open and
+close (messages topic, by correlation key), and the offsets of both input partitions. Only
 after the commit succeeds does the batch's state enter the task's cache.
 
 A trigger keyed by its run id lands on its run's partition and is decided in the same
@@ -28,6 +29,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from aiokafka import TopicPartition
 
 from engine.codec import decode, encode
+from engine.core.correlation import (
+    CloseSubscription,
+    OpenSubscription,
+    RejectCorrelation,
+    key_of,
+)
 from engine.core.events import Event
 from engine.core.flow import FlowLimits
 from engine.core.state import RunState
@@ -61,7 +68,8 @@ class RunTask(Task):
         partition_of = engine.topics.partition_of
         self.processor = Processor(engine.specs, self.cache,
                                    owns=lambda run_id: partition_of(run_id) == number,
-                                   triggers_source=engine.topics.triggers, flow=engine.flow)
+                                   triggers_source=engine.topics.triggers,
+                                   partition_of=partition_of, flow=engine.flow)
 
     def _armed(self, run_id: str, timer_id: str) -> bool:
         state = self.cache.get(run_id)
@@ -153,6 +161,12 @@ class RunTask(Task):
                         [("reason", dead.reason.encode())]))
         out.extend(start_run_record(t, start, trigger)
                    for start, trigger in zip(batch.forwards, batch.forwarded_from, strict=True))
+        for change in batch.correlation:
+            if isinstance(change, OpenSubscription | CloseSubscription | RejectCorrelation):
+                key = key_of(change).encode()
+                out.append((t.messages, key_partition(key, t.partitions), key, encode(change),
+                            trace_headers(change.run_id, f"{change.TYPE}:{change.wait}",
+                                          change.tenant)))
         return out
 
 

@@ -1,7 +1,7 @@
 """Run the Kafka backend's parts in one process: the orchestrator, the trigger router,
-the spec follower, given tools and PostgreSQL a worker, given delivery settings and
-PostgreSQL the notifier, and given a deployed limits document the admission processor.
-Each part can be left out to run them as separate processes.
+message correlation, the spec follower, given tools and PostgreSQL a worker, given
+delivery settings and PostgreSQL the notifier, and given a deployed limits document the
+admission processor. Each part can be left out to run them as separate processes.
 
 The router runs only for a triggers topic whose partition count differs from the run
 inputs': a co-partitioned triggers topic (the default) is read by the orchestrator."""
@@ -9,11 +9,13 @@ inputs': a co-partitioned triggers topic (the default) is read by the orchestrat
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from engine.kafka.admission import AdmissionProcessor
+from engine.kafka.correlation import CorrelationProcessor
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.limits import LimitsFollower, read_limits
 from engine.kafka.processor import KafkaEngine
@@ -37,7 +39,12 @@ class ServeOptions:
     app: str = "terranoha"
     engine: bool = True
     router: bool = True
+    correlation: bool = True
+    """Run message correlation (matching published messages to keyed waits)."""
     postgres: str | None = None
+    ledger_dsn: str | None = None
+    """Where the workers keep their idempotency ledger (raw tool results, unredacted; see
+    ``engine.kafka.ledger``); ``postgres`` when None."""
     registry: ToolRegistry | None = None
     concurrency: int = 8
     instance_id: str | None = None
@@ -59,6 +66,7 @@ class Running:
 
     engine: KafkaEngine | None = None
     router: TriggerRouter | None = None
+    correlation: CorrelationProcessor | None = None
     worker: KafkaWorker | None = None
     follower: SpecFollower | None = None
     notifier: KafkaNotifier | None = None
@@ -101,6 +109,11 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                                clock=clock, instance_id=options.instance_id)
         await running.admission.admission.ensure(options.bootstrap)
         runners.append(running.admission.run(stop))
+    if options.correlation:
+        running.correlation = CorrelationProcessor(options.bootstrap, options.topics,
+                                                   app=options.app, clock=clock,
+                                                   instance_id=options.instance_id)
+        runners.append(running.correlation.run(stop))
     if options.router and topics.co_partitioned:
         log.info("%s is co-partitioned with %s: the orchestrator reads the triggers, no "
                  "router runs", topics.triggers, topics.inputs)
@@ -109,12 +122,15 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                        clock=clock, instance_id=options.instance_id)
         runners.append(running.router.run(stop))
     if options.registry is not None and options.registry.queues:
-        if options.postgres is None:
+        ledger_dsn = options.ledger_dsn or options.postgres
+        if ledger_dsn is None:
             raise ValueError("workers keep their idempotency ledger in PostgreSQL: "
-                             "pass --postgres DSN")
-        ledger = PostgresLedger(options.postgres,
-                                namespace=options.topics.deployment(options.app))
-        await ledger.open()
+                             "pass --ledger-dsn DSN (or --postgres DSN)")
+        if options.ledger_dsn is None:
+            log.info("the workers' ledger (raw tool results) shares the --postgres DSN; "
+                     "give it a role of its own with --ledger-dsn")
+        ledger = PostgresLedger(ledger_dsn, namespace=options.topics.deployment(options.app))
+        await _opening(ledger.open(), runners, follower)
         running.worker = KafkaWorker(options.bootstrap, options.topics, options.registry,
                                      ledger, app=options.app,
                                      concurrency=options.concurrency, clock=clock,
@@ -124,7 +140,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     if options.notify is not None and options.postgres is not None:
         deliveries = PostgresDeliveryLedger(options.postgres,
                                             deployment=options.topics.deployment(options.app))
-        await deliveries.open()
+        await _opening(deliveries.open(), runners, follower)
         running.notifier = KafkaNotifier(options.bootstrap, options.topics, options.notify,
                                          deliveries, app=options.app, clock=clock,
                                          instance_id=options.instance_id)
@@ -147,3 +163,18 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         if deliveries is not None:
             await deliveries.close()
     return running
+
+
+async def _opening(opened: Awaitable[None], runners: list[Awaitable[None]],
+                   follower: SpecFollower) -> None:
+    """Open a ledger; if it cannot be opened, undo what ``serve`` started before it (the
+    spec follower, the parts not yet running) and raise."""
+    try:
+        await opened
+    except BaseException:
+        for runner in runners:
+            if inspect.iscoroutine(runner) and (
+                    inspect.getcoroutinestate(runner) == inspect.CORO_CREATED):
+                runner.close()
+        await follower.stop()
+        raise

@@ -210,6 +210,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # heartbeat until it does (see the module doc).
         for number in sorted({tp.partition for tp in assigned}):
             self.processor._take_over(number)
+        self.processor.assigned.set()
 
 
 class StreamProcessor:
@@ -280,6 +281,9 @@ class StreamProcessor:
         self.started = asyncio.Event()
         self.ready = asyncio.Event()
         """Not grouped: set once the task is taken over."""
+        self.assigned = asyncio.Event()
+        """Grouped: set once the group has given this member its partitions (perhaps
+        none: a group with more members than partitions)."""
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -89,6 +89,24 @@ class Topics:
     def limits_topic(self) -> NewTopic:
         return NewTopic(self.limits, 1, self.replication, topic_configs=dict(COMPACTED))
 
+    @property
+    def messages(self) -> str:
+        """Message correlation's inputs: published messages (``PublishMessage``, keyed by
+        ``tenant/name/key``), the subscriptions the runs' keyed waits open and close, and
+        the correlation keys' TTL timers."""
+        return f"{self.prefix}.messages"
+
+    @property
+    def message_events(self) -> str:
+        """What correlation did: messages published, delivered to a run, expired (with the
+        runs they reached: none for a message nobody waited for), subscriptions."""
+        return f"{self.prefix}.message-events"
+
+    @property
+    def message_state(self) -> str:
+        """The correlation keys' state changelog (compacted)."""
+        return f"{self.prefix}.message-state"
+
     def tasks(self, queue: str) -> str:
         return f"{self.prefix}.tasks.{queue}"
 
@@ -116,6 +134,9 @@ class Topics:
             NewTopic(self.dead_letters, n, r,
                      topic_configs={**RETAIN_FOREVER, "max.message.bytes": str(DEAD_LETTER_BYTES)}),
             NewTopic(self.specs, 1, r, topic_configs=dict(COMPACTED)),
+            NewTopic(self.messages, n, r),
+            NewTopic(self.message_events, n, r, topic_configs=dict(RETAIN_FOREVER)),
+            NewTopic(self.message_state, n, r, topic_configs=dict(COMPACTED)),
         ]
 
     def task_topics(self, queues: Iterable[str]) -> list[NewTopic]:

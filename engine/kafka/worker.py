@@ -127,6 +127,11 @@ class KafkaWorker:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
 
+    @property
+    def started(self) -> bool:
+        """The worker has joined its consumer group and is fetching tasks."""
+        return self._consumer is not None
+
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then finish the tasks in hand, commit, leave."""
         queues = self.registry.queues

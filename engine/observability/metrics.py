@@ -11,6 +11,8 @@
 | ``terranoha.sla.breaches`` | counter | ``{breach}`` | workflow, scope |
 | ``terranoha.cost`` | counter | ``1`` (the tools' cost unit) | workflow, step |
 | ``terranoha.consumer.lag`` | gauge | ``{record}`` | partition |
+| ``terranoha.projector.events``, ``.batches`` | counter | ``{event}``, ``{batch}`` | projector |
+| ``terranoha.worker.tasks`` | counter | ``{task}`` | outcome |
 
 Durations come from the events' timestamps. Consumer lag is read when the metrics are
 collected, from a source the orchestrator provides (``watch_lag``).
@@ -25,6 +27,7 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from engine.core import events as ev
 from engine.core.state import RunState
+from projections.project import ProjectorStats
 
 LagSource = Callable[[], Mapping[int, int]]
 """Records behind per input partition."""
@@ -139,3 +142,26 @@ class EngineMetrics:
             type(e), "branched")
         self.step_duration.record(max(0, e.ts - started),
                                   {"workflow": info.workflow, "step": step, "status": status})
+
+
+
+def watch_counts(provider: MeterProvider, name: str, unit: str, description: str,
+                 attribute: str, counts: Callable[[], Mapping[str, float]]) -> None:
+    """An observable counter ``name`` read from ``counts()`` at each collection: one
+    series per key, under ``attribute``. For the totals a component already keeps."""
+    meter = provider.get_meter("terranoha")
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(value, {attribute: key}) for key, value in counts().items()]
+
+    meter.create_observable_counter(name, [observe], unit, description)
+
+
+def watch_projectors(provider: MeterProvider, stats: Mapping[str, ProjectorStats]) -> None:
+    """``terranoha.projector.events`` and ``.batches``: what each named projector
+    (``postgres``, ``topics``) has projected since the process started."""
+    watch_counts(provider, "terranoha.projector.events", "{event}", "Run events projected",
+                 "projector", lambda: {name: s.events for name, s in stats.items()})
+    watch_counts(provider, "terranoha.projector.batches", "{batch}",
+                 "Batches of run events projected", "projector",
+                 lambda: {name: s.batches for name, s in stats.items()})

@@ -29,10 +29,12 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from prometheus_client import CollectorRegistry
 
 from engine.core.errors import TerranohaError
 from engine.core.events import Event
 from engine.core.state import RunState
+from engine.observability.health import prometheus_meter_provider
 from engine.observability.metrics import EngineMetrics, LagSource
 from engine.observability.spans import RunSpans
 from engine.runtime.specs import SpecRegistry
@@ -123,19 +125,26 @@ def _otlp() -> tuple[SpanExporter, MetricExporter]:
 
 def configure(exporter: str, *, set_global: bool = True,
               metrics_interval_ms: int | None = None,
-              attributes: Mapping[str, Any] | None = None) -> Telemetry | None:
-    """Telemetry exporting to ``exporter`` (None for ``none``).
+              attributes: Mapping[str, Any] | None = None,
+              prometheus: CollectorRegistry | None = None) -> Telemetry | None:
+    """Telemetry exporting to ``exporter`` (None for ``none`` without ``prometheus``).
 
     With ``set_global`` the tracer provider becomes OpenTelemetry's global one, so the
     workers' tool spans (``engine.observability.tools``) go to the same exporter; a
     process can do that once. Metrics are exported every ``metrics_interval_ms``
-    (default ``$OTEL_METRIC_EXPORT_INTERVAL`` or 60 s) and at shutdown.
+    (default ``$OTEL_METRIC_EXPORT_INTERVAL`` or 60 s) and at shutdown. With
+    ``prometheus`` the metrics are also read into that registry at each scrape of
+    ``/metrics`` (``engine.observability.health``); with ``none`` they go only there,
+    and no spans are made.
     """
     if exporter not in EXPORTERS:
         raise TelemetryError(f"--otel is one of {', '.join(EXPORTERS)}, not {exporter!r}")
-    if exporter == "none":
-        return None
     resource = Resource.create({"service.name": "terranoha", **(attributes or {})})
+    if exporter == "none":
+        if prometheus is None:
+            return None
+        return Telemetry(meter_provider=prometheus_meter_provider(prometheus, resource),
+                         resource=resource)
     processor: SpanProcessor
     reader: MetricReader
     if exporter == "console":
@@ -149,7 +158,9 @@ def configure(exporter: str, *, set_global: bool = True,
                                                export_interval_millis=metrics_interval_ms)
     tracer_provider = TracerProvider(resource=resource)
     tracer_provider.add_span_processor(processor)
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    meter_provider = (MeterProvider(resource=resource, metric_readers=[reader])
+                      if prometheus is None
+                      else prometheus_meter_provider(prometheus, resource, (reader,)))
     if set_global:
         trace.set_tracer_provider(tracer_provider)
     return Telemetry(processor, meter_provider, tracer_provider, resource)

@@ -37,7 +37,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from engine.core import events as ev
-from engine.core.state import RunState
+from engine.core.kinds import HandlerAction
+from engine.core.state import RunState, RunStatus
 from engine.observability._ids import attempt_span_id, run_span_id, step_span_id, trace_id_of
 from projections.redaction import DEFAULT_POLICY, PolicyBook, RedactionPolicy
 
@@ -150,52 +151,63 @@ class RunSpans:
     # ------------------------------------------------------------------ events
 
     def _apply(self, run: _Run, e: ev.Event, out: list[ReadableSpan]) -> None:
+        """Open or end spans (``_SPAN_CHANGES``), or add a span event (``_SPAN_EVENTS``)
+        to the step's span or the run's."""
+        change = _SPAN_CHANGES.get(type(e))
+        if change is not None:
+            change(self, run, e, out)
+            return
+        describe = _SPAN_EVENTS.get(type(e))
+        if describe is None:
+            return
+        name, attributes = describe(e)
         step_name = getattr(e, "step", None)
-        if isinstance(e, ev.RunStarted):
-            run.root.start = e.ts
-            run.root.attributes.update({
-                "terranoha.requested_by": e.requested_by, "terranoha.priority": e.priority,
-                "terranoha.run.input": _payload(e.input)})
-        elif isinstance(e, ev.StepStarted):
-            previous = run.steps.pop(e.step, None)
-            if previous is not None:
-                self._end(run, previous, e.ts, "superseded", out)
-            run.visits[e.step] = e.visit
-            run.steps[e.step] = self._step(run, e.step, e.visit, e.kind, e.ts)
-        elif isinstance(e, ev.TaskDispatched):
-            step = self._step_of(run, e.step, e.ts)
-            run.attempts[e.task_id] = _Open(
-                f"task {e.queue}", attempt_span_id(e.task_id), step.span_id, e.ts,
-                {**run.base, "terranoha.step": e.step,
-                 "terranoha.step.visit": step.attributes["terranoha.step.visit"],
-                 "terranoha.task.attempt": e.attempt, "terranoha.task.phase": e.phase,
-                 "terranoha.task.queue": e.queue, "terranoha.task.id": e.task_id,
-                 "terranoha.task.input": _payload(e.input)})
-        elif isinstance(e, ev.TaskCompleted | ev.TaskFailed):
-            self._attempt_ended(run, e, out)
-        elif isinstance(e, ev.StepCompleted):
-            span = self._step_of(run, e.step, e.ts)
-            span.attributes["terranoha.step.result"] = _payload(e.result)
-            self._end(run, run.steps.pop(e.step), e.ts, "completed", out)
-        elif isinstance(e, ev.StepFailed):
-            span = self._step_of(run, e.step, e.ts)
-            span.attributes.update(_error(e.error_class, e.code, e.message))
-            span.error = f"{e.code}: {e.message}"
-            self._end(run, run.steps.pop(e.step), e.ts, "failed", out)
-        elif isinstance(e, ev.BusinessErrorHandled):
-            span = self._step_of(run, e.step, e.ts)
-            span.events.append(_event("business error handled", e.ts, code=e.code,
-                                      action=e.action, target=e.target))
-            if e.action == "goto":
-                self._end(run, run.steps.pop(e.step), e.ts, "branched", out)
-        elif isinstance(e, ev.RunCompleted | ev.RunFailed | ev.RunCancelled):
-            self._run_ended(run, e, out)
-        else:
-            name, attributes = _span_event(e)
-            if name:
-                target = (self._step_of(run, step_name, e.ts) if isinstance(step_name, str)
-                          and step_name and not _run_level(e) else run.root)
-                target.events.append(_event(name, e.ts, **attributes))
+        target = (self._step_of(run, step_name, e.ts) if isinstance(step_name, str)
+                  and step_name and not _run_level(e) else run.root)
+        target.events.append(_event(name, e.ts, **attributes))
+
+    def _run_started(self, run: _Run, e: ev.RunStarted, out: list[ReadableSpan]) -> None:
+        run.root.start = e.ts
+        run.root.attributes.update({
+            "terranoha.requested_by": e.requested_by, "terranoha.priority": e.priority,
+            "terranoha.run.input": _payload(e.input)})
+
+    def _step_started(self, run: _Run, e: ev.StepStarted, out: list[ReadableSpan]) -> None:
+        previous = run.steps.pop(e.step, None)
+        if previous is not None:
+            self._end(run, previous, e.ts, "superseded", out)
+        run.visits[e.step] = e.visit
+        run.steps[e.step] = self._step(run, e.step, e.visit, e.kind, e.ts)
+
+    def _task_dispatched(self, run: _Run, e: ev.TaskDispatched,
+                         out: list[ReadableSpan]) -> None:
+        step = self._step_of(run, e.step, e.ts)
+        run.attempts[e.task_id] = _Open(
+            f"task {e.queue}", attempt_span_id(e.task_id), step.span_id, e.ts,
+            {**run.base, "terranoha.step": e.step,
+             "terranoha.step.visit": step.attributes["terranoha.step.visit"],
+             "terranoha.task.attempt": e.attempt, "terranoha.task.phase": e.phase,
+             "terranoha.task.queue": e.queue, "terranoha.task.id": e.task_id,
+             "terranoha.task.input": _payload(e.input)})
+
+    def _step_completed(self, run: _Run, e: ev.StepCompleted, out: list[ReadableSpan]) -> None:
+        span = self._step_of(run, e.step, e.ts)
+        span.attributes["terranoha.step.result"] = _payload(e.result)
+        self._end(run, run.steps.pop(e.step), e.ts, "completed", out)
+
+    def _step_failed(self, run: _Run, e: ev.StepFailed, out: list[ReadableSpan]) -> None:
+        span = self._step_of(run, e.step, e.ts)
+        span.attributes.update(_error(e.error_class, e.code, e.message))
+        span.error = f"{e.code}: {e.message}"
+        self._end(run, run.steps.pop(e.step), e.ts, "failed", out)
+
+    def _business_error_handled(self, run: _Run, e: ev.BusinessErrorHandled,
+                                out: list[ReadableSpan]) -> None:
+        span = self._step_of(run, e.step, e.ts)
+        span.events.append(_event("business error handled", e.ts, code=e.code,
+                                  action=e.action, target=e.target))
+        if e.action == HandlerAction.GOTO:
+            self._end(run, run.steps.pop(e.step), e.ts, "branched", out)
 
     def _attempt_ended(self, run: _Run, e: ev.TaskCompleted | ev.TaskFailed,
                        out: list[ReadableSpan]) -> None:
@@ -223,12 +235,13 @@ class RunSpans:
             self._end(run, span, e.ts, "failed", out)
 
     def _run_ended(self, run: _Run, e: ev.Event, out: list[ReadableSpan]) -> None:
-        status = {ev.RunCompleted: "completed", ev.RunFailed: "failed",
-                  ev.RunCancelled: "cancelled"}[type(e)]
+        outcome = _OUTCOMES[type(e)]
+        status = outcome.value.lower()
+        cancelled = outcome is RunStatus.CANCELLED
         for span in list(run.attempts.values()):
-            self._end(run, span, e.ts, status if status == "cancelled" else "abandoned", out)
+            self._end(run, span, e.ts, status if cancelled else "abandoned", out)
         for span in list(run.steps.values()):
-            self._end(run, span, e.ts, status if status == "cancelled" else "unfinished", out)
+            self._end(run, span, e.ts, status if cancelled else "unfinished", out)
         run.attempts.clear()
         run.steps.clear()
         if isinstance(e, ev.RunCompleted):
@@ -288,56 +301,132 @@ def _run_level(e: ev.Event) -> bool:
     return isinstance(e, ev.SlaBreached) and e.scope == "run"
 
 
-def _span_event(e: ev.Event) -> tuple[str, Attributes]:
-    """The span event an event becomes (name, attributes), or ("", {}) for none."""
-    if isinstance(e, ev.RetryScheduled):
-        return "retry scheduled", {"terranoha.task.attempt": e.attempt,
-                                   "terranoha.task.phase": e.phase,
-                                   "terranoha.retry.delay_ms": e.delay_ms,
-                                   "terranoha.retry.due_at": e.due_at}
-    if isinstance(e, ev.ApprovalRequested):
-        return "approval requested", {
-            "terranoha.approval.id": e.approval_id, "terranoha.approval.reason": e.reason,
-            "terranoha.approval.approvers": list(e.approvers),
-            "terranoha.approval.quorum": e.quorum, "terranoha.approval.expires_at": e.expires_at,
-            "terranoha.approval.payload": _payload(e.payload)}
-    if isinstance(e, ev.ApprovalVoted):
-        return "approval voted", {"terranoha.approval.id": e.approval_id,
-                                  "terranoha.approval.approver": e.approver,
-                                  "terranoha.approval.comment": e.comment}
-    if isinstance(e, ev.ApprovalGranted):
-        return "approval granted", {"terranoha.approval.id": e.approval_id,
-                                    "terranoha.approval.approvers": list(e.approvers),
-                                    "terranoha.approval.comment": e.comment}
-    if isinstance(e, ev.ApprovalRejected):
-        return "approval rejected", {"terranoha.approval.id": e.approval_id,
-                                     "terranoha.approval.approver": e.approver,
-                                     "terranoha.approval.comment": e.comment}
-    if isinstance(e, ev.ApprovalExpired):
-        return "approval expired", {"terranoha.approval.id": e.approval_id}
-    if isinstance(e, ev.ApprovalReminded):
-        return "approval reminded", {"terranoha.approval.id": e.approval_id,
-                                     "terranoha.approval.reminder": e.reminder}
-    if isinstance(e, ev.Escalated):
-        return "escalated", {"terranoha.escalation.to": e.to,
-                             "terranoha.escalation.reason": e.reason}
-    if isinstance(e, ev.SlaBreached):
-        return "sla breached", {"terranoha.sla.scope": e.scope, "terranoha.sla.due_at": e.due_at}
-    if isinstance(e, ev.SignalAwaited):
-        return "signal awaited", {"terranoha.signal.name": e.name,
-                                  "terranoha.signal.timeout_at": e.timeout_at}
-    if isinstance(e, ev.SignalReceived):
-        return "signal received", {"terranoha.signal.name": e.name,
-                                   "terranoha.signal.data": _payload(e.data)}
-    if isinstance(e, ev.SleepStarted):
-        return "sleep started", {"terranoha.sleep.until": e.until}
-    if isinstance(e, ev.ChoiceEvaluated):
-        return "choice evaluated", {"terranoha.choice.branch": e.branch,
-                                    "terranoha.choice.target": e.target}
-    if isinstance(e, ev.CommandRejected):
-        return "command rejected", {"terranoha.command.type": e.command_type,
-                                    "terranoha.command.id": e.command_id,
-                                    "terranoha.command.reason": e.reason,
-                                    "terranoha.command.detail": e.detail,
-                                    "terranoha.command.by": getattr(e, "by", "")}
-    return "", {}
+_Describe = Callable[[Any], tuple[str, Attributes]]
+_SPAN_EVENTS: dict[type[ev.Event], _Describe] = {}
+"""The span event each event becomes: its name and attributes."""
+
+
+def _describes(*event_types: type[ev.Event]) -> Callable[[_Describe], _Describe]:
+    def register(fn: _Describe) -> _Describe:
+        for event_type in event_types:
+            _SPAN_EVENTS[event_type] = fn
+        return fn
+
+    return register
+
+
+@_describes(ev.RetryScheduled)
+def _retry_scheduled(e: ev.RetryScheduled) -> tuple[str, Attributes]:
+    return "retry scheduled", {"terranoha.task.attempt": e.attempt,
+                               "terranoha.task.phase": e.phase,
+                               "terranoha.retry.delay_ms": e.delay_ms,
+                               "terranoha.retry.due_at": e.due_at}
+
+
+@_describes(ev.ApprovalRequested)
+def _approval_requested(e: ev.ApprovalRequested) -> tuple[str, Attributes]:
+    return "approval requested", {
+        "terranoha.approval.id": e.approval_id, "terranoha.approval.reason": e.reason,
+        "terranoha.approval.approvers": list(e.approvers),
+        "terranoha.approval.quorum": e.quorum, "terranoha.approval.expires_at": e.expires_at,
+        "terranoha.approval.payload": _payload(e.payload)}
+
+
+@_describes(ev.ApprovalVoted)
+def _approval_voted(e: ev.ApprovalVoted) -> tuple[str, Attributes]:
+    return "approval voted", {"terranoha.approval.id": e.approval_id,
+                              "terranoha.approval.approver": e.approver,
+                              "terranoha.approval.comment": e.comment}
+
+
+@_describes(ev.ApprovalGranted)
+def _approval_granted(e: ev.ApprovalGranted) -> tuple[str, Attributes]:
+    return "approval granted", {"terranoha.approval.id": e.approval_id,
+                                "terranoha.approval.approvers": list(e.approvers),
+                                "terranoha.approval.comment": e.comment}
+
+
+@_describes(ev.ApprovalRejected)
+def _approval_rejected(e: ev.ApprovalRejected) -> tuple[str, Attributes]:
+    return "approval rejected", {"terranoha.approval.id": e.approval_id,
+                                 "terranoha.approval.approver": e.approver,
+                                 "terranoha.approval.comment": e.comment}
+
+
+@_describes(ev.ApprovalExpired)
+def _approval_expired(e: ev.ApprovalExpired) -> tuple[str, Attributes]:
+    return "approval expired", {"terranoha.approval.id": e.approval_id}
+
+
+@_describes(ev.ApprovalReminded)
+def _approval_reminded(e: ev.ApprovalReminded) -> tuple[str, Attributes]:
+    return "approval reminded", {"terranoha.approval.id": e.approval_id,
+                                 "terranoha.approval.reminder": e.reminder}
+
+
+@_describes(ev.Escalated)
+def _escalated(e: ev.Escalated) -> tuple[str, Attributes]:
+    return "escalated", {"terranoha.escalation.to": e.to,
+                         "terranoha.escalation.reason": e.reason}
+
+
+@_describes(ev.SlaBreached)
+def _sla_breached(e: ev.SlaBreached) -> tuple[str, Attributes]:
+    return "sla breached", {"terranoha.sla.scope": e.scope, "terranoha.sla.due_at": e.due_at}
+
+
+@_describes(ev.SignalAwaited)
+def _signal_awaited(e: ev.SignalAwaited) -> tuple[str, Attributes]:
+    return "signal awaited", {"terranoha.signal.name": e.name,
+                              "terranoha.signal.timeout_at": e.timeout_at}
+
+
+@_describes(ev.SignalReceived)
+def _signal_received(e: ev.SignalReceived) -> tuple[str, Attributes]:
+    return "signal received", {"terranoha.signal.name": e.name,
+                               "terranoha.signal.data": _payload(e.data)}
+
+
+@_describes(ev.SleepStarted)
+def _sleep_started(e: ev.SleepStarted) -> tuple[str, Attributes]:
+    return "sleep started", {"terranoha.sleep.until": e.until}
+
+
+@_describes(ev.ChoiceEvaluated)
+def _choice_evaluated(e: ev.ChoiceEvaluated) -> tuple[str, Attributes]:
+    return "choice evaluated", {"terranoha.choice.branch": e.branch,
+                                "terranoha.choice.target": e.target}
+
+
+@_describes(ev.CommandRejected, ev.CommandRejectedV2)
+def _command_rejected(e: ev.CommandRejected) -> tuple[str, Attributes]:
+    return "command rejected", {"terranoha.command.type": e.command_type,
+                                "terranoha.command.id": e.command_id,
+                                "terranoha.command.reason": e.reason,
+                                "terranoha.command.detail": e.detail,
+                                "terranoha.command.by": getattr(e, "by", "")}
+
+
+_Change = Callable[[RunSpans, _Run, Any, list[ReadableSpan]], None]
+_SPAN_CHANGES: dict[type[ev.Event], _Change] = {
+    ev.RunStarted: RunSpans._run_started,
+    ev.StepStarted: RunSpans._step_started,
+    ev.TaskDispatched: RunSpans._task_dispatched,
+    ev.TaskCompleted: RunSpans._attempt_ended,
+    ev.TaskFailed: RunSpans._attempt_ended,
+    ev.StepCompleted: RunSpans._step_completed,
+    ev.StepFailed: RunSpans._step_failed,
+    ev.BusinessErrorHandled: RunSpans._business_error_handled,
+    ev.RunCompleted: RunSpans._run_ended,
+    ev.RunFailed: RunSpans._run_ended,
+    ev.RunCancelled: RunSpans._run_ended,
+}
+"""Events that open or end spans, and what they do."""
+
+_OUTCOMES: dict[type[ev.Event], RunStatus] = {
+    ev.RunCompleted: RunStatus.COMPLETED, ev.RunFailed: RunStatus.FAILED,
+    ev.RunCancelled: RunStatus.CANCELLED}
+"""How a run ended, by the event that ended it; its span status is the lower-case name."""
+
+IGNORED: tuple[type[ev.Event], ...] = (ev.TimerArmed, ev.TimerFired)
+"""Events that change no span: timers show up through what they cause."""

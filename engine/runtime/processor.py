@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 
 from engine.codec import DecodeError, decode
 from engine.core.admission_records import Acquire, AdmissionCommand, Release
-from engine.core.commands import Command, StartRun
+from engine.core.commands import Command, CorrelateMessage, StartRun
+from engine.core.correlation import (
+    CloseSubscription,
+    CorrelationCommand,
+    OpenSubscription,
+    PublishMessage,
+    RejectCorrelation,
+    refused_delivery,
+    subscription_changes,
+)
 from engine.core.decide import process
 from engine.core.events import Event, TimerArmed
 from engine.core.flow import FlowLimits
@@ -160,6 +169,10 @@ class Batch:
     run's own input partition, in the same atomic unit."""
     forwarded_from: list[Input] = field(default_factory=list)
     """The trigger each of ``forwards`` was read from, in the same order."""
+    correlation: list[CorrelationCommand] = field(default_factory=list)
+    """The subscriptions the batch's keyed waits open and close, in order, and (on the
+    embedded backend, whose one inputs table carries them) published messages. Written to
+    message correlation in the same atomic unit."""
     inputs: int = 0
     last: Input | None = None
 
@@ -209,12 +222,17 @@ class Processor:
 
     ``owns(run_id)`` says whether a run lives in this processor's cache (on Kafka: its
     partition); a trigger for a run that lives elsewhere becomes a forward instead of a
-    decision. Inputs from ``triggers_source`` must be triggers: a command written there
-    is a dead letter, since it may address a run owned elsewhere."""
+    decision, and a command for one is a dead letter (``wrong_partition``) naming the
+    partition it belongs on (``partition_of``): deciding it here would answer "no such
+    run" for a run that exists, or start a second one. Inputs from ``triggers_source``
+    must be triggers: a command written there is a dead letter, since it may address a
+    run owned elsewhere."""
 
     def __init__(self, specs: SpecRegistry, cache: StateCache,
                  owns: Callable[[str], bool] | None = None,
                  triggers_source: str | None = None,
+                 partition_of: Callable[[str], int] | None = None,
+                 accepts_messages: bool = False,
                  flow: Callable[[], FlowLimits | None] | None = None) -> None:
         self.specs = specs
         self.flow = flow
@@ -223,6 +241,10 @@ class Processor:
         self.cache = cache
         self.owns = owns
         self.triggers_source = triggers_source
+        self.partition_of = partition_of
+        self.accepts_messages = accepts_messages
+        """Published messages among the inputs go to ``Batch.correlation`` (embedded);
+        otherwise they are dead letters that say where messages go."""
 
     def process(self, inputs: Iterable[Input], now: int) -> Batch:
         batch = Batch()
@@ -254,6 +276,16 @@ class Processor:
                 continue
             elif isinstance(record, Command):
                 command = record
+            elif isinstance(record, PublishMessage) and self.accepts_messages:
+                batch.correlation.append(record)
+                continue
+            elif isinstance(record, PublishMessage | OpenSubscription | CloseSubscription
+                            | RejectCorrelation):
+                self._dead(batch, item, "unexpected_record",
+                           f"{type(record).__name__} is a message-correlation record: publish "
+                           "messages to the messages topic (`terranoha publish`), keyed by "
+                           "tenant/name/key", now)
+                continue
             else:
                 self._dead(batch, item, "unexpected_record",
                            f"{type(record).__name__} is not a command or a trigger", now)
@@ -264,6 +296,10 @@ class Processor:
     def apply(self, batch: Batch, item: Input, command: Command, now: int) -> None:
         run_id = command.run_id
         state = batch.states.get(run_id) or self.cache.get(run_id)
+        if state is None and self.owns is not None and not self.owns(run_id):
+            self._dead(batch, item, "wrong_partition", self._misrouted(command, item), now,
+                       run_id)
+            return
         if state is not None and state.workflow:
             spec = self.specs.get(state.workflow, state.version)
         elif isinstance(command, StartRun):
@@ -296,6 +332,11 @@ class Processor:
         batch.recorded.append(RecordedCommand(run_id=run_id, command=command, now=now,
                                               first_seq=events[0].seq, last_seq=events[-1].seq))
         batch.recorded_offsets.append(item.offset)
+        batch.correlation.extend(subscription_changes(state, events, decision.state))
+        if isinstance(command, CorrelateMessage):
+            refused = refused_delivery(command, events)
+            if refused is not None:
+                batch.correlation.append(refused)
         workflow = decision.state.workflow
         for event in events:
             if isinstance(event, TimerArmed):
@@ -308,6 +349,15 @@ class Processor:
                     batch.admission.append(out)
                 else:
                     batch.notifications.append(out)
+
+    def _misrouted(self, command: Command, item: Input) -> str:
+        home = ("another partition" if self.partition_of is None
+                else f"partition {self.partition_of(command.run_id)}")
+        return (f"{command.TYPE} for run {command.run_id!r} reached partition {item.partition} "
+                f"of {item.source}, but that run lives on {home}: every record of a run is "
+                "keyed by its run id (UTF-8 bytes) and partitioned by Kafka's default "
+                "partitioner (murmur2 of the key, modulo the partition count); send it "
+                f"with key {command.run_id!r} and no explicit partition, or to {home}")
 
     @staticmethod
     def _dead(batch: Batch, item: Input, reason: str, detail: str, now: int,

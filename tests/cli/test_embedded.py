@@ -368,3 +368,46 @@ def test_on_the_store_run_wait_fires_due_timers_and_status_says_when_none_will(
     assert waited.code == 0, waited
     assert "Waiting at step sign (waiting for approval by ops" in waited.out
     assert cli("status", waited.out.splitlines()[0], "--db", db).err == ""
+
+
+KEYED = """\
+workflow: keyed
+version: 1
+input: {order: string}
+steps:
+  - id: pay
+    wait_event: {name: payment, key: input.order, timeout: 1h}
+"""
+
+
+def test_publish_completes_only_the_wait_of_its_key_and_messages_lists_it(
+        cli: Cli, tmp_path: Path) -> None:
+    db = str(tmp_path / "t.db")
+    (tmp_path / "keyed.yaml").write_text(KEYED)
+    mine = cli("run", str(tmp_path / "keyed.yaml"), "--input", '{"order": "o-1"}', "--key",
+               "a", "--db", db).out.splitlines()[0]
+    other = cli("run", "keyed", "--input", '{"order": "o-2"}', "--key", "b",
+                "--db", db).out.splitlines()[0]
+    assert "waiting for message 'payment' with key 'o-1'" in cli("status", mine,
+                                                               "--db", db).out
+    published = cli("publish", "payment", "--key", "o-1", "--data", '{"paid": 5}', "--id",
+                    "tx-1", "--db", db)
+    assert published.code == 0, published.err
+    assert cli("publish", "payment", "--key", "o-1", "--id", "tx-1", "--db", db).code == 0
+    assert "Completed" in cli("status", mine, "--db", db).out
+    assert "Waiting" in cli("status", other, "--db", db).out
+    assert cli("publish", "payment", "--key", "nobody", "--ttl", "0", "--id", "lost",
+               "--db", db).code == 0
+    listed = cli("messages", "--db", db).out.splitlines()
+    assert [line.split("\t")[1:] for line in listed] == [
+        ["tx-1", "payment", "o-1", "buffered", mine],
+        ["lost", "payment", "nobody", "unmatched", "-"]]
+    assert cli("messages", "--status", "unmatched", "--json", "--db", db).out.count("\n") == 1
+
+
+def test_publish_refuses_bad_input_naming_the_option(cli: Cli, tmp_path: Path) -> None:
+    db = str(tmp_path / "t.db")
+    for args, word in ((["--key", "k", "--ttl", "soon"], "--ttl"),
+                       (["--key", " "], "key"), (["--key", "k", "--data", "{"], "--data")):
+        refused = cli("publish", "payment", *args, "--db", db)
+        assert refused.code == 2 and word in refused.err, (args, refused)

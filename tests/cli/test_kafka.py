@@ -104,13 +104,14 @@ def test_topics_create_is_idempotent(cli: Cli, kafka: list[str]) -> None:
     first = cli("topics", "create", *kafka, "--partitions", PARTITIONS)
     assert first.code == 0, first.err
     lines = first.out.splitlines()
-    assert len(lines) == 7 and all(line.startswith("created") for line in lines)
+    assert len(lines) == 10 and all(line.startswith("created") for line in lines)
     assert f"created  {prefix}.run-inputs (3 partitions)" in lines
+    assert f"created  {prefix}.messages (3 partitions)" in lines
     assert f"created  {prefix}.specs (1 partition)" in lines
 
     again = cli("topics", "create", *kafka, "--partitions", PARTITIONS)
     assert again.code == 0, again.err
-    assert [line.split()[0] for line in again.out.splitlines()] == ["exists"] * 7
+    assert [line.split()[0] for line in again.out.splitlines()] == ["exists"] * 10
 
 
 @pytest.mark.kafka
@@ -233,5 +234,48 @@ def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str],
             [bad.out.splitlines()[0], waited.out.splitlines()[0]])
         assert cli("runs", "--status", "cancelled", *kafka).out.startswith(
             other.out.splitlines()[0])
+    finally:
+        _stop(server)
+
+
+KEYED = """\
+workflow: cli-keyed
+version: 1
+input: {order: string}
+steps:
+  - id: pay
+    wait_event: {name: payment, key: input.order, timeout: 1h}
+"""
+
+
+@pytest.mark.kafka
+def test_publish_reaches_the_wait_of_its_key_through_serve(cli: Cli, kafka: list[str],
+                                                          tmp_path: Path) -> None:
+    """``serve --kafka`` runs message correlation: a message published from the command
+    line completes the run waiting for its key, and leaves the other waiting."""
+    spec = tmp_path / "keyed.yaml"
+    spec.write_text(KEYED)
+    assert cli("topics", "create", *kafka, "--partitions", PARTITIONS).code == 0
+    assert cli("workflows", "deploy", str(spec), *kafka).code == 0
+    mine = cli("run", "cli-keyed", "--input", '{"order": "o-1"}', "--key", "a", *kafka)
+    other = cli("run", "cli-keyed", "--input", '{"order": "o-2"}', "--key", "b", *kafka)
+    mine_id, other_id = mine.out.splitlines()[0], other.out.splitlines()[0]
+    server = _serve(kafka, tmp_path)
+    try:
+        waiting = _eventually(lambda: cli("status", mine_id, *kafka),
+                              lambda r: "Waiting" in r.out)
+        assert "waiting for message 'payment' with key 'o-1'" in waiting.out, waiting
+        _eventually(lambda: cli("status", other_id, *kafka), lambda r: "Waiting" in r.out)
+        published = cli("publish", "payment", "--key", "o-1", "--data", '{"paid": 5}',
+                        "--id", "tx-1", "--ttl", "0", *kafka)
+        assert published.code == 0, published
+        assert published.out == "published message tx-1 (payment, key 'o-1', ttl 0ms)\n"
+        _eventually(lambda: cli("status", mine_id, *kafka), lambda r: "Completed" in r.out)
+        listed = _eventually(lambda: cli("messages", "--json", *kafka),
+                             lambda r: '"delivered"' in r.out)
+        rows = [json.loads(line) for line in listed.out.splitlines()]
+        assert [(r["message_id"], r["status"], r["runs"]) for r in rows] == [
+            ("tx-1", "delivered", [mine_id])]
+        assert "Waiting" in cli("status", other_id, *kafka).out
     finally:
         _stop(server)

@@ -160,3 +160,32 @@ def test_an_event_version_without_its_class_is_unknown_not_read_as_another(
     with pytest.raises(DecodeError, match="no class for TaskCompleted v2") as caught:
         Codec(folder).decode(data)
     assert caught.value.reason == "unknown_schema"
+
+
+def test_a_run_state_snapshot_of_v1_reads_into_v2_with_no_signal_key() -> None:
+    """Snapshots on a changelog written before keyed waits recorded their key still
+    restore: RunState v1 reads into v2 with ``signal_key`` unset."""
+    import io
+    import json
+    import struct
+
+    from fastavro import parse_schema, schemaless_reader, schemaless_writer
+
+    from engine.core.state import RunState, StepState, Waiting
+
+    codec = default_codec()
+    state = RunState(run_id="r", tenant="t", correlation_id="c", workflow="w", version=1,
+                     seq=3, current=StepState(step="s", visit=1, kind="wait_event",
+                                              started_at=T0, waiting=Waiting.SIGNAL,
+                                              signal="payment"))
+    entries = {e.file: e.id for e in read_catalogue(codec.schemas_dir).entries}
+    v1 = parse_schema(json.loads((codec.schemas_dir / "state/RunState.v1.avsc").read_text()))
+    v2 = parse_schema(json.loads((codec.schemas_dir / "state/RunState.v2.avsc").read_text()))
+    body = codec.encode(state)[5:]
+    as_v1 = schemaless_reader(io.BytesIO(body), v2, v1)
+    out = io.BytesIO()
+    out.write(struct.pack(">BI", 0, entries["state/RunState.v1.avsc"]))
+    schemaless_writer(out, v1, as_v1)
+    decoded = codec.decode(out.getvalue())
+    assert decoded == state
+    assert decoded.current is not None and decoded.current.signal_key is None

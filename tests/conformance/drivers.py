@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.commands import Command
+from engine.core.correlation import CORRELATION_EVENTS, CorrelationEvent, PublishMessage
 from engine.core.events import Event
 from engine.core.records import DeadLetter, Trigger
 from engine.core.spec import WorkflowSpec
@@ -43,6 +44,12 @@ class Driver:
         raise NotImplementedError
 
     def dead_letters(self) -> list[DeadLetter]:
+        raise NotImplementedError
+
+    def publish(self, message: PublishMessage) -> None:
+        raise NotImplementedError
+
+    def message_events(self) -> list[CorrelationEvent]:
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -139,6 +146,12 @@ class EmbeddedDriver(Driver):
     def dead_letters(self) -> list[DeadLetter]:
         return self.store.dead_letters()
 
+    def publish(self, message: PublishMessage) -> None:
+        self.store.append_inputs([message], int(time.time() * 1000))
+
+    def message_events(self) -> list[CorrelationEvent]:
+        return self.store.message_events()
+
     def stop(self) -> None:
         if self.threads is not None:
             self.threads.close()
@@ -165,10 +178,12 @@ class KafkaDriver(Driver):
         self.threads = _LoopThread()
         self._events: dict[str, list[Event]] = {}
         self._dead: list[DeadLetter] = []
+        self._messages: list[CorrelationEvent] = []
 
     def start(self, specs: list[WorkflowSpec], registry: ToolRegistry) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+        from engine.kafka.correlation import CorrelationProcessor
         from engine.kafka.ledger import PostgresLedger
         from engine.kafka.processor import KafkaEngine
         from engine.kafka.specs import SpecFollower, publish_spec
@@ -188,7 +203,9 @@ class KafkaDriver(Driver):
         call(ledger.open())
         self._ledger = ledger
         self.worker = KafkaWorker(self.bootstrap, t, registry, ledger, app=self.app)
-        for runner in (self.engine.run, self.worker.run, follower.follow):
+        self.correlation = CorrelationProcessor(self.bootstrap, t, app=self.app)
+        for runner in (self.engine.run, self.worker.run, follower.follow,
+                       self.correlation.run):
             self.threads.spawn(runner)
 
         async def clients() -> None:
@@ -203,14 +220,19 @@ class KafkaDriver(Driver):
 
             parts = [TopicPartition(t.events, p) for p in range(t.partitions)]
             parts += [TopicPartition(t.dead_letters, p) for p in range(t.partitions)]
+            parts += [TopicPartition(t.message_events, p) for p in range(t.partitions)]
             self.reader.assign(parts)
             await self.reader.seek_to_beginning(*parts)
 
         call(clients())
         deadline = time.monotonic() + 60
-        while len(self.engine.parts) < t.partitions and time.monotonic() < deadline:
+        while ((len(self.engine.parts) < t.partitions
+                or len(self.correlation.parts) < t.partitions)
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         assert len(self.engine.parts) == t.partitions, "the engine never got its partitions"
+        assert len(self.correlation.parts) == t.partitions, \
+            "message correlation never got its partitions"
 
     def submit(self, *records: Command | Trigger) -> None:
         from engine.codec import encode
@@ -248,6 +270,8 @@ class KafkaDriver(Driver):
                         if tp.topic == self.topics.dead_letters:
                             assert isinstance(record, DeadLetter)
                             self._dead.append(record)
+                        elif isinstance(record, CORRELATION_EVENTS):
+                            self._messages.append(record)  # type: ignore[arg-type]
                         elif isinstance(record, Event):
                             self._events.setdefault(record.run_id, []).append(record)
 
@@ -260,6 +284,16 @@ class KafkaDriver(Driver):
     def dead_letters(self) -> list[DeadLetter]:
         self._read()
         return list(self._dead)
+
+    def publish(self, message: PublishMessage) -> None:
+        from engine.kafka.correlation import message_record
+
+        topic, key, value = message_record(self.topics, message)
+        self.threads.call(self.producer.send_and_wait(topic, value, key=key))
+
+    def message_events(self) -> list[CorrelationEvent]:
+        self._read()
+        return list(self._messages)
 
     def stop(self) -> None:
         from engine.kafka._util import stop_quietly

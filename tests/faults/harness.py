@@ -22,6 +22,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from engine.codec import decode, encode
 from engine.core.commands import Command
+from engine.core.correlation import PublishMessage, key_of
 from engine.core.events import Event
 from engine.core.evolve import fold
 from engine.core.policies import run_id_for
@@ -240,8 +241,10 @@ class Fleet:
     # ------------------------------------------------------------------ load
 
     def trigger(self, keys: list[str], workflow: str = "durable", copies: int = 1,
-                timeout_s: float = 60.0, requested_by: str = "harness") -> None:
-        """Publish one trigger per key (``copies`` times each), recording what was acked."""
+                timeout_s: float = 60.0, requested_by: str = "harness",
+                input_of: Callable[[str], Any] | None = None) -> None:
+        """Publish one trigger per key (``copies`` times each), recording what was acked.
+        A run's input is ``input_of(key)``, by default ``{"n": len(key)}``."""
 
         async def go() -> None:
             producer = AIOKafkaProducer(bootstrap_servers=self.infra.bootstrap, acks="all",
@@ -251,8 +254,9 @@ class Fleet:
                 futures = []
                 for _ in range(copies):
                     for i, key in enumerate(keys):
+                        data = {"n": len(key)} if input_of is None else input_of(key)
                         trigger = Trigger(workflow=workflow, idempotency_key=key,
-                                          input={"n": len(key)}, requested_by=requested_by)
+                                          input=data, requested_by=requested_by)
                         # Half keyed by run id (decided where they land), half by the
                         # idempotency key (mostly forwarded to their run's partition).
                         record_key = run_id_for("default", key) if i % 2 else key
@@ -296,6 +300,24 @@ class Fleet:
 
         asyncio.run(go())
         self.sent.commands.extend(commands)
+
+    def publish(self, messages: list[PublishMessage]) -> None:
+        """Messages onto the messages topic, keyed by correlation key (what an outside
+        producer does); acknowledged by the broker or the call fails."""
+
+        async def go() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=self.infra.bootstrap, acks="all",
+                                        enable_idempotence=True)
+            try:
+                await producer.start()
+                for message in messages:
+                    await producer.send(self.topics.messages, encode(message),
+                                        key=key_of(message).encode())
+                await producer.flush()
+            finally:
+                await producer.stop()
+
+        asyncio.run(go())
 
     def allow_large(self, *topics: str, max_bytes: int = 4 << 20) -> None:
         """Raise ``max.message.bytes`` on ``topics`` (the broker default is about 1 MiB, the

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -244,3 +245,15 @@ def test_a_command_refused_after_the_run_ended_opens_no_trace() -> None:
     spans = RunSpans(_book())
     spans.apply(flow.log[:-1])
     assert spans.apply(late) == [] and len(spans) == 0
+
+
+@pytest.mark.parametrize("event_type", list(ev.EVENT_TYPES.values()), ids=lambda t: t.__name__)
+def test_every_event_type_changes_spans_becomes_a_span_event_or_is_known_to_do_neither(
+        event_type: type[ev.Event]) -> None:
+    from engine.observability import spans
+
+    roles = [event_type in spans._SPAN_CHANGES, event_type in spans._SPAN_EVENTS,
+             event_type in spans.IGNORED]
+    assert roles.count(True) == 1, (
+        f"{event_type.__name__}: add it to exactly one of _SPAN_CHANGES, _SPAN_EVENTS "
+        "(@_describes) or IGNORED in engine/observability/spans.py")

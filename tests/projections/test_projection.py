@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from engine.codec import decode, encode
 from engine.core import events as ev
 from projections.project import (
@@ -170,3 +172,14 @@ def test_the_timeline_record_round_trips_and_resumes_the_fold() -> None:
 def test_the_cli_timeline_still_renders() -> None:
     text = render_timeline(build_timeline(breached("r9", BASE)))
     assert "sla BREACHED" in text and "review" in text
+
+
+@pytest.mark.parametrize("event_type", list(ev.EVENT_TYPES.values()), ids=lambda t: t.__name__)
+def test_every_event_type_is_folded_into_the_timeline_or_known_to_change_nothing(
+        event_type: type[ev.Event]) -> None:
+    from projections import timeline
+
+    folded, ignored = event_type in timeline._FOLDS, event_type in timeline.IGNORED
+    assert folded != ignored, (
+        f"register a @_folds({event_type.__name__}) in projections/timeline.py, or add it "
+        "to IGNORED if a timeline shows nothing of it")

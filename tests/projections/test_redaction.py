@@ -171,3 +171,51 @@ def test_the_taint_lives_in_the_fold_state_across_batches() -> None:
     rest = project_batch(first.touched, [(e, 0, 100 + i) for i, e in enumerate(events[-2:])],
                          BOOK)
     assert IBAN not in (json_text(run_row(rest.touched["run-0"])) or "")
+
+
+@pytest.mark.parametrize("value", [
+    {"api_token": "tok-123"},
+    {"access_token": "ya29.a0AfH6"},
+    {"refresh_token": "1//0gLx"},
+    {"ACCESS_TOKEN": "upper"},
+    {"X-Auth-Token": "header-style"},
+    {"tokenSecret": "camel"},
+    {"id_token": ["a", "list", "of", "parts"]},
+    {"session_token": {"value": "nested-object", "expires": 3600}},
+    {"otp_token": 123456},  # a number, but not a count of tokens
+    {"csrf_token": "123456"},  # a numeric string is still a string
+    {"tokens": "a-string-under-a-plural-key"},
+    {"deep": [{"x": {"github_token": "ghp_abc"}}]},
+])
+def test_built_in_token_keys_let_no_secret_through(value: dict[str, Any]) -> None:
+    shown = redact(value)
+    assert shown != value
+    leaked = _leaves(value) & _leaves(shown)
+    assert not leaked, f"{leaked} slipped through: {shown}"
+    assert MARKER in json.dumps(shown)
+
+
+def test_token_counts_stay_readable_unless_the_spec_hides_them() -> None:
+    usage = {"usage": {"prompt_tokens": 512, "completion_tokens": 88, "total_tokens": 600,
+                       "cached_tokens": 0, "max_tokens": 4096.0, "token_count": 7}}
+    assert redact(usage) == usage
+    everything = RedactionPolicy.of(["*token*"]).value(usage)
+    assert everything == {"usage": {k: MARKER for k in usage["usage"]}}
+
+
+def test_a_hidden_token_is_hidden_wherever_it_turns_up_in_the_run() -> None:
+    taint: set[str] = set()
+    policy = RedactionPolicy.of()
+    assert policy.value({"access_token": "ya29.secret-value"}, "input", taint) == {
+        "access_token": MARKER}
+    assert policy.value({"note": "ya29.secret-value"}, "steps.call.input", taint) == {
+        "note": MARKER}
+
+
+def _leaves(value: Any) -> set[str]:
+    """Every string and number in ``value`` (not its keys), as text."""
+    if isinstance(value, dict):
+        return set().union(*(_leaves(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_leaves(v) for v in value))
+    return {str(value)} if isinstance(value, str | int | float) else set()

@@ -126,3 +126,17 @@ def test_origin_headers_that_disagree_with_the_record_are_not_believed() -> None
     hand = encode(StartRun(command_id="c", run_id="r", workflow="nowhere", version=1))
     assert forwarded_origin(Input("inputs", 0, 9, hand, forwarded.headers)) is None
     assert forwarded_origin(forwarded) is not None
+
+
+def test_a_command_for_a_run_owned_elsewhere_is_a_dead_letter_naming_its_partition() -> None:
+    theirs = run_id_for("default", "theirs")
+    specs = SpecRegistry()
+    specs.add(SPEC)
+    processor = Processor(specs, StateCache(), owns=lambda run_id: False,
+                          triggers_source="triggers", partition_of=lambda run_id: 4)
+    start = encode(StartRun(command_id="c", run_id=theirs, workflow="hold", version=1))
+    batch = processor.process([Input("inputs", 1, 0, start)], NOW)
+    assert not batch.states and not batch.events
+    [dead] = batch.dead_letters
+    assert (dead.reason, dead.run_id, dead.partition) == ("wrong_partition", theirs, 1)
+    assert "reached partition 1 of inputs, but that run lives on partition 4" in dead.detail
