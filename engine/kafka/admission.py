@@ -66,7 +66,8 @@ class AdmissionTopics:
                 NewTopic(k.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
                 NewTopic(k.changelog, n, r, topic_configs=dict(COMPACTED)),
                 NewTopic(k.dead_letters, n, r, topic_configs=dict(RETAIN_FOREVER)),
-                NewTopic(self.grants, n, r), NewTopic(self.alerts, n, r)]
+                NewTopic(self.grants, n, r), NewTopic(self.alerts, n, r),
+                NewTopic(self.topics.inputs, n, r)]  # where the answers to runs go
 
     async def ensure(self, bootstrap: str) -> None:
         await ensure_topics(bootstrap, self.new_topics())
