@@ -179,7 +179,8 @@ class _Fold:
 
 
 _FOLDS: dict[type[ev.Event], _Fold] = {}
-IGNORED: tuple[type[ev.Event], ...] = (ev.TimerFired, ev.ChoiceEvaluated, ev.ApprovalReminded)
+IGNORED: tuple[type[ev.Event], ...] = (ev.TimerFired, ev.ChoiceEvaluated, ev.ApprovalReminded,
+                                       ev.SlotReleased)
 """Events that change nothing an operator reads in a timeline (beyond ``events``)."""
 
 
