@@ -24,6 +24,8 @@ one run, so the ratios compare figures taken on the same machine at the same tim
    (``bench/state_restart.py``).
 11. the HTTP API on Kafka: sustained ``POST /v1/runs`` requests/s and p50/p99, closed
    and open loop (``bench/api.py``).
+12. flow control: fairness of the admission processor across tenants, grant latency with
+   10,000 tenant keys active and the limiter's RSS (``bench/flow.py``).
 
 It starts the local broker and PostgreSQL with ``deploy/local/infra.sh up`` and installs
 the peers into ``.local/bench-peers/`` (never into the project's environment). Prints a
@@ -53,7 +55,7 @@ from bench import kafka_throughput
 from bench._common import ROOT, infra_settings
 
 PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart",
-         "state_memory", "state_restart", "api")
+         "state_memory", "state_restart", "api", "flow")
 
 
 def _machine() -> dict[str, Any]:
@@ -147,6 +149,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
         _guarded("worker_restart", results, lambda: worker_restart.run(
             partitions=args.partitions))
+    if "flow" not in skip:
+        _guarded("flow", results, lambda: _json_child(
+            [sys.executable, "bench/flow.py"], 900))
     if "state_memory" not in skip:
         _guarded("state_memory", results, lambda: _json_child(
             [sys.executable, "-m", "bench.state_memory", "--small", str(args.state_small),
@@ -174,6 +179,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                                      results.get("dbos", {}).get("runs_per_s")),
     }
     ratios["engine_over_ceiling_bound"] = _bound(results)
+    flow = results.get("flow", {})
+    ratios |= {key: flow.get(key) for key in ("flow_overhead_ratio", "fair_jain_index",
+                                               "grant_latency_p99_ms")}
     restart = results.get("worker_restart", {})
     gaps = {key: restart.get(key) for key in ("worker_restart_gap_ms",
                                               "worker_restart_gap_ms_dynamic")}
@@ -309,7 +317,30 @@ def render(report: dict[str, Any]) -> str:
     if restart:
         lines.append("")
         lines += _worker_restart_lines(restart)
+    flow = r.get("flow")
+    if flow:
+        lines.append("")
+        lines += _flow_lines(flow)
     return "\n".join(lines)
+
+
+def _flow_lines(res: dict[str, Any]) -> list[str]:
+    if "error" in res:
+        return [f"flow control: failed: {res['error'][:200]}"]
+    waits = res.get("light_p99_wait_ms") or {}
+    return [
+        "flow control (admission processor):",
+        f"  fair_jain_index {_fmt(res.get('fair_jain_index'), '.3f')} "
+        f"(grants while all waited: {res.get('fair_shares')})",
+        f"  light tenants' p99 wait {_fmt(waits.get('alone'))} ms alone, "
+        f"{_fmt(waits.get('beside_a_10x_tenant'))} ms beside a 10x tenant "
+        f"(x{_fmt(res.get('light_wait_ratio'), '.2f')})",
+        f"  grant_latency_p99_ms {_fmt(res.get('grant_latency_p99_ms'))} "
+        f"(p50 {_fmt(res.get('grant_latency_p50_ms'))}) with {_fmt(res.get('active_keys'))} "
+        f"keys active; burst {_fmt(res.get('burst_grants_per_s'))} grants/s; limiter RSS "
+        f"{_fmt(res.get('limiter_rss_mb'))} MB",
+        f"  flow_overhead_ratio: {res.get('flow_overhead_note', '-')}",
+    ]
 
 
 def _recovery_lines(rec: dict[str, Any]) -> list[str]:

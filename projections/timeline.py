@@ -179,7 +179,8 @@ class _Fold:
 
 
 _FOLDS: dict[type[ev.Event], _Fold] = {}
-IGNORED: tuple[type[ev.Event], ...] = (ev.TimerFired, ev.ChoiceEvaluated, ev.ApprovalReminded)
+IGNORED: tuple[type[ev.Event], ...] = (ev.TimerFired, ev.ChoiceEvaluated, ev.ApprovalReminded,
+                                       ev.SlotReleased)
 """Events that change nothing an operator reads in a timeline (beyond ``events``)."""
 
 
@@ -237,9 +238,13 @@ def _retry_scheduled(t: Timeline, entry: StepEntry, e: ev.RetryScheduled) -> Non
     t.status = RunStatus.RETRY
 
 
-@_folds(ev.ApprovalRequested, ev.SignalAwaited, ev.SleepStarted, about_step=True)
+@_folds(ev.ApprovalRequested, ev.SignalAwaited, ev.SleepStarted, ev.SlotRequested,
+        about_step=True)
 def _wait_began(t: Timeline, entry: StepEntry,
-                e: ev.ApprovalRequested | ev.SignalAwaited | ev.SleepStarted) -> None:
+                e: ev.ApprovalRequested | ev.SignalAwaited | ev.SleepStarted
+                | ev.SlotRequested) -> None:
+    # A task held for a slot (flow control) waits until its dispatch: held time is wait
+    # time, apart from the task's execution.
     entry.status = StepStatus.WAITING
     entry._wait_from = e.ts
     t.status = RunStatus.WAITING

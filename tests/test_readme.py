@@ -1,6 +1,6 @@
 """The README's examples are fixtures: every YAML block is a spec that deploys (or, marked
-``# notify.yaml``, delivery settings that load), and the refusal it shows is the one the
-engine gives."""
+``# notify.yaml``, delivery settings that load; marked ``# limits.yaml``, a limits
+document that deploys), and the refusal it shows is the one the engine gives."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import yaml
 
 from engine.api.hooks import parse_hooks
 from engine.core.errors import SpecError
+from engine.core.limits import LimitsError, load_limits_yaml
 from engine.core.spec import load_spec_yaml
 from engine.notify import load_settings
 from tests.notify.servers import new_secret
@@ -20,10 +21,12 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 YAML_BLOCKS = re.findall(r"^```ya?ml\n(.*?)^```", README, re.MULTILINE | re.DOTALL)
 SETTINGS_MARK = "# notify.yaml"
 HOOKS_MARK = "# hooks.yaml"
+LIMITS_MARK = "# limits.yaml"
 SPECS = [block for block in YAML_BLOCKS
-         if not block.startswith((SETTINGS_MARK, HOOKS_MARK))]
+         if not block.startswith((SETTINGS_MARK, HOOKS_MARK, LIMITS_MARK))]
 HOOKS = [block for block in YAML_BLOCKS if block.startswith(HOOKS_MARK)]
 SETTINGS = [block for block in YAML_BLOCKS if block.startswith(SETTINGS_MARK)]
+LIMITS = [block for block in YAML_BLOCKS if block.startswith(LIMITS_MARK)]
 
 # What the README says it changed in its first spec to get the refusal it shows.
 BROKEN = (("initial: 1s", "initial: 1x"),
@@ -70,3 +73,20 @@ def test_every_hooks_block_loads(block: str) -> None:
     env = {name: "whsec_" + "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0" for name in names}
     hooks = parse_hooks(yaml.safe_load(block), "README", environ=env)
     assert hooks.hooks
+
+
+@pytest.mark.parametrize("block", LIMITS, ids=lambda b: b.split("\n", 1)[0])
+def test_every_limits_block_deploys(block: str) -> None:
+    try:
+        load_limits_yaml(block)
+    except LimitsError as exc:
+        pytest.fail(f"a README limits document does not deploy:\n{exc}")
+
+
+def test_the_limits_refusal_shown_is_the_one_given() -> None:
+    shown = README.split("refuses a bad limits document", 1)[1].split("```\n", 2)[1]
+    bad = LIMITS[0].replace("concurrency: 8", "concurrency: eight").replace(
+        "timezone: Europe/Berlin", "timezone: Berlin")
+    with pytest.raises(LimitsError) as refused:
+        load_limits_yaml(bad)
+    assert str(refused.value) + "\n" == shown

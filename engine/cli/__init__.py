@@ -32,6 +32,7 @@ from engine.cli._commands import (
     cmd_topics_create,
     cmd_workflows_list,
 )
+from engine.cli._limits import add_commands as add_limits_commands
 from engine.cli._messages import add_commands as add_message_commands
 from engine.cli._notify import cmd_notify
 from engine.cli._process import health_option, otel_option
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "tool results unredacted (schema terranoha_ledger); give it a role of its "
                    "own (default $TERRANOHA_LEDGER_DSN, else the --postgres DSN)")
     p.add_argument("--no-engine", action="store_true", help="do not run the orchestrator")
+    p.add_argument("--no-admission", action="store_true",
+                   help="Kafka: do not run the admission processor (flow control; it runs "
+                   "only when a limits document is deployed)")
     p.add_argument("--no-router", action="store_true",
                    help="do not run the trigger router (it runs only for a triggers topic "
                    "whose partition count differs from the run inputs')")
@@ -247,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_message_commands(sub, add)
     add_commands(sub, _backend_options)
     add_api_commands(sub, _backend_options)
+    add_limits_commands(sub, _backend_options)
     return parser
 
 

@@ -126,7 +126,7 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
         ledger_dsn=args.ledger_dsn,
         registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
-        notify=notify,
+        notify=notify, admission=not args.no_admission,
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir())
 
     async def ready(running: Running) -> None:
@@ -279,7 +279,8 @@ def _outcome(state: RunState) -> int:
 def _in_progress(state: RunState | None) -> bool:
     if state is None or state.status in IN_PROGRESS:
         return True
-    return state.current is not None and state.current.waiting is Waiting.TIMER
+    return state.current is not None and state.current.waiting in (Waiting.TIMER,
+                                                                   Waiting.SLOT)
 
 
 def _wait(backend: Backend, run_id: str, seconds: float, out: TextIO) -> int:

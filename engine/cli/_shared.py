@@ -68,6 +68,9 @@ def print_state(state: RunState | None, out: TextIO, as_json: bool = False,
             where += f" ({task} attempt {current.attempt} dispatched)"
         elif current.waiting is Waiting.RETRY:
             where += f" (retry after attempt {current.attempt})"
+        elif current.waiting is Waiting.SLOT:
+            where += (f" (queued for a slot on {current.slot}; `terranoha limits status` "
+                      "says what holds it)")
     out.write(f"{state.run_id}  {state.workflow} v{state.version}  {state.status.value}{where}\n")
     if state.error:
         message = redact_text(str(state.error.get("message")))

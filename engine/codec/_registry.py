@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.codec._shapes import NAMESPACE, record_schema
+from engine.core import admission_records as admission
+from engine.core.alerts import Alert
 from engine.core.commands import COMMAND_TYPES, Command
 from engine.core.correlation import CORRELATION_COMMANDS, CORRELATION_EVENTS, CorrelationState
 from engine.core.events import EVENT_TYPES
@@ -89,8 +91,15 @@ def core_records() -> list[RecordType]:
         RecordType.of(Notification, "outbox"),
         RecordType.of(RunState, "state"),
         *projection_records(),
+        *admission_records(),
         *correlation_records(),
     ]
+
+
+def admission_records() -> list[RecordType]:
+    """The admission processor's commands, events and per-key state."""
+    return [*(RecordType.of(cls, "admission") for cls in admission.RECORD_TYPES),
+            RecordType.of(Alert, "records")]
 
 
 def projection_records() -> list[RecordType]:

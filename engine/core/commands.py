@@ -105,8 +105,28 @@ class CancelRun(Command):
     by: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrantSlot(Command):
+    """The admission processor granted the slot the task ``task_id`` waited for."""
+
+    TYPE: ClassVar[str] = "GrantSlot"
+    task_id: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefuseSlot(Command):
+    """The admission processor will not grant the slot (``code`` BUDGET_EXHAUSTED)."""
+
+    TYPE: ClassVar[str] = "RefuseSlot"
+    task_id: str
+    key: str
+    code: str
+    message: str = ""
+
+
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.TYPE: cls
     for cls in (StartRun, CompleteTask, FailTask, DecideApproval, DeliverSignal, FireTimer,
-                CancelRun, CorrelateMessage)
+                CancelRun, CorrelateMessage, GrantSlot, RefuseSlot)
 }

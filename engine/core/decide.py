@@ -20,6 +20,7 @@ from engine.core.durations import format_duration
 from engine.core.errors import ExpressionError
 from engine.core.evolve import evolve, wait_ref
 from engine.core.expressions import evaluate, map_input, truthy
+from engine.core.flow import LEASE_MARGIN_MS, FlowLimits
 from engine.core.kinds import (
     ApprovalReason,
     ErrorClass,
@@ -55,17 +56,20 @@ class Decision:
 
 
 def decide(
-    state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int
+    state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int,
+    flow: FlowLimits | None = None,
 ) -> list[ev.Event]:
-    """The events ``command`` causes in ``state`` at time ``now`` (ms)."""
-    return process(state, command, spec, now).events
+    """The events ``command`` causes in ``state`` at time ``now`` (ms), under the limits
+    document ``flow`` (None: no flow control)."""
+    return process(state, command, spec, now, flow).events
 
 
 def process(
-    state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int
+    state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int,
+    flow: FlowLimits | None = None,
 ) -> Decision:
     """Decide and evolve together; ``state`` is not modified."""
-    ctx = _Context(state, command, spec, now)
+    ctx = _Context(state, command, spec, now, flow)
     handler = _HANDLERS.get(type(command))
     if handler is None:
         ctx.reject("unknown command",
@@ -89,11 +93,13 @@ def process(
 class _Context:
     """One command being decided: emits events and keeps the evolving state."""
 
-    __slots__ = ("command", "entered", "events", "now", "spec", "state")
+    __slots__ = ("command", "entered", "events", "flow", "now", "spec", "state")
 
     def __init__(
-        self, state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int
+        self, state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int,
+        flow: FlowLimits | None = None,
     ) -> None:
+        self.flow = flow
         self.state = state
         self.command = command
         self.spec = spec
@@ -196,6 +202,29 @@ class _Context:
         return mapped
 
     def dispatch(self, phase: Phase, attempt: int) -> None:
+        step = self.step_spec()
+        current = self.run.current
+        assert current is not None
+        if phase is Phase.TASK:
+            queue = step.task
+        else:
+            assert step.prepare_commit is not None
+            queue = (step.prepare_commit.prepare if phase is Phase.PREPARE
+                     else step.prepare_commit.commit)
+        assert queue is not None
+        tid = task_id(self.run.run_id, step.id, current.visit, phase, attempt)
+        slot = self.flow.slot_for(queue) if self.flow is not None else None
+        if slot is not None:
+            key, limits = slot
+            self.emit(ev.SlotRequested, step=step.id, phase=phase, attempt=attempt,
+                      task_id=tid, key=key, limits=limits, limits_version=self.flow.version
+                      if self.flow is not None else 0,
+                      lease_ms=step.timeout + LEASE_MARGIN_MS, priority=self.run.priority)
+            return
+        self.send_task(phase, attempt)
+
+    def send_task(self, phase: Phase, attempt: int) -> None:
+        """Dispatch the current step's task (now, or when its slot is granted)."""
         step = self.step_spec()
         current = self.run.current
         assert current is not None
@@ -557,6 +586,45 @@ def _start_run(ctx: _Context, c: cmd.StartRun) -> None:
     ctx.enter(spec.steps[0].id)
 
 
+def _release_slot(ctx: _Context, outcome: str, cost: float) -> None:
+    """Give back the slot the current task holds or waits for, if any."""
+    current = ctx.run.current
+    if current is None or not current.slot:
+        return
+    ctx.emit(ev.SlotReleased, step=current.step, task_id=current.task_id, key=current.slot,
+             outcome=outcome if current.waiting is Waiting.TASK else "cancelled", cost=cost,
+             latency_ms=max(0, ctx.now - current.slot_at))
+
+
+def _awaited_slot(ctx: _Context, tid: str, key: str) -> bool:
+    if not ctx.active():
+        return False
+    current = ctx.run.current
+    if (current is None or current.waiting is not Waiting.SLOT or current.task_id != tid
+            or current.slot != key):
+        ctx.reject("stale grant", f"task {tid} does not wait for a slot on {key}: the run "
+                   "moved on, or the grant came twice")
+        return False
+    return True
+
+
+@_handles(cmd.GrantSlot)
+def _grant_slot(ctx: _Context, c: cmd.GrantSlot) -> None:
+    if not _awaited_slot(ctx, c.task_id, c.key):
+        return
+    current = ctx.run.current
+    assert current is not None
+    ctx.send_task(Phase(current.phase), current.attempt)
+
+
+@_handles(cmd.RefuseSlot)
+def _refuse_slot(ctx: _Context, c: cmd.RefuseSlot) -> None:
+    if not _awaited_slot(ctx, c.task_id, c.key):
+        return
+    _release_slot(ctx, "cancelled", 0.0)
+    ctx.handle_failure(ErrorClass.BUSINESS, c.code, c.message, None)
+
+
 def _awaited_task(ctx: _Context, step: str, tid: str) -> bool:
     if not ctx.active():
         return False
@@ -586,10 +654,12 @@ def _complete_task(ctx: _Context, c: cmd.CompleteTask) -> None:
         if problem is not None:
             path, message = problem
             text = f"{step.task} returned an invalid result: {path}: {message}"
+            _release_slot(ctx, "failed", c.cost)
             ctx.emit(ev.TaskFailed, error_class=ErrorClass.PERMANENT, code="SCHEMA_VIOLATION",
                      message=text, field=path, **common)
             ctx.handle_failure(ErrorClass.PERMANENT, "SCHEMA_VIOLATION", text, path)
             return
+    _release_slot(ctx, "ok", c.cost)
     ctx.emit(ev.TaskCompleted, result=c.result, confidence=c.confidence, **common)
     data = {**ctx.run.data(), "result": c.result, "confidence": c.confidence}
     if current.phase == Phase.PREPARE:
@@ -618,6 +688,7 @@ def _fail_task(ctx: _Context, c: cmd.FailTask) -> None:
     error_class = (ErrorClass(c.error_class)
                    if c.error_class in (ErrorClass.PERMANENT, ErrorClass.BUSINESS)
                    else ErrorClass.TRANSIENT)
+    _release_slot(ctx, "failed", c.cost)
     ctx.emit(ev.TaskFailed, step=c.step, phase=current.phase, attempt=current.attempt,
              task_id=c.task_id, error_class=error_class, code=c.code, message=c.message,
              field=c.field, cost=c.cost)
@@ -747,6 +818,7 @@ def _on_task_timeout(ctx: _Context, ref: str, due_at: int) -> None:
         return
     step = ctx.step_spec()
     message = f"no result within {format_duration(step.timeout)} (attempt {current.attempt})"
+    _release_slot(ctx, "failed", 0.0)
     ctx.emit(ev.TaskFailed, step=current.step, phase=current.phase, attempt=current.attempt,
              task_id=current.task_id, error_class=ErrorClass.TRANSIENT, code="TASK_TIMEOUT",
              message=message, field=None, cost=0.0)
@@ -823,4 +895,5 @@ carries, which is the member's value."""
 @_handles(cmd.CancelRun)
 def _cancel_run(ctx: _Context, c: cmd.CancelRun) -> None:
     if ctx.active():
+        _release_slot(ctx, "cancelled", 0.0)
         ctx.emit(ev.RunCancelled, reason=c.reason or "cancelled", by=c.by)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from engine.core.limits import KeyLimits
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
@@ -306,6 +308,37 @@ class CommandRejectedV2(CommandRejected):
     at_step: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotRequested(Event):
+    """The task ``task_id`` waits for a slot on limit ``key`` before it is dispatched
+    (flow control); ``limits`` are the key's limits of document ``limits_version``."""
+
+    TYPE: ClassVar[str] = "SlotRequested"
+    step: str
+    phase: str
+    attempt: int
+    task_id: str
+    key: str
+    limits: KeyLimits
+    limits_version: int
+    lease_ms: int
+    priority: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotReleased(Event):
+    """The slot of ``task_id`` on ``key`` is given back (or its request withdrawn):
+    ``outcome`` ok, failed or cancelled."""
+
+    TYPE: ClassVar[str] = "SlotReleased"
+    step: str
+    task_id: str
+    key: str
+    outcome: str
+    cost: float
+    latency_ms: int
+
+
 EVENT_TYPES: dict[tuple[str, int], type[Event]] = {
     (cls.TYPE, cls.VERSION): cls
     for cls in (
@@ -314,7 +347,7 @@ EVENT_TYPES: dict[tuple[str, int], type[Event]] = {
         ApprovalRejected, ApprovalReminded, ApprovalExpired, Escalated, SignalAwaited,
         SignalReceived, SleepStarted, ChoiceEvaluated, BusinessErrorHandled, StepCompleted,
         StepFailed, SlaBreached, RunCompleted, RunFailed, RunCancelled, CommandRejected,
-        CommandRejectedV2,
+        CommandRejectedV2, SlotRequested, SlotReleased,
     )
 }
 """Every event class by (type, version): the codec and the evolver registry use it."""

@@ -103,6 +103,7 @@ def _step_started(state: RunState, e: ev.StepStarted) -> RunState:
 
 @evolver(ev.TaskDispatched)
 def _task_dispatched(state: RunState, e: ev.TaskDispatched) -> RunState:
+    held = state.current is not None and bool(state.current.slot)
     current = _step(
         state,
         e.step,
@@ -111,8 +112,21 @@ def _task_dispatched(state: RunState, e: ev.TaskDispatched) -> RunState:
         attempt=e.attempt,
         task_id=e.task_id,
         idempotency_key=e.idempotency_key,
+        **({"slot_at": e.ts} if held else {}),
     )
     return replace(state, seq=e.seq, current=current, attempts=state.attempts + 1)
+
+
+@evolver(ev.SlotRequested)
+def _slot_requested(state: RunState, e: ev.SlotRequested) -> RunState:
+    current = _step(state, e.step, waiting=Waiting.SLOT, phase=e.phase, attempt=e.attempt,
+                    task_id=e.task_id, slot=e.key, slot_at=e.ts)
+    return replace(state, seq=e.seq, current=current)
+
+
+@evolver(ev.SlotReleased)
+def _slot_released(state: RunState, e: ev.SlotReleased) -> RunState:
+    return replace(state, seq=e.seq, current=_step(state, e.step, slot="", slot_at=0))
 
 
 @evolver(ev.TaskCompleted)

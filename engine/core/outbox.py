@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from engine.core import admission_records as ad
 from engine.core import events as ev
 
 
@@ -54,7 +55,7 @@ class Notification:
     correlation_id: str
 
 
-Outgoing = TaskCommand | Notification
+Outgoing = TaskCommand | Notification | ad.Acquire | ad.Release
 
 
 def outgoing(event: ev.Event, workflow: str = "") -> list[Outgoing]:
@@ -65,6 +66,14 @@ def outgoing(event: ev.Event, workflow: str = "") -> list[Outgoing]:
             phase=event.phase, attempt=event.attempt, idempotency_key=event.idempotency_key,
             input=event.input, deadline=event.timeout_at, tenant=event.tenant,
             correlation_id=event.correlation_id, workflow=workflow)]
+    if isinstance(event, ev.SlotRequested):
+        return [ad.Acquire(key=event.key, request_id=event.task_id, tenant=event.tenant,
+                           priority=event.priority, lease_ms=event.lease_ms,
+                           limits=event.limits, version=event.limits_version,
+                           reply_to=event.run_id)]
+    if isinstance(event, ev.SlotReleased):
+        return [ad.Release(event.key, event.task_id, ad.Outcome(event.outcome), event.cost,
+                           event.latency_ms)]
     if isinstance(event, ev.ApprovalRequested):
         return [_note(event, NotificationKind.APPROVAL_REQUESTED, event.approval_id,
                       event.approvers,

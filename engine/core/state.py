@@ -32,6 +32,8 @@ class Waiting(StrEnum):
     APPROVAL = "approval"
     SIGNAL = "signal"
     TIMER = "timer"
+    SLOT = "slot"
+    """A slot of a limit key (flow control) before the task is dispatched."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +77,17 @@ class StepState:
     signal_key: str | None = None
     """The correlation key of a ``wait_event`` with a key: messages with the signal's
     name and this key answer the wait."""
+    slot: str = ""
+    """The limit key whose slot the task waits for or holds ("" for none)."""
+    slot_at: int = 0
+    """When the slot was asked for (waiting) or granted (held)."""
 
 
 @dataclass(frozen=True, slots=True)
 class RunState:
-    VERSION: ClassVar[int] = 2
-    """2: ``StepState.signal_key`` (the correlation key of a keyed wait)."""
+    VERSION: ClassVar[int] = 3
+    """2: ``StepState.signal_key`` (the correlation key of a keyed wait). 3: the current
+    step's ``slot`` and ``slot_at`` (flow control), ``Waiting.SLOT``."""
 
     run_id: str
     tenant: str
@@ -118,7 +125,7 @@ class RunState:
             # Between two steps (a step completed, the next not yet entered) the run has
             # started: only a run that has entered no step yet is pending.
             return RunStatus.RUNNING if self.visits else RunStatus.PENDING
-        if current.waiting in (Waiting.APPROVAL, Waiting.SIGNAL, Waiting.TIMER):
+        if current.waiting in (Waiting.APPROVAL, Waiting.SIGNAL, Waiting.TIMER, Waiting.SLOT):
             return RunStatus.WAITING
         if current.waiting is Waiting.RETRY:
             return RunStatus.RETRY

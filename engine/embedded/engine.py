@@ -11,8 +11,11 @@ from pathlib import Path
 from engine.core.commands import Command
 from engine.core.correlation import PublishMessage
 from engine.core.events import Event
+from engine.core.flow import FlowLimits
 from engine.core.outbox import TaskCommand
 from engine.core.records import Trigger
+from engine.embedded.admission import AdmissionStore, apply_in
+from engine.embedded.limits import latest_flow
 from engine.embedded.store import Store
 from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
@@ -40,7 +43,9 @@ class EmbeddedEngine:
         self.poll_ms = poll_ms
         self.specs = SpecRegistry(self.store.specs(), loader=self.store.specs)
         self.cache = StateCache(loader=self.store.state)
-        self.processor = Processor(self.specs, self.cache, accepts_messages=True)
+        self._flow: FlowLimits | None = None
+        self.processor = Processor(self.specs, self.cache, accepts_messages=True,
+                                   flow=lambda: self._flow)
         self.timers = TimerService(self._is_armed)
         self.offset = self.store.offset()
         self.on_committed: Callable[[Sequence[Event]], None] | None = None
@@ -65,10 +70,13 @@ class EmbeddedEngine:
         # open and close, the messages it read, the keys whose TTL timers are due.
         expiring = self.store.due_correlations(now)
         if inputs or expiring:
+            self._flow = latest_flow(self.store)
             batch = self.processor.process(inputs, now) if inputs else Batch()
             correlation = correlate([*batch.correlation, *expiring],
                                     self.store.correlation_state, now)
-            self.store.write_batch(batch, correlation=correlation)
+            admission = batch.admission
+            self.store.write_batch(batch, correlation=correlation, also=(
+                (lambda db: apply_in(db, admission, now)) if admission else None))
             handled += len(expiring)
         if inputs:
             # Only now, with the batch durable, does its state become the committed state.
@@ -83,6 +91,8 @@ class EmbeddedEngine:
                             dead.reason, dead.detail)
             handled += len(inputs)
         now = self.clock.now_ms()
+        if self._flow is not None:
+            handled += len(AdmissionStore(self.store).tick(now))  # leases, rates, windows
         fired = self.timers.due(now)
         if fired:
             self.store.append_inputs(fired, now)

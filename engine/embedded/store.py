@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -209,12 +209,15 @@ class Store:
     # ------------------------------------------------------------------ batches
 
     def write_batch(self, batch: Batch, consumer: str = PROCESSOR,
-                    correlation: CorrelationBatch | None = None) -> None:
+                    correlation: CorrelationBatch | None = None,
+                    also: Callable[[sqlite3.Connection], object] | None = None) -> None:
         """Everything a batch produced, the correlation it caused, and the input position,
-        in one transaction."""
+        in one transaction; ``also`` writes more in it (the admission core's decisions)."""
         with self.transaction() as db:
             if correlation is not None:
                 self._write_correlation(db, correlation)
+            if also is not None:
+                also(db)
             db.executemany(
                 "INSERT INTO events (run_id, seq, type, ts, payload) VALUES (?, ?, ?, ?, ?)",
                 [(e.run_id, e.seq, e.TYPE, e.ts, encode(e)) for e in batch.events])

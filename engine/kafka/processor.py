@@ -44,8 +44,10 @@ from engine.core.correlation import (
     key_of,
 )
 from engine.core.events import Event
+from engine.core.flow import FlowLimits
 from engine.core.state import RunState, finished_record
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
+from engine.kafka.admission import AdmissionTopics
 from engine.kafka.localstore import ChangelogWrite
 from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStats
 from engine.kafka.topics import Topics, key_partition
@@ -79,7 +81,7 @@ class RunTask(Task):
         self.processor = Processor(engine.specs, self.cache,
                                    owns=lambda run_id: partition_of(run_id) == number,
                                    triggers_source=engine.topics.triggers,
-                                   partition_of=partition_of)
+                                   partition_of=partition_of, flow=engine.flow)
 
     def _armed(self, run_id: str, timer_id: str) -> bool:
         state = self.cache.resident(run_id)  # a finished run has no timers
@@ -191,6 +193,12 @@ class RunTask(Task):
         for task in batch.tasks:
             out.append((t.tasks(task.queue), number, task.run_id.encode(), encode(task),
                         trace_headers(task.correlation_id, task.task_id, task.tenant)))
+        if batch.admission:
+            admission = AdmissionTopics(t).keyed.inputs
+            for request in batch.admission:
+                key = request.key.encode()
+                out.append((admission, key_partition(key, t.partitions), key, encode(request),
+                            []))
         for note in batch.notifications:
             out.append((t.notifications, number, note.run_id.encode(), encode(note),
                         trace_headers(note.correlation_id, note.approval_id, note.tenant)))
@@ -227,7 +235,10 @@ class KafkaEngine(StreamProcessor):
         instance_id: str | None = None,
         read_triggers: bool | None = None,
         state_dir: Path | None = None,
+        flow: Callable[[], FlowLimits | None] | None = None,
     ) -> None:
+        self.flow = flow
+        """The limits document in force (flow control); None: none, tasks go at once."""
         self.read_triggers = topics.co_partitioned if read_triggers is None else read_triggers
         """Read the triggers topic beside the run inputs (default: when co-partitioned)."""
         if self.read_triggers and not topics.co_partitioned:

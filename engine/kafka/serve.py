@@ -1,7 +1,7 @@
 """Run the Kafka backend's parts in one process: the orchestrator, the trigger router,
-message correlation, the spec follower, given tools and PostgreSQL a worker, and given
-delivery settings and PostgreSQL the notifier. Each part can be left out to run them
-as separate processes.
+message correlation, the spec follower, given tools and PostgreSQL a worker, given
+delivery settings and PostgreSQL the notifier, and given a deployed limits document the
+admission processor. Each part can be left out to run them as separate processes.
 
 The router runs only for a triggers topic whose partition count differs from the run
 inputs': a co-partitioned triggers topic (the default) is read by the orchestrator."""
@@ -16,8 +16,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from engine.kafka.admission import AdmissionProcessor
 from engine.kafka.correlation import CorrelationProcessor
 from engine.kafka.ledger import PostgresLedger
+from engine.kafka.limits import LimitsFollower, read_limits
 from engine.kafka.processor import KafkaEngine
 from engine.kafka.router import TriggerRouter
 from engine.kafka.specs import SpecFollower
@@ -60,6 +62,10 @@ class ServeOptions:
     a checkpoint that makes a restart read only the changelog's tail); None: no store,
     every restore reads the whole changelog and finished runs stay in memory."""
 
+    admission: bool = True
+    """Run the admission processor (flow control) when a limits document is deployed;
+    with none deployed at start, nothing of flow control runs."""
+
 
 def default_state_dir() -> Path:
     """``$TERRANOHA_STATE_DIR``, else ``$XDG_STATE_HOME/terranoha``, else
@@ -81,6 +87,7 @@ class Running:
     worker: KafkaWorker | None = None
     follower: SpecFollower | None = None
     notifier: KafkaNotifier | None = None
+    admission: AdmissionProcessor | None = None
 
 
 async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None = None,
@@ -102,13 +109,24 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     running.follower = follower
     runners: list[Awaitable[None]] = [follower.follow(stop)]
     ledger: PostgresLedger | None = None
+    limits: LimitsFollower | None = None
+    if options.admission and (await read_limits(options.bootstrap, topics)).version > 0:
+        limits = LimitsFollower(options.bootstrap, topics)
+        await limits.catch_up()
+        runners.append(limits.follow(stop))
     if options.engine:
         running.engine = KafkaEngine(options.bootstrap, options.topics, follower.registry,
                                      app=options.app, clock=clock,
                                      refresh_specs=follower.catch_up,
                                      instance_id=options.instance_id,
-                                     state_dir=options.state_dir)
+                                     state_dir=options.state_dir,
+                                     flow=limits.current if limits is not None else None)
         runners.append(running.engine.run(stop))
+    if limits is not None:
+        running.admission = AdmissionProcessor(options.bootstrap, topics, app=options.app,
+                                               clock=clock, instance_id=options.instance_id)
+        await running.admission.admission.ensure(options.bootstrap)
+        runners.append(running.admission.run(stop))
     if options.correlation:
         running.correlation = CorrelationProcessor(options.bootstrap, options.topics,
                                                    app=options.app, clock=clock,

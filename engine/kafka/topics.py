@@ -81,6 +81,15 @@ class Topics:
         return f"{self.prefix}.specs"
 
     @property
+    def limits(self) -> str:
+        """The deployed limits documents and paused keys (compacted, one partition);
+        created by the first ``limits deploy`` or ``limits pause``."""
+        return f"{self.prefix}.limits"
+
+    def limits_topic(self) -> NewTopic:
+        return NewTopic(self.limits, 1, self.replication, topic_configs=dict(COMPACTED))
+
+    @property
     def messages(self) -> str:
         """Message correlation's inputs: published messages (``PublishMessage``, keyed by
         ``tenant/name/key``), the subscriptions the runs' keyed waits open and close, and

@@ -392,6 +392,18 @@ def _sleep_started(e: ev.SleepStarted) -> tuple[str, Attributes]:
     return "sleep started", {"terranoha.sleep.until": e.until}
 
 
+@_describes(ev.SlotRequested)
+def _slot_requested(e: ev.SlotRequested) -> tuple[str, Attributes]:
+    return "slot requested", {"terranoha.limit.key": e.key,
+                              "terranoha.limit.version": e.limits_version}
+
+
+@_describes(ev.SlotReleased)
+def _slot_released(e: ev.SlotReleased) -> tuple[str, Attributes]:
+    return "slot released", {"terranoha.limit.key": e.key, "terranoha.limit.outcome": e.outcome,
+                             "terranoha.limit.held_ms": e.latency_ms}
+
+
 @_describes(ev.ChoiceEvaluated)
 def _choice_evaluated(e: ev.ChoiceEvaluated) -> tuple[str, Attributes]:
     return "choice evaluated", {"terranoha.choice.branch": e.branch,

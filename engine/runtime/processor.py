@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.codec import DecodeError, decode
+from engine.core.admission_records import Acquire, AdmissionCommand, Release
 from engine.core.commands import Command, CorrelateMessage, StartRun
 from engine.core.correlation import (
     CloseSubscription,
@@ -26,6 +27,7 @@ from engine.core.correlation import (
 )
 from engine.core.decide import process
 from engine.core.events import Event, TimerArmed
+from engine.core.flow import FlowLimits
 from engine.core.outbox import Notification, TaskCommand, outgoing
 from engine.core.policies import run_id_for
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
@@ -158,6 +160,8 @@ class Batch:
     states: dict[str, RunState] = field(default_factory=dict)
     tasks: list[TaskCommand] = field(default_factory=list)
     notifications: list[Notification] = field(default_factory=list)
+    admission: list[AdmissionCommand] = field(default_factory=list)
+    """Slot requests and releases for the admission processor (flow control)."""
     timers: list[tuple[str, TimerArmed]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     forwards: list[StartRun] = field(default_factory=list)
@@ -245,8 +249,12 @@ class Processor:
                  owns: Callable[[str], bool] | None = None,
                  triggers_source: str | None = None,
                  partition_of: Callable[[str], int] | None = None,
-                 accepts_messages: bool = False) -> None:
+                 accepts_messages: bool = False,
+                 flow: Callable[[], FlowLimits | None] | None = None) -> None:
         self.specs = specs
+        self.flow = flow
+        """The limits document in force (flow control), read once per batch."""
+        self._limits: FlowLimits | None = None
         self.cache = cache
         self.owns = owns
         self.triggers_source = triggers_source
@@ -257,6 +265,7 @@ class Processor:
 
     def process(self, inputs: Iterable[Input], now: int) -> Batch:
         batch = Batch()
+        self._limits = self.flow() if self.flow is not None else None
         for item in inputs:
             batch.inputs += 1
             batch.last = item
@@ -321,7 +330,7 @@ class Processor:
         else:
             spec = None
         try:
-            decision = process(state, command, spec, now)
+            decision = process(state, command, spec, now, self._limits)
         except Exception as exc:  # a defect in the engine: keep the partition moving
             detail = "".join(traceback.format_exception_only(exc)).strip()
             self._dead(batch, item, "engine_error", f"{command.TYPE}: {detail}", now, run_id)
@@ -353,6 +362,8 @@ class Processor:
             for out in outgoing(event, workflow):
                 if isinstance(out, TaskCommand):
                     batch.tasks.append(out)
+                elif isinstance(out, Acquire | Release):
+                    batch.admission.append(out)
                 else:
                     batch.notifications.append(out)
 

@@ -180,9 +180,10 @@ def test_a_run_state_snapshot_of_v1_reads_into_v2_with_no_signal_key() -> None:
                                               signal="payment"))
     entries = {e.file: e.id for e in read_catalogue(codec.schemas_dir).entries}
     v1 = parse_schema(json.loads((codec.schemas_dir / "state/RunState.v1.avsc").read_text()))
-    v2 = parse_schema(json.loads((codec.schemas_dir / "state/RunState.v2.avsc").read_text()))
+    current = f"state/RunState.v{RunState.VERSION}.avsc"
+    latest = parse_schema(json.loads((codec.schemas_dir / current).read_text()))
     body = codec.encode(state)[5:]
-    as_v1 = schemaless_reader(io.BytesIO(body), v2, v1)
+    as_v1 = schemaless_reader(io.BytesIO(body), latest, v1)
     out = io.BytesIO()
     out.write(struct.pack(">BI", 0, entries["state/RunState.v1.avsc"]))
     schemaless_writer(out, v1, as_v1)
