@@ -401,12 +401,15 @@ def _advanced(state: ScheduleState, event: ScheduleEvent) -> ScheduleState:
 
 
 @_evolves(ScheduledRunEnded)
+@_evolves(ScheduledRunCancelRequested)
 def _ended(state: ScheduleState, event: ScheduleEvent) -> ScheduleState:
-    assert isinstance(event, ScheduledRunEnded)
+    """A run asked to cancel no longer counts as running: it is not cancelled twice, and
+    its end, when reported, changes nothing."""
+    assert isinstance(event, ScheduledRunEnded | ScheduledRunCancelRequested)
     return replace(state, running=tuple(r for r in state.running if r.run_id != event.run_id))
 
 
-for _cls in (ScheduledRunCancelRequested, ScheduleBackfilled, ScheduleCommandRejected):
+for _cls in (ScheduleBackfilled, ScheduleCommandRejected):
     EVOLVERS[_cls] = lambda state, event: state  # recorded for the log; state unchanged
 
 
