@@ -4,6 +4,7 @@ no nominal time starts twice and that the fold of the log equals the live state.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -161,7 +162,7 @@ def test_fall_back_in_new_york_fires_an_hourly_step_in_both_hours() -> None:
         "2026-11-01T01:00:00-04:00", "2026-11-01T01:30:00-04:00",
         "2026-11-01T01:00:00-05:00", "2026-11-01T01:30:00-05:00",
         "2026-11-01T02:00:00-05:00"]
-    assert all(b - a == 30 * MINUTE for a, b in zip(nominals, nominals[1:], strict=False))
+    assert all(b - a == 30 * MINUTE for a, b in itertools.pairwise(nominals))
 
 
 def test_spring_forward_in_new_york_skips_no_day() -> None:
@@ -190,7 +191,7 @@ def _two_ticks(policy: OverlapPolicy) -> tuple[Schedule, list[ScheduleEvent]]:
 
 
 def test_skip_records_the_nominal_times_that_come_while_a_run_is_going() -> None:
-    s, events = _two_ticks(OverlapPolicy.SKIP)
+    _s, events = _two_ticks(OverlapPolicy.SKIP)
     assert len(started(events)) == 1
     skipped = [e for e in events if isinstance(e, ScheduledRunSkipped)]
     assert [e.nominal - T0 for e in skipped] == [2 * MINUTE, 3 * MINUTE]
