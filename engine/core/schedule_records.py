@@ -214,12 +214,17 @@ class ScheduleDeleted(ScheduleEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScheduledRunStarted(ScheduleEvent):
-    """Causes the ``StartRun`` of ``run_id`` on the run inputs, in the same transaction."""
+    """Causes the ``StartRun`` of ``run_id`` on the run inputs, in the same transaction;
+    it carries what that command needs, so the command is derived from the event alone."""
 
     TYPE: ClassVar[str] = "ScheduledRunStarted"
     nominal: int
     run_id: str
     reason: FireReason
+    tenant: str
+    workflow: str
+    version: int
+    input: Any = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,6 +266,7 @@ class ScheduledRunCancelRequested(ScheduleEvent):
     TYPE: ClassVar[str] = "ScheduledRunCancelRequested"
     run_id: str
     nominal: int
+    tenant: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

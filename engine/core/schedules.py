@@ -20,11 +20,12 @@ the core does no I/O. ``engine.runtime.schedule_spec.CronCalendar`` is the real 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Protocol
 
 from engine.core.commands import CancelRun, Command, StartRun
+from engine.core.events import Event
 from engine.core.policies import run_id_for
 from engine.core.schedule_records import (
     BackfillSchedule,
@@ -58,6 +59,7 @@ from engine.core.schedule_records import (
     SkipReason,
     TriggerSchedule,
 )
+from engine.core.state import RunState
 
 MAX_STARTS_PER_TICK = 500
 """Nominal times one tick decides; the rest are decided by the next tick, due at once."""
@@ -177,9 +179,11 @@ class _Decision:
             if policy is OverlapPolicy.CANCEL_OTHER:
                 for run in state.running:
                     self.emit(ScheduledRunCancelRequested, run_id=run.run_id,
-                              nominal=run.nominal)
-        self.emit(ScheduledRunStarted, nominal=nominal, run_id=run_id_of(state.spec, nominal),
-                  reason=reason)
+                              nominal=run.nominal, tenant=state.spec.tenant)
+        spec = state.spec
+        self.emit(ScheduledRunStarted, nominal=nominal, run_id=run_id_of(spec, nominal),
+                  reason=reason, tenant=spec.tenant, workflow=spec.workflow,
+                  version=spec.version, input=spec.input)
 
     def miss(self, reason: MissReason, first: int, until: int) -> int | None:
         """Record the nominal times from ``first`` up to ``until`` (exclusive) as missed;
@@ -413,22 +417,42 @@ for _cls in (ScheduleBackfilled, ScheduleCommandRejected):
     EVOLVERS[_cls] = lambda state, event: state  # recorded for the log; state unchanged
 
 
-def outputs(event: ScheduleEvent, state: ScheduleState) -> Sequence[Command]:
+def outputs(event: ScheduleEvent) -> Sequence[Command]:
     """The run commands an event causes (written in the event's transaction)."""
     if isinstance(event, ScheduledRunStarted):
-        spec = state.spec
-        key = idempotency_key(spec.schedule_id, event.nominal)
-        return [StartRun(command_id=f"{KEY_PREFIX}{spec.schedule_id}@{event.nominal}",
-                         run_id=event.run_id, tenant=spec.tenant, correlation_id=event.run_id,
-                         workflow=spec.workflow, version=spec.version, input=spec.input,
-                         idempotency_key=key, requested_by=f"{KEY_PREFIX}{spec.schedule_id}")]
+        key = idempotency_key(event.schedule_id, event.nominal)
+        return [StartRun(command_id=key, run_id=event.run_id, tenant=event.tenant,
+                         correlation_id=event.run_id, workflow=event.workflow,
+                         version=event.version, input=event.input, idempotency_key=key,
+                         requested_by=f"{KEY_PREFIX}{event.schedule_id}")]
     if isinstance(event, ScheduledRunCancelRequested):
         return [CancelRun(command_id=f"{event.causation_id}/cancel/{event.run_id}",
-                          run_id=event.run_id, tenant=state.spec.tenant,
+                          run_id=event.run_id, tenant=event.tenant,
                           correlation_id=event.run_id,
                           reason=f"overlap policy cancel_other of schedule {event.schedule_id}",
                           by=f"{KEY_PREFIX}{event.schedule_id}")]
     return []
+
+
+TERMINAL_EVENTS = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
+
+
+def run_ended_reports(events: Iterable[Event],
+                      states: Mapping[str, RunState]) -> list[ReportRunEnded]:
+    """What the run engine tells the schedules in the transaction of a batch: one
+    ``ReportRunEnded`` for each run started by a schedule that ended in it."""
+    reports: list[ReportRunEnded] = []
+    for event in events:
+        if event.TYPE not in TERMINAL_EVENTS:
+            continue
+        state = states.get(event.run_id)
+        origin = schedule_origin(state.idempotency_key) if state is not None else None
+        if origin is None or state is None:
+            continue
+        reports.append(ReportRunEnded(
+            command_id=f"ended:{event.run_id}", schedule_id=origin[0], run_id=event.run_id,
+            outcome=state.status.value))
+    return reports
 
 
 def timers(state: ScheduleState) -> list[FireScheduleTick]:

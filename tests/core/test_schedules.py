@@ -222,14 +222,14 @@ def test_cancel_other_cancels_the_running_run_before_starting_the_next() -> None
     cancels = [e for e in events if isinstance(e, ScheduledRunCancelRequested)]
     assert [c.run_id for c in cancels] == [runs[0].run_id, runs[1].run_id]
     assert s.state is not None
-    (command,) = outputs(cancels[0], s.state)
+    (command,) = outputs(cancels[0])
     assert isinstance(command, CancelRun) and command.run_id == runs[0].run_id
 
 
 def test_a_started_run_is_a_start_run_command_keyed_by_schedule_and_nominal_time() -> None:
     s, events = _two_ticks(OverlapPolicy.ALLOW_ALL)
     assert s.state is not None
-    (command,) = outputs(started(events)[0], s.state)
+    (command,) = outputs(started(events)[0])
     assert isinstance(command, StartRun)
     assert command.run_id == run_id_of(s.state.spec, T0 + MINUTE)
     assert schedule_origin(command.idempotency_key) == ("s1", T0 + MINUTE)
