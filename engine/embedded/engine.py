@@ -68,7 +68,7 @@ class EmbeddedEngine:
             batch = self.processor.process(inputs, now) if inputs else Batch()
             correlation = correlate([*batch.correlation, *expiring],
                                     self.store.correlation_state, now)
-            self.store.write_batch(batch, correlation=correlation)
+            self.store.write_batch(batch, correlation=correlation, now=now)
             handled += len(expiring)
         if inputs:
             # Only now, with the batch durable, does its state become the committed state.

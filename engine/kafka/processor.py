@@ -44,9 +44,11 @@ from engine.core.correlation import (
     key_of,
 )
 from engine.core.events import Event
+from engine.core.schedules import run_ended_reports
 from engine.core.state import RunState, finished_record
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
 from engine.kafka.localstore import ChangelogWrite
+from engine.kafka.schedules import run_ended_record
 from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStats
 from engine.kafka.topics import Topics, key_partition
 from engine.runtime.clock import Clock
@@ -205,6 +207,9 @@ class RunTask(Task):
                 out.append((t.messages, key_partition(key, t.partitions), key, encode(change),
                             trace_headers(change.run_id, f"{change.TYPE}:{change.wait}",
                                           change.tenant)))
+        # Runs started by a schedule tell it when they end (its overlap policy).
+        out.extend(run_ended_record(t, report)
+                   for report in run_ended_reports(batch.events, batch.states))
         return out
 
 
