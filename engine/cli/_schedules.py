@@ -85,14 +85,15 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
     return load_schedule(data)
 
 
-def _outcome(events: Sequence[ScheduleEvent], out: TextIO, done: str) -> int:
+def _outcome(events: Sequence[ScheduleEvent], out: TextIO, done: str,
+             state: ScheduleState | None = None) -> int:
     rejected = [e for e in events if isinstance(e, ScheduleCommandRejected)]
     for refusal in rejected:
         out.write(f"refused: {refusal.reason}: {refusal.detail}\n")
     if rejected:
         return 1
     for event in events:
-        out.write(f"  {describe(event)}\n")
+        out.write(f"  {describe(event, state)}\n")
     out.write(f"{done}\n")
     return 0
 
@@ -111,7 +112,7 @@ def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
     if not events and view.state.spec == spec:
         out.write(f"schedule {spec.schedule_id} exists already (unchanged)\n")
         return 0
-    code = _outcome(events, out, f"schedule {spec.schedule_id} created")
+    code = _outcome(events, out, f"schedule {spec.schedule_id} created", view.state)
     if code == 0:
         out.write(f"next: {_when(view.state.next_nominal, view.state)}\n")
     return code
@@ -171,7 +172,9 @@ def _simple(action: Callable[[ScheduleService, str], list[ScheduleEvent]],
     def command(args: argparse.Namespace, out: TextIO) -> int:
         with open_schedules(args) as service:
             events = action(service, args.schedule)
-        return _outcome(events, out, f"schedule {args.schedule} {done}")
+            view = service.get(args.schedule)
+        return _outcome(events, out, f"schedule {args.schedule} {done}",
+                        view.state if view else None)
     return command
 
 
@@ -188,7 +191,9 @@ def cmd_backfill(args: argparse.Namespace, out: TextIO) -> int:
         raise CliError(f"--from/--to: {exc}") from None
     with open_schedules(args) as service:
         events = service.backfill(args.schedule, start, end, by="cli")
-    return _outcome(events, out, f"schedule {args.schedule} backfilled")
+        view = service.get(args.schedule)
+    return _outcome(events, out, f"schedule {args.schedule} backfilled",
+                    view.state if view else None)
 
 
 def _status(state: ScheduleState) -> str:
