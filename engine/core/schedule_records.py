@@ -93,8 +93,9 @@ class ScheduleState:
     """The next nominal time to consider; None when the calendar has no more."""
     running: tuple[ScheduledRun, ...] = ()
     buffered: int | None = None
-    triggered: tuple[int, ...] = ()
-    """The most recent nominal times of ``trigger`` commands, to refuse a repeat."""
+    recent: tuple[int, ...] = ()
+    """The nominal times started most recently, so a repeated ``trigger`` request (the
+    same nominal time) is refused."""
     started: int = 0
     skipped: int = 0
     missed: int = 0

@@ -68,7 +68,7 @@ MAX_COUNTED_MISSES = 100_000
 MAX_BACKFILL = 1000
 """Nominal times one backfill may start."""
 TRIGGER_MEMORY = 64
-"""Trigger nominal times remembered to refuse a repeated request."""
+"""Started nominal times remembered to refuse a repeated trigger request."""
 
 LATE_MS = 1000
 """A tick decided this long after it was due is a catch-up (recorded as such)."""
@@ -290,7 +290,8 @@ def _tick(d: _Decision, c: ScheduleCommand) -> None:
 @_handles(TriggerSchedule)
 def _trigger(d: _Decision, c: ScheduleCommand) -> None:
     assert isinstance(c, TriggerSchedule)
-    if c.at in d.current.triggered:
+    state = d.current
+    if c.at in state.recent or c.at == state.buffered:
         return  # the same request again
     d.fire(c.at, FireReason.TRIGGER)
 
@@ -372,13 +373,11 @@ def _deleted(state: ScheduleState, event: ScheduleEvent) -> ScheduleState:
 @_evolves(ScheduledRunStarted)
 def _started(state: ScheduleState, event: ScheduleEvent) -> ScheduleState:
     assert isinstance(event, ScheduledRunStarted)
-    triggered = state.triggered
-    if event.reason is FireReason.TRIGGER:
-        triggered = (*triggered, event.nominal)[-TRIGGER_MEMORY:]
+    recent = (*state.recent, event.nominal)[-TRIGGER_MEMORY:]
     buffered = None if event.reason is FireReason.BUFFERED else state.buffered
     return replace(state, running=(*state.running, ScheduledRun(event.run_id, event.nominal)),
                    started=state.started + 1, last_started=event.nominal,
-                   triggered=triggered, buffered=buffered)
+                   recent=recent, buffered=buffered)
 
 
 @_evolves(ScheduledRunSkipped)

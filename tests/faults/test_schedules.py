@@ -55,7 +55,7 @@ def _schedule_log(fleet: Fleet) -> list[object]:
 
 
 def check_schedule(spec: ScheduleSpec, log: list[object], view: LogView,
-                   last_restart_ms: int) -> Check:
+                   first_kill_ms: int, last_restart_ms: int) -> Check:
     check = Check("S each nominal time exactly one run")
     decided = Counter(e.nominal for e in log if isinstance(e, ScheduledRunStarted))
     for nominal, n in decided.items():
@@ -68,6 +68,9 @@ def check_schedule(spec: ScheduleSpec, log: list[object], view: LogView,
     for a, b in itertools.pairwise(ordered):
         if b - a != SECOND:
             check.fail(f"no run for the nominal times between {a} and {b}")
+    if not ordered or ordered[0] > first_kill_ms:
+        check.fail(f"the schedule started after the first kill ({first_kill_ms}): first "
+                   f"nominal {ordered[0] if ordered else None}")
     if not ordered or ordered[-1] < last_restart_ms:
         check.fail(f"the schedule stopped before the last restart ({last_restart_ms}): "
                    f"last nominal {ordered[-1] if ordered else None}")
@@ -108,12 +111,14 @@ def test_engine_killed_around_ticks(fleet: Fleet, rng: random.Random,
                           "input": {"n": 1}, "interval": "1s", "overlap": "allow_all",
                           "catch_up_window": "1h"})
     _send(fleet, CreateSchedule(command_id="create", schedule_id=spec.schedule_id, spec=spec))
+    _wait_for(fleet, lambda log: any(isinstance(e, ScheduledRunStarted) for e in log))
     kills, downs = 0, []
-    last_restart = 0
+    first_kill = last_restart = 0
     end = time.monotonic() + fault_seconds
     while time.monotonic() < end or kills < 3:
         time.sleep(rng.uniform(0.3, 2.5))
         fleet.kill(proc, signal.SIGKILL)
+        first_kill = first_kill or int(time.time() * 1000)
         kills += 1
         down = rng.choice([0.0, rng.uniform(1.0, 4.0)])  # within a tick, or across several
         downs.append(down)
@@ -131,4 +136,4 @@ def test_engine_killed_around_ticks(fleet: Fleet, rng: random.Random,
     print(f"{kills} SIGKILLs of the engine, down {', '.join(f'{d:.1f}s' for d in downs)}; "
           f"{len(scheduled)} scheduled runs settled {waited:.1f}s after the delete")
     assert_checks([*run_checks(fleet, view, extra_runs=scheduled),
-                   check_schedule(spec, log, view, last_restart)])
+                   check_schedule(spec, log, view, first_kill, last_restart)])
