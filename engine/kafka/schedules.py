@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from engine.codec import decode, encode
+from engine.core.errors import TerranohaError
 from engine.core.schedule_records import (
     ScheduleCommand,
     ScheduleEvent,
@@ -41,7 +42,14 @@ from engine.core.schedule_records import (
 from engine.core.schedules import decide, due_at, evolve, outputs, timers
 from engine.kafka._util import stop_quietly
 from engine.kafka.keyed import KeyedLogic, KeyedProcessor, KeyedTopics
-from engine.kafka.topics import COMPACTED, RETAIN_FOREVER, Topics, ensure_topics, key_partition
+from engine.kafka.topics import (
+    COMPACTED,
+    RETAIN_FOREVER,
+    Topics,
+    deployed_topics,
+    ensure_topics,
+    key_partition,
+)
 from engine.runtime.clock import Clock
 from engine.runtime.schedule_service import ScheduleService, ScheduleView
 from engine.runtime.schedule_spec import CronCalendar
@@ -62,6 +70,30 @@ def schedule_new_topics(topics: Topics) -> list[NewTopic]:
     return [NewTopic(keyed.inputs, n, r),
             NewTopic(keyed.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
             NewTopic(keyed.changelog, n, r, topic_configs=dict(COMPACTED))]
+
+
+class SchedulePartitionsError(TerranohaError):
+    """The schedule topics and the run-keyed topics have different partition counts."""
+
+
+async def check_partitions(bootstrap: str, topics: Topics) -> None:
+    """Refuse schedule topics whose partition count is not the run-keyed one: the
+    processor routes its ``StartRun`` records by that count."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        keyed = schedule_topics(topics)
+        described = await admin.describe_topics([keyed.inputs, keyed.events, keyed.changelog])
+    finally:
+        await admin.close()
+    for d in described:
+        count = len(d.get("partitions") or [])
+        if d.get("error_code", 0) == 0 and count and count != topics.partitions:
+            raise SchedulePartitionsError(
+                f"topic {d['topic']} has {count} partitions and {topics.inputs} "
+                f"{topics.partitions}: schedule topics need the run-keyed count; delete "
+                f"the {topics.prefix}.schedule-* topics (or recreate them with "
+                f"{topics.partitions} partitions)")
 
 
 def _command(data: bytes) -> ScheduleCommand:
@@ -158,7 +190,11 @@ class AsyncKafkaSchedules:
         self._offsets: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
+        # The schedule topics take the run-keyed partition count the broker has.
+        self.topics = await deployed_topics(self.bootstrap, self.topics)
+        self.keyed = schedule_topics(self.topics)
         await ensure_topics(self.bootstrap, schedule_new_topics(self.topics))
+        await check_partitions(self.bootstrap, self.topics)
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
                                           enable_idempotence=True, acks="all")
         await self._producer.start()

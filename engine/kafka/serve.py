@@ -20,7 +20,7 @@ from engine.kafka.correlation import CorrelationProcessor
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.processor import KafkaEngine
 from engine.kafka.router import TriggerRouter
-from engine.kafka.schedules import ScheduleProcessor, schedule_new_topics
+from engine.kafka.schedules import ScheduleProcessor, check_partitions, schedule_new_topics
 from engine.kafka.specs import SpecFollower
 from engine.kafka.topics import Topics, deployed_topics, ensure_topics
 from engine.kafka.worker import KafkaWorker
@@ -102,6 +102,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     options = replace(options, topics=topics)
     # The run engine writes to the schedule inputs whenever a scheduled run ends.
     await ensure_topics(options.bootstrap, schedule_new_topics(topics))
+    await check_partitions(options.bootstrap, topics)
     running = Running()
     follower = SpecFollower(options.bootstrap, options.topics)
     await follower.start()
