@@ -161,14 +161,16 @@ class EmbeddedSchedules:
 
     def due(self, now: int) -> list[FireScheduleTick]:
         """The ticks due at ``now`` that their schedule still asks for."""
-        out: list[FireScheduleTick] = []
+        out: dict[tuple[str, int], FireScheduleTick] = {}
         while self._timers and self._timers[0][0] <= now:
             _, key, nominal = heapq.heappop(self._timers)
             state = self.states.get(key)
             if state is None:
                 continue
-            out += [t for t in timers(state) if t.nominal == nominal and t not in out]
-        return out
+            for tick in timers(state):
+                if tick.nominal == nominal:
+                    out[(key, nominal)] = tick
+        return list(out.values())
 
     def drain(self, max_rounds: int = 1000) -> int:
         total = 0
