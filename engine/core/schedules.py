@@ -258,6 +258,9 @@ def _resume(d: _Decision, c: ScheduleCommand) -> None:
     if state.next_nominal is not None:
         d.miss(MissReason.PAUSED, state.next_nominal, d.now + 1)
     d.emit(ScheduleResumed, next_nominal=next_after(state.spec, d.now, d.calendar), by=c.by)
+    state = d.current
+    if state.buffered is not None and not state.running:
+        d.fire(state.buffered, FireReason.BUFFERED)  # its run ended while paused
 
 
 @_handles(DeleteSchedule)
@@ -439,12 +442,18 @@ TERMINAL_EVENTS = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
 def run_ended_reports(events: Iterable[Event],
                       states: Mapping[str, RunState]) -> list[ReportRunEnded]:
     """What the run engine tells the schedules in the transaction of a batch: one
-    ``ReportRunEnded`` for each run started by a schedule that ended in it."""
+    ``ReportRunEnded`` for each run started by a schedule that ended in it, or whose
+    repeated start it refused after it had ended."""
     reports: list[ReportRunEnded] = []
     for event in events:
-        if event.TYPE not in TERMINAL_EVENTS:
-            continue
         state = states.get(event.run_id)
+        # A repeated StartRun (a backfill over a nominal time that ran) of an ended run
+        # is refused: the schedule counts that run as running until it hears it ended.
+        refused_start = (event.TYPE == "CommandRejected" and state is not None
+                         and state.terminal
+                         and getattr(event, "command_type", "") == "StartRun")
+        if event.TYPE not in TERMINAL_EVENTS and not refused_start:
+            continue
         origin = schedule_origin(state.idempotency_key) if state is not None else None
         if origin is None or state is None:
             continue

@@ -51,11 +51,11 @@ from engine.core.errors import TerranohaError
 from engine.core.events import Event
 from engine.core.outbox import TaskCommand
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
-from engine.core.schedules import run_ended_reports
 from engine.core.spec import WorkflowSpec, load_deployed_spec, spec_to_data
 from engine.core.state import RunState
 from engine.runtime.correlator import CorrelationBatch
 from engine.runtime.processor import Batch, Input
+from engine.runtime.schedule_reports import schedule_reports
 from engine.worker.sdk import LedgerEntry
 
 INPUTS = "inputs"
@@ -262,7 +262,7 @@ class Store:
                 "INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at) "
                 "VALUES (?, ?, ?)",
                 [(r.schedule_id, encode(r), now)
-                 for r in run_ended_reports(batch.events, batch.states)])
+                 for r in schedule_reports(batch)])
             if batch.last is not None:
                 db.execute(
                     "INSERT INTO offsets (consumer, pos) VALUES (?, ?) "

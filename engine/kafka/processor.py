@@ -44,7 +44,6 @@ from engine.core.correlation import (
     key_of,
 )
 from engine.core.events import Event
-from engine.core.schedules import run_ended_reports
 from engine.core.state import RunState, finished_record
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
 from engine.kafka.localstore import ChangelogWrite
@@ -53,6 +52,7 @@ from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStat
 from engine.kafka.topics import Topics, key_partition
 from engine.runtime.clock import Clock
 from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter_of
+from engine.runtime.schedule_reports import schedule_reports
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 
@@ -209,7 +209,7 @@ class RunTask(Task):
                                           change.tenant)))
         # Runs started by a schedule tell it when they end (its overlap policy).
         out.extend(run_ended_record(t, report)
-                   for report in run_ended_reports(batch.events, batch.states))
+                   for report in schedule_reports(batch))
         return out
 
 

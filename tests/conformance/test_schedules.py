@@ -132,6 +132,9 @@ def test_backfill_and_trigger_start_each_nominal_time_once(
     now = int(time.time() * 1000)
     start, end = now - now % HOUR - 3 * HOUR, now - now % HOUR - HOUR
     service.backfill(spec.schedule_id, start, end)
+    # The overlap policy (skip) applies to a trigger: let the backfilled runs end first.
+    _until(service, spec.schedule_id, lambda v: len(_started(v)) == 3 and not v.state.running,
+           "three backfilled runs, ended")
     service.trigger(spec.schedule_id, now)
     view = _until(service, spec.schedule_id, lambda v: len(_started(v)) == 4, "four runs")
     backfilled = [e for e in _started(view) if e.reason is FireReason.BACKFILL]
@@ -143,3 +146,17 @@ def test_backfill_and_trigger_start_each_nominal_time_once(
     for event in backfilled:
         events = driver.events(event.run_id)
         assert [e.TYPE for e in events].count("RunStarted") == 1, "a nominal time ran twice"
+
+
+def test_a_run_that_cannot_start_does_not_block_the_schedule(
+        scheduled: tuple[Driver, ScheduleService]) -> None:
+    """Its workflow is not deployed: the StartRun is a dead letter, and the run engine
+    reports the run as not started, so ``skip`` does not skip every later time."""
+    _, service = scheduled
+    spec = _spec(workflow="not-deployed", interval="1s", overlap="skip")
+    service.create(spec)
+    view = _until(service, spec.schedule_id, lambda v: len(_started(v)) >= 2, "two runs")
+    ended = [e for e in view.events if isinstance(e, ScheduledRunEnded)]
+    assert ended and ended[0].outcome.startswith("NotStarted: unknown_workflow")
+    assert not any(isinstance(e, ScheduledRunSkipped) for e in view.events)
+    service.delete(spec.schedule_id)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from engine.codec import decode, encode
 from engine.core.commands import CancelRun, StartRun
+from engine.core.events import CommandRejected, RunCompleted
 from engine.core.schedule_records import (
     BackfillSchedule,
     CreateSchedule,
@@ -45,12 +46,15 @@ from engine.core.schedules import (
     decide,
     due_at,
     evolve,
+    idempotency_key,
     jitter_delay,
     outputs,
+    run_ended_reports,
     run_id_of,
     schedule_origin,
     timers,
 )
+from engine.core.state import RunState, RunStatus
 from engine.runtime.schedule_spec import CronCalendar, ScheduleSpecError, load_schedule
 
 CALENDAR = CronCalendar()
@@ -234,6 +238,36 @@ def test_a_started_run_is_a_start_run_command_keyed_by_schedule_and_nominal_time
     assert command.run_id == run_id_of(s.state.spec, T0 + MINUTE)
     assert schedule_origin(command.idempotency_key) == ("s1", T0 + MINUTE)
     assert command.workflow == "report"
+
+
+def test_a_time_buffered_when_the_run_ended_while_paused_starts_on_resume() -> None:
+    s, events = _two_ticks(OverlapPolicy.BUFFER_ONE)
+    s.send(PauseSchedule(command_id="p", schedule_id="s1"), T0 + 3 * MINUTE + 1)
+    s.ended(started(events)[0].run_id, T0 + 3 * MINUTE + 2)
+    assert s.state is not None and s.state.buffered == T0 + 2 * MINUTE
+    resumed = s.send(ResumeSchedule(command_id="r", schedule_id="s1"), T0 + 3 * MINUTE + 3)
+    assert [(e.nominal - T0, e.reason) for e in started(resumed)] == \
+        [(2 * MINUTE, FireReason.BUFFERED)]
+
+
+def test_the_run_engine_reports_ended_runs_and_refused_restarts_of_ended_ones() -> None:
+    spec = every_minute()
+    run_id = run_id_of(spec, T0)
+    key = idempotency_key("s1", T0)
+    base: dict[str, Any] = dict(run_id=run_id, seq=1, tenant="default", correlation_id=run_id,
+                                causation_id="c", ts=T0)
+    ended = RunState(run_id=run_id, tenant="default", correlation_id=run_id, workflow="w",
+                     version=1, idempotency_key=key, outcome=RunStatus.COMPLETED)
+    completed = RunCompleted(**base, output=None)
+    (report,) = run_ended_reports([completed], {run_id: ended})
+    assert (report.schedule_id, report.run_id, report.outcome) == ("s1", run_id, "Completed")
+    refused = CommandRejected(**base, command_type="StartRun", command_id="x",
+                              reason="duplicate start")
+    assert len(run_ended_reports([refused], {run_id: ended})) == 1
+    going = replace(ended, outcome=None)
+    assert not run_ended_reports([refused], {run_id: going})
+    other = replace(ended, idempotency_key="order-1")
+    assert not run_ended_reports([completed], {run_id: other})
 
 
 # The engine down across ticks
