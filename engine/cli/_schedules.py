@@ -20,6 +20,7 @@ from engine.cli._backends import db_path, kafka_topics, processor_lock
 from engine.cli._shared import CliError, json_arg, now_ms
 from engine.core.schedule_records import (
     OverlapPolicy,
+    ScheduleAdvanced,
     ScheduleCommandRejected,
     ScheduledRunBuffered,
     ScheduledRunCancelRequested,
@@ -160,8 +161,10 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     out.write("\n")
     for run in s.running:
         out.write(f"running: {run.run_id} (nominal {_when(run.nominal, s)})\n")
-    shown = view.events[-SHOWN_EVENTS:]
-    out.write(f"events ({len(shown)} of {len(view.events)}, newest last):\n")
+    # The cursor's moves are bookkeeping; --json has them.
+    events = [e for e in view.events if not isinstance(e, ScheduleAdvanced)]
+    shown = events[-SHOWN_EVENTS:]
+    out.write(f"events ({len(shown)} of {len(events)}, newest last):\n")
     for event in shown:
         out.write(f"  {_iso(event.at, 'UTC')}  {describe(event, s)}\n")
     return 0
