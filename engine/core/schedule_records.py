@@ -252,6 +252,7 @@ class ScheduleTicksMissed(ScheduleEvent):
     count: int
     reason: MissReason
     truncated: bool = False
+    tenant: str = "default"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

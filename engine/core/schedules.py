@@ -26,6 +26,7 @@ from typing import Protocol
 
 from engine.core.commands import CancelRun, Command, StartRun
 from engine.core.events import Event
+from engine.core.outbox import Notification, NotificationKind
 from engine.core.policies import run_id_for
 from engine.core.schedule_records import (
     BackfillSchedule,
@@ -198,7 +199,7 @@ class _Decision:
             at = next_after(spec, until - 1, self.calendar)
         if count:
             self.emit(ScheduleTicksMissed, first=first, last=last, count=count, reason=reason,
-                      truncated=truncated)
+                      truncated=truncated, tenant=spec.tenant)
         return at
 
 
@@ -434,6 +435,21 @@ def outputs(event: ScheduleEvent) -> Sequence[Command]:
                           reason=f"overlap policy cancel_other of schedule {event.schedule_id}",
                           by=f"{KEY_PREFIX}{event.schedule_id}")]
     return []
+
+
+def alerts(event: ScheduleEvent) -> list[Notification]:
+    """The notifications an event causes: nominal times missed outside the catch-up
+    window are an alert (those of a pause were asked for, and are only recorded)."""
+    if not isinstance(event, ScheduleTicksMissed) or event.reason is not MissReason.OUTSIDE_WINDOW:
+        return []
+    more = "+" if event.truncated else ""
+    return [Notification(
+        kind=NotificationKind.SCHEDULE_MISSED.value, run_id="", step=event.schedule_id,
+        approval_id="", recipients=[],
+        message=(f"schedule {event.schedule_id} missed {event.count}{more} nominal time(s) "
+                 f"from {event.first} to {event.last} (ms since the epoch): later than its "
+                 "catch-up window when the engine got to them"),
+        ts=event.at, tenant=event.tenant, correlation_id=event.causation_id)]
 
 
 TERMINAL_EVENTS = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})

@@ -23,13 +23,14 @@ from pathlib import Path
 
 from engine.codec import DecodeError, decode, encode
 from engine.core.commands import Command
+from engine.core.outbox import Notification
 from engine.core.schedule_records import (
     FireScheduleTick,
     ScheduleCommand,
     ScheduleEvent,
     ScheduleState,
 )
-from engine.core.schedules import decide, due_at, evolve, outputs, timers
+from engine.core.schedules import alerts, decide, due_at, evolve, outputs, timers
 from engine.embedded.engine import EmbeddedEngine
 from engine.embedded.store import Store
 from engine.runtime.clock import Clock, SystemClock
@@ -51,6 +52,7 @@ class _Batch:
     states: dict[str, ScheduleState] = field(default_factory=dict)
     events: list[ScheduleEvent] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
     dead: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -128,6 +130,7 @@ class EmbeddedSchedules:
         batch.events.extend(events)
         for event in events:
             batch.commands.extend(outputs(event))
+            batch.notifications.extend(alerts(event))
 
     def _write(self, batch: _Batch, last: int, now: int) -> None:
         with self.store.transaction() as db:
@@ -140,6 +143,8 @@ class EmbeddedSchedules:
             db.executemany(
                 "INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
                 [(c.run_id, encode(c), now) for c in batch.commands])
+            db.executemany("INSERT INTO notifications (payload) VALUES (?)",
+                           [(encode(n),) for n in batch.notifications])
             for detail, payload in batch.dead:
                 reason, _, why = detail.partition(": ")
                 letter = dead_letter(SOURCE, 0, last, reason, why, payload, now)

@@ -39,7 +39,7 @@ from engine.core.schedule_records import (
     ScheduleEvent,
     ScheduleState,
 )
-from engine.core.schedules import decide, due_at, evolve, outputs, timers
+from engine.core.schedules import alerts, decide, due_at, evolve, outputs, timers
 from engine.kafka._util import stop_quietly
 from engine.kafka.keyed import KeyedLogic, KeyedProcessor, KeyedTopics
 from engine.kafka.topics import (
@@ -116,7 +116,10 @@ def schedule_logic(topics: Topics) -> KeyedLogic[ScheduleCommand, ScheduleState,
     calendar = CronCalendar()
 
     def caused(event: ScheduleEvent) -> list[tuple[str, bytes, bytes]]:
-        return [(topics.inputs, c.run_id.encode(), encode(c)) for c in outputs(event)]
+        records = [(topics.inputs, c.run_id.encode(), encode(c)) for c in outputs(event)]
+        records += [(topics.notifications, event.schedule_id.encode(), encode(n))
+                    for n in alerts(event)]
+        return records
 
     def ticks(key: str, state: ScheduleState) -> list[tuple[int, ScheduleCommand]]:
         due = due_at(state)

@@ -43,6 +43,7 @@ from engine.core.schedule_records import (
 )
 from engine.core.schedules import (
     MAX_BACKFILL,
+    alerts,
     decide,
     due_at,
     evolve,
@@ -301,6 +302,19 @@ def test_times_outside_the_catch_up_window_are_recorded_as_missed() -> None:
         (MINUTE, MINUTE, 1, MissReason.OUTSIDE_WINDOW)]
     assert [e.nominal - T0 for e in started(events)] == [2 * MINUTE, 3 * MINUTE]
     assert s.state is not None and s.state.missed == 1 and s.state.started == 2
+
+
+def test_times_missed_outside_the_window_are_an_alert_and_paused_ones_are_not() -> None:
+    s = Schedule()
+    s.create(every_minute(catch_up_window="0s", tenant="acme"), T0 + 1)
+    (missed,) = [e for e in s.tick_at(T0 + 5 * MINUTE) if isinstance(e, ScheduleTicksMissed)]
+    (alert,) = alerts(missed)
+    assert (alert.kind, alert.step, alert.tenant) == ("schedule_missed", "s1", "acme")
+    assert "missed 4 nominal time(s)" in alert.message
+    s.send(PauseSchedule(command_id="p", schedule_id="s1"), T0 + 5 * MINUTE + 1)
+    resumed = s.send(ResumeSchedule(command_id="r", schedule_id="s1"), T0 + 9 * MINUTE)
+    (paused,) = [e for e in resumed if isinstance(e, ScheduleTicksMissed)]
+    assert paused.reason is MissReason.PAUSED and not alerts(paused)
 
 
 def test_a_long_outage_is_one_missed_range_with_its_count() -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from engine.codec import decode, encode
 from engine.core.commands import StartRun
+from engine.core.outbox import Notification
 from engine.core.schedule_records import (
     CreateSchedule,
     DeleteSchedule,
@@ -151,3 +152,7 @@ def test_times_outside_the_window_are_recorded_as_missed(
         assert m.first not in started and m.last not in started
     nominals = _nominals(asyncio.run(_starts(kafka_bootstrap, topics)))
     assert sorted(nominals) == sorted(started), "each started nominal time has one StartRun"
+    notes = [decode(m.value) for m in asyncio.run(
+        read_all(kafka_bootstrap, topics.notifications, topics.partitions))]
+    alerts = [n for n in notes if isinstance(n, Notification) and n.kind == "schedule_missed"]
+    assert len(alerts) == len(missed), "each missed range is an alert, in its transaction"
