@@ -53,7 +53,8 @@ class _Batch:
     events: list[ScheduleEvent] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
     notifications: list[Notification] = field(default_factory=list)
-    dead: list[tuple[str, bytes]] = field(default_factory=list)
+    dead: list[tuple[str, str, bytes]] = field(default_factory=list)
+    """(reason, detail, payload) of each input that became a dead letter."""
 
 
 class EmbeddedSchedules:
@@ -106,10 +107,10 @@ class EmbeddedSchedules:
         try:
             command = decode(payload)
         except DecodeError as exc:
-            batch.dead.append((f"{exc.reason}: {exc}", payload))
+            batch.dead.append((exc.reason, str(exc), payload))
             return
         if not isinstance(command, ScheduleCommand):
-            batch.dead.append((f"unexpected_record: {type(command).__name__} is not a "
+            batch.dead.append(("unexpected_record", f"{type(command).__name__} is not a "
                                "schedule command", payload))
             return
         key = command.schedule_id
@@ -120,7 +121,7 @@ class EmbeddedSchedules:
                 state = evolve(state, event)
         except Exception as exc:  # a defect in the core: keep the inputs moving
             detail = "".join(traceback.format_exception_only(exc)).strip()
-            batch.dead.append((f"engine_error: {detail}", payload))
+            batch.dead.append(("engine_error", detail, payload))
             return
         if not events or state is None:
             if isinstance(command, FireScheduleTick) and state is not None:
@@ -145,10 +146,9 @@ class EmbeddedSchedules:
                 [(c.run_id, encode(c), now) for c in batch.commands])
             db.executemany("INSERT INTO notifications (payload) VALUES (?)",
                            [(encode(n),) for n in batch.notifications])
-            for detail, payload in batch.dead:
-                reason, _, why = detail.partition(": ")
-                letter = dead_letter(SOURCE, 0, last, reason, why, payload, now)
-                log.warning("dead letter in %s: %s: %s", SOURCE, reason, why)
+            for reason, detail, payload in batch.dead:
+                letter = dead_letter(SOURCE, 0, last, reason, detail, payload, now)
+                log.warning("dead letter in %s: %s: %s", SOURCE, reason, detail)
                 db.execute("INSERT INTO dead_letters (reason, payload) VALUES (?, ?)",
                            (reason, encode(letter)))
             db.execute("INSERT INTO offsets (consumer, pos) VALUES (?, ?) "

@@ -12,7 +12,7 @@ from engine.core.outbox import Notification
 from engine.core.schedule_records import CreateSchedule, ScheduleTicksMissed
 from engine.core.schedules import schedule_origin
 from engine.embedded import Store
-from engine.embedded.schedules import EmbeddedSchedules, schedule_events
+from engine.embedded.schedules import EmbeddedSchedules, load_states, schedule_events
 from engine.runtime.clock import ManualClock
 from engine.runtime.schedule_spec import load_schedule
 
@@ -70,3 +70,18 @@ def test_times_outside_the_window_are_recorded_and_alerted(tmp_path: Path) -> No
     assert [n.kind for n in notes if isinstance(n, Notification)] == ["schedule_missed"]
     processor.close()
     assert _starts(path) == [T0 + 5 * SECOND]
+
+
+def test_an_input_that_is_not_a_schedule_command_is_a_dead_letter(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    processor = EmbeddedSchedules(path, ManualClock(T0))
+    processor.store.db.execute("INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at)"
+                               " VALUES ('x', ?, 0)", (b"\x00garbage",))
+    spec = load_schedule({"id": "s", "workflow": "w", "interval": "1s"})
+    processor.submit(CreateSchedule(command_id="c", schedule_id="s", spec=spec))
+    processor.drain()
+    (letter,) = processor.store.dead_letters()
+    assert letter.source == "schedule_inputs" and letter.payload == b"\x00garbage"
+    assert letter.reason and letter.detail
+    assert [s.schedule_id for _, s in load_states(processor.store)] == ["s"]
+    processor.close()
