@@ -15,6 +15,7 @@ from engine.core.errors import SpecError
 from engine.core.limits import LimitsError, load_limits_yaml
 from engine.core.spec import load_spec_yaml
 from engine.notify import load_settings
+from engine.runtime.schedule_spec import load_schedule_yaml
 from tests.notify.servers import new_secret
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -22,11 +23,13 @@ YAML_BLOCKS = re.findall(r"^```ya?ml\n(.*?)^```", README, re.MULTILINE | re.DOTA
 SETTINGS_MARK = "# notify.yaml"
 HOOKS_MARK = "# hooks.yaml"
 LIMITS_MARK = "# limits.yaml"
+SCHEDULE_MARK = "# schedule.yaml"
 SPECS = [block for block in YAML_BLOCKS
-         if not block.startswith((SETTINGS_MARK, HOOKS_MARK, LIMITS_MARK))]
+         if not block.startswith((SETTINGS_MARK, HOOKS_MARK, LIMITS_MARK, SCHEDULE_MARK))]
 HOOKS = [block for block in YAML_BLOCKS if block.startswith(HOOKS_MARK)]
 SETTINGS = [block for block in YAML_BLOCKS if block.startswith(SETTINGS_MARK)]
 LIMITS = [block for block in YAML_BLOCKS if block.startswith(LIMITS_MARK)]
+SCHEDULES = [block for block in YAML_BLOCKS if block.startswith(SCHEDULE_MARK)]
 
 # What the README says it changed in its first spec to get the refusal it shows.
 BROKEN = (("initial: 1s", "initial: 1x"),
@@ -90,3 +93,13 @@ def test_the_limits_refusal_shown_is_the_one_given() -> None:
     with pytest.raises(LimitsError) as refused:
         load_limits_yaml(bad)
     assert str(refused.value) + "\n" == shown
+
+
+def test_the_readme_shows_a_schedule() -> None:
+    assert SCHEDULES, "no ```yaml block marked # schedule.yaml in README.md"
+
+
+@pytest.mark.parametrize("block", SCHEDULES, ids=lambda b: b.split("\n", 1)[0])
+def test_every_schedule_block_loads(block: str) -> None:
+    spec = load_schedule_yaml(block)
+    assert spec.cron or spec.interval

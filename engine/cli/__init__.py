@@ -37,6 +37,7 @@ from engine.cli._messages import add_commands as add_message_commands
 from engine.cli._notify import cmd_notify
 from engine.cli._process import health_option, otel_option
 from engine.cli._projections import add_commands
+from engine.cli._schedules import add_commands as add_schedule_commands
 from engine.cli._shared import CliError
 from engine.core.errors import TerranohaError
 from engine.core.state import RunStatus
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub, _backend_options)
     add_api_commands(sub, _backend_options)
     add_limits_commands(sub, _backend_options)
+    add_schedule_commands(sub, _backend_options)
     return parser
 
 

@@ -46,6 +46,7 @@ from engine.core.records import Trigger
 from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState, RunStatus, Waiting
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
+from engine.embedded.schedules import EmbeddedSchedules
 from engine.notify import DeliverySettings, EmbeddedNotifier
 from engine.observability.metrics import watch_counts
 from engine.observability.setup import Telemetry, kafka_lag
@@ -154,7 +155,8 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
             if running.worker is not None:
                 health.readiness.add("worker", worker_check(running.worker))
             health.readiness.started = True
-        parts = [name for name in ("engine", "router", "correlation", "worker", "notifier")
+        parts = [name for name in ("engine", "router", "correlation", "worker", "notifier",
+                                  "schedules")
                  if getattr(running, name) is not None]
         out.write(f"serving kafka {args.kafka} ({', '.join(parts)}); "
                   f"tools: {', '.join(registry.queues) or 'none'}\n")
@@ -180,7 +182,8 @@ async def _serve(db: Path, registry: Any, concurrency: int,
     if telemetry is not None:
         telemetry.bind(engine.specs, engine.cache.get)
         engine.on_committed = telemetry.observe
-    loops = [asyncio.create_task(engine.run(stop))]
+    schedules = EmbeddedSchedules(db)
+    loops = [asyncio.create_task(engine.run(stop)), asyncio.create_task(schedules.run(stop))]
     worker = None
     if registry.queues:
         worker = EmbeddedWorker(db, registry, concurrency=concurrency)
@@ -193,6 +196,7 @@ async def _serve(db: Path, registry: Any, concurrency: int,
         if health is not None:
             health.stop()
     engine.close()
+    schedules.close()
     if worker is not None:
         worker.close()
     return 0

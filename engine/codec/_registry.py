@@ -14,6 +14,11 @@ from engine.core.events import EVENT_TYPES
 from engine.core.outbox import Notification, TaskCommand
 from engine.core.projection_records import RunTimeline, SlaMetrics
 from engine.core.records import DeadLetter, RecordedCommand, Trigger
+from engine.core.schedule_records import (
+    SCHEDULE_COMMAND_TYPES,
+    SCHEDULE_EVENT_TYPES,
+    ScheduleState,
+)
 from engine.core.state import RunState
 
 EMBEDDED: frozenset[type] = frozenset({Command})
@@ -93,6 +98,7 @@ def core_records() -> list[RecordType]:
         *projection_records(),
         *admission_records(),
         *correlation_records(),
+        *schedule_records(),
     ]
 
 
@@ -100,6 +106,13 @@ def admission_records() -> list[RecordType]:
     """The admission processor's commands, events and per-key state."""
     return [*(RecordType.of(cls, "admission") for cls in admission.RECORD_TYPES),
             RecordType.of(Alert, "records")]
+
+
+def schedule_records() -> list[RecordType]:
+    """The records of the schedules' topics: commands, events, state."""
+    return [*(RecordType.of(cls, "schedules") for cls in SCHEDULE_COMMAND_TYPES),
+            *(RecordType.of(cls, "schedules") for cls in SCHEDULE_EVENT_TYPES),
+            RecordType.of(ScheduleState, "schedules")]
 
 
 def projection_records() -> list[RecordType]:

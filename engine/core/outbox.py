@@ -38,6 +38,8 @@ class NotificationKind(StrEnum):
     APPROVAL_REQUESTED = "approval_requested"
     APPROVAL_REMINDER = "approval_reminder"
     ESCALATED = "escalated"
+    SCHEDULE_MISSED = "schedule_missed"
+    """Nominal times of a schedule that were not run (``step`` holds the schedule id)."""
 
 
 @dataclass(frozen=True, slots=True)

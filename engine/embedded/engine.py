@@ -75,7 +75,7 @@ class EmbeddedEngine:
             correlation = correlate([*batch.correlation, *expiring],
                                     self.store.correlation_state, now)
             admission = batch.admission
-            self.store.write_batch(batch, correlation=correlation, also=(
+            self.store.write_batch(batch, correlation=correlation, now=now, also=(
                 (lambda db: apply_in(db, admission, now)) if admission else None))
             handled += len(expiring)
         if inputs:

@@ -16,6 +16,9 @@
 | notify_deliveries | the notifier's delivery ledger (made by ``engine.notify``) |
 | correlations   | the message-correlation state changelog (per correlation key) |
 | message_events | the message-events topic (published, correlated, expired)   |
+| schedule_inputs | the schedules' inputs topic (schedule commands, ticks, run ends) |
+| schedule_events | the schedules' events topic                            |
+| schedule_states | the schedules' state changelog                         |
 
 Every record is stored as the same Avro bytes the Kafka backend sends. A processed
 batch (events, commands, states, tasks, notifications, dead letters, the message
@@ -52,6 +55,7 @@ from engine.core.spec import WorkflowSpec, load_deployed_spec, spec_to_data
 from engine.core.state import RunState
 from engine.runtime.correlator import CorrelationBatch
 from engine.runtime.processor import Batch, Input
+from engine.runtime.schedule_reports import schedule_reports
 from engine.worker.sdk import LedgerEntry
 
 INPUTS = "inputs"
@@ -132,6 +136,24 @@ CREATE TABLE IF NOT EXISTS message_events (
     ts INTEGER NOT NULL,
     payload BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedule_inputs (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    schedule_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    enqueued_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedule_events (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    schedule_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS schedule_events_by_id ON schedule_events (schedule_id, pos);
+CREATE TABLE IF NOT EXISTS schedule_states (
+    schedule_id TEXT PRIMARY KEY,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS ledger (
     idempotency_key TEXT PRIMARY KEY,
     result TEXT NOT NULL,
@@ -210,7 +232,8 @@ class Store:
 
     def write_batch(self, batch: Batch, consumer: str = PROCESSOR,
                     correlation: CorrelationBatch | None = None,
-                    also: Callable[[sqlite3.Connection], object] | None = None) -> None:
+                    also: Callable[[sqlite3.Connection], object] | None = None,
+                    now: int = 0) -> None:
         """Everything a batch produced, the correlation it caused, and the input position,
         in one transaction; ``also`` writes more in it (the admission core's decisions)."""
         with self.transaction() as db:
@@ -238,6 +261,12 @@ class Store:
                            [(encode(n),) for n in batch.notifications])
             db.executemany("INSERT INTO dead_letters (reason, payload) VALUES (?, ?)",
                            [(d.reason, encode(d)) for d in batch.dead_letters])
+            # Runs started by a schedule tell it when they end (its overlap policy).
+            db.executemany(
+                "INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at) "
+                "VALUES (?, ?, ?)",
+                [(r.schedule_id, encode(r), now)
+                 for r in schedule_reports(batch)])
             if batch.last is not None:
                 db.execute(
                     "INSERT INTO offsets (consumer, pos) VALUES (?, ?) "

@@ -49,10 +49,12 @@ from engine.core.state import RunState, finished_record
 from engine.kafka._util import Headers, Record, start_run_record, trace_headers
 from engine.kafka.admission import AdmissionTopics
 from engine.kafka.localstore import ChangelogWrite
+from engine.kafka.schedules import run_ended_record
 from engine.kafka.stream import OwnedTask, Step, StreamProcessor, Task, TaskStats
 from engine.kafka.topics import Topics, key_partition
 from engine.runtime.clock import Clock
 from engine.runtime.processor import Batch, Input, Processor, StateCache, dead_letter_of
+from engine.runtime.schedule_reports import schedule_reports
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 
@@ -213,6 +215,9 @@ class RunTask(Task):
                 out.append((t.messages, key_partition(key, t.partitions), key, encode(change),
                             trace_headers(change.run_id, f"{change.TYPE}:{change.wait}",
                                           change.tenant)))
+        # Runs started by a schedule tell it when they end (its overlap policy).
+        out.extend(run_ended_record(t, report)
+                   for report in schedule_reports(batch))
         return out
 
 

@@ -22,6 +22,7 @@ from engine.kafka.ledger import PostgresLedger
 from engine.kafka.limits import LimitsFollower, read_limits
 from engine.kafka.processor import KafkaEngine
 from engine.kafka.router import TriggerRouter
+from engine.kafka.schedules import ScheduleProcessor, check_partitions, schedule_new_topics
 from engine.kafka.specs import SpecFollower
 from engine.kafka.topics import Topics, deployed_topics, ensure_topics
 from engine.kafka.worker import KafkaWorker
@@ -61,6 +62,8 @@ class ServeOptions:
     """Where the engine keeps each partition's local state store (finished runs on disk,
     a checkpoint that makes a restart read only the changelog's tail); None: no store,
     every restore reads the whole changelog and finished runs stay in memory."""
+    schedules: bool = True
+    """Run the schedule processor (``engine.kafka.schedules``)."""
 
     admission: bool = True
     """Run the admission processor (flow control) when a limits document is deployed;
@@ -88,6 +91,7 @@ class Running:
     follower: SpecFollower | None = None
     notifier: KafkaNotifier | None = None
     admission: AdmissionProcessor | None = None
+    schedules: ScheduleProcessor | None = None
 
 
 async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None = None,
@@ -103,6 +107,9 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         log.info("run-keyed topics have %d partitions (not %d): using the broker's count",
                  topics.partitions, options.topics.partitions)
     options = replace(options, topics=topics)
+    # The run engine writes to the schedule inputs whenever a scheduled run ends.
+    await ensure_topics(options.bootstrap, schedule_new_topics(topics))
+    await check_partitions(options.bootstrap, topics)
     running = Running()
     follower = SpecFollower(options.bootstrap, options.topics)
     await follower.start()
@@ -132,6 +139,11 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
                                                    app=options.app, clock=clock,
                                                    instance_id=options.instance_id)
         runners.append(running.correlation.run(stop))
+    if options.schedules:
+        running.schedules = ScheduleProcessor(options.bootstrap, options.topics,
+                                              app=options.app, clock=clock,
+                                              instance_id=options.instance_id)
+        runners.append(running.schedules.run(stop))
     if options.router and topics.co_partitioned:
         log.info("%s is co-partitioned with %s: the orchestrator reads the triggers, no "
                  "router runs", topics.triggers, topics.inputs)

@@ -22,7 +22,9 @@ SUBJECTS: dict[str, str] = {
     NotificationKind.APPROVAL_REQUESTED: "Approval needed",
     NotificationKind.APPROVAL_REMINDER: "Reminder: approval still needed",
     NotificationKind.ESCALATED: "Escalated",
+    NotificationKind.SCHEDULE_MISSED: "Schedule missed nominal times",
 }
+DECIDABLE = frozenset({NotificationKind.APPROVAL_REQUESTED, NotificationKind.APPROVAL_REMINDER})
 
 
 def message(delivery: Delivery, sender: str) -> EmailMessage:
@@ -33,8 +35,8 @@ def message(delivery: Delivery, sender: str) -> EmailMessage:
     mail = EmailMessage()
     mail["From"] = sender
     mail["To"] = address
-    mail["Subject"] = (f"[terranoha] {SUBJECTS.get(note.kind, note.kind)}: step {note.step} "
-                       f"of run {note.run_id}")
+    about = f"step {note.step} of run {note.run_id}" if note.run_id else note.step
+    mail["Subject"] = f"[terranoha] {SUBJECTS.get(note.kind, note.kind)}: {about}"
     mail["Date"] = email.utils.formatdate(note.ts / 1000, usegmt=True)
     mail["Message-ID"] = f"<{delivery.notification_id}.{digest}@terranoha>"
     mail["X-Terranoha-Notification-Id"] = delivery.notification_id
@@ -43,7 +45,7 @@ def message(delivery: Delivery, sender: str) -> EmailMessage:
         lines.append(f"approval:   {note.approval_id}")
     lines += [f"for:        {', '.join(note.recipients)}", f"tenant:     {note.tenant}",
               f"kind:       {note.kind}", f"id:         {delivery.notification_id}"]
-    if note.kind != NotificationKind.ESCALATED:
+    if note.kind in DECIDABLE:
         lines += ["", f"Decide with: terranoha approve {note.run_id} {note.step} --as YOU "
                   "[--reject]"]
     mail.set_content("\n".join(lines) + "\n")

@@ -24,13 +24,18 @@ from engine.core.records import DeadLetter, Trigger
 from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState, finished_record
 from engine.embedded import EmbeddedEngine, EmbeddedWorker, Store
+from engine.runtime.schedule_service import ScheduleService
 from engine.worker import ToolRegistry
 
 
 class Driver:
     name = "driver"
+    schedules: ScheduleService | None = None
+    """With ``start(..., schedules=True)``: the schedules of the backend, their processor
+    running beside the engine."""
 
-    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry) -> None:
+    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry,
+              schedules: bool = False) -> None:
         raise NotImplementedError
 
     def submit(self, *records: Command | Trigger) -> None:
@@ -123,7 +128,8 @@ class EmbeddedDriver(Driver):
         self.store = Store(self.path)
         self.threads: _LoopThread | None = None
 
-    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry) -> None:
+    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry,
+              schedules: bool = False) -> None:
         for spec in specs:
             self.store.deploy(spec, 0)
         engine = EmbeddedEngine(self.path)
@@ -132,6 +138,13 @@ class EmbeddedDriver(Driver):
         self.threads.spawn(engine.run)
         self.threads.spawn(worker.run)
         self._closers = [engine.close, worker.close]
+        if schedules:
+            from engine.embedded.schedules import EmbeddedSchedules, EmbeddedScheduleService
+
+            processor = EmbeddedSchedules(self.path)
+            self.threads.spawn(processor.run)
+            self.schedules = EmbeddedScheduleService(self.path, process=False)
+            self._closers += [processor.close, self.schedules.close]
 
     def submit(self, *records: Command | Trigger) -> None:
         self.store.append_inputs(records, int(time.time() * 1000))
@@ -182,7 +195,8 @@ class KafkaDriver(Driver):
         self._dead: list[DeadLetter] = []
         self._messages: list[CorrelationEvent] = []
 
-    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry) -> None:
+    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry,
+              schedules: bool = False) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         from engine.kafka.correlation import CorrelationProcessor
@@ -210,6 +224,17 @@ class KafkaDriver(Driver):
         for runner in (self.engine.run, self.worker.run, follower.follow,
                        self.correlation.run):
             self.threads.spawn(runner)
+        if schedules:
+            from engine.kafka.schedules import (
+                KafkaScheduleService,
+                ScheduleProcessor,
+                schedule_new_topics,
+            )
+
+            call(ensure_topics(self.bootstrap, schedule_new_topics(t)))
+            self.scheduler = ScheduleProcessor(self.bootstrap, t, app=self.app)
+            self.threads.spawn(self.scheduler.run)
+            self.schedules = KafkaScheduleService(self.bootstrap, t, app=self.app)
 
         async def clients() -> None:
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
@@ -322,6 +347,8 @@ class KafkaDriver(Driver):
 
         if hasattr(self, "producer"):
             self.threads.call(close_clients())
+        if self.schedules is not None:
+            self.schedules.close()
         self.threads.close_runners()
         if hasattr(self, "state_dir"):
             shutil.rmtree(self.state_dir, ignore_errors=True)
