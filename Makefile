@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check engine projections tests bench
+	$(BIN)/ruff format --check engine projections tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy engine projections

@@ -54,8 +54,19 @@ from typing import Any
 from bench import kafka_throughput
 from bench._common import ROOT, infra_settings
 
-PARTS = ("ceiling", "kafka", "embedded", "dbos", "restate", "recovery", "worker_restart",
-         "state_memory", "state_restart", "api", "flow")
+PARTS = (
+    "ceiling",
+    "kafka",
+    "embedded",
+    "dbos",
+    "restate",
+    "recovery",
+    "worker_restart",
+    "state_memory",
+    "state_restart",
+    "api",
+    "flow",
+)
 
 
 def _machine() -> dict[str, Any]:
@@ -64,15 +75,28 @@ def _machine() -> dict[str, Any]:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal:")), 0)
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 1024**2, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
+    mem_kb = next(
+        (
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal:")
+        ),
+        0,
+    )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024**2, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def _versions(postgres: str) -> dict[str, str]:
-    out = {name: importlib.metadata.version(name)
-           for name in ("aiokafka", "fastavro", "psycopg", "pydantic")}
+    out = {
+        name: importlib.metadata.version(name)
+        for name in ("aiokafka", "fastavro", "psycopg", "pydantic")
+    }
     version_file = ROOT / ".local" / "kafka" / "lib" / ".version"
     out["kafka"] = version_file.read_text().strip() if version_file.exists() else "?"
     try:
@@ -89,8 +113,9 @@ def _versions(postgres: str) -> dict[str, str]:
 def _json_child(args: list[str], timeout_s: float) -> dict[str, Any]:
     """Run a benchmark in a process of its own; its last stdout line is its JSON."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
-                          env=env)
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env
+    )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(args[:2])} exited {proc.returncode}:\n{tail}")
@@ -120,81 +145,157 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     steps = args.runs * kafka_throughput.STEPS
     if "ceiling" not in skip:
-        _guarded("ceiling", results, lambda: kafka_throughput.bench_ceiling(
-            bootstrap, args.partitions, steps))
+        _guarded(
+            "ceiling",
+            results,
+            lambda: kafka_throughput.bench_ceiling(bootstrap, args.partitions, steps),
+        )
     if "kafka" not in skip:
-        _guarded("kafka", results, lambda: kafka_throughput.bench_engine(
-            bootstrap, postgres, args.partitions, args.runs))
+        _guarded(
+            "kafka",
+            results,
+            lambda: kafka_throughput.bench_engine(bootstrap, postgres, args.partitions, args.runs),
+        )
     if "embedded" not in skip:
-        _guarded("embedded", results, lambda: _json_child(
-            [sys.executable, "bench/embedded.py", "--runs", str(args.runs)], 900))
+        _guarded(
+            "embedded",
+            results,
+            lambda: _json_child(
+                [sys.executable, "bench/embedded.py", "--runs", str(args.runs)], 900
+            ),
+        )
     if {"dbos", "restate"} - skip:
         from bench.peers.venv import peer_python, restate_server
 
         if "dbos" not in skip:
-            _guarded("dbos", results, lambda: _json_child(
-                [str(peer_python()), "bench/peers/dbos_bench.py", "--postgres", postgres,
-                 "--runs", str(args.runs)], 1200))
+            _guarded(
+                "dbos",
+                results,
+                lambda: _json_child(
+                    [
+                        str(peer_python()),
+                        "bench/peers/dbos_bench.py",
+                        "--postgres",
+                        postgres,
+                        "--runs",
+                        str(args.runs),
+                    ],
+                    1200,
+                ),
+            )
         if "restate" not in skip:
-            _guarded("restate", results, lambda: _json_child(
-                [str(peer_python()), "bench/peers/restate_bench.py", "--server",
-                 str(restate_server()), "--runs", str(args.runs)], 1200))
+            _guarded(
+                "restate",
+                results,
+                lambda: _json_child(
+                    [
+                        str(peer_python()),
+                        "bench/peers/restate_bench.py",
+                        "--server",
+                        str(restate_server()),
+                        "--runs",
+                        str(args.runs),
+                    ],
+                    1200,
+                ),
+            )
     if "recovery" not in skip:
         from bench import recovery
 
-        _guarded("recovery", results, lambda: recovery.run(args.recovery_runs,
-                                                           args.partitions))
+        _guarded("recovery", results, lambda: recovery.run(args.recovery_runs, args.partitions))
     if "worker_restart" not in skip:
         from bench import worker_restart
 
-        _guarded("worker_restart", results, lambda: worker_restart.run(
-            partitions=args.partitions))
+        _guarded("worker_restart", results, lambda: worker_restart.run(partitions=args.partitions))
     if "flow" not in skip:
-        _guarded("flow", results, lambda: _json_child(
-            [sys.executable, "bench/flow.py"], 900))
+        _guarded("flow", results, lambda: _json_child([sys.executable, "bench/flow.py"], 900))
     if "state_memory" not in skip:
-        _guarded("state_memory", results, lambda: _json_child(
-            [sys.executable, "-m", "bench.state_memory", "--small", str(args.state_small),
-             "--large", str(args.state_large)], 3600))
+        _guarded(
+            "state_memory",
+            results,
+            lambda: _json_child(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.state_memory",
+                    "--small",
+                    str(args.state_small),
+                    "--large",
+                    str(args.state_large),
+                ],
+                3600,
+            ),
+        )
     if "state_restart" not in skip:
-        _guarded("state_restart", results, lambda: _json_child(
-            [sys.executable, "-m", "bench.state_restart", "--history", str(args.state_large),
-             "--partitions", str(args.partitions)], 3600))
+        _guarded(
+            "state_restart",
+            results,
+            lambda: _json_child(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.state_restart",
+                    "--history",
+                    str(args.state_large),
+                    "--partitions",
+                    str(args.partitions),
+                ],
+                3600,
+            ),
+        )
     if "api" not in skip:
         from bench import api
 
         _guarded("api", results, lambda: api.run())
     memory = results.get("state_memory", {})
-    restarted = {key: value for key, value in results.get("state_restart", {}).items()
-                 if key.endswith("_ms") or "_ms_" in key}
+    restarted = {
+        key: value
+        for key, value in results.get("state_restart", {}).items()
+        if key.endswith("_ms") or "_ms_" in key
+    }
     kafka = results.get("kafka", {}).get("burst", {})
     ratios = {
-        "engine_over_ceiling": _ratio(kafka.get("steps_per_s"),
-                                      results.get("ceiling", {}).get("steps_per_s")),
-        "terranoha_over_dbos": _ratio(kafka.get("runs_per_s"),
-                                      results.get("dbos", {}).get("runs_per_s")),
-        "terranoha_over_restate": _ratio(kafka.get("runs_per_s"),
-                                         results.get("restate", {}).get("runs_per_s")),
-        "embedded_over_dbos": _ratio(results.get("embedded", {}).get("runs_per_s"),
-                                     results.get("dbos", {}).get("runs_per_s")),
+        "engine_over_ceiling": _ratio(
+            kafka.get("steps_per_s"), results.get("ceiling", {}).get("steps_per_s")
+        ),
+        "terranoha_over_dbos": _ratio(
+            kafka.get("runs_per_s"), results.get("dbos", {}).get("runs_per_s")
+        ),
+        "terranoha_over_restate": _ratio(
+            kafka.get("runs_per_s"), results.get("restate", {}).get("runs_per_s")
+        ),
+        "embedded_over_dbos": _ratio(
+            results.get("embedded", {}).get("runs_per_s"), results.get("dbos", {}).get("runs_per_s")
+        ),
     }
     ratios["engine_over_ceiling_bound"] = _bound(results)
     flow = results.get("flow", {})
-    ratios |= {key: flow.get(key) for key in ("flow_overhead_ratio", "fair_jain_index",
-                                               "grant_latency_p99_ms")}
+    ratios |= {
+        key: flow.get(key)
+        for key in ("flow_overhead_ratio", "fair_jain_index", "grant_latency_p99_ms")
+    }
     restart = results.get("worker_restart", {})
-    gaps = {key: restart.get(key) for key in ("worker_restart_gap_ms",
-                                              "worker_restart_gap_ms_dynamic")}
-    history = {f"rss_mb_{_k(memory.get(f'finished_{size}'))}_finished":
-               memory.get(f"rss_mb_{size}") for size in ("small", "large") if memory}
+    gaps = {
+        key: restart.get(key) for key in ("worker_restart_gap_ms", "worker_restart_gap_ms_dynamic")
+    }
+    history = {
+        f"rss_mb_{_k(memory.get(f'finished_{size}'))}_finished": memory.get(f"rss_mb_{size}")
+        for size in ("small", "large")
+        if memory
+    }
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": _machine(),
         "versions": _versions(postgres),
-        "settings": {"runs": args.runs, "steps_per_run": kafka_throughput.STEPS,
-                     "partitions": args.partitions, "recovery_runs": args.recovery_runs,
-                     "open_loop_loads": list(kafka_throughput.LOADS),
-                     "kafka": bootstrap, "skipped": sorted(skip)},
+        "settings": {
+            "runs": args.runs,
+            "steps_per_run": kafka_throughput.STEPS,
+            "partitions": args.partitions,
+            "recovery_runs": args.recovery_runs,
+            "open_loop_loads": list(kafka_throughput.LOADS),
+            "kafka": bootstrap,
+            "skipped": sorted(skip),
+        },
         **ratios,
         **gaps,
         **history,
@@ -224,9 +325,14 @@ def _bound(results: dict[str, Any]) -> dict[str, Any] | None:
     ceiling = results.get("ceiling", {})
     eff = results.get("kafka", {}).get("burst", {}).get("efficiency", {})
     floor = ceiling.get("codec_floor", {}).get("us_per_step")
-    needed = (ceiling.get("steps_per_s"), ceiling.get("cpu_s_per_1k_steps"),
-              ceiling.get("broker_cpu_s_per_1k_steps"), floor,
-              eff.get("worker_cpu_s_per_1k_steps"), eff.get("postgresql_cpu_s_per_1k_steps"))
+    needed = (
+        ceiling.get("steps_per_s"),
+        ceiling.get("cpu_s_per_1k_steps"),
+        ceiling.get("broker_cpu_s_per_1k_steps"),
+        floor,
+        eff.get("worker_cpu_s_per_1k_steps"),
+        eff.get("postgresql_cpu_s_per_1k_steps"),
+    )
     if not all(isinstance(v, int | float) and v == v for v in needed):  # v == v: not NaN
         return None
     cores = os.cpu_count() or 1
@@ -241,11 +347,18 @@ def _bound(results: dict[str, Any]) -> dict[str, Any] | None:
 
     def limit(per_step: dict[str, float]) -> dict[str, float]:
         steps_per_s = cores * 1e6 / sum(per_step.values())
-        return {"steps_per_s": steps_per_s,
-                "engine_over_ceiling": steps_per_s / ceiling["steps_per_s"]}
+        return {
+            "steps_per_s": steps_per_s,
+            "engine_over_ceiling": steps_per_s / ceiling["steps_per_s"],
+        }
 
-    return {"cores": cores, "us_per_step": costs, "bare_worker_us_per_step": hop_us,
-            "with_this_worker": limit(costs), "with_a_bare_worker": limit(bare)}
+    return {
+        "cores": cores,
+        "us_per_step": costs,
+        "bare_worker_us_per_step": hop_us,
+        "with_this_worker": limit(costs),
+        "with_a_bare_worker": limit(bare),
+    }
 
 
 def _fmt(value: Any, spec: str = ",.0f") -> str:
@@ -255,11 +368,15 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 def render(report: dict[str, Any]) -> str:
     """The table ``python -m bench all`` prints."""
     r = report["results"]
-    lines = [f"{report['date']}: {report['machine']['cpu']}, {report['machine']['cores']} "
-             f"cores, Python {report['machine']['python']}, Kafka {report['versions']['kafka']}"
-             f", PostgreSQL {report['versions']['postgresql']}", ""]
-    lines.append(f"{'workload':<34}{'runs/s':>9}{'steps/s':>10}{'CPU s/1k steps':>16}"
-                 f"{'peak RSS MB':>13}")
+    lines = [
+        f"{report['date']}: {report['machine']['cpu']}, {report['machine']['cores']} "
+        f"cores, Python {report['machine']['python']}, Kafka {report['versions']['kafka']}"
+        f", PostgreSQL {report['versions']['postgresql']}",
+        "",
+    ]
+    lines.append(
+        f"{'workload':<34}{'runs/s':>9}{'steps/s':>10}{'CPU s/1k steps':>16}{'peak RSS MB':>13}"
+    )
 
     def row(label: str, res: dict[str, Any] | None, cpu: Any = None, rss: Any = None) -> None:
         if not res:
@@ -267,17 +384,23 @@ def render(report: dict[str, Any]) -> str:
         if "error" in res:
             lines.append(f"{label:<34}failed: {res['error'][:80]}")
             return
-        lines.append(f"{label:<34}{_fmt(res.get('runs_per_s')):>9}"
-                     f"{_fmt(res.get('steps_per_s')):>10}"
-                     f"{_fmt(cpu if cpu is not None else res.get('cpu_s_per_1k_steps'), '.2f'):>16}"
-                     f"{_fmt(rss if rss is not None else res.get('peak_rss_mb')):>13}")
+        lines.append(
+            f"{label:<34}{_fmt(res.get('runs_per_s')):>9}"
+            f"{_fmt(res.get('steps_per_s')):>10}"
+            f"{_fmt(cpu if cpu is not None else res.get('cpu_s_per_1k_steps'), '.2f'):>16}"
+            f"{_fmt(rss if rss is not None else res.get('peak_rss_mb')):>13}"
+        )
 
     row("ceiling (bare txn loop)", r.get("ceiling"))
     burst = r.get("kafka", {}).get("burst")
     if burst:
         eff = burst.get("efficiency", {})
-        row("Terranoha on Kafka (burst)", burst, eff.get("engine_cpu_s_per_1k_steps"),
-            eff.get("engine_peak_rss_mb"))
+        row(
+            "Terranoha on Kafka (burst)",
+            burst,
+            eff.get("engine_cpu_s_per_1k_steps"),
+            eff.get("engine_peak_rss_mb"),
+        )
         if eff.get("topology"):
             lines.append(f"  ({eff['topology']})")
     elif "kafka" in r:
@@ -286,8 +409,12 @@ def render(report: dict[str, Any]) -> str:
     row("DBOS Transact", r.get("dbos"))
     row("Restate", r.get("restate"))
     lines.append("")
-    for key in ("engine_over_ceiling", "terranoha_over_dbos", "terranoha_over_restate",
-                "embedded_over_dbos"):
+    for key in (
+        "engine_over_ceiling",
+        "terranoha_over_dbos",
+        "terranoha_over_restate",
+        "embedded_over_dbos",
+    ):
         lines.append(f"{key:<26}{_fmt(report.get(key), '.2f')}")
     bound = report.get("engine_over_ceiling_bound")
     if bound:
@@ -348,32 +475,44 @@ def _recovery_lines(rec: dict[str, Any]) -> list[str]:
         return [f"recovery: failed: {rec['error'][:200]}"]
     runs = rec.get("runs")
     out = [f"recovery, timers and memory with {_fmt(runs)} runs in the changelog:"]
-    for key, label in (("recovery_with_instance_id", "with --instance-id"),
-                       ("recovery", "without an instance id")):
+    for key, label in (
+        ("recovery_with_instance_id", "with --instance-id"),
+        ("recovery", "without an instance id"),
+    ):
         got = rec.get(key) or {}
-        out.append(f"  SIGKILL -> first command {label}: "
-                   f"{_fmt(got.get('kill_to_first_command_ms'))} ms (restore "
-                   f"{_fmt(got.get('restore_ms'))} ms)")
-    out.append(f"  engine RSS with all runs active: {_fmt(rec.get('engine_peak_rss_mb'))} MB peak;"
-               f" after a restore {_fmt(rec.get('restored_rss_mb'))} MB")
+        out.append(
+            f"  SIGKILL -> first command {label}: "
+            f"{_fmt(got.get('kill_to_first_command_ms'))} ms (restore "
+            f"{_fmt(got.get('restore_ms'))} ms)"
+        )
+    out.append(
+        f"  engine RSS with all runs active: {_fmt(rec.get('engine_peak_rss_mb'))} MB peak;"
+        f" after a restore {_fmt(rec.get('restored_rss_mb'))} MB"
+    )
     timers = rec.get("timers") or {}
     late = timers.get("lateness_ms") or {}
-    out.append(f"  timers: {_fmt(timers.get('fired'))} of {_fmt(timers.get('armed'))} fired, "
-               f"{_fmt(timers.get('duplicates'))} twice, {_fmt(timers.get('early'))} early; "
-               f"lateness p50 {_fmt(late.get('p50'))} ms, p99 {_fmt(late.get('p99'))} ms")
+    out.append(
+        f"  timers: {_fmt(timers.get('fired'))} of {_fmt(timers.get('armed'))} fired, "
+        f"{_fmt(timers.get('duplicates'))} twice, {_fmt(timers.get('early'))} early; "
+        f"lateness p50 {_fmt(late.get('p50'))} ms, p99 {_fmt(late.get('p99'))} ms"
+    )
     return out
 
 
 def _worker_restart_lines(res: dict[str, Any]) -> list[str]:
     if "error" in res:
         return [f"worker restart: failed: {res['error'][:200]}"]
-    out = [f"worker restart, {_fmt(res.get('rate_runs_per_s'))} runs/s of a one-task workflow "
-           f"(task timeout {_fmt(res.get('task_timeout_ms'))} ms):"]
+    out = [
+        f"worker restart, {_fmt(res.get('rate_runs_per_s'))} runs/s of a one-task workflow "
+        f"(task timeout {_fmt(res.get('task_timeout_ms'))} ms):"
+    ]
     for key, label in (("static", "with --instance-id"), ("dynamic", "without an instance id")):
         got = res.get(key) or {}
-        out.append(f"  SIGKILL -> first task result {label}: {_fmt(got.get('gap_ms'))} ms; "
-                   f"{_fmt(got.get('tasks_timed_out'))} tasks timed out, "
-                   f"{_fmt(got.get('runs_failed'))} runs failed")
+        out.append(
+            f"  SIGKILL -> first task result {label}: {_fmt(got.get('gap_ms'))} ms; "
+            f"{_fmt(got.get('tasks_timed_out'))} tasks timed out, "
+            f"{_fmt(got.get('runs_failed'))} runs failed"
+        )
     return out
 
 
@@ -383,10 +522,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=2000, help="runs per throughput workload")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--recovery-runs", type=int, default=100_000)
-    parser.add_argument("--state-small", type=int, default=100_000,
-                        help="finished runs for the first memory-with-history figure")
-    parser.add_argument("--state-large", type=int, default=2_000_000,
-                        help="finished runs for the second (about 18 min on 2 shared cores)")
+    parser.add_argument(
+        "--state-small",
+        type=int,
+        default=100_000,
+        help="finished runs for the first memory-with-history figure",
+    )
+    parser.add_argument(
+        "--state-large",
+        type=int,
+        default=2_000_000,
+        help="finished runs for the second (about 18 min on 2 shared cores)",
+    )
     parser.add_argument("--skip", default="", help=f"comma-separated parts of {PARTS} to skip")
     args = parser.parse_args(argv)
     report = run_all(args)

@@ -13,8 +13,10 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = {"TERRANOHA_KAFKA": "127.0.0.1:29092",
-            "TERRANOHA_POSTGRES": "postgresql://terranoha:terranoha@127.0.0.1:25432/terranoha"}
+DEFAULTS = {
+    "TERRANOHA_KAFKA": "127.0.0.1:29092",
+    "TERRANOHA_POSTGRES": "postgresql://terranoha:terranoha@127.0.0.1:25432/terranoha",
+}
 
 
 def infra_settings() -> tuple[str, str]:
@@ -66,8 +68,11 @@ def peak_rss_mb(pid: int) -> float:
 
 def percentiles(values: list[float]) -> dict[str, float]:
     """p50, p95 and p99 of ``values`` (NaN for none)."""
-    return {"p50": percentile(values, 0.5), "p95": percentile(values, 0.95),
-            "p99": percentile(values, 0.99)}
+    return {
+        "p50": percentile(values, 0.5),
+        "p95": percentile(values, 0.95),
+        "p99": percentile(values, 0.99),
+    }
 
 
 def broker_pid() -> int | None:
@@ -125,8 +130,11 @@ class InfraCpu:
         self.before = self._now()
 
     def stop(self) -> dict[str, float]:
-        return {name: cpu - self.before[name] for name, cpu in self._now().items()
-                if name in self.before}
+        return {
+            name: cpu - self.before[name]
+            for name, cpu in self._now().items()
+            if name in self.before
+        }
 
 
 def sigkill(proc: subprocess.Popen[bytes]) -> float:
@@ -153,9 +161,12 @@ class TopicReader:
     until stopped; a subclass's ``_read`` loop does something with the records."""
 
     def __init__(self, bootstrap: str, **options: int) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
-                                         isolation_level="read_committed",
-                                         enable_auto_commit=False, **options)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            **options,
+        )
         self._task: asyncio.Task[None] | None = None
 
     def partitions(self) -> list[TopicPartition]:

@@ -61,8 +61,7 @@ def _free_port() -> int:
         return port
 
 
-async def _closed(client: httpx.AsyncClient, seconds: float, concurrency: int
-                  ) -> dict[str, Any]:
+async def _closed(client: httpx.AsyncClient, seconds: float, concurrency: int) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
     deadline = time.monotonic() + seconds
@@ -71,22 +70,30 @@ async def _closed(client: httpx.AsyncClient, seconds: float, concurrency: int
         nonlocal errors
         while time.monotonic() < deadline:
             started = time.perf_counter()
-            answer = await client.post("/v1/runs", json={"workflow": "bench-api", "tenant": "bench",
-                                                         "input": {"n": 1}},
-                                       headers={"Idempotency-Key": uuid.uuid4().hex})
+            answer = await client.post(
+                "/v1/runs",
+                json={"workflow": "bench-api", "tenant": "bench", "input": {"n": 1}},
+                headers={"Idempotency-Key": uuid.uuid4().hex},
+            )
             if answer.status_code == 201:
                 latencies.append((time.perf_counter() - started) * 1000)
             else:
                 errors += 1
                 statuses.add(f"{answer.status_code} {answer.text[:200]}")
+
     statuses: set[str] = set()
     began = time.monotonic()
     await asyncio.gather(*(loop() for _ in range(concurrency)))
     elapsed = time.monotonic() - began
-    return {"requests_per_s": len(latencies) / elapsed, "requests": len(latencies),
-            "errors": errors, "p50_ms": percentile(latencies, 0.5),
-            "p99_ms": percentile(latencies, 0.99), "concurrency": concurrency,
-            "error_answers": sorted(statuses)[:5]}
+    return {
+        "requests_per_s": len(latencies) / elapsed,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": percentile(latencies, 0.5),
+        "p99_ms": percentile(latencies, 0.99),
+        "concurrency": concurrency,
+        "error_answers": sorted(statuses)[:5],
+    }
 
 
 async def _open(client: httpx.AsyncClient, seconds: float, rate: float) -> dict[str, Any]:
@@ -97,13 +104,16 @@ async def _open(client: httpx.AsyncClient, seconds: float, rate: float) -> dict[
     async def one() -> None:
         nonlocal errors
         started = time.perf_counter()
-        answer = await client.post("/v1/runs", json={"workflow": "bench-api", "tenant": "bench",
-                                                     "input": {"n": 1}},
-                                   headers={"Idempotency-Key": uuid.uuid4().hex})
+        answer = await client.post(
+            "/v1/runs",
+            json={"workflow": "bench-api", "tenant": "bench", "input": {"n": 1}},
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        )
         if answer.status_code == 201:
             latencies.append((time.perf_counter() - started) * 1000)
         else:
             errors += 1
+
     tasks: list[asyncio.Task[None]] = []
     began = time.perf_counter()
     due = began
@@ -112,16 +122,23 @@ async def _open(client: httpx.AsyncClient, seconds: float, rate: float) -> dict[
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         tasks.append(asyncio.create_task(one()))
     await asyncio.gather(*tasks)
-    return {"rate": rate, "requests": len(latencies), "errors": errors,
-            "achieved_per_s": len(latencies) / (time.perf_counter() - began),
-            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99)}
+    return {
+        "rate": rate,
+        "requests": len(latencies),
+        "errors": errors,
+        "achieved_per_s": len(latencies) / (time.perf_counter() - began),
+        "p50_ms": percentile(latencies, 0.5),
+        "p99_ms": percentile(latencies, 0.99),
+    }
 
 
-async def _measure(url: str, key: str, seconds: float, concurrency: int,
-                   rate: float | None) -> dict[str, Any]:
+async def _measure(
+    url: str, key: str, seconds: float, concurrency: int, rate: float | None
+) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"},
-                                 timeout=30.0, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30.0, limits=limits
+    ) as client:
         deployed = await client.post("/v1/workflows", json={"spec": SPEC})
         assert deployed.status_code in (200, 201), deployed.text
         await _closed(client, 3.0, concurrency)  # warm-up: connections, spec cache
@@ -133,8 +150,7 @@ async def _measure(url: str, key: str, seconds: float, concurrency: int,
     return {"closed_loop": closed, "open_loop": opened}
 
 
-async def _producer(bootstrap: str, topic: str, seconds: float, concurrency: int
-                    ) -> dict[str, Any]:
+async def _producer(bootstrap: str, topic: str, seconds: float, concurrency: int) -> dict[str, Any]:
     """The same closed loop straight into an idempotent ``acks=all`` producer (what a
     client that publishes triggers itself does): the baseline the API is compared to."""
     from aiokafka import AIOKafkaProducer
@@ -142,8 +158,7 @@ async def _producer(bootstrap: str, topic: str, seconds: float, concurrency: int
     from engine.codec import encode
     from engine.core.records import Trigger
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
-                                acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
     latencies: list[float] = []
     deadline = time.monotonic() + seconds
@@ -151,24 +166,36 @@ async def _producer(bootstrap: str, topic: str, seconds: float, concurrency: int
     async def loop() -> None:
         while time.monotonic() < deadline:
             key = uuid.uuid4().hex
-            record = encode(Trigger(workflow="bench-api", version=1, tenant="bench",
-                                    idempotency_key=key, input={"n": 1}, requested_by="b"))
+            record = encode(
+                Trigger(
+                    workflow="bench-api",
+                    version=1,
+                    tenant="bench",
+                    idempotency_key=key,
+                    input={"n": 1},
+                    requested_by="b",
+                )
+            )
             started = time.perf_counter()
             await producer.send_and_wait(topic, record, key=key.encode())
             latencies.append((time.perf_counter() - started) * 1000)
+
     try:
         began = time.monotonic()
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         elapsed = time.monotonic() - began
     finally:
         await producer.stop()
-    return {"requests_per_s": len(latencies) / elapsed, "requests": len(latencies),
-            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
-            "concurrency": concurrency}
+    return {
+        "requests_per_s": len(latencies) / elapsed,
+        "requests": len(latencies),
+        "p50_ms": percentile(latencies, 0.5),
+        "p99_ms": percentile(latencies, 0.99),
+        "concurrency": concurrency,
+    }
 
 
-def run(seconds: float = 15.0, concurrency: int = 16, rate: float | None = None
-        ) -> dict[str, Any]:
+def run(seconds: float = 15.0, concurrency: int = 16, rate: float | None = None) -> dict[str, Any]:
     bootstrap, _ = infra_settings()
     prefix = f"bapi{uuid.uuid4().hex[:8]}"
     topics = Topics(prefix=prefix, partitions=4)
@@ -176,6 +203,7 @@ def run(seconds: float = 15.0, concurrency: int = 16, rate: float | None = None
     async def create() -> None:
         async with KafkaClient(bootstrap, topics, app=prefix) as client:
             await client.create_topics(topics)
+
     asyncio.run(create())
     with tempfile.TemporaryDirectory() as tmp:
         keys = KeyStore(Path(tmp) / "keys.db")
@@ -184,10 +212,28 @@ def run(seconds: float = 15.0, concurrency: int = 16, rate: float | None = None
         port = _free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "api", "--kafka", bootstrap,
-             "--topic-prefix", prefix, "--app", prefix, "--keys", str(Path(tmp) / "keys.db"),
-             "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "api",
+                "--kafka",
+                bootstrap,
+                "--topic-prefix",
+                prefix,
+                "--app",
+                prefix,
+                "--keys",
+                str(Path(tmp) / "keys.db"),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -206,12 +252,15 @@ def run(seconds: float = 15.0, concurrency: int = 16, rate: float | None = None
             figures = asyncio.run(_measure(url, key, seconds, concurrency, rate))
             served = figures["closed_loop"]["requests"] + figures["open_loop"]["requests"]
             figures["api_cpu_ms_per_request"] = (
-                (cpu_seconds(server.pid) - cpu_before) * 1000 / max(1, served))
+                (cpu_seconds(server.pid) - cpu_before) * 1000 / max(1, served)
+            )
             figures["wall_s"] = time.monotonic() - began
-            figures["producer"] = asyncio.run(_producer(bootstrap, topics.triggers, seconds,
-                                                        concurrency))
-            figures["api_over_producer"] = (figures["closed_loop"]["requests_per_s"]
-                                            / figures["producer"]["requests_per_s"])
+            figures["producer"] = asyncio.run(
+                _producer(bootstrap, topics.triggers, seconds, concurrency)
+            )
+            figures["api_over_producer"] = (
+                figures["closed_loop"]["requests_per_s"] / figures["producer"]["requests_per_s"]
+            )
             figures["load_average"] = os.getloadavg()[0]
         finally:
             server.terminate()

@@ -39,18 +39,25 @@ from engine.kafka.processor import KafkaEngine
 from engine.kafka.specs import SpecFollower, publish_spec
 from engine.kafka.topics import Topics, delete_topics, ensure_topics
 
-SPEC = load_spec({
-    "workflow": "bench-keyed", "version": 1, "input": {"order": "string"},
-    "steps": [{"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
-                                           "timeout": "1h"}}],
-})
+SPEC = load_spec(
+    {
+        "workflow": "bench-keyed",
+        "version": 1,
+        "input": {"order": "string"},
+        "steps": [
+            {"id": "pay", "wait_event": {"name": "payment", "key": "input.order", "timeout": "1h"}}
+        ],
+    }
+)
 
 
-async def _count(bootstrap: str, topic: str, partitions: int, kind: type,
-                 want: int, timeout_s: float) -> dict[str, int]:
+async def _count(
+    bootstrap: str, topic: str, partitions: int, kind: type, want: int, timeout_s: float
+) -> dict[str, int]:
     """Read ``topic`` until ``want`` records of ``kind``; their run id -> record time."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -69,14 +76,23 @@ async def _count(bootstrap: str, topic: str, partitions: int, kind: type,
         await consumer.stop()
 
 
-async def _publish(producer: AIOKafkaProducer, topics: Topics, orders: list[str],
-                   published: dict[str, int], rate: float | None) -> None:
+async def _publish(
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    orders: list[str],
+    published: dict[str, int],
+    rate: float | None,
+) -> None:
     """One message per order, as fast as possible (``rate`` None) or at ``rate`` a second;
     records each run's message timestamp."""
     sent = []
     for order in orders:
-        topic, key, value = message_record(topics, PublishMessage(
-            message_id=f"paid-{order}", name="payment", key=order, data={"ok": True}))
+        topic, key, value = message_record(
+            topics,
+            PublishMessage(
+                message_id=f"paid-{order}", name="payment", key=order, data={"ok": True}
+            ),
+        )
         sent.append((run_id_for("default", order), await producer.send(topic, value, key=key)))
         if rate is not None:
             await asyncio.sleep(1 / rate)
@@ -92,25 +108,34 @@ async def main(runs: int, partitions: int, rate: float) -> dict[str, Any]:
     follower = SpecFollower(bootstrap, topics)
     await follower.start()
     stop = asyncio.Event()
-    engine = KafkaEngine(bootstrap, topics, follower.registry, app=topics.prefix,
-                         refresh_specs=follower.catch_up)
+    engine = KafkaEngine(
+        bootstrap, topics, follower.registry, app=topics.prefix, refresh_specs=follower.catch_up
+    )
     correlation = CorrelationProcessor(bootstrap, topics, app=topics.prefix)
-    tasks = [asyncio.create_task(engine.run(stop)), asyncio.create_task(correlation.run(stop)),
-             asyncio.create_task(follower.follow(stop))]
+    tasks = [
+        asyncio.create_task(engine.run(stop)),
+        asyncio.create_task(correlation.run(stop)),
+        asyncio.create_task(follower.follow(stop)),
+    ]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
         orders = [f"order-{i}" for i in range(runs)]
         for order in orders:
             run_id = run_id_for("default", order)
-            await producer.send(topics.triggers, encode(Trigger(
-                workflow=SPEC.workflow, idempotency_key=order, input={"order": order})),
-                key=run_id.encode())
+            await producer.send(
+                topics.triggers,
+                encode(
+                    Trigger(workflow=SPEC.workflow, idempotency_key=order, input={"order": order})
+                ),
+                key=run_id.encode(),
+            )
         await producer.flush()
-        opened = await _count(bootstrap, topics.message_events, partitions, SubscriptionOpened,
-                              runs, 300)
+        opened = await _count(
+            bootstrap, topics.message_events, partitions, SubscriptionOpened, runs, 300
+        )
         assert len(opened) == runs, f"only {len(opened)} of {runs} waits opened"
-        burst, paced = orders[: runs // 2], orders[runs // 2:]
+        burst, paced = orders[: runs // 2], orders[runs // 2 :]
         published: dict[str, int] = {}
         await _publish(producer, topics, burst, published, rate=None)
         await _publish(producer, topics, paced, published, rate=rate)
@@ -121,13 +146,16 @@ async def main(runs: int, partitions: int, rate: float) -> dict[str, Any]:
         first = min(published[r] for r in burst_ids)
         last = max(completed[r] for r in burst_ids)
         return {
-            "runs": runs, "partitions": partitions,
+            "runs": runs,
+            "partitions": partitions,
             "burst_deliveries_per_s": round(len(burst) / max((last - first) / 1000, 1e-3), 1),
             "burst_publish_to_completed_ms": percentiles(
-                [float(completed[r] - published[r]) for r in burst_ids]),
+                [float(completed[r] - published[r]) for r in burst_ids]
+            ),
             "paced_rate_per_s": rate,
             "paced_publish_to_completed_ms": percentiles(
-                [float(completed[r] - published[r]) for r in paced_ids]),
+                [float(completed[r] - published[r]) for r in paced_ids]
+            ),
         }
     finally:
         await producer.stop()
@@ -141,8 +169,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--partitions", type=int, default=6)
-    parser.add_argument("--rate", type=float, default=20.0,
-                        help="messages a second for the paced half (latency at low load)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="messages a second for the paced half (latency at low load)",
+    )
     args = parser.parse_args()
     result = asyncio.run(main(args.runs, args.partitions, args.rate))
     print(json.dumps(result, indent=2))

@@ -42,8 +42,7 @@ async def _run(db: Path, runs: int, concurrency: int) -> dict[str, Any]:
     engine = EmbeddedEngine(db)
     engine.store.deploy(SPEC, engine.clock.now_ms())
     engine.specs.add(SPEC)
-    worker = EmbeddedWorker(db, load_worker_modules(["bench.noop_tools"]),
-                            concurrency=concurrency)
+    worker = EmbeddedWorker(db, load_worker_modules(["bench.noop_tools"]), concurrency=concurrency)
     completed = 0
     done = asyncio.Event()
 
@@ -54,8 +53,7 @@ async def _run(db: Path, runs: int, concurrency: int) -> dict[str, Any]:
             done.set()
 
     engine.on_committed = observe
-    engine.submit(*(Trigger(workflow=SPEC.workflow, idempotency_key=f"e{i}")
-                    for i in range(runs)))
+    engine.submit(*(Trigger(workflow=SPEC.workflow, idempotency_key=f"e{i}") for i in range(runs)))
     stop = asyncio.Event()
     cpu = time.process_time()
     began = time.perf_counter()
@@ -70,13 +68,22 @@ async def _run(db: Path, runs: int, concurrency: int) -> dict[str, Any]:
         worker.close()
         engine.close()
     steps = completed * STEPS
-    return {"engine": "terranoha-embedded", "runs": runs, "completed": completed,
-            "seconds": elapsed, "runs_per_s": completed / elapsed,
-            "steps_per_s": steps / elapsed, "cpu_seconds": cpu,
-            "cpu_s_per_1k_steps": cpu / steps * 1000 if steps else float("nan"),
-            "peak_rss_mb": peak_rss_mb(os.getpid()),
-            "settings": {"worker_concurrency": concurrency, "batch": engine.batch_size,
-                         "store": "SQLite (WAL), one transaction per batch"}}
+    return {
+        "engine": "terranoha-embedded",
+        "runs": runs,
+        "completed": completed,
+        "seconds": elapsed,
+        "runs_per_s": completed / elapsed,
+        "steps_per_s": steps / elapsed,
+        "cpu_seconds": cpu,
+        "cpu_s_per_1k_steps": cpu / steps * 1000 if steps else float("nan"),
+        "peak_rss_mb": peak_rss_mb(os.getpid()),
+        "settings": {
+            "worker_concurrency": concurrency,
+            "batch": engine.batch_size,
+            "store": "SQLite (WAL), one transaction per batch",
+        },
+    }
 
 
 def run(runs: int, concurrency: int = 64) -> dict[str, Any]:
@@ -92,10 +99,13 @@ def main(argv: list[str]) -> None:
     with contextlib.suppress(ValueError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
     result = run(args.runs, args.concurrency)
-    print(f"embedded: {result['completed']}/{result['runs']} runs in {result['seconds']:.1f}s:"
-          f" {result['runs_per_s']:,.0f} runs/s, {result['steps_per_s']:,.0f} steps/s, "
-          f"{result['cpu_s_per_1k_steps']:.2f} CPU s per 1k steps, peak RSS "
-          f"{result['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    print(
+        f"embedded: {result['completed']}/{result['runs']} runs in {result['seconds']:.1f}s:"
+        f" {result['runs_per_s']:,.0f} runs/s, {result['steps_per_s']:,.0f} steps/s, "
+        f"{result['cpu_s_per_1k_steps']:.2f} CPU s per 1k steps, peak RSS "
+        f"{result['peak_rss_mb']:.0f} MB",
+        file=sys.stderr,
+    )
     print(json.dumps(result))
 
 

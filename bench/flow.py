@@ -59,11 +59,27 @@ rules:
 
 def _serve(topics: Topics, bootstrap: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--kafka", bootstrap, "--topic-prefix",
-         topics.prefix, "--app", topics.prefix, "--partitions", str(PARTITIONS), "--no-engine",
-         "--instance-id", "bench-admission"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--kafka",
+            bootstrap,
+            "--topic-prefix",
+            topics.prefix,
+            "--app",
+            topics.prefix,
+            "--partitions",
+            str(PARTITIONS),
+            "--no-engine",
+            "--instance-id",
+            "bench-admission",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     if not proc.stdout.readline().startswith(b"serving"):
         proc.kill()
@@ -76,12 +92,17 @@ class Client:
 
     def __init__(self, bootstrap: str, topics: Topics) -> None:
         self.admission = AdmissionTopics(topics)
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, acks="all",
-                                         enable_idempotence=True)
-        self.grants = AIOKafkaConsumer(self.admission.grants, bootstrap_servers=bootstrap,
-                                       isolation_level="read_committed",
-                                       auto_offset_reset="latest", enable_auto_commit=False,
-                                       group_id=f"{topics.prefix}-bench-{uuid.uuid4().hex[:6]}")
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, linger_ms=2, acks="all", enable_idempotence=True
+        )
+        self.grants = AIOKafkaConsumer(
+            self.admission.grants,
+            bootstrap_servers=bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="latest",
+            enable_auto_commit=False,
+            group_id=f"{topics.prefix}-bench-{uuid.uuid4().hex[:6]}",
+        )
 
     async def start(self) -> None:
         await self.producer.start()
@@ -97,16 +118,26 @@ class Client:
         await self.producer.stop()
 
     async def send(self, commands: list[ad.AdmissionCommand]) -> None:
-        futures = [await self.producer.send(
-            self.admission.keyed.inputs, encode(c), key=c.key.encode(),
-            partition=key_partition(c.key.encode(), PARTITIONS)) for c in commands]
+        futures = [
+            await self.producer.send(
+                self.admission.keyed.inputs,
+                encode(c),
+                key=c.key.encode(),
+                partition=key_partition(c.key.encode(), PARTITIONS),
+            )
+            for c in commands
+        ]
         await asyncio.gather(*futures)
 
     async def granted(self, timeout_ms: int = 200) -> list[tuple[float, ad.Granted]]:
         fetched = await self.grants.getmany(timeout_ms=timeout_ms, max_records=5000)
         now = time.monotonic()
-        return [(now, g) for batch in fetched.values() for m in batch
-                if isinstance(g := decode(m.value), ad.Granted)]
+        return [
+            (now, g)
+            for batch in fetched.values()
+            for m in batch
+            if isinstance(g := decode(m.value), ad.Granted)
+        ]
 
 
 async def _fairness(client: Client, tenants: dict[str, int]) -> dict[str, Any]:
@@ -114,18 +145,23 @@ async def _fairness(client: Client, tenants: dict[str, int]) -> dict[str, Any]:
     limits = resolve(load_limits_yaml(DOC), TOOL)
     run = uuid.uuid4().hex[:6]
     waiting = Counter(tenants)
-    await client.send([ad.Acquire(TOOL, f"{run}-{t}-{i}", tenant=t, limits=limits, version=1,
-                                  reply_to=f"run-{t}-{i}")
-                       for i in range(max(tenants.values())) for t in tenants
-                       if i < tenants[t]])
+    await client.send(
+        [
+            ad.Acquire(
+                TOOL, f"{run}-{t}-{i}", tenant=t, limits=limits, version=1, reply_to=f"run-{t}-{i}"
+            )
+            for i in range(max(tenants.values()))
+            for t in tenants
+            if i < tenants[t]
+        ]
+    )
     shares: Counter[str] = Counter()
     waits: dict[str, list[float]] = {t: [] for t in tenants}
     pending: set[asyncio.Task[None]] = set()
 
     async def execute(g: ad.Granted) -> None:
         await asyncio.sleep(SERVICE_MS / 1000)
-        await client.send([ad.Release(TOOL, g.request_id, ad.Outcome.OK,
-                                      latency_ms=SERVICE_MS)])
+        await client.send([ad.Release(TOOL, g.request_id, ad.Outcome.OK, latency_ms=SERVICE_MS)])
 
     done = 0
     deadline = time.monotonic() + 300
@@ -140,12 +176,15 @@ async def _fairness(client: Client, tenants: dict[str, int]) -> dict[str, Any]:
             pending.add(task)
             task.add_done_callback(pending.discard)
     await asyncio.gather(*pending)
-    return {"shares": dict(shares), "p99_wait_ms": {t: percentile(w, 0.99)
-                                                   for t, w in waits.items()}}
+    return {
+        "shares": dict(shares),
+        "p99_wait_ms": {t: percentile(w, 0.99) for t, w in waits.items()},
+    }
 
 
-async def _open_loop(client: Client, rates: dict[str, float],
-                     seconds: float) -> dict[str, list[float]]:
+async def _open_loop(
+    client: Client, rates: dict[str, float], seconds: float
+) -> dict[str, list[float]]:
     """Requests of each tenant arriving at its rate (per second) for ``seconds``; each
     grant executed for SERVICE_MS and released. By tenant, the wait of each request from
     its send to its grant read back (the round trip through the broker included)."""
@@ -157,22 +196,30 @@ async def _open_loop(client: Client, rates: dict[str, float],
 
     async def execute(g: ad.Granted) -> None:
         await asyncio.sleep(SERVICE_MS / 1000)
-        await client.send([ad.Release(TOOL, g.request_id, ad.Outcome.OK,
-                                      latency_ms=SERVICE_MS)])
+        await client.send([ad.Release(TOOL, g.request_id, ad.Outcome.OK, latency_ms=SERVICE_MS)])
 
     sent: dict[str, float] = {}
 
     async def arrivals(tenant: str) -> None:
         for i in range(expected[tenant]):
             sent[f"{run}-{tenant}-{i}"] = time.monotonic()
-            await client.send([ad.Acquire(TOOL, f"{run}-{tenant}-{i}", tenant=tenant,
-                                          limits=limits, version=1, reply_to=f"r-{i}")])
+            await client.send(
+                [
+                    ad.Acquire(
+                        TOOL,
+                        f"{run}-{tenant}-{i}",
+                        tenant=tenant,
+                        limits=limits,
+                        version=1,
+                        reply_to=f"r-{i}",
+                    )
+                ]
+            )
             await asyncio.sleep(1 / rates[tenant])
 
     senders = [asyncio.create_task(arrivals(t)) for t in rates]
     deadline = time.monotonic() + seconds + 120
-    while (sum(map(len, waits.values())) < sum(expected.values())
-           and time.monotonic() < deadline):
+    while sum(map(len, waits.values())) < sum(expected.values()) and time.monotonic() < deadline:
         for now, g in await client.granted():
             if g.request_id in sent:
                 waits[g.tenant].append((now - sent[g.request_id]) * 1000)
@@ -187,8 +234,9 @@ def _jain(values: list[float]) -> float:
     return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if values else 0.0
 
 
-async def _latency(client: Client, keys: int, paced: int = 300,
-                   rate_per_s: float = 100.0) -> dict[str, Any]:
+async def _latency(
+    client: Client, keys: int, paced: int = 300, rate_per_s: float = 100.0
+) -> dict[str, Any]:
     """Make ``keys`` tenant keys active (a burst, timed as a whole), then time ``paced``
     more requests on them sent at ``rate_per_s``: send to grant read back."""
     limits = resolve(load_limits_yaml(DOC), "tenant:t")
@@ -197,8 +245,16 @@ async def _latency(client: Client, keys: int, paced: int = 300,
     started = time.monotonic()
     for start in range(0, keys, 500):
         commands: list[ad.AdmissionCommand] = [
-            ad.Acquire(f"tenant:t{i}", f"{run}-{i}", tenant=f"t{i}", limits=limits, version=1,
-                       reply_to=f"run-{i}") for i in range(start, min(keys, start + 500))]
+            ad.Acquire(
+                f"tenant:t{i}",
+                f"{run}-{i}",
+                tenant=f"t{i}",
+                limits=limits,
+                version=1,
+                reply_to=f"run-{i}",
+            )
+            for i in range(start, min(keys, start + 500))
+        ]
         wanted.update(f"{run}-{i}" for i in range(start, min(keys, start + 500)))
         await client.send(commands)
     deadline = time.monotonic() + 300
@@ -217,16 +273,25 @@ async def _latency(client: Client, keys: int, paced: int = 300,
 
     for n in range(paced):
         i = (n * 7919) % keys  # spread over the active keys
-        command = ad.Acquire(f"tenant:t{i}", f"{run}-p{n}", tenant=f"t{i}", limits=limits,
-                             version=1, reply_to=f"run-p{n}")
+        command = ad.Acquire(
+            f"tenant:t{i}",
+            f"{run}-p{n}",
+            tenant=f"t{i}",
+            limits=limits,
+            version=1,
+            reply_to=f"run-p{n}",
+        )
         sent[command.request_id] = time.monotonic()
         await client.send([command])
         await collect(sent[command.request_id] + 1 / rate_per_s)
     await collect(time.monotonic() + 30)
-    return {"keys": keys, "burst_grants_per_s": (keys - len(wanted)) / burst_s,
-            "paced": paced, "granted": len(latencies),
-            "grant_latency_ms": {"p50": percentile(latencies, 0.5),
-                                 "p99": percentile(latencies, 0.99)}}
+    return {
+        "keys": keys,
+        "burst_grants_per_s": (keys - len(wanted)) / burst_s,
+        "paced": paced,
+        "granted": len(latencies),
+        "grant_latency_ms": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99)},
+    }
 
 
 async def main(keys: int) -> dict[str, Any]:
@@ -239,10 +304,14 @@ async def main(keys: int) -> dict[str, Any]:
     try:
         await client.start()
         mixed = await _fairness(client, {"heavy": 300, "light_a": 30, "light_b": 30})
-        alone = await _open_loop(client, {"light_a": LIGHT_RATE, "light_b": LIGHT_RATE},
-                                 OPEN_LOOP_S)
-        beside = await _open_loop(client, {"light_a": LIGHT_RATE, "light_b": LIGHT_RATE,
-                                           "heavy": 10 * LIGHT_RATE}, OPEN_LOOP_S)
+        alone = await _open_loop(
+            client, {"light_a": LIGHT_RATE, "light_b": LIGHT_RATE}, OPEN_LOOP_S
+        )
+        beside = await _open_loop(
+            client,
+            {"light_a": LIGHT_RATE, "light_b": LIGHT_RATE, "heavy": 10 * LIGHT_RATE},
+            OPEN_LOOP_S,
+        )
         latency = await _latency(client, keys)
         rss = memory_mb(proc.pid)
     finally:
@@ -262,13 +331,21 @@ async def main(keys: int) -> dict[str, Any]:
         "light_wait_ratio": light_mixed / light_alone if light_alone else None,
         "grant_latency_p99_ms": latency["grant_latency_ms"]["p99"],
         "grant_latency_p50_ms": latency["grant_latency_ms"]["p50"],
-        "active_keys": latency["keys"], "burst_grants_per_s": latency["burst_grants_per_s"],
-        "latency_requests": latency["paced"], "latency_granted": latency["granted"],
-        "limiter_rss_mb": rss["rss_mb"], "limiter_peak_rss_mb": rss["peak_rss_mb"],
+        "active_keys": latency["keys"],
+        "burst_grants_per_s": latency["burst_grants_per_s"],
+        "latency_requests": latency["paced"],
+        "latency_granted": latency["granted"],
+        "limiter_rss_mb": rss["rss_mb"],
+        "limiter_peak_rss_mb": rss["peak_rss_mb"],
         "flow_overhead_ratio": None,
         "flow_overhead_note": "not measured yet",
-        "settings": {"slots": SLOTS, "service_ms": SERVICE_MS, "partitions": PARTITIONS,
-                     "light_rate_per_s": LIGHT_RATE, "open_loop_s": OPEN_LOOP_S},
+        "settings": {
+            "slots": SLOTS,
+            "service_ms": SERVICE_MS,
+            "partitions": PARTITIONS,
+            "light_rate_per_s": LIGHT_RATE,
+            "open_loop_s": OPEN_LOOP_S,
+        },
     }
 
 

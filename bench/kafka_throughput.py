@@ -62,10 +62,13 @@ from engine.kafka.specs import publish_spec  # noqa: E402
 from engine.kafka.topics import Topics, delete_topics, ensure_topics  # noqa: E402
 
 STEPS = 5
-SPEC = load_spec({
-    "workflow": "bench5", "version": 1,
-    "steps": [{"id": f"s{i}", "task": "bench.step", "timeout": "5m"} for i in range(STEPS)],
-})
+SPEC = load_spec(
+    {
+        "workflow": "bench5",
+        "version": 1,
+        "steps": [{"id": f"s{i}", "task": "bench.step", "timeout": "5m"} for i in range(STEPS)],
+    }
+)
 # What the engine writes per step (measured on the log: 5 events of ~250 B, one recorded
 # command, one state snapshot of ~800 B, one task command of ~300 B).
 FANOUT = [250] * 6 + [800, 300]
@@ -75,13 +78,20 @@ INPUT_BYTES = 200
 # ---------------------------------------------------------------------- ceiling
 
 
-async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
-                       expected: int) -> dict[str, Any]:
+async def ceiling_loop(
+    bootstrap: str, prefix: str, partitions: int, expected: int
+) -> dict[str, Any]:
     """The bare loop. Runs in its own process, like the engine."""
     source, sink, group = f"{prefix}.ceil-in", f"{prefix}.ceil-out", f"{prefix}-ceil"
-    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group,
-                                isolation_level="read_committed", enable_auto_commit=False,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
+    consumer = AIOKafkaConsumer(
+        source,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 << 20,
+    )
     producers: dict[int, AIOKafkaProducer] = {}
     for p in range(partitions):
         # The engine's producer settings.
@@ -97,18 +107,26 @@ async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
                 started = time.perf_counter()
                 cpu_before = time.process_time()
                 broker_before = cpu_seconds(broker) if broker else 0.0
+
             async def transact(tp: TopicPartition, messages: list[Any]) -> int:
-                records: list[Record] = [(sink, tp.partition, message.key, payload, [])
-                                         for message in messages for payload in payloads]
+                records: list[Record] = [
+                    (sink, tp.partition, message.key, payload, [])
+                    for message in messages
+                    for payload in payloads
+                ]
                 # The engine's batching and transaction routine, nothing else.
-                outcome = await run_transaction(producers[tp.partition], records,
-                                                {tp: messages[-1].offset + 1}, group, 30.0)
+                outcome = await run_transaction(
+                    producers[tp.partition], records, {tp: messages[-1].offset + 1}, group, 30.0
+                )
                 assert outcome is Outcome.COMMITTED, outcome
                 return len(messages)
 
             # Partitions commit concurrently, as the engine's do.
-            done += sum(await asyncio.gather(*(transact(tp, messages)
-                                               for tp, messages in fetched.items() if messages)))
+            done += sum(
+                await asyncio.gather(
+                    *(transact(tp, messages) for tp, messages in fetched.items() if messages)
+                )
+            )
         elapsed = time.perf_counter() - (started or time.perf_counter())
         cpu = time.process_time() - cpu_before
         broker_cpu = cpu_seconds(broker) - broker_before if broker else float("nan")
@@ -116,9 +134,13 @@ async def ceiling_loop(bootstrap: str, prefix: str, partitions: int,
         await consumer.stop()
         for producer in producers.values():
             await producer.stop()
-    return {"inputs": done, "seconds": elapsed, "inputs_per_s": done / elapsed,
-            "cpu_s_per_1k_steps": cpu / done * 1000,
-            "broker_cpu_s_per_1k_steps": broker_cpu / done * 1000}
+    return {
+        "inputs": done,
+        "seconds": elapsed,
+        "inputs_per_s": done / elapsed,
+        "cpu_s_per_1k_steps": cpu / done * 1000,
+        "broker_cpu_s_per_1k_steps": broker_cpu / done * 1000,
+    }
 
 
 async def _prefill(bootstrap: str, topic: str, partitions: int, count: int) -> None:
@@ -140,13 +162,31 @@ CEILING_MIN_INPUTS = 50_000
 def bench_ceiling(bootstrap: str, partitions: int, inputs: int) -> dict[str, Any]:
     inputs = max(inputs, CEILING_MIN_INPUTS)
     prefix = f"b{uuid.uuid4().hex[:8]}"
-    asyncio.run(ensure_topics(bootstrap, [NewTopic(f"{prefix}.ceil-in", partitions, 1),
-                                          NewTopic(f"{prefix}.ceil-out", partitions, 1)]))
+    asyncio.run(
+        ensure_topics(
+            bootstrap,
+            [
+                NewTopic(f"{prefix}.ceil-in", partitions, 1),
+                NewTopic(f"{prefix}.ceil-out", partitions, 1),
+            ],
+        )
+    )
     try:
         asyncio.run(_prefill(bootstrap, f"{prefix}.ceil-in", partitions, inputs))
         out = subprocess.run(
-            [sys.executable, __file__, "ceiling-loop", bootstrap, prefix, str(partitions),
-             str(inputs)], check=True, capture_output=True, text=True)
+            [
+                sys.executable,
+                __file__,
+                "ceiling-loop",
+                bootstrap,
+                prefix,
+                str(partitions),
+                str(inputs),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     finally:
         asyncio.run(delete_topics(bootstrap, prefix))
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -183,10 +223,17 @@ def codec_floor(runs: int = 400) -> dict[str, Any]:
     offset = runs
     while pending:
         task = pending.pop()
-        payload = encode(CompleteTask(
-            command_id=f"r:{task.task_id}", run_id=task.run_id, tenant=task.tenant,
-            correlation_id=task.correlation_id, task_id=task.task_id, step=task.step,
-            result={"step": task.step}))
+        payload = encode(
+            CompleteTask(
+                command_id=f"r:{task.task_id}",
+                run_id=task.run_id,
+                tenant=task.tenant,
+                correlation_id=task.correlation_id,
+                task_id=task.task_id,
+                step=task.step,
+                result={"step": task.step},
+            )
+        )
         batch = processor.process([Input("inputs", 0, offset, payload)], now)
         offset += 1
         cache.commit(batch.states)
@@ -200,8 +247,11 @@ def codec_floor(runs: int = 400) -> dict[str, Any]:
     for record in written:
         encode(record)
     seconds = time.process_time() - started
-    return {"steps": steps, "records_per_step": len(written) / steps,
-            "us_per_step": seconds / steps * 1e6}
+    return {
+        "steps": steps,
+        "records_per_step": len(written) / steps,
+        "us_per_step": seconds / steps * 1e6,
+    }
 
 
 # ---------------------------------------------------------------------- engine
@@ -210,10 +260,28 @@ def codec_floor(runs: int = 400) -> dict[str, Any]:
 def _serve(bootstrap: str, postgres: str, topics: Topics, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--kafka", bootstrap,
-         "--topic-prefix", topics.prefix, "--app", topics.prefix,
-         "--partitions", str(topics.partitions), "--postgres", postgres, *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--kafka",
+            bootstrap,
+            "--topic-prefix",
+            topics.prefix,
+            "--app",
+            topics.prefix,
+            "--partitions",
+            str(topics.partitions),
+            "--postgres",
+            postgres,
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith(b"serving"):
@@ -221,14 +289,19 @@ def _serve(bootstrap: str, postgres: str, topics: Topics, *extra: str) -> subpro
     return proc
 
 
-async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
-                 tag: str) -> dict[str, Any]:
+async def _drive(
+    bootstrap: str, topics: Topics, runs: int, rate: float | None, tag: str
+) -> dict[str, Any]:
     """Publish ``runs`` triggers (as fast as possible, or open-loop: Poisson arrivals at
     ``rate`` per second, whatever the engine's progress) and watch the run log until every
     run completed."""
     events_tps = [TopicPartition(topics.events, p) for p in range(topics.partitions)]
-    watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                               enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
+    watcher = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 << 20,
+    )
     await watcher.start()
     watcher.assign(events_tps)
     await watcher.seek_to_end(*events_tps)
@@ -258,9 +331,11 @@ async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
             run_id = run_id_for("default", key)
             sent_at[run_id] = time.time() * 1000
             # Keyed by run id, as the client does: each lands on its run's partition.
-            await producer.send(topics.triggers, encode(Trigger(workflow="bench5",
-                                                                idempotency_key=key)),
-                                key=run_id.encode())
+            await producer.send(
+                topics.triggers,
+                encode(Trigger(workflow="bench5", idempotency_key=key)),
+                key=run_id.encode(),
+            )
         await producer.flush()
 
     began = time.perf_counter()
@@ -294,8 +369,11 @@ async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
     await producer.stop()
     await watcher.stop()
     return {
-        "runs": runs, "completed": len(completed), "seconds": elapsed,
-        "runs_per_s": len(completed) / elapsed, "steps_per_s": len(completed) * STEPS / elapsed,
+        "runs": runs,
+        "completed": len(completed),
+        "seconds": elapsed,
+        "runs_per_s": len(completed) / elapsed,
+        "steps_per_s": len(completed) * STEPS / elapsed,
         "offered_rate": rate,
         "trigger_to_first_command_ms": percentiles(first_dispatch_latency),
         "step_transition_ms": percentiles(step_latency),
@@ -304,18 +382,23 @@ async def _drive(bootstrap: str, topics: Topics, runs: int, rate: float | None,
 
 TOPOLOGIES = {
     "direct": "the orchestrator reads the co-partitioned triggers",
-    "router": "a triggers topic of another partition count, the router in the engine's "
-              "process",
+    "router": "a triggers topic of another partition count, the router in the engine's process",
     "router-apart": "a triggers topic of another partition count, the router in a "
-                    "process of its own",
+    "process of its own",
 }
 
 LOADS = (0.25, 0.5, 0.75, 0.9)
 """Open-loop loads, as fractions of the burst (maximum sustained) rate."""
 
 
-def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
-                 loads: tuple[float, ...] = LOADS, topology: str = "direct") -> dict[str, Any]:
+def bench_engine(
+    bootstrap: str,
+    postgres: str,
+    partitions: int,
+    runs: int,
+    loads: tuple[float, ...] = LOADS,
+    topology: str = "direct",
+) -> dict[str, Any]:
     """The burst (the maximum sustained rate: triggers as fast as the broker takes them),
     the engine's CPU and peak RSS over it, then open-loop runs at ``loads``.
 
@@ -326,8 +409,11 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
     engine's CPU figure counts both processes."""
     if topology not in TOPOLOGIES:
         raise ValueError(f"topology {topology!r}: choose one of {', '.join(TOPOLOGIES)}")
-    topics = Topics(prefix=f"b{uuid.uuid4().hex[:8]}", partitions=partitions,
-                    trigger_partitions=None if topology == "direct" else partitions + 1)
+    topics = Topics(
+        prefix=f"b{uuid.uuid4().hex[:8]}",
+        partitions=partitions,
+        trigger_partitions=None if topology == "direct" else partitions + 1,
+    )
 
     async def setup() -> None:
         await ensure_topics(bootstrap, topics.core_topics())
@@ -337,8 +423,17 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
     router_apart = topology == "router-apart"
     engine = _serve(bootstrap, postgres, topics, *(["--no-router"] if router_apart else []))
     router = _serve(bootstrap, postgres, topics, "--no-engine") if router_apart else None
-    worker = _serve(bootstrap, postgres, topics, "--no-engine", "--no-router",
-                    "--workers", "bench.noop_tools", "--concurrency", "64")
+    worker = _serve(
+        bootstrap,
+        postgres,
+        topics,
+        "--no-engine",
+        "--no-router",
+        "--workers",
+        "bench.noop_tools",
+        "--concurrency",
+        "64",
+    )
     procs = [p for p in (engine, router, worker) if p is not None]
     try:
         asyncio.run(_drive(bootstrap, topics, min(100, runs), None, "warm"))
@@ -359,8 +454,7 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
             "engine_cpu_s_per_1k_steps": per_1k(engine) + per_1k(router),
             "router_cpu_s_per_1k_steps": per_1k(router),
             "worker_cpu_s_per_1k_steps": per_1k(worker),
-            **{f"{name}_cpu_s_per_1k_steps": cpu / steps * 1000
-               for name, cpu in infra_cpu.items()},
+            **{f"{name}_cpu_s_per_1k_steps": cpu / steps * 1000 for name, cpu in infra_cpu.items()},
             "engine_peak_rss_mb": peak_rss_mb(engine.pid),
             "router_peak_rss_mb": peak_rss_mb(router.pid) if router else 0.0,
             "worker_peak_rss_mb": peak_rss_mb(worker.pid),
@@ -371,7 +465,8 @@ def bench_engine(bootstrap: str, postgres: str, partitions: int, runs: int,
             # About 15 s of arrivals per load, at least 100 runs.
             count = max(100, min(runs, int(rate * 15)))
             open_loop[f"{round(load * 100)}%"] = asyncio.run(
-                _drive(bootstrap, topics, count, rate, f"load{load}"))
+                _drive(bootstrap, topics, count, rate, f"load{load}")
+            )
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -388,47 +483,73 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--loads", default=",".join(str(x) for x in LOADS),
-                        help="open-loop loads, fractions of the burst rate")
-    parser.add_argument("--topology", choices=list(TOPOLOGIES), default="direct",
-                        help="who reads the triggers: " + "; ".join(
-                            f"{k}: {v}" for k, v in TOPOLOGIES.items()))
+    parser.add_argument(
+        "--loads",
+        default=",".join(str(x) for x in LOADS),
+        help="open-loop loads, fractions of the burst rate",
+    )
+    parser.add_argument(
+        "--topology",
+        choices=list(TOPOLOGIES),
+        default="direct",
+        help="who reads the triggers: " + "; ".join(f"{k}: {v}" for k, v in TOPOLOGIES.items()),
+    )
     args = parser.parse_args(argv)
     loads = tuple(float(x) for x in args.loads.split(",") if x)
     bootstrap, postgres = infra_settings()
     ceiling = bench_ceiling(bootstrap, args.partitions, args.runs * STEPS)
-    engine = bench_engine(bootstrap, postgres, args.partitions, args.runs, loads,
-                          topology=args.topology)
+    engine = bench_engine(
+        bootstrap, postgres, args.partitions, args.runs, loads, topology=args.topology
+    )
     ratio = engine["burst"]["steps_per_s"] / ceiling["steps_per_s"]
     burst = engine["burst"]
-    print(f"python {platform.python_version()}, {os.cpu_count()} cores, "
-          f"{args.partitions} partitions, {args.runs} runs x {STEPS} steps")
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} cores, "
+        f"{args.partitions} partitions, {args.runs} runs x {STEPS} steps"
+    )
     print(f"ceiling (bare transactional consume->produce): {ceiling['steps_per_s']:>9,.0f} steps/s")
-    print(f"engine  (5-step workflow, workers apart):      {burst['steps_per_s']:>9,.0f} steps/s"
-          f"  ({burst['runs_per_s']:,.0f} runs/s)")
+    print(
+        f"engine  (5-step workflow, workers apart):      {burst['steps_per_s']:>9,.0f} steps/s"
+        f"  ({burst['runs_per_s']:,.0f} runs/s)"
+    )
     print(f"engine / ceiling: {ratio:.2f}")
     eff = burst["efficiency"]
     print(f"{eff['topology']}")
-    print(f"engine: {eff['engine_cpu_s_per_1k_steps']:.2f} CPU s per 1k steps, peak RSS "
-          f"{eff['engine_peak_rss_mb']:.0f} MB; worker {eff['worker_cpu_s_per_1k_steps']:.2f} "
-          "CPU s per 1k steps")
+    print(
+        f"engine: {eff['engine_cpu_s_per_1k_steps']:.2f} CPU s per 1k steps, peak RSS "
+        f"{eff['engine_peak_rss_mb']:.0f} MB; worker {eff['worker_cpu_s_per_1k_steps']:.2f} "
+        "CPU s per 1k steps"
+    )
     for label, result in (("burst", burst), *engine["open_loop"].items()):
         print(latency_line(label, result))
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
-    (results / "kafka_throughput.json").write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-        "cores": os.cpu_count(), "partitions": args.partitions, "runs": args.runs,
-        "ceiling": ceiling, "engine": engine, "engine_over_ceiling": ratio}, indent=2))
+    (results / "kafka_throughput.json").write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "python": platform.python_version(),
+                "cores": os.cpu_count(),
+                "partitions": args.partitions,
+                "runs": args.runs,
+                "ceiling": ceiling,
+                "engine": engine,
+                "engine_over_ceiling": ratio,
+            },
+            indent=2,
+        )
+    )
 
 
 def latency_line(label: str, result: dict[str, Any]) -> str:
     t, s = result["trigger_to_first_command_ms"], result["step_transition_ms"]
     offered = result.get("offered_rate")
     rate = f" at {offered:,.0f} runs/s" if offered else ""
-    return (f"{label:>6}{rate}: trigger->first command p50/p95/p99 "
-            f"{t['p50']:.0f}/{t['p95']:.0f}/{t['p99']:.0f} ms; step transition "
-            f"{s['p50']:.0f}/{s['p95']:.0f}/{s['p99']:.0f} ms")
+    return (
+        f"{label:>6}{rate}: trigger->first command p50/p95/p99 "
+        f"{t['p50']:.0f}/{t['p95']:.0f}/{t['p99']:.0f} ms; step transition "
+        f"{s['p50']:.0f}/{s['p95']:.0f}/{s['p99']:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def events_in_log_order(n_runs: int) -> list[ev.Event]:
     out: list[ev.Event] = []
     width = 50  # runs in flight at once
     for start in range(0, n_runs, width):
-        group = [list(r) for r in runs[start:start + width]]
+        group = [list(r) for r in runs[start : start + width]]
         while any(group):
             for run in group:
                 if run:
@@ -84,34 +84,54 @@ class Visibility(threading.Thread):
     def run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self.done.is_set() or self.pending:
-                rows = conn.execute('SELECT "partition", "offset" FROM projector_offsets '
-                                    "WHERE topic = %s", (self.topic,)).fetchall()
+                rows = conn.execute(
+                    'SELECT "partition", "offset" FROM projector_offsets WHERE topic = %s',
+                    (self.topic,),
+                ).fetchall()
                 now = time.perf_counter()
                 stored = {int(p): int(o) for p, o in rows}
                 with self.lock:
-                    while self.pending and all(stored.get(p, -1) >= o
-                                               for p, o in self.pending[0][1].items()):
+                    while self.pending and all(
+                        stored.get(p, -1) >= o for p, o in self.pending[0][1].items()
+                    ):
                         committed_at, _ = self.pending.pop(0)
                         self.lags.append(now - committed_at)
                 time.sleep(self.poll_s)
 
 
-async def publish_steadily(bootstrap: str, topics: Topics, events: list[ev.Event], rate: int,
-                           tick_ms: int, seconds: float, seen: Visibility) -> tuple[int, float]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1,
-                                enable_idempotence=True,
-                                transactional_id=f"{topics.prefix}-bench-writer")
+async def publish_steadily(
+    bootstrap: str,
+    topics: Topics,
+    events: list[ev.Event],
+    rate: int,
+    tick_ms: int,
+    seconds: float,
+    seen: Visibility,
+) -> tuple[int, float]:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=1,
+        enable_idempotence=True,
+        transactional_id=f"{topics.prefix}-bench-writer",
+    )
     await producer.start()
     per_tick = max(1, rate * tick_ms // 1000)
     sent, started = 0, time.perf_counter()
     try:
         while sent < len(events) and time.perf_counter() - started < seconds:
             tick_start = time.perf_counter()
-            chunk = events[sent:sent + per_tick]
+            chunk = events[sent : sent + per_tick]
             async with producer.transaction():
-                futures = [await producer.send(topics.events, encode(e), key=e.run_id.encode(),
-                                               partition=topics.partition_of(e.run_id))
-                           for e in chunk]
+                futures = [
+                    await producer.send(
+                        topics.events,
+                        encode(e),
+                        key=e.run_id.encode(),
+                        partition=topics.partition_of(e.run_id),
+                    )
+                    for e in chunk
+                ]
             committed_at = time.perf_counter()
             offsets: dict[int, int] = {}
             for future in futures:
@@ -143,9 +163,22 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(ensure_topics(bootstrap, topics.core_topics()))
     asyncio.run(publish_spec(bootstrap, topics, SPEC))
     projector = subprocess.Popen(
-        [sys.executable, "-m", "projections.postgres", "--kafka", bootstrap, "--postgres", live,
-         "--topic-prefix", prefix, "--batch", str(args.batch)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "projections.postgres",
+            "--kafka",
+            bootstrap,
+            "--postgres",
+            live,
+            "--topic-prefix",
+            prefix,
+            "--batch",
+            str(args.batch),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+    )
     result: dict[str, Any] = {}
     try:
         assert projector.stdout is not None
@@ -153,25 +186,34 @@ def main(argv: list[str] | None = None) -> None:
         assert line.startswith(b"projecting"), line
         seen = Visibility(live, topics.events)
         seen.start()
-        sent, elapsed = asyncio.run(publish_steadily(bootstrap, topics, events, args.rate,
-                                                     args.tick, args.seconds, seen))
+        sent, elapsed = asyncio.run(
+            publish_steadily(bootstrap, topics, events, args.rate, args.tick, args.seconds, seen)
+        )
         seen.done.set()
         seen.join(timeout=60)
         lags_ms = [lag * 1000 for lag in seen.lags]
-        result["lag"] = {"events": sent, "seconds": elapsed, "events_per_s": sent / elapsed,
-                         "transactions": len(lags_ms), "p50_ms": percentile(lags_ms, 0.50),
-                         "p99_ms": percentile(lags_ms, 0.99), "max_ms": max(lags_ms),
-                         "mean_ms": statistics.fmean(lags_ms)}
+        result["lag"] = {
+            "events": sent,
+            "seconds": elapsed,
+            "events_per_s": sent / elapsed,
+            "transactions": len(lags_ms),
+            "p50_ms": percentile(lags_ms, 0.50),
+            "p99_ms": percentile(lags_ms, 0.99),
+            "max_ms": max(lags_ms),
+            "mean_ms": statistics.fmean(lags_ms),
+        }
     finally:
         projector.terminate()
         projector.wait(timeout=30)
 
-    stats = asyncio.run(rebuild(bootstrap, topics, fresh, specs=SpecRegistry([SPEC]),
-                                batch=5000))
-    result["rebuild"] = {"events": stats.events, "seconds": stats.seconds,
-                         "events_per_s": stats.events_per_s}
+    stats = asyncio.run(rebuild(bootstrap, topics, fresh, specs=SpecRegistry([SPEC]), batch=5000))
+    result["rebuild"] = {
+        "events": stats.events,
+        "seconds": stats.seconds,
+        "events_per_s": stats.events_per_s,
+    }
 
-    published = events[:result["lag"]["events"]]
+    published = events[: result["lag"]["events"]]
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
         store.deploy(SPEC, 0)
@@ -180,8 +222,11 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         projected = project_store(Path(tmp) / "bench.db", batch=5000)
         seconds = time.perf_counter() - started
-        result["sqlite"] = {"events": projected, "seconds": seconds,
-                            "events_per_s": projected / seconds}
+        result["sqlite"] = {
+            "events": projected,
+            "seconds": seconds,
+            "events_per_s": projected / seconds,
+        }
 
     with psycopg.connect(base_dsn, autocommit=True) as conn:
         for schema in (live_schema, fresh_schema):
@@ -189,17 +234,27 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(delete_topics(bootstrap, prefix))
 
     lag, rb, lite = result["lag"], result["rebuild"], result["sqlite"]
-    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores; "
-          f"{args.partitions} partitions, one local broker, local PostgreSQL")
-    print(f"steady load: {lag['events']} events in {lag['seconds']:.1f}s "
-          f"({lag['events_per_s']:,.0f} events/s, {lag['transactions']} transactions of "
-          f"{args.tick} ms)")
-    print(f"  lag commit -> row visible: p50 {lag['p50_ms']:.1f} ms  p99 {lag['p99_ms']:.1f} ms"
-          f"  max {lag['max_ms']:.1f} ms  mean {lag['mean_ms']:.1f} ms")
-    print(f"rebuild (PostgreSQL): {rb['events']} events in {rb['seconds']:.1f}s = "
-          f"{rb['events_per_s']:,.0f} events/s")
-    print(f"catch-up (SQLite store): {lite['events']} events in {lite['seconds']:.1f}s = "
-          f"{lite['events_per_s']:,.0f} events/s")
+    print(
+        f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores; "
+        f"{args.partitions} partitions, one local broker, local PostgreSQL"
+    )
+    print(
+        f"steady load: {lag['events']} events in {lag['seconds']:.1f}s "
+        f"({lag['events_per_s']:,.0f} events/s, {lag['transactions']} transactions of "
+        f"{args.tick} ms)"
+    )
+    print(
+        f"  lag commit -> row visible: p50 {lag['p50_ms']:.1f} ms  p99 {lag['p99_ms']:.1f} ms"
+        f"  max {lag['max_ms']:.1f} ms  mean {lag['mean_ms']:.1f} ms"
+    )
+    print(
+        f"rebuild (PostgreSQL): {rb['events']} events in {rb['seconds']:.1f}s = "
+        f"{rb['events_per_s']:,.0f} events/s"
+    )
+    print(
+        f"catch-up (SQLite store): {lite['events']} events in {lite['seconds']:.1f}s = "
+        f"{lite['events_per_s']:,.0f} events/s"
+    )
 
 
 if __name__ == "__main__":

@@ -82,15 +82,21 @@ from engine.core.spec import WorkflowSpec, load_spec  # noqa: E402
 from engine.kafka.specs import publish_spec  # noqa: E402
 from engine.kafka.topics import Topics, delete_topics, ensure_topics  # noqa: E402
 
-PROBE = load_spec({
-    "workflow": "probe", "version": 1,
-    # No worker runs: the task stays dispatched. Its timeout must not fire meanwhile.
-    "steps": [{"id": "work", "task": "bench.step", "timeout": "6h"}],
-})
-WARM = load_spec({
-    "workflow": "warm", "version": 1,
-    "steps": [{"id": "doze", "sleep": "6h"}],  # armed like hold; never due meanwhile
-})
+PROBE = load_spec(
+    {
+        "workflow": "probe",
+        "version": 1,
+        # No worker runs: the task stays dispatched. Its timeout must not fire meanwhile.
+        "steps": [{"id": "work", "task": "bench.step", "timeout": "6h"}],
+    }
+)
+WARM = load_spec(
+    {
+        "workflow": "warm",
+        "version": 1,
+        "steps": [{"id": "doze", "sleep": "6h"}],  # armed like hold; never due meanwhile
+    }
+)
 SLEEP_MARGIN = 1.6
 """The sleep is this many times the time the warm-up rate needs to arm N timers..."""
 RESTART_ALLOWANCE_S = 60
@@ -125,13 +131,16 @@ if os.environ.get("TRACEMALLOC_OUT"):
 from engine.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-_ACQUIRED = re.compile(r"^(\d+\.\d+) terranoha\.kafka\.engine INFO partition (\d+) acquired: "
-                       r"(\d+) runs restored in (\d+) ms, (\d+) timers armed")
+_ACQUIRED = re.compile(
+    r"^(\d+\.\d+) terranoha\.kafka\.engine INFO partition (\d+) acquired: "
+    r"(\d+) runs restored in (\d+) ms, (\d+) timers armed"
+)
 
 
 def hold_spec(sleep_s: int) -> WorkflowSpec:
-    return load_spec({"workflow": "hold", "version": 1,
-                      "steps": [{"id": "nap", "sleep": f"{sleep_s}s"}]})
+    return load_spec(
+        {"workflow": "hold", "version": 1, "steps": [{"id": "nap", "sleep": f"{sleep_s}s"}]}
+    )
 
 
 def say(message: str) -> None:
@@ -145,8 +154,14 @@ def say(message: str) -> None:
 class EngineProcess:
     """One ``serve`` process (orchestrator and trigger router), its log and its memory."""
 
-    def __init__(self, bootstrap: str, postgres: str, topics: Topics, instance_id: str | None,
-                 tracemalloc_out: Path | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        postgres: str,
+        topics: Topics,
+        instance_id: str | None,
+        tracemalloc_out: Path | None = None,
+    ) -> None:
         self.log: list[str] = []
         self.instance_id = instance_id
         extra = ["--instance-id", instance_id] if instance_id else []
@@ -156,10 +171,28 @@ class EngineProcess:
         self.tracemalloc_out = tracemalloc_out
         self.started_at = time.time()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE, "serve", "--kafka", bootstrap,
-             "--topic-prefix", topics.prefix, "--app", topics.prefix,
-             "--partitions", str(topics.partitions), "--postgres", postgres, *extra],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-c",
+                _SERVE,
+                "serve",
+                "--kafka",
+                bootstrap,
+                "--topic-prefix",
+                topics.prefix,
+                "--app",
+                topics.prefix,
+                "--partitions",
+                str(topics.partitions),
+                "--postgres",
+                postgres,
+                *extra,
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self.pid = self.proc.pid
         self.serving_at: float | None = None
         assert self.proc.stderr is not None
@@ -170,6 +203,7 @@ class EngineProcess:
         def pump() -> None:
             for raw in stream:
                 into.append(raw.decode(errors="replace").rstrip())
+
         threading.Thread(target=pump, daemon=True).start()
 
     async def serving(self, timeout_s: float = 180.0) -> float:
@@ -217,8 +251,15 @@ class EngineProcess:
             match = _ACQUIRED.match(line)
             if match:
                 at, part, runs, ms, timers = match.groups()
-                found.append({"at": float(at), "partition": int(part), "restored": int(runs),
-                              "restore_ms": int(ms), "timers": int(timers)})
+                found.append(
+                    {
+                        "at": float(at),
+                        "partition": int(part),
+                        "restored": int(runs),
+                        "restore_ms": int(ms),
+                        "timers": int(timers),
+                    }
+                )
         return found
 
 
@@ -229,14 +270,28 @@ class Profile:
         self.proc: subprocess.Popen[bytes] | None = None
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if enabled and not Path(py_spy).exists():
-            say("--py-spy: py-spy is not installed (`.venv/bin/pip install py-spy`); "
-                "no profile taken")
+            say(
+                "--py-spy: py-spy is not installed (`.venv/bin/pip install py-spy`); "
+                "no profile taken"
+            )
             enabled = False
         if enabled:
             self.proc = subprocess.Popen(
-                [py_spy, "record", "--pid", str(pid), "--rate", "100", "--format", "raw",
-                 "--output", str(DIAGNOSTICS / f"pyspy-{label}.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    "100",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(DIAGNOSTICS / f"pyspy-{label}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -296,8 +351,14 @@ class Watcher(TopicReader):
         elif isinstance(event, CommandRejected) and event.command_type == "FireTimer":
             self.rejected_firings += 1
 
-    async def wait(self, count: Callable[[], int], target: int, what: str,
-                   not_before_ms: float = 0.0, give_up_ms: float | None = None) -> bool:
+    async def wait(
+        self,
+        count: Callable[[], int],
+        target: int,
+        what: str,
+        not_before_ms: float = 0.0,
+        give_up_ms: float | None = None,
+    ) -> bool:
         """Until ``count()`` reaches ``target``; fail if it stops moving for ``STALL_S``
         (not counting the time before ``not_before_ms``, e.g. the last due time). Past
         ``give_up_ms`` (wall clock), return False instead of waiting on."""
@@ -314,12 +375,15 @@ class Watcher(TopicReader):
         return True
 
 
-async def publish(producer: AIOKafkaProducer, topics: Topics, workflow: str,
-                  keys: Iterable[str]) -> None:
+async def publish(
+    producer: AIOKafkaProducer, topics: Topics, workflow: str, keys: Iterable[str]
+) -> None:
     for key in keys:  # keyed by run id, as the client does: the trigger's own partition
-        await producer.send(topics.triggers, encode(Trigger(workflow=workflow,
-                                                            idempotency_key=key)),
-                            key=run_of(key).encode())
+        await producer.send(
+            topics.triggers,
+            encode(Trigger(workflow=workflow, idempotency_key=key)),
+            key=run_of(key).encode(),
+        )
     await producer.flush()
 
 
@@ -336,8 +400,14 @@ class Diagnostics:
     tracemalloc: bool = False
 
 
-async def _scenario(bootstrap: str, postgres: str, runs: int, partitions: int,
-                    keep_topics: bool, diagnostics: Diagnostics) -> dict[str, Any]:
+async def _scenario(
+    bootstrap: str,
+    postgres: str,
+    runs: int,
+    partitions: int,
+    keep_topics: bool,
+    diagnostics: Diagnostics,
+) -> dict[str, Any]:
     topics = Topics(prefix=f"rec{uuid.uuid4().hex[:8]}", partitions=partitions)
     await ensure_topics(bootstrap, topics.core_topics())
     for spec in (PROBE, WARM):
@@ -350,8 +420,9 @@ async def _scenario(bootstrap: str, postgres: str, runs: int, partitions: int,
     try:
         await watcher.start()
         await producer.start()
-        return await _measure(bootstrap, postgres, topics, runs, watcher, producer,
-                              engines, profiles, diagnostics)
+        return await _measure(
+            bootstrap, postgres, topics, runs, watcher, producer, engines, profiles, diagnostics
+        )
     finally:
         for profile in profiles:
             profile.stop()
@@ -364,9 +435,17 @@ async def _scenario(bootstrap: str, postgres: str, runs: int, partitions: int,
             await _delete_topics(bootstrap, topics)
 
 
-async def _measure(bootstrap: str, postgres: str, topics: Topics, runs: int,
-                   watcher: Watcher, producer: AIOKafkaProducer, engines: list[EngineProcess],
-                   profiles: list[Profile], diagnostics: Diagnostics) -> dict[str, Any]:
+async def _measure(
+    bootstrap: str,
+    postgres: str,
+    topics: Topics,
+    runs: int,
+    watcher: Watcher,
+    producer: AIOKafkaProducer,
+    engines: list[EngineProcess],
+    profiles: list[Profile],
+    diagnostics: Diagnostics,
+) -> dict[str, Any]:
     traced = DIAGNOSTICS / "tracemalloc" if diagnostics.tracemalloc else None
 
     def start_engine(instance_id: str | None) -> EngineProcess:
@@ -408,8 +487,10 @@ async def _measure(bootstrap: str, postgres: str, topics: Topics, runs: int,
     load_s = (max(arm_ts) - began * 1000) / 1000
     first_due = min(due for due, _ in watcher.armed.values())
     last_due = max(due for due, _ in watcher.armed.values())
-    say(f"{runs:,} runs waiting after {load_s:.1f}s ({runs / load_s:,.0f} runs/s); "
-        f"first timer due in {(first_due / 1000 - time.time()):.0f}s")
+    say(
+        f"{runs:,} runs waiting after {load_s:.1f}s ({runs / load_s:,.0f} runs/s); "
+        f"first timer due in {(first_due / 1000 - time.time()):.0f}s"
+    )
     await asyncio.sleep(2.0)  # let the last commits settle
     await engine.dump_allocations("loaded")
 
@@ -420,8 +501,12 @@ async def _measure(bootstrap: str, postgres: str, topics: Topics, runs: int,
     instance = f"{topics.prefix}-engine"
     crashes: dict[str, Crash] = {}
     for label, instance_id in (("dynamic", instance), ("static", instance)):
-        crash = Crash(label, killed=engine, fired_before_kill=len(watcher.fired),
-                      memory_before_kill=engine.memory_mb())
+        crash = Crash(
+            label,
+            killed=engine,
+            fired_before_kill=len(watcher.fired),
+            memory_before_kill=engine.memory_mb(),
+        )
         crash.killed_at = engine.kill()
         engine = start_engine(instance_id)
         probe = f"probe-after-{label}-restart"
@@ -429,15 +514,20 @@ async def _measure(bootstrap: str, postgres: str, topics: Topics, runs: int,
         crash.serving_at = await engine.serving()
         restoring = profile(engine, f"restart-{label}")  # the restore comes after "serving"
         probe_run = run_of(probe)
-        await watcher.wait(lambda: int(probe_run in dispatched), 1,  # noqa: B023
-                           f"probe ({label})")
+        await watcher.wait(
+            lambda: int(probe_run in dispatched),  # noqa: B023
+            1,
+            f"probe ({label})",
+        )
         restoring.stop()
         crash.restarted = engine
         crash.first_command_ts, crash.first_command_seen = dispatched[probe_run]
         crash.memory_restored = engine.memory_mb()
         crashes[label] = crash
-        say(f"{label} membership: first command "
-            f"{crash.first_command_ts - crash.killed_at * 1000:,.0f} ms after the kill")
+        say(
+            f"{label} membership: first command "
+            f"{crash.first_command_ts - crash.killed_at * 1000:,.0f} ms after the kill"
+        )
         await asyncio.sleep(2.0)
     await engine.dump_allocations("restored")
 
@@ -446,8 +536,7 @@ async def _measure(bootstrap: str, postgres: str, topics: Topics, runs: int,
     give_up_ms = last_due + 1000 * max(180.0, 3 * load_s)
     await watcher.wait(lambda: len(watcher.fired), 1, "first timer", first_due, give_up_ms)
     firing = profile(engine, "timers")
-    complete = await watcher.wait(lambda: len(watcher.fired), runs, "timers", last_due,
-                                  give_up_ms)
+    complete = await watcher.wait(lambda: len(watcher.fired), runs, "timers", last_due, give_up_ms)
     firing.stop()
     await asyncio.sleep(3.0)  # a duplicate firing would come right behind
     finished = engine.memory_mb()
@@ -479,9 +568,15 @@ async def _measure(bootstrap: str, postgres: str, topics: Topics, runs: int,
         "restored_peak_rss_mb": round(dynamic.memory_restored["peak_rss_mb"], 1),
         "after_timers_rss_mb": round(finished["rss_mb"], 1),
         "after_timers_peak_rss_mb": round(finished["peak_rss_mb"], 1),
-        "timers": _timer_figures(watcher, complete, static.first_command_ts,
-                                 static.killed_at, first_due, last_due,
-                                 static.fired_before_kill),
+        "timers": _timer_figures(
+            watcher,
+            complete,
+            static.first_command_ts,
+            static.killed_at,
+            first_due,
+            last_due,
+            static.fired_before_kill,
+        ),
     }
 
 
@@ -510,13 +605,15 @@ class Crash:
         acquired = list(first.values())
         # The restores of a process run concurrently, inside the assignment callback:
         # the earliest began (about) when the group assigned the partitions.
-        assigned_ms = (min(a["at"] * 1000 - a["restore_ms"] for a in acquired) - kill_ms
-                       if acquired else None)
+        assigned_ms = (
+            min(a["at"] * 1000 - a["restore_ms"] for a in acquired) - kill_ms if acquired else None
+        )
         return {
             "instance_id": self.restarted.instance_id,
             "kill_to_first_command_ms": round(self.first_command_ts - kill_ms),
-            "restart_to_first_command_ms": round(self.first_command_ts
-                                                 - self.restarted.started_at * 1000),
+            "restart_to_first_command_ms": round(
+                self.first_command_ts - self.restarted.started_at * 1000
+            ),
             "kill_to_first_command_seen_ms": round(self.first_command_seen * 1000 - kill_ms),
             "kill_to_serving_ms": round(self.serving_at * 1000 - kill_ms),
             "kill_to_assigned_ms": None if assigned_ms is None else round(assigned_ms),
@@ -526,8 +623,9 @@ class Crash:
             "restored_timers": sum(a["timers"] for a in acquired),
             "partitions": acquired_summary(acquired, kill_ms),
             "partitions_restored_again": len(acquisitions) - len(acquired),
-            "restore_log": (acquired_summary(acquisitions, kill_ms)
-                            if len(acquisitions) > len(acquired) else []),
+            "restore_log": (
+                acquired_summary(acquisitions, kill_ms) if len(acquisitions) > len(acquired) else []
+            ),
             "killed_rss_mb": round(self.memory_before_kill["rss_mb"], 1),
             "killed_peak_rss_mb": round(self.memory_before_kill["peak_rss_mb"], 1),
             "restored_rss_mb": round(self.memory_restored["rss_mb"], 1),
@@ -535,8 +633,15 @@ class Crash:
         }
 
 
-def _timer_figures(watcher: Watcher, complete: bool, recovered_ms: float, killed_at: float,
-                   first_due: int, last_due: int, fired_before_kill: int) -> dict[str, Any]:
+def _timer_figures(
+    watcher: Watcher,
+    complete: bool,
+    recovered_ms: float,
+    killed_at: float,
+    first_due: int,
+    last_due: int,
+    fired_before_kill: int,
+) -> dict[str, Any]:
     lateness: list[float] = []
     lateness_after_recovery: list[float] = []
     early = duplicates = 0
@@ -558,8 +663,7 @@ def _timer_figures(watcher: Watcher, complete: bool, recovered_ms: float, killed
         "stray": sum(1 for key in watcher.fired if key not in watcher.armed),
         "early": early,
         "fired_before_kill": fired_before_kill,
-        "due_before_recovery": sum(1 for due, _ in watcher.armed.values()
-                                   if due < recovered_ms),
+        "due_before_recovery": sum(1 for due, _ in watcher.armed.values() if due < recovered_ms),
         "refirings_rejected": watcher.rejected_firings,
         "first_due_after_kill_s": round(first_due / 1000 - killed_at, 1),
         "due_span_s": round((last_due - first_due) / 1000, 2),
@@ -569,16 +673,26 @@ def _timer_figures(watcher: Watcher, complete: bool, recovered_ms: float, killed
 
 
 def acquired_summary(acquired: list[dict[str, float]], kill_ms: float) -> list[dict[str, Any]]:
-    return [{"partition": int(a["partition"]), "restored": int(a["restored"]),
-             "restore_ms": int(a["restore_ms"]),
-             "ready_after_kill_ms": round(a["at"] * 1000 - kill_ms)} for a in acquired]
+    return [
+        {
+            "partition": int(a["partition"]),
+            "restored": int(a["restored"]),
+            "restore_ms": int(a["restore_ms"]),
+            "ready_after_kill_ms": round(a["at"] * 1000 - kill_ms),
+        }
+        for a in acquired
+    ]
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "max": None, "count": 0}
-    return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99),
-            "max": max(values), "count": len(values)}
+    return {
+        "p50": percentile(values, 0.5),
+        "p99": percentile(values, 0.99),
+        "max": max(values),
+        "count": len(values),
+    }
 
 
 async def _delete_topics(bootstrap: str, topics: Topics) -> None:
@@ -606,39 +720,61 @@ def table(r: dict[str, Any]) -> str:
     rows = [
         ("runs (active, each with one armed sleep timer)", f"{r['runs']:,}"),
         ("partitions", str(r["partitions"])),
-        ("start rate (trigger published -> TimerArmed)",
-         f"{r['start_rate_runs_per_s']:,.0f} runs/s ({r['start_s']:.1f} s; warm-up "
-         f"{r['warm_up_runs_per_s']:,.0f} runs/s armed)"),
-        ("recovery, group membership of the killed engine", f"{'dynamic':>12}  {'static':>12}"
-                                                           "  (static: serve --instance-id)"),
+        (
+            "start rate (trigger published -> TimerArmed)",
+            f"{r['start_rate_runs_per_s']:,.0f} runs/s ({r['start_s']:.1f} s; warm-up "
+            f"{r['warm_up_runs_per_s']:,.0f} runs/s armed)",
+        ),
+        (
+            "recovery, group membership of the killed engine",
+            f"{'dynamic':>12}  {'static':>12}  (static: serve --instance-id)",
+        ),
         ("  SIGKILL -> first command (record ts)", both("kill_to_first_command_ms")),
         ("  restart -> first command (record ts)", both("restart_to_first_command_ms")),
         ("  SIGKILL -> new process serving", both("kill_to_serving_ms")),
         ("  SIGKILL -> partitions assigned (about)", both("kill_to_assigned_ms")),
         ("  restore, longest partition (concurrent)", both("restore_ms")),
         ("  runs restored", both("restored_runs", lambda v: f"{v:,}")),
-        ("  partitions restored again (rebalances)",
-         both("partitions_restored_again", lambda v: f"{v:,}")),
-        ("  RSS of the new process after restore",
-         both("restored_rss_mb", lambda v: f"{v:,.0f} MB")),
+        (
+            "  partitions restored again (rebalances)",
+            both("partitions_restored_again", lambda v: f"{v:,}"),
+        ),
+        (
+            "  RSS of the new process after restore",
+            both("restored_rss_mb", lambda v: f"{v:,.0f} MB"),
+        ),
         ("engine RSS before the load", f"{r['engine_baseline_rss_mb']:,.0f} MB"),
-        ("engine RSS / peak (VmHWM) with all runs active",
-         f"{r['engine_rss_mb']:,.0f} / {r['engine_peak_rss_mb']:,.0f} MB "
-         f"(< 500 MB: {verdict}; ~{r['rss_bytes_per_run']:,} B per run)"),
-        ("restarted engine RSS / peak after restore",
-         f"{r['restored_rss_mb']:,.0f} / {r['restored_peak_rss_mb']:,.0f} MB"),
-        ("last engine RSS / peak after the timers",
-         f"{r['after_timers_rss_mb']:,.0f} / {r['after_timers_peak_rss_mb']:,.0f} MB"),
-        ("timers armed / fired / missing", f"{tim['armed']:,} / {tim['fired']:,} / "
-                                            f"{tim['missing']:,}"
-                                            + ("" if tim["complete"] else " (gave up)")),
-        ("timers fired twice / early / before the kill",
-         f"{tim['duplicates']:,} / {tim['early']:,} / {tim['fired_before_kill']:,}"),
-        ("timer lateness p50 / p99 / max",
-         f"{_ms(late['p50'])} / {_ms(late['p99'])} / {_ms(late['max'])}"),
-        ("  of timers due after the last recovery",
-         f"{_ms(late_after['p50'])} / {_ms(late_after['p99'])} / {_ms(late_after['max'])}"
-         f" ({late_after['count']:,} timers; {tim['due_before_recovery']:,} due before)"),
+        (
+            "engine RSS / peak (VmHWM) with all runs active",
+            f"{r['engine_rss_mb']:,.0f} / {r['engine_peak_rss_mb']:,.0f} MB "
+            f"(< 500 MB: {verdict}; ~{r['rss_bytes_per_run']:,} B per run)",
+        ),
+        (
+            "restarted engine RSS / peak after restore",
+            f"{r['restored_rss_mb']:,.0f} / {r['restored_peak_rss_mb']:,.0f} MB",
+        ),
+        (
+            "last engine RSS / peak after the timers",
+            f"{r['after_timers_rss_mb']:,.0f} / {r['after_timers_peak_rss_mb']:,.0f} MB",
+        ),
+        (
+            "timers armed / fired / missing",
+            f"{tim['armed']:,} / {tim['fired']:,} / "
+            f"{tim['missing']:,}" + ("" if tim["complete"] else " (gave up)"),
+        ),
+        (
+            "timers fired twice / early / before the kill",
+            f"{tim['duplicates']:,} / {tim['early']:,} / {tim['fired_before_kill']:,}",
+        ),
+        (
+            "timer lateness p50 / p99 / max",
+            f"{_ms(late['p50'])} / {_ms(late['p99'])} / {_ms(late['max'])}",
+        ),
+        (
+            "  of timers due after the last recovery",
+            f"{_ms(late_after['p50'])} / {_ms(late_after['p99'])} / {_ms(late_after['max'])}"
+            f" ({late_after['count']:,} timers; {tim['due_before_recovery']:,} due before)",
+        ),
         ("timers fell due over", f"{tim['due_span_s']:.1f} s (sleep {r['sleep_s']} s)"),
         ("repeated firings rejected by the core", f"{tim['refirings_rejected']:,}"),
     ]
@@ -649,13 +785,18 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join([head, *(f"{name:<{width}}  {value}" for name, value in rows)])
 
 
-def run(runs: int = 100_000, partitions: int = 4, keep_topics: bool = False,
-        diagnostics: Diagnostics | None = None) -> dict[str, Any]:
+def run(
+    runs: int = 100_000,
+    partitions: int = 4,
+    keep_topics: bool = False,
+    diagnostics: Diagnostics | None = None,
+) -> dict[str, Any]:
     """Run the scenario; print the table; write and return the figures."""
     bootstrap, postgres = infra_settings()
     RESULTS.mkdir(exist_ok=True)
-    result = asyncio.run(_scenario(bootstrap, postgres, runs, partitions, keep_topics,
-                                   diagnostics or Diagnostics()))
+    result = asyncio.run(
+        _scenario(bootstrap, postgres, runs, partitions, keep_topics, diagnostics or Diagnostics())
+    )
     print(table(result), flush=True)
     (RESULTS / "recovery.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -665,15 +806,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="leave the benchmark's topics on the broker (to inspect them)")
-    parser.add_argument("--py-spy", action="store_true",
-                        help="sample the engine with py-spy (diagnostic: slows it)")
-    parser.add_argument("--tracemalloc", action="store_true",
-                        help="trace the engine's allocations (diagnostic: slows it)")
+    parser.add_argument(
+        "--keep-topics",
+        action="store_true",
+        help="leave the benchmark's topics on the broker (to inspect them)",
+    )
+    parser.add_argument(
+        "--py-spy", action="store_true", help="sample the engine with py-spy (diagnostic: slows it)"
+    )
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace the engine's allocations (diagnostic: slows it)",
+    )
     args = parser.parse_args(argv)
-    run(args.runs, args.partitions, args.keep_topics,
-        Diagnostics(py_spy=args.py_spy, tracemalloc=args.tracemalloc))
+    run(
+        args.runs,
+        args.partitions,
+        args.keep_topics,
+        Diagnostics(py_spy=args.py_spy, tracemalloc=args.tracemalloc),
+    )
 
 
 if __name__ == "__main__":

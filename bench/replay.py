@@ -41,16 +41,31 @@ REFUND_WORKFLOW: dict[str, Any] = {
     "sla": "4h",
     "input": {"order_id": "string", "amount": "number"},
     "steps": [
-        {"id": "lookup", "task": "crm.get_order", "timeout": "30s",
-         "retry": {"max_attempts": 5, "initial": "1s", "max": "1m"}},
-        {"id": "classify", "task": "llm.classify_refund",
-         "input": {"order": "steps.lookup.result", "amount": "input.amount"},
-         "review_if": "result.confidence < `0.8`", "review": {"approvers": ["refund-experts"]}},
-        {"id": "route", "choice": [{"when": "steps.classify.result.label == 'reject'",
-                                    "goto": "notify"}]},
-        {"id": "refund", "prepare_commit": {"prepare": "payments.prepare_refund",
-                                            "commit": "payments.commit_refund"},
-         "approval": {"approvers": ["finance"], "remind_every": "30m", "expires_after": "24h"}},
+        {
+            "id": "lookup",
+            "task": "crm.get_order",
+            "timeout": "30s",
+            "retry": {"max_attempts": 5, "initial": "1s", "max": "1m"},
+        },
+        {
+            "id": "classify",
+            "task": "llm.classify_refund",
+            "input": {"order": "steps.lookup.result", "amount": "input.amount"},
+            "review_if": "result.confidence < `0.8`",
+            "review": {"approvers": ["refund-experts"]},
+        },
+        {
+            "id": "route",
+            "choice": [{"when": "steps.classify.result.label == 'reject'", "goto": "notify"}],
+        },
+        {
+            "id": "refund",
+            "prepare_commit": {
+                "prepare": "payments.prepare_refund",
+                "commit": "payments.commit_refund",
+            },
+            "approval": {"approvers": ["finance"], "remind_every": "30m", "expires_after": "24h"},
+        },
         {"id": "notify", "task": "mail.send", "input": {"order": "input.order_id"}},
     ],
 }
@@ -69,8 +84,7 @@ class _Driver:
 
     def send(self, command_type: type[cmd.Command], **fields: Any) -> None:
         self.n += 1
-        command = command_type(command_id=f"{self.run_id}/c{self.n}", run_id=self.run_id,
-                               **fields)
+        command = command_type(command_id=f"{self.run_id}/c{self.n}", run_id=self.run_id, **fields)
         decision = process(self.state, command, self.spec, self.now)
         self.state = decision.state
         self.events += decision.events
@@ -94,11 +108,22 @@ def record_run(spec: WorkflowSpec, i: int) -> list[ev.Event]:
     """The events of one complete run of ``REFUND_WORKFLOW``."""
     run = _Driver(spec, f"run-{i:07d}")
     order = f"o-{i}"
-    run.send(cmd.StartRun, workflow=spec.workflow, version=spec.version,
-             input={"order_id": order, "amount": 40 + i % 60}, idempotency_key=order,
-             requested_by="alice")
-    run.send(cmd.FailTask, step="lookup", task_id=run.task_id(), error_class="transient",
-             code="UNAVAILABLE", message="crm returned 503")
+    run.send(
+        cmd.StartRun,
+        workflow=spec.workflow,
+        version=spec.version,
+        input={"order_id": order, "amount": 40 + i % 60},
+        idempotency_key=order,
+        requested_by="alice",
+    )
+    run.send(
+        cmd.FailTask,
+        step="lookup",
+        task_id=run.task_id(),
+        error_class="transient",
+        code="UNAVAILABLE",
+        message="crm returned 503",
+    )
     run.fire("retry")
     run.complete("lookup", {"order_id": order, "items": 2, "customer": f"cust-{i % 97}"})
     run.complete("classify", {"label": "refund", "confidence": 0.93}, cost=0.004)
@@ -119,8 +144,9 @@ def _fold_all(runs: list[list[ev.Event]]) -> list[RunState | None]:
     return [fold(events) for events in runs]
 
 
-def bench_pure_fold(n_runs: int = 5_000, rounds: int = 3,
-                    runs: list[list[ev.Event]] | None = None) -> dict[str, Any]:
+def bench_pure_fold(
+    n_runs: int = 5_000, rounds: int = 3, runs: list[list[ev.Event]] | None = None
+) -> dict[str, Any]:
     """Record ``n_runs`` runs (unless given), then fold each run's events ``rounds`` times.
 
     Returns the event count and the median events per second over the rounds.
@@ -177,9 +203,15 @@ def bench_embedded_replay(runs: list[list[ev.Event]], rounds: int = 3) -> dict[s
         store.close()
     assert all(s is not None and s.status is RunStatus.COMPLETED for s in states)
     median = statistics.median(timings)
-    return {"benchmark": "embedded_replay", "runs": len(runs), "events": n_events,
-            "rounds": rounds, "seconds": timings, "median_s": median,
-            "events_per_s": n_events / median}
+    return {
+        "benchmark": "embedded_replay",
+        "runs": len(runs),
+        "events": n_events,
+        "rounds": rounds,
+        "seconds": timings,
+        "median_s": median,
+        "events_per_s": n_events / median,
+    }
 
 
 def profile_fold(runs: list[list[ev.Event]], top: int = 15) -> str:
@@ -202,17 +234,23 @@ def main(argv: list[str] | None = None) -> None:
 
     result = bench_pure_fold(args.runs, args.rounds)
     print(f"python {platform.python_version()} on {platform.machine()}, one core")
-    print(f"pure fold: {result['runs']} runs, {result['events']} events "
-          f"({result['events_per_run']:.0f} per run)")
-    print(f"  fold  {result['events_per_s']:>12,.0f} events/s  "
-          f"(median of {result['rounds']}: {result['median_s'] * 1000:.1f} ms; "
-          f"rounds {', '.join(f'{s * 1000:.1f}' for s in result['seconds'])} ms)")
+    print(
+        f"pure fold: {result['runs']} runs, {result['events']} events "
+        f"({result['events_per_run']:.0f} per run)"
+    )
+    print(
+        f"  fold  {result['events_per_s']:>12,.0f} events/s  "
+        f"(median of {result['rounds']}: {result['median_s'] * 1000:.1f} ms; "
+        f"rounds {', '.join(f'{s * 1000:.1f}' for s in result['seconds'])} ms)"
+    )
     print(f"  recording (decide + evolve) ran at {result['recorded_events_per_s']:,.0f} events/s")
     stored = bench_embedded_replay(record_log(args.runs), args.rounds)
     print("embedded store replay (SQLite read + Avro decode + fold), same log:")
-    print(f"  replay {stored['events_per_s']:>12,.0f} events/s  "
-          f"(median of {stored['rounds']}: {stored['median_s'] * 1000:.1f} ms)  "
-          f"= {stored['events_per_s'] / result['events_per_s']:.2f} x the pure fold")
+    print(
+        f"  replay {stored['events_per_s']:>12,.0f} events/s  "
+        f"(median of {stored['rounds']}: {stored['median_s'] * 1000:.1f} ms)  "
+        f"= {stored['events_per_s'] / result['events_per_s']:.2f} x the pure fold"
+    )
     if args.profile:
         print(profile_fold(record_log(min(args.runs, 1_000))))
 

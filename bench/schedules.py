@@ -43,11 +43,19 @@ def bench_cron(count: int = 20_000) -> float:
 
 def bench_catch_up() -> tuple[int, float]:
     calendar = CronCalendar()
-    spec = load_schedule({"id": "s", "workflow": "w", "interval": "1s",
-                          "overlap": "allow_all", "catch_up_window": "1h"})
+    spec = load_schedule(
+        {
+            "id": "s",
+            "workflow": "w",
+            "interval": "1s",
+            "overlap": "allow_all",
+            "catch_up_window": "1h",
+        }
+    )
     state: ScheduleState | None = None
-    for event in decide(None, CreateSchedule(command_id="c", schedule_id="s", spec=spec),
-                        T0, calendar):
+    for event in decide(
+        None, CreateSchedule(command_id="c", schedule_id="s", spec=spec), T0, calendar
+    ):
         state = evolve(state, event)
     assert state is not None
     now = T0 + 3_600_000
@@ -70,17 +78,29 @@ def bench_embedded(schedules: int) -> tuple[int, float]:
         Store(path).close()
         clock = ManualClock(T0 + 1)
         processor = EmbeddedSchedules(path, clock, batch_size=512)
-        processor.submit(*(CreateSchedule(
-            command_id=f"c{i}", schedule_id=f"s{i}",
-            spec=load_schedule({"id": f"s{i}", "workflow": "w", "cron": "0 * * * *",
-                                "timezone": "Europe/Berlin"})) for i in range(schedules)))
+        processor.submit(
+            *(
+                CreateSchedule(
+                    command_id=f"c{i}",
+                    schedule_id=f"s{i}",
+                    spec=load_schedule(
+                        {
+                            "id": f"s{i}",
+                            "workflow": "w",
+                            "cron": "0 * * * *",
+                            "timezone": "Europe/Berlin",
+                        }
+                    ),
+                )
+                for i in range(schedules)
+            )
+        )
         processor.drain(max_rounds=100_000)
         clock.set(T0 + 3_600_000)
         started = time.perf_counter()
         processor.drain(max_rounds=100_000)
         elapsed = time.perf_counter() - started
-        starts = processor.store.db.execute(
-            "SELECT COUNT(*) FROM inputs").fetchone()[0]
+        starts = processor.store.db.execute("SELECT COUNT(*) FROM inputs").fetchone()[0]
         processor.close()
     return int(starts), int(starts) / elapsed
 
@@ -91,11 +111,15 @@ def main() -> None:
     args = parser.parse_args()
     print(f"cron: {bench_cron():,.0f} nominal times/s (*/5 * * * * in Europe/Berlin)")
     decided, rate = bench_catch_up()
-    print(f"catch_up: {decided} nominal times of a 1 s schedule down 1 h decided, "
-          f"{rate:,.0f}/s (pure core)")
+    print(
+        f"catch_up: {decided} nominal times of a 1 s schedule down 1 h decided, "
+        f"{rate:,.0f}/s (pure core)"
+    )
     starts, rate = bench_embedded(args.schedules)
-    print(f"embedded: {starts} schedules due at one minute, {rate:,.0f} ticks/s decided with "
-          "their StartRun written (SQLite)")
+    print(
+        f"embedded: {starts} schedules due at one minute, {rate:,.0f} ticks/s decided with "
+        "their StartRun written (SQLite)"
+    )
 
 
 if __name__ == "__main__":

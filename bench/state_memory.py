@@ -35,8 +35,13 @@ from engine.kafka.topics import Topics
 from engine.runtime.processor import Input
 from engine.runtime.specs import SpecRegistry
 
-SPEC = load_spec({"workflow": "hold", "version": 1,
-                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+SPEC = load_spec(
+    {
+        "workflow": "hold",
+        "version": 1,
+        "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}],
+    }
+)
 BATCH = 500
 ACTIVE = 1000
 
@@ -54,8 +59,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", type=int, default=100_000)
     parser.add_argument("--large", type=int, default=2_000_000)
-    parser.add_argument("--no-store", action="store_true",
-                        help="no local store: finished runs stay in memory (compact)")
+    parser.add_argument(
+        "--no-store",
+        action="store_true",
+        help="no local store: finished runs stay in memory (compact)",
+    )
     args = parser.parse_args(argv)
     topics = Topics(prefix="bench", partitions=1)
     specs = SpecRegistry()
@@ -81,13 +89,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         StreamProcessor._store_committed(task, step, {tp: offset})
 
     def start(i: int) -> Input:
-        return Input(topics.inputs, 0, i, encode(StartRun(
-            command_id=f"s{i}", run_id=f"run-{i}", workflow="hold", version=1,
-            idempotency_key=f"k{i}", input={"order_id": f"ord-{i}", "note": "x" * 200})))
+        return Input(
+            topics.inputs,
+            0,
+            i,
+            encode(
+                StartRun(
+                    command_id=f"s{i}",
+                    run_id=f"run-{i}",
+                    workflow="hold",
+                    version=1,
+                    idempotency_key=f"k{i}",
+                    input={"order_id": f"ord-{i}", "note": "x" * 200},
+                )
+            ),
+        )
 
     def finish(i: int) -> Input:
-        return Input(topics.inputs, 0, i, encode(DeliverSignal(
-            command_id=f"g{i}", run_id=f"run-{i}", name="go", data={"ok": True})))
+        return Input(
+            topics.inputs,
+            0,
+            i,
+            encode(
+                DeliverSignal(command_id=f"g{i}", run_id=f"run-{i}", name="go", data={"ok": True})
+            ),
+        )
 
     commit([start(i) for i in range(ACTIVE)])  # these stay active
     figures: dict[str, Any] = {"store": not args.no_store, "active": ACTIVE}
@@ -106,8 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures[f"in_memory_{name}"] = len(task.cache)
     figures["seconds"] = round(time.perf_counter() - started, 1)
     figures["rss_ratio"] = round(figures["rss_mb_large"] / figures["rss_mb_small"], 3)
-    figures["rss_anon_ratio"] = round(figures["rss_anon_mb_large"]
-                                      / figures["rss_anon_mb_small"], 3)
+    figures["rss_anon_ratio"] = round(
+        figures["rss_anon_mb_large"] / figures["rss_anon_mb_small"], 3
+    )
     if task.store is not None:
         figures["store_entries"] = task.store.counts()
         task.store.close()

@@ -43,29 +43,46 @@ from engine.core.state import RunState, finished_record, replace
 from engine.kafka.specs import publish_spec
 from engine.kafka.topics import Topics, delete_topics, ensure_topics
 
-SPEC = load_spec({"workflow": "hold", "version": 1,
-                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+SPEC = load_spec(
+    {
+        "workflow": "hold",
+        "version": 1,
+        "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}],
+    }
+)
 ACTIVE = 1000
 T0 = 1_700_000_000_000
 
 
 def _states() -> tuple[RunState, RunState]:
     """A finished run's compact record and an active run's state, as the core makes them."""
-    start = StartRun(command_id="s", run_id="r", workflow="hold", version=1,
-                     idempotency_key="k", input={"order_id": "ord-1", "note": "x" * 200})
+    start = StartRun(
+        command_id="s",
+        run_id="r",
+        workflow="hold",
+        version=1,
+        idempotency_key="k",
+        input={"order_id": "ord-1", "note": "x" * 200},
+    )
     waiting = process(None, start, SPEC, T0).state
     assert waiting is not None
-    done = process(waiting, DeliverSignal(command_id="g", run_id="r", name="go"), SPEC,
-                   T0 + 1000).state
+    done = process(
+        waiting, DeliverSignal(command_id="g", run_id="r", name="go"), SPEC, T0 + 1000
+    ).state
     assert done is not None and done.terminal
     return finished_record(done), waiting
 
 
 async def _history(bootstrap: str, topics: Topics, history: int) -> list[str]:
     finished, waiting = _states()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"{topics.prefix}-h",
-                                enable_idempotence=True, acks="all", linger_ms=5,
-                                max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        transactional_id=f"{topics.prefix}-h",
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=1 << 20,
+    )
     await producer.start()
     names = []
     try:
@@ -74,10 +91,15 @@ async def _history(bootstrap: str, topics: Topics, history: int) -> list[str]:
                 for i in range(first, min(first + 5000, history + ACTIVE)):
                     run_id = f"hist-{i}" if i < history else f"active-{i}"
                     template = finished if i < history else waiting
-                    state = replace(template, run_id=run_id, correlation_id=run_id,
-                                    idempotency_key=run_id)
-                    await producer.send(topics.state, encode(state), key=run_id.encode(),
-                                        partition=topics.partition_of(run_id))
+                    state = replace(
+                        template, run_id=run_id, correlation_id=run_id, idempotency_key=run_id
+                    )
+                    await producer.send(
+                        topics.state,
+                        encode(state),
+                        key=run_id.encode(),
+                        partition=topics.partition_of(run_id),
+                    )
                     if i < 3:
                         names.append(run_id)
     finally:
@@ -87,28 +109,60 @@ async def _history(bootstrap: str, topics: Topics, history: int) -> list[str]:
 
 def _serve(bootstrap: str, topics: Topics, state_dir: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--kafka", bootstrap, "--topic-prefix",
-         topics.prefix, "--partitions", str(topics.partitions), "--app", topics.prefix,
-         "--state-dir", str(state_dir), "--instance-id", "bench-restart", "--log-level",
-         "info"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--kafka",
+            bootstrap,
+            "--topic-prefix",
+            topics.prefix,
+            "--partitions",
+            str(topics.partitions),
+            "--app",
+            topics.prefix,
+            "--state-dir",
+            str(state_dir),
+            "--instance-id",
+            "bench-restart",
+            "--log-level",
+            "info",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
 
 
-async def _first_command(bootstrap: str, topics: Topics, run_id: str,
-                         timeout_s: float = 600) -> float:
+async def _first_command(
+    bootstrap: str, topics: Topics, run_id: str, timeout_s: float = 600
+) -> float:
     """Publish a probe StartRun; return the record time (s) of its RunStarted."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     tp = TopicPartition(topics.events, topics.partition_of(run_id))
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
     await consumer.start()
     try:
         consumer.assign([tp])
         await consumer.seek_to_end(tp)
-        await producer.send_and_wait(topics.inputs, encode(StartRun(
-            command_id=f"probe-{run_id}", run_id=run_id, workflow="hold", version=1,
-            idempotency_key=run_id)), key=run_id.encode(),
-            partition=topics.partition_of(run_id))
+        await producer.send_and_wait(
+            topics.inputs,
+            encode(
+                StartRun(
+                    command_id=f"probe-{run_id}",
+                    run_id=run_id,
+                    workflow="hold",
+                    version=1,
+                    idempotency_key=run_id,
+                )
+            ),
+            key=run_id.encode(),
+            partition=topics.partition_of(run_id),
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             fetched = await consumer.getmany(tp, timeout_ms=200)
@@ -124,8 +178,14 @@ async def _first_command(bootstrap: str, topics: Topics, run_id: str,
 def _restore_ms(log: Path, after: int) -> list[int]:
     """The restore times the engine logged since byte ``after`` of its log."""
     text = log.read_bytes()[after:].decode(errors="replace")
-    return [int(m) for m in re.findall(r"engine task \d+ acquired: \d+ entries restored in "
-                                       r"(\d+) ms", text)]
+    return [
+        int(m)
+        for m in re.findall(
+            r"engine task \d+ acquired: \d+ entries restored in "
+            r"(\d+) ms",
+            text,
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -152,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         proc = _serve(bootstrap, topics, state_dir, log)
         first = asyncio.run(_first_command(bootstrap, topics, "probe-empty-disk"))
         figures[f"start_first_command_ms_{label}_history_empty_disk"] = round(
-            (first - started) * 1000)
+            (first - started) * 1000
+        )
         figures[f"restore_ms_{label}_history_empty_disk"] = max(_restore_ms(log, 0), default=None)
 
         size = log.stat().st_size
@@ -160,14 +221,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         proc = _serve(bootstrap, topics, state_dir, log)
         first = asyncio.run(_first_command(bootstrap, topics, "probe-local-state"))
         figures[f"restart_first_command_ms_{label}_history"] = round((first - killed) * 1000)
-        figures[f"restore_ms_{label}_history_local_state"] = max(_restore_ms(log, size),
-                                                                  default=None)
+        figures[f"restore_ms_{label}_history_local_state"] = max(
+            _restore_ms(log, size), default=None
+        )
 
         began = time.perf_counter()
         status = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "status", history[0], "--kafka", bootstrap,
-             "--topic-prefix", topics.prefix, "--partitions", str(topics.partitions),
-             "--app", topics.prefix], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "status",
+                history[0],
+                "--kafka",
+                bootstrap,
+                "--topic-prefix",
+                topics.prefix,
+                "--partitions",
+                str(topics.partitions),
+                "--app",
+                topics.prefix,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         figures[f"status_ms_{label}_history_scan"] = round((time.perf_counter() - began) * 1000)
         figures["status_ok"] = status.returncode == 0 and "Completed" in status.stdout
     finally:

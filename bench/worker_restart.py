@@ -89,17 +89,20 @@ that was due before the restarted worker took over has timed out by then."""
 
 
 def spec(task_timeout_s: float) -> WorkflowSpec:
-    return load_spec({
-        "workflow": "one", "version": 1,
-        "steps": [{"id": "work", "task": "bench.step",
-                   "timeout": f"{round(task_timeout_s * 1000)}ms"}],
-    })
+    return load_spec(
+        {
+            "workflow": "one",
+            "version": 1,
+            "steps": [
+                {"id": "work", "task": "bench.step", "timeout": f"{round(task_timeout_s * 1000)}ms"}
+            ],
+        }
+    )
 
 
 def say(message: str) -> None:
     """Progress, on stderr: stdout is for the table."""
-    print(f"[worker_restart {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
-          flush=True)
+    print(f"[worker_restart {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- processes
@@ -123,19 +126,39 @@ class ServeProcess:
     """One ``serve`` process behind the gate of ``_SERVE``; its stderr (INFO log lines)
     goes to ``log``."""
 
-    def __init__(self, bootstrap: str, postgres: str, topics: Topics, flags: list[str],
-                 log: Path) -> None:
+    def __init__(
+        self, bootstrap: str, postgres: str, topics: Topics, flags: list[str], log: Path
+    ) -> None:
         self.log = log
         self.flags = flags
         with log.open("wb") as err:
             self.spawned_at = time.time()
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _SERVE, "serve", "--kafka", bootstrap,
-                 "--topic-prefix", topics.prefix, "--app", topics.prefix,
-                 "--partitions", str(topics.partitions), "--postgres", postgres,
-                 "--log-level", "info", *flags],
-                env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+                [
+                    sys.executable,
+                    "-c",
+                    _SERVE,
+                    "serve",
+                    "--kafka",
+                    bootstrap,
+                    "--topic-prefix",
+                    topics.prefix,
+                    "--app",
+                    topics.prefix,
+                    "--partitions",
+                    str(topics.partitions),
+                    "--postgres",
+                    postgres,
+                    "--log-level",
+                    "info",
+                    *flags,
+                ],
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
         self.pid = self.proc.pid
         self.loaded_at = self.started_at = 0.0
         self.said = ""
@@ -180,9 +203,11 @@ class ServeProcess:
 
 def _drain(stream: IO[bytes]) -> None:
     """Read ``stream`` to its end in a thread, so that the process never blocks on it."""
+
     def pump() -> None:
         for _ in stream:
             pass
+
     threading.Thread(target=pump, daemon=True).start()
 
 
@@ -204,8 +229,11 @@ class Watcher(TopicReader):
         self.runs_failed: list[int] = []
 
     def partitions(self) -> list[TopicPartition]:
-        return [TopicPartition(topic, p) for topic in (self.topics.inputs, self.topics.events)
-                for p in range(self.topics.partitions)]
+        return [
+            TopicPartition(topic, p)
+            for topic in (self.topics.inputs, self.topics.events)
+            for p in range(self.topics.partitions)
+        ]
 
     async def _read(self) -> None:
         wanted = (b"TaskDispatched", b"TaskFailed", b"RetryScheduled", b"RunFailed")
@@ -286,9 +314,11 @@ class Driver:
             key = f"one-{self.sent}"
             run_id = run_id_for("default", key)
             # Keyed by run id, as the client does: each lands on its run's partition.
-            await self.producer.send(self.topics.triggers,
-                                     encode(Trigger(workflow="one", idempotency_key=key)),
-                                     key=run_id.encode())
+            await self.producer.send(
+                self.topics.triggers,
+                encode(Trigger(workflow="one", idempotency_key=key)),
+                key=run_id.encode(),
+            )
             self.sent += 1
 
     async def stop(self) -> None:
@@ -324,8 +354,9 @@ class Restart:
             "instance_id": self.instance_id,
             "gap_ms": None if first is None else round(first - kill_ms),
             "kill_to_serving_ms": round(self.serving_at * 1000 - kill_ms),
-            "serving_to_first_result_ms": (None if first is None
-                                           else round(first - self.serving_at * 1000)),
+            "serving_to_first_result_ms": (
+                None if first is None else round(first - self.serving_at * 1000)
+            ),
             "replacement_load_ms": round((fresh.loaded_at - fresh.spawned_at) * 1000),
             "replacement_loaded_before_kill": fresh.loaded_at < self.killed_at,
             "window_ms": round(self.window_end_ms - kill_ms),
@@ -334,21 +365,37 @@ class Restart:
 
 
 class Scenario:
-    def __init__(self, bootstrap: str, postgres: str, topics: Topics, warm_s: float,
-                 task_timeout_s: float, cold: bool) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        postgres: str,
+        topics: Topics,
+        warm_s: float,
+        task_timeout_s: float,
+        cold: bool,
+    ) -> None:
         self.bootstrap, self.postgres, self.topics = bootstrap, postgres, topics
         self.warm_s, self.task_timeout_s, self.cold = warm_s, task_timeout_s, cold
         self.watcher = Watcher(bootstrap, topics)
         self.processes: list[ServeProcess] = []
 
     def spawn_worker(self, instance_id: str | None) -> ServeProcess:
-        flags = ["--no-engine", "--no-router", "--workers", "bench.noop_tools",
-                 "--concurrency", "16"]
+        flags = [
+            "--no-engine",
+            "--no-router",
+            "--workers",
+            "bench.noop_tools",
+            "--concurrency",
+            "16",
+        ]
         if instance_id:
             flags += ["--instance-id", instance_id]
         number = sum(1 for p in self.processes if "--no-engine" in p.flags) + 1
-        self.processes.append(ServeProcess(self.bootstrap, self.postgres, self.topics, flags,
-                                           LOGS / f"worker-{number}.log"))
+        self.processes.append(
+            ServeProcess(
+                self.bootstrap, self.postgres, self.topics, flags, LOGS / f"worker-{number}.log"
+            )
+        )
         return self.processes[-1]
 
     async def working(self, worker: ServeProcess, what: str) -> None:
@@ -360,13 +407,16 @@ class Scenario:
         await worker.serving()
         first = await self.watcher.result_after(worker.started_at * 1000, FIRST_RESULT_WAIT_S)
         if first is None:
-            raise TimeoutError(f"{what}: no task result {FIRST_RESULT_WAIT_S:.0f}s after "
-                               f"the worker started (see {LOGS})")
+            raise TimeoutError(
+                f"{what}: no task result {FIRST_RESULT_WAIT_S:.0f}s after "
+                f"the worker started (see {LOGS})"
+            )
         steady_s = max(self.warm_s, self.task_timeout_s + SETTLE_S)
         await asyncio.sleep(max(0.0, first / 1000 + steady_s - time.time()))
 
-    async def restart(self, worker: ServeProcess, label: str,
-                      instance_id: str | None) -> tuple[Restart, ServeProcess]:
+    async def restart(
+        self, worker: ServeProcess, label: str, instance_id: str | None
+    ) -> tuple[Restart, ServeProcess]:
         """SIGKILL ``worker``, start its replacement at once, wait out the window."""
         restart = Restart(label, instance_id)
         if self.cold:
@@ -386,8 +436,10 @@ class Scenario:
             say(f"{label}: no task result {FIRST_RESULT_WAIT_S:.0f}s after the kill")
             end_ms = time.time() * 1000
         else:
-            say(f"{label} membership: first result "
-                f"{restart.first_result_ts - kill_ms:,.0f} ms after the kill")
+            say(
+                f"{label} membership: first result "
+                f"{restart.first_result_ts - kill_ms:,.0f} ms after the kill"
+            )
             end_ms = restart.first_result_ts + (self.task_timeout_s + SETTLE_S) * 1000
             await asyncio.sleep(max(0.0, end_ms / 1000 - time.time()))
         await asyncio.sleep(1.0)  # the watcher reads the window's last records
@@ -403,8 +455,9 @@ class Scenario:
         return restart, fresh
 
     async def measure(self) -> dict[str, Restart]:
-        engine = ServeProcess(self.bootstrap, self.postgres, self.topics, ["--no-router"],
-                              LOGS / "engine.log")
+        engine = ServeProcess(
+            self.bootstrap, self.postgres, self.topics, ["--no-router"], LOGS / "engine.log"
+        )
         self.processes.append(engine)
         await engine.loaded()
         engine.go()
@@ -425,9 +478,16 @@ class Scenario:
         return {"dynamic": dynamic, "static": static}
 
 
-async def _scenario(bootstrap: str, postgres: str, rate: float, partitions: int,
-                    task_timeout_s: float, warm_s: float, cold: bool,
-                    keep_topics: bool) -> dict[str, Any]:
+async def _scenario(
+    bootstrap: str,
+    postgres: str,
+    rate: float,
+    partitions: int,
+    task_timeout_s: float,
+    warm_s: float,
+    cold: bool,
+    keep_topics: bool,
+) -> dict[str, Any]:
     topics = Topics(prefix=f"wr{uuid.uuid4().hex[:8]}", partitions=partitions)
     await ensure_topics(bootstrap, topics.core_topics())
     await publish_spec(bootstrap, topics, spec(task_timeout_s))
@@ -478,9 +538,10 @@ async def _cleanup(bootstrap: str, postgres: str, topics: Topics) -> None:
         import psycopg
 
         async with await psycopg.AsyncConnection.connect(postgres) as conn:
-            await conn.execute("DELETE FROM terranoha_worker_ledger "
-                               "WHERE idempotency_key LIKE %s",
-                               (f"{topics.deployment(topics.prefix)}/%",))
+            await conn.execute(
+                "DELETE FROM terranoha_worker_ledger WHERE idempotency_key LIKE %s",
+                (f"{topics.deployment(topics.prefix)}/%",),
+            )
     except Exception as exc:
         say(f"could not delete the ledger entries of {topics.prefix}: {exc!r}")
 
@@ -501,13 +562,19 @@ def table(r: dict[str, Any]) -> str:
     count = "{:,}".format
     load = "after the kill" if r["replacement"] == "cold" else "before the kill"
     rows = [
-        ("open-loop arrivals (one-task runs)",
-         f"{r['rate_runs_per_s']:,.0f} runs/s ({r['runs_sent']:,} sent; publisher at most "
-         f"{r['publisher_late_max_ms']:,} ms behind)"),
-        ("partitions / task timeout / session timeout",
-         f"{r['partitions']} / {r['task_timeout_ms']:,} ms / {r['session_timeout_ms']:,} ms"),
-        ("worker group membership", f"{'dynamic':>12}  {'static':>12}"
-                                    "  (static: serve --instance-id)"),
+        (
+            "open-loop arrivals (one-task runs)",
+            f"{r['rate_runs_per_s']:,.0f} runs/s ({r['runs_sent']:,} sent; publisher at most "
+            f"{r['publisher_late_max_ms']:,} ms behind)",
+        ),
+        (
+            "partitions / task timeout / session timeout",
+            f"{r['partitions']} / {r['task_timeout_ms']:,} ms / {r['session_timeout_ms']:,} ms",
+        ),
+        (
+            "worker group membership",
+            f"{'dynamic':>12}  {'static':>12}  (static: serve --instance-id)",
+        ),
         ("  SIGKILL -> first task result (record ts)", both("gap_ms")),
         ("  SIGKILL -> new worker serving", both("kill_to_serving_ms")),
         ("  serving -> first task result (group join)", both("serving_to_first_result_ms")),
@@ -523,13 +590,20 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join([head, *(f"{name:<{width}}  {value}" for name, value in rows)])
 
 
-def run(rate: float = 50.0, partitions: int = 4, task_timeout_s: float = 5.0,
-        warm_s: float = 5.0, cold: bool = False, keep_topics: bool = False) -> dict[str, Any]:
+def run(
+    rate: float = 50.0,
+    partitions: int = 4,
+    task_timeout_s: float = 5.0,
+    warm_s: float = 5.0,
+    cold: bool = False,
+    keep_topics: bool = False,
+) -> dict[str, Any]:
     """Run the scenario; print the table; write and return the figures."""
     bootstrap, postgres = infra_settings()
     RESULTS.mkdir(exist_ok=True)
-    result = asyncio.run(_scenario(bootstrap, postgres, rate, partitions, task_timeout_s,
-                                   warm_s, cold, keep_topics))
+    result = asyncio.run(
+        _scenario(bootstrap, postgres, rate, partitions, task_timeout_s, warm_s, cold, keep_topics)
+    )
     print(table(result), flush=True)
     (RESULTS / "worker_restart.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -539,18 +613,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rate", type=float, default=50.0, help="runs started per second")
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--task-timeout", type=float, default=5.0,
-                        help="the task step's timeout, seconds")
-    parser.add_argument("--warm", type=float, default=5.0,
-                        help="seconds of results before each kill")
-    parser.add_argument("--cold", action="store_true",
-                        help="start the replacement's interpreter after the kill (the gap "
-                             "then includes the interpreter start and imports)")
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="leave the benchmark's topics on the broker (to inspect them)")
+    parser.add_argument(
+        "--task-timeout", type=float, default=5.0, help="the task step's timeout, seconds"
+    )
+    parser.add_argument(
+        "--warm", type=float, default=5.0, help="seconds of results before each kill"
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="start the replacement's interpreter after the kill (the gap "
+        "then includes the interpreter start and imports)",
+    )
+    parser.add_argument(
+        "--keep-topics",
+        action="store_true",
+        help="leave the benchmark's topics on the broker (to inspect them)",
+    )
     args = parser.parse_args(argv)
-    run(args.rate, args.partitions, args.task_timeout, args.warm, args.cold,
-        args.keep_topics)
+    run(args.rate, args.partitions, args.task_timeout, args.warm, args.cold, args.keep_topics)
 
 
 if __name__ == "__main__":

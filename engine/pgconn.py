@@ -25,7 +25,8 @@ class PgConnection:
         async with self._connecting:
             if self._conn is None or self._conn.closed:
                 self._conn = await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s)
+                    self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s
+                )
             return self._conn
 
     async def discard(self, conn: psycopg.AsyncConnection[Any]) -> None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 from projections.project import Column
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
-    (1, "projection tables", """
+    (
+        1,
+        "projection tables",
+        """
 CREATE TABLE runs (
     run_id text PRIMARY KEY,
     workflow text NOT NULL,
@@ -81,8 +84,12 @@ CREATE TABLE projector_offsets (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (projector, topic, "partition")
 );
-"""),
-    (2, "sla_metrics function and views", """
+""",
+    ),
+    (
+        2,
+        "sla_metrics function and views",
+        """
 CREATE FUNCTION sla_metrics(
     window_ms bigint,
     now_ms bigint DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
@@ -116,11 +123,17 @@ COMMENT ON FUNCTION sla_metrics(bigint, bigint) IS
     'projections.sla.metrics_of';
 CREATE VIEW sla_1m AS SELECT * FROM sla_metrics(60000);
 CREATE VIEW sla_1h AS SELECT * FROM sla_metrics(3600000);
-"""),
+""",
+    ),
 )
 
-PG_TYPES = {"text": "text", "int": "bigint", "float": "double precision", "bool": "boolean",
-            "json": "jsonb"}
+PG_TYPES = {
+    "text": "text",
+    "int": "bigint",
+    "float": "double precision",
+    "bool": "boolean",
+    "json": "jsonb",
+}
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -134,22 +147,24 @@ def q(name: str) -> str:
     return f'"{name}"'
 
 
-def upsert(table: str, columns: tuple[Column, ...], key: tuple[str, ...],
-           update: bool = True) -> str:
+def upsert(
+    table: str, columns: tuple[Column, ...], key: tuple[str, ...], update: bool = True
+) -> str:
     """One statement for a whole batch: one array parameter per column, unnested.
     JSON columns travel as text and are cast on the server."""
     names = ", ".join(q(c.name) for c in columns)
     # Binary parameters (%b): text-format arrays cost psycopg an escaping pass per element.
-    arrays = ", ".join(f"%b::{'text' if c.kind == 'json' else PG_TYPES[c.kind]}[]"
-                       for c in columns)
-    select = ", ".join(f"u.{q(c.name)}::jsonb" if c.kind == "json" else f"u.{q(c.name)}"
-                       for c in columns)
-    sql = (f"INSERT INTO {table} ({names}) SELECT {select} FROM unnest({arrays}) "
-           f"AS u({names}) ON CONFLICT ({', '.join(q(k) for k in key)}) ")
+    arrays = ", ".join(f"%b::{'text' if c.kind == 'json' else PG_TYPES[c.kind]}[]" for c in columns)
+    select = ", ".join(
+        f"u.{q(c.name)}::jsonb" if c.kind == "json" else f"u.{q(c.name)}" for c in columns
+    )
+    sql = (
+        f"INSERT INTO {table} ({names}) SELECT {select} FROM unnest({arrays}) "
+        f"AS u({names}) ON CONFLICT ({', '.join(q(k) for k in key)}) "
+    )
     if not update:
         return sql + "DO NOTHING"
-    sets = ", ".join(f"{q(c.name)} = excluded.{q(c.name)}" for c in columns
-                     if c.name not in key)
+    sets = ", ".join(f"{q(c.name)} = excluded.{q(c.name)}" for c in columns if c.name not in key)
     return sql + f"DO UPDATE SET {sets}"
 
 

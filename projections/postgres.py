@@ -108,20 +108,26 @@ def migrate(dsn: str) -> list[int]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         schema = conn.execute("SELECT current_schema()").fetchone()
         if schema is None or schema[0] is None:
-            raise ProjectionError("no schema to create the projection tables in: the "
-                                  "search_path names none that exists (create_schema)")
+            raise ProjectionError(
+                "no schema to create the projection tables in: the "
+                "search_path names none that exists (create_schema)"
+            )
         for version, name, body in MIGRATIONS:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || "
-                             "':terranoha-migrations'))")
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || "
+                    "':terranoha-migrations'))"
+                )
                 conn.execute(MIGRATIONS_TABLE)
-                done = conn.execute("SELECT 1 FROM schema_migrations WHERE version = %s",
-                                    (version,)).fetchone()
+                done = conn.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = %s", (version,)
+                ).fetchone()
                 if done:
                     continue
                 conn.execute(body)
-                conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                             (version, name))
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
+                )
                 applied.append(version)
     return applied
 
@@ -134,7 +140,8 @@ def checksum(dsn: str) -> str:
         for table in CHECKSUM_TABLES:
             query = sql.SQL(
                 "SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY h)), '') "
-                "FROM (SELECT md5(t::text) AS h FROM {} t) s").format(sql.Identifier(table))
+                "FROM (SELECT md5(t::text) AS h FROM {} t) s"
+            ).format(sql.Identifier(table))
             row = conn.execute(query).fetchone()
             assert row is not None
             digest.update(f"{table}:{row[0]}:{row[1]};".encode())
@@ -146,8 +153,9 @@ def counts(dsn: str) -> dict[str, int]:
     out = {}
     with psycopg.connect(dsn) as conn:
         for table in CHECKSUM_TABLES:
-            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                sql.Identifier(table))).fetchone()
+            row = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+            ).fetchone()
             out[table] = int(row[0]) if row else 0
     return out
 
@@ -157,8 +165,11 @@ def stored_offsets(dsn: str, topic: str, name: str = "postgres") -> dict[int, in
     migration)."""
     with psycopg.connect(dsn) as conn:
         try:
-            rows = conn.execute('SELECT "partition", "offset" FROM projector_offsets '
-                                "WHERE projector = %s AND topic = %s", (name, topic)).fetchall()
+            rows = conn.execute(
+                'SELECT "partition", "offset" FROM projector_offsets '
+                "WHERE projector = %s AND topic = %s",
+                (name, topic),
+            ).fetchall()
         except psycopg.errors.UndefinedTable:
             return {}
     return {int(p): int(o) for p, o in rows}
@@ -174,18 +185,21 @@ def event_offsets(dsn: str, run_id: str, topic: str, partition: int) -> EventInd
 
     with psycopg.connect(dsn) as conn:
         try:
-            rows = conn.execute('SELECT "partition", "offset" FROM projector_offsets '
-                                "WHERE projector = %s AND topic = %s",
-                                ("postgres", topic)).fetchall()
+            rows = conn.execute(
+                'SELECT "partition", "offset" FROM projector_offsets '
+                "WHERE projector = %s AND topic = %s",
+                ("postgres", topic),
+            ).fetchall()
         except psycopg.errors.UndefinedTable:
             return None
         if not rows:
             return None
         projected = {int(p): int(o) for p, o in rows}
-        found = conn.execute('SELECT "offset" FROM run_events WHERE run_id = %s AND '
-                             '"partition" = %s ORDER BY seq', (run_id, partition)).fetchall()
-    return EventIndex(partition, [int(o) for (o,) in found],
-                      projected.get(partition, -1) + 1)
+        found = conn.execute(
+            'SELECT "offset" FROM run_events WHERE run_id = %s AND "partition" = %s ORDER BY seq',
+            (run_id, partition),
+        ).fetchall()
+    return EventIndex(partition, [int(o) for (o,) in found], projected.get(partition, -1) + 1)
 
 
 def timeline_from_postgres(dsn: str, run_id: str) -> Timeline | None:
@@ -193,14 +207,20 @@ def timeline_from_postgres(dsn: str, run_id: str) -> Timeline | None:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT state FROM runs WHERE run_id = %s", (run_id,)).fetchone()
         if row is None:
-            rows = conn.execute("SELECT state FROM runs WHERE starts_with(run_id, %s) LIMIT 2",
-                                (run_id,)).fetchall()
+            rows = conn.execute(
+                "SELECT state FROM runs WHERE starts_with(run_id, %s) LIMIT 2", (run_id,)
+            ).fetchall()
             row = rows[0] if len(rows) == 1 else None
     return timeline_from_dict(row[0]) if row is not None else None
 
 
-def sla_postgres(dsn: str, workflow: str | None = None, tenant: str | None = None,
-                 window: str = "1h", now_ms: int | None = None) -> list[SlaMetrics]:
+def sla_postgres(
+    dsn: str,
+    workflow: str | None = None,
+    tenant: str | None = None,
+    window: str = "1h",
+    now_ms: int | None = None,
+) -> list[SlaMetrics]:
     """SLA figures per (workflow, tenant, bucket of ``window``) from the runs table."""
     width = window_ms(window)
     now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
@@ -209,12 +229,30 @@ def sla_postgres(dsn: str, workflow: str | None = None, tenant: str | None = Non
             "SELECT * FROM sla_metrics(%s, %s) "
             "WHERE (%s::text IS NULL OR workflow = %s) AND (%s::text IS NULL OR tenant = %s) "
             "ORDER BY bucket_start, workflow, tenant",
-            (width, now, workflow, workflow, tenant, tenant)).fetchall()
-    return [metrics_of(workflow=r[0], tenant=r[1], window=window, width_ms=width, bucket=r[2],
-                       started=r[3], completed=r[4], failed=r[5], cancelled=r[6],
-                       mean_ms=r[7], p95_ms=r[8], cost_sum=r[9] or 0.0, escalated=r[10],
-                       waiting=r[11], overdue=r[12], breaches=r[13], now_ms=now)
-            for r in rows]
+            (width, now, workflow, workflow, tenant, tenant),
+        ).fetchall()
+    return [
+        metrics_of(
+            workflow=r[0],
+            tenant=r[1],
+            window=window,
+            width_ms=width,
+            bucket=r[2],
+            started=r[3],
+            completed=r[4],
+            failed=r[5],
+            cancelled=r[6],
+            mean_ms=r[7],
+            p95_ms=r[8],
+            cost_sum=r[9] or 0.0,
+            escalated=r[10],
+            waiting=r[11],
+            overdue=r[12],
+            breaches=r[13],
+            now_ms=now,
+        )
+        for r in rows
+    ]
 
 
 # --------------------------------------------------------------------------- projector
@@ -243,9 +281,19 @@ class PostgresProjector:
     are read back from the ``runs`` table when their run moves again).
     """
 
-    def __init__(self, bootstrap: str, topics: Topics, dsn: str, *, name: str = "postgres",
-                 batch: int = 2000, poll_ms: int = 20, specs: SpecRegistry | None = None,
-                 cache_runs: int = 50_000, retry_max_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        dsn: str,
+        *,
+        name: str = "postgres",
+        batch: int = 2000,
+        poll_ms: int = 20,
+        specs: SpecRegistry | None = None,
+        cache_runs: int = 50_000,
+        retry_max_s: float = 5.0,
+    ) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
         self.topic = topics.events
@@ -265,8 +313,9 @@ class PostgresProjector:
 
     # ------------------------------------------------------------------ running
 
-    async def run(self, stop: asyncio.Event,
-                  ready: Callable[[], Awaitable[None]] | None = None) -> ProjectorStats:
+    async def run(
+        self, stop: asyncio.Event, ready: Callable[[], Awaitable[None]] | None = None
+    ) -> ProjectorStats:
         """Project until ``stop`` is set. ``ready`` is awaited once, when the projector
         has its offsets and starts reading."""
         started = time.monotonic()
@@ -290,13 +339,17 @@ class PostgresProjector:
                         if ready is not None:
                             await ready()
                             ready = None
-                    fetched = await consumer.getmany(timeout_ms=self.poll_ms,
-                                                     max_records=self.batch)
+                    fetched = await consumer.getmany(
+                        timeout_ms=self.poll_ms, max_records=self.batch
+                    )
                     if fetched:
                         await self._project(conn, fetched)
                 except DB_ERRORS as exc:
-                    log.warning("PostgreSQL connection lost (%s); reconnecting, then resuming "
-                                "from the stored offsets", exc)
+                    log.warning(
+                        "PostgreSQL connection lost (%s); reconnecting, then resuming "
+                        "from the stored offsets",
+                        exc,
+                    )
                     self.stats.reconnects += 1
                     await _close_quietly(conn)
                     conn = None
@@ -337,13 +390,16 @@ class PostgresProjector:
             if not await self._lock(conn):
                 raise ProjectionError(
                     f"the projector {self.name!r} is running on this schema: stop it "
-                    "before rebuilding (it resumes from the rebuilt offsets)")
+                    "before rebuilding (it resumes from the rebuilt offsets)"
+                )
             parts = await self._partitions(None)
             await self._start_specs()
             async with conn.transaction():
                 await conn.execute("TRUNCATE runs, steps, run_events")
-                await conn.execute("DELETE FROM projector_offsets WHERE projector = %s AND "
-                                   "topic = %s", (self.name, self.topic))
+                await conn.execute(
+                    "DELETE FROM projector_offsets WHERE projector = %s AND topic = %s",
+                    (self.name, self.topic),
+                )
             self._cache.clear()
             await consumer.start()
             consumer.assign(parts)
@@ -356,12 +412,10 @@ class PostgresProjector:
                 positions = {tp: await consumer.position(tp) for tp in parts}
                 remaining = [tp for tp in parts if positions[tp] < end[tp]]
                 if progress is not None:
-                    progress(sum(min(positions[tp], end[tp]) - begin[tp] for tp in parts),
-                             total)
+                    progress(sum(min(positions[tp], end[tp]) - begin[tp] for tp in parts), total)
                 if not remaining:
                     break
-                fetched = await consumer.getmany(*remaining, timeout_ms=500,
-                                                 max_records=self.batch)
+                fetched = await consumer.getmany(*remaining, timeout_ms=500, max_records=self.batch)
                 if fetched:
                     await self._project(conn, fetched)
         finally:
@@ -375,9 +429,14 @@ class PostgresProjector:
     # ------------------------------------------------------------------ setup
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                isolation_level="read_committed", enable_auto_commit=False,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 << 20,
+        )
 
     async def _start_specs(self) -> None:
         if self._specs is None and self._follower is None:
@@ -398,8 +457,10 @@ class PostgresProjector:
             if numbers:
                 return [TopicPartition(self.topic, p) for p in numbers]
             if stop is None:
-                raise ProjectionError(f"topic {self.topic} does not exist: check "
-                                      "--topic-prefix, or start the engine first")
+                raise ProjectionError(
+                    f"topic {self.topic} does not exist: check "
+                    "--topic-prefix, or start the engine first"
+                )
             if not waited:
                 log.warning("waiting for topic %s to exist", self.topic)
                 waited = True
@@ -411,7 +472,9 @@ class PostgresProjector:
     async def _lock(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         cur = await conn.execute(
             "SELECT pg_try_advisory_lock(hashtext(current_schema() || ':terranoha-projector:' "
-            "|| %s))", (self.name,))
+            "|| %s))",
+            (self.name,),
+        )
         row = await cur.fetchone()
         return bool(row and row[0])
 
@@ -423,13 +486,13 @@ class PostgresProjector:
             conn = None
             try:
                 await asyncio.to_thread(migrate, self.dsn)
-                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True,
-                                                             connect_timeout=5)
+                conn = await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, connect_timeout=5
+                )
                 if await self._lock(conn):
                     return conn
                 if not told:
-                    log.warning("another projector named %r holds this schema; waiting",
-                                self.name)
+                    log.warning("another projector named %r holds this schema; waiting", self.name)
                     told = True
             except DB_ERRORS as exc:
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", exc, delay)
@@ -439,10 +502,17 @@ class PostgresProjector:
             delay = min(delay * 2, self.retry_max_s)
         return None
 
-    async def _seek(self, conn: psycopg.AsyncConnection[Any], consumer: AIOKafkaConsumer,
-                    parts: list[TopicPartition]) -> None:
-        cur = await conn.execute('SELECT "partition", "offset" FROM projector_offsets '
-                                 "WHERE projector = %s AND topic = %s", (self.name, self.topic))
+    async def _seek(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        consumer: AIOKafkaConsumer,
+        parts: list[TopicPartition],
+    ) -> None:
+        cur = await conn.execute(
+            'SELECT "partition", "offset" FROM projector_offsets '
+            "WHERE projector = %s AND topic = %s",
+            (self.name, self.topic),
+        )
         stored = {int(p): int(o) for p, o in await cur.fetchall()}
         for tp in parts:
             offset = stored.get(tp.partition)
@@ -466,8 +536,9 @@ class PostgresProjector:
             return None
         return record if isinstance(record, Event) else None
 
-    async def _project(self, conn: psycopg.AsyncConnection[Any],
-                       fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
+    async def _project(
+        self, conn: psycopg.AsyncConnection[Any], fetched: Mapping[TopicPartition, Sequence[Any]]
+    ) -> None:
         items: list[Located] = []
         for tp, messages in fetched.items():
             floor = self._next.get(tp.partition, 0)
@@ -497,19 +568,20 @@ class PostgresProjector:
         first: dict[str, int] = {}
         for event in events:
             first.setdefault(event.run_id, event.seq)
-        wanted = [run_id for run_id, seq in first.items()
-                  if seq > 1 and run_id not in self._cache]
+        wanted = [run_id for run_id, seq in first.items() if seq > 1 and run_id not in self._cache]
         if not wanted:
             return
-        cur = await conn.execute("SELECT run_id, state FROM runs WHERE run_id = ANY(%s)",
-                                 (wanted,))
+        cur = await conn.execute("SELECT run_id, state FROM runs WHERE run_id = ANY(%s)", (wanted,))
         for run_id, state in await cur.fetchall():
             self._cache[run_id] = timeline_from_dict(state)
 
     async def _store(self, conn: psycopg.AsyncConnection[Any], batch: ProjectedBatch) -> None:
         runs = [run_row(t) for t in batch.touched.values()]
-        steps = [row for run_id, t in batch.touched.items()
-                 for row in self._changed_steps(self._cache.get(run_id), t)]
+        steps = [
+            row
+            for run_id, t in batch.touched.items()
+            for row in self._changed_steps(self._cache.get(run_id), t)
+        ]
         parts = sorted(batch.offsets)
         async with conn.transaction(), conn.cursor() as cur:
             if runs:
@@ -517,10 +589,12 @@ class PostgresProjector:
             if steps:
                 await cur.execute(_STEPS_UPSERT, _columns(STEP_COLUMNS, steps))
             if batch.events:
-                await cur.execute(_EVENTS_INSERT,
-                                  _columns(EVENT_COLUMNS, (e.as_dict() for e in batch.events)))
-            await cur.execute(OFFSETS_UPSERT, (self.name, self.topic, parts,
-                                               [batch.offsets[p] for p in parts]))
+                await cur.execute(
+                    _EVENTS_INSERT, _columns(EVENT_COLUMNS, (e.as_dict() for e in batch.events))
+                )
+            await cur.execute(
+                OFFSETS_UPSERT, (self.name, self.topic, parts, [batch.offsets[p] for p in parts])
+            )
 
     @staticmethod
     def _changed_steps(before: Timeline | None, after: Timeline) -> list[dict[str, Any]]:
@@ -539,10 +613,17 @@ class PostgresProjector:
             cache.popitem(last=False)
 
 
-async def run_projector(bootstrap: str, topics: Topics, dsn: str, stop: asyncio.Event,
-                        name: str = "postgres", batch: int = 2000, *,
-                        specs: SpecRegistry | None = None,
-                        ready: Callable[[], Awaitable[None]] | None = None) -> ProjectorStats:
+async def run_projector(
+    bootstrap: str,
+    topics: Topics,
+    dsn: str,
+    stop: asyncio.Event,
+    name: str = "postgres",
+    batch: int = 2000,
+    *,
+    specs: SpecRegistry | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+) -> ProjectorStats:
     """Project ``topics.events`` into ``dsn`` until ``stop`` is set (see the module doc).
     Survives PostgreSQL restarts; a Kafka error that is not retriable ends it (run it
     again: it resumes from the stored offsets)."""
@@ -550,9 +631,16 @@ async def run_projector(bootstrap: str, topics: Topics, dsn: str, stop: asyncio.
     return await projector.run(stop, ready)
 
 
-async def rebuild(bootstrap: str, topics: Topics, dsn: str, *, name: str = "postgres",
-                  progress: Progress | None = None, batch: int = 5000,
-                  specs: SpecRegistry | None = None) -> ProjectorStats:
+async def rebuild(
+    bootstrap: str,
+    topics: Topics,
+    dsn: str,
+    *,
+    name: str = "postgres",
+    progress: Progress | None = None,
+    batch: int = 5000,
+    specs: SpecRegistry | None = None,
+) -> ProjectorStats:
     """Drop the projection rows and offsets and project the events topic again from
     offset 0; ``progress(done, total)`` is called after each batch (records)."""
     projector = PostgresProjector(bootstrap, topics, dsn, name=name, batch=batch, specs=specs)
@@ -563,31 +651,42 @@ async def rebuild(bootstrap: str, topics: Topics, dsn: str, *, name: str = "post
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m projections.postgres",
-                                     description="Project the run events topic into "
-                                     "PostgreSQL until stopped (SIGTERM/SIGINT).")
+    parser = argparse.ArgumentParser(
+        prog="python -m projections.postgres",
+        description="Project the run events topic into PostgreSQL until stopped (SIGTERM/SIGINT).",
+    )
     parser.add_argument("--kafka", required=True, metavar="HOST:PORT")
     parser.add_argument("--postgres", required=True, metavar="DSN")
     parser.add_argument("--topic-prefix", default="terranoha")
     parser.add_argument("--schema", help="PostgreSQL schema for the tables (created)")
     parser.add_argument("--name", default="postgres", help="projector name (its offsets)")
     parser.add_argument("--batch", type=int, default=2000, help="records per transaction")
-    parser.add_argument("--rebuild", action="store_true",
-                        help="drop the projection and project the topic again, then exit")
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="drop the projection and project the topic again, then exit",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     dsn = create_schema(args.postgres, args.schema) if args.schema else args.postgres
     topics = Topics(prefix=args.topic_prefix)
     if args.rebuild:
+
         def show(done: int, total: int) -> None:
             print(f"rebuild {done}/{total}", flush=True)
 
-        stats = asyncio.run(rebuild(args.kafka, topics, dsn, name=args.name, progress=show,
-                                    batch=args.batch))
-        print(f"rebuilt: {stats.events} events in {stats.seconds:.1f}s "
-              f"({stats.events_per_s:.0f} events/s)", flush=True)
+        stats = asyncio.run(
+            rebuild(args.kafka, topics, dsn, name=args.name, progress=show, batch=args.batch)
+        )
+        print(
+            f"rebuilt: {stats.events} events in {stats.seconds:.1f}s "
+            f"({stats.events_per_s:.0f} events/s)",
+            flush=True,
+        )
         return 0
     return asyncio.run(_serve(args.kafka, topics, dsn, args.name, args.batch))
 
@@ -602,8 +701,10 @@ async def _serve(bootstrap: str, topics: Topics, dsn: str, name: str, batch: int
         print(f"projecting {topics.events} into PostgreSQL (projector {name})", flush=True)
 
     stats = await run_projector(bootstrap, topics, dsn, stop, name, batch, ready=ready)
-    print(f"stopped: {stats.events} events in {stats.batches} batches, "
-          f"{stats.reconnects} reconnects", flush=True)
+    print(
+        f"stopped: {stats.events} events in {stats.batches} batches, {stats.reconnects} reconnects",
+        flush=True,
+    )
     return 0
 
 

@@ -45,11 +45,13 @@ RUN_COLUMNS = _cols(
     "requested_by:text status:text started_at:int ended_at:int duration_ms:int attempts:int "
     "cost:float escalations:int sla_due_at:int sla_breached:bool sla_breaches:int "
     "rejected_commands:int approval_since:int approval_due_at:int error:json input:json "
-    "output:json last_seq:int updated_at:int events:int state:json")
+    "output:json last_seq:int updated_at:int events:int state:json"
+)
 STEP_COLUMNS = _cols(
     "run_id:text idx:int step:text visit:int kind:text status:text started_at:int "
     "ended_at:int duration_ms:int attempts:int waited_ms:int cost:float note:text "
-    "decisions:json errors:json input:json payload:json signal:json result:json")
+    "decisions:json errors:json input:json payload:json signal:json result:json"
+)
 EVENT_COLUMNS = _cols("run_id:text seq:int type:text ts:int partition:int offset:int")
 
 RUN_KEY = ("run_id",)
@@ -60,28 +62,61 @@ EVENT_KEY = ("run_id", "seq")
 def run_row(t: Timeline) -> dict[str, Any]:
     """The ``runs`` row of a run; ``state`` is the fold state to resume from."""
     return {
-        "run_id": t.run_id, "workflow": t.workflow, "version": t.version, "tenant": t.tenant,
-        "correlation_id": t.correlation_id, "requested_by": t.requested_by,
-        "status": t.status, "started_at": t.started_at, "ended_at": t.ended_at,
-        "duration_ms": t.duration_ms, "attempts": t.attempts, "cost": t.cost,
-        "escalations": t.escalations, "sla_due_at": t.sla_due_at,
-        "sla_breached": t.sla_breached, "sla_breaches": t.sla_breaches,
-        "rejected_commands": t.rejected_commands, "approval_since": t.approval_since,
-        "approval_due_at": t.approval_due_at, "error": t.error, "input": t.input,
-        "output": t.output, "last_seq": t.last_seq, "updated_at": t.updated_at,
-        "events": t.events, "state": timeline_to_dict(t),
+        "run_id": t.run_id,
+        "workflow": t.workflow,
+        "version": t.version,
+        "tenant": t.tenant,
+        "correlation_id": t.correlation_id,
+        "requested_by": t.requested_by,
+        "status": t.status,
+        "started_at": t.started_at,
+        "ended_at": t.ended_at,
+        "duration_ms": t.duration_ms,
+        "attempts": t.attempts,
+        "cost": t.cost,
+        "escalations": t.escalations,
+        "sla_due_at": t.sla_due_at,
+        "sla_breached": t.sla_breached,
+        "sla_breaches": t.sla_breaches,
+        "rejected_commands": t.rejected_commands,
+        "approval_since": t.approval_since,
+        "approval_due_at": t.approval_due_at,
+        "error": t.error,
+        "input": t.input,
+        "output": t.output,
+        "last_seq": t.last_seq,
+        "updated_at": t.updated_at,
+        "events": t.events,
+        "state": timeline_to_dict(t),
     }
 
 
 def step_rows(t: Timeline) -> list[dict[str, Any]]:
     """The ``steps`` rows of a run, one per step visit, ``idx`` in timeline order."""
-    return [{
-        "run_id": t.run_id, "idx": i, "step": s.step, "visit": s.visit, "kind": s.kind,
-        "status": s.status, "started_at": s.started_at, "ended_at": s.ended_at,
-        "duration_ms": s.duration_ms, "attempts": s.attempts, "waited_ms": s.waited_ms,
-        "cost": s.cost, "note": s.note, "decisions": s.decisions, "errors": s.errors,
-        "input": s.input, "payload": s.payload, "signal": s.signal, "result": s.result,
-    } for i, s in enumerate(t.steps)]
+    return [
+        {
+            "run_id": t.run_id,
+            "idx": i,
+            "step": s.step,
+            "visit": s.visit,
+            "kind": s.kind,
+            "status": s.status,
+            "started_at": s.started_at,
+            "ended_at": s.ended_at,
+            "duration_ms": s.duration_ms,
+            "attempts": s.attempts,
+            "waited_ms": s.waited_ms,
+            "cost": s.cost,
+            "note": s.note,
+            "decisions": s.decisions,
+            "errors": s.errors,
+            "input": s.input,
+            "payload": s.payload,
+            "signal": s.signal,
+            "result": s.result,
+        }
+        for i, s in enumerate(t.steps)
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +131,14 @@ class EventRow:
     offset: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "seq": self.seq, "type": self.type, "ts": self.ts,
-                "partition": self.partition, "offset": self.offset}
+        return {
+            "run_id": self.run_id,
+            "seq": self.seq,
+            "type": self.type,
+            "ts": self.ts,
+            "partition": self.partition,
+            "offset": self.offset,
+        }
 
 
 @dataclass(slots=True)
@@ -133,9 +174,12 @@ Located = tuple[ev.Event | None, int, int]
 """(event or None for a record that is not an event, partition, offset)."""
 
 
-def project_batch(known: Mapping[str, Timeline], items: Iterable[Located],
-                  book: PolicyBook | None = None,
-                  load: Callable[[str], Timeline | None] | None = None) -> ProjectedBatch:
+def project_batch(
+    known: Mapping[str, Timeline],
+    items: Iterable[Located],
+    book: PolicyBook | None = None,
+    load: Callable[[str], Timeline | None] | None = None,
+) -> ProjectedBatch:
     """Fold ``items`` into copies of the timelines in ``known`` (or given by ``load`` for
     runs not in ``known``, or new ones). ``known`` is not changed.
 
@@ -201,11 +245,11 @@ def json_text(value: Any) -> str | None:
     which neither PostgreSQL's jsonb nor its text can hold, become U+FFFD."""
     if value is None:
         return None
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=str)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     if "\\u0000" in text:
-        text = json.dumps(_no_nul(value), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False, default=str)
+        text = json.dumps(
+            _no_nul(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+        )
     return text
 
 
@@ -227,7 +271,8 @@ def db_value(column: Column, value: Any) -> Any:
     return bool(value)
 
 
-def db_rows(columns: tuple[Column, ...], rows: Iterable[Mapping[str, Any]]) -> list[tuple[
-        Any, ...]]:
+def db_rows(
+    columns: tuple[Column, ...], rows: Iterable[Mapping[str, Any]]
+) -> list[tuple[Any, ...]]:
     """``rows`` as tuples of stored values, in ``columns`` order."""
     return [tuple(db_value(c, row[c.name]) for c in columns) for row in rows]

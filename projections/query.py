@@ -19,11 +19,17 @@ def is_postgres(target: str | Path) -> bool:
         return False
     text = target.strip()
     return text.startswith(("postgresql://", "postgres://")) or any(
-        f"{key}=" in text for key in ("host", "dbname", "user", "service"))
+        f"{key}=" in text for key in ("host", "dbname", "user", "service")
+    )
 
 
-def sla(target: str | Path, workflow: str | None = None, tenant: str | None = None,
-        window: str = "1h", now_ms: int | None = None) -> list[SlaMetrics]:
+def sla(
+    target: str | Path,
+    workflow: str | None = None,
+    tenant: str | None = None,
+    window: str = "1h",
+    now_ms: int | None = None,
+) -> list[SlaMetrics]:
     """SLA figures per (workflow, tenant, ``window`` bucket by run start), newest bucket
     last, from PostgreSQL or an embedded store. ``render_sla`` prints them."""
     if is_postgres(target):

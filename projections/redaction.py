@@ -101,12 +101,14 @@ def parse_path(path: str) -> tuple[str, ...]:
     while pos < len(path):
         match = _PATH_TOKEN.match(path, pos)
         if match is None:
-            raise ValueError(f"bad JSON path {path!r} at column {pos + 1}: write e.g. "
-                             "$.input.card_number, $.steps.*.result.token or $..password")
+            raise ValueError(
+                f"bad JSON path {path!r} at column {pos + 1}: write e.g. "
+                "$.input.card_number, $.steps.*.result.token or $..password"
+            )
         if match.group(0) == "..":
             tokens.append(_DEEP)
             # `$..name`: the name follows without its own dot
-            name = re.match(r"[^.\[\]]+", path[match.end():])
+            name = re.match(r"[^.\[\]]+", path[match.end() :])
             if name:
                 tokens.append(name.group(0))
                 pos = match.end() + name.end()
@@ -142,8 +144,9 @@ class RedactionPolicy:
             object.__setattr__(self, "_key_re", re.compile(pattern))
 
     @classmethod
-    def of(cls, rules: Iterable[str] = (), mode: Mode = "redact",
-           builtin: bool = True) -> RedactionPolicy:
+    def of(
+        cls, rules: Iterable[str] = (), mode: Mode = "redact", builtin: bool = True
+    ) -> RedactionPolicy:
         """A policy from a spec's ``redact`` list: ``$...`` entries are JSON paths, the
         others key patterns."""
         paths: list[tuple[str, ...]] = []
@@ -171,8 +174,11 @@ class RedactionPolicy:
     def marker(self, value: Any) -> str:
         if self.mode == "redact":
             return MARKER
-        text = value if isinstance(value, str) else json.dumps(
-            value, sort_keys=True, separators=(",", ":"), default=str)
+        text = (
+            value
+            if isinstance(value, str)
+            else json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+        )
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
     # ------------------------------------------------------------------ values
@@ -183,16 +189,16 @@ class RedactionPolicy:
             return text
         out = text
         if any(ch.isdigit() for ch in out):
-            out = _CARD.sub(lambda m: self.marker(m.group(0)) if _is_card(m.group(0))
-                            else m.group(0), out)
+            out = _CARD.sub(
+                lambda m: self.marker(m.group(0)) if _is_card(m.group(0)) else m.group(0), out
+            )
         if "earer" in out or "EARER" in out:
             out = _BEARER.sub(lambda m: self.marker(m.group(0)), out)
         if "eyJ" in out:
             out = _JWT.sub(lambda m: self.marker(m.group(0)), out)
         return out
 
-    def value(self, value: Any, at: str | Sequence[str] = (),
-              taint: set[str] | None = None) -> Any:
+    def value(self, value: Any, at: str | Sequence[str] = (), taint: set[str] | None = None) -> Any:
         """``value`` with everything the policy hides replaced; ``at`` is where the value
         sits in the run's data document (``"input"``, ``"steps.lookup.result"``,
         ``("signals", name)``), for the JSON paths. ``taint`` holds the fingerprints of
@@ -223,8 +229,7 @@ class RedactionPolicy:
     def _matched(self, states: frozenset[tuple[int, int]]) -> bool:
         return any(len(self.paths[r]) in self._closure(r, p) for r, p in states)
 
-    def _advance(self, states: frozenset[tuple[int, int]], key: str) -> frozenset[
-            tuple[int, int]]:
+    def _advance(self, states: frozenset[tuple[int, int]], key: str) -> frozenset[tuple[int, int]]:
         if not states:
             return states
         out: set[tuple[int, int]] = set()
@@ -249,8 +254,7 @@ class RedactionPolicy:
             self._key_seen[key] = seen
         return seen
 
-    def _walk(self, value: Any, states: frozenset[tuple[int, int]],
-              taint: set[str] | None) -> Any:
+    def _walk(self, value: Any, states: frozenset[tuple[int, int]], taint: set[str] | None) -> Any:
         if states and self._matched(states):
             return self._hide(value, taint)
         if isinstance(value, str):
@@ -261,14 +265,17 @@ class RedactionPolicy:
             out: dict[str, Any] = {}
             for key, item in value.items():
                 if self._key_hidden(str(key)) or (
-                        self.builtin and _builtin_token_hidden(str(key), item)):
+                    self.builtin and _builtin_token_hidden(str(key), item)
+                ):
                     out[key] = self._hide(item, taint)
                 else:
                     out[key] = self._walk(item, self._advance(states, str(key)), taint)
             return out
         if isinstance(value, list | tuple):
-            return [self._walk(item, self._advance(states, str(i)), taint)
-                    for i, item in enumerate(value)]
+            return [
+                self._walk(item, self._advance(states, str(i)), taint)
+                for i, item in enumerate(value)
+            ]
         if isinstance(value, int) and not isinstance(value, bool):
             if taint and abs(value) >= 10 ** (_MIN_TAINT - 1) and _fingerprint(value) in taint:
                 return self.marker(value)
@@ -293,8 +300,7 @@ DEFAULT_POLICY = RedactionPolicy.of()
 """Built-in rules only: for runs whose spec is unknown."""
 
 
-def redact(value: Any, policy: RedactionPolicy | None = None,
-           at: str | Sequence[str] = ()) -> Any:
+def redact(value: Any, policy: RedactionPolicy | None = None, at: str | Sequence[str] = ()) -> Any:
     """``value`` as it may be shown: ``policy`` (default: built-in rules only) applied to
     a value found at ``at`` in the run's data document (e.g. ``"input"``,
     ``"steps.lookup.result"``). For the CLI and span attributes."""
@@ -365,8 +371,7 @@ _EVENT_FIELDS: dict[type[ev.Event], Callable[[_Bound, Any], dict[str, Any]]] = {
     ev.TaskDispatched: lambda p, e: {"input": p.value(e.input, _steps(e.step, "input"))},
     ev.TaskCompleted: lambda p, e: {"result": p.value(e.result, _steps(e.step, "result"))},
     ev.TaskFailed: lambda p, e: {"message": p.text(e.message)},
-    ev.ApprovalRequested: lambda p, e: {
-        "payload": p.value(e.payload, _steps(e.step, "payload"))},
+    ev.ApprovalRequested: lambda p, e: {"payload": p.value(e.payload, _steps(e.step, "payload"))},
     ev.ApprovalVoted: lambda p, e: {"comment": p.text(e.comment)},
     ev.ApprovalGranted: lambda p, e: {"comment": p.text(e.comment)},
     ev.ApprovalRejected: lambda p, e: {"comment": p.text(e.comment)},
@@ -405,8 +410,11 @@ class PolicyBook:
         if spec is None:
             if workflow and key not in self._warned:
                 self._warned.add(key)
-                log.warning("no spec for %s version %d: its payloads get the built-in "
-                            "redaction rules only", workflow, version)
+                log.warning(
+                    "no spec for %s version %d: its payloads get the built-in redaction rules only",
+                    workflow,
+                    version,
+                )
             return self._default
         policy = _policy_of(tuple(spec.redact), self.mode)
         self._policies[key] = policy
@@ -414,9 +422,12 @@ class PolicyBook:
 
     def missing(self, events: Iterable[ev.Event]) -> bool:
         """Whether a run in ``events`` starts with a spec this book does not have yet."""
-        return any(isinstance(e, ev.RunStarted)
-                   and (e.workflow, e.version) not in self._policies
-                   and self.specs.get(e.workflow, e.version) is None for e in events)
+        return any(
+            isinstance(e, ev.RunStarted)
+            and (e.workflow, e.version) not in self._policies
+            and self.specs.get(e.workflow, e.version) is None
+            for e in events
+        )
 
 
 @lru_cache(maxsize=256)
@@ -424,13 +435,19 @@ def _policy_of(rules: tuple[str, ...], mode: Mode) -> RedactionPolicy:
     try:
         return RedactionPolicy.of(rules, mode)
     except ValueError as exc:
-        log.error("a spec's redact list is not valid (%s): hiding with the built-in rules and "
-                  "the key patterns only", exc)
+        log.error(
+            "a spec's redact list is not valid (%s): hiding with the built-in rules and "
+            "the key patterns only",
+            exc,
+        )
         return RedactionPolicy.of([r for r in rules if not r.startswith("$")], mode)
 
 
-def redact_events(events: Iterable[ev.Event], book: PolicyBook | None = None,
-                  policy: RedactionPolicy | None = None) -> list[ev.Event]:
+def redact_events(
+    events: Iterable[ev.Event],
+    book: PolicyBook | None = None,
+    policy: RedactionPolicy | None = None,
+) -> list[ev.Event]:
     """The events of one run, redacted with its spec's policy (from ``book``, found by
     the run's ``RunStarted``) or with ``policy``. For ``build_timeline`` in the CLI."""
     out: list[ev.Event] = []

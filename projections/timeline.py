@@ -179,8 +179,12 @@ class _Fold:
 
 
 _FOLDS: dict[type[ev.Event], _Fold] = {}
-IGNORED: tuple[type[ev.Event], ...] = (ev.TimerFired, ev.ChoiceEvaluated, ev.ApprovalReminded,
-                                       ev.SlotReleased)
+IGNORED: tuple[type[ev.Event], ...] = (
+    ev.TimerFired,
+    ev.ChoiceEvaluated,
+    ev.ApprovalReminded,
+    ev.SlotReleased,
+)
 """Events that change nothing an operator reads in a timeline (beyond ``events``)."""
 
 
@@ -227,8 +231,9 @@ def _task_completed(t: Timeline, entry: StepEntry, e: ev.TaskCompleted) -> None:
 def _task_failed(t: Timeline, entry: StepEntry, e: ev.TaskFailed) -> None:
     entry.cost += _cost(e.cost)
     t.cost += _cost(e.cost)
-    entry.errors.append({"attempt": e.attempt, "class": e.error_class, "code": e.code,
-                         "message": e.message})
+    entry.errors.append(
+        {"attempt": e.attempt, "class": e.error_class, "code": e.code, "message": e.message}
+    )
 
 
 @_folds(ev.RetryScheduled, about_step=True)
@@ -238,11 +243,12 @@ def _retry_scheduled(t: Timeline, entry: StepEntry, e: ev.RetryScheduled) -> Non
     t.status = RunStatus.RETRY
 
 
-@_folds(ev.ApprovalRequested, ev.SignalAwaited, ev.SleepStarted, ev.SlotRequested,
-        about_step=True)
-def _wait_began(t: Timeline, entry: StepEntry,
-                e: ev.ApprovalRequested | ev.SignalAwaited | ev.SleepStarted
-                | ev.SlotRequested) -> None:
+@_folds(ev.ApprovalRequested, ev.SignalAwaited, ev.SleepStarted, ev.SlotRequested, about_step=True)
+def _wait_began(
+    t: Timeline,
+    entry: StepEntry,
+    e: ev.ApprovalRequested | ev.SignalAwaited | ev.SleepStarted | ev.SlotRequested,
+) -> None:
     # A task held for a slot (flow control) waits until its dispatch: held time is wait
     # time, apart from the task's execution.
     entry.status = StepStatus.WAITING
@@ -268,8 +274,7 @@ def _approval_voted(t: Timeline, entry: StepEntry, e: ev.ApprovalVoted) -> None:
 @_folds(ev.ApprovalGranted, about_step=True)
 def _approval_granted(t: Timeline, entry: StepEntry, e: ev.ApprovalGranted) -> None:
     if e.approvers:
-        entry.decisions.append({"approver": e.approvers[-1], "decision": "approved",
-                                "ts": e.ts})
+        entry.decisions.append({"approver": e.approvers[-1], "decision": "approved", "ts": e.ts})
     _end_wait(entry, e.ts)
     _approval_over(t, e.approval_id)
     entry.status = StepStatus.RUNNING
@@ -338,8 +343,17 @@ def _sla_breached(t: Timeline, _: None, e: ev.SlaBreached) -> None:
 def _command_rejected(t: Timeline, _: None, e: ev.CommandRejected) -> None:
     t.rejected_commands += 1
     by, at_step = (e.by, e.at_step) if isinstance(e, ev.CommandRejectedV2) else ("", "")
-    t.rejections.append({"seq": e.seq, "ts": e.ts, "command": e.command_type, "by": by,
-                         "step": at_step, "reason": e.reason, "detail": e.detail})
+    t.rejections.append(
+        {
+            "seq": e.seq,
+            "ts": e.ts,
+            "command": e.command_type,
+            "by": by,
+            "step": at_step,
+            "reason": e.reason,
+            "detail": e.detail,
+        }
+    )
 
 
 @_folds(ev.RunCompleted)
@@ -351,8 +365,13 @@ def _run_completed(t: Timeline, _: None, e: ev.RunCompleted) -> None:
 @_folds(ev.RunFailed)
 def _run_failed(t: Timeline, _: None, e: ev.RunFailed) -> None:
     _ended(t, RunStatus.FAILED, e.ts)
-    t.error = {"step": e.step, "class": e.error_class, "code": e.code,
-               "message": e.message, "field": e.field}
+    t.error = {
+        "step": e.step,
+        "class": e.error_class,
+        "code": e.code,
+        "message": e.message,
+        "field": e.field,
+    }
 
 
 @_folds(ev.RunCancelled)
@@ -388,8 +407,13 @@ def timeline_view(t: Timeline) -> dict[str, Any]:
     fold's own state (the redaction fingerprints, when an open wait began)."""
     out = {k: v for k, v in timeline_to_dict(t).items() if k not in _FOLD_STATE}
     out["duration_ms"] = t.duration_ms
-    out["steps"] = [{**{k: v for k, v in _step_to_dict(s).items() if not k.startswith("_")},
-                     "duration_ms": s.duration_ms} for s in t.steps]
+    out["steps"] = [
+        {
+            **{k: v for k, v in _step_to_dict(s).items() if not k.startswith("_")},
+            "duration_ms": s.duration_ms,
+        }
+        for s in t.steps
+    ]
     return out
 
 
@@ -438,21 +462,29 @@ def render_timeline(t: Timeline) -> str:
     for s in t.steps:
         offset = format_duration(s.started_at - t.started_at)
         notes = [s.note] if s.note else []
-        notes += [f"{d['decision']} by {d['approver']}" if d["approver"] else d["decision"]
-                  for d in s.decisions]
+        notes += [
+            f"{d['decision']} by {d['approver']}" if d["approver"] else d["decision"]
+            for d in s.decisions
+        ]
         notes += [f"attempt {err['attempt']} {err['code']}" for err in s.errors]
         lines.append(
             f"{s.step:<16}{s.kind:<15}{s.status:<11}{'+' + offset:>9}"
             f"{format_duration(s.duration_ms):>10}{format_duration(s.waited_ms or None):>9}"
-            f"{s.attempts:>6}{'$' + format(s.cost, '.4f'):>9}  {'; '.join(notes)}")
+            f"{s.attempts:>6}{'$' + format(s.cost, '.4f'):>9}  {'; '.join(notes)}"
+        )
     if t.rejections:
         lines += ["", "refused (kept in the run log, no effect):"]
         for r in t.rejections:
             who = f" by {r['by']}" if r["by"] else ""
             where = f" at step {r['step']}" if r["step"] else ""
-            lines.append(f"  {'+' + format_duration(r['ts'] - t.started_at):>9}  "
-                         f"{r['command']}{who}{where}: {r['reason']}: {r['detail']}")
+            lines.append(
+                f"  {'+' + format_duration(r['ts'] - t.started_at):>9}  "
+                f"{r['command']}{who}{where}: {r['reason']}: {r['detail']}"
+            )
     if t.error:
-        lines += ["", f"error: {t.error['code']} ({t.error['class']}) at step {t.error['step']}:"
-                  f" {t.error['message']}"]
+        lines += [
+            "",
+            f"error: {t.error['code']} ({t.error['class']}) at step {t.error['step']}:"
+            f" {t.error['message']}",
+        ]
     return "\n".join(lines)

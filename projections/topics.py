@@ -76,8 +76,10 @@ def projection_topics(topics: Topics, partitions: int | None = None) -> list[New
     """Both topics, compacted; ``partitions`` defaults to the run-keyed count."""
     n = partitions or topics.partitions
     big = {**COMPACTED, "max.message.bytes": str(MAX_RECORD + (64 << 10))}
-    return [NewTopic(timelines_topic(topics), n, topics.replication, topic_configs=big),
-            NewTopic(sla_topic(topics), n, topics.replication, topic_configs=dict(COMPACTED))]
+    return [
+        NewTopic(timelines_topic(topics), n, topics.replication, topic_configs=big),
+        NewTopic(sla_topic(topics), n, topics.replication, topic_configs=dict(COMPACTED)),
+    ]
 
 
 def _fit(record: RunTimeline) -> bytes:
@@ -85,8 +87,10 @@ def _fit(record: RunTimeline) -> bytes:
     value = encode(record)
     if len(value) <= MAX_RECORD:
         return value
-    steps = [dataclasses.replace(s, input=None, payload=None, signal=None, result=None)
-             for s in record.steps]
+    steps = [
+        dataclasses.replace(s, input=None, payload=None, signal=None, result=None)
+        for s in record.steps
+    ]
     slim = dataclasses.replace(record, input=TOO_LARGE, output=None, steps=steps)
     return encode(slim)
 
@@ -107,8 +111,11 @@ class TimelinesTask(Task):
                 timeline = timeline_of(record)
                 self.timelines[timeline.run_id] = timeline
                 self._index(timeline)
-        log.info("restored %d run timelines from %s", len(self.timelines),
-                 timelines_topic(self.projector.topics))
+        log.info(
+            "restored %d run timelines from %s",
+            len(self.timelines),
+            timelines_topic(self.projector.topics),
+        )
         return len(self.timelines)
 
     def _index(self, t: Timeline) -> None:
@@ -118,19 +125,28 @@ class TimelinesTask(Task):
 
     async def process(self, inputs: Sequence[Input], now: int) -> Step:
         p = self.projector
-        items: list[Located] = [(p.decode(item.payload), item.partition, item.offset)
-                                for item in inputs]
+        items: list[Located] = [
+            (p.decode(item.payload), item.partition, item.offset) for item in inputs
+        ]
         events = [e for e, _, _ in items if e is not None]
         if p.follower is not None and p.book.missing(events):
             await p.follower.catch_up()
         batch = project_batch(self.timelines, items, p.book)
-        return Step(self._records(batch), commit=lambda: self._committed(batch, len(items)),
-                    events=len(batch.events))
+        return Step(
+            self._records(batch),
+            commit=lambda: self._committed(batch, len(items)),
+            events=len(batch.events),
+        )
 
     def isolated(self, item: Input, now: int, why: str) -> Step:
         # An event whose timeline cannot be written is left out of the projection.
-        log.warning("event %s/%d/%d left out of the timelines: %s", item.source,
-                    item.partition, item.offset, why)
+        log.warning(
+            "event %s/%d/%d left out of the timelines: %s",
+            item.source,
+            item.partition,
+            item.offset,
+            why,
+        )
         self.projector.stats.undecodable += 1
         return Step()
 
@@ -152,8 +168,7 @@ class TimelinesTask(Task):
         out: list[Record] = []
         for run_id, t in batch.touched.items():
             key = run_id.encode()
-            out.append((timelines, key_partition(key, count), key, _fit(timeline_record(t)),
-                        []))
+            out.append((timelines, key_partition(key, count), key, _fit(timeline_record(t)), []))
         touched: dict[Bucket, set[str]] = defaultdict(set)
         for run_id, t in batch.touched.items():
             if t.workflow:
@@ -174,10 +189,19 @@ class TimelinesTask(Task):
 class TopicProjector:
     """Writes the run timelines and SLA metrics topics (see the module doc)."""
 
-    def __init__(self, bootstrap: str, topics: Topics, *, app: str = "terranoha",
-                 batch: int = 2000, poll_ms: int = 20,
-                 windows: Sequence[str] = DEFAULT_WINDOWS, specs: SpecRegistry | None = None,
-                 clock: Callable[[], int] | None = None, commit_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        *,
+        app: str = "terranoha",
+        batch: int = 2000,
+        poll_ms: int = 20,
+        windows: Sequence[str] = DEFAULT_WINDOWS,
+        specs: SpecRegistry | None = None,
+        clock: Callable[[], int] | None = None,
+        commit_timeout_s: float = 15.0,
+    ) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
         self.windows = [(w, window_ms(w)) for w in windows]
@@ -190,22 +214,31 @@ class TopicProjector:
         self._ready: Callable[[], Awaitable[None]] | None = None
         deployment = topics.deployment(app)
         self.processor = StreamProcessor(
-            bootstrap, name="timelines projector", inputs=[topics.events],
+            bootstrap,
+            name="timelines projector",
+            inputs=[topics.events],
             group_id=f"{deployment}-timelines",
             transactional_id=lambda number: f"{deployment}-timelines",
-            make_task=lambda number: TimelinesTask(self), changelog=self._changelog,
-            grouped=False, max_batch=batch, poll_ms=poll_ms,
-            commit_timeout_s=commit_timeout_s, partitions_of=self._partitions_of,
-            on_ready=self._on_ready)
+            make_task=lambda number: TimelinesTask(self),
+            changelog=self._changelog,
+            grouped=False,
+            max_batch=batch,
+            poll_ms=poll_ms,
+            commit_timeout_s=commit_timeout_s,
+            partitions_of=self._partitions_of,
+            on_ready=self._on_ready,
+        )
 
     @property
     def timelines(self) -> dict[str, Timeline]:
         part = self.processor.parts.get(0)
-        return part.task.timelines if part is not None and isinstance(
-            part.task, TimelinesTask) else {}
+        return (
+            part.task.timelines if part is not None and isinstance(part.task, TimelinesTask) else {}
+        )
 
-    async def run(self, stop: asyncio.Event,
-                  ready: Callable[[], Awaitable[None]] | None = None) -> ProjectorStats:
+    async def run(
+        self, stop: asyncio.Event, ready: Callable[[], Awaitable[None]] | None = None
+    ) -> ProjectorStats:
         started = time.monotonic()
         self._ready = ready
         if self._specs is None:
@@ -230,8 +263,9 @@ class TopicProjector:
     async def _partitions_of(self, topic: str) -> list[int]:
         numbers = await topic_partitions(self.bootstrap, topic)
         if not numbers:
-            raise ProjectionError(f"topic {topic} does not exist: check the topic prefix, "
-                                  "or start the engine first")
+            raise ProjectionError(
+                f"topic {topic} does not exist: check the topic prefix, or start the engine first"
+            )
         self.output_partitions = len(numbers)
         await ensure_topics(self.bootstrap, projection_topics(self.topics, len(numbers)))
         return numbers
@@ -241,29 +275,37 @@ class TopicProjector:
         return [TopicPartition(topic, p) for p in await topic_partitions(self.bootstrap, topic)]
 
     def buckets_of(self, t: Timeline) -> list[Bucket]:
-        return [(name, width, t.workflow, t.tenant, bucket_of(t.started_at, width))
-                for name, width in self.windows]
+        return [
+            (name, width, t.workflow, t.tenant, bucket_of(t.started_at, width))
+            for name, width in self.windows
+        ]
 
     def decode(self, value: bytes) -> Event | None:
         try:
             record = decode(value)
         except DecodeError as exc:
             self.stats.undecodable += 1
-            log.warning("a record of %s does not decode (%s); not projected",
-                        self.topics.events, exc)
+            log.warning(
+                "a record of %s does not decode (%s); not projected", self.topics.events, exc
+            )
             return None
         return record if isinstance(record, Event) else None
 
 
-async def run_topic_projector(bootstrap: str, topics: Topics, stop: asyncio.Event, *,
-                              app: str = "terranoha", batch: int = 2000,
-                              windows: Sequence[str] = DEFAULT_WINDOWS,
-                              specs: SpecRegistry | None = None,
-                              ready: Callable[[], Awaitable[None]] | None = None,
-                              ) -> ProjectorStats:
+async def run_topic_projector(
+    bootstrap: str,
+    topics: Topics,
+    stop: asyncio.Event,
+    *,
+    app: str = "terranoha",
+    batch: int = 2000,
+    windows: Sequence[str] = DEFAULT_WINDOWS,
+    specs: SpecRegistry | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+) -> ProjectorStats:
     """Write ``<prefix>.run-timelines`` and ``<prefix>.sla-metrics`` from the run events
     topic until ``stop`` is set, exactly once (see the module doc)."""
-    projector = TopicProjector(bootstrap, topics, app=app, batch=batch, windows=windows,
-                               specs=specs)
+    projector = TopicProjector(
+        bootstrap, topics, app=app, batch=batch, windows=windows, specs=specs
+    )
     return await projector.run(stop, ready)
-

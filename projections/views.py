@@ -24,15 +24,20 @@ def redacted_view(state: RunState, specs: Sequence[WorkflowSpec] = ()) -> dict[s
     taint: set[str] = set()  # a value hidden once is hidden wherever it shows up again
     view = state_view(state)
     view["input"] = policy.value(view["input"], "input", taint)
-    view["results"] = {step: policy.value(value, ("steps", step, "result"), taint)
-                       for step, value in view["results"].items()}
-    view["signals"] = {name: policy.value(value, ("signals", name), taint)
-                       for name, value in view["signals"].items()}
+    view["results"] = {
+        step: policy.value(value, ("steps", step, "result"), taint)
+        for step, value in view["results"].items()
+    }
+    view["signals"] = {
+        name: policy.value(value, ("signals", name), taint)
+        for name, value in view["signals"].items()
+    }
     current = view.get("current")
     if current:
         for field in ("result", "change_set"):
-            current[field] = policy.value(current[field], ("steps", current["step"], "result"),
-                                          taint)
+            current[field] = policy.value(
+                current[field], ("steps", current["step"], "result"), taint
+            )
     view["output"] = policy.value(view["output"], "output", taint)
     for field in ("error", "last_error"):
         if view.get(field) and view[field].get("message"):

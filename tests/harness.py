@@ -19,6 +19,8 @@ from engine.core.spec import WorkflowSpec, load_spec
 from engine.core.state import RunState, RunStatus
 
 E = TypeVar("E", bound=ev.Event)
+
+
 def wf(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """A spec named ``w`` version 1 with ``steps``: the shortest way to write one."""
     return {"workflow": "w", "version": 1, "steps": list(steps), **extra}
@@ -78,7 +80,8 @@ class Flow:
                 for name, value in exp[1].items():
                     actual = getattr(event, name)
                     assert actual == value, (
-                        f"{type(event).__name__}.{name} = {actual!r}, want {value!r}")
+                        f"{type(event).__name__}.{name} = {actual!r}, want {value!r}"
+                    )
         # live state must equal the state replay builds
         assert fold(self.log) == self.state, "live state differs from replayed state"
         return self
@@ -95,7 +98,8 @@ class Flow:
     def then_contains(self, event_type: type[E], **fields: Any) -> E:
         for event in self.last:
             if isinstance(event, event_type) and all(
-                    getattr(event, k) == v for k, v in fields.items()):
+                getattr(event, k) == v for k, v in fields.items()
+            ):
                 return event
         got = [type(e).__name__ for e in self.last]
         raise AssertionError(f"no {event_type.__name__} with {fields} in {got}")
@@ -104,13 +108,27 @@ class Flow:
     def _id(self) -> str:
         return f"c{next(self._ids)}"
 
-    def start(self, input: Any = None, *, by: str = "alice", key: str = "k1",
-              version: int | None = None, tenant: str = "default",
-              correlation_id: str = "") -> cmd.StartRun:
-        return cmd.StartRun(command_id=self._id(), run_id=self.run_id, workflow=self.spec.workflow,
-                            version=version or self.spec.version,
-                            input={} if input is None else input, idempotency_key=key,
-                            requested_by=by, tenant=tenant, correlation_id=correlation_id)
+    def start(
+        self,
+        input: Any = None,
+        *,
+        by: str = "alice",
+        key: str = "k1",
+        version: int | None = None,
+        tenant: str = "default",
+        correlation_id: str = "",
+    ) -> cmd.StartRun:
+        return cmd.StartRun(
+            command_id=self._id(),
+            run_id=self.run_id,
+            workflow=self.spec.workflow,
+            version=version or self.spec.version,
+            input={} if input is None else input,
+            idempotency_key=key,
+            requested_by=by,
+            tenant=tenant,
+            correlation_id=correlation_id,
+        )
 
     def task(self, step: str | None = None) -> ev.TaskDispatched:
         for event in reversed(self.log):
@@ -118,23 +136,60 @@ class Flow:
                 return event
         raise AssertionError(f"no task dispatched for {step}")
 
-    def complete(self, step: str, result: Any = None, *, cost: float = 0.0,
-                 confidence: float | None = None, task_id: str | None = None) -> cmd.CompleteTask:
-        return cmd.CompleteTask(command_id=self._id(), run_id=self.run_id, step=step,
-                                task_id=task_id or self.task(step).task_id, result=result,
-                                cost=cost, confidence=confidence)
+    def complete(
+        self,
+        step: str,
+        result: Any = None,
+        *,
+        cost: float = 0.0,
+        confidence: float | None = None,
+        task_id: str | None = None,
+    ) -> cmd.CompleteTask:
+        return cmd.CompleteTask(
+            command_id=self._id(),
+            run_id=self.run_id,
+            step=step,
+            task_id=task_id or self.task(step).task_id,
+            result=result,
+            cost=cost,
+            confidence=confidence,
+        )
 
-    def fail(self, step: str, error_class: str, code: str = "E", message: str = "boom", *,
-             field: str | None = None, task_id: str | None = None,
-             cost: float = 0.0) -> cmd.FailTask:
-        return cmd.FailTask(command_id=self._id(), run_id=self.run_id, step=step,
-                            task_id=task_id or self.task(step).task_id, error_class=error_class,
-                            code=code, message=message, field=field, cost=cost)
+    def fail(
+        self,
+        step: str,
+        error_class: str,
+        code: str = "E",
+        message: str = "boom",
+        *,
+        field: str | None = None,
+        task_id: str | None = None,
+        cost: float = 0.0,
+    ) -> cmd.FailTask:
+        return cmd.FailTask(
+            command_id=self._id(),
+            run_id=self.run_id,
+            step=step,
+            task_id=task_id or self.task(step).task_id,
+            error_class=error_class,
+            code=code,
+            message=message,
+            field=field,
+            cost=cost,
+        )
 
-    def approve(self, step: str, who: str, *roles: str, reject: bool = False,
-                comment: str = "") -> cmd.DecideApproval:
-        return cmd.DecideApproval(command_id=self._id(), run_id=self.run_id, step=step,
-                                  approver=who, roles=roles, approve=not reject, comment=comment)
+    def approve(
+        self, step: str, who: str, *roles: str, reject: bool = False, comment: str = ""
+    ) -> cmd.DecideApproval:
+        return cmd.DecideApproval(
+            command_id=self._id(),
+            run_id=self.run_id,
+            step=step,
+            approver=who,
+            roles=roles,
+            approve=not reject,
+            comment=comment,
+        )
 
     def signal(self, name: str, data: Any = None) -> cmd.DeliverSignal:
         return cmd.DeliverSignal(command_id=self._id(), run_id=self.run_id, name=name, data=data)

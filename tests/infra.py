@@ -42,8 +42,7 @@ def kafka_bootstrap() -> str:
         with socket.create_connection((host, int(port)), timeout=3):
             pass
     except OSError as exc:
-        pytest.fail(f"Kafka is not reachable at {bootstrap} ({exc}); {START_HINT}",
-                    pytrace=False)
+        pytest.fail(f"Kafka is not reachable at {bootstrap} ({exc}); {START_HINT}", pytrace=False)
     return bootstrap
 
 
@@ -53,6 +52,5 @@ def postgres_dsn() -> str:
         with psycopg.connect(dsn, connect_timeout=5) as conn:
             conn.execute("select 1")
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {dsn} ({exc}); {START_HINT}",
-                    pytrace=False)
+        pytest.fail(f"PostgreSQL is not reachable at {dsn} ({exc}); {START_HINT}", pytrace=False)
     return dsn

@@ -22,8 +22,12 @@ SERVER_PROPERTIES = ROOT / "deploy" / "local" / "kafka" / "server.properties"
 INFRA_SH = (ROOT / "deploy" / "local" / "infra.sh").read_text()
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 
-LISTENER_KEYS = {"listeners", "advertised.listeners", "listener.security.protocol.map",
-                 "controller.quorum.bootstrap.servers"}
+LISTENER_KEYS = {
+    "listeners",
+    "advertised.listeners",
+    "listener.security.protocol.map",
+    "controller.quorum.bootstrap.servers",
+}
 """Networking differs by nature (a container listens for the host and for the compose
 network); these keys are compared by listener name and port below."""
 COMPOSE_ONLY = {"controller.quorum.voters"}
@@ -93,10 +97,12 @@ def test_kafka_runs_the_version_the_local_broker_runs() -> None:
 def test_kafka_settings_match_server_properties() -> None:
     local = read_properties(SERVER_PROPERTIES)
     compose = kafka_env()
-    differ = {k: (v, compose.get(k)) for k, v in local.items()
-              if k not in LISTENER_KEYS and compose.get(k) != v}
-    assert not differ, f"server.properties vs docker-compose.yml (key: (local, compose)): " \
-                       f"{differ}"
+    differ = {
+        k: (v, compose.get(k))
+        for k, v in local.items()
+        if k not in LISTENER_KEYS and compose.get(k) != v
+    }
+    assert not differ, f"server.properties vs docker-compose.yml (key: (local, compose)): {differ}"
     extra = set(compose) - set(local) - COMPOSE_ONLY
     assert not extra, f"docker-compose.yml sets {sorted(extra)}, server.properties does not"
 
@@ -107,10 +113,10 @@ def test_kafka_listens_where_the_local_broker_does() -> None:
     local_ports, compose_ports = listeners(local["listeners"]), listeners(compose["listeners"])
     for name, port in local_ports.items():
         assert compose_ports.get(name) == port, f"listener {name}"
-    local_advertised = dict(item.split("://") for item in
-                            local["advertised.listeners"].split(","))
-    compose_advertised = dict(item.split("://") for item in
-                              compose["advertised.listeners"].split(","))
+    local_advertised = dict(item.split("://") for item in local["advertised.listeners"].split(","))
+    compose_advertised = dict(
+        item.split("://") for item in compose["advertised.listeners"].split(",")
+    )
     for name, address in local_advertised.items():
         assert compose_advertised.get(name) == address, f"advertised listener {name}"
     local_map = set(local["listener.security.protocol.map"].split(","))
@@ -127,21 +133,26 @@ def test_postgres_matches_infra_sh() -> None:
     db, port = infra_setting("PG_DB"), infra_setting("PG_PORT")
     service = SERVICES["postgres"]
     assert service["image"] == "postgres:15"
-    assert service["environment"] == {"POSTGRES_USER": user, "POSTGRES_PASSWORD": password,
-                                      "POSTGRES_DB": db}
+    assert service["environment"] == {
+        "POSTGRES_USER": user,
+        "POSTGRES_PASSWORD": password,
+        "POSTGRES_DB": db,
+    }
     assert f"127.0.0.1:{port}:5432" in service["ports"]
-    assert DEFAULTS["TERRANOHA_POSTGRES"] == \
-        f"postgresql://{user}:{password}@127.0.0.1:{port}/{db}"
-    dsns = [c[c.index("--postgres") + 1] for c in _terranoha_commands().values()
-            if "--postgres" in c]
+    assert DEFAULTS["TERRANOHA_POSTGRES"] == f"postgresql://{user}:{password}@127.0.0.1:{port}/{db}"
+    dsns = [
+        c[c.index("--postgres") + 1] for c in _terranoha_commands().values() if "--postgres" in c
+    ]
     assert dsns, "no service passes --postgres"
     assert set(dsns) == {f"postgresql://{user}:{password}@postgres:5432/{db}"}
 
 
 def _terranoha_commands() -> dict[str, list[str]]:
-    return {name: service["command"] for name, service in SERVICES.items()
-            if isinstance(service.get("command"), list) and service["command"][:1] ==
-            ["terranoha"]}
+    return {
+        name: service["command"]
+        for name, service in SERVICES.items()
+        if isinstance(service.get("command"), list) and service["command"][:1] == ["terranoha"]
+    }
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
@@ -157,8 +168,9 @@ def test_every_terranoha_command_line_parses() -> None:
     for service, command in commands.items():
         sub = command[1]
         if sub not in known:
-            assert sub in PENDING_COMMANDS, \
+            assert sub in PENDING_COMMANDS, (
                 f"service {service} runs `terranoha {sub}`, which the command line lacks"
+            )
             continue
         try:
             args = parser.parse_args(command[1:])
@@ -182,8 +194,11 @@ def test_long_running_services_are_healthy_when_ready() -> None:
     """serve and project serve the health endpoints; their healthcheck asks /readyz on
     that port, inside the container."""
     parser = build_parser()
-    long_running = {name: command for name, command in _terranoha_commands().items()
-                    if command[1] in ("serve", "project")}
+    long_running = {
+        name: command
+        for name, command in _terranoha_commands().items()
+        if command[1] in ("serve", "project")
+    }
     assert {"engine", "worker", "projector"} <= set(long_running)
     for name, command in long_running.items():
         args = parser.parse_args(command[1:])

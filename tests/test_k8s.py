@@ -37,31 +37,44 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _documents() -> list[tuple[str, dict[str, Any]]]:
-    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        (path.name, doc)
+        for path in sorted(K8S.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 DOCS = _documents()
 CONFIG = next(doc["data"] for _, doc in DOCS if doc["kind"] == "ConfigMap")
-WORKLOADS = {doc["metadata"]["name"]: doc for _, doc in DOCS
-             if doc["kind"] in ("Deployment", "StatefulSet")}
+WORKLOADS = {
+    doc["metadata"]["name"]: doc for _, doc in DOCS if doc["kind"] in ("Deployment", "StatefulSet")
+}
 
 
 def _go() -> str:
-    go = shutil.which("go") or ("/usr/local/go/bin/go"
-                                if Path("/usr/local/go/bin/go").exists() else None)
+    go = shutil.which("go") or (
+        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+    )
     if go is None:
-        pytest.fail("kubeconform is built with Go: install Go (https://go.dev/doc/install) "
-                    "and put `go` on PATH", pytrace=False)
+        pytest.fail(
+            "kubeconform is built with Go: install Go (https://go.dev/doc/install) "
+            "and put `go` on PATH",
+            pytrace=False,
+        )
     return go
 
 
 @pytest.fixture(scope="module")
 def kubeconform(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bin_dir = tmp_path_factory.mktemp("gobin")
-    built = subprocess.run([_go(), "install", KUBECONFORM],
-                           env={**os.environ, "GOBIN": str(bin_dir)},
-                           capture_output=True, text=True, timeout=540)
+    built = subprocess.run(
+        [_go(), "install", KUBECONFORM],
+        env={**os.environ, "GOBIN": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert built.returncode == 0, built.stderr
     return bin_dir / "kubeconform"
 
@@ -77,34 +90,50 @@ def schema_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         target = out / source.name
         target.mkdir()
         for schema in source.glob("*.json"):
-            text = schema.read_text().replace('"/api/_definitions.json#',
-                                              '"_definitions.json#')
+            text = schema.read_text().replace('"/api/_definitions.json#', '"_definitions.json#')
             doc = json.loads(text)
             doc.pop("$id", None)
             (target / schema.name).write_text(json.dumps(doc))
     yield out
 
 
-def _kubeconform(binary: Path, schemas: Path, version: str, *files: Path) -> \
-        subprocess.CompletedProcess[str]:
-    location = f"{schemas}/{{{{ .NormalizedKubernetesVersion }}}}-local{{{{ .StrictSuffix }}}}" \
-               "/{{ .ResourceKind }}{{ .KindSuffix }}.json"
-    return subprocess.run([str(binary), "-strict", "-summary", "-output", "json",
-                           "-kubernetes-version", version, "-schema-location", location,
-                           *map(str, files)], capture_output=True, text=True, timeout=120)
+def _kubeconform(
+    binary: Path, schemas: Path, version: str, *files: Path
+) -> subprocess.CompletedProcess[str]:
+    location = (
+        f"{schemas}/{{{{ .NormalizedKubernetesVersion }}}}-local{{{{ .StrictSuffix }}}}"
+        "/{{ .ResourceKind }}{{ .KindSuffix }}.json"
+    )
+    return subprocess.run(
+        [
+            str(binary),
+            "-strict",
+            "-summary",
+            "-output",
+            "json",
+            "-kubernetes-version",
+            version,
+            "-schema-location",
+            location,
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_the_manifests_are_valid_kubernetes(kubeconform: Path, schema_dir: Path,
-                                            version: str) -> None:
+def test_the_manifests_are_valid_kubernetes(
+    kubeconform: Path, schema_dir: Path, version: str
+) -> None:
     result = _kubeconform(kubeconform, schema_dir, version, *sorted(K8S.glob("*.yaml")))
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout)["summary"]
     assert summary["valid"] == len(DOCS) and summary["skipped"] == 0, summary
 
 
-def test_a_broken_manifest_is_refused(kubeconform: Path, schema_dir: Path,
-                                      tmp_path: Path) -> None:
+def test_a_broken_manifest_is_refused(kubeconform: Path, schema_dir: Path, tmp_path: Path) -> None:
     engine = yaml.safe_load_all((K8S / "engine.yaml").read_text())
     docs = [doc for doc in engine if doc]
     statefulset = next(doc for doc in docs if doc["kind"] == "StatefulSet")
@@ -135,11 +164,17 @@ def _expand(args: list[str]) -> list[str]:
 
 def test_every_part_is_deployed() -> None:
     kinds = {(doc["kind"], doc["metadata"]["name"]) for _, doc in DOCS}
-    assert {("StatefulSet", "terranoha-engine"), ("Deployment", "terranoha-worker"),
-            ("Deployment", "terranoha-projector"), ("Deployment", "terranoha-api"),
-            ("Service", "terranoha-engine"), ("Service", "terranoha-api"),
-            ("ConfigMap", "terranoha-config"), ("Secret", "terranoha-postgres"),
-            ("PodDisruptionBudget", "terranoha-engine")} <= kinds
+    assert {
+        ("StatefulSet", "terranoha-engine"),
+        ("Deployment", "terranoha-worker"),
+        ("Deployment", "terranoha-projector"),
+        ("Deployment", "terranoha-api"),
+        ("Service", "terranoha-engine"),
+        ("Service", "terranoha-api"),
+        ("ConfigMap", "terranoha-config"),
+        ("Secret", "terranoha-postgres"),
+        ("PodDisruptionBudget", "terranoha-engine"),
+    } <= kinds
 
 
 def test_every_command_line_parses() -> None:
@@ -162,8 +197,7 @@ def test_the_engine_keeps_its_name_and_its_volume() -> None:
     assert engine["spec"]["podManagementPolicy"] == "Parallel"
     env = {e["name"]: e for e in _container("terranoha-engine")["env"]}
     # serve reads --instance-id from $TERRANOHA_INSTANCE_ID: the pod's stable name.
-    assert env["TERRANOHA_INSTANCE_ID"]["valueFrom"] == {
-        "fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["TERRANOHA_INSTANCE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     parsed = build_parser().parse_args(["serve", "--kafka", "k:9092"])
     assert parsed.instance_id is None  # from the environment, not the manifest's args
     claims = [t["metadata"]["name"] for t in engine["spec"]["volumeClaimTemplates"]]

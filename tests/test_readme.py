@@ -24,17 +24,22 @@ SETTINGS_MARK = "# notify.yaml"
 HOOKS_MARK = "# hooks.yaml"
 LIMITS_MARK = "# limits.yaml"
 SCHEDULE_MARK = "# schedule.yaml"
-SPECS = [block for block in YAML_BLOCKS
-         if not block.startswith((SETTINGS_MARK, HOOKS_MARK, LIMITS_MARK, SCHEDULE_MARK))]
+SPECS = [
+    block
+    for block in YAML_BLOCKS
+    if not block.startswith((SETTINGS_MARK, HOOKS_MARK, LIMITS_MARK, SCHEDULE_MARK))
+]
 HOOKS = [block for block in YAML_BLOCKS if block.startswith(HOOKS_MARK)]
 SETTINGS = [block for block in YAML_BLOCKS if block.startswith(SETTINGS_MARK)]
 LIMITS = [block for block in YAML_BLOCKS if block.startswith(LIMITS_MARK)]
 SCHEDULES = [block for block in YAML_BLOCKS if block.startswith(SCHEDULE_MARK)]
 
 # What the README says it changed in its first spec to get the refusal it shows.
-BROKEN = (("initial: 1s", "initial: 1x"),
-          ("AMOUNT_OVER_LIMIT: {goto: escalate}", "AMOUNT_OVER_LIMIT: {goto: nowhere}"),
-          ("{order_id: input.order_id}", "{order_id: inputs.order_id}"))
+BROKEN = (
+    ("initial: 1s", "initial: 1x"),
+    ("AMOUNT_OVER_LIMIT: {goto: escalate}", "AMOUNT_OVER_LIMIT: {goto: nowhere}"),
+    ("{order_id: input.order_id}", "{order_id: inputs.order_id}"),
+)
 
 
 def test_the_readme_has_yaml_blocks() -> None:
@@ -88,8 +93,11 @@ def test_every_limits_block_deploys(block: str) -> None:
 
 def test_the_limits_refusal_shown_is_the_one_given() -> None:
     shown = README.split("refuses a bad limits document", 1)[1].split("```\n", 2)[1]
-    bad = LIMITS[0].replace("concurrency: 8", "concurrency: eight").replace(
-        "timezone: Europe/Berlin", "timezone: Berlin")
+    bad = (
+        LIMITS[0]
+        .replace("concurrency: 8", "concurrency: eight")
+        .replace("timezone: Europe/Berlin", "timezone: Berlin")
+    )
     with pytest.raises(LimitsError) as refused:
         load_limits_yaml(bad)
     assert str(refused.value) + "\n" == shown

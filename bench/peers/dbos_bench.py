@@ -95,8 +95,10 @@ def recreate_database(dsn: str) -> str:
 def server_settings(url: str) -> dict[str, str]:
     """The PostgreSQL settings that decide how durable (and how costly) a commit is."""
     with psycopg.connect(url) as conn:
-        return {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
-                for name in ("server_version", "synchronous_commit", "fsync")}
+        return {
+            name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+            for name in ("server_version", "synchronous_commit", "fsync")
+        }
 
 
 def backend_cpu() -> dict[int, float] | None:
@@ -146,8 +148,10 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     ordered = sorted(values)
-    return {f"p{round(q * 100)}": ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-            for q in (0.5, 0.95, 0.99)}
+    return {
+        f"p{round(q * 100)}": ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        for q in (0.5, 0.95, 0.99)
+    }
 
 
 # ------------------------------------------------------------------ the runs
@@ -169,6 +173,7 @@ def run_queue(ids: list[str], enqueuers: int) -> list[Any]:
 
 def run_direct(ids: list[str], concurrency: int) -> list[Any]:
     """Call the workflow once per id from ``concurrency`` threads; return the results."""
+
     def call(workflow_id: str) -> Any:
         with SetWorkflowID(workflow_id):
             return bench_workflow()
@@ -185,7 +190,7 @@ def ids_for(prefix: str, count: int) -> list[str]:
 def stored_statuses(ids: list[str]) -> list[Any]:
     statuses: list[Any] = []
     for start in range(0, len(ids), 1000):
-        statuses += DBOS.list_workflows(workflow_ids=ids[start:start + 1000], load_input=False)
+        statuses += DBOS.list_workflows(workflow_ids=ids[start : start + 1000], load_input=False)
     return statuses
 
 
@@ -200,20 +205,28 @@ def measure(run: Callable[[list[str]], list[Any]], ids: list[str]) -> dict[str, 
     pg_after = backend_cpu()
     statuses = stored_statuses(ids)
     good = {s.workflow_id for s in statuses if s.status == "SUCCESS" and s.output == EXPECTED}
-    completed = sum(1 for wid, result in zip(ids, results, strict=True)
-                    if result == EXPECTED and wid in good)
+    completed = sum(
+        1 for wid, result in zip(ids, results, strict=True) if result == EXPECTED and wid in good
+    )
     pg_cpu = None
     if pg_after is not None:
         pg_cpu = sum(used - (pg_before or {}).get(pid, 0.0) for pid, used in pg_after.items())
 
     def spans(start_field: str) -> list[float]:
-        return [float(s.completed_at - getattr(s, start_field)) for s in statuses
-                if s.completed_at is not None and getattr(s, start_field) is not None]
+        return [
+            float(s.completed_at - getattr(s, start_field))
+            for s in statuses
+            if s.completed_at is not None and getattr(s, start_field) is not None
+        ]
 
-    return {"completed": completed, "seconds": seconds, "cpu_seconds": cpu,
-            "postgres_cpu_seconds": pg_cpu,
-            "latency_ms": percentiles(spans("created_at")),
-            "exec_latency_ms": percentiles(spans("dequeued_at"))}
+    return {
+        "completed": completed,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "postgres_cpu_seconds": pg_cpu,
+        "latency_ms": percentiles(spans("created_at")),
+        "exec_latency_ms": percentiles(spans("dequeued_at")),
+    }
 
 
 # ------------------------------------------------------------------ main
@@ -226,8 +239,11 @@ def exit_when_threads_gone(code: int, timeout: float = 10.0) -> None:
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join(max(0.0, deadline - time.monotonic()))
-    left = [t.name for t in threading.enumerate()
-            if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    left = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
     if left:
         log(f"warning: threads still alive after DBOS.destroy(): {left}; exiting anyway")
         sys.stdout.flush()
@@ -250,19 +266,36 @@ def watchdog(seconds: float) -> threading.Timer:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--postgres", required=True, help="DSN of a database on the server "
-                        f"(used only to create {DATABASE}); its role must create databases")
+    parser.add_argument(
+        "--postgres",
+        required=True,
+        help="DSN of a database on the server "
+        f"(used only to create {DATABASE}); its role must create databases",
+    )
     parser.add_argument("--runs", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=16,
-                        help="workflows running at once (queue worker_concurrency, or threads)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="workflows running at once (queue worker_concurrency, or threads)",
+    )
     parser.add_argument("--mode", choices=("queue", "direct"), default="queue")
-    parser.add_argument("--poll", type=float, default=0.01,
-                        help="queue polling interval in seconds (DBOS's default is 1.0)")
-    parser.add_argument("--enqueuers", type=int, default=4,
-                        help="threads enqueuing the burst in queue mode")
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.01,
+        help="queue polling interval in seconds (DBOS's default is 1.0)",
+    )
+    parser.add_argument(
+        "--enqueuers", type=int, default=4, help="threads enqueuing the burst in queue mode"
+    )
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--timeout", type=float, default=900,
-                        help="seconds after which the benchmark gives up (exit 3)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="seconds after which the benchmark gives up (exit 3)",
+    )
     args = parser.parse_args()
     timer = watchdog(args.timeout)
 
@@ -281,18 +314,22 @@ def main() -> int:
     code = 1
     try:
         if args.mode == "queue":
-            DBOS.register_queue(QUEUE, worker_concurrency=args.concurrency,
-                                polling_interval_sec=args.poll)
+            DBOS.register_queue(
+                QUEUE, worker_concurrency=args.concurrency, polling_interval_sec=args.poll
+            )
 
             def run(ids: list[str]) -> list[Any]:
                 return run_queue(ids, args.enqueuers)
         else:
+
             def run(ids: list[str]) -> list[Any]:
                 return run_direct(ids, args.concurrency)
 
-        log(f"dbos {version}, python {platform.python_version()}, {os.cpu_count()} cores, "
+        log(
+            f"dbos {version}, python {platform.python_version()}, {os.cpu_count()} cores, "
             f"postgres {server['server_version']} (synchronous_commit="
-            f"{server['synchronous_commit']}, fsync={server['fsync']})")
+            f"{server['synchronous_commit']}, fsync={server['fsync']})"
+        )
         log(f"mode {args.mode}, concurrency {args.concurrency}, database {DATABASE}")
         warm = measure(run, ids_for("warmup", args.warmup))
         if warm["completed"] != args.warmup:
@@ -316,33 +353,53 @@ def main() -> int:
         "cpu_seconds": round(figures["cpu_seconds"], 3),
         "cpu_s_per_1k_steps": round(figures["cpu_seconds"] / steps * 1000, 4) if steps else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "postgres_cpu_seconds": (None if figures["postgres_cpu_seconds"] is None
-                                 else round(figures["postgres_cpu_seconds"], 3)),
+        "postgres_cpu_seconds": (
+            None
+            if figures["postgres_cpu_seconds"] is None
+            else round(figures["postgres_cpu_seconds"], 3)
+        ),
         "latency_ms": figures["latency_ms"],
         "settings": {
-            "concurrency": args.concurrency, "mode": args.mode, "database": DATABASE,
-            "steps_per_run": len(STEPS), "warmup": args.warmup, "sys_db_pool_size": pool_size,
-            **({"queue_polling_interval_s": args.poll, "enqueuers": args.enqueuers}
-               if args.mode == "queue" else {}),
-            "postgres": server, "python": platform.python_version(), "cores": os.cpu_count(),
+            "concurrency": args.concurrency,
+            "mode": args.mode,
+            "database": DATABASE,
+            "steps_per_run": len(STEPS),
+            "warmup": args.warmup,
+            "sys_db_pool_size": pool_size,
+            **(
+                {"queue_polling_interval_s": args.poll, "enqueuers": args.enqueuers}
+                if args.mode == "queue"
+                else {}
+            ),
+            "postgres": server,
+            "python": platform.python_version(),
+            "cores": os.cpu_count(),
         },
     }
     if args.mode == "queue":
         report["exec_latency_ms"] = figures["exec_latency_ms"]
-    log(f"completed {report['completed']}/{args.runs} runs in {seconds:.2f} s: "
-        f"{report['runs_per_s']:,.0f} runs/s, {report['steps_per_s']:,.0f} steps/s")
+    log(
+        f"completed {report['completed']}/{args.runs} runs in {seconds:.2f} s: "
+        f"{report['runs_per_s']:,.0f} runs/s, {report['steps_per_s']:,.0f} steps/s"
+    )
     if report["latency_ms"]:
         lat = report["latency_ms"]
-        log(f"start -> completion p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, "
-            f"p99 {lat['p99']:.0f} ms")
+        log(
+            f"start -> completion p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, "
+            f"p99 {lat['p99']:.0f} ms"
+        )
     if report.get("exec_latency_ms"):
         lat = report["exec_latency_ms"]
-        log(f"dequeue -> completion p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, "
-            f"p99 {lat['p99']:.0f} ms")
+        log(
+            f"dequeue -> completion p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, "
+            f"p99 {lat['p99']:.0f} ms"
+        )
     pg = report["postgres_cpu_seconds"]
-    log(f"cpu {report['cpu_seconds']:.2f} s ({report['cpu_s_per_1k_steps']} s per 1k steps), "
+    log(
+        f"cpu {report['cpu_seconds']:.2f} s ({report['cpu_s_per_1k_steps']} s per 1k steps), "
         f"peak rss {report['peak_rss_mb']:.0f} MB; postgres backends cpu "
-        + ("n/a" if pg is None else f"{pg:.2f} s"))
+        + ("n/a" if pg is None else f"{pg:.2f} s")
+    )
     print(json.dumps(report), flush=True)
     return code
 

@@ -106,11 +106,11 @@ def native_server(path: str) -> Path:
         is_script = handle.read(2) == b"#!"
     if not is_script:
         return real
-    arch = {"x86_64": "x64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(),
-                                                                      platform.machine())
+    arch = {"x86_64": "x64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        platform.machine(), platform.machine()
+    )
     # .../node_modules/@restatedev/restate-server/lib/index.js
-    binary = (real.parents[2] / f"restate-server-{sys.platform}-{arch}" / "bin"
-              / "restate-server")
+    binary = real.parents[2] / f"restate-server-{sys.platform}-{arch}" / "bin" / "restate-server"
     if not binary.exists():
         raise SystemExit(f"{path} is a launcher script and {binary} does not exist")
     return binary
@@ -135,9 +135,14 @@ def _die_with_parent() -> None:
 
 def spawn(argv: list[str], log_path: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-                                **kwargs)
+        return subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            **kwargs,
+        )
 
 
 def stop(processes: dict[str, subprocess.Popen[bytes] | None], timeout: float = 12) -> None:
@@ -197,13 +202,13 @@ def http_ok(url: str) -> bool:
         return bool(response.status == 200)
 
 
-def wait_until(check: Any, what: str, timeout: float, process: subprocess.Popen[bytes],
-               log_path: Path) -> None:
+def wait_until(
+    check: Any, what: str, timeout: float, process: subprocess.Popen[bytes], log_path: Path
+) -> None:
     deadline, last = time.monotonic() + timeout, "no answer"
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"{what}: process exited ({process.returncode})\n"
-                               f"{tail(log_path)}")
+            raise RuntimeError(f"{what}: process exited ({process.returncode})\n{tail(log_path)}")
         try:
             if check():
                 return
@@ -231,8 +236,10 @@ class Connection:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
-        self.writer.write(f"{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{self.port}\r\n"
-                          f"accept: application/json\r\ncontent-length: 0\r\n\r\n".encode())
+        self.writer.write(
+            f"{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{self.port}\r\n"
+            f"accept: application/json\r\ncontent-length: 0\r\n\r\n".encode()
+        )
         status_line = await self.reader.readline()
         if not status_line:
             raise ConnectionError("connection closed by the server")
@@ -320,8 +327,7 @@ def check_result(status: int, body: bytes, errors: list[str], what: str) -> bool
     return value == EXPECTED
 
 
-async def run_call(ids: list[str], kind: str, concurrency: int,
-                   port: int) -> dict[str, Any]:
+async def run_call(ids: list[str], kind: str, concurrency: int, port: int) -> dict[str, Any]:
     """Request-response: C runs in flight, each a blocking call through the ingress."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -334,12 +340,16 @@ async def run_call(ids: list[str], kind: str, concurrency: int,
 
     started = time.perf_counter()
     await pool(iter(ids), concurrency, port, one, errors)
-    return {"completed": len(latencies), "seconds": time.perf_counter() - started,
-            "latencies": latencies, "errors": errors, "submitted_at": {}}
+    return {
+        "completed": len(latencies),
+        "seconds": time.perf_counter() - started,
+        "latencies": latencies,
+        "errors": errors,
+        "submitted_at": {},
+    }
 
 
-async def run_send(ids: list[str], kind: str, concurrency: int,
-                   port: int) -> dict[str, Any]:
+async def run_send(ids: list[str], kind: str, concurrency: int, port: int) -> dict[str, Any]:
     """One-way submissions from C connections; C more attach to each accepted run."""
     errors: list[str] = []
     submitted_at: dict[str, float] = {}  # invocation id -> wall time its send was written
@@ -350,15 +360,15 @@ async def run_send(ids: list[str], kind: str, concurrency: int,
     async def send(connection: Connection, run_id: str) -> None:
         sent = time.time()
         status, body = await connection.request(
-            "POST", "/" + TARGETS[kind].format(id=run_id) + "/send")
+            "POST", "/" + TARGETS[kind].format(id=run_id) + "/send"
+        )
         answer = check(status, body, (200, 202), errors, f"send {run_id}")
         if answer and "invocationId" in answer:
             submitted_at[answer["invocationId"]] = sent
             accepted.put_nowait(answer["invocationId"])
 
     async def attach(connection: Connection, invocation: str) -> None:
-        status, body = await connection.request(
-            "GET", f"/restate/invocation/{invocation}/attach")
+        status, body = await connection.request("GET", f"/restate/invocation/{invocation}/attach")
         if check_result(status, body, errors, f"attach {invocation}"):
             completed.add(invocation)
 
@@ -373,23 +383,36 @@ async def run_send(ids: list[str], kind: str, concurrency: int,
 
     started = time.perf_counter()
     await asyncio.gather(senders(), pool(accepted, concurrency, port, attach, errors))
-    return {"completed": len(completed), "seconds": time.perf_counter() - started,
-            "submit_seconds": submitted - started, "latencies": [], "errors": errors,
-            "submitted_at": {k: v for k, v in submitted_at.items() if k in completed}}
+    return {
+        "completed": len(completed),
+        "seconds": time.perf_counter() - started,
+        "submit_seconds": submitted - started,
+        "latencies": [],
+        "errors": errors,
+        "submitted_at": {k: v for k, v in submitted_at.items() if k in completed},
+    }
 
 
 def server_timestamps(admin: str, invocations: set[str]) -> dict[str, tuple[float, float]]:
     """invocation id -> (running_at, completed_at) as epoch seconds, from introspection."""
-    rows = http_json("POST", f"{admin}/query", {
-        "query": "SELECT id, running_at, completed_at FROM sys_invocation "
-                 "WHERE status = 'completed' AND completion_result = 'success'"},
-        timeout=120)["rows"]
+    rows = http_json(
+        "POST",
+        f"{admin}/query",
+        {
+            "query": "SELECT id, running_at, completed_at FROM sys_invocation "
+            "WHERE status = 'completed' AND completion_result = 'success'"
+        },
+        timeout=120,
+    )["rows"]
 
     def epoch(stamp: str) -> float:
         return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
-    return {row["id"]: (epoch(row["running_at"]), epoch(row["completed_at"]))
-            for row in rows if row["id"] in invocations and row.get("completed_at")}
+    return {
+        row["id"]: (epoch(row["running_at"]), epoch(row["completed_at"]))
+        for row in rows
+        if row["id"] in invocations and row.get("completed_at")
+    }
 
 
 def percentiles(values: list[float]) -> dict[str, float] | None:
@@ -397,8 +420,10 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     ordered = sorted(values)
-    return {f"p{round(q * 100)}": round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-            for q in (0.5, 0.95, 0.99)}
+    return {
+        f"p{round(q * 100)}": round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+        for q in (0.5, 0.95, 0.99)
+    }
 
 
 # ------------------------------------------------------------------ main
@@ -406,38 +431,51 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
 
 def config_toml(data_dir: Path, fabric: int, admin: int, ingress: int, fsync: bool) -> str:
     no_fsync = "" if fsync else "rocksdb-disable-wal-fsync = true"
-    return "\n".join([
-        'node-name = "bench"',
-        f'base-dir = "{data_dir}"',
-        'listen-mode = "tcp"',
-        'bind-ip = "127.0.0.1"',
-        f"bind-port = {fabric}",
-        "disable-telemetry = true",
-        'log-filter = "warn,octocrab=off"',  # octocrab: the update check, offline here
-        'shutdown-timeout = "10s"',
-        "",
-        "[admin]",
-        f"bind-port = {admin}",
-        "",
-        "[ingress]",
-        f"bind-port = {ingress}",
-        "",
-        "[log-server]",  # the log of a single node (replicated loglet, replication 1)
-        no_fsync,
-        "",
-        "[bifrost.local]",
-        no_fsync,
-        "",
-    ])
+    return "\n".join(
+        [
+            'node-name = "bench"',
+            f'base-dir = "{data_dir}"',
+            'listen-mode = "tcp"',
+            'bind-ip = "127.0.0.1"',
+            f"bind-port = {fabric}",
+            "disable-telemetry = true",
+            'log-filter = "warn,octocrab=off"',  # octocrab: the update check, offline here
+            'shutdown-timeout = "10s"',
+            "",
+            "[admin]",
+            f"bind-port = {admin}",
+            "",
+            "[ingress]",
+            f"bind-port = {ingress}",
+            "",
+            "[log-server]",  # the log of a single node (replicated loglet, replication 1)
+            no_fsync,
+            "",
+            "[bifrost.local]",
+            no_fsync,
+            "",
+        ]
+    )
 
 
-def measure(args: argparse.Namespace, server: subprocess.Popen[bytes],
-            service: subprocess.Popen[bytes], ingress: int, admin_url: str) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace,
+    server: subprocess.Popen[bytes],
+    service: subprocess.Popen[bytes],
+    ingress: int,
+    admin_url: str,
+) -> dict[str, Any]:
     mode = run_send if args.mode == "send" else run_call
     token = secrets.token_hex(3)
     if args.warmup:
-        warm = asyncio.run(mode([f"warm-{token}-{i}" for i in range(args.warmup)],
-                                args.kind, args.concurrency, ingress))
+        warm = asyncio.run(
+            mode(
+                [f"warm-{token}-{i}" for i in range(args.warmup)],
+                args.kind,
+                args.concurrency,
+                ingress,
+            )
+        )
         log(f"warm-up: {warm['completed']}/{args.warmup} runs in {warm['seconds']:.2f} s")
         for error in warm["errors"]:
             log(f"  {error}")
@@ -461,40 +499,56 @@ def measure(args: argparse.Namespace, server: subprocess.Popen[bytes],
                 figures["latencies"].append((done - sent) * 1000)
                 figures["exec_latencies"].append((done - running) * 1000)
         if len(stamps) != figures["completed"]:
-            figures["errors"].append(f"introspection lists {len(stamps)} successful "
-                                     f"invocations of {figures['completed']} attached")
+            figures["errors"].append(
+                f"introspection lists {len(stamps)} successful "
+                f"invocations of {figures['completed']} attached"
+            )
     return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", default=str(PEERS_HOME / "npm" / "node_modules" / ".bin"
-                                                / "restate-server"),
-                        help="restate-server (the npm .bin launcher or the binary)")
+    parser.add_argument(
+        "--server",
+        default=str(PEERS_HOME / "npm" / "node_modules" / ".bin" / "restate-server"),
+        help="restate-server (the npm .bin launcher or the binary)",
+    )
     parser.add_argument("--runs", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=64,
-                        help="client connections submitting (and as many attaching)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="client connections submitting (and as many attaching)",
+    )
     parser.add_argument("--mode", choices=("send", "call"), default="send")
     parser.add_argument("--kind", choices=("workflow", "service"), default="workflow")
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--wal-fsync", choices=("on", "off"), default="on",
-                        help="fsync the log's write-ahead log on every write (Restate's "
-                             "default: on; Kafka's default is not to fsync)")
-    parser.add_argument("--timeout", type=float, default=900,
-                        help="give up (and clean up) after this many seconds in all")
+    parser.add_argument(
+        "--wal-fsync",
+        choices=("on", "off"),
+        default="on",
+        help="fsync the log's write-ahead log on every write (Restate's "
+        "default: on; Kafka's default is not to fsync)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="give up (and clean up) after this many seconds in all",
+    )
     args = parser.parse_args()
 
     def give_up(signum: int, _frame: Any) -> None:
-        raise SystemExit(f"stopped by signal {signum} (timeout {args.timeout:.0f} s or "
-                         "terminated)")
+        raise SystemExit(f"stopped by signal {signum} (timeout {args.timeout:.0f} s or terminated)")
 
     signal.signal(signal.SIGALRM, give_up)
     signal.signal(signal.SIGTERM, give_up)
     signal.alarm(int(args.timeout))
 
     binary = native_server(args.server)
-    server_version = subprocess.run([str(binary), "--version"], capture_output=True,
-                                    text=True, check=True, timeout=30).stdout.strip()
+    server_version = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
     sdk_version = importlib.metadata.version("restate-sdk")
     fabric, admin, ingress, service_port = free_ports(4)
     admin_url = f"http://127.0.0.1:{admin}"
@@ -503,35 +557,59 @@ def main() -> int:
     data_dir.mkdir()
     server = service = None
     try:
-        (data_dir / "restate.toml").write_text(config_toml(data_dir, fabric, admin, ingress,
-                                                            args.wal_fsync == "on"))
+        (data_dir / "restate.toml").write_text(
+            config_toml(data_dir, fabric, admin, ingress, args.wal_fsync == "on")
+        )
         server_log, service_log = data_dir / "server.log", data_dir / "service.log"
-        server = spawn([str(binary), "--no-logo", "--config-file",
-                        str(data_dir / "restate.toml")], server_log, cwd=data_dir)
-        service = spawn([sys.executable, str(SERVICE_SCRIPT), "--port", str(service_port)],
-                        service_log)
-        log(f"{server_version} (pid {server.pid}), restate-sdk {sdk_version} service "
+        server = spawn(
+            [str(binary), "--no-logo", "--config-file", str(data_dir / "restate.toml")],
+            server_log,
+            cwd=data_dir,
+        )
+        service = spawn(
+            [sys.executable, str(SERVICE_SCRIPT), "--port", str(service_port)], service_log
+        )
+        log(
+            f"{server_version} (pid {server.pid}), restate-sdk {sdk_version} service "
             f"(pid {service.pid}); ingress :{ingress}, admin :{admin}, service "
-            f":{service_port}, data {data_dir.relative_to(ROOT)}")
-        wait_until(lambda: http_ok(f"{admin_url}/health"), "restate admin", 60, server,
-                   server_log)
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{ingress}/restate/health"),
-                   "restate ingress", 60, server, server_log)
+            f":{service_port}, data {data_dir.relative_to(ROOT)}"
+        )
+        wait_until(lambda: http_ok(f"{admin_url}/health"), "restate admin", 60, server, server_log)
+        wait_until(
+            lambda: http_ok(f"http://127.0.0.1:{ingress}/restate/health"),
+            "restate ingress",
+            60,
+            server,
+            server_log,
+        )
         wait_until(lambda: port_open(service_port), "service", 30, service, service_log)
-        deployment = http_json("POST", f"{admin_url}/deployments",
-                               {"uri": f"http://127.0.0.1:{service_port}"}, timeout=30)
-        log(f"registered deployment {deployment['id']}: "
-            + ", ".join(s["name"] for s in deployment["services"]))
+        deployment = http_json(
+            "POST",
+            f"{admin_url}/deployments",
+            {"uri": f"http://127.0.0.1:{service_port}"},
+            timeout=30,
+        )
+        log(
+            f"registered deployment {deployment['id']}: "
+            + ", ".join(s["name"] for s in deployment["services"])
+        )
         probe = TARGETS[args.kind].format(id=f"probe-{secrets.token_hex(3)}")
-        wait_until(lambda: http_json("POST", f"http://127.0.0.1:{ingress}/{probe}") == EXPECTED,
-                   "the service through the ingress", 30, service, service_log)
+        wait_until(
+            lambda: http_json("POST", f"http://127.0.0.1:{ingress}/{probe}") == EXPECTED,
+            "the service through the ingress",
+            30,
+            service,
+            service_log,
+        )
 
         figures = measure(args, server, service, ingress, admin_url)
         if service.poll() is not None or server.poll() is not None:
             figures["errors"].append("a process exited during the measurement")
     except BaseException:
-        for name, path in (("server", data_dir / "server.log"),
-                           ("service", data_dir / "service.log")):
+        for name, path in (
+            ("server", data_dir / "server.log"),
+            ("service", data_dir / "service.log"),
+        ):
             if text := tail(path):
                 log(f"--- {name} log (tail)\n{text}")
         raise
@@ -559,13 +637,20 @@ def main() -> int:
         "client_cpu_seconds": round(figures["client_cpu"], 3),
         "latency_ms": percentiles(figures["latencies"]),
         "settings": {
-            "concurrency": args.concurrency, "mode": args.mode, "kind": args.kind,
-            "steps_per_run": len(STEPS), "warmup": args.warmup,
-            "latency": ("client send -> server completed_at" if args.mode == "send"
-                        else "client request -> response"),
+            "concurrency": args.concurrency,
+            "mode": args.mode,
+            "kind": args.kind,
+            "steps_per_run": len(STEPS),
+            "warmup": args.warmup,
+            "latency": (
+                "client send -> server completed_at"
+                if args.mode == "send"
+                else "client request -> response"
+            ),
             "log_wal_fsync": args.wal_fsync == "on",
             "server_config": "defaults; loopback TCP only, telemetry off",
-            "python": platform.python_version(), "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "cores": os.cpu_count(),
         },
     }
     if args.mode == "send":
@@ -574,19 +659,24 @@ def main() -> int:
     if figures["errors"]:
         report["errors"] = figures["errors"]
 
-    log(f"completed {completed}/{args.runs} runs in {seconds:.2f} s: "
+    log(
+        f"completed {completed}/{args.runs} runs in {seconds:.2f} s: "
         f"{report['runs_per_s']:,.0f} runs/s, {report['steps_per_s']:,.0f} steps/s"
-        + (f" (all submitted in {report['submit_seconds']:.2f} s)" if args.mode == "send"
-           else ""))
+        + (f" (all submitted in {report['submit_seconds']:.2f} s)" if args.mode == "send" else "")
+    )
     for key in ("latency_ms", "exec_latency_ms"):
         if lat := report.get(key):
-            log(f"{key.removesuffix('_ms').replace('_', ' ')}: p50 {lat['p50']:.0f} ms, "
-                f"p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms")
+            log(
+                f"{key.removesuffix('_ms').replace('_', ' ')}: p50 {lat['p50']:.0f} ms, "
+                f"p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms"
+            )
     by_cpu, by_rss = report["cpu_seconds_by_process"], report["peak_rss_mb_by_process"]
-    log(f"cpu {cpu:.2f} s (server {by_cpu['server']:.2f}, service {by_cpu['service']:.2f}; "
+    log(
+        f"cpu {cpu:.2f} s (server {by_cpu['server']:.2f}, service {by_cpu['service']:.2f}; "
         f"{report['cpu_s_per_1k_steps']} s per 1k steps); peak rss server "
         f"{by_rss['server']:.0f} MB, service {by_rss['service']:.0f} MB; client cpu "
-        f"{report['client_cpu_seconds']:.2f} s")
+        f"{report['client_cpu_seconds']:.2f} s"
+    )
     for error in figures["errors"]:
         log(f"error: {error}")
     print(json.dumps(report), flush=True)

@@ -36,8 +36,7 @@ async def noop_step(name: str) -> dict[str, Any]:
 
 
 async def five_steps(ctx: restate.Context) -> dict[str, Any]:
-    results = [await ctx.run_typed(name, noop_step, restate.RunOptions(), name)
-               for name in STEPS]
+    results = [await ctx.run_typed(name, noop_step, restate.RunOptions(), name) for name in STEPS]
     return {"steps": results}
 
 

@@ -34,10 +34,10 @@ def peer_python() -> Path:
     HOME.mkdir(parents=True, exist_ok=True)
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
-                   check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)],
-                   check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)], check=True
+    )
     stamp.write_text(hashlib.sha256(wanted.encode()).hexdigest())
     return python
 
@@ -50,8 +50,19 @@ def restate_server() -> Path:
     if binary.exists() and _stamp(stamp, RESTATE_NPM):
         return binary
     prefix.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
-                    "--prefix", str(prefix), RESTATE_NPM], check=True)
+    subprocess.run(
+        [
+            "npm",
+            "install",
+            "--silent",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            str(prefix),
+            RESTATE_NPM,
+        ],
+        check=True,
+    )
     stamp.write_text(hashlib.sha256(RESTATE_NPM.encode()).hexdigest())
     return binary
 

@@ -35,12 +35,19 @@ repeats)."""
 MAX_BODY = 1 << 20
 """Request bodies over this many bytes are refused with 413."""
 
-ROUTERS: tuple[APIRouter, ...] = (runs.router, approvals.router, workflows.router,
-                                  dead_letters.router, hooks.router, messages.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    runs.router,
+    approvals.router,
+    workflows.router,
+    dead_letters.router,
+    hooks.router,
+    messages.router,
+)
 
 
-def create_app(ctx: ApiContext, *, max_body: int = MAX_BODY,
-               routers: Sequence[APIRouter] = ROUTERS) -> FastAPI:
+def create_app(
+    ctx: ApiContext, *, max_body: int = MAX_BODY, routers: Sequence[APIRouter] = ROUTERS
+) -> FastAPI:
     """The application; it starts the backend on start-up and closes it on shutdown."""
 
     @asynccontextmanager
@@ -54,10 +61,14 @@ def create_app(ctx: ApiContext, *, max_body: int = MAX_BODY,
                 await connecting
             await ctx.backend.close()
 
-    app = FastAPI(title="Terranoha", version="1", lifespan=lifespan,
-                  description="Start and follow runs, decide approvals, deploy workflows. "
-                  "Every /v1 request needs Authorization: Bearer with an API key or an "
-                  "OIDC token; errors are RFC 9457 problem details.")
+    app = FastAPI(
+        title="Terranoha",
+        version="1",
+        lifespan=lifespan,
+        description="Start and follow runs, decide approvals, deploy workflows. "
+        "Every /v1 request needs Authorization: Bearer with an API key or an "
+        "OIDC token; errors are RFC 9457 problem details.",
+    )
     app.state.ctx = ctx
     install(app)
     for router in routers:
@@ -82,8 +93,13 @@ async def _connect(ctx: ApiContext) -> None:
     while True:
         try:
             await ctx.backend.start()
-        except (BackendUnavailableError, TerranohaError, OSError, TimeoutError,
-                sqlite3.Error) as exc:
+        except (
+            BackendUnavailableError,
+            TerranohaError,
+            OSError,
+            TimeoutError,
+            sqlite3.Error,
+        ) as exc:
             ctx.down = str(exc) or type(exc).__name__
             with contextlib.suppress(Exception):
                 await ctx.backend.close()

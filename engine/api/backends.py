@@ -161,6 +161,7 @@ class EmbeddedApiBackend(ApiBackend):
                 if self._store is None:
                     self._store = Store(self.db)
                 return fn(self._store)
+
         return await asyncio.to_thread(call)
 
     async def start(self) -> None:
@@ -170,6 +171,7 @@ class EmbeddedApiBackend(ApiBackend):
         def shut(store: Store) -> None:
             store.close()
             self._store = None
+
         if self._store is not None:
             await self._run(shut)
 
@@ -188,8 +190,9 @@ class EmbeddedApiBackend(ApiBackend):
         return await self._run(lambda s: s.state(run_id))
 
     async def states(self) -> list[RunState]:
-        return await self._run(lambda s: [st for r in s.run_ids(None, 1 << 62)
-                                          if (st := s.state(r)) is not None])
+        return await self._run(
+            lambda s: [st for r in s.run_ids(None, 1 << 62) if (st := s.state(r)) is not None]
+        )
 
     async def events(self, run_id: str) -> list[Event]:
         return await self._run(lambda s: s.events(run_id))
@@ -198,9 +201,11 @@ class EmbeddedApiBackend(ApiBackend):
         settled = await self._append_and_settle(command)
 
         def outcome(store: Store) -> Submitted:
-            caused = [e for e in store.events(command.run_id)
-                      if e.causation_id == command.command_id]
+            caused = [
+                e for e in store.events(command.run_id) if e.causation_id == command.command_id
+            ]
             return Submitted(caused if settled else None, store.state(command.run_id))
+
         return await self._run(outcome)
 
     async def dead_letters(self) -> list[DeadLetter]:
@@ -274,21 +279,24 @@ class KafkaApiBackend(ApiBackend):
         try:
             return await coro
         except KafkaConnectionError as exc:
-            raise BackendUnavailableError(f"Kafka at {self.bootstrap} does not answer "
-                                          f"({exc})") from None
+            raise BackendUnavailableError(
+                f"Kafka at {self.bootstrap} does not answer ({exc})"
+            ) from None
         except BrokerUnavailableError as exc:
             raise BackendUnavailableError(str(exc)) from None
         except KafkaError as exc:
-            raise BackendUnavailableError(f"Kafka at {self.bootstrap} failed: {exc!r}") \
-                from None
+            raise BackendUnavailableError(f"Kafka at {self.bootstrap} failed: {exc!r}") from None
 
     async def start(self) -> None:
         await self._call(self.client.start())
         topics = self.client.topics
         self.client._need(topics.state)
         self.client._need(topics.specs)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    isolation_level="read_committed")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
         await self._call(consumer.start())
         self._consumer = consumer
         self.client._need(topics.events)
@@ -361,8 +369,9 @@ class KafkaApiBackend(ApiBackend):
         try:
             spec = load_deployed_spec(json.loads(value))
         except (ValueError, SpecError) as exc:
-            log.warning("spec record %s is not a valid spec, skipped: %s",
-                        key.decode(errors="replace"), exc)
+            log.warning(
+                "spec record %s is not a valid spec, skipped: %s", key.decode(errors="replace"), exc
+            )
             return
         if spec_key(*spec.key) == key:
             self._specs[key] = spec
@@ -407,10 +416,16 @@ class KafkaApiBackend(ApiBackend):
         run_id: str = await self._call(self.client.trigger(trigger))
         if run_id not in self._states:
             self._accepted[run_id] = RunState(
-                run_id=run_id, tenant=trigger.tenant, correlation_id=trigger.correlation_id,
-                workflow=trigger.workflow, version=trigger.version,
-                idempotency_key=trigger.idempotency_key, requested_by=trigger.requested_by,
-                priority=trigger.priority, input=trigger.input)
+                run_id=run_id,
+                tenant=trigger.tenant,
+                correlation_id=trigger.correlation_id,
+                workflow=trigger.workflow,
+                version=trigger.version,
+                idempotency_key=trigger.idempotency_key,
+                requested_by=trigger.requested_by,
+                priority=trigger.priority,
+                input=trigger.input,
+            )
         return run_id
 
     async def state(self, run_id: str) -> RunState | None:
@@ -436,8 +451,10 @@ class KafkaApiBackend(ApiBackend):
         return full
 
     async def states(self) -> list[RunState]:
-        return [*self._states.values(),
-                *(s for r, s in self._accepted.items() if r not in self._states)]
+        return [
+            *self._states.values(),
+            *(s for r, s in self._accepted.items() if r not in self._states),
+        ]
 
     async def events(self, run_id: str) -> list[Event]:
         async with self._turn:
@@ -455,7 +472,8 @@ class KafkaApiBackend(ApiBackend):
             await self._call(self.client.publish_command(command))
             try:
                 events: list[Event] | None = await asyncio.wait_for(
-                    asyncio.shield(pending.done), COMMAND_WAIT_S)
+                    asyncio.shield(pending.done), COMMAND_WAIT_S
+                )
             except TimeoutError:
                 events = None
         finally:
@@ -484,6 +502,7 @@ class KafkaApiBackend(ApiBackend):
         def moved() -> bool:
             state = self._states.get(run_id)
             return state is not None and state.seq > seq
+
         async with self._changed:
             while not moved():
                 left = deadline - loop.time()

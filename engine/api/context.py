@@ -61,8 +61,11 @@ class ApiContext:
         """The deployed spec (``version`` 0: the latest), reading the deployments again
         if the cached list does not have it."""
         for fresh in (False, True):
-            found = [s for s in await self.specs(fresh) if s.workflow == workflow
-                     and version in (0, s.version)]
+            found = [
+                s
+                for s in await self.specs(fresh)
+                if s.workflow == workflow and version in (0, s.version)
+            ]
             if found:
                 return max(found, key=lambda s: s.version)
         return None
@@ -86,8 +89,8 @@ _bearer = HTTPBearer(auto_error=False, description="an API key (tnh_...) or an O
 
 
 async def principal(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The verified caller, or 401."""
     ctx = _context(request)
@@ -97,8 +100,10 @@ async def principal(
     found = await authenticate(ctx, credentials.credentials)
     if found is None:
         ctx.unauthorized += 1
-        raise unauthorized("the credentials are not valid (unknown, revoked or expired key, "
-                           "or a token whose signature, issuer, audience or expiry fails)")
+        raise unauthorized(
+            "the credentials are not valid (unknown, revoked or expired key, "
+            "or a token whose signature, issuer, audience or expiry fails)"
+        )
     return found
 
 
@@ -124,9 +129,11 @@ def require(role: Role) -> Callable[[Principal], Awaitable[Principal]]:
 
     async def check(caller: Caller) -> Principal:
         if not caller.may(role):
-            raise Problem(403, "Forbidden", f"{caller.subject} lacks the {role.value} role",
-                          kind="forbidden")
+            raise Problem(
+                403, "Forbidden", f"{caller.subject} lacks the {role.value} role", kind="forbidden"
+            )
         return caller
+
     return check
 
 

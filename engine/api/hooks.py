@@ -108,8 +108,10 @@ class Hook(BaseModel):
                 try:
                     Webhook(secret.get_secret_value())
                 except Exception:
-                    raise ValueError(f"secrets[{index}] is not a Standard Webhooks secret; "
-                                     "write whsec_ followed by base64") from None
+                    raise ValueError(
+                        f"secrets[{index}] is not a Standard Webhooks secret; "
+                        "write whsec_ followed by base64"
+                    ) from None
         return self
 
 
@@ -127,13 +129,20 @@ class Hooks:
     refused: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def counts(self, name: str) -> dict[str, Any]:
-        return {"accepted": self.accepted[name],
-                "refused": {reason: n for (hook, reason), n in sorted(self.refused.items())
-                            if hook == name}}
+        return {
+            "accepted": self.accepted[name],
+            "refused": {
+                reason: n for (hook, reason), n in sorted(self.refused.items()) if hook == name
+            },
+        }
 
 
-def parse_hooks(data: object, source: str = "<hooks>",
-                environ: Mapping[str, str] | None = None, base: Path | None = None) -> Hooks:
+def parse_hooks(
+    data: object,
+    source: str = "<hooks>",
+    environ: Mapping[str, str] | None = None,
+    base: Path | None = None,
+) -> Hooks:
     import os
 
     context = {"environ": os.environ if environ is None else environ, "base": base or Path()}
@@ -153,8 +162,9 @@ def load_hooks(path: str | Path) -> Hooks:
     try:
         data = yaml.safe_load(file.read_text())
     except OSError as exc:
-        raise HookSettingsError(str(path), [("$", f"cannot read the file: {exc.strerror}")]) \
-            from None
+        raise HookSettingsError(
+            str(path), [("$", f"cannot read the file: {exc.strerror}")]
+        ) from None
     except yaml.YAMLError as exc:
         raise HookSettingsError(str(path), [("$", f"not valid YAML: {exc}")]) from None
     return parse_hooks(data, str(path), base=file.resolve().parent)
@@ -163,8 +173,7 @@ def load_hooks(path: str | Path) -> Hooks:
 # ---------------------------------------------------------------------- verification
 
 
-def verify(hook: Hook, body: bytes, headers: Mapping[str, str],
-           now_s: float | None = None) -> str:
+def verify(hook: Hook, body: bytes, headers: Mapping[str, str], now_s: float | None = None) -> str:
     """Check the delivery's signature and age; return its delivery id (may be empty).
     Raises ``RefusedDelivery`` with reason ``unsigned``, ``bad signature`` or ``stale``."""
     now = time.time() if now_s is None else now_s
@@ -176,19 +185,26 @@ def verify(hook: Hook, body: bytes, headers: Mapping[str, str],
     return _github(secrets, body, headers)
 
 
-def _standard(secrets: list[str], body: bytes, headers: Mapping[str, str], now: float,
-              tolerance_s: int) -> str:
+def _standard(
+    secrets: list[str], body: bytes, headers: Mapping[str, str], now: float, tolerance_s: int
+) -> str:
     needed = ("webhook-id", "webhook-timestamp", "webhook-signature")
     if not all(headers.get(h) for h in needed):
-        raise RefusedDelivery("unsigned", "a Standard Webhooks delivery carries webhook-id, "
-                              "webhook-timestamp and webhook-signature")
+        raise RefusedDelivery(
+            "unsigned",
+            "a Standard Webhooks delivery carries webhook-id, "
+            "webhook-timestamp and webhook-signature",
+        )
     try:
         stamp = int(headers["webhook-timestamp"])
     except ValueError:
         raise RefusedDelivery("bad signature", "webhook-timestamp is not a number") from None
     if abs(now - stamp) > tolerance_s:
-        raise RefusedDelivery("stale", f"the delivery was signed {int(now - stamp)} s ago; "
-                              f"at most {tolerance_s} s are accepted")
+        raise RefusedDelivery(
+            "stale",
+            f"the delivery was signed {int(now - stamp)} s ago; "
+            f"at most {tolerance_s} s are accepted",
+        )
     subset = {h: headers[h] for h in needed}
     for secret in secrets:
         try:
@@ -199,25 +215,34 @@ def _standard(secrets: list[str], body: bytes, headers: Mapping[str, str], now: 
     raise RefusedDelivery("bad signature", "no configured secret made webhook-signature")
 
 
-def _slack(secrets: list[str], body: bytes, headers: Mapping[str, str], now: float,
-           tolerance_s: int) -> str:
+def _slack(
+    secrets: list[str], body: bytes, headers: Mapping[str, str], now: float, tolerance_s: int
+) -> str:
     stamp_text = headers.get("x-slack-request-timestamp", "")
     signature = headers.get("x-slack-signature", "")
     if not stamp_text or not signature:
-        raise RefusedDelivery("unsigned", "a Slack request carries X-Slack-Request-Timestamp "
-                              "and X-Slack-Signature")
+        raise RefusedDelivery(
+            "unsigned", "a Slack request carries X-Slack-Request-Timestamp and X-Slack-Signature"
+        )
     try:
         stamp = int(stamp_text)
     except ValueError:
-        raise RefusedDelivery("bad signature", "X-Slack-Request-Timestamp is not a number") \
-            from None
+        raise RefusedDelivery(
+            "bad signature", "X-Slack-Request-Timestamp is not a number"
+        ) from None
     if abs(now - stamp) > tolerance_s:
-        raise RefusedDelivery("stale", f"the request was signed {int(now - stamp)} s ago; "
-                              f"at most {tolerance_s} s are accepted")
+        raise RefusedDelivery(
+            "stale",
+            f"the request was signed {int(now - stamp)} s ago; "
+            f"at most {tolerance_s} s are accepted",
+        )
     base = b"v0:" + stamp_text.encode() + b":" + body
-    if not any(hmac.compare_digest(
-            "v0=" + hmac.new(s.encode(), base, hashlib.sha256).hexdigest(), signature)
-            for s in secrets):
+    if not any(
+        hmac.compare_digest(
+            "v0=" + hmac.new(s.encode(), base, hashlib.sha256).hexdigest(), signature
+        )
+        for s in secrets
+    ):
         raise RefusedDelivery("bad signature", "no configured secret made X-Slack-Signature")
     doc = parse_body(body, headers)
     if isinstance(doc, Mapping):
@@ -229,11 +254,13 @@ def _github(secrets: list[str], body: bytes, headers: Mapping[str, str]) -> str:
     signature = headers.get("x-hub-signature-256", "")
     if not signature:
         raise RefusedDelivery("unsigned", "a GitHub delivery carries X-Hub-Signature-256")
-    if not any(hmac.compare_digest(
-            "sha256=" + hmac.new(s.encode(), body, hashlib.sha256).hexdigest(), signature)
-            for s in secrets):
-        raise RefusedDelivery("bad signature", "no configured secret made "
-                              "X-Hub-Signature-256")
+    if not any(
+        hmac.compare_digest(
+            "sha256=" + hmac.new(s.encode(), body, hashlib.sha256).hexdigest(), signature
+        )
+        for s in secrets
+    ):
+        raise RefusedDelivery("bad signature", "no configured secret made X-Hub-Signature-256")
     return headers.get("x-github-delivery", "")
 
 

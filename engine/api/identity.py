@@ -89,7 +89,7 @@ def parse_roles(values: Iterable[str]) -> tuple[frozenset[Role], frozenset[str]]
     for raw in values:
         value = raw.strip()
         if value.startswith(APPROVE_PREFIX):
-            group = value[len(APPROVE_PREFIX):].strip()
+            group = value[len(APPROVE_PREFIX) :].strip()
             if not group:
                 raise IdentityError(f"role {raw!r} names no group; write approve:GROUP")
             groups.add(group)
@@ -156,47 +156,67 @@ class KeyStore:
     def close(self) -> None:
         self._db.close()
 
-    def create(self, subject: str, tenants: Iterable[str], roles: Iterable[str],
-               now_ms: int) -> tuple[str, ApiKey]:
+    def create(
+        self, subject: str, tenants: Iterable[str], roles: Iterable[str], now_ms: int
+    ) -> tuple[str, ApiKey]:
         """A new key: returns the key text (shown once, never stored) and its record."""
         who = subject.strip()
         if not who:
-            raise IdentityError("an API key needs a subject (--subject NAME): the identity "
-                                "its requests and decisions carry")
+            raise IdentityError(
+                "an API key needs a subject (--subject NAME): the identity "
+                "its requests and decisions carry"
+            )
         tenant_list = tuple(sorted({t.strip() for t in tenants if t.strip()}))
         if not tenant_list:
-            raise IdentityError("an API key needs at least one tenant (--tenant NAME, or "
-                                f"--tenant '{ALL_TENANTS}' for all)")
+            raise IdentityError(
+                "an API key needs at least one tenant (--tenant NAME, or "
+                f"--tenant '{ALL_TENANTS}' for all)"
+            )
         role_list = tuple(sorted({r.strip() for r in roles}))
         parse_roles(role_list)
         if not role_list:
-            raise IdentityError("an API key needs at least one role (--role trigger, read, "
-                                "operate, admin or approve:GROUP)")
+            raise IdentityError(
+                "an API key needs at least one role (--role trigger, read, "
+                "operate, admin or approve:GROUP)"
+            )
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
         with self._lock:
             self._db.execute(
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                (key_id, who, json.dumps(tenant_list), json.dumps(role_list), salt,
-                 _hash(secret, salt), now_ms))
-        return f"{KEY_PREFIX}_{key_id}_{secret}", ApiKey(key_id, who, tenant_list, role_list,
-                                                         now_ms)
+                (
+                    key_id,
+                    who,
+                    json.dumps(tenant_list),
+                    json.dumps(role_list),
+                    salt,
+                    _hash(secret, salt),
+                    now_ms,
+                ),
+            )
+        return f"{KEY_PREFIX}_{key_id}_{secret}", ApiKey(
+            key_id, who, tenant_list, role_list, now_ms
+        )
 
     def list(self) -> list[ApiKey]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT key_id, subject, tenants, roles, created_at, revoked_at FROM api_keys "
-                "ORDER BY created_at").fetchall()
-        return [ApiKey(r[0], r[1], tuple(json.loads(r[2])), tuple(json.loads(r[3])), r[4], r[5])
-                for r in rows]
+                "ORDER BY created_at"
+            ).fetchall()
+        return [
+            ApiKey(r[0], r[1], tuple(json.loads(r[2])), tuple(json.loads(r[3])), r[4], r[5])
+            for r in rows
+        ]
 
     def revoke(self, key_id: str, now_ms: int) -> bool:
         """Revoke the key; False if no live key has this id."""
         with self._lock:
             cursor = self._db.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
-                (now_ms, key_id))
+                (now_ms, key_id),
+            )
         self._verified.pop(key_id, None)
         return cursor.rowcount == 1
 
@@ -206,7 +226,8 @@ class KeyStore:
         key_id = text.partition("_")[2].partition("_")[0]
         known = self._verified.get(key_id)
         return known is not None and hmac.compare_digest(
-            known, hmac.digest(self._pepper, text.encode(), "sha256"))
+            known, hmac.digest(self._pepper, text.encode(), "sha256")
+        )
 
     def verify(self, text: str) -> Principal | None:
         """The principal of a live key, or None for anything else."""
@@ -217,7 +238,9 @@ class KeyStore:
         with self._lock:
             row = self._db.execute(
                 "SELECT subject, tenants, roles, salt, hash FROM api_keys "
-                "WHERE key_id = ? AND revoked_at IS NULL", (key_id,)).fetchone()
+                "WHERE key_id = ? AND revoked_at IS NULL",
+                (key_id,),
+            ).fetchone()
         if row is None:
             return None
         digest = hmac.digest(self._pepper, text.encode(), "sha256")
@@ -227,8 +250,13 @@ class KeyStore:
                 return None
             self._verified[key_id] = digest
         roles, groups = parse_roles(json.loads(row[2]))
-        return Principal(subject=row[0], tenants=frozenset(json.loads(row[1])), roles=roles,
-                         groups=groups, via="api-key")
+        return Principal(
+            subject=row[0],
+            tenants=frozenset(json.loads(row[1])),
+            roles=roles,
+            groups=groups,
+            via="api-key",
+        )
 
 
 # ---------------------------------------------------------------------- OIDC
@@ -269,19 +297,24 @@ class OidcVerifier:
             # The key set is cached for five minutes, so a key the issuer withdrew stops
             # working by then (no per-key cache that would outlive it); a token with an
             # unknown kid fetches the set again, at most once per cooldown.
-            self._client = jwt.PyJWKClient(source, cache_keys=False, cache_jwk_set=True,
-                                           lifespan=300, timeout=10,
-                                           cooldown_duration=settings.refresh_cooldown_s)
+            self._client = jwt.PyJWKClient(
+                source,
+                cache_keys=False,
+                cache_jwk_set=True,
+                lifespan=300,
+                timeout=10,
+                cooldown_duration=settings.refresh_cooldown_s,
+            )
         else:
             path = Path(source)
             if not path.exists():
-                raise IdentityError(f"no JWKS file {source}; give --oidc-jwks a URL or the "
-                                    "path of a JWKS file")
+                raise IdentityError(
+                    f"no JWKS file {source}; give --oidc-jwks a URL or the path of a JWKS file"
+                )
             try:
                 self._keys = jwt.PyJWKSet.from_json(path.read_text())
             except (jwt.PyJWKSetError, ValueError) as exc:
-                raise IdentityError(f"JWKS file {source} is not a valid key set: {exc}") \
-                    from None
+                raise IdentityError(f"JWKS file {source} is not a valid key set: {exc}") from None
 
     def _signing_key(self, token: str) -> Any:
         if self._client is not None:
@@ -298,9 +331,15 @@ class OidcVerifier:
         first time and after a key rotation): call it off the event loop."""
         s = self.settings
         try:
-            claims = jwt.decode(token, self._signing_key(token), algorithms=ALGORITHMS,
-                                audience=s.audience, issuer=s.issuer, leeway=s.leeway_s,
-                                options={"require": list(s.required)})
+            claims = jwt.decode(
+                token,
+                self._signing_key(token),
+                algorithms=ALGORITHMS,
+                audience=s.audience,
+                issuer=s.issuer,
+                leeway=s.leeway_s,
+                options={"require": list(s.required)},
+            )
         except (jwt.PyJWTError, ValueError):
             return None
         subject = identity(str(claims.get("sub", "")))
@@ -308,9 +347,13 @@ class OidcVerifier:
             return None
         roles, groups = parse_roles(_strings(claims.get(s.roles_claim)) & {r.value for r in Role})
         groups |= _strings(claims.get(s.groups_claim))
-        return Principal(subject=str(claims["sub"]).strip(),
-                         tenants=frozenset(_strings(claims.get(s.tenants_claim))),
-                         roles=roles, groups=frozenset(groups), via="oidc")
+        return Principal(
+            subject=str(claims["sub"]).strip(),
+            tenants=frozenset(_strings(claims.get(s.tenants_claim))),
+            roles=roles,
+            groups=frozenset(groups),
+            via="oidc",
+        )
 
 
 def _strings(value: Any) -> set[str]:

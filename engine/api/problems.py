@@ -30,9 +30,17 @@ TYPES = "https://terranoha.dev/problems/"
 class Problem(Exception):
     """An error answer: raise it from a route and the client gets it as problem JSON."""
 
-    def __init__(self, status: int, title: str, detail: str, *, field: str | None = None,
-                 kind: str | None = None, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        kind: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.title = title
@@ -43,9 +51,13 @@ class Problem(Exception):
         self.extra = extra
 
     def body(self, instance: str) -> dict[str, Any]:
-        doc: dict[str, Any] = {"type": TYPES + self.kind, "title": self.title,
-                               "status": self.status, "detail": self.detail,
-                               "instance": instance}
+        doc: dict[str, Any] = {
+            "type": TYPES + self.kind,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+        }
         if self.field is not None:
             doc["field"] = self.field
         doc.update(self.extra)
@@ -53,13 +65,22 @@ class Problem(Exception):
 
 
 def problem_response(problem: Problem, instance: str) -> JSONResponse:
-    return JSONResponse(problem.body(instance), status_code=problem.status,
-                        media_type=PROBLEM, headers=problem.headers)
+    return JSONResponse(
+        problem.body(instance),
+        status_code=problem.status,
+        media_type=PROBLEM,
+        headers=problem.headers,
+    )
 
 
 def unauthorized(detail: str) -> Problem:
-    return Problem(401, "Unauthorized", detail, kind="unauthorized",
-                   headers={"WWW-Authenticate": 'Bearer realm="terranoha"'})
+    return Problem(
+        401,
+        "Unauthorized",
+        detail,
+        kind="unauthorized",
+        headers={"WWW-Authenticate": 'Bearer realm="terranoha"'},
+    )
 
 
 def not_found(what: str) -> Problem:
@@ -79,40 +100,58 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _location(e.get("loc", ())), "detail": str(e.get("msg", ""))}
-                  for e in exc.errors()]
+        errors = [
+            {"field": _location(e.get("loc", ())), "detail": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
         first = errors[0] if errors else {"field": "body", "detail": "invalid request"}
-        problem = Problem(422, "Invalid request",
-                          f"{first['field']}: {first['detail']}", field=first["field"],
-                          kind="invalid-request", errors=errors)
+        problem = Problem(
+            422,
+            "Invalid request",
+            f"{first['field']}: {first['detail']}",
+            field=first["field"],
+            kind="invalid-request",
+            errors=errors,
+        )
         return problem_response(problem, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code in (404, 405) and _needs_credentials(request.url.path) \
-                and not await _has_credentials(request):
+        if (
+            exc.status_code in (404, 405)
+            and _needs_credentials(request.url.path)
+            and not await _has_credentials(request)
+        ):
             # No route matched: without valid credentials the answer is still 401, so
             # the API's shape is not probed anonymously.
             request.app.state.ctx.unauthorized += 1
-            problem = unauthorized("send Authorization: Bearer with an API key or an OIDC "
-                                   "token")
+            problem = unauthorized("send Authorization: Bearer with an API key or an OIDC token")
             return problem_response(problem, request.url.path)
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Error")
-        problem = Problem(exc.status_code, title, str(exc.detail),
-                          headers=dict(exc.headers or {}))
+        problem = Problem(exc.status_code, title, str(exc.detail), headers=dict(exc.headers or {}))
         return problem_response(problem, request.url.path)
 
     @app.exception_handler(BackendUnavailableError)
     async def _down(request: Request, exc: BackendUnavailableError) -> JSONResponse:
-        problem = Problem(503, "Backend unavailable", f"{exc}; retry later",
-                          kind="backend-unavailable", headers={"Retry-After": "5"})
+        problem = Problem(
+            503,
+            "Backend unavailable",
+            f"{exc}; retry later",
+            kind="backend-unavailable",
+            headers={"Retry-After": "5"},
+        )
         return problem_response(problem, request.url.path)
 
     @app.exception_handler(KafkaClientError)
     async def _kafka(request: Request, exc: KafkaClientError) -> JSONResponse:
         log.warning("Kafka operation failed: %s", exc)
-        problem = Problem(503, "Backend unavailable", str(exc), kind="backend-unavailable",
-                          headers={"Retry-After": "5"})
+        problem = Problem(
+            503,
+            "Backend unavailable",
+            str(exc),
+            kind="backend-unavailable",
+            headers={"Retry-After": "5"},
+        )
         return problem_response(problem, request.url.path)
 
 
@@ -185,13 +224,24 @@ class BodyLimit:
                 raise
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        body = Problem(413, "Request too large",
-                       f"the request body is over {self.limit} bytes; send less",
-                       field="body", kind="too-large").body(scope.get("path", ""))
+        body = Problem(
+            413,
+            "Request too large",
+            f"the request body is over {self.limit} bytes; send less",
+            field="body",
+            kind="too-large",
+        ).body(scope.get("path", ""))
         data = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", PROBLEM.encode()),
-                                (b"content-length", str(len(data)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", PROBLEM.encode()),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
 

@@ -22,14 +22,20 @@ def post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]
     """POST ``body`` with the key of ``$TERRANOHA_API_KEY``; the status and JSON answer."""
     key = os.environ.get(KEY_ENV)
     if not key:
-        raise CliError(f"set ${KEY_ENV} to an API key (terranoha api-keys create) to talk to "
-                       f"the API at {url}")
+        raise CliError(
+            f"set ${KEY_ENV} to an API key (terranoha api-keys create) to talk to the API at {url}"
+        )
     try:
-        answer = httpx.post(url.rstrip("/") + path, json=body, timeout=30.0,
-                            headers={"Authorization": f"Bearer {key}"})
+        answer = httpx.post(
+            url.rstrip("/") + path,
+            json=body,
+            timeout=30.0,
+            headers={"Authorization": f"Bearer {key}"},
+        )
     except httpx.HTTPError as exc:
-        raise CliError(f"cannot reach the API at {url} ({exc}); start it with "
-                       "`terranoha api` or check --api") from None
+        raise CliError(
+            f"cannot reach the API at {url} ({exc}); start it with `terranoha api` or check --api"
+        ) from None
     try:
         doc: dict[str, Any] = answer.json()
     except ValueError:

@@ -151,8 +151,7 @@ class EmbeddedBackend:
     @contextlib.contextmanager
     def _store(self, must_exist: bool = True) -> Iterator[Store]:
         if must_exist and not self.db.exists():
-            raise CliError(f"no store at {self.db}; pass --db PATH (or run `terranoha demo` "
-                           "first)")
+            raise CliError(f"no store at {self.db}; pass --db PATH (or run `terranoha demo` first)")
         store = Store(self.db)
         try:
             yield store
@@ -184,8 +183,7 @@ class EmbeddedBackend:
             run_id = store.find_run(text)
             state = store.state(run_id) if run_id is not None else None
         if state is None:
-            raise CliError(f"no run matches {text!r} in {self.db}; list runs with "
-                           "`terranoha runs`")
+            raise CliError(f"no run matches {text!r} in {self.db}; list runs with `terranoha runs`")
         return state
 
     def state(self, run_id: str) -> RunState | None:
@@ -195,8 +193,9 @@ class EmbeddedBackend:
     def submit(self, command: Command) -> tuple[list[Event] | None, RunState | None]:
         self._submit_and_settle([command], command.run_id)
         with self._store() as store:
-            events = [e for e in store.events(command.run_id)
-                      if e.causation_id == command.command_id]
+            events = [
+                e for e in store.events(command.run_id) if e.causation_id == command.command_id
+            ]
             return events or None, store.state(command.run_id)
 
     def log(self, text: str) -> RunLog:
@@ -237,15 +236,18 @@ class EmbeddedBackend:
         with processor_lock(self.db, wait=False) as held:
             if not held:
                 return None  # a server holds the store: it fires the timers
-        return (f"no `terranoha serve` holds {self.db}: the run's timers (sleeps, retries, "
-                "reminders, expiries, SLAs) fire only while one runs, or while a command "
-                f"processes the store; start `terranoha serve --db {self.db}`")
+        return (
+            f"no `terranoha serve` holds {self.db}: the run's timers (sleeps, retries, "
+            "reminders, expiries, SLAs) fire only while one runs, or while a command "
+            f"processes the store; start `terranoha serve --db {self.db}`"
+        )
 
     def close(self) -> None:
         pass
 
-    def _submit_and_settle(self, records: Sequence[Command | Trigger | PublishMessage],
-                           run_id: str) -> RunState | None:
+    def _submit_and_settle(
+        self, records: Sequence[Command | Trigger | PublishMessage], run_id: str
+    ) -> RunState | None:
         """Append the records; process them here unless a server holds the store."""
         with self._store(must_exist=False) as store:
             store.append_inputs(records, now_ms())
@@ -299,7 +301,8 @@ class KafkaBackend:
             return self._runner.run(coro)
         except KafkaConnectionError as exc:
             raise BrokerUnavailableError(
-                f"lost Kafka at {self.bootstrap} ({exc}); {START_HINT}") from None
+                f"lost Kafka at {self.bootstrap} ({exc}); {START_HINT}"
+            ) from None
         except KafkaError as exc:
             raise KafkaClientError(f"Kafka at {self.bootstrap} failed: {exc!r}") from None
 
@@ -362,24 +365,30 @@ class KafkaBackend:
             try:
                 where = event_index(self.index, run_id, self.topics.events, number)
             except psycopg.Error as exc:
-                raise CliError(f"the index at --index cannot be read ({exc}); check the "
-                               "DSN, or leave --index out to scan the partition") from None
+                raise CliError(
+                    f"the index at --index cannot be read ({exc}); check the "
+                    "DSN, or leave --index out to scan the partition"
+                ) from None
             if where is None:
-                self._fall_back(f"the projections at --index do not follow "
-                                f"{self.topics.events} (start `terranoha project --kafka "
-                                f"{self.bootstrap} --postgres DSN`)")
+                self._fall_back(
+                    f"the projections at --index do not follow "
+                    f"{self.topics.events} (start `terranoha project --kafka "
+                    f"{self.bootstrap} --postgres DSN`)"
+                )
                 return None
-            return self._call(self.client.run_log_at(run_id, where.offsets,
-                                                     where.indexed_to))
-        self._fall_back("no index is configured (--index DSN or $TERRANOHA_INDEX: the "
-                        "PostgreSQL projections)")
+            return self._call(self.client.run_log_at(run_id, where.offsets, where.indexed_to))
+        self._fall_back(
+            "no index is configured (--index DSN or $TERRANOHA_INDEX: the PostgreSQL projections)"
+        )
         return None
 
     def _fall_back(self, why: str) -> None:
         if not self._warned:
             self._warned = True
-            sys.stderr.write(f"note: {why}; reading the run's partition from its beginning, "
-                             "which slows down as history grows\n")
+            sys.stderr.write(
+                f"note: {why}; reading the run's partition from its beginning, "
+                "which slows down as history grows\n"
+            )
 
     def submit(self, command: Command) -> tuple[list[Event] | None, RunState | None]:
         events = self._call(self.client.send_command(command, COMMAND_WAIT_S))
@@ -414,5 +423,7 @@ class KafkaBackend:
 
     @staticmethod
     def _not_found(text: str, topic: str) -> str:
-        return (f"no run {text} on topic {topic}; on Kafka give the full run id (finding a "
-                "run by a prefix of its id needs an index), or check --topic-prefix")
+        return (
+            f"no run {text} on topic {topic}; on Kafka give the full run id (finding a "
+            "run by a prefix of its id needs an index), or check --topic-prefix"
+        )

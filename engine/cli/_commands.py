@@ -103,17 +103,20 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
                 raise CliError(f"another process is already serving {db}")
             out.write(f"serving {db}; tools: {', '.join(registry.queues) or 'none'}\n")
             out.flush()
-            return asyncio.run(_serve(db, registry, args.concurrency, telemetry, notify,
-                                      health))
+            return asyncio.run(_serve(db, registry, args.concurrency, telemetry, notify, health))
     finally:
         if telemetry is not None:
             telemetry.shutdown()
 
 
-async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
-                       telemetry: Telemetry | None = None,
-                       notify: DeliverySettings | None = None,
-                       health: Health | None = None) -> int:
+async def _serve_kafka(
+    args: argparse.Namespace,
+    registry: Any,
+    out: TextIO,
+    telemetry: Telemetry | None = None,
+    notify: DeliverySettings | None = None,
+    health: Health | None = None,
+) -> int:
     from engine.kafka.readiness import stream_check, worker_check
     from engine.kafka.serve import Running, ServeOptions, default_state_dir, serve
 
@@ -121,32 +124,50 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
     if health is not None:
         health.start()  # alive (and not ready) while the topics are checked
     options = ServeOptions(
-        bootstrap=args.kafka, topics=kafka_topics(args), app=args.app,
-        engine=not args.no_engine, router=not args.no_router,
+        bootstrap=args.kafka,
+        topics=kafka_topics(args),
+        app=args.app,
+        engine=not args.no_engine,
+        router=not args.no_router,
         correlation=not args.no_correlation,
         postgres=args.postgres or os.environ.get("TERRANOHA_POSTGRES"),
         ledger_dsn=args.ledger_dsn,
-        registry=registry, concurrency=args.concurrency, instance_id=args.instance_id,
-        notify=notify, admission=not args.no_admission,
-        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir())
+        registry=registry,
+        concurrency=args.concurrency,
+        instance_id=args.instance_id,
+        notify=notify,
+        admission=not args.no_admission,
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+    )
 
     async def ready(running: Running) -> None:
         if telemetry is not None and running.engine is not None:
             engine = running.engine
-            telemetry.bind(running.follower.registry if running.follower else engine.specs,
-                           engine.state)
+            telemetry.bind(
+                running.follower.registry if running.follower else engine.specs, engine.state
+            )
             telemetry.watch_lag(kafka_lag(engine))
             engine.on_committed = telemetry.observe
-        if telemetry is not None and telemetry.meter_provider is not None \
-                and running.worker is not None:
+        if (
+            telemetry is not None
+            and telemetry.meter_provider is not None
+            and running.worker is not None
+        ):
             worker = running.worker
-            watch_counts(telemetry.meter_provider, "terranoha.worker.tasks", "{task}",
-                         "Tasks this worker took: tool called, answered from the ledger, "
-                         "dropped past their deadline, or not a task", "outcome",
-                         lambda: {"called": worker.calls,
-                                  "from_ledger": worker.answered_from_ledger,
-                                  "expired": worker.expired,
-                                  "undecodable": worker.undecodable})
+            watch_counts(
+                telemetry.meter_provider,
+                "terranoha.worker.tasks",
+                "{task}",
+                "Tasks this worker took: tool called, answered from the ledger, "
+                "dropped past their deadline, or not a task",
+                "outcome",
+                lambda: {
+                    "called": worker.calls,
+                    "from_ledger": worker.answered_from_ledger,
+                    "expired": worker.expired,
+                    "undecodable": worker.undecodable,
+                },
+            )
         if health is not None:
             if running.engine is not None:
                 health.readiness.add("engine", stream_check(running.engine))
@@ -155,11 +176,15 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
             if running.worker is not None:
                 health.readiness.add("worker", worker_check(running.worker))
             health.readiness.started = True
-        parts = [name for name in ("engine", "router", "correlation", "worker", "notifier",
-                                  "schedules")
-                 if getattr(running, name) is not None]
-        out.write(f"serving kafka {args.kafka} ({', '.join(parts)}); "
-                  f"tools: {', '.join(registry.queues) or 'none'}\n")
+        parts = [
+            name
+            for name in ("engine", "router", "correlation", "worker", "notifier", "schedules")
+            if getattr(running, name) is not None
+        ]
+        out.write(
+            f"serving kafka {args.kafka} ({', '.join(parts)}); "
+            f"tools: {', '.join(registry.queues) or 'none'}\n"
+        )
         out.flush()
 
     try:
@@ -170,10 +195,14 @@ async def _serve_kafka(args: argparse.Namespace, registry: Any, out: TextIO,
     return 0
 
 
-async def _serve(db: Path, registry: Any, concurrency: int,
-                 telemetry: Telemetry | None = None,
-                 notify: DeliverySettings | None = None,
-                 health: Health | None = None) -> int:
+async def _serve(
+    db: Path,
+    registry: Any,
+    concurrency: int,
+    telemetry: Telemetry | None = None,
+    notify: DeliverySettings | None = None,
+    health: Health | None = None,
+) -> int:
     stop = stop_on_signals()
     engine = EmbeddedEngine(db)
     if health is not None:
@@ -246,21 +275,33 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             backend.deploy(spec)
             workflow, version = spec.workflow, spec.version
         elif workflow not in {s.workflow for s in backend.specs()}:
-            raise CliError(f"workflow {workflow!r} is not deployed; deploy it with "
-                           "`terranoha workflows deploy SPEC` or pass the spec file")
+            raise CliError(
+                f"workflow {workflow!r} is not deployed; deploy it with "
+                "`terranoha workflows deploy SPEC` or pass the spec file"
+            )
         key = args.key or str(uuid.uuid4())
-        trigger = Trigger(workflow=workflow, version=version, tenant=args.tenant,
-                          idempotency_key=key, input=data, requested_by=args.as_user.strip(),
-                          priority=args.priority, correlation_id=args.correlation_id or key)
+        trigger = Trigger(
+            workflow=workflow,
+            version=version,
+            tenant=args.tenant,
+            idempotency_key=key,
+            input=data,
+            requested_by=args.as_user.strip(),
+            priority=args.priority,
+            correlation_id=args.correlation_id or key,
+        )
         started = backend.start(trigger)
         run_id, state = started.run_id, started.state
         out.write(f"{run_id}\n")
         conflict = start_conflict(trigger, state) if started.existed else None
         if conflict is not None:
             print_state(state, out)
-            print(f"error: run {run_id} already exists for key {key!r} of tenant "
-                  f"{args.tenant!r} and was started with {conflict}; the same key always "
-                  "gives the same run: use another --key for a new run", file=sys.stderr)
+            print(
+                f"error: run {run_id} already exists for key {key!r} of tenant "
+                f"{args.tenant!r} and was started with {conflict}; the same key always "
+                "gives the same run: use another --key for a new run",
+                file=sys.stderr,
+            )
             return KEY_CONFLICT
         if args.wait is not None:
             return _wait(backend, run_id, args.wait, out)
@@ -283,8 +324,7 @@ def _outcome(state: RunState) -> int:
 def _in_progress(state: RunState | None) -> bool:
     if state is None or state.status in IN_PROGRESS:
         return True
-    return state.current is not None and state.current.waiting in (Waiting.TIMER,
-                                                                   Waiting.SLOT)
+    return state.current is not None and state.current.waiting in (Waiting.TIMER, Waiting.SLOT)
 
 
 def _wait(backend: Backend, run_id: str, seconds: float, out: TextIO) -> int:
@@ -312,40 +352,57 @@ def cmd_approve(args: argparse.Namespace, out: TextIO) -> int:
     if url is not None:
         return _approve_through_api(args, url, out)
     if args.kafka:
-        raise CliError("on Kafka a decision goes through the API, which verifies who makes "
-                       "it: pass --api URL (or set $TERRANOHA_API) with an API key in "
-                       "$TERRANOHA_API_KEY")
+        raise CliError(
+            "on Kafka a decision goes through the API, which verifies who makes "
+            "it: pass --api URL (or set $TERRANOHA_API) with an API key in "
+            "$TERRANOHA_API_KEY"
+        )
     if not args.as_user:
-        raise CliError("name the approver with --as USER (the local operator decides for "
-                       "them on the embedded store)")
+        raise CliError(
+            "name the approver with --as USER (the local operator decides for "
+            "them on the embedded store)"
+        )
     with open_backend(args) as backend:
         state = backend.run(args.run)
         roles = tuple(args.role or ())
         if not roles and state.current is not None and state.current.approval is not None:
             # A local operator acting on the command line speaks for the groups asked.
             roles = state.current.approval.approvers
-        command = DecideApproval(command_id=str(uuid.uuid4()), run_id=state.run_id,
-                                 tenant=state.tenant, correlation_id=state.correlation_id,
-                                 step=args.step, approver=args.as_user.strip(), roles=roles,
-                                 approve=not args.reject, comment=args.comment)
+        command = DecideApproval(
+            command_id=str(uuid.uuid4()),
+            run_id=state.run_id,
+            tenant=state.tenant,
+            correlation_id=state.correlation_id,
+            step=args.step,
+            approver=args.as_user.strip(),
+            roles=roles,
+            approve=not args.reject,
+            comment=args.comment,
+        )
         return _report_command(backend, command, out)
 
 
 def _approve_through_api(args: argparse.Namespace, url: str, out: TextIO) -> int:
     """The decision as the API key's subject, for its groups: no --as, no --role."""
     if args.as_user or args.role:
-        raise CliError("with --api the approver and its groups are those of the API key; "
-                       "drop --as and --role")
-    status, doc = api_post(url, f"/v1/approvals/{args.run}/{args.step}",
-                           {"approve": not args.reject, "comment": args.comment})
+        raise CliError(
+            "with --api the approver and its groups are those of the API key; drop --as and --role"
+        )
+    status, doc = api_post(
+        url,
+        f"/v1/approvals/{args.run}/{args.step}",
+        {"approve": not args.reject, "comment": args.comment},
+    )
     if status >= 400:
         out.write(f"refused: {doc.get('detail', '')}\n")
         return REFUSED
     out.write(", ".join(doc.get("events") or ()) + "\n" if doc.get("events") else "queued\n")
     run = doc.get("run") or {}
     if run:
-        out.write(f"{run.get('run_id')}  {run.get('workflow')} v{run.get('version')}  "
-                  f"{run.get('status')}\n")
+        out.write(
+            f"{run.get('run_id')}  {run.get('workflow')} v{run.get('version')}  "
+            f"{run.get('status')}\n"
+        )
     return 0
 
 
@@ -353,18 +410,28 @@ def cmd_signal(args: argparse.Namespace, out: TextIO) -> int:
     data = json_arg(args.data, "--data")
     with open_backend(args) as backend:
         state = backend.run(args.run)
-        command = DeliverSignal(command_id=str(uuid.uuid4()), run_id=state.run_id,
-                                tenant=state.tenant, correlation_id=state.correlation_id,
-                                name=args.name, data=data)
+        command = DeliverSignal(
+            command_id=str(uuid.uuid4()),
+            run_id=state.run_id,
+            tenant=state.tenant,
+            correlation_id=state.correlation_id,
+            name=args.name,
+            data=data,
+        )
         return _report_command(backend, command, out)
 
 
 def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
         state = backend.run(args.run)
-        command = CancelRun(command_id=str(uuid.uuid4()), run_id=state.run_id,
-                            tenant=state.tenant, correlation_id=state.correlation_id,
-                            reason=args.reason, by=args.as_user)
+        command = CancelRun(
+            command_id=str(uuid.uuid4()),
+            run_id=state.run_id,
+            tenant=state.tenant,
+            correlation_id=state.correlation_id,
+            reason=args.reason,
+            by=args.as_user,
+        )
         return _report_command(backend, command, out)
 
 
@@ -372,8 +439,7 @@ def _report_command(backend: Backend, command: Command, out: TextIO) -> int:
     events, state = backend.submit(command)
     for event in events or ():
         if event.TYPE == "CommandRejected":
-            out.write(f"refused: {getattr(event, 'reason', '')}: "
-                      f"{getattr(event, 'detail', '')}\n")
+            out.write(f"refused: {getattr(event, 'reason', '')}: {getattr(event, 'detail', '')}\n")
             print_state(state, out)
             return REFUSED
     out.write(", ".join(e.TYPE for e in events) + "\n" if events else "queued\n")
@@ -394,11 +460,13 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
         found = backend.runs(args.status, args.limit + 1)
-    for state in found[:args.limit]:
+    for state in found[: args.limit]:
         print_state(state, out)
     if len(found) > args.limit:
-        print(f"more runs exist than the {args.limit} most recent shown; pass --limit N "
-              "for more", file=sys.stderr)
+        print(
+            f"more runs exist than the {args.limit} most recent shown; pass --limit N for more",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -415,8 +483,7 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
             raise CliError(f"no run {args.run!r} in the PostgreSQL projections")
     else:
         with open_backend(args) as backend:
-            timeline = build_timeline(_redacted(backend.log(args.run).events,
-                                                backend.specs()))
+            timeline = build_timeline(_redacted(backend.log(args.run).events, backend.specs()))
     if args.json:
         out.write(json.dumps(timeline_view(timeline), indent=2, default=str) + "\n")
     else:
@@ -448,13 +515,18 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         doc: dict[str, Any] = {
             "run_id": run_id,
-            "events": [{"seq": e.seq, "type": e.TYPE, "ts": e.ts, "status": s.status.value,
-                        **_refusal(e)} for e, s in zip(shown, steps, strict=True)],
+            "events": [
+                {"seq": e.seq, "type": e.TYPE, "ts": e.ts, "status": s.status.value, **_refusal(e)}
+                for e, s in zip(shown, steps, strict=True)
+            ],
             "final": redacted_view(steps[-1], deployed) if steps else None,
         }
         if report is not None:
-            doc["verify"] = {"ok": report.ok, "commands": report.commands,
-                             "divergence": to_jsonable(report.divergence)}
+            doc["verify"] = {
+                "ok": report.ok,
+                "commands": report.commands,
+                "divergence": to_jsonable(report.divergence),
+            }
         out.write(json.dumps(doc, indent=2, default=str) + "\n")
     else:
         for event, state in zip(shown, steps, strict=True):
@@ -463,14 +535,17 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
             refusal = _refusal(event)
             if refusal:
                 who = f" by {refusal['by']}" if refusal["by"] else ""
-                line += (f"  {refusal['command']}{who} refused: {refusal['reason']}: "
-                         f"{refusal['detail']}")
+                line += (
+                    f"  {refusal['command']}{who} refused: {refusal['reason']}: {refusal['detail']}"
+                )
             out.write(line + "\n")
         out.write("\n" + render_timeline(build_timeline(shown)) + "\n")
         if report is not None:
             if report.ok:
-                out.write(f"\nverify: OK, {report.commands} commands re-decided, "
-                          f"{report.events} events identical\n")
+                out.write(
+                    f"\nverify: OK, {report.commands} commands re-decided, "
+                    f"{report.events} events identical\n"
+                )
             else:
                 assert report.divergence is not None
                 out.write("\nverify: DIVERGED\n" + report.divergence.describe() + "\n")
@@ -482,13 +557,13 @@ def _refusal(event: Event) -> dict[str, Any]:
     if not isinstance(event, CommandRejected):
         return {}
     by = event.by if isinstance(event, CommandRejectedV2) else ""
-    return {"command": event.command_type, "by": by, "reason": event.reason,
-            "detail": event.detail}
+    return {"command": event.command_type, "by": by, "reason": event.reason, "detail": event.detail}
 
 
 def cmd_dead_letters(args: argparse.Namespace, out: TextIO) -> int:
     with open_backend(args) as backend:
         for dead in backend.dead_letters():
-            out.write(f"{dead.source}/{dead.partition}/{dead.offset}\t{dead.reason}\t"
-                      f"{dead.detail}\n")
+            out.write(
+                f"{dead.source}/{dead.partition}/{dead.offset}\t{dead.reason}\t{dead.detail}\n"
+            )
     return 0

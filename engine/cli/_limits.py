@@ -43,8 +43,9 @@ def cmd_limits_deploy(args: argparse.Namespace, out: TextIO) -> int:
         raise CliError(f"no limits file {args.file}")
     document = load_limits_yaml(file.read_text())
     if args.kafka:
-        version, new = asyncio.run(publish_limits(args.kafka, kafka_topics(args), document,
-                                                  app=args.app))
+        version, new = asyncio.run(
+            publish_limits(args.kafka, kafka_topics(args), document, app=args.app)
+        )
     else:
         limits = _embedded(args)
         try:
@@ -61,11 +62,13 @@ Read = tuple[int, LimitsDocument | None, dict[str, int], dict[str, ad.AdmissionS
 
 def _read(args: argparse.Namespace) -> Read:
     if args.kafka:
+
         async def both() -> Read:
             topics = await deployed_topics(args.kafka, kafka_topics(args))
             deployed = await read_limits(args.kafka, topics)
             states = await read_admission_states(args.kafka, topics)
             return deployed.version, deployed.document, deployed.paused, states
+
         return asyncio.run(both())
     if not db_path(args).exists():
         return 0, None, {}, {}
@@ -77,8 +80,13 @@ def _read(args: argparse.Namespace) -> Read:
         limits.store.close()
 
 
-def status_view(version: int, document: LimitsDocument | None, paused: dict[str, int],
-                states: dict[str, ad.AdmissionState], now: int) -> dict[str, Any]:
+def status_view(
+    version: int,
+    document: LimitsDocument | None,
+    paused: dict[str, int],
+    states: dict[str, ad.AdmissionState],
+    now: int,
+) -> dict[str, Any]:
     """What ``limits status --json`` prints: per key, the limits in force, whether it is
     paused, and what the admission core holds: tasks executing, requests queued and why,
     rate tokens left, budget spent and left, the breaker's state."""
@@ -87,33 +95,44 @@ def status_view(version: int, document: LimitsDocument | None, paused: dict[str,
     rows = []
     for key in keys:
         state = states.get(key)
-        limits = state.limits if state is not None and state.version >= version \
+        limits = (
+            state.limits
+            if state is not None and state.version >= version
             else resolve(document, key)
+        )
         held = ad.hold(state, now) if state is not None else None
         spent = budget_left = None
         if state is not None and limits.budget is not None:
             spent = state.spent if now < state.window_end else 0.0  # a new window
             budget_left = limits.budget.amount - spent - state.reserved
-        rows.append({
-            "key": key,
-            "paused": key in paused,
-            "executing": state.executing if state is not None else 0,
-            "queued": len(state.queue) if state is not None else 0,
-            "held": held.reason if held is not None else None,
-            "rate_tokens": None if state is None or limits.rate is None
-            else round(state.tokens(now), 3),
-            "budget_spent": spent,
-            "budget_left": budget_left,
-            "breaker_state": None if limits.breaker is None
-            else str(state.breaker if state is not None else ad.BreakerState.CLOSED),
-            "concurrency": limits.concurrency,
-            "rate": None if limits.rate is None else
-            {"count": limits.rate.count, "period_ms": limits.rate.period_ms,
-             "burst": limits.burst or limits.rate.count},
-            "weight": limits.weight,
-            "budget": None if limits.budget is None else asdict(limits.budget),
-            "breaker": None if limits.breaker is None else asdict(limits.breaker),
-        })
+        rows.append(
+            {
+                "key": key,
+                "paused": key in paused,
+                "executing": state.executing if state is not None else 0,
+                "queued": len(state.queue) if state is not None else 0,
+                "held": held.reason if held is not None else None,
+                "rate_tokens": None
+                if state is None or limits.rate is None
+                else round(state.tokens(now), 3),
+                "budget_spent": spent,
+                "budget_left": budget_left,
+                "breaker_state": None
+                if limits.breaker is None
+                else str(state.breaker if state is not None else ad.BreakerState.CLOSED),
+                "concurrency": limits.concurrency,
+                "rate": None
+                if limits.rate is None
+                else {
+                    "count": limits.rate.count,
+                    "period_ms": limits.rate.period_ms,
+                    "burst": limits.burst or limits.rate.count,
+                },
+                "weight": limits.weight,
+                "budget": None if limits.budget is None else asdict(limits.budget),
+                "breaker": None if limits.breaker is None else asdict(limits.breaker),
+            }
+        )
     return {"version": version, "keys": rows}
 
 
@@ -132,15 +151,18 @@ def _line(row: dict[str, Any]) -> str:
         parts.append(f"concurrency {row['concurrency']}")
     if row["rate"] is not None:
         rate = row["rate"]
-        parts.append(f"rate {rate['count']}/{format_duration(rate['period_ms'])} "
-                     f"burst {rate['burst']}")
+        parts.append(
+            f"rate {rate['count']}/{format_duration(rate['period_ms'])} burst {rate['burst']}"
+        )
     if row["weight"] != 1.0:
         parts.append(f"weight {row['weight']:g}")
     if row["budget"] is not None:
         b = row["budget"]
         left = f", {row['budget_left']:g} left" if row["budget_left"] is not None else ""
-        parts.append(f"budget {b['amount']:g} per {b['per']} ({b['timezone']}, "
-                     f"on exhausted {b['on_exhausted']}{left})")
+        parts.append(
+            f"budget {b['amount']:g} per {b['per']} ({b['timezone']}, "
+            f"on exhausted {b['on_exhausted']}{left})"
+        )
     if row["breaker"] is not None:
         parts.append(f"breaker at {row['breaker']['failure_rate']:.0%} failures")
     return f"{row['key']}\t{', '.join(parts) or 'no limit'}\n"
@@ -164,13 +186,25 @@ def cmd_limits_status(args: argparse.Namespace, out: TextIO) -> int:
 def _pause(args: argparse.Namespace, out: TextIO, paused: bool) -> int:
     key = _key(args.key)
     if args.kafka:
-        changed = asyncio.run(set_paused(args.kafka, kafka_topics(args), key, paused,
-                                         by=args.as_user, now=now_ms(), app=args.app))
+        changed = asyncio.run(
+            set_paused(
+                args.kafka,
+                kafka_topics(args),
+                key,
+                paused,
+                by=args.as_user,
+                now=now_ms(),
+                app=args.app,
+            )
+        )
     else:
         limits = _embedded(args)
         try:
-            changed = (limits.pause(key, args.as_user, now_ms()) if paused
-                       else limits.resume(key, now_ms()))
+            changed = (
+                limits.pause(key, args.as_user, now_ms())
+                if paused
+                else limits.resume(key, now_ms())
+            )
         finally:
             limits.store.close()
     word = "paused" if paused else "resumed"
@@ -186,14 +220,20 @@ def cmd_limits_resume(args: argparse.Namespace, out: TextIO) -> int:
     return _pause(args, out, False)
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                 backend_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    backend_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
     """``limits deploy|status|pause|resume``, each with ``backend_options``."""
-    limits = sub.add_parser("limits", help="flow control: concurrency, rate, budget and "
-                            "breaker limits per tool and tenant")
+    limits = sub.add_parser(
+        "limits",
+        help="flow control: concurrency, rate, budget and breaker limits per tool and tenant",
+    )
     limits_sub = limits.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = limits_sub.add_parser("deploy", help="validate and deploy a limits document (the "
-                              "next version, unless it is unchanged)")
+    p = limits_sub.add_parser(
+        "deploy",
+        help="validate and deploy a limits document (the next version, unless it is unchanged)",
+    )
     backend_options(p)
     p.add_argument("file")
     p.set_defaults(fn=cmd_limits_deploy)
@@ -201,8 +241,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     backend_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_limits_status)
-    for name, fn, text in (("pause", cmd_limits_pause, "hold every new grant on KEY"),
-                           ("resume", cmd_limits_resume, "let KEY's requests through again")):
+    for name, fn, text in (
+        ("pause", cmd_limits_pause, "hold every new grant on KEY"),
+        ("resume", cmd_limits_resume, "let KEY's requests through again"),
+    ):
         p = limits_sub.add_parser(name, help=text)
         backend_options(p)
         p.add_argument("key", metavar="KEY", help="a limit key, e.g. tool:llm.classify")

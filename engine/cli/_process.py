@@ -20,22 +20,35 @@ from engine.observability.setup import Telemetry, TelemetryError, configure
 
 
 def otel_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--otel", choices=("none", "console", "otlp"), default="none",
-                   help="OpenTelemetry traces and metrics: none (default), console (stdout) "
-                   "or otlp (OTEL_EXPORTER_OTLP_* settings; needs the otlp extra)")
+    p.add_argument(
+        "--otel",
+        choices=("none", "console", "otlp"),
+        default="none",
+        help="OpenTelemetry traces and metrics: none (default), console (stdout) "
+        "or otlp (OTEL_EXPORTER_OTLP_* settings; needs the otlp extra)",
+    )
 
 
 def health_option(p: argparse.ArgumentParser) -> None:
     env_port = os.environ.get("TERRANOHA_HEALTH_PORT")
-    p.add_argument("--health-port", "--metrics-port", dest="health_port", type=int,
-                   default=int(env_port) if env_port else None, metavar="PORT",
-                   help="serve /healthz (alive), /readyz (partitions restored and caught "
-                   "up) and /metrics (Prometheus) on this port (default "
-                   "$TERRANOHA_HEALTH_PORT; none without it)")
-    p.add_argument("--health-host", default=os.environ.get("TERRANOHA_HEALTH_HOST",
-                                                           "127.0.0.1"), metavar="HOST",
-                   help="the address of those endpoints (default $TERRANOHA_HEALTH_HOST or "
-                   "127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument(
+        "--health-port",
+        "--metrics-port",
+        dest="health_port",
+        type=int,
+        default=int(env_port) if env_port else None,
+        metavar="PORT",
+        help="serve /healthz (alive), /readyz (partitions restored and caught "
+        "up) and /metrics (Prometheus) on this port (default "
+        "$TERRANOHA_HEALTH_PORT; none without it)",
+    )
+    p.add_argument(
+        "--health-host",
+        default=os.environ.get("TERRANOHA_HEALTH_HOST", "127.0.0.1"),
+        metavar="HOST",
+        help="the address of those endpoints (default $TERRANOHA_HEALTH_HOST or "
+        "127.0.0.1; 0.0.0.0 in a container)",
+    )
 
 
 @dataclass(slots=True)
@@ -53,8 +66,10 @@ class Health:
         try:
             self.server = start_health(self.readiness, self.registry, self.host, self.port)
         except OSError as exc:
-            raise CliError(f"cannot serve the health endpoints on {self.host}:{self.port} "
-                           f"({exc.strerror}): pick a free port with --health-port") from exc
+            raise CliError(
+                f"cannot serve the health endpoints on {self.host}:{self.port} "
+                f"({exc.strerror}): pick a free port with --health-port"
+            ) from exc
 
     def stop(self) -> None:
         if self.server is not None:
@@ -72,13 +87,14 @@ def health_of(args: argparse.Namespace) -> Health | None:
     return Health(args.health_host, port)
 
 
-def configure_telemetry(args: argparse.Namespace,
-                        health: Health | None = None) -> Telemetry | None:
+def configure_telemetry(args: argparse.Namespace, health: Health | None = None) -> Telemetry | None:
     """OpenTelemetry as ``--otel`` asks (None for ``none`` without ``health``); with
     ``health`` the metrics are also served at its ``/metrics``."""
     try:
-        return configure(getattr(args, "otel", "none") or "none",
-                         prometheus=health.registry if health is not None else None)
+        return configure(
+            getattr(args, "otel", "none") or "none",
+            prometheus=health.registry if health is not None else None,
+        )
     except TelemetryError as exc:
         raise CliError(str(exc)) from exc
 
@@ -91,8 +107,7 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     if not root.handlers:  # a host program (or a test) may have configured logging
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         root.setLevel(numeric)
     for chatty in ("aiokafka", "httpx", "httpcore"):

@@ -39,8 +39,10 @@ from projections.topics import TopicProjector
 def _dsn(args: argparse.Namespace, required: bool = True) -> str | None:
     dsn: str | None = getattr(args, "postgres", None) or os.environ.get("TERRANOHA_POSTGRES")
     if dsn is None and required:
-        raise CliError("the Kafka backend projects into PostgreSQL: pass --postgres DSN "
-                       "(or set TERRANOHA_POSTGRES)")
+        raise CliError(
+            "the Kafka backend projects into PostgreSQL: pass --postgres DSN "
+            "(or set TERRANOHA_POSTGRES)"
+        )
     return dsn
 
 
@@ -73,8 +75,10 @@ def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
         return _project(args, out, health)
     if not args.kafka:
         telemetry.shutdown()
-        raise CliError("project --otel reads the Kafka run events topic; on the embedded "
-                       "store use `terranoha serve --db PATH --otel ...`")
+        raise CliError(
+            "project --otel reads the Kafka run events topic; on the embedded "
+            "store use `terranoha serve --db PATH --otel ...`"
+        )
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
 
@@ -82,8 +86,7 @@ def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
         try:
             loop.run_until_complete(_follow_events(args, telemetry, stop))
         except Exception as exc:
-            print(f"error: telemetry from the run events topic stopped: {exc!r}",
-                  file=sys.stderr)
+            print(f"error: telemetry from the run events topic stopped: {exc!r}", file=sys.stderr)
         finally:
             loop.close()
 
@@ -97,16 +100,21 @@ def cmd_project(args: argparse.Namespace, out: TextIO) -> int:
         telemetry.shutdown()
 
 
-async def _follow_events(args: argparse.Namespace, telemetry: Telemetry,
-                         stop: asyncio.Event) -> None:
+async def _follow_events(
+    args: argparse.Namespace, telemetry: Telemetry, stop: asyncio.Event
+) -> None:
     from engine.observability.follow import follow_events
 
     topics = await deployed_topics(args.kafka, _topics(args))
     await follow_events(args.kafka, topics, telemetry, stop, app=args.app)
 
 
-def _project(args: argparse.Namespace, out: TextIO, health: Health | None = None,
-             telemetry: Telemetry | None = None) -> int:
+def _project(
+    args: argparse.Namespace,
+    out: TextIO,
+    health: Health | None = None,
+    telemetry: Telemetry | None = None,
+) -> int:
     if not args.kafka:
         db = db_path(args)
         if not db.exists():
@@ -150,6 +158,7 @@ def _project(args: argparse.Namespace, out: TextIO, health: Health | None = None
 
         runners = [follower.follow(stop), tables.run(stop, tables_ready)]
         watched = {"postgres": tables.stats}
+
         def tables_check() -> str | None:
             if not reading.is_set():
                 return "reading its stored offsets"
@@ -157,19 +166,20 @@ def _project(args: argparse.Namespace, out: TextIO, health: Health | None = None
             unknown = sorted(p for p, lag in behind.items() if lag is None)
             if unknown:
                 return f"waiting for the first fetch of {topics.events} partition(s) {unknown}"
-            lagging = {p: lag for p, lag in behind.items()
-                       if lag is not None and lag > ACCEPTABLE_LAG}
+            lagging = {
+                p: lag for p, lag in behind.items() if lag is not None and lag > ACCEPTABLE_LAG
+            }
             if lagging:
                 return "catching up: " + ", ".join(
-                    f"{topics.events}/{p} {lag} records behind" for p, lag in sorted(
-                        lagging.items()))
+                    f"{topics.events}/{p} {lag} records behind"
+                    for p, lag in sorted(lagging.items())
+                )
             return None
 
         if health is not None:
             health.readiness.add("postgres", tables_check)
         if not args.no_topics:
-            projector = TopicProjector(args.kafka, topics, app=args.app,
-                                       specs=follower.registry)
+            projector = TopicProjector(args.kafka, topics, app=args.app, specs=follower.registry)
             runners.append(projector.run(stop))
             watched["topics"] = projector.stats
             if health is not None:
@@ -207,8 +217,9 @@ def cmd_rebuild(args: argparse.Namespace, out: TextIO) -> int:
         follower = SpecFollower(args.kafka, topics)
         await follower.start()
         try:
-            return await postgres.rebuild(args.kafka, topics, dsn, progress=bar,
-                                          specs=follower.registry)
+            return await postgres.rebuild(
+                args.kafka, topics, dsn, progress=bar, specs=follower.registry
+            )
         finally:
             await follower.stop()
 
@@ -233,17 +244,25 @@ def cmd_sla(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                 backend_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    backend_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
     """``project``, ``projections rebuild`` and ``sla``, each with ``backend_options``."""
     add = backend_options
-    p = sub.add_parser("project", help="keep the projections up to date until stopped",
-                       description="project the run log into PostgreSQL and the projection "
-                       "topics (Kafka), or into the store file (embedded)")
+    p = sub.add_parser(
+        "project",
+        help="keep the projections up to date until stopped",
+        description="project the run log into PostgreSQL and the projection "
+        "topics (Kafka), or into the store file (embedded)",
+    )
     add(p)
     p.add_argument("--postgres", help="PostgreSQL DSN (default $TERRANOHA_POSTGRES)")
-    p.add_argument("--no-topics", action="store_true",
-                   help="do not write the run timeline and SLA metrics topics")
+    p.add_argument(
+        "--no-topics",
+        action="store_true",
+        help="do not write the run timeline and SLA metrics topics",
+    )
     otel_option(p)
     health_option(p)
     p.set_defaults(fn=cmd_project)

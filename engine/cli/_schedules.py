@@ -74,11 +74,22 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
         if not path.exists():
             raise CliError(f"no schedule file {path}")
         return load_schedule_yaml(path.read_text())
-    data: dict[str, Any] = {k: v for k, v in {
-        "id": args.id, "workflow": args.workflow, "cron": args.cron, "interval": args.every,
-        "timezone": args.timezone, "overlap": args.overlap,
-        "catch_up_window": args.catch_up_window, "jitter": args.jitter,
-        "tenant": args.tenant, "version": args.version}.items() if v is not None}
+    data: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "id": args.id,
+            "workflow": args.workflow,
+            "cron": args.cron,
+            "interval": args.every,
+            "timezone": args.timezone,
+            "overlap": args.overlap,
+            "catch_up_window": args.catch_up_window,
+            "jitter": args.jitter,
+            "tenant": args.tenant,
+            "version": args.version,
+        }.items()
+        if v is not None
+    }
     if args.input is not None:
         data["input"] = json_arg(args.input, "--input")
     if args.paused:
@@ -86,8 +97,9 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
     return load_schedule(data)
 
 
-def _outcome(events: Sequence[ScheduleEvent], out: TextIO, done: str,
-             state: ScheduleState | None = None) -> int:
+def _outcome(
+    events: Sequence[ScheduleEvent], out: TextIO, done: str, state: ScheduleState | None = None
+) -> int:
     rejected = [e for e in events if isinstance(e, ScheduleCommandRejected)]
     for refusal in rejected:
         out.write(f"refused: {refusal.reason}: {refusal.detail}\n")
@@ -125,13 +137,17 @@ def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     if not states:
         out.write("no schedules\n")
         return 0
-    out.write(f"{'ID':<24} {'WORKFLOW':<20} {'WHEN':<22} {'STATUS':<7} {'STARTED':>7} "
-              f"{'MISSED':>6}  NEXT\n")
+    out.write(
+        f"{'ID':<24} {'WORKFLOW':<20} {'WHEN':<22} {'STATUS':<7} {'STARTED':>7} "
+        f"{'MISSED':>6}  NEXT\n"
+    )
     for s in states:
         when = s.spec.cron or f"every {s.spec.interval // 1000}s"
         status = "paused" if s.paused else "active"
-        out.write(f"{s.schedule_id:<24} {s.spec.workflow:<20} {when:<22} {status:<7} "
-                  f"{s.started:>7} {s.missed:>6}  {_when(s.next_nominal, s)}\n")
+        out.write(
+            f"{s.schedule_id:<24} {s.spec.workflow:<20} {when:<22} {status:<7} "
+            f"{s.started:>7} {s.missed:>6}  {_when(s.next_nominal, s)}\n"
+        )
     return 0
 
 
@@ -139,16 +155,24 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     with open_schedules(args) as service:
         view = service.get(args.schedule)
     if view is None:
-        raise CliError(f"no schedule {args.schedule!r}; list them with `terranoha schedules "
-                       "list`")
+        raise CliError(f"no schedule {args.schedule!r}; list them with `terranoha schedules list`")
     s = view.state
     if args.json:
-        json.dump({"schedule": schedule_to_data(s.spec), "status": _status(s),
-                   "next_nominal": s.next_nominal, "running": [r.run_id for r in s.running],
-                   "buffered": s.buffered, "started": s.started, "skipped": s.skipped,
-                   "missed": s.missed,
-                   "events": [{"type": e.TYPE, "at": e.at, "text": describe(e)}
-                              for e in view.events]}, out, indent=2)
+        json.dump(
+            {
+                "schedule": schedule_to_data(s.spec),
+                "status": _status(s),
+                "next_nominal": s.next_nominal,
+                "running": [r.run_id for r in s.running],
+                "buffered": s.buffered,
+                "started": s.started,
+                "skipped": s.skipped,
+                "missed": s.missed,
+                "events": [{"type": e.TYPE, "at": e.at, "text": describe(e)} for e in view.events],
+            },
+            out,
+            indent=2,
+        )
         out.write("\n")
         return 0
     out.write(f"schedule {s.schedule_id}: {_status(s)}\n")
@@ -170,14 +194,17 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _simple(action: Callable[[ScheduleService, str], list[ScheduleEvent]],
-            done: str) -> Callable[[argparse.Namespace, TextIO], int]:
+def _simple(
+    action: Callable[[ScheduleService, str], list[ScheduleEvent]], done: str
+) -> Callable[[argparse.Namespace, TextIO], int]:
     def command(args: argparse.Namespace, out: TextIO) -> int:
         with open_schedules(args) as service:
             events = action(service, args.schedule)
             view = service.get(args.schedule)
-        return _outcome(events, out, f"schedule {args.schedule} {done}",
-                        view.state if view else None)
+        return _outcome(
+            events, out, f"schedule {args.schedule} {done}", view.state if view else None
+        )
+
     return command
 
 
@@ -195,8 +222,9 @@ def cmd_backfill(args: argparse.Namespace, out: TextIO) -> int:
     with open_schedules(args) as service:
         events = service.backfill(args.schedule, start, end, by="cli")
         view = service.get(args.schedule)
-    return _outcome(events, out, f"schedule {args.schedule} backfilled",
-                    view.state if view else None)
+    return _outcome(
+        events, out, f"schedule {args.schedule} backfilled", view.state if view else None
+    )
 
 
 def _status(state: ScheduleState) -> str:
@@ -208,8 +236,9 @@ def _zone(state: ScheduleState | None) -> str:
 
 
 def _iso(ms: int, zone: str) -> str:
-    return datetime.fromtimestamp(ms / 1000, ZoneInfo(zone) if zone != "UTC" else UTC) \
-        .isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ms / 1000, ZoneInfo(zone) if zone != "UTC" else UTC).isoformat(
+        timespec="seconds"
+    )
 
 
 def _when(ms: int | None, state: ScheduleState | None = None) -> str:
@@ -218,6 +247,7 @@ def _when(ms: int | None, state: ScheduleState | None = None) -> str:
 
 def describe(event: ScheduleEvent, state: ScheduleState | None = None) -> str:
     """One line for an event, nominal times in the schedule's time zone."""
+
     def w(ms: int | None) -> str:
         return _when(ms, state)
 
@@ -229,18 +259,24 @@ def describe(event: ScheduleEvent, state: ScheduleState | None = None) -> str:
         return f"buffered {w(event.nominal)} until the running run ends"
     if isinstance(event, ScheduleTicksMissed):
         more = "+" if event.truncated else ""
-        return (f"MISSED {event.count}{more} nominal time(s) {w(event.first)} .. "
-                f"{w(event.last)} ({event.reason.value})")
+        return (
+            f"MISSED {event.count}{more} nominal time(s) {w(event.first)} .. "
+            f"{w(event.last)} ({event.reason.value})"
+        )
     if isinstance(event, ScheduledRunCancelRequested):
         return f"cancel requested for run {event.run_id} (overlap)"
     if isinstance(event, ScheduledRunEnded):
         return f"run {event.run_id} ended: {event.outcome}"
     if isinstance(event, ScheduleCommandRejected):
         return f"refused {event.command}: {event.reason}: {event.detail}"
-    fields = {k: v for k, v in vars_of(event).items()
-              if k in ("next_nominal", "start", "end", "count", "by") and v not in ("", None)}
-    text = ", ".join(f"{k} {w(v) if k in ('next_nominal', 'start', 'end') else v}"
-                     for k, v in fields.items())
+    fields = {
+        k: v
+        for k, v in vars_of(event).items()
+        if k in ("next_nominal", "start", "end", "count", "by") and v not in ("", None)
+    }
+    text = ", ".join(
+        f"{k} {w(v) if k in ('next_nominal', 'start', 'end') else v}" for k, v in fields.items()
+    )
     return f"{event.TYPE}{': ' + text if text else ''}"
 
 
@@ -248,13 +284,16 @@ def vars_of(event: ScheduleEvent) -> dict[str, Any]:
     return {name: getattr(event, name) for name in event.__dataclass_fields__}
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                 backend_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    backend_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
     top = sub.add_parser("schedules", help="cron and interval schedules that start runs")
     schedules = top.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def add(name: str, fn: Callable[[argparse.Namespace, TextIO], int],
-            text: str, with_id: bool = True) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[argparse.Namespace, TextIO], int], text: str, with_id: bool = True
+    ) -> argparse.ArgumentParser:
         p = schedules.add_parser(name, help=text, description=text)
         p.set_defaults(fn=fn)
         if with_id:
@@ -262,8 +301,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         backend_options(p)
         return p
 
-    p = add("create", cmd_create, "create a schedule from a FILE (YAML) or from options",
-            with_id=False)
+    p = add(
+        "create", cmd_create, "create a schedule from a FILE (YAML) or from options", with_id=False
+    )
     p.add_argument("file", nargs="?", metavar="FILE")
     p.add_argument("--id", help="the schedule id")
     p.add_argument("--workflow", help="the deployed workflow it starts")
@@ -272,26 +312,46 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--every", metavar="DURATION", help="an interval instead, e.g. 15m")
     p.add_argument("--timezone", help="IANA time zone of the cron expression (default UTC)")
     p.add_argument("--input", help="run input as JSON")
-    p.add_argument("--overlap", choices=[o.value for o in OverlapPolicy],
-                   help="while a run is going: skip (default), buffer_one, allow_all, "
-                   "cancel_other")
-    p.add_argument("--catch-up-window", metavar="DURATION",
-                   help="how late a nominal time may still run (default 1h)")
-    p.add_argument("--jitter", metavar="DURATION",
-                   help="fire up to this much after each nominal time (deterministic)")
+    p.add_argument(
+        "--overlap",
+        choices=[o.value for o in OverlapPolicy],
+        help="while a run is going: skip (default), buffer_one, allow_all, cancel_other",
+    )
+    p.add_argument(
+        "--catch-up-window",
+        metavar="DURATION",
+        help="how late a nominal time may still run (default 1h)",
+    )
+    p.add_argument(
+        "--jitter",
+        metavar="DURATION",
+        help="fire up to this much after each nominal time (deterministic)",
+    )
     p.add_argument("--tenant", help="the tenant of its runs (default default)")
     p.add_argument("--paused", action="store_true", help="create it paused")
     add("list", cmd_list, "list schedules", with_id=False)
-    p = add("show", cmd_show, "show a schedule, its counts and its recent events "
-            "(missed nominal times included)")
+    p = add(
+        "show",
+        cmd_show,
+        "show a schedule, its counts and its recent events (missed nominal times included)",
+    )
     p.add_argument("--json", action="store_true")
-    add("pause", cmd_pause, "pause a schedule (its nominal times until resume are recorded "
-        "as missed)")
+    add(
+        "pause",
+        cmd_pause,
+        "pause a schedule (its nominal times until resume are recorded as missed)",
+    )
     add("resume", cmd_resume, "resume a paused schedule")
     add("trigger", cmd_trigger, "start a run now (the overlap policy applies)")
     p = add("backfill", cmd_backfill, "start a run for every nominal time in a range")
-    p.add_argument("--from", dest="start", required=True, metavar="TIME",
-                   help="ISO 8601 time (without an offset: UTC)")
-    p.add_argument("--to", dest="end", required=True, metavar="TIME",
-                   help="ISO 8601 time, inclusive")
+    p.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        metavar="TIME",
+        help="ISO 8601 time (without an offset: UTC)",
+    )
+    p.add_argument(
+        "--to", dest="end", required=True, metavar="TIME", help="ISO 8601 time, inclusive"
+    )
     add("delete", cmd_delete, "delete a schedule (its runs keep going)")

@@ -28,8 +28,9 @@ def json_arg(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CliError(f"{what} is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}")\
-            from None
+        raise CliError(
+            f"{what} is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}"
+        ) from None
 
 
 def load_spec_file(path: str) -> WorkflowSpec:
@@ -43,8 +44,9 @@ def is_spec_file(text: str) -> bool:
     return text.endswith((".yaml", ".yml")) or Path(text).exists()
 
 
-def print_state(state: RunState | None, out: TextIO, as_json: bool = False,
-                specs: Sequence[WorkflowSpec] = ()) -> None:
+def print_state(
+    state: RunState | None, out: TextIO, as_json: bool = False, specs: Sequence[WorkflowSpec] = ()
+) -> None:
     if state is None:
         out.write("run not found\n")
         return
@@ -57,20 +59,26 @@ def print_state(state: RunState | None, out: TextIO, as_json: bool = False,
         where = f" at step {current.step}"
         if current.waiting is Waiting.APPROVAL and current.approval is not None:
             a = current.approval
-            where += (f" (waiting for approval by {', '.join(a.approvers)}; "
-                      f"{len(a.votes)}/{a.quorum} approvals)")
+            where += (
+                f" (waiting for approval by {', '.join(a.approvers)}; "
+                f"{len(a.votes)}/{a.quorum} approvals)"
+            )
         elif current.waiting is Waiting.SIGNAL:
-            where += (f" (waiting for signal {current.signal!r})" if current.signal_key is None
-                      else f" (waiting for message {current.signal!r} with key "
-                      f"{current.signal_key!r})")
+            where += (
+                f" (waiting for signal {current.signal!r})"
+                if current.signal_key is None
+                else f" (waiting for message {current.signal!r} with key {current.signal_key!r})"
+            )
         elif current.waiting is Waiting.TASK:
             task = "task" if current.phase == "task" else f"{current.phase} task"
             where += f" ({task} attempt {current.attempt} dispatched)"
         elif current.waiting is Waiting.RETRY:
             where += f" (retry after attempt {current.attempt})"
         elif current.waiting is Waiting.SLOT:
-            where += (f" (queued for a slot on {current.slot}; `terranoha limits status` "
-                      "says what holds it)")
+            where += (
+                f" (queued for a slot on {current.slot}; `terranoha limits status` "
+                "says what holds it)"
+            )
     out.write(f"{state.run_id}  {state.workflow} v{state.version}  {state.status.value}{where}\n")
     if state.error:
         message = redact_text(str(state.error.get("message")))

@@ -18,8 +18,10 @@ from engine.codec._errors import SchemaError
 CATALOGUE = "catalogue.json"
 MAX_ID = 2**31 - 1
 
-_FILE = re.compile(r"(?:[a-z_]+/)*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>[1-9][0-9]*)"
-                   r"\.avsc")
+_FILE = re.compile(
+    r"(?:[a-z_]+/)*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>[1-9][0-9]*)"
+    r"\.avsc"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +62,19 @@ def read_catalogue(folder: Path) -> Catalogue:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SchemaError(f"no schema catalogue at {path}: point TERRANOHA_SCHEMAS at the "
-                          "schemas folder, or run `python -m engine.codec.generate`") from None
+        raise SchemaError(
+            f"no schema catalogue at {path}: point TERRANOHA_SCHEMAS at the "
+            "schemas folder, or run `python -m engine.codec.generate`"
+        ) from None
     except ValueError as exc:
         raise SchemaError(f"{path} is not valid JSON: {exc}") from None
     try:
         next_id = raw["next_id"]
         entries = tuple(Entry(item["id"], item["file"]) for item in raw["schemas"])
     except (KeyError, TypeError) as exc:
-        raise SchemaError(f"{path} needs next_id and a schemas list of {{id, file}} "
-                          f"objects ({exc!r})") from None
+        raise SchemaError(
+            f"{path} needs next_id and a schemas list of {{id, file}} objects ({exc!r})"
+        ) from None
     _check(path, entries, next_id)
     return Catalogue(entries, next_id)
 
@@ -77,10 +82,11 @@ def read_catalogue(folder: Path) -> Catalogue:
 def write_catalogue(folder: Path, catalogue: Catalogue) -> None:
     body = {
         "doc": "Schema ids: every schema file's id is stable and never reused; a new "
-               "schema takes next_id. Records carry the id after the magic byte.",
+        "schema takes next_id. Records carry the id after the magic byte.",
         "next_id": catalogue.next_id,
-        "schemas": [{"id": e.id, "file": e.file}
-                    for e in sorted(catalogue.entries, key=lambda e: e.id)],
+        "schemas": [
+            {"id": e.id, "file": e.file} for e in sorted(catalogue.entries, key=lambda e: e.id)
+        ],
     }
     (folder / CATALOGUE).write_text(_dump(body) + "\n", encoding="utf-8")
 
@@ -131,8 +137,10 @@ def _dump(value: Any, indent: int = 0, width: int = 100) -> str:
         return flat
     pad = " " * (indent + 2)
     if isinstance(value, dict):
-        items = [f"{pad}{json.dumps(k)}: {_dump(v, indent + 2, width).lstrip()}"
-                 for k, v in value.items()]
+        items = [
+            f"{pad}{json.dumps(k)}: {_dump(v, indent + 2, width).lstrip()}"
+            for k, v in value.items()
+        ]
         return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
     items = [pad + _dump(v, indent + 2, width) for v in value]
     return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"

@@ -58,8 +58,9 @@ class Codec:
         try:
             header, schema, to_avro, file = self._writers[type(record)]
         except KeyError:
-            raise EncodeError(self._missing.get(
-                type(record), f"{type(record).__qualname__} is not a record type")) from None
+            raise EncodeError(
+                self._missing.get(type(record), f"{type(record).__qualname__} is not a record type")
+            ) from None
         try:
             fields = to_avro(record)
             out = BytesIO()
@@ -68,8 +69,9 @@ class Codec:
         except EncodeError:
             raise
         except Exception as exc:
-            raise EncodeError(f"{type(record).__qualname__} does not fit {file}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise EncodeError(
+                f"{type(record).__qualname__} does not fit {file}: {type(exc).__name__}: {exc}"
+            ) from exc
         return out.getvalue()
 
     def decode(self, data: bytes) -> object:
@@ -77,9 +79,15 @@ class Codec:
         sid = schema_id(data)
         reader = self._readers.get(sid)
         if reader is None:
-            raise DecodeError("unknown_schema", self._unreadable.get(
-                sid, f"schema id {sid} is not in the catalogue at {self.schemas_dir}: the "
-                "record was written with a schema this engine does not know"), sid)
+            raise DecodeError(
+                "unknown_schema",
+                self._unreadable.get(
+                    sid,
+                    f"schema id {sid} is not in the catalogue at {self.schemas_dir}: the "
+                    "record was written with a schema this engine does not know",
+                ),
+                sid,
+            )
         body = BytesIO(data)
         body.seek(HEADER.size)
         try:
@@ -88,23 +96,42 @@ class Codec:
             # A varint cut short fails as IndexError, not EOFError: having read every
             # byte is what tells truncation apart.
             if isinstance(exc, EOFError) or body.tell() >= len(data):
-                raise DecodeError("truncated", f"{reader.file} (schema id {sid}): the Avro "
-                                  f"body ends early ({len(data)} bytes in all)", sid) from None
-            raise DecodeError("corrupt", f"{reader.file} (schema id {sid}): the Avro body "
-                              f"does not decode: {type(exc).__name__}: {exc}", sid) from None
+                raise DecodeError(
+                    "truncated",
+                    f"{reader.file} (schema id {sid}): the Avro "
+                    f"body ends early ({len(data)} bytes in all)",
+                    sid,
+                ) from None
+            raise DecodeError(
+                "corrupt",
+                f"{reader.file} (schema id {sid}): the Avro body "
+                f"does not decode: {type(exc).__name__}: {exc}",
+                sid,
+            ) from None
         if body.tell() != len(data):
-            raise DecodeError("corrupt", f"{reader.file} (schema id {sid}): "
-                              f"{len(data) - body.tell()} bytes after the Avro body", sid)
+            raise DecodeError(
+                "corrupt",
+                f"{reader.file} (schema id {sid}): "
+                f"{len(data) - body.tell()} bytes after the Avro body",
+                sid,
+            )
         try:
             return reader.from_avro(fields)
         except DecodeError:
             raise
         except json.JSONDecodeError as exc:
-            raise DecodeError("corrupt", f"{reader.file} (schema id {sid}): a JSON field is "
-                              f"not valid JSON: {exc}", sid) from None
+            raise DecodeError(
+                "corrupt",
+                f"{reader.file} (schema id {sid}): a JSON field is not valid JSON: {exc}",
+                sid,
+            ) from None
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            raise DecodeError("corrupt", f"{reader.file} (schema id {sid}): a field does not "
-                              f"convert: {type(exc).__name__}: {exc}", sid) from None
+            raise DecodeError(
+                "corrupt",
+                f"{reader.file} (schema id {sid}): a field does not "
+                f"convert: {type(exc).__name__}: {exc}",
+                sid,
+            ) from None
 
     # -- loading ----------------------------------------------------------------------
 
@@ -114,8 +141,10 @@ class Codec:
         for record in records:
             key = (record.name, record.version)
             if key in by_key:
-                raise SchemaError(f"two record classes are {record.name} v{record.version}: "
-                                  f"{by_key[key].cls.__qualname__}, {record.cls.__qualname__}")
+                raise SchemaError(
+                    f"two record classes are {record.name} v{record.version}: "
+                    f"{by_key[key].cls.__qualname__}, {record.cls.__qualname__}"
+                )
             by_key[key] = record
             if record.name not in current or record.version > current[record.name].version:
                 current[record.name] = record
@@ -130,8 +159,9 @@ class Codec:
                 others.append((entry, raw))
                 continue
             if entry.file != owner.file:
-                raise SchemaError(f"{entry.file}: {owner.name} v{owner.version} belongs in "
-                                  f"{owner.file}")
+                raise SchemaError(
+                    f"{entry.file}: {owner.name} v{owner.version} belongs in {owner.file}"
+                )
             _check_matches(self.schemas_dir / entry.file, raw, owner)
             parsed = _parse(self.schemas_dir / entry.file, raw)
             to_avro, from_avro = converters.pair(owner.cls)
@@ -146,11 +176,15 @@ class Codec:
             if target is None or target not in own:
                 problem = "this engine has no record class for it"
             elif target.semantic_versions:
-                problem = (f"this engine has no class for {entry.name} v{entry.version}, and "
-                           "an event version is never read as another")
+                problem = (
+                    f"this engine has no class for {entry.name} v{entry.version}, and "
+                    "an event version is never read as another"
+                )
             elif entry.version > target.version:
-                problem = (f"newer than {entry.name} v{target.version}, the latest this engine "
-                           "knows: written by a newer engine")
+                problem = (
+                    f"newer than {entry.name} v{target.version}, the latest this engine "
+                    "knows: written by a newer engine"
+                )
             if problem:
                 self._unreadable[entry.id] = f"schema id {entry.id} ({entry.file}): {problem}"
                 continue
@@ -165,7 +199,8 @@ class Codec:
                 self._missing[record.cls] = (
                     f"{record.cls.__qualname__} ({record.name} v{record.version}) has no "
                     f"schema in the catalogue at {self.schemas_dir}: run "
-                    f"`python -m engine.codec.generate` to add {record.file}")
+                    f"`python -m engine.codec.generate` to add {record.file}"
+                )
 
 
 def schema_id(data: bytes) -> int:
@@ -173,11 +208,15 @@ def schema_id(data: bytes) -> int:
     try:
         magic, sid = HEADER.unpack_from(data)
     except struct.error:
-        raise DecodeError("bad_magic", f"{len(data)} bytes are too short for a record "
-                          f"(magic byte 0 and a 4-byte schema id)") from None
+        raise DecodeError(
+            "bad_magic",
+            f"{len(data)} bytes are too short for a record (magic byte 0 and a 4-byte schema id)",
+        ) from None
     if magic != 0:
-        raise DecodeError("bad_magic", f"the first byte is {magic}, not the magic "
-                          "byte 0: not a Confluent-framed Avro record")
+        raise DecodeError(
+            "bad_magic",
+            f"the first byte is {magic}, not the magic byte 0: not a Confluent-framed Avro record",
+        )
     return int(sid)
 
 
@@ -195,16 +234,22 @@ def _check_matches(path: Path, raw: dict[str, Any], record: RecordType) -> None:
         raise SchemaError(
             f"{path} does not match {record.cls.__module__}.{record.cls.__qualname__}: "
             f"{problem}. A published schema never changes: give the class a new VERSION "
-            "and run `python -m engine.codec.generate`.")
+            "and run `python -m engine.codec.generate`."
+        )
 
 
 def _check_resolvable(
-    writer_file: str, writer: dict[str, Any], reader_file: str, reader: dict[str, Any],
+    writer_file: str,
+    writer: dict[str, Any],
+    reader_file: str,
+    reader: dict[str, Any],
 ) -> None:
     """A field the reader has and an older writer lacks must have a default."""
     written = {f["name"] for f in writer.get("fields", [])}
     for f in reader.get("fields", []):
         names = {f["name"], *f.get("aliases", [])}
         if not names & written and "default" not in f:
-            raise SchemaError(f"{writer_file} cannot be read as {reader_file}: field "
-                              f"{f['name']} is new and has no default")
+            raise SchemaError(
+                f"{writer_file} cannot be read as {reader_file}: field "
+                f"{f['name']} is new and has no default"
+            )

@@ -81,7 +81,8 @@ class Converters:
             record = decode(data)
             if not isinstance(record, base):
                 raise DecodeError(
-                    "corrupt", f"a {base.__name__} field holds a {type(record).__name__}")
+                    "corrupt", f"a {base.__name__} field holds a {type(record).__name__}"
+                )
             return record
 
         return self._bind("unembed", base, unembed)
@@ -108,8 +109,9 @@ class Converters:
         encoded, decoded = [], []
         for f, hint in fields_of(cls):
             if not f.init:
-                raise SchemaError(f"{cls.__qualname__}.{f.name}: init=False fields cannot "
-                                  "be decoded")
+                raise SchemaError(
+                    f"{cls.__qualname__}.{f.name}: init=False fields cannot be decoded"
+                )
             shape = shape_of(hint, frozenset(self._embedded), f"{cls.__qualname__}.{f.name}")
             encoded.append(f"{f.name!r}: {encode_expr(shape, f'o.{f.name}', self)}")
             value = decode_expr(shape, f"d[{f.name!r}]", self)
@@ -122,8 +124,10 @@ class Converters:
             build = f"    return {cls_name}({', '.join(decoded)})\n"
         else:
             build = f"    o = _new({cls_name})\n{''.join(decoded)}    return o\n"
-        source = (f"def {to_name}(o):\n    return {{{', '.join(encoded)}}}\n\n"
-                  f"def {from_name}(d):\n{build}")
+        source = (
+            f"def {to_name}(o):\n    return {{{', '.join(encoded)}}}\n\n"
+            f"def {from_name}(d):\n{build}"
+        )
         exec(compile(source, f"<codec converters of {cls.__qualname__}>", "exec"), self._ns)
 
 

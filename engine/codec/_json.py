@@ -21,17 +21,18 @@ def _refuse(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
-_SLOW_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                                 default=_refuse)
+_SLOW_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_refuse
+)
 _C_ENCODER: Callable[[object, int], Any] | None = None
 _make_encoder = getattr(_encoder, "c_make_encoder", None)  # None without the C accelerator
 if _make_encoder is not None:
     # markers=None skips the cycle check: a cyclic value raises RecursionError instead.
-    _C_ENCODER = _make_encoder(None, _refuse, _encoder.encode_basestring, None,
-                               ":", ",", False, False, False)
+    _C_ENCODER = _make_encoder(
+        None, _refuse, _encoder.encode_basestring, None, ":", ",", False, False, False
+    )
 
-_SCAN: Callable[[str, int], tuple[Any, int]] = _scanner.make_scanner(
-    json.JSONDecoder())  # type: ignore[arg-type]  # typeshed types the argument oddly
+_SCAN: Callable[[str, int], tuple[Any, int]] = _scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # typeshed types the argument oddly
 
 
 def dumps(value: object) -> str:

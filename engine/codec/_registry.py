@@ -62,9 +62,12 @@ class RecordType:
     def schema(self) -> dict[str, Any]:
         """The Avro schema this class's fields call for (what the generator writes)."""
         body = record_schema(self.cls, self.name, EMBEDDED)
-        return {"type": "record", "name": self.name, "namespace": NAMESPACE,
-                **{k: v for k, v in body.items() if k not in ("type", "name")}}
-
+        return {
+            "type": "record",
+            "name": self.name,
+            "namespace": NAMESPACE,
+            **{k: v for k, v in body.items() if k not in ("type", "name")},
+        }
 
     def drift(self, schema: dict[str, Any]) -> str:
         """How ``schema`` differs from what the class calls for, docs aside ("" if not)."""
@@ -75,8 +78,11 @@ class RecordType:
         need = {f["name"]: f for f in wanted["fields"]}
         problems = [f"field {n} is not in the schema" for n in need if n not in have]
         problems += [f"schema field {n} is not on the class" for n in have if n not in need]
-        problems += [f"field {n}: the schema has {have[n]}, the class needs {need[n]}"
-                     for n in need if n in have and have[n] != need[n]]
+        problems += [
+            f"field {n}: the schema has {have[n]}, the class needs {need[n]}"
+            for n in need
+            if n in have and have[n] != need[n]
+        ]
         return "; ".join(problems) or "the record attributes differ"
 
 
@@ -104,15 +110,19 @@ def core_records() -> list[RecordType]:
 
 def admission_records() -> list[RecordType]:
     """The admission processor's commands, events and per-key state."""
-    return [*(RecordType.of(cls, "admission") for cls in admission.RECORD_TYPES),
-            RecordType.of(Alert, "records")]
+    return [
+        *(RecordType.of(cls, "admission") for cls in admission.RECORD_TYPES),
+        RecordType.of(Alert, "records"),
+    ]
 
 
 def schedule_records() -> list[RecordType]:
     """The records of the schedules' topics: commands, events, state."""
-    return [*(RecordType.of(cls, "schedules") for cls in SCHEDULE_COMMAND_TYPES),
-            *(RecordType.of(cls, "schedules") for cls in SCHEDULE_EVENT_TYPES),
-            RecordType.of(ScheduleState, "schedules")]
+    return [
+        *(RecordType.of(cls, "schedules") for cls in SCHEDULE_COMMAND_TYPES),
+        *(RecordType.of(cls, "schedules") for cls in SCHEDULE_EVENT_TYPES),
+        RecordType.of(ScheduleState, "schedules"),
+    ]
 
 
 def projection_records() -> list[RecordType]:
@@ -122,8 +132,10 @@ def projection_records() -> list[RecordType]:
 
 def correlation_records() -> list[RecordType]:
     """The records of message correlation: its commands, its events, its key's state."""
-    return [RecordType.of(cls, "correlation")
-            for cls in (*CORRELATION_COMMANDS, *CORRELATION_EVENTS, CorrelationState)]
+    return [
+        RecordType.of(cls, "correlation")
+        for cls in (*CORRELATION_COMMANDS, *CORRELATION_EVENTS, CorrelationState)
+    ]
 
 
 def _without_docs(value: Any) -> Any:

@@ -43,7 +43,11 @@ ENUM_DOC = "Symbols are the names of the Python enum members."
 SET_DOC = "A set: distinct items, written sorted."
 
 _PRIMITIVES: dict[object, str] = {
-    str: "string", int: "long", float: "double", bool: "boolean", bytes: "bytes",
+    str: "string",
+    int: "long",
+    float: "double",
+    bool: "boolean",
+    bytes: "bytes",
 }
 
 
@@ -113,7 +117,10 @@ def shape_of(tp: Any, embedded: frozenset[type], where: str) -> Shape:
 
 
 def record_schema(
-    cls: type, name: str, embedded: frozenset[type], defined: set[str] | None = None,
+    cls: type,
+    name: str,
+    embedded: frozenset[type],
+    defined: set[str] | None = None,
 ) -> dict[str, Any]:
     """The Avro record schema of dataclass ``cls``. ``defined`` holds the named types
     already written in the enclosing schema: later uses refer to them by name."""
@@ -132,7 +139,10 @@ def record_schema(
 
 
 def _field_schema(
-    f: dataclasses.Field[Any], shape: Shape, embedded: frozenset[type], defined: set[str],
+    f: dataclasses.Field[Any],
+    shape: Shape,
+    embedded: frozenset[type],
+    defined: set[str],
 ) -> dict[str, Any]:
     where = f.name
     default = _default_of(f)
@@ -160,8 +170,10 @@ def avro_type(shape: Shape, embedded: frozenset[type], defined: set[str]) -> Any
     if kind == "embedded":
         return "bytes"
     if kind == "array":
-        array: dict[str, Any] = {"type": "array", "items": avro_type(shape.inner, embedded,
-                                                                     defined)}
+        array: dict[str, Any] = {
+            "type": "array",
+            "items": avro_type(shape.inner, embedded, defined),
+        }
         return array
     if kind == "map":
         return {"type": "map", "values": avro_type(shape.inner, embedded, defined)}
@@ -172,8 +184,12 @@ def avro_type(shape: Shape, embedded: frozenset[type], defined: set[str]) -> Any
         return name
     if kind == "enum":
         defined.add(name)
-        return {"type": "enum", "name": name, "doc": ENUM_DOC,
-                "symbols": [member.name for member in shape.py]}
+        return {
+            "type": "enum",
+            "name": name,
+            "doc": ENUM_DOC,
+            "symbols": [member.name for member in shape.py],
+        }
     return record_schema(shape.py, name, embedded, defined)
 
 
@@ -237,8 +253,11 @@ def encode_expr(shape: Shape, x: str, helpers: Helpers, depth: int = 0) -> str:
     if kind == "optional":
         # (branch, value) tells fastavro which union branch to write; without it, it
         # validates the value against each branch, which costs ~10 us for a record.
-        inner = (f"_json({x})" if shape.inner.kind == "json"
-                 else encode_expr(shape.inner, x, helpers, depth))
+        inner = (
+            f"_json({x})"
+            if shape.inner.kind == "json"
+            else encode_expr(shape.inner, x, helpers, depth)
+        )
         return f"(None if {x} is None else ({branch_name(shape.inner)!r}, {inner}))"
     if kind == "array":
         v = f"_v{depth}"

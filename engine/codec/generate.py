@@ -28,15 +28,19 @@ from engine.codec._registry import RecordType, core_records
 
 
 def generate(
-    folder: Path, records: Iterable[RecordType] | None = None, *, check: bool = False,
+    folder: Path,
+    records: Iterable[RecordType] | None = None,
+    *,
+    check: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Add the schemas missing from ``folder`` (unless ``check``).
 
     Returns the files added (or, with ``check``, missing) and one line per published
     schema that no longer matches its class.
     """
-    catalogue = (read_catalogue(folder) if (folder / CATALOGUE).exists()
-                 else Catalogue((), next_id=1))
+    catalogue = (
+        read_catalogue(folder) if (folder / CATALOGUE).exists() else Catalogue((), next_id=1)
+    )
     published = {entry.file: entry for entry in catalogue.entries}
     added: list[str] = []
     drifted: list[str] = []
@@ -57,12 +61,21 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.codec.generate",
-                                     description=__doc__.split("\n\n")[0] if __doc__ else "")
-    parser.add_argument("--schemas", type=Path, default=None,
-                        help="the schemas folder (default: $TERRANOHA_SCHEMAS or schemas/)")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 when a schema is missing or stale")
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.codec.generate",
+        description=__doc__.split("\n\n")[0] if __doc__ else "",
+    )
+    parser.add_argument(
+        "--schemas",
+        type=Path,
+        default=None,
+        help="the schemas folder (default: $TERRANOHA_SCHEMAS or schemas/)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 when a schema is missing or stale",
+    )
     args = parser.parse_args(argv)
     folder: Path = args.schemas or schemas_dir()
     added, drifted = generate(folder, check=args.check)

@@ -70,7 +70,10 @@ from engine.core.durations import format_duration
 from engine.core.windows import format_instant, window_bounds
 
 __all__ = [
-    "BUDGET_EXHAUSTED", "COMMAND_TYPES", "EVENT_TYPES", "RECORD_TYPES",
+    "BUDGET_EXHAUSTED",
+    "COMMAND_TYPES",
+    "EVENT_TYPES",
+    "RECORD_TYPES",
     "Acquire",
     "AdmissionCommand",
     "AdmissionEvent",
@@ -112,6 +115,7 @@ __all__ = [
 
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
 
+
 class HoldKind(StrEnum):
     """What holds the next request of a key back."""
 
@@ -134,8 +138,9 @@ class Hold:
 # ---------------------------------------------------------------------- decide
 
 
-def decide(state: AdmissionState | None, command: AdmissionCommand,
-           now: int) -> list[AdmissionEvent]:
+def decide(
+    state: AdmissionState | None, command: AdmissionCommand, now: int
+) -> list[AdmissionEvent]:
     """The events ``command`` causes on its key at ``now`` (ms). Never raises on bad
     input: a command that does not apply causes no event."""
     ctx = _Context(state if state is not None else AdmissionState.empty(command.key), now)
@@ -168,11 +173,19 @@ class _Context:
         if budget is not None and now >= s.window_end:
             start, end = window_bounds(now, budget.per, budget.timezone)
             self.emit(BudgetWindowOpened(self.key, now, start, end))
-        for lease in sorted(self.state.leases.values(), key=lambda x: (x.expires_at,
-                                                                       x.request_id)):
+        for lease in sorted(self.state.leases.values(), key=lambda x: (x.expires_at, x.request_id)):
             if lease.expires_at <= now:
-                self.emit(Released(self.key, now, lease.request_id, ReleaseReason.EXPIRED,
-                                   Outcome.FAILED, 0.0, now - lease.granted_at))
+                self.emit(
+                    Released(
+                        self.key,
+                        now,
+                        lease.request_id,
+                        ReleaseReason.EXPIRED,
+                        Outcome.FAILED,
+                        0.0,
+                        now - lease.granted_at,
+                    )
+                )
                 self.judge(lease, failed=True)
         if self.state.breaker is BreakerState.OPEN and now >= self.state.breaker_until:
             self.emit(BreakerHalfOpened(self.key, now))
@@ -183,30 +196,56 @@ class _Context:
             never = budget is not None and _estimate(self.state, waiter) > budget.amount
             if never and budget is not None:
                 # No window can ever hold it: waiting would block everyone behind it.
-                self.emit(Refused(
-                    self.key, now, waiter.request_id, BUDGET_EXHAUSTED,
-                    f"this request reserves {_estimate(self.state, waiter):g}, more than "
-                    f"the whole budget of {self.key} ({budget.amount:g} per {budget.per})",
-                    "fail", waiter.reply_to))
+                self.emit(
+                    Refused(
+                        self.key,
+                        now,
+                        waiter.request_id,
+                        BUDGET_EXHAUSTED,
+                        f"this request reserves {_estimate(self.state, waiter):g}, more than "
+                        f"the whole budget of {self.key} ({budget.amount:g} per {budget.per})",
+                        "fail",
+                        waiter.reply_to,
+                    )
+                )
                 continue
             if short and budget is not None and not self.state.exhausted:
-                self.emit(BudgetExhausted(self.key, now, self.state.spent, budget.amount,
-                                          self.state.window_end))
+                self.emit(
+                    BudgetExhausted(
+                        self.key, now, self.state.spent, budget.amount, self.state.window_end
+                    )
+                )
             if short and budget is not None and budget.on_exhausted != "wait":
-                self.emit(Refused(
-                    self.key, now, waiter.request_id, BUDGET_EXHAUSTED,
-                    f"{self.key} has spent {self.state.spent:g} of its budget of "
-                    f"{budget.amount:g} per {budget.per}; this request reserves "
-                    f"{_estimate(self.state, waiter):g}", budget.on_exhausted,
-                    waiter.reply_to))
+                self.emit(
+                    Refused(
+                        self.key,
+                        now,
+                        waiter.request_id,
+                        BUDGET_EXHAUSTED,
+                        f"{self.key} has spent {self.state.spent:g} of its budget of "
+                        f"{budget.amount:g} per {budget.per}; this request reserves "
+                        f"{_estimate(self.state, waiter):g}",
+                        budget.on_exhausted,
+                        waiter.reply_to,
+                    )
+                )
                 continue
             if _gate(self.state, waiter, now) is not None:
                 break
             lease_ms = waiter.lease_ms or self.state.limits.lease
-            self.emit(Granted(self.key, now, waiter.request_id, waiter.tenant, now + lease_ms,
-                              _estimate(self.state, waiter),
-                              self.state.breaker is BreakerState.HALF_OPEN, waiter.reply_to,
-                              now - waiter.enqueued_at))
+            self.emit(
+                Granted(
+                    self.key,
+                    now,
+                    waiter.request_id,
+                    waiter.tenant,
+                    now + lease_ms,
+                    _estimate(self.state, waiter),
+                    self.state.breaker is BreakerState.HALF_OPEN,
+                    waiter.reply_to,
+                    now - waiter.enqueued_at,
+                )
+            )
 
     def judge(self, lease: Lease, failed: bool) -> None:
         """Feed one call's outcome to the breaker."""
@@ -231,9 +270,10 @@ class _Context:
     def trip(self, rate: float) -> None:
         spec = self.state.limits.breaker
         assert spec is not None
-        open_for = min(spec.max_open_for, spec.open_for * 2 ** self.state.trips)
-        self.emit(BreakerOpened(self.key, self.now, self.now + open_for, self.state.trips + 1,
-                                rate))
+        open_for = min(spec.max_open_for, spec.open_for * 2**self.state.trips)
+        self.emit(
+            BreakerOpened(self.key, self.now, self.now + open_for, self.state.trips + 1, rate)
+        )
 
 
 def hold(state: AdmissionState, now: int) -> Hold | None:
@@ -281,21 +321,30 @@ def _gate(s: AdmissionState, w: Waiter, now: int) -> Hold | None:
     if s.breaker is BreakerState.OPEN:
         return Hold(HoldKind.BREAKER_OPEN, f"breaker open: {key}")
     spec = limits.breaker
-    if s.breaker is BreakerState.HALF_OPEN and spec is not None and \
-            s.probes_granted >= spec.half_open_calls:
-        return Hold(HoldKind.BREAKER_PROBING, f"breaker half-open: {key} "
-                    f"{s.probes_granted}/{spec.half_open_calls} probes out")
+    if (
+        s.breaker is BreakerState.HALF_OPEN
+        and spec is not None
+        and s.probes_granted >= spec.half_open_calls
+    ):
+        return Hold(
+            HoldKind.BREAKER_PROBING,
+            f"breaker half-open: {key} {s.probes_granted}/{spec.half_open_calls} probes out",
+        )
     if limits.concurrency is not None and len(s.leases) >= limits.concurrency:
         return Hold(HoldKind.CONCURRENCY, f"queued: {key} {len(s.leases)}/{limits.concurrency}")
     if s.throttled_until > now:
         return Hold(HoldKind.THROTTLED, f"throttled: {key} (the tool asked to retry later)")
     if limits.rate is not None and _rate_wait(s, now) > 0:
-        return Hold(HoldKind.RATE, f"rate: {key} {limits.rate.count}/"
-                    f"{format_duration(limits.rate.period_ms)}")
+        return Hold(
+            HoldKind.RATE,
+            f"rate: {key} {limits.rate.count}/{format_duration(limits.rate.period_ms)}",
+        )
     budget = limits.budget
     if budget is not None and budget.on_exhausted == "wait" and _budget_short(s, w):
-        return Hold(HoldKind.BUDGET, f"budget exhausted: {key} until "
-                    f"{format_instant(s.window_end, budget.timezone)}")
+        return Hold(
+            HoldKind.BUDGET,
+            f"budget exhausted: {key} until {format_instant(s.window_end, budget.timezone)}",
+        )
     return None
 
 
@@ -318,8 +367,20 @@ def _acquire(ctx: _Context, c: Acquire) -> None:
     s = ctx.state
     start = max(s.vtime, s.finish_tags.get(c.tenant, 0.0))
     weight = c.weight if c.weight > 0 else 1.0
-    ctx.emit(Queued(ctx.key, ctx.now, c.request_id, c.tenant, c.priority, weight,
-                    max(0.0, c.estimate), max(0, c.lease_ms), start, c.reply_to))
+    ctx.emit(
+        Queued(
+            ctx.key,
+            ctx.now,
+            c.request_id,
+            c.tenant,
+            c.priority,
+            weight,
+            max(0.0, c.estimate),
+            max(0, c.lease_ms),
+            start,
+            c.reply_to,
+        )
+    )
     ctx.advance()
 
 
@@ -328,19 +389,31 @@ def _release(ctx: _Context, c: Release) -> None:
     lease = s.leases.get(c.request_id)
     cost = max(0.0, c.cost)
     if lease is not None:
-        ctx.emit(Released(ctx.key, ctx.now, c.request_id, ReleaseReason.DONE, c.outcome, cost,
-                          max(0, c.latency_ms)))
+        ctx.emit(
+            Released(
+                ctx.key,
+                ctx.now,
+                c.request_id,
+                ReleaseReason.DONE,
+                c.outcome,
+                cost,
+                max(0, c.latency_ms),
+            )
+        )
         if c.outcome is not Outcome.CANCELLED:
             spec = s.limits.breaker
-            slow = spec is not None and spec.slow_call is not None and \
-                c.latency_ms >= spec.slow_call
+            slow = (
+                spec is not None and spec.slow_call is not None and c.latency_ms >= spec.slow_call
+            )
             ctx.judge(lease, failed=c.outcome is Outcome.FAILED or slow)
     elif any(w.request_id == c.request_id for w in s.queue):
-        ctx.emit(Released(ctx.key, ctx.now, c.request_id, ReleaseReason.CANCELLED,
-                          Outcome.CANCELLED, 0.0, 0))
+        ctx.emit(
+            Released(
+                ctx.key, ctx.now, c.request_id, ReleaseReason.CANCELLED, Outcome.CANCELLED, 0.0, 0
+            )
+        )
     elif c.request_id not in s.finished:
-        ctx.emit(Released(ctx.key, ctx.now, c.request_id, ReleaseReason.UNKNOWN, c.outcome,
-                          0.0, 0))
+        ctx.emit(Released(ctx.key, ctx.now, c.request_id, ReleaseReason.UNKNOWN, c.outcome, 0.0, 0))
     ctx.advance()
     if ctx.state.limits.budget is not None:
         _warn(ctx)
@@ -382,8 +455,13 @@ def _resume(ctx: _Context, c: Resume) -> None:
 
 
 _DECIDERS: dict[type[Any], Callable[[_Context, Any], None]] = {
-    Acquire: _acquire, Release: _release, Tick: _tick, Throttle: _throttle,
-    Configure: _configure, Pause: _pause, Resume: _resume,
+    Acquire: _acquire,
+    Release: _release,
+    Tick: _tick,
+    Throttle: _throttle,
+    Configure: _configure,
+    Pause: _pause,
+    Resume: _resume,
 }
 
 
@@ -421,8 +499,17 @@ def _on_configured(s: AdmissionState, e: Configured) -> AdmissionState:
 
 
 def _on_queued(s: AdmissionState, e: Queued) -> AdmissionState:
-    waiter = Waiter(e.request_id, e.tenant, e.priority, e.weight, e.estimate, e.lease_ms,
-                    e.tag, e.at, e.reply_to)
+    waiter = Waiter(
+        e.request_id,
+        e.tenant,
+        e.priority,
+        e.weight,
+        e.estimate,
+        e.lease_ms,
+        e.tag,
+        e.at,
+        e.reply_to,
+    )
     tags = dict(s.finish_tags)
     tags[e.tenant] = e.tag + 1.0 / e.weight
     return replace(s, queue=(*s.queue, waiter), finish_tags=tags)
@@ -431,29 +518,39 @@ def _on_queued(s: AdmissionState, e: Queued) -> AdmissionState:
 def _on_granted(s: AdmissionState, e: Granted) -> AdmissionState:
     waiter = next(w for w in s.queue if w.request_id == e.request_id)
     leases = dict(s.leases)
-    leases[e.request_id] = Lease(e.request_id, e.tenant, e.at, e.expires_at, e.reserved,
-                                 e.probe)
+    leases[e.request_id] = Lease(e.request_id, e.tenant, e.at, e.expires_at, e.reserved, e.probe)
     vtime = max(s.vtime, waiter.tag)
     tags = {t: f for t, f in s.finish_tags.items() if f > vtime}
     tat = s.tat
     if s.limits.rate is not None:
         tat = max(s.tat, float(e.at)) + s.limits.rate.interval_ms
-    return replace(s, queue=tuple(w for w in s.queue if w.request_id != e.request_id),
-                   leases=leases, vtime=vtime, finish_tags=tags, tat=tat,
-                   probes_granted=s.probes_granted + (1 if e.probe else 0))
+    return replace(
+        s,
+        queue=tuple(w for w in s.queue if w.request_id != e.request_id),
+        leases=leases,
+        vtime=vtime,
+        finish_tags=tags,
+        tat=tat,
+        probes_granted=s.probes_granted + (1 if e.probe else 0),
+    )
 
 
 def _on_refused(s: AdmissionState, e: Refused) -> AdmissionState:
-    return replace(s, queue=tuple(w for w in s.queue if w.request_id != e.request_id),
-                   finished=_finish(s, e.request_id, e.at))
+    return replace(
+        s,
+        queue=tuple(w for w in s.queue if w.request_id != e.request_id),
+        finished=_finish(s, e.request_id, e.at),
+    )
 
 
 def _on_released(s: AdmissionState, e: Released) -> AdmissionState:
     leases = dict(s.leases)
     lease = leases.pop(e.request_id, None)
     changes: dict[str, Any] = {
-        "leases": leases, "finished": _finish(s, e.request_id, e.at),
-        "queue": tuple(w for w in s.queue if w.request_id != e.request_id)}
+        "leases": leases,
+        "finished": _finish(s, e.request_id, e.at),
+        "queue": tuple(w for w in s.queue if w.request_id != e.request_id),
+    }
     if lease is not None:
         if s.limits.budget is not None:
             changes["spent"] = s.spent + e.cost
@@ -482,8 +579,9 @@ def _on_resumed(s: AdmissionState, e: Resumed) -> AdmissionState:
 
 def _on_window(s: AdmissionState, e: BudgetWindowOpened) -> AdmissionState:
     # What leases hold stays reserved; their cost lands in the window they end in.
-    return replace(s, window_start=e.start, window_end=e.end, spent=0.0, warned=False,
-                   exhausted=False)
+    return replace(
+        s, window_start=e.start, window_end=e.end, spent=0.0, warned=False, exhausted=False
+    )
 
 
 def _on_warned(s: AdmissionState, e: BudgetWarned) -> AdmissionState:
@@ -495,8 +593,14 @@ def _on_exhausted(s: AdmissionState, e: BudgetExhausted) -> AdmissionState:
 
 
 def _on_opened(s: AdmissionState, e: BreakerOpened) -> AdmissionState:
-    return replace(s, breaker=BreakerState.OPEN, breaker_until=e.until, trips=e.trips, probes_ok=0,
-                   probes_granted=0)
+    return replace(
+        s,
+        breaker=BreakerState.OPEN,
+        breaker_until=e.until,
+        trips=e.trips,
+        probes_ok=0,
+        probes_granted=0,
+    )
 
 
 def _on_half_opened(s: AdmissionState, e: BreakerHalfOpened) -> AdmissionState:
@@ -504,16 +608,26 @@ def _on_half_opened(s: AdmissionState, e: BreakerHalfOpened) -> AdmissionState:
 
 
 def _on_closed(s: AdmissionState, e: BreakerClosed) -> AdmissionState:
-    return replace(s, breaker=BreakerState.CLOSED, trips=0, outcomes=(), probes_ok=0,
-                   probes_granted=0)
+    return replace(
+        s, breaker=BreakerState.CLOSED, trips=0, outcomes=(), probes_ok=0, probes_granted=0
+    )
 
 
 _APPLIERS: dict[type[Any], Callable[[AdmissionState, Any], AdmissionState]] = {
-    Configured: _on_configured, Queued: _on_queued, Granted: _on_granted,
-    Refused: _on_refused, Released: _on_released, Throttled: _on_throttled,
-    Paused: _on_paused, Resumed: _on_resumed, BudgetWindowOpened: _on_window,
-    BudgetWarned: _on_warned, BudgetExhausted: _on_exhausted, BreakerOpened: _on_opened,
-    BreakerHalfOpened: _on_half_opened, BreakerClosed: _on_closed,
+    Configured: _on_configured,
+    Queued: _on_queued,
+    Granted: _on_granted,
+    Refused: _on_refused,
+    Released: _on_released,
+    Throttled: _on_throttled,
+    Paused: _on_paused,
+    Resumed: _on_resumed,
+    BudgetWindowOpened: _on_window,
+    BudgetWarned: _on_warned,
+    BudgetExhausted: _on_exhausted,
+    BreakerOpened: _on_opened,
+    BreakerHalfOpened: _on_half_opened,
+    BreakerClosed: _on_closed,
 }
 
 

@@ -243,9 +243,22 @@ class BreakerClosed:
     at: int
 
 
-AdmissionEvent = (Configured | Queued | Granted | Refused | Released | Throttled | Paused
-                  | Resumed | BudgetWindowOpened | BudgetWarned | BudgetExhausted
-                  | BreakerOpened | BreakerHalfOpened | BreakerClosed)
+AdmissionEvent = (
+    Configured
+    | Queued
+    | Granted
+    | Refused
+    | Released
+    | Throttled
+    | Paused
+    | Resumed
+    | BudgetWindowOpened
+    | BudgetWarned
+    | BudgetExhausted
+    | BreakerOpened
+    | BreakerHalfOpened
+    | BreakerClosed
+)
 
 
 # ---------------------------------------------------------------------- state
@@ -342,22 +355,52 @@ class AdmissionState:
         return max(0.0, min(float(burst), burst - (self.tat - now) / rate.interval_ms))
 
     def known(self, request_id: str) -> bool:
-        return (request_id in self.leases or request_id in self.finished
-                or any(w.request_id == request_id for w in self.queue))
-
-
+        return (
+            request_id in self.leases
+            or request_id in self.finished
+            or any(w.request_id == request_id for w in self.queue)
+        )
 
 
 COMMAND_TYPES: tuple[type, ...] = (Acquire, Release, Tick, Throttle, Configure, Pause, Resume)
 EVENT_TYPES: tuple[type, ...] = (
-    Configured, Queued, Granted, Refused, Released, Throttled, Paused, Resumed,
-    BudgetWindowOpened, BudgetWarned, BudgetExhausted, BreakerOpened, BreakerHalfOpened,
+    Configured,
+    Queued,
+    Granted,
+    Refused,
+    Released,
+    Throttled,
+    Paused,
+    Resumed,
+    BudgetWindowOpened,
+    BudgetWarned,
+    BudgetExhausted,
+    BreakerOpened,
+    BreakerHalfOpened,
     BreakerClosed,
 )
 RECORD_TYPES: tuple[type, ...] = (
-    Acquire, Release, Tick, Throttle, Configure, Pause, Resume,
-    Configured, Queued, Granted, Refused, Released, Throttled, Paused, Resumed,
-    BudgetWindowOpened, BudgetWarned, BudgetExhausted, BreakerOpened, BreakerHalfOpened,
-    BreakerClosed, AdmissionState,
+    Acquire,
+    Release,
+    Tick,
+    Throttle,
+    Configure,
+    Pause,
+    Resume,
+    Configured,
+    Queued,
+    Granted,
+    Refused,
+    Released,
+    Throttled,
+    Paused,
+    Resumed,
+    BudgetWindowOpened,
+    BudgetWarned,
+    BudgetExhausted,
+    BreakerOpened,
+    BreakerHalfOpened,
+    BreakerClosed,
+    AdmissionState,
 )
 """Every admission record with a schema of its own (``schemas/admission``)."""

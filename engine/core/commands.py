@@ -127,6 +127,16 @@ class RefuseSlot(Command):
 
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.TYPE: cls
-    for cls in (StartRun, CompleteTask, FailTask, DecideApproval, DeliverSignal, FireTimer,
-                CancelRun, CorrelateMessage, GrantSlot, RefuseSlot)
+    for cls in (
+        StartRun,
+        CompleteTask,
+        FailTask,
+        DecideApproval,
+        DeliverSignal,
+        FireTimer,
+        CancelRun,
+        CorrelateMessage,
+        GrantSlot,
+        RefuseSlot,
+    )
 }

@@ -122,11 +122,17 @@ class RejectCorrelation:
     tenant: str = "default"
 
 
-CorrelationCommand = (PublishMessage | OpenSubscription | CloseSubscription | ExpireMessages
-                      | RejectCorrelation)
+CorrelationCommand = (
+    PublishMessage | OpenSubscription | CloseSubscription | ExpireMessages | RejectCorrelation
+)
 
-CORRELATION_COMMANDS: tuple[type, ...] = (PublishMessage, OpenSubscription, CloseSubscription,
-                                         ExpireMessages, RejectCorrelation)
+CORRELATION_COMMANDS: tuple[type, ...] = (
+    PublishMessage,
+    OpenSubscription,
+    CloseSubscription,
+    ExpireMessages,
+    RejectCorrelation,
+)
 
 RunSideCommand = OpenSubscription | CloseSubscription | RejectCorrelation
 """What a run's engine writes to message correlation."""
@@ -232,12 +238,25 @@ class MessageIdsForgotten:
     ts: int
 
 
-CorrelationEvent = (MessagePublished | MessageCorrelated | MessageExpired | SubscriptionOpened
-                    | SubscriptionClosed | CorrelationRejected | MessageIdsForgotten)
+CorrelationEvent = (
+    MessagePublished
+    | MessageCorrelated
+    | MessageExpired
+    | SubscriptionOpened
+    | SubscriptionClosed
+    | CorrelationRejected
+    | MessageIdsForgotten
+)
 
-CORRELATION_EVENTS: tuple[type, ...] = (MessagePublished, MessageCorrelated, MessageExpired,
-                                       SubscriptionOpened, SubscriptionClosed,
-                                       CorrelationRejected, MessageIdsForgotten)
+CORRELATION_EVENTS: tuple[type, ...] = (
+    MessagePublished,
+    MessageCorrelated,
+    MessageExpired,
+    SubscriptionOpened,
+    SubscriptionClosed,
+    CorrelationRejected,
+    MessageIdsForgotten,
+)
 
 
 # ---------------------------------------------------------------------- state
@@ -283,8 +302,9 @@ def _matches(a: Subscription | BufferedMessage, tenant: str, name: str, key: str
     return a.tenant == tenant and a.name == name and a.key == key
 
 
-def decide(state: CorrelationState | None, command: CorrelationCommand,
-           now: int) -> list[CorrelationEvent]:
+def decide(
+    state: CorrelationState | None, command: CorrelationCommand, now: int
+) -> list[CorrelationEvent]:
     """The events ``command`` causes at ``now``; none when it changes nothing."""
     current = state or CorrelationState(key_of(command))
     if isinstance(command, PublishMessage):
@@ -302,35 +322,64 @@ def _publish(state: CorrelationState, c: PublishMessage, now: int) -> list[Corre
     if c.message_id in state.seen:
         return []
     ttl = max(c.ttl_ms, 0)
-    out: list[CorrelationEvent] = [MessagePublished(
-        message_id=c.message_id, name=c.name, key=c.key, tenant=c.tenant, data=c.data, ts=now,
-        expires_at=now + ttl)]
+    out: list[CorrelationEvent] = [
+        MessagePublished(
+            message_id=c.message_id,
+            name=c.name,
+            key=c.key,
+            tenant=c.tenant,
+            data=c.data,
+            ts=now,
+            expires_at=now + ttl,
+        )
+    ]
     reached: list[str] = []
     for sub in state.subscriptions:
         if _matches(sub, c.tenant, c.name, c.key) and sub.run_id not in reached:
             reached.append(sub.run_id)
             out.append(_correlated(c.message_id, c.data, sub, now))
     if ttl == 0:
-        out.append(MessageExpired(message_id=c.message_id, name=c.name, key=c.key,
-                                  tenant=c.tenant, runs=tuple(reached), ts=now))
+        out.append(
+            MessageExpired(
+                message_id=c.message_id,
+                name=c.name,
+                key=c.key,
+                tenant=c.tenant,
+                runs=tuple(reached),
+                ts=now,
+            )
+        )
     return out
 
 
 def _correlated(message_id: str, data: Any, sub: Subscription, now: int) -> MessageCorrelated:
-    return MessageCorrelated(message_id=message_id, name=sub.name, key=sub.key,
-                             tenant=sub.tenant, run_id=sub.run_id, wait=sub.wait, data=data,
-                             ts=now)
+    return MessageCorrelated(
+        message_id=message_id,
+        name=sub.name,
+        key=sub.key,
+        tenant=sub.tenant,
+        run_id=sub.run_id,
+        wait=sub.wait,
+        data=data,
+        ts=now,
+    )
 
 
 def _open(state: CorrelationState, c: OpenSubscription, now: int) -> list[CorrelationEvent]:
     if any(s.run_id == c.run_id and s.wait == c.wait for s in state.subscriptions):
         return []
     sub = Subscription(c.run_id, c.wait, c.name, c.key, c.tenant)
-    out: list[CorrelationEvent] = [SubscriptionOpened(
-        run_id=c.run_id, wait=c.wait, name=c.name, key=c.key, tenant=c.tenant, ts=now)]
+    out: list[CorrelationEvent] = [
+        SubscriptionOpened(
+            run_id=c.run_id, wait=c.wait, name=c.name, key=c.key, tenant=c.tenant, ts=now
+        )
+    ]
     for message in state.messages:  # oldest first
-        if (_matches(message, c.tenant, c.name, c.key) and message.expires_at > now
-                and c.run_id not in message.runs):
+        if (
+            _matches(message, c.tenant, c.name, c.key)
+            and message.expires_at > now
+            and c.run_id not in message.runs
+        ):
             out.append(_correlated(message.message_id, message.data, sub, now))
             break
     return out
@@ -339,17 +388,33 @@ def _open(state: CorrelationState, c: OpenSubscription, now: int) -> list[Correl
 def _close(state: CorrelationState, c: CloseSubscription, now: int) -> list[CorrelationEvent]:
     if not any(s.run_id == c.run_id and s.wait == c.wait for s in state.subscriptions):
         return []  # delivered already (delivery closes it), or never opened
-    return [SubscriptionClosed(run_id=c.run_id, wait=c.wait, name=c.name, key=c.key,
-                               tenant=c.tenant, ts=now)]
+    return [
+        SubscriptionClosed(
+            run_id=c.run_id, wait=c.wait, name=c.name, key=c.key, tenant=c.tenant, ts=now
+        )
+    ]
 
 
-def _rejected(state: CorrelationState, c: RejectCorrelation,
-              now: int) -> list[CorrelationEvent]:
-    out: list[CorrelationEvent] = [CorrelationRejected(
-        message_id=c.message_id, name=c.name, key=c.key, tenant=c.tenant, run_id=c.run_id,
-        wait=c.wait, ts=now)]
-    message = next((m for m in state.messages if m.message_id == c.message_id
-                    and _matches(m, c.tenant, c.name, c.key)), None)
+def _rejected(state: CorrelationState, c: RejectCorrelation, now: int) -> list[CorrelationEvent]:
+    out: list[CorrelationEvent] = [
+        CorrelationRejected(
+            message_id=c.message_id,
+            name=c.name,
+            key=c.key,
+            tenant=c.tenant,
+            run_id=c.run_id,
+            wait=c.wait,
+            ts=now,
+        )
+    ]
+    message = next(
+        (
+            m
+            for m in state.messages
+            if m.message_id == c.message_id and _matches(m, c.tenant, c.name, c.key)
+        ),
+        None,
+    )
     if message is None or message.expires_at <= now:
         return out  # not buffered (TTL 0, or expired): nothing is left to hand on
     for sub in state.subscriptions:  # the run waits again on this key: it takes it now
@@ -361,9 +426,12 @@ def _rejected(state: CorrelationState, c: RejectCorrelation,
 
 def _expire(state: CorrelationState, now: int) -> list[CorrelationEvent]:
     out: list[CorrelationEvent] = [
-        MessageExpired(message_id=m.message_id, name=m.name, key=m.key, tenant=m.tenant,
-                       runs=m.runs, ts=now)
-        for m in state.messages if m.expires_at <= now]
+        MessageExpired(
+            message_id=m.message_id, name=m.name, key=m.key, tenant=m.tenant, runs=m.runs, ts=now
+        )
+        for m in state.messages
+        if m.expires_at <= now
+    ]
     forgotten = tuple(sorted(mid for mid, at in state.seen.items() if at <= now))
     if forgotten:
         out.append(MessageIdsForgotten(message_ids=forgotten, ts=now))
@@ -382,31 +450,57 @@ def evolve(state: CorrelationState | None, event: CorrelationEvent) -> Correlati
         seen = {**current.seen, event.message_id: forget_at}
         messages = current.messages
         if event.expires_at > event.ts:
-            messages = (*messages, BufferedMessage(
-                event.message_id, event.name, event.key, event.tenant, event.data, event.ts,
-                event.expires_at))
+            messages = (
+                *messages,
+                BufferedMessage(
+                    event.message_id,
+                    event.name,
+                    event.key,
+                    event.tenant,
+                    event.data,
+                    event.ts,
+                    event.expires_at,
+                ),
+            )
         return replace(current, seen=seen, messages=messages)
     if isinstance(event, MessageCorrelated):
         return replace(
             current,
-            subscriptions=tuple(s for s in current.subscriptions
-                                if not (s.run_id == event.run_id and s.wait == event.wait)),
-            messages=tuple(replace(m, runs=(*m.runs, event.run_id))
-                           if m.message_id == event.message_id else m
-                           for m in current.messages))
+            subscriptions=tuple(
+                s
+                for s in current.subscriptions
+                if not (s.run_id == event.run_id and s.wait == event.wait)
+            ),
+            messages=tuple(
+                replace(m, runs=(*m.runs, event.run_id)) if m.message_id == event.message_id else m
+                for m in current.messages
+            ),
+        )
     if isinstance(event, MessageExpired):
-        return replace(current, messages=tuple(m for m in current.messages
-                                               if m.message_id != event.message_id))
+        return replace(
+            current, messages=tuple(m for m in current.messages if m.message_id != event.message_id)
+        )
     if isinstance(event, CorrelationRejected):
-        return replace(current, messages=tuple(
-            replace(m, runs=tuple(r for r in m.runs if r != event.run_id))
-            if m.message_id == event.message_id else m for m in current.messages))
+        return replace(
+            current,
+            messages=tuple(
+                replace(m, runs=tuple(r for r in m.runs if r != event.run_id))
+                if m.message_id == event.message_id
+                else m
+                for m in current.messages
+            ),
+        )
     if isinstance(event, SubscriptionOpened):
         sub = Subscription(event.run_id, event.wait, event.name, event.key, event.tenant)
         return replace(current, subscriptions=(*current.subscriptions, sub))
-    return replace(current, subscriptions=tuple(
-        s for s in current.subscriptions
-        if not (s.run_id == event.run_id and s.wait == event.wait)))
+    return replace(
+        current,
+        subscriptions=tuple(
+            s
+            for s in current.subscriptions
+            if not (s.run_id == event.run_id and s.wait == event.wait)
+        ),
+    )
 
 
 def next_due(state: CorrelationState) -> int | None:
@@ -446,8 +540,14 @@ def delivery(event: MessageCorrelated) -> CorrelateMessage:
     return CorrelateMessage(
         command_id=f"message:{event.message_id}:{event.run_id}:{event.wait}",
         run_id=event.run_id,
-        tenant=event.tenant, correlation_id=event.run_id, name=event.name, key=event.key,
-        message_id=event.message_id, wait=event.wait, data=event.data)
+        tenant=event.tenant,
+        correlation_id=event.run_id,
+        name=event.name,
+        key=event.key,
+        message_id=event.message_id,
+        wait=event.wait,
+        data=event.data,
+    )
 
 
 # ---------------------------------------------------------------------- the run side
@@ -468,12 +568,18 @@ def _keyed_wait(state: RunState | None) -> _Wait | None:
     current: StepState | None = state.current
     if current is None or current.waiting is not Waiting.SIGNAL or current.signal_key is None:
         return None
-    return _Wait(state.run_id, f"{current.step}#{current.visit}", current.signal,
-                 current.signal_key, state.tenant)
+    return _Wait(
+        state.run_id,
+        f"{current.step}#{current.visit}",
+        current.signal,
+        current.signal_key,
+        state.tenant,
+    )
 
 
-def subscription_changes(before: RunState | None, events: Sequence[ev.Event],
-                         after: RunState | None) -> list[OpenSubscription | CloseSubscription]:
+def subscription_changes(
+    before: RunState | None, events: Sequence[ev.Event], after: RunState | None
+) -> list[OpenSubscription | CloseSubscription]:
     """The subscription commands of one decision of a run: open each keyed wait that
     began, close each that ended. A wait that ended by its message was closed by the
     delivery already; closing it again changes nothing."""
@@ -485,31 +591,44 @@ def subscription_changes(before: RunState | None, events: Sequence[ev.Event],
             visits[event.step] = event.visit
         elif isinstance(event, ev.SignalAwaited) and event.key is not None:
             visit = visits.get(event.step, after.visits.get(event.step, 1) if after else 1)
-            wait = _Wait(event.run_id, f"{event.step}#{visit}", event.name, event.key,
-                         event.tenant)
+            wait = _Wait(event.run_id, f"{event.step}#{visit}", event.name, event.key, event.tenant)
             if open_wait is not None and open_wait != wait:
                 out.append(_close_of(open_wait))
             open_wait = wait
-            out.append(OpenSubscription(run_id=wait.run_id, wait=wait.wait, name=wait.name,
-                                        key=wait.key, tenant=wait.tenant))
+            out.append(
+                OpenSubscription(
+                    run_id=wait.run_id,
+                    wait=wait.wait,
+                    name=wait.name,
+                    key=wait.key,
+                    tenant=wait.tenant,
+                )
+            )
     if open_wait is not None and open_wait != _keyed_wait(after):
         out.append(_close_of(open_wait))
     return out
 
 
-def refused_delivery(command: CorrelateMessage,
-                     events: Sequence[ev.Event]) -> RejectCorrelation | None:
+def refused_delivery(
+    command: CorrelateMessage, events: Sequence[ev.Event]
+) -> RejectCorrelation | None:
     """The answer to correlation when the run refused ``command`` (its wait had ended)."""
     if not any(isinstance(e, ev.CommandRejected | ev.CommandRejectedV2) for e in events):
         return None
-    return RejectCorrelation(run_id=command.run_id, wait=command.wait,
-                             message_id=command.message_id, name=command.name,
-                             key=command.key, tenant=command.tenant)
+    return RejectCorrelation(
+        run_id=command.run_id,
+        wait=command.wait,
+        message_id=command.message_id,
+        name=command.name,
+        key=command.key,
+        tenant=command.tenant,
+    )
 
 
 def _close_of(wait: _Wait) -> CloseSubscription:
-    return CloseSubscription(run_id=wait.run_id, wait=wait.wait, name=wait.name, key=wait.key,
-                             tenant=wait.tenant)
+    return CloseSubscription(
+        run_id=wait.run_id, wait=wait.wait, name=wait.name, key=wait.key, tenant=wait.tenant
+    )
 
 
 # ---------------------------------------------------------------------- the edges
@@ -519,22 +638,37 @@ class MessageError(ValueError):
     """A message that cannot be published; the text names the field and what to fix."""
 
 
-def new_message(*, message_id: str, name: str, key: str, data: Any = None,
-                ttl_ms: int = DEFAULT_TTL_MS, tenant: str = "default") -> PublishMessage:
+def new_message(
+    *,
+    message_id: str,
+    name: str,
+    key: str,
+    data: Any = None,
+    ttl_ms: int = DEFAULT_TTL_MS,
+    tenant: str = "default",
+) -> PublishMessage:
     """A ``PublishMessage`` checked at the edge (CLI, API): what the processors would have
     to refuse later is refused here, with the field to fix."""
-    for field_name, value in (("message_id", message_id), ("name", name), ("key", key),
-                              ("tenant", tenant)):
+    for field_name, value in (
+        ("message_id", message_id),
+        ("name", name),
+        ("key", key),
+        ("tenant", tenant),
+    ):
         if not isinstance(value, str) or not value.strip():
             raise MessageError(f"{field_name}: give a non-empty string")
     if "/" in tenant or "/" in name:
-        raise MessageError(f"{'tenant' if '/' in tenant else 'name'}: '/' separates tenant, "
-                           "name and key in the record key; use another character")
+        raise MessageError(
+            f"{'tenant' if '/' in tenant else 'name'}: '/' separates tenant, "
+            "name and key in the record key; use another character"
+        )
     if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 0:
-        raise MessageError("ttl: give a duration of zero or more (0 delivers only to the "
-                           "waits open now)")
-    return PublishMessage(message_id=message_id, name=name, key=key, tenant=tenant, data=data,
-                          ttl_ms=ttl_ms)
+        raise MessageError(
+            "ttl: give a duration of zero or more (0 delivers only to the waits open now)"
+        )
+    return PublishMessage(
+        message_id=message_id, name=name, key=key, tenant=tenant, data=data, ttl_ms=ttl_ms
+    )
 
 
 @dataclass(slots=True)
@@ -563,7 +697,8 @@ def summarize(events: Sequence[CorrelationEvent]) -> list[MessageSummary]:
     for e in events:
         if isinstance(e, MessagePublished):
             out[(e.tenant, e.name, e.key, e.message_id)] = MessageSummary(
-                e.message_id, e.name, e.key, e.tenant, e.ts, e.expires_at, [])
+                e.message_id, e.name, e.key, e.tenant, e.ts, e.expires_at, []
+            )
         elif isinstance(e, MessageCorrelated | MessageExpired | CorrelationRejected):
             found = out.get((e.tenant, e.name, e.key, e.message_id))
             if found is None:

@@ -56,7 +56,10 @@ class Decision:
 
 
 def decide(
-    state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int,
+    state: RunState | None,
+    command: cmd.Command,
+    spec: WorkflowSpec | None,
+    now: int,
     flow: FlowLimits | None = None,
 ) -> list[ev.Event]:
     """The events ``command`` causes in ``state`` at time ``now`` (ms), under the limits
@@ -65,19 +68,24 @@ def decide(
 
 
 def process(
-    state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int,
+    state: RunState | None,
+    command: cmd.Command,
+    spec: WorkflowSpec | None,
+    now: int,
     flow: FlowLimits | None = None,
 ) -> Decision:
     """Decide and evolve together; ``state`` is not modified."""
     ctx = _Context(state, command, spec, now, flow)
     handler = _HANDLERS.get(type(command))
     if handler is None:
-        ctx.reject("unknown command",
-                   f"{type(command).__name__} is not a command this engine knows")
+        ctx.reject(
+            "unknown command", f"{type(command).__name__} is not a command this engine knows"
+        )
     elif state is None and not isinstance(command, cmd.StartRun):
         ctx.reject("unknown run", f"no run {command.run_id!r}; check the run id")
-    elif spec is None or (state is not None and state.workflow and
-                          spec.key != (state.workflow, state.version)):
+    elif spec is None or (
+        state is not None and state.workflow and spec.key != (state.workflow, state.version)
+    ):
         ctx.reject(
             "workflow not deployed",
             "deploy the workflow version this run uses before sending it commands",
@@ -96,7 +104,11 @@ class _Context:
     __slots__ = ("command", "entered", "events", "flow", "now", "spec", "state")
 
     def __init__(
-        self, state: RunState | None, command: cmd.Command, spec: WorkflowSpec | None, now: int,
+        self,
+        state: RunState | None,
+        command: cmd.Command,
+        spec: WorkflowSpec | None,
+        now: int,
         flow: FlowLimits | None = None,
     ) -> None:
         self.flow = flow
@@ -141,13 +153,27 @@ class _Context:
     def reject(self, reason: str, detail: str = "") -> None:
         c = self.command
         by, at_step = _sender(c)
-        fields = {"command_type": c.TYPE, "command_id": c.command_id, "reason": reason,
-                  "detail": detail, "by": by, "at_step": at_step}
+        fields = {
+            "command_type": c.TYPE,
+            "command_id": c.command_id,
+            "reason": reason,
+            "detail": detail,
+            "by": by,
+            "at_step": at_step,
+        }
         if self.state is None or not self.state.workflow:
             # No run to record it in: the runtime sends it to dead letters.
-            self.events.append(ev.CommandRejectedV2(
-                run_id=c.run_id, seq=0, ts=self.now, tenant=c.tenant,
-                correlation_id=c.correlation_id, causation_id=c.command_id, **fields))
+            self.events.append(
+                ev.CommandRejectedV2(
+                    run_id=c.run_id,
+                    seq=0,
+                    ts=self.now,
+                    tenant=c.tenant,
+                    correlation_id=c.correlation_id,
+                    causation_id=c.command_id,
+                    **fields,
+                )
+            )
             return
         self.emit(ev.CommandRejectedV2, **fields)
 
@@ -209,17 +235,28 @@ class _Context:
             queue = step.task
         else:
             assert step.prepare_commit is not None
-            queue = (step.prepare_commit.prepare if phase is Phase.PREPARE
-                     else step.prepare_commit.commit)
+            queue = (
+                step.prepare_commit.prepare
+                if phase is Phase.PREPARE
+                else step.prepare_commit.commit
+            )
         assert queue is not None
         tid = task_id(self.run.run_id, step.id, current.visit, phase, attempt)
         slot = self.flow.slot_for(queue) if self.flow is not None else None
         if slot is not None:
             key, limits = slot
-            self.emit(ev.SlotRequested, step=step.id, phase=phase, attempt=attempt,
-                      task_id=tid, key=key, limits=limits, limits_version=self.flow.version
-                      if self.flow is not None else 0,
-                      lease_ms=step.timeout + LEASE_MARGIN_MS, priority=self.run.priority)
+            self.emit(
+                ev.SlotRequested,
+                step=step.id,
+                phase=phase,
+                attempt=attempt,
+                task_id=tid,
+                key=key,
+                limits=limits,
+                limits_version=self.flow.version if self.flow is not None else 0,
+                lease_ms=step.timeout + LEASE_MARGIN_MS,
+                priority=self.run.priority,
+            )
             return
         self.send_task(phase, attempt)
 
@@ -232,8 +269,11 @@ class _Context:
             queue = step.task
         else:
             assert step.prepare_commit is not None
-            queue = (step.prepare_commit.prepare if phase is Phase.PREPARE
-                     else step.prepare_commit.commit)
+            queue = (
+                step.prepare_commit.prepare
+                if phase is Phase.PREPARE
+                else step.prepare_commit.commit
+            )
         assert queue is not None
         tid = task_id(self.run.run_id, step.id, current.visit, phase, attempt)
         timeout_at = self.now + step.timeout
@@ -287,13 +327,18 @@ class _Context:
         assert step.approval is not None
         return step.approval
 
-    def await_signal(self, name: str, key: str | None, timeout: int | None,
-                     resume: Resume) -> None:
+    def await_signal(self, name: str, key: str | None, timeout: int | None, resume: Resume) -> None:
         current = self.run.current
         assert current is not None
         timeout_at = self.now + timeout if timeout is not None else None
-        self.emit(ev.SignalAwaited, step=current.step, name=name, key=key, resume=resume,
-                  timeout_at=timeout_at)
+        self.emit(
+            ev.SignalAwaited,
+            step=current.step,
+            name=name,
+            key=key,
+            resume=resume,
+            timeout_at=timeout_at,
+        )
         if timeout_at is not None:
             self.arm(TimerKind.SIGNAL_TIMEOUT, current.step, self.wait_ref(), timeout_at)
         if resume is Resume.COMPLETE and name in self.run.unconsumed:
@@ -301,8 +346,9 @@ class _Context:
 
     def choose(self, step: StepSpec) -> None:
         data = self.run.data()
-        branch, target = -1, (
-            step.default if step.default is not None else self.workflow.next_step(step.id)
+        branch, target = (
+            -1,
+            (step.default if step.default is not None else self.workflow.next_step(step.id)),
         )
         for j, option in enumerate(step.choice or []):
             if truthy(evaluate(option.when, data)):
@@ -327,20 +373,32 @@ class _Context:
             output = finished[-1].result if finished else None
         self.emit(ev.RunCompleted, output=output)
 
-    def fail_run(self, error_class: ErrorClass, code: str, message: str,
-                 field: str | None) -> None:
+    def fail_run(self, error_class: ErrorClass, code: str, message: str, field: str | None) -> None:
         current = self.run.current
         step = current.step if current is not None else None
         if step is not None:
-            self.emit(ev.StepFailed, step=step, error_class=error_class, code=code,
-                      message=message, field=field)
-        self.emit(ev.RunFailed, step=step, error_class=error_class, code=code, message=message,
-                  field=field)
+            self.emit(
+                ev.StepFailed,
+                step=step,
+                error_class=error_class,
+                code=code,
+                message=message,
+                field=field,
+            )
+        self.emit(
+            ev.RunFailed,
+            step=step,
+            error_class=error_class,
+            code=code,
+            message=message,
+            field=field,
+        )
 
     # ------------------------------------------------------------------ outcomes
 
-    def handle_failure(self, error_class: ErrorClass, code: str, message: str,
-                       field: str | None) -> None:
+    def handle_failure(
+        self, error_class: ErrorClass, code: str, message: str, field: str | None
+    ) -> None:
         step = self.step_spec()
         current = self.run.current
         assert current is not None
@@ -356,19 +414,27 @@ class _Context:
         elif current.attempt < step.retry.max_attempts:
             delay = backoff_ms(step.retry, self.run.run_id, step.id, current.attempt)
             due = self.now + delay
-            self.emit(ev.RetryScheduled, step=step.id, phase=current.phase,
-                      attempt=current.attempt + 1, delay_ms=delay, due_at=due)
+            self.emit(
+                ev.RetryScheduled,
+                step=step.id,
+                phase=current.phase,
+                attempt=current.attempt + 1,
+                delay_ms=delay,
+                due_at=due,
+            )
             self.arm(TimerKind.RETRY, step.id, self.wait_ref(), due)
         else:
-            summary = (f"gave up after {current.attempt} attempts; last error {code}: {message}")
+            summary = f"gave up after {current.attempt} attempts; last error {code}: {message}"
             if step.on_exhausted is not None:
-                self.apply_handler(step.on_exhausted, "RETRIES_EXHAUSTED", summary,
-                                   ErrorClass.TRANSIENT)
+                self.apply_handler(
+                    step.on_exhausted, "RETRIES_EXHAUSTED", summary, ErrorClass.TRANSIENT
+                )
             else:
                 self.fail_run(ErrorClass.TRANSIENT, "RETRIES_EXHAUSTED", summary, field)
 
-    def apply_handler(self, handler: Handler, code: str, message: str,
-                      error_class: ErrorClass) -> None:
+    def apply_handler(
+        self, handler: Handler, code: str, message: str, error_class: ErrorClass
+    ) -> None:
         current = self.run.current
         assert current is not None
         action = handler.action
@@ -376,8 +442,9 @@ class _Context:
             self.fail_run(error_class, code, message, None)
             return
         target = handler.goto or handler.wait_event or handler.escalate or ""
-        self.emit(ev.BusinessErrorHandled, step=current.step, code=code, action=action,
-                  target=target)
+        self.emit(
+            ev.BusinessErrorHandled, step=current.step, code=code, action=action, target=target
+        )
         if action is HandlerAction.GOTO:
             self.enter(handler.goto)
         elif action is HandlerAction.WAIT_EVENT:
@@ -399,8 +466,9 @@ class _Context:
         rule = _ON_GRANT.get(granted_reason(approval.reason), _grant_approval)
         rule(self, approvers)
 
-    def on_approval_end(self, handler: Handler, approval: Approval, code: str,
-                        message: str) -> None:
+    def on_approval_end(
+        self, handler: Handler, approval: Approval, code: str, message: str
+    ) -> None:
         """An approval expired or was rejected: fail, go to a step, or escalate."""
         if handler.action is HandlerAction.ESCALATE:
             self.escalate(handler, code, message, escalated(approval.reason))
@@ -465,12 +533,15 @@ def _enter_wait_event(ctx: _Context, step: StepSpec) -> None:
     wait = step.wait_event
     key = evaluate(wait.key, ctx.run.data()) if wait.key is not None else None
     if wait.key is not None and key is None:
-        ctx.fail_run(ErrorClass.PERMANENT, "CORRELATION_KEY_MISSING",
-                     f"wait_event.key {wait.key!r} of step {step.id!r} is null for this run: "
-                     "no message could ever match it", None)
+        ctx.fail_run(
+            ErrorClass.PERMANENT,
+            "CORRELATION_KEY_MISSING",
+            f"wait_event.key {wait.key!r} of step {step.id!r} is null for this run: "
+            "no message could ever match it",
+            None,
+        )
         return
-    ctx.await_signal(wait.name, None if key is None else str(key), wait.timeout,
-                     Resume.COMPLETE)
+    ctx.await_signal(wait.name, None if key is None else str(key), wait.timeout, Resume.COMPLETE)
 
 
 @_enters(StepKind.CHOICE)
@@ -578,10 +649,14 @@ def _start_run(ctx: _Context, c: cmd.StartRun) -> None:
     if excluding is not None and not identity(c.requested_by):
         # Without a requester, "anyone but the requester" is anyone: four-eyes would hold
         # in name only. Refuse at the start, before any step has an effect.
-        ctx.fail_run(ErrorClass.PERMANENT, "REQUESTER_REQUIRED",
-                     f"step {excluding!r} has an approval the requester may not vote in, "
-                     "but the run names no requester: start it with requested_by (--as on "
-                     "the command line), or set exclude_requester: false", "requested_by")
+        ctx.fail_run(
+            ErrorClass.PERMANENT,
+            "REQUESTER_REQUIRED",
+            f"step {excluding!r} has an approval the requester may not vote in, "
+            "but the run names no requester: start it with requested_by (--as on "
+            "the command line), or set exclude_requester: false",
+            "requested_by",
+        )
         return
     ctx.enter(spec.steps[0].id)
 
@@ -591,19 +666,32 @@ def _release_slot(ctx: _Context, outcome: str, cost: float) -> None:
     current = ctx.run.current
     if current is None or not current.slot:
         return
-    ctx.emit(ev.SlotReleased, step=current.step, task_id=current.task_id, key=current.slot,
-             outcome=outcome if current.waiting is Waiting.TASK else "cancelled", cost=cost,
-             latency_ms=max(0, ctx.now - current.slot_at))
+    ctx.emit(
+        ev.SlotReleased,
+        step=current.step,
+        task_id=current.task_id,
+        key=current.slot,
+        outcome=outcome if current.waiting is Waiting.TASK else "cancelled",
+        cost=cost,
+        latency_ms=max(0, ctx.now - current.slot_at),
+    )
 
 
 def _awaited_slot(ctx: _Context, tid: str, key: str) -> bool:
     if not ctx.active():
         return False
     current = ctx.run.current
-    if (current is None or current.waiting is not Waiting.SLOT or current.task_id != tid
-            or current.slot != key):
-        ctx.reject("stale grant", f"task {tid} does not wait for a slot on {key}: the run "
-                   "moved on, or the grant came twice")
+    if (
+        current is None
+        or current.waiting is not Waiting.SLOT
+        or current.task_id != tid
+        or current.slot != key
+    ):
+        ctx.reject(
+            "stale grant",
+            f"task {tid} does not wait for a slot on {key}: the run "
+            "moved on, or the grant came twice",
+        )
         return False
     return True
 
@@ -629,12 +717,15 @@ def _awaited_task(ctx: _Context, step: str, tid: str) -> bool:
     if not ctx.active():
         return False
     current = ctx.run.current
-    if (current is None or current.step != step or current.waiting is not Waiting.TASK
-            or current.task_id != tid):
+    if (
+        current is None
+        or current.step != step
+        or current.waiting is not Waiting.TASK
+        or current.task_id != tid
+    ):
         ctx.reject(
             "stale result",
-            f"task {tid} is not awaited: it was already reported, timed out, "
-            "or the run moved on",
+            f"task {tid} is not awaited: it was already reported, timed out, or the run moved on",
         )
         return False
     return True
@@ -647,16 +738,27 @@ def _complete_task(ctx: _Context, c: cmd.CompleteTask) -> None:
     current = ctx.run.current
     assert current is not None
     step = ctx.step_spec()
-    common = {"step": c.step, "phase": current.phase, "attempt": current.attempt,
-              "task_id": c.task_id, "cost": c.cost}
+    common = {
+        "step": c.step,
+        "phase": current.phase,
+        "attempt": current.attempt,
+        "task_id": c.task_id,
+        "cost": c.cost,
+    }
     if step.result is not None and current.phase == Phase.TASK:
         problem = check_input(step.result, c.result, "result")
         if problem is not None:
             path, message = problem
             text = f"{step.task} returned an invalid result: {path}: {message}"
             _release_slot(ctx, "failed", c.cost)
-            ctx.emit(ev.TaskFailed, error_class=ErrorClass.PERMANENT, code="SCHEMA_VIOLATION",
-                     message=text, field=path, **common)
+            ctx.emit(
+                ev.TaskFailed,
+                error_class=ErrorClass.PERMANENT,
+                code="SCHEMA_VIOLATION",
+                message=text,
+                field=path,
+                **common,
+            )
             ctx.handle_failure(ErrorClass.PERMANENT, "SCHEMA_VIOLATION", text, path)
             return
     _release_slot(ctx, "ok", c.cost)
@@ -668,11 +770,14 @@ def _complete_task(ctx: _Context, c: cmd.CompleteTask) -> None:
             ctx.request_approval(ApprovalReason.PREPARE_COMMIT, step.approval, c.result)
         else:
             ctx.dispatch(Phase.COMMIT, 1)
-    elif step.review is not None and current.phase == Phase.TASK and (
-        step.review_if is None or truthy(evaluate(step.review_if, data))
+    elif (
+        step.review is not None
+        and current.phase == Phase.TASK
+        and (step.review_if is None or truthy(evaluate(step.review_if, data)))
     ):
-        ctx.request_approval(ApprovalReason.REVIEW, step.review,
-                             {"result": c.result, "confidence": c.confidence})
+        ctx.request_approval(
+            ApprovalReason.REVIEW, step.review, {"result": c.result, "confidence": c.confidence}
+        )
     else:
         ctx.complete_step(c.result)
 
@@ -685,13 +790,24 @@ def _fail_task(ctx: _Context, c: cmd.FailTask) -> None:
     assert current is not None
     # A worker's class is taken as it says when it is one the engine handles specially;
     # anything else (empty, a typo, a class a newer SDK invented) is retried.
-    error_class = (ErrorClass(c.error_class)
-                   if c.error_class in (ErrorClass.PERMANENT, ErrorClass.BUSINESS)
-                   else ErrorClass.TRANSIENT)
+    error_class = (
+        ErrorClass(c.error_class)
+        if c.error_class in (ErrorClass.PERMANENT, ErrorClass.BUSINESS)
+        else ErrorClass.TRANSIENT
+    )
     _release_slot(ctx, "failed", c.cost)
-    ctx.emit(ev.TaskFailed, step=c.step, phase=current.phase, attempt=current.attempt,
-             task_id=c.task_id, error_class=error_class, code=c.code, message=c.message,
-             field=c.field, cost=c.cost)
+    ctx.emit(
+        ev.TaskFailed,
+        step=c.step,
+        phase=current.phase,
+        attempt=current.attempt,
+        task_id=c.task_id,
+        error_class=error_class,
+        code=c.code,
+        message=c.message,
+        field=c.field,
+        cost=c.cost,
+    )
     ctx.handle_failure(error_class, c.code, c.message, c.field)
 
 
@@ -700,54 +816,85 @@ def _decide_approval(ctx: _Context, c: cmd.DecideApproval) -> None:
     if not ctx.active():
         return
     current = ctx.run.current
-    waiting = (current is not None and current.waiting is Waiting.APPROVAL
-               and current.approval is not None)
-    elsewhere = (f"step {current.step!r} is waiting for approval" if waiting and current
-                 else "no step is waiting for approval")
+    waiting = (
+        current is not None and current.waiting is Waiting.APPROVAL and current.approval is not None
+    )
+    elsewhere = (
+        f"step {current.step!r} is waiting for approval"
+        if waiting and current
+        else "no step is waiting for approval"
+    )
     if not ctx.workflow.has_step(c.step):
-        ctx.reject("unknown step", f"{ctx.workflow.workflow} v{ctx.workflow.version} has no "
-                   f"step {c.step!r}; {elsewhere}")
+        ctx.reject(
+            "unknown step",
+            f"{ctx.workflow.workflow} v{ctx.workflow.version} has no step {c.step!r}; {elsewhere}",
+        )
         return
     if not waiting or current is None or current.step != c.step or current.approval is None:
-        ctx.reject("no pending approval",
-                   f"step {c.step!r} is not waiting for approval: it was decided, expired, "
-                   f"or the run is elsewhere; {elsewhere}")
+        ctx.reject(
+            "no pending approval",
+            f"step {c.step!r} is not waiting for approval: it was decided, expired, "
+            f"or the run is elsewhere; {elsewhere}",
+        )
         return
     approval = current.approval
     who = identity(c.approver)
     if not who:
-        ctx.reject("no approver", "a decision names who made it; give the approver's name "
-                   "(--as on the command line)")
+        ctx.reject(
+            "no approver",
+            "a decision names who made it; give the approver's name (--as on the command line)",
+        )
         return
     if not set(c.roles) & set(approval.approvers):
-        ctx.reject("not an approver",
-                   f"{c.approver} (roles: {', '.join(c.roles) or 'none'}) is in none of "
-                   f"{', '.join(approval.approvers)}")
+        ctx.reject(
+            "not an approver",
+            f"{c.approver} (roles: {', '.join(c.roles) or 'none'}) is in none of "
+            f"{', '.join(approval.approvers)}",
+        )
         return
     if approval.exclude_requester and who == identity(ctx.run.requested_by):
-        ctx.reject("self-approval",
-                   f"{c.approver} requested this run and may not approve it; "
-                   "ask another approver")
+        ctx.reject(
+            "self-approval",
+            f"{c.approver} requested this run and may not approve it; ask another approver",
+        )
         return
     if who in {identity(v) for v in approval.votes}:
-        ctx.reject("duplicate approval", f"{c.approver} already approved; the quorum of "
-                   f"{approval.quorum} needs distinct approvers (names are compared "
-                   "without case and surrounding spaces)")
+        ctx.reject(
+            "duplicate approval",
+            f"{c.approver} already approved; the quorum of "
+            f"{approval.quorum} needs distinct approvers (names are compared "
+            "without case and surrounding spaces)",
+        )
         return
     if not c.approve:
-        ctx.emit(ev.ApprovalRejected, step=c.step, approval_id=approval.approval_id,
-                 approver=c.approver, comment=c.comment)
+        ctx.emit(
+            ev.ApprovalRejected,
+            step=c.step,
+            approval_id=approval.approval_id,
+            approver=c.approver,
+            comment=c.comment,
+        )
         handler = ctx.approval_spec(approval).on_reject
         message = f"rejected by {c.approver}" + (f": {c.comment}" if c.comment else "")
         ctx.on_approval_end(handler, approval, "APPROVAL_REJECTED", message)
         return
     votes = [*approval.votes, c.approver]
     if len(votes) < approval.quorum:
-        ctx.emit(ev.ApprovalVoted, step=c.step, approval_id=approval.approval_id,
-                 approver=c.approver, comment=c.comment)
+        ctx.emit(
+            ev.ApprovalVoted,
+            step=c.step,
+            approval_id=approval.approval_id,
+            approver=c.approver,
+            comment=c.comment,
+        )
         return
-    ctx.emit(ev.ApprovalGranted, step=c.step, approval_id=approval.approval_id,
-             approvers=votes, comment=c.comment)
+    ctx.emit(
+        ev.ApprovalGranted,
+        step=c.step,
+        approval_id=approval.approval_id,
+        approvers=votes,
+        comment=c.comment,
+    )
     ctx.after_grant(approval, votes)
 
 
@@ -756,8 +903,7 @@ def _deliver_signal(ctx: _Context, c: cmd.DeliverSignal) -> None:
     if not ctx.active():
         return
     current = ctx.run.current
-    awaited = (current is not None and current.waiting is Waiting.SIGNAL
-               and current.signal == c.name)
+    awaited = current is not None and current.waiting is Waiting.SIGNAL and current.signal == c.name
     ctx.emit(ev.SignalReceived, name=c.name, data=c.data)
     if awaited:
         assert current is not None
@@ -773,10 +919,18 @@ def _correlate_message(ctx: _Context, c: cmd.CorrelateMessage) -> None:
     if not ctx.active():
         return
     current = ctx.run.current
-    if (current is None or current.waiting is not Waiting.SIGNAL or wait_ref(current) != c.wait
-            or current.signal != c.name or current.signal_key != c.key):
-        ctx.reject("stale message", f"message {c.message_id!r} ({c.name!r}, key {c.key!r}) "
-                   f"answers wait {c.wait!r}, which is no longer open")
+    if (
+        current is None
+        or current.waiting is not Waiting.SIGNAL
+        or wait_ref(current) != c.wait
+        or current.signal != c.name
+        or current.signal_key != c.key
+    ):
+        ctx.reject(
+            "stale message",
+            f"message {c.message_id!r} ({c.name!r}, key {c.key!r}) "
+            f"answers wait {c.wait!r}, which is no longer open",
+        )
         return
     ctx.emit(ev.SignalReceived, name=c.name, data=c.data)
     ctx.complete_step(c.data)
@@ -819,9 +973,18 @@ def _on_task_timeout(ctx: _Context, ref: str, due_at: int) -> None:
     step = ctx.step_spec()
     message = f"no result within {format_duration(step.timeout)} (attempt {current.attempt})"
     _release_slot(ctx, "failed", 0.0)
-    ctx.emit(ev.TaskFailed, step=current.step, phase=current.phase, attempt=current.attempt,
-             task_id=current.task_id, error_class=ErrorClass.TRANSIENT, code="TASK_TIMEOUT",
-             message=message, field=None, cost=0.0)
+    ctx.emit(
+        ev.TaskFailed,
+        step=current.step,
+        phase=current.phase,
+        attempt=current.attempt,
+        task_id=current.task_id,
+        error_class=ErrorClass.TRANSIENT,
+        code="TASK_TIMEOUT",
+        message=message,
+        field=None,
+        cost=0.0,
+    )
     ctx.handle_failure(ErrorClass.TRANSIENT, "TASK_TIMEOUT", message, None)
 
 
@@ -838,8 +1001,13 @@ def _on_approval_reminder(ctx: _Context, ref: str, due_at: int) -> None:
         return
     current = ctx.run.current
     assert current is not None
-    ctx.emit(ev.ApprovalReminded, step=current.step, approval_id=ref,
-             reminder=approval.reminders + 1, approvers=list(approval.approvers))
+    ctx.emit(
+        ev.ApprovalReminded,
+        step=current.step,
+        approval_id=ref,
+        reminder=approval.reminders + 1,
+        approvers=list(approval.approvers),
+    )
     every = ctx.approval_spec(approval).remind_every
     if every is not None:
         due = ctx.now + every
@@ -855,8 +1023,12 @@ def _on_approval_expiry(ctx: _Context, ref: str, due_at: int) -> None:
     assert current is not None
     ctx.emit(ev.ApprovalExpired, step=current.step, approval_id=ref)
     handler = ctx.approval_spec(approval).on_expire
-    ctx.on_approval_end(handler, approval, "APPROVAL_EXPIRED",
-                        f"no decision on step {current.step!r} before it expired")
+    ctx.on_approval_end(
+        handler,
+        approval,
+        "APPROVAL_EXPIRED",
+        f"no decision on step {current.step!r} before it expired",
+    )
 
 
 def _on_signal_timeout(ctx: _Context, ref: str, due_at: int) -> None:

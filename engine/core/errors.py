@@ -42,4 +42,5 @@ class UnknownEventError(TerranohaError):
             f"no evolver for event {name} v{version} ({type(event).__name__}) of run "
             f"{getattr(event, 'run_id', '?')!r} at seq {getattr(event, 'seq', '?')}: read this "
             "log with the engine version that wrote it or a newer one; a new event class "
-            "needs an @evolver in engine/core/evolve.py")
+            "needs an @evolver in engine/core/evolve.py"
+        )

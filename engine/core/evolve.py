@@ -119,8 +119,16 @@ def _task_dispatched(state: RunState, e: ev.TaskDispatched) -> RunState:
 
 @evolver(ev.SlotRequested)
 def _slot_requested(state: RunState, e: ev.SlotRequested) -> RunState:
-    current = _step(state, e.step, waiting=Waiting.SLOT, phase=e.phase, attempt=e.attempt,
-                    task_id=e.task_id, slot=e.key, slot_at=e.ts)
+    current = _step(
+        state,
+        e.step,
+        waiting=Waiting.SLOT,
+        phase=e.phase,
+        attempt=e.attempt,
+        task_id=e.task_id,
+        slot=e.key,
+        slot_at=e.ts,
+    )
     return replace(state, seq=e.seq, current=current)
 
 
@@ -145,8 +153,14 @@ def _task_completed(state: RunState, e: ev.TaskCompleted) -> RunState:
 
 @evolver(ev.TaskFailed)
 def _task_failed(state: RunState, e: ev.TaskFailed) -> RunState:
-    error = {"step": e.step, "class": e.error_class, "code": e.code, "message": e.message,
-             "field": e.field, "attempt": e.attempt}
+    error = {
+        "step": e.step,
+        "class": e.error_class,
+        "code": e.code,
+        "message": e.message,
+        "field": e.field,
+        "attempt": e.attempt,
+    }
     return replace(
         state,
         seq=e.seq,
@@ -237,8 +251,9 @@ def _escalated(state: RunState, e: ev.Escalated) -> RunState:
 
 @evolver(ev.SignalAwaited)
 def _signal_awaited(state: RunState, e: ev.SignalAwaited) -> RunState:
-    current = _step(state, e.step, waiting=Waiting.SIGNAL, signal=e.name, resume=e.resume,
-                    signal_key=e.key)
+    current = _step(
+        state, e.step, waiting=Waiting.SIGNAL, signal=e.name, resume=e.resume, signal_key=e.key
+    )
     return replace(state, seq=e.seq, current=current)
 
 
@@ -274,8 +289,12 @@ def _only_seq(state: RunState, e: ev.Event) -> RunState:
     return replace(state, seq=e.seq)
 
 
-for _event_type in (ev.ChoiceEvaluated, ev.BusinessErrorHandled, ev.CommandRejected,
-                    ev.CommandRejectedV2):
+for _event_type in (
+    ev.ChoiceEvaluated,
+    ev.BusinessErrorHandled,
+    ev.CommandRejected,
+    ev.CommandRejectedV2,
+):
     EVOLVERS[_event_type] = _only_seq
 
 
@@ -311,9 +330,7 @@ def _sla_breached(state: RunState, e: ev.SlaBreached) -> RunState:
 
 
 def _ended(state: RunState, e: ev.Event, outcome: RunStatus, **changes: Any) -> RunState:
-    return replace(
-        state, seq=e.seq, outcome=outcome, ended_at=e.ts, timers={}, **changes
-    )
+    return replace(state, seq=e.seq, outcome=outcome, ended_at=e.ts, timers={}, **changes)
 
 
 @evolver(ev.RunCompleted)
@@ -323,8 +340,13 @@ def _run_completed(state: RunState, e: ev.RunCompleted) -> RunState:
 
 @evolver(ev.RunFailed)
 def _run_failed(state: RunState, e: ev.RunFailed) -> RunState:
-    error = {"step": e.step, "class": e.error_class, "code": e.code, "message": e.message,
-             "field": e.field}
+    error = {
+        "step": e.step,
+        "class": e.error_class,
+        "code": e.code,
+        "message": e.message,
+        "field": e.field,
+    }
     return _ended(state, e, RunStatus.FAILED, error=error, current=None)
 
 

@@ -50,8 +50,16 @@ def map_input(mapping: Any, data: Any) -> Any:
     return mapping
 
 
-_CHAINED = frozenset({"subexpression", "index_expression", "projection", "value_projection",
-                      "filter_projection", "flatten"})
+_CHAINED = frozenset(
+    {
+        "subexpression",
+        "index_expression",
+        "projection",
+        "value_projection",
+        "filter_projection",
+        "flatten",
+    }
+)
 """AST nodes whose first child is evaluated where the node is, the others on its result."""
 
 

@@ -40,8 +40,12 @@ def answer(event: ad.AdmissionEvent) -> GrantSlot | RefuseSlot | None:
     request: the admission processor writes it to the run inputs with the event."""
     if not isinstance(event, ad.Granted | ad.Refused) or not event.reply_to:
         return None
-    common = {"run_id": event.reply_to, "command_id": f"{event.key}/{event.request_id}",
-              "task_id": event.request_id, "key": event.key}
+    common = {
+        "run_id": event.reply_to,
+        "command_id": f"{event.key}/{event.request_id}",
+        "task_id": event.request_id,
+        "key": event.key,
+    }
     if isinstance(event, ad.Granted):
         return GrantSlot(**common, tenant=event.tenant)
     return RefuseSlot(**common, code=event.code, message=event.message)

@@ -74,8 +74,9 @@ def _parse_rate(value: object) -> object:
     if isinstance(value, str):
         match = _RATE.match(value)
         if match is None:
-            raise ValueError(f"bad rate {value!r}: write a count per duration, e.g. 50/s, "
-                             "100/m or 5/10s")
+            raise ValueError(
+                f"bad rate {value!r}: write a count per duration, e.g. 50/s, 100/m or 5/10s"
+            )
         unit = match.group("unit")
         period = parse_duration(unit if unit[0].isdigit() else f"1{unit}")
         return {"count": int(match.group("count")), "period_ms": period}
@@ -87,8 +88,9 @@ def _parse_window(value: object) -> object:
         text = value.strip().lower()
         text = _WINDOW_ALIASES.get(text, text)
         if text not in WINDOWS:
-            raise ValueError(f"bad budget window {value!r}: use one of {', '.join(WINDOWS)} "
-                             "(or 1h, 1d, 1w, 1mo)")
+            raise ValueError(
+                f"bad budget window {value!r}: use one of {', '.join(WINDOWS)} (or 1h, 1d, 1w, 1mo)"
+            )
         return text
     return value
 
@@ -99,8 +101,10 @@ def _check_timezone(value: object) -> object:
     try:
         zoneinfo.ZoneInfo(value)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown timezone {value!r}: use an IANA name such as "
-                         "Europe/Berlin, America/New_York or UTC") from None
+        raise ValueError(
+            f"unknown timezone {value!r}: use an IANA name such as "
+            "Europe/Berlin, America/New_York or UTC"
+        ) from None
     return value
 
 
@@ -143,8 +147,10 @@ class Breaker(_Model):
 def check_key(value: object) -> str:
     """A limit key as written in a rule, a step or ``limits pause``."""
     if not isinstance(value, str) or KEY.match(value) is None:
-        raise ValueError(f"bad key {value!r}: write kind:name, e.g. tool:llm.classify, "
-                         "tenant:acme or tenant:* (letters, digits, _ . @ / -)")
+        raise ValueError(
+            f"bad key {value!r}: write kind:name, e.g. tool:llm.classify, "
+            "tenant:acme or tenant:* (letters, digits, _ . @ / -)"
+        )
     return value
 
 
@@ -166,8 +172,9 @@ class Rule(_Model):
     @model_validator(mode="after")
     def _meaningful(self) -> Rule:
         if all(getattr(self, name) is None for name in LIMIT_FIELDS):
-            raise ValueError(f"rule {self.key!r} sets no limit: give at least one of "
-                             f"{', '.join(LIMIT_FIELDS)}")
+            raise ValueError(
+                f"rule {self.key!r} sets no limit: give at least one of {', '.join(LIMIT_FIELDS)}"
+            )
         if self.burst is not None and self.rate is None:
             raise ValueError("burst needs a rate")
         if self.aging is not None and self.aging <= 0:
@@ -252,8 +259,7 @@ class KeyLimits:
     @property
     def binding(self) -> bool:
         """Whether anything here can hold a request back."""
-        return any(x is not None for x in (self.concurrency, self.rate, self.budget,
-                                           self.breaker))
+        return any(x is not None for x in (self.concurrency, self.rate, self.budget, self.breaker))
 
 
 UNLIMITED = KeyLimits()
@@ -267,15 +273,24 @@ def resolve(document: LimitsDocument | None, key: str) -> KeyLimits:
     kind = key.split(":", 1)[0]
     for rule in (document.rule(f"{kind}:*"), document.rule(key)):
         if rule is not None:
-            merged.update({name: getattr(rule, name) for name in LIMIT_FIELDS
-                           if getattr(rule, name) is not None})
-    rate, budget, breaker = merged.pop("rate", None), merged.pop("budget", None), \
-        merged.pop("breaker", None)
+            merged.update(
+                {
+                    name: getattr(rule, name)
+                    for name in LIMIT_FIELDS
+                    if getattr(rule, name) is not None
+                }
+            )
+    rate, budget, breaker = (
+        merged.pop("rate", None),
+        merged.pop("budget", None),
+        merged.pop("breaker", None),
+    )
     return KeyLimits(
         **merged,
         rate=None if rate is None else RateLimit(rate.count, rate.period_ms),
         budget=None if budget is None else BudgetLimit(**budget.model_dump()),
-        breaker=None if breaker is None else BreakerLimit(**breaker.model_dump()))
+        breaker=None if breaker is None else BreakerLimit(**breaker.model_dump()),
+    )
 
 
 # --------------------------------------------------------------------------- loading

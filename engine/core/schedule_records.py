@@ -297,11 +297,28 @@ class ScheduleCommandRejected(ScheduleEvent):
 
 
 SCHEDULE_COMMAND_TYPES: tuple[type[ScheduleCommand], ...] = (
-    CreateSchedule, PauseSchedule, ResumeSchedule, DeleteSchedule, TriggerSchedule,
-    BackfillSchedule, FireScheduleTick, ReportRunEnded)
+    CreateSchedule,
+    PauseSchedule,
+    ResumeSchedule,
+    DeleteSchedule,
+    TriggerSchedule,
+    BackfillSchedule,
+    FireScheduleTick,
+    ReportRunEnded,
+)
 
 SCHEDULE_EVENT_TYPES: tuple[type[ScheduleEvent], ...] = (
-    ScheduleCreated, SchedulePaused, ScheduleResumed, ScheduleDeleted, ScheduledRunStarted,
-    ScheduledRunSkipped, ScheduledRunBuffered, ScheduleTicksMissed, ScheduleAdvanced,
-    ScheduledRunCancelRequested, ScheduledRunEnded, ScheduleBackfilled,
-    ScheduleCommandRejected)
+    ScheduleCreated,
+    SchedulePaused,
+    ScheduleResumed,
+    ScheduleDeleted,
+    ScheduledRunStarted,
+    ScheduledRunSkipped,
+    ScheduledRunBuffered,
+    ScheduleTicksMissed,
+    ScheduleAdvanced,
+    ScheduledRunCancelRequested,
+    ScheduledRunEnded,
+    ScheduleBackfilled,
+    ScheduleCommandRejected,
+)

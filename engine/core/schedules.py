@@ -92,8 +92,9 @@ def next_after(spec: ScheduleSpec, after: int, calendar: Calendar) -> int | None
     return calendar.next_cron(spec.cron, spec.timezone, after)
 
 
-def nominal_times(spec: ScheduleSpec, start: int, end: int, calendar: Calendar,
-                  limit: int) -> Iterator[int]:
+def nominal_times(
+    spec: ScheduleSpec, start: int, end: int, calendar: Calendar, limit: int
+) -> Iterator[int]:
     """Nominal times in ``[start, end]``, at most ``limit`` of them."""
     at = next_after(spec, start - 1, calendar)
     while at is not None and at <= end and limit > 0:
@@ -115,8 +116,9 @@ def due_at(state: ScheduleState) -> int | None:
     """When the schedule's next tick is due (None: no timer)."""
     if state.deleted or state.paused or state.next_nominal is None:
         return None
-    return state.next_nominal + jitter_delay(state.schedule_id, state.next_nominal,
-                                             state.spec.jitter)
+    return state.next_nominal + jitter_delay(
+        state.schedule_id, state.next_nominal, state.spec.jitter
+    )
 
 
 def idempotency_key(schedule_id: str, nominal: int) -> str:
@@ -132,15 +134,16 @@ def schedule_origin(idempotency: str) -> tuple[str, int] | None:
     """(schedule id, nominal time) of a run's idempotency key, if a schedule started it."""
     if not idempotency.startswith(KEY_PREFIX) or "@" not in idempotency:
         return None
-    schedule_id, _, nominal = idempotency[len(KEY_PREFIX):].rpartition("@")
+    schedule_id, _, nominal = idempotency[len(KEY_PREFIX) :].rpartition("@")
     return (schedule_id, int(nominal)) if nominal.isdigit() and schedule_id else None
 
 
 class _Decision:
     """Events of one command, each folded as it is emitted."""
 
-    def __init__(self, state: ScheduleState | None, command: ScheduleCommand, now: int,
-                 calendar: Calendar) -> None:
+    def __init__(
+        self, state: ScheduleState | None, command: ScheduleCommand, now: int, calendar: Calendar
+    ) -> None:
         self.state = state
         self.command = command
         self.now = now
@@ -148,14 +151,17 @@ class _Decision:
         self.events: list[ScheduleEvent] = []
 
     def emit(self, cls: type[ScheduleEvent], **fields: object) -> None:
-        event = cls(schedule_id=self.command.schedule_id,
-                    causation_id=self.command.command_id, at=self.now, **fields)
+        event = cls(
+            schedule_id=self.command.schedule_id,
+            causation_id=self.command.command_id,
+            at=self.now,
+            **fields,
+        )
         self.events.append(event)
         self.state = evolve(self.state, event)
 
     def reject(self, reason: str, detail: str) -> None:
-        self.emit(ScheduleCommandRejected, command=self.command.TYPE, reason=reason,
-                  detail=detail)
+        self.emit(ScheduleCommandRejected, command=self.command.TYPE, reason=reason, detail=detail)
 
     @property
     def current(self) -> ScheduleState:
@@ -174,17 +180,27 @@ class _Decision:
                 if state.buffered is None:
                     self.emit(ScheduledRunBuffered, nominal=nominal)
                 else:
-                    self.emit(ScheduledRunSkipped, nominal=nominal,
-                              reason=SkipReason.BUFFER_FULL)
+                    self.emit(ScheduledRunSkipped, nominal=nominal, reason=SkipReason.BUFFER_FULL)
                 return
             if policy is OverlapPolicy.CANCEL_OTHER:
                 for run in state.running:
-                    self.emit(ScheduledRunCancelRequested, run_id=run.run_id,
-                              nominal=run.nominal, tenant=state.spec.tenant)
+                    self.emit(
+                        ScheduledRunCancelRequested,
+                        run_id=run.run_id,
+                        nominal=run.nominal,
+                        tenant=state.spec.tenant,
+                    )
         spec = state.spec
-        self.emit(ScheduledRunStarted, nominal=nominal, run_id=run_id_of(spec, nominal),
-                  reason=reason, tenant=spec.tenant, workflow=spec.workflow,
-                  version=spec.version, input=spec.input)
+        self.emit(
+            ScheduledRunStarted,
+            nominal=nominal,
+            run_id=run_id_of(spec, nominal),
+            reason=reason,
+            tenant=spec.tenant,
+            workflow=spec.workflow,
+            version=spec.version,
+            input=spec.input,
+        )
 
     def miss(self, reason: MissReason, first: int, until: int) -> int | None:
         """Record the nominal times from ``first`` up to ``until`` (exclusive) as missed;
@@ -198,8 +214,15 @@ class _Decision:
         if truncated:
             at = next_after(spec, until - 1, self.calendar)
         if count:
-            self.emit(ScheduleTicksMissed, first=first, last=last, count=count, reason=reason,
-                      truncated=truncated, tenant=spec.tenant)
+            self.emit(
+                ScheduleTicksMissed,
+                first=first,
+                last=last,
+                count=count,
+                reason=reason,
+                truncated=truncated,
+                tenant=spec.tenant,
+            )
         return at
 
 
@@ -211,11 +234,13 @@ def _handles(cls: type[ScheduleCommand]) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         _HANDLERS[cls] = fn
         return fn
+
     return register
 
 
-def decide(state: ScheduleState | None, command: ScheduleCommand, now: int,
-           calendar: Calendar) -> list[ScheduleEvent]:
+def decide(
+    state: ScheduleState | None, command: ScheduleCommand, now: int, calendar: Calendar
+) -> list[ScheduleEvent]:
     """The events ``command`` causes at ``now`` (ms). Never raises on bad input: a command
     that cannot apply is a ``ScheduleCommandRejected``; one for a schedule that does not
     exist (or a stale tick) causes nothing."""
@@ -234,8 +259,10 @@ def _create(d: _Decision, c: ScheduleCommand) -> None:
     assert isinstance(c, CreateSchedule)
     if d.state is not None and not d.state.deleted:
         if d.state.spec != c.spec:
-            d.reject("exists", f"schedule {c.schedule_id!r} exists with another definition; "
-                     "delete it first")
+            d.reject(
+                "exists",
+                f"schedule {c.schedule_id!r} exists with another definition; delete it first",
+            )
         return
     if c.spec.schedule_id != c.schedule_id:
         d.reject("id mismatch", f"the definition names {c.spec.schedule_id!r}")
@@ -282,8 +309,11 @@ def _tick(d: _Decision, c: ScheduleCommand) -> None:
     oldest = d.now - spec.catch_up_window
     if at is not None and at < oldest:
         at = d.miss(MissReason.OUTSIDE_WINDOW, at, oldest)
-    while at is not None and started < MAX_STARTS_PER_TICK and \
-            at + jitter_delay(spec.schedule_id, at, spec.jitter) <= d.now:
+    while (
+        at is not None
+        and started < MAX_STARTS_PER_TICK
+        and at + jitter_delay(spec.schedule_id, at, spec.jitter) <= d.now
+    ):
         late = d.now - at - jitter_delay(spec.schedule_id, at, spec.jitter) > LATE_MS
         d.fire(at, FireReason.CATCH_UP if late else FireReason.TICK)
         started += 1
@@ -309,8 +339,11 @@ def _backfill(d: _Decision, c: ScheduleCommand) -> None:
     spec = d.current.spec
     times = list(nominal_times(spec, c.start, c.end, d.calendar, MAX_BACKFILL + 1))
     if len(times) > MAX_BACKFILL:
-        d.reject("too many", f"the range holds more than {MAX_BACKFILL} nominal times; "
-                 "backfill it in smaller ranges")
+        d.reject(
+            "too many",
+            f"the range holds more than {MAX_BACKFILL} nominal times; "
+            "backfill it in smaller ranges",
+        )
         return
     d.emit(ScheduleBackfilled, start=c.start, end=c.end, count=len(times), by=c.by)
     for nominal in times:
@@ -340,6 +373,7 @@ def _evolves(cls: type[ScheduleEvent]) -> Callable[[Evolver], Evolver]:
     def register(fn: Evolver) -> Evolver:
         EVOLVERS[cls] = fn
         return fn
+
     return register
 
 
@@ -347,13 +381,18 @@ def evolve(state: ScheduleState | None, event: ScheduleEvent) -> ScheduleState:
     """``state`` after ``event``. Total: an event for a schedule that was never created
     (which ``decide`` never emits) leaves an empty deleted schedule."""
     if isinstance(event, ScheduleCreated):
-        return ScheduleState(schedule_id=event.schedule_id, spec=event.spec,
-                             created_at=event.at, paused=event.spec.paused,
-                             next_nominal=event.next_nominal)
+        return ScheduleState(
+            schedule_id=event.schedule_id,
+            spec=event.spec,
+            created_at=event.at,
+            paused=event.spec.paused,
+            next_nominal=event.next_nominal,
+        )
     if state is None:
         spec = ScheduleSpec(schedule_id=event.schedule_id, workflow="")
-        state = ScheduleState(schedule_id=event.schedule_id, spec=spec, created_at=event.at,
-                              deleted=True)
+        state = ScheduleState(
+            schedule_id=event.schedule_id, spec=spec, created_at=event.at, deleted=True
+        )
     fold = EVOLVERS.get(type(event))
     return fold(state, event) if fold is not None else state
 
@@ -379,9 +418,14 @@ def _started(state: ScheduleState, event: ScheduleEvent) -> ScheduleState:
     assert isinstance(event, ScheduledRunStarted)
     recent = (*state.recent, event.nominal)[-TRIGGER_MEMORY:]
     buffered = None if event.reason is FireReason.BUFFERED else state.buffered
-    return replace(state, running=(*state.running, ScheduledRun(event.run_id, event.nominal)),
-                   started=state.started + 1, last_started=event.nominal,
-                   recent=recent, buffered=buffered)
+    return replace(
+        state,
+        running=(*state.running, ScheduledRun(event.run_id, event.nominal)),
+        started=state.started + 1,
+        last_started=event.nominal,
+        recent=recent,
+        buffered=buffered,
+    )
 
 
 @_evolves(ScheduledRunSkipped)
@@ -424,16 +468,30 @@ def outputs(event: ScheduleEvent) -> Sequence[Command]:
     """The run commands an event causes (written in the event's transaction)."""
     if isinstance(event, ScheduledRunStarted):
         key = idempotency_key(event.schedule_id, event.nominal)
-        return [StartRun(command_id=key, run_id=event.run_id, tenant=event.tenant,
-                         correlation_id=event.run_id, workflow=event.workflow,
-                         version=event.version, input=event.input, idempotency_key=key,
-                         requested_by=f"{KEY_PREFIX}{event.schedule_id}")]
+        return [
+            StartRun(
+                command_id=key,
+                run_id=event.run_id,
+                tenant=event.tenant,
+                correlation_id=event.run_id,
+                workflow=event.workflow,
+                version=event.version,
+                input=event.input,
+                idempotency_key=key,
+                requested_by=f"{KEY_PREFIX}{event.schedule_id}",
+            )
+        ]
     if isinstance(event, ScheduledRunCancelRequested):
-        return [CancelRun(command_id=f"{event.causation_id}/cancel/{event.run_id}",
-                          run_id=event.run_id, tenant=event.tenant,
-                          correlation_id=event.run_id,
-                          reason=f"overlap policy cancel_other of schedule {event.schedule_id}",
-                          by=f"{KEY_PREFIX}{event.schedule_id}")]
+        return [
+            CancelRun(
+                command_id=f"{event.causation_id}/cancel/{event.run_id}",
+                run_id=event.run_id,
+                tenant=event.tenant,
+                correlation_id=event.run_id,
+                reason=f"overlap policy cancel_other of schedule {event.schedule_id}",
+                by=f"{KEY_PREFIX}{event.schedule_id}",
+            )
+        ]
     return []
 
 
@@ -443,20 +501,31 @@ def alerts(event: ScheduleEvent) -> list[Notification]:
     if not isinstance(event, ScheduleTicksMissed) or event.reason is not MissReason.OUTSIDE_WINDOW:
         return []
     more = "+" if event.truncated else ""
-    return [Notification(
-        kind=NotificationKind.SCHEDULE_MISSED.value, run_id="", step=event.schedule_id,
-        approval_id="", recipients=[],
-        message=(f"schedule {event.schedule_id} missed {event.count}{more} nominal time(s) "
-                 f"from {event.first} to {event.last} (ms since the epoch): later than its "
-                 "catch-up window when the engine got to them"),
-        ts=event.at, tenant=event.tenant, correlation_id=event.causation_id)]
+    return [
+        Notification(
+            kind=NotificationKind.SCHEDULE_MISSED.value,
+            run_id="",
+            step=event.schedule_id,
+            approval_id="",
+            recipients=[],
+            message=(
+                f"schedule {event.schedule_id} missed {event.count}{more} nominal time(s) "
+                f"from {event.first} to {event.last} (ms since the epoch): later than its "
+                "catch-up window when the engine got to them"
+            ),
+            ts=event.at,
+            tenant=event.tenant,
+            correlation_id=event.causation_id,
+        )
+    ]
 
 
 TERMINAL_EVENTS = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
 
 
-def run_ended_reports(events: Iterable[Event],
-                      states: Mapping[str, RunState]) -> list[ReportRunEnded]:
+def run_ended_reports(
+    events: Iterable[Event], states: Mapping[str, RunState]
+) -> list[ReportRunEnded]:
     """What the run engine tells the schedules in the transaction of a batch: one
     ``ReportRunEnded`` for each run started by a schedule that ended in it, or whose
     repeated start it refused after it had ended."""
@@ -465,17 +534,25 @@ def run_ended_reports(events: Iterable[Event],
         state = states.get(event.run_id)
         # A repeated StartRun (a backfill over a nominal time that ran) of an ended run
         # is refused: the schedule counts that run as running until it hears it ended.
-        refused_start = (event.TYPE == "CommandRejected" and state is not None
-                         and state.terminal
-                         and getattr(event, "command_type", "") == "StartRun")
+        refused_start = (
+            event.TYPE == "CommandRejected"
+            and state is not None
+            and state.terminal
+            and getattr(event, "command_type", "") == "StartRun"
+        )
         if event.TYPE not in TERMINAL_EVENTS and not refused_start:
             continue
         origin = schedule_origin(state.idempotency_key) if state is not None else None
         if origin is None or state is None:
             continue
-        reports.append(ReportRunEnded(
-            command_id=f"ended:{event.run_id}", schedule_id=origin[0], run_id=event.run_id,
-            outcome=state.status.value))
+        reports.append(
+            ReportRunEnded(
+                command_id=f"ended:{event.run_id}",
+                schedule_id=origin[0],
+                run_id=event.run_id,
+                outcome=state.status.value,
+            )
+        )
     return reports
 
 
@@ -483,5 +560,10 @@ def timers(state: ScheduleState) -> list[FireScheduleTick]:
     """The tick the state asks for (at ``due_at(state)``)."""
     if due_at(state) is None or state.next_nominal is None:
         return []
-    return [FireScheduleTick(command_id=f"tick:{state.schedule_id}@{state.next_nominal}",
-                             schedule_id=state.schedule_id, nominal=state.next_nominal)]
+    return [
+        FireScheduleTick(
+            command_id=f"tick:{state.schedule_id}@{state.next_nominal}",
+            schedule_id=state.schedule_id,
+            nominal=state.next_nominal,
+        )
+    ]

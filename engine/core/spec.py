@@ -168,8 +168,13 @@ class StepSpec(_Model):
 
     @property
     def kind(self) -> StepKind:
-        for k in (StepKind.TASK, StepKind.PREPARE_COMMIT, StepKind.WAIT_EVENT, StepKind.CHOICE,
-                  StepKind.SLEEP):
+        for k in (
+            StepKind.TASK,
+            StepKind.PREPARE_COMMIT,
+            StepKind.WAIT_EVENT,
+            StepKind.CHOICE,
+            StepKind.SLEEP,
+        ):
             if getattr(self, k) is not None:
                 return k
         return StepKind.APPROVAL
@@ -285,8 +290,9 @@ def load_spec_yaml(text: str) -> WorkflowSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         named = _WORKFLOW_NAME.search(text)
-        raise SpecError(named.group(1) if named else "",
-                        [("$", f"not valid YAML: {exc}")]) from None
+        raise SpecError(
+            named.group(1) if named else "", [("$", f"not valid YAML: {exc}")]
+        ) from None
     if not isinstance(data, Mapping):
         raise SpecError("", [("$", "a spec is a mapping with workflow, version and steps")])
     return load_spec(data)
@@ -317,6 +323,7 @@ def _path(data: Any, loc: tuple[int | str, ...]) -> str:
 
 def _in_step_order(issues: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Top-level fields first, then step by step; the order found within each."""
+
     def step_of(issue: tuple[str, str]) -> int:
         match = re.match(r"steps\[(\d+)\]", issue[0])
         return int(match.group(1)) if match else -1
@@ -350,8 +357,11 @@ def _issues_beside(data: Any, exc: ValidationError) -> list[tuple[str, str]]:
         except ValidationError as again:
             errors = again.errors()
             continue
-        return [(path, message) for path, message in _semantic_issues(spec, graph=False)
-                if not any(_related(path, gone) for gone in removed)]
+        return [
+            (path, message)
+            for path, message in _semantic_issues(spec, graph=False)
+            if not any(_related(path, gone) for gone in removed)
+        ]
     return []
 
 
@@ -361,13 +371,19 @@ def _prune(data: dict[str, Any], loc: tuple[int | str, ...]) -> tuple[int | str,
     trail: list[tuple[Any, int | str]] = []  # (container, key) down to the deepest part
     node: Any = data
     for part in loc:
-        found = (part in node if isinstance(node, Mapping) else
-                 isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node))
+        found = (
+            part in node
+            if isinstance(node, Mapping)
+            else isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
         if found:
             trail.append((node, part))
             node = node[part]
-        elif isinstance(node, Mapping | list) and not str(part).startswith(
-                ("function-", "literal[", "Handler")) and "[" not in str(part):
+        elif (
+            isinstance(node, Mapping | list)
+            and not str(part).startswith(("function-", "literal[", "Handler"))
+            and "[" not in str(part)
+        ):
             break  # a missing field: take out what should hold it
     if not trail and loc and loc[0] in _PLACEHOLDERS:
         data[str(loc[0])] = _PLACEHOLDERS[str(loc[0])]
@@ -411,8 +427,9 @@ def _pydantic_issue(data: Any, err: Any) -> tuple[str, str]:
 # --------------------------------------------------------------------------- semantic checks
 
 
-def _semantic_issues(spec: WorkflowSpec, graph: bool = True,
-                     references: bool = True) -> Iterator[tuple[str, str]]:
+def _semantic_issues(
+    spec: WorkflowSpec, graph: bool = True, references: bool = True
+) -> Iterator[tuple[str, str]]:
     """The checks across fields; ``references`` includes what expressions refer to."""
     ids: dict[str, int] = {}
     for i, step in enumerate(spec.steps):
@@ -424,8 +441,10 @@ def _semantic_issues(spec: WorkflowSpec, graph: bool = True,
         ids.setdefault(step.id, i)
     for name, type_name in spec.input.items():
         if type_name.rstrip("?") not in INPUT_TYPES:
-            yield (f"input.{name}",
-                   f"unknown type {type_name!r}; use one of {', '.join(INPUT_TYPES)}")
+            yield (
+                f"input.{name}",
+                f"unknown type {type_name!r}; use one of {', '.join(INPUT_TYPES)}",
+            )
     scope = _Scope(spec, ids, ROOTS if references else None)
     if spec.output is not None:
         yield from scope.issues("output", spec.output)
@@ -441,8 +460,9 @@ class _Scope:
     """What the expressions of a spec may refer to: the roots of the run document, the
     steps of the spec and, when the spec declares its input strictly, the input fields."""
 
-    def __init__(self, spec: WorkflowSpec, ids: Mapping[str, int],
-                 roots: tuple[str, ...] | None) -> None:
+    def __init__(
+        self, spec: WorkflowSpec, ids: Mapping[str, int], roots: tuple[str, ...] | None
+    ) -> None:
         self.spec = spec
         self.ids = ids
         self.roots = roots
@@ -473,25 +493,39 @@ class _Scope:
             hint = _did_you_mean(root, self.roots)
             if text.strip() == root:
                 hint += f"; a literal string is quoted: \"'{root}'\""
-            return (f"unknown root {root!r} in {text!r}{hint}: expressions start from "
-                    f"{', '.join(self.roots)}")
+            return (
+                f"unknown root {root!r} in {text!r}{hint}: expressions start from "
+                f"{', '.join(self.roots)}"
+            )
         if root == "steps" and len(chain) > 1:
             step = chain[1]
             if step not in self.ids:
-                return (f"unknown step {step!r} in {text!r}"
-                        f"{_did_you_mean(step, list(self.ids))}; known steps: "
-                        f"{', '.join(self.ids)}")
+                return (
+                    f"unknown step {step!r} in {text!r}"
+                    f"{_did_you_mean(step, list(self.ids))}; known steps: "
+                    f"{', '.join(self.ids)}"
+                )
             if len(chain) > 2 and chain[2] != "result":
-                return (f"steps.{step} has only result, not {chain[2]!r}, in {text!r}: "
-                        f"write steps.{step}.result")
+                return (
+                    f"steps.{step} has only result, not {chain[2]!r}, in {text!r}: "
+                    f"write steps.{step}.result"
+                )
         if root == "run" and len(chain) > 1 and chain[1] not in RUN_FIELDS:
-            return (f"run has no field {chain[1]!r} in {text!r}"
-                    f"{_did_you_mean(chain[1], RUN_FIELDS)}; it has {', '.join(RUN_FIELDS)}")
-        if (root == "input" and len(chain) > 1 and self.fields is not None
-                and chain[1] not in self.fields):
-            return (f"input has no field {chain[1]!r} in {text!r}"
-                    f"{_did_you_mean(chain[1], self.fields)}; the spec declares "
-                    f"{', '.join(self.fields)} (strict_input: false lets runs pass others)")
+            return (
+                f"run has no field {chain[1]!r} in {text!r}"
+                f"{_did_you_mean(chain[1], RUN_FIELDS)}; it has {', '.join(RUN_FIELDS)}"
+            )
+        if (
+            root == "input"
+            and len(chain) > 1
+            and self.fields is not None
+            and chain[1] not in self.fields
+        ):
+            return (
+                f"input has no field {chain[1]!r} in {text!r}"
+                f"{_did_you_mean(chain[1], self.fields)}; the spec declares "
+                f"{', '.join(self.fields)} (strict_input: false lets runs pass others)"
+            )
         return None
 
 
@@ -524,8 +558,11 @@ def _step_issues(
             yield f"{where}.review", "review_if needs review: {approvers: [...]} to route to"
     if step.critical and step.approval is None:
         yield f"{where}.approval", "critical steps need an approval: {approvers: [...]}"
-    if step.approval is not None and step.kind not in (StepKind.TASK, StepKind.PREPARE_COMMIT,
-                                                       StepKind.APPROVAL):
+    if step.approval is not None and step.kind not in (
+        StepKind.TASK,
+        StepKind.PREPARE_COMMIT,
+        StepKind.APPROVAL,
+    ):
         yield f"{where}.approval", f"approval does not apply to a {step.kind} step"
     if step.review is not None and step.kind is not StepKind.TASK:
         yield f"{where}.review", f"review does not apply to a {step.kind} step"
@@ -555,8 +592,9 @@ def _step_issues(
     if step.wait_event is not None:
         if step.wait_event.key is not None:
             yield from scope.issues(f"{where}.wait_event.key", step.wait_event.key)
-        yield from _handler_issues(step.wait_event.on_timeout,
-                                   f"{where}.wait_event.on_timeout", ids)
+        yield from _handler_issues(
+            step.wait_event.on_timeout, f"{where}.wait_event.on_timeout", ids
+        )
         if step.wait_event.on_timeout.action not in (HandlerAction.GOTO, HandlerAction.FAIL):
             # decide only knows goto and fail here; anything else would silently fail the run
             yield f"{where}.wait_event.on_timeout", "use goto or fail when the signal times out"
@@ -571,8 +609,9 @@ def _step_issues(
         yield f"{where}.default", "default belongs to choice steps"
 
 
-def _handler_issues(handler: Handler, path: str,
-                    ids: Mapping[str, int]) -> Iterator[tuple[str, str]]:
+def _handler_issues(
+    handler: Handler, path: str, ids: Mapping[str, int]
+) -> Iterator[tuple[str, str]]:
     if handler.goto is not None and handler.goto not in ids:
         yield f"{path}.goto", f"unknown step {handler.goto!r}; known steps: {', '.join(ids)}"
 
@@ -661,8 +700,9 @@ def _on_choice_cycle(start: str, edges: Mapping[str, list[str | None]], choices:
     return False
 
 
-def check_input(schema: Mapping[str, str], value: Any, prefix: str,
-                strict: bool = False) -> tuple[str, str] | None:
+def check_input(
+    schema: Mapping[str, str], value: Any, prefix: str, strict: bool = False
+) -> tuple[str, str] | None:
     """Check ``value`` against a flat ``{field: type}`` schema; return (path, problem) or None.
     ``strict`` refuses a field the schema does not declare (when it declares any)."""
     if not isinstance(value, Mapping):
@@ -671,9 +711,11 @@ def check_input(schema: Mapping[str, str], value: Any, prefix: str,
         for name in value:
             if name not in schema:
                 hint = _did_you_mean(str(name), list(schema))
-                return (f"{prefix}.{name}",
-                        f"field {str(name)!r} is not declared{hint}; the spec declares "
-                        f"{', '.join(schema)} (strict_input: false accepts others)")
+                return (
+                    f"{prefix}.{name}",
+                    f"field {str(name)!r} is not declared{hint}; the spec declares "
+                    f"{', '.join(schema)} (strict_input: false accepts others)",
+                )
     for name, type_name in schema.items():
         optional = type_name.endswith("?")
         base = type_name.rstrip("?")

@@ -168,15 +168,25 @@ def _compile_replace(cls: type) -> Callable[..., Any]:
     ``__init__``, no ``__post_init__`` (checked here).
     """
     names = [f.name for f in dataclasses.fields(cls)]
-    if (not all(f.init for f in dataclasses.fields(cls)) or hasattr(cls, "__post_init__")
-            or "__slots__" not in cls.__dict__ or any(n.startswith("_") for n in names)):
+    if (
+        not all(f.init for f in dataclasses.fields(cls))
+        or hasattr(cls, "__post_init__")
+        or "__slots__" not in cls.__dict__
+        or any(n.startswith("_") for n in names)
+    ):
         raise TypeError(f"{cls.__name__} is not a plain slotted record; use dataclasses.replace")
-    lines = [f"def replace(obj_, /, *, {', '.join(f'{n}=MISSING_' for n in names)}):",
-             "    new_ = new_object_(cls_)"]
+    lines = [
+        f"def replace(obj_, /, *, {', '.join(f'{n}=MISSING_' for n in names)}):",
+        "    new_ = new_object_(cls_)",
+    ]
     lines += [f"    set_(new_, {n!r}, obj_.{n} if {n} is MISSING_ else {n})" for n in names]
     lines.append("    return new_")
-    namespace: dict[str, Any] = {"MISSING_": _MISSING, "new_object_": object.__new__,
-                                 "cls_": cls, "set_": object.__setattr__}
+    namespace: dict[str, Any] = {
+        "MISSING_": _MISSING,
+        "new_object_": object.__new__,
+        "cls_": cls,
+        "set_": object.__setattr__,
+    }
     exec("\n".join(lines), namespace)
     fn: Callable[..., Any] = namespace["replace"]
     fn.__qualname__ = f"replace[{cls.__name__}]"
@@ -209,6 +219,15 @@ def finished_record(state: RunState) -> RunState:
     finished is returned as it is."""
     if state.outcome is None:
         return state
-    return replace(state, input=None, current=None, results={}, signals={},
-                   unconsumed=frozenset(), visits={}, timers={}, output=None,
-                   last_error=None)
+    return replace(
+        state,
+        input=None,
+        current=None,
+        results={},
+        signals={},
+        unconsumed=frozenset(),
+        visits={},
+        timers={},
+        output=None,
+        last_error=None,
+    )

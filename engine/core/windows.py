@@ -33,8 +33,9 @@ def window_bounds(now_ms: int, per: str, timezone: str) -> tuple[int, int]:
         after = (first + timedelta(days=32)).replace(day=1)
     else:
         raise ValueError(f"unknown window {per!r}: use hour, day, week or month")
-    return _midnight(first.year, first.month, first.day, zone), \
-        _midnight(after.year, after.month, after.day, zone)
+    return _midnight(first.year, first.month, first.day, zone), _midnight(
+        after.year, after.month, after.day, zone
+    )
 
 
 def _midnight(year: int, month: int, day: int, zone: ZoneInfo) -> int:

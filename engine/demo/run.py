@@ -25,8 +25,12 @@ from projections.timeline import build_timeline, render_timeline
 
 TENANT = "acme"
 REQUESTER = "alice"
-DIRECTORY = {"erin": ("refund-experts",), "alice": ("finance",), "bob": ("finance",),
-             "carol": ("finance",)}
+DIRECTORY = {
+    "erin": ("refund-experts",),
+    "alice": ("finance",),
+    "bob": ("finance",),
+    "carol": ("finance",),
+}
 # Who tries to decide each kind of approval, in order.
 SCRIPT = {"review": ["erin"], "prepare_commit": ["alice", "bob", "carol"]}
 
@@ -46,10 +50,17 @@ async def run_demo(db: Path, say: Callable[[str], None] = print, timeout_s: floa
 
     key = f"ticket-{uuid.uuid4().hex[:8]}"
     run_id = run_id_for(TENANT, key)
-    trigger = Trigger(workflow=spec.workflow, tenant=TENANT, idempotency_key=key,
-                      requested_by=REQUESTER, correlation_id=key,
-                      input={"order_id": "ord-1001",
-                             "customer_message": "The teapot arrived broken, I want a refund."})
+    trigger = Trigger(
+        workflow=spec.workflow,
+        tenant=TENANT,
+        idempotency_key=key,
+        requested_by=REQUESTER,
+        correlation_id=key,
+        input={
+            "order_id": "ord-1001",
+            "customer_message": "The teapot arrived broken, I want a refund.",
+        },
+    )
     say(f"store   {db}")
     say(f"run     {run_id}  ({spec.workflow} v{spec.version}, requested by {REQUESTER})")
     engine.submit(trigger, trigger)  # the second copy is a duplicate: still one run
@@ -70,8 +81,10 @@ async def run_demo(db: Path, say: Callable[[str], None] = print, timeout_s: floa
     say(render_timeline(build_timeline(events)))
     effects = payments.effects()
     say("")
-    say(f"refunds applied by the payment provider: {sum(effects.values())} "
-        f"(calls: {sum(payments.calls().values())})")
+    say(
+        f"refunds applied by the payment provider: {sum(effects.values())} "
+        f"(calls: {sum(payments.calls().values())})"
+    )
     say(f"replay it:  terranoha replay {run_id} --db {db} --verify")
     engine.close()
     worker.close()
@@ -80,8 +93,9 @@ async def run_demo(db: Path, say: Callable[[str], None] = print, timeout_s: floa
     return 0 if ok else 1
 
 
-async def _review(engine: EmbeddedEngine, run_id: str, say: Callable[[str], None],
-                  timeout_s: float) -> RunState | None:
+async def _review(
+    engine: EmbeddedEngine, run_id: str, say: Callable[[str], None], timeout_s: float
+) -> RunState | None:
     """Act as the reviewers until the run ends; return its final state."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -92,18 +106,32 @@ async def _review(engine: EmbeddedEngine, run_id: str, say: Callable[[str], None
             return state
         current = state.current if state else None
         approval = current.approval if current else None
-        if (state is not None and current is not None and approval is not None
-                and current.waiting is Waiting.APPROVAL):
+        if (
+            state is not None
+            and current is not None
+            and approval is not None
+            and current.waiting is Waiting.APPROVAL
+        ):
             for who in SCRIPT.get(approval.reason, []):
                 if (approval.approval_id, who) in acted:
                     continue
                 acted.add((approval.approval_id, who))
                 groups = ", ".join(DIRECTORY[who])
-                say(f"review  {who} ({groups}) submits approval of {current.step}"
-                    f" [{approval.reason}]")
-                engine.submit(DecideApproval(
-                    command_id=str(uuid.uuid4()), run_id=run_id, tenant=TENANT,
-                    step=current.step, approver=who, roles=DIRECTORY[who], approve=True))
+                say(
+                    f"review  {who} ({groups}) submits approval of {current.step}"
+                    f" [{approval.reason}]"
+                )
+                engine.submit(
+                    DecideApproval(
+                        command_id=str(uuid.uuid4()),
+                        run_id=run_id,
+                        tenant=TENANT,
+                        step=current.step,
+                        approver=who,
+                        roles=DIRECTORY[who],
+                        approve=True,
+                    )
+                )
                 break
         await asyncio.sleep(0.02)
     return engine.cache.get(run_id)

@@ -64,8 +64,12 @@ class AdmissionStore:
         if not has_admission(self.store.db):
             return []
         with self.store.transaction() as db:
-            keys = [k for (k,) in db.execute(
-                "SELECT key FROM admission_states WHERE due_at <= ? ORDER BY key", (now,))]
+            keys = [
+                k
+                for (k,) in db.execute(
+                    "SELECT key FROM admission_states WHERE due_at <= ? ORDER BY key", (now,)
+                )
+            ]
             return apply_in(db, [ad.Tick(k, now) for k in keys], now)
 
     def state(self, key: str) -> ad.AdmissionState | None:
@@ -84,18 +88,24 @@ class AdmissionStore:
             rows = self.store.db.execute("SELECT payload FROM admission_events ORDER BY pos")
         else:
             rows = self.store.db.execute(
-                "SELECT payload FROM admission_events WHERE key = ? ORDER BY pos", (key,))
+                "SELECT payload FROM admission_events WHERE key = ? ORDER BY pos", (key,)
+            )
         return [_decode_event(p) for (p,) in rows]
 
 
 def has_admission(db: sqlite3.Connection) -> bool:
     """Whether this store ever used flow control (its admission tables exist)."""
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                      "name = 'admission_states'").fetchone() is not None
+    return (
+        db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'admission_states'"
+        ).fetchone()
+        is not None
+    )
 
 
-def apply_in(db: sqlite3.Connection, commands: Iterable[ad.AdmissionCommand],
-             now: int) -> list[ad.AdmissionEvent]:
+def apply_in(
+    db: sqlite3.Connection, commands: Iterable[ad.AdmissionCommand], now: int
+) -> list[ad.AdmissionEvent]:
     """``AdmissionStore.apply`` inside a transaction the caller holds, so a change made
     with it (a pause recorded with the ``Pause`` it causes) commits together. Each grant
     or refusal is appended to the run inputs as the ``GrantSlot`` or ``RefuseSlot`` of
@@ -118,18 +128,28 @@ def apply_in(db: sqlite3.Connection, commands: Iterable[ad.AdmissionCommand],
             states[command.key] = state
             changed.add(command.key)
         out.extend(events)
-    db.executemany("INSERT INTO admission_events (key, at, payload) VALUES (?, ?, ?)",
-                   [(e.key, e.at, encode(e)) for e in out])
+    db.executemany(
+        "INSERT INTO admission_events (key, at, payload) VALUES (?, ?, ?)",
+        [(e.key, e.at, encode(e)) for e in out],
+    )
     told = [c for e in out if (c := answer(e)) is not None]
-    db.executemany("INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
-                   [(c.run_id, encode(c), now) for c in told])
-    db.executemany("INSERT OR IGNORE INTO alerts (alert_id, at, payload) VALUES (?, ?, ?)",
-                   [(a.alert_id, a.at, encode(a)) for e in out for a in alerts_of(e)])
+    db.executemany(
+        "INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
+        [(c.run_id, encode(c), now) for c in told],
+    )
+    db.executemany(
+        "INSERT OR IGNORE INTO alerts (alert_id, at, payload) VALUES (?, ?, ?)",
+        [(a.alert_id, a.at, encode(a)) for e in out for a in alerts_of(e)],
+    )
     db.executemany(
         "INSERT INTO admission_states (key, due_at, payload) VALUES (?, ?, ?) "
         "ON CONFLICT (key) DO UPDATE SET due_at = excluded.due_at, payload = excluded.payload",
-        [(key, ad.next_due(s), encode(s)) for key in sorted(changed)
-         if (s := states[key]) is not None])
+        [
+            (key, ad.next_due(s), encode(s))
+            for key in sorted(changed)
+            if (s := states[key]) is not None
+        ],
+    )
     return out
 
 

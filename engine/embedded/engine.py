@@ -35,8 +35,9 @@ class EmbeddedEngine:
     active run, so a process killed at any point loses nothing.
     """
 
-    def __init__(self, path: str | Path, clock: Clock | None = None, batch_size: int = 256,
-                 poll_ms: int = 10) -> None:
+    def __init__(
+        self, path: str | Path, clock: Clock | None = None, batch_size: int = 256, poll_ms: int = 10
+    ) -> None:
         self.store = Store(path)
         self.clock = clock or SystemClock()
         self.batch_size = batch_size
@@ -44,8 +45,9 @@ class EmbeddedEngine:
         self.specs = SpecRegistry(self.store.specs(), loader=self.store.specs)
         self.cache = StateCache(loader=self.store.state)
         self._flow: FlowLimits | None = None
-        self.processor = Processor(self.specs, self.cache, accepts_messages=True,
-                                   flow=lambda: self._flow)
+        self.processor = Processor(
+            self.specs, self.cache, accepts_messages=True, flow=lambda: self._flow
+        )
         self.timers = TimerService(self._is_armed)
         self.offset = self.store.offset()
         self.on_committed: Callable[[Sequence[Event]], None] | None = None
@@ -72,11 +74,16 @@ class EmbeddedEngine:
         if inputs or expiring:
             self._flow = latest_flow(self.store)
             batch = self.processor.process(inputs, now) if inputs else Batch()
-            correlation = correlate([*batch.correlation, *expiring],
-                                    self.store.correlation_state, now)
+            correlation = correlate(
+                [*batch.correlation, *expiring], self.store.correlation_state, now
+            )
             admission = batch.admission
-            self.store.write_batch(batch, correlation=correlation, now=now, also=(
-                (lambda db: apply_in(db, admission, now)) if admission else None))
+            self.store.write_batch(
+                batch,
+                correlation=correlation,
+                now=now,
+                also=((lambda db: apply_in(db, admission, now)) if admission else None),
+            )
             handled += len(expiring)
         if inputs:
             # Only now, with the batch durable, does its state become the committed state.
@@ -87,8 +94,13 @@ class EmbeddedEngine:
             for run_id, timer in batch.timers:
                 self.timers.arm(run_id, timer.timer_id, timer.due_at)
             for dead in batch.dead_letters:
-                log.warning("dead letter at %s/%s: %s: %s", dead.source, dead.offset,
-                            dead.reason, dead.detail)
+                log.warning(
+                    "dead letter at %s/%s: %s: %s",
+                    dead.source,
+                    dead.offset,
+                    dead.reason,
+                    dead.detail,
+                )
             handled += len(inputs)
         now = self.clock.now_ms()
         if self._flow is not None:
@@ -133,8 +145,15 @@ class EmbeddedWorker:
     already decided what happens next.
     """
 
-    def __init__(self, path: str | Path, registry: ToolRegistry, clock: Clock | None = None,
-                 concurrency: int = 8, lease_ms: int = 30_000, poll_ms: int = 10) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        registry: ToolRegistry,
+        clock: Clock | None = None,
+        concurrency: int = 8,
+        lease_ms: int = 30_000,
+        poll_ms: int = 10,
+    ) -> None:
         self.store = Store(path)
         self.registry = registry
         self.clock = clock or SystemClock()
@@ -145,8 +164,7 @@ class EmbeddedWorker:
 
     async def work_once(self) -> int:
         now = self.clock.now_ms()
-        claimed = self.store.claim_tasks(self.registry.queues, now, self.lease_ms,
-                                         self.concurrency)
+        claimed = self.store.claim_tasks(self.registry.queues, now, self.lease_ms, self.concurrency)
         if claimed:
             await asyncio.gather(*(self._run(pos, task) for pos, task in claimed))
         return len(claimed)
@@ -156,7 +174,8 @@ class EmbeddedWorker:
             self.store.finish_task(pos, None, None, self.clock.now_ms())
             return
         outcome = await run_tool_in_span(
-            task, None, lambda: execute(task, self.registry, self.store, self.clock.now_ms))
+            task, None, lambda: execute(task, self.registry, self.store, self.clock.now_ms)
+        )
         self.calls += int(outcome.called)
         self.store.finish_task(pos, outcome.command, outcome.entry, self.clock.now_ms())
 

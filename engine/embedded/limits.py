@@ -47,23 +47,29 @@ class LimitsStore:
         """Store ``document``; return its version and whether it is a new one."""
         body = limits_body(document)
         with self.store.transaction() as db:
-            row = db.execute("SELECT version, body FROM limits ORDER BY version DESC "
-                             "LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT version, body FROM limits ORDER BY version DESC LIMIT 1"
+            ).fetchone()
             if row is not None and row[1] == body:
                 return int(row[0]), False
             version = (int(row[0]) if row is not None else 0) + 1
-            db.execute("INSERT INTO limits (version, body, deployed_at) VALUES (?, ?, ?)",
-                       (version, body, now))
+            db.execute(
+                "INSERT INTO limits (version, body, deployed_at) VALUES (?, ?, ?)",
+                (version, body, now),
+            )
             before = load_limits(json.loads(row[1])) if row is not None else None
-            named = sorted({r.key for r in document.rules if not r.wildcard}
-                           | {r.key for r in (before.rules if before else []) if not r.wildcard})
+            named = sorted(
+                {r.key for r in document.rules if not r.wildcard}
+                | {r.key for r in (before.rules if before else []) if not r.wildcard}
+            )
             apply_in(db, [ad.Configure(k, resolve(document, k), version) for k in named], now)
         return version, True
 
     def latest(self) -> tuple[int, LimitsDocument | None]:
         """The version in force (0 and None before the first deploy)."""
         row = self.store.db.execute(
-            "SELECT version, body FROM limits ORDER BY version DESC LIMIT 1").fetchone()
+            "SELECT version, body FROM limits ORDER BY version DESC LIMIT 1"
+        ).fetchone()
         if row is None:
             return 0, None
         return int(row[0]), load_limits(json.loads(row[1]))
@@ -74,7 +80,8 @@ class LimitsStore:
         with self.store.transaction() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO limit_pauses (key, paused_at, by) VALUES (?, ?, ?)",
-                (key, now, by))
+                (key, now, by),
+            )
             if cur.rowcount == 0:
                 return False
             apply_in(db, [ad.Pause(key)], now)
@@ -100,8 +107,12 @@ def latest_flow(store: Store) -> FlowLimits | None:
     """The limits document in force for the run engine; None if none was ever deployed
     (nothing is created: a store that never used flow control stays as it was)."""
     db = store.db
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'limits'"
-                  ).fetchone() is None:
+    if (
+        db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'limits'"
+        ).fetchone()
+        is None
+    ):
         return None
     row = db.execute("SELECT version, body FROM limits ORDER BY version DESC LIMIT 1").fetchone()
     return None if row is None else FlowLimits(load_limits(json.loads(row[1])), int(row[0]))

@@ -60,8 +60,9 @@ class _Batch:
 class EmbeddedSchedules:
     """The schedule processor over one store file."""
 
-    def __init__(self, path: str | Path, clock: Clock | None = None, batch_size: int = 256,
-                 poll_ms: int = 20) -> None:
+    def __init__(
+        self, path: str | Path, clock: Clock | None = None, batch_size: int = 256, poll_ms: int = 20
+    ) -> None:
         self.store = Store(path)
         self.clock = clock or SystemClock()
         self.calendar = CronCalendar()
@@ -82,7 +83,8 @@ class EmbeddedSchedules:
         handled = 0
         rows = self.store.db.execute(
             "SELECT pos, payload FROM schedule_inputs WHERE pos > ? ORDER BY pos LIMIT ?",
-            (self.offset, self.batch_size)).fetchall()
+            (self.offset, self.batch_size),
+        ).fetchall()
         if rows:
             now = self.clock.now_ms()
             batch = _Batch()
@@ -110,8 +112,13 @@ class EmbeddedSchedules:
             batch.dead.append((exc.reason, str(exc), payload))
             return
         if not isinstance(command, ScheduleCommand):
-            batch.dead.append(("unexpected_record", f"{type(command).__name__} is not a "
-                               "schedule command", payload))
+            batch.dead.append(
+                (
+                    "unexpected_record",
+                    f"{type(command).__name__} is not a schedule command",
+                    payload,
+                )
+            )
             return
         key = command.schedule_id
         state = batch.states.get(key) or self.states.get(key)
@@ -137,29 +144,39 @@ class EmbeddedSchedules:
         with self.store.transaction() as db:
             db.executemany(
                 "INSERT INTO schedule_events (schedule_id, type, at, payload) VALUES (?,?,?,?)",
-                [(e.schedule_id, e.TYPE, e.at, encode(e)) for e in batch.events])
+                [(e.schedule_id, e.TYPE, e.at, encode(e)) for e in batch.events],
+            )
             db.executemany(
                 "INSERT OR REPLACE INTO schedule_states (schedule_id, payload) VALUES (?, ?)",
-                [(key, encode(state)) for key, state in batch.states.items()])
+                [(key, encode(state)) for key, state in batch.states.items()],
+            )
             db.executemany(
                 "INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
-                [(c.run_id, encode(c), now) for c in batch.commands])
-            db.executemany("INSERT INTO notifications (payload) VALUES (?)",
-                           [(encode(n),) for n in batch.notifications])
+                [(c.run_id, encode(c), now) for c in batch.commands],
+            )
+            db.executemany(
+                "INSERT INTO notifications (payload) VALUES (?)",
+                [(encode(n),) for n in batch.notifications],
+            )
             for reason, detail, payload in batch.dead:
                 letter = dead_letter(SOURCE, 0, last, reason, detail, payload, now)
                 log.warning("dead letter in %s: %s: %s", SOURCE, reason, detail)
-                db.execute("INSERT INTO dead_letters (reason, payload) VALUES (?, ?)",
-                           (reason, encode(letter)))
-            db.execute("INSERT INTO offsets (consumer, pos) VALUES (?, ?) "
-                       "ON CONFLICT (consumer) DO UPDATE SET pos = excluded.pos",
-                       (SCHEDULER, last))
+                db.execute(
+                    "INSERT INTO dead_letters (reason, payload) VALUES (?, ?)",
+                    (reason, encode(letter)),
+                )
+            db.execute(
+                "INSERT INTO offsets (consumer, pos) VALUES (?, ?) "
+                "ON CONFLICT (consumer) DO UPDATE SET pos = excluded.pos",
+                (SCHEDULER, last),
+            )
 
     def _arm(self, state: ScheduleState, not_before: int = 0) -> None:
         due = due_at(state)
         if due is not None and state.next_nominal is not None:
-            heapq.heappush(self._timers, (max(due, not_before), state.schedule_id,
-                                          state.next_nominal))
+            heapq.heappush(
+                self._timers, (max(due, not_before), state.schedule_id, state.next_nominal)
+            )
 
     def next_due(self) -> int | None:
         return self._timers[0][0] if self._timers else None
@@ -207,8 +224,10 @@ def append(store: Store, commands: Iterable[ScheduleCommand], now: int) -> int:
     last = 0
     with store.transaction() as db:
         for command in commands:
-            cur = db.execute("INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at) "
-                             "VALUES (?, ?, ?)", (command.schedule_id, encode(command), now))
+            cur = db.execute(
+                "INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at) VALUES (?, ?, ?)",
+                (command.schedule_id, encode(command), now),
+            )
             last = int(cur.lastrowid or 0)
     return last
 
@@ -220,10 +239,13 @@ def load_states(store: Store) -> Iterable[tuple[str, ScheduleState]]:
             yield key, state
 
 
-def schedule_events(store: Store, schedule_id: str,
-                    after: int = 0) -> list[tuple[int, ScheduleEvent]]:
-    rows = store.db.execute("SELECT pos, payload FROM schedule_events WHERE schedule_id = ? "
-                            "AND pos > ? ORDER BY pos", (schedule_id, after)).fetchall()
+def schedule_events(
+    store: Store, schedule_id: str, after: int = 0
+) -> list[tuple[int, ScheduleEvent]]:
+    rows = store.db.execute(
+        "SELECT pos, payload FROM schedule_events WHERE schedule_id = ? AND pos > ? ORDER BY pos",
+        (schedule_id, after),
+    ).fetchall()
     return [(pos, e) for pos, payload in rows if isinstance(e := decode(payload), ScheduleEvent)]
 
 
@@ -238,8 +260,9 @@ class EmbeddedScheduleService(ScheduleService):
         self.store = Store(self.path)
 
     def send(self, command: ScheduleCommand) -> list[ScheduleEvent]:
-        seen = self.store.db.execute("SELECT COALESCE(MAX(pos), 0) FROM schedule_events") \
-            .fetchone()[0]
+        seen = self.store.db.execute(
+            "SELECT COALESCE(MAX(pos), 0) FROM schedule_events"
+        ).fetchone()[0]
         position = append(self.store, [command], self.clock.now_ms())
         if self.process:
             schedules = EmbeddedSchedules(self.path, self.clock)
@@ -252,8 +275,11 @@ class EmbeddedScheduleService(ScheduleService):
                 engine.close()
         else:
             self._wait_for(position)
-        return [e for _, e in schedule_events(self.store, command.schedule_id, seen)
-                if e.causation_id == command.command_id]
+        return [
+            e
+            for _, e in schedule_events(self.store, command.schedule_id, seen)
+            if e.causation_id == command.command_id
+        ]
 
     def _wait_for(self, position: int, timeout_s: float = 3.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -261,8 +287,9 @@ class EmbeddedScheduleService(ScheduleService):
             time.sleep(0.05)
 
     def get(self, schedule_id: str) -> ScheduleView | None:
-        row = self.store.db.execute("SELECT payload FROM schedule_states WHERE schedule_id = ?",
-                                    (schedule_id,)).fetchone()
+        row = self.store.db.execute(
+            "SELECT payload FROM schedule_states WHERE schedule_id = ?", (schedule_id,)
+        ).fetchone()
         if row is None:
             return None
         state = decode(row[0])
@@ -270,8 +297,9 @@ class EmbeddedScheduleService(ScheduleService):
         return ScheduleView(state, [e for _, e in schedule_events(self.store, schedule_id)])
 
     def list_schedules(self) -> list[ScheduleState]:
-        return sorted((s for _, s in load_states(self.store) if not s.deleted),
-                      key=lambda s: s.schedule_id)
+        return sorted(
+            (s for _, s in load_states(self.store) if not s.deleted), key=lambda s: s.schedule_id
+        )
 
     def close(self) -> None:
         self.store.close()

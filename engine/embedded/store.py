@@ -177,8 +177,9 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                  check_same_thread=False)
+        self.db = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=30000")
@@ -200,8 +201,9 @@ class Store:
 
     # ------------------------------------------------------------------ inputs
 
-    def append_inputs(self, records: Iterable[Command | Trigger | PublishMessage],
-                      now: int) -> list[int]:
+    def append_inputs(
+        self, records: Iterable[Command | Trigger | PublishMessage], now: int
+    ) -> list[int]:
         rows = [(getattr(r, "run_id", ""), encode(r), now) for r in records]
         return self.append_raw_inputs(rows)
 
@@ -210,7 +212,8 @@ class Store:
         with self.transaction() as db:
             for row in rows:
                 cur = db.execute(
-                    "INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)", row)
+                    "INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)", row
+                )
                 positions.append(int(cur.lastrowid or 0))
         return positions
 
@@ -230,10 +233,14 @@ class Store:
 
     # ------------------------------------------------------------------ batches
 
-    def write_batch(self, batch: Batch, consumer: str = PROCESSOR,
-                    correlation: CorrelationBatch | None = None,
-                    also: Callable[[sqlite3.Connection], object] | None = None,
-                    now: int = 0) -> None:
+    def write_batch(
+        self,
+        batch: Batch,
+        consumer: str = PROCESSOR,
+        correlation: CorrelationBatch | None = None,
+        also: Callable[[sqlite3.Connection], object] | None = None,
+        now: int = 0,
+    ) -> None:
         """Everything a batch produced, the correlation it caused, and the input position,
         in one transaction; ``also`` writes more in it (the admission core's decisions)."""
         with self.transaction() as db:
@@ -243,35 +250,54 @@ class Store:
                 also(db)
             db.executemany(
                 "INSERT INTO events (run_id, seq, type, ts, payload) VALUES (?, ?, ?, ?, ?)",
-                [(e.run_id, e.seq, e.TYPE, e.ts, encode(e)) for e in batch.events])
+                [(e.run_id, e.seq, e.TYPE, e.ts, encode(e)) for e in batch.events],
+            )
             db.executemany(
                 "INSERT INTO commands (input_pos, run_id, first_seq, last_seq, payload) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(pos, r.run_id, r.first_seq, r.last_seq, encode(r))
-                 for r, pos in zip(batch.recorded, batch.recorded_offsets, strict=True)])
+                [
+                    (pos, r.run_id, r.first_seq, r.last_seq, encode(r))
+                    for r, pos in zip(batch.recorded, batch.recorded_offsets, strict=True)
+                ],
+            )
             db.executemany(
                 "INSERT OR REPLACE INTO states (run_id, workflow, version, status, updated_at,"
                 " payload) VALUES (?, ?, ?, ?, ?, ?)",
-                [(s.run_id, s.workflow, s.version, s.status.value, s.ended_at or s.started_at,
-                  encode(s)) for s in batch.states.values()])
+                [
+                    (
+                        s.run_id,
+                        s.workflow,
+                        s.version,
+                        s.status.value,
+                        s.ended_at or s.started_at,
+                        encode(s),
+                    )
+                    for s in batch.states.values()
+                ],
+            )
             db.executemany(
                 "INSERT OR IGNORE INTO tasks (queue, task_id, payload) VALUES (?, ?, ?)",
-                [(t.queue, t.task_id, encode(t)) for t in batch.tasks])
-            db.executemany("INSERT INTO notifications (payload) VALUES (?)",
-                           [(encode(n),) for n in batch.notifications])
-            db.executemany("INSERT INTO dead_letters (reason, payload) VALUES (?, ?)",
-                           [(d.reason, encode(d)) for d in batch.dead_letters])
+                [(t.queue, t.task_id, encode(t)) for t in batch.tasks],
+            )
+            db.executemany(
+                "INSERT INTO notifications (payload) VALUES (?)",
+                [(encode(n),) for n in batch.notifications],
+            )
+            db.executemany(
+                "INSERT INTO dead_letters (reason, payload) VALUES (?, ?)",
+                [(d.reason, encode(d)) for d in batch.dead_letters],
+            )
             # Runs started by a schedule tell it when they end (its overlap policy).
             db.executemany(
-                "INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at) "
-                "VALUES (?, ?, ?)",
-                [(r.schedule_id, encode(r), now)
-                 for r in schedule_reports(batch)])
+                "INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at) VALUES (?, ?, ?)",
+                [(r.schedule_id, encode(r), now) for r in schedule_reports(batch)],
+            )
             if batch.last is not None:
                 db.execute(
                     "INSERT INTO offsets (consumer, pos) VALUES (?, ?) "
                     "ON CONFLICT (consumer) DO UPDATE SET pos = excluded.pos",
-                    (consumer, batch.last.offset))
+                    (consumer, batch.last.offset),
+                )
 
     @staticmethod
     def _write_correlation(db: sqlite3.Connection, correlation: CorrelationBatch) -> None:
@@ -280,23 +306,30 @@ class Store:
                 db.execute("DELETE FROM correlations WHERE key = ?", (key,))
                 continue
             armed = timer(state)
-            db.execute("INSERT OR REPLACE INTO correlations (key, due_at, payload) "
-                       "VALUES (?, ?, ?)", (key, armed[0] if armed else None, encode(state)))
-        db.executemany("INSERT INTO message_events (type, ts, payload) VALUES (?, ?, ?)",
-                       [(e.TYPE, e.ts, encode(e)) for e in correlation.events])
-        db.executemany("INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
-                       [(d.run_id, encode(d), correlation.now) for d in correlation.deliveries])
+            db.execute(
+                "INSERT OR REPLACE INTO correlations (key, due_at, payload) VALUES (?, ?, ?)",
+                (key, armed[0] if armed else None, encode(state)),
+            )
+        db.executemany(
+            "INSERT INTO message_events (type, ts, payload) VALUES (?, ?, ?)",
+            [(e.TYPE, e.ts, encode(e)) for e in correlation.events],
+        )
+        db.executemany(
+            "INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
+            [(d.run_id, encode(d), correlation.now) for d in correlation.deliveries],
+        )
 
     def correlation_state(self, key: str) -> CorrelationState | None:
-        row = self.db.execute("SELECT payload FROM correlations WHERE key = ?",
-                              (key,)).fetchone()
+        row = self.db.execute("SELECT payload FROM correlations WHERE key = ?", (key,)).fetchone()
         return self._decode(row[0], CorrelationState) if row else None
 
     def due_correlations(self, now: int, limit: int = 1000) -> list[ExpireMessages]:
         """The timers of correlation keys due at ``now``."""
         rows = self.db.execute(
             "SELECT payload FROM correlations WHERE due_at IS NOT NULL AND due_at <= ? "
-            "ORDER BY due_at LIMIT ?", (now, limit)).fetchall()
+            "ORDER BY due_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
         due = []
         for (payload,) in rows:
             armed = timer(self._decode(payload, CorrelationState))
@@ -316,13 +349,14 @@ class Store:
 
     def active_states(self) -> Iterator[RunState]:
         for (payload,) in self.db.execute(
-                "SELECT payload FROM states WHERE status NOT IN ('Completed', 'Failed', "
-                "'Cancelled')"):
+            "SELECT payload FROM states WHERE status NOT IN ('Completed', 'Failed', 'Cancelled')"
+        ):
             yield self._decode(payload, RunState)
 
     def events(self, run_id: str) -> list[Event]:
         rows = self.db.execute(
-            "SELECT payload FROM events WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall()
+            "SELECT payload FROM events WHERE run_id = ? ORDER BY seq", (run_id,)
+        ).fetchall()
         return [self._decode(p, Event) for (p,) in rows]
 
     def recorded_commands(self, run_id: str) -> list[RecordedCommand]:
@@ -335,16 +369,19 @@ class Store:
         if status:
             rows = self.db.execute(
                 "SELECT run_id FROM states WHERE status = ? ORDER BY updated_at DESC LIMIT ?",
-                (status, limit)).fetchall()
+                (status, limit),
+            ).fetchall()
         else:
             rows = self.db.execute(
-                "SELECT run_id FROM states ORDER BY updated_at DESC LIMIT ?", (limit,)).fetchall()
+                "SELECT run_id FROM states ORDER BY updated_at DESC LIMIT ?", (limit,)
+            ).fetchall()
         return [r[0] for r in rows]
 
     def find_run(self, prefix: str) -> str | None:
         """Resolve a run id or an unambiguous prefix of one."""
         rows = self.db.execute(
-            "SELECT run_id FROM states WHERE run_id LIKE ? || '%' LIMIT 2", (prefix,)).fetchall()
+            "SELECT run_id FROM states WHERE run_id LIKE ? || '%' LIMIT 2", (prefix,)
+        ).fetchall()
         return rows[0][0] if len(rows) == 1 else None
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -359,19 +396,23 @@ class Store:
         """The notification records after position ``after``, undecoded."""
         rows = self.db.execute(
             "SELECT pos, payload FROM notifications WHERE pos > ? ORDER BY pos LIMIT ?",
-            (after, limit)).fetchall()
+            (after, limit),
+        ).fetchall()
         return [Input("notifications", 0, pos, payload) for pos, payload in rows]
 
     def add_dead_letter(self, dead: DeadLetter) -> None:
         """A dead letter from outside a processed batch (the notifier's)."""
-        self.db.execute("INSERT INTO dead_letters (reason, payload) VALUES (?, ?)",
-                        (dead.reason, encode(dead)))
+        self.db.execute(
+            "INSERT INTO dead_letters (reason, payload) VALUES (?, ?)", (dead.reason, encode(dead))
+        )
 
     def set_offset(self, consumer: str, pos: int) -> None:
         """Store the position of a consumer other than the processor (the notifier)."""
         self.db.execute(
             "INSERT INTO offsets (consumer, pos) VALUES (?, ?) "
-            "ON CONFLICT (consumer) DO UPDATE SET pos = excluded.pos", (consumer, pos))
+            "ON CONFLICT (consumer) DO UPDATE SET pos = excluded.pos",
+            (consumer, pos),
+        )
 
     @staticmethod
     def _decode(payload: bytes, expected: type[Any] | tuple[type, ...]) -> Any:
@@ -383,8 +424,9 @@ class Store:
 
     # ------------------------------------------------------------------ tasks and ledger
 
-    def claim_tasks(self, queues: list[str], now: int, lease_ms: int,
-                    limit: int = 16) -> list[tuple[int, TaskCommand]]:
+    def claim_tasks(
+        self, queues: list[str], now: int, lease_ms: int, limit: int = 16
+    ) -> list[tuple[int, TaskCommand]]:
         """Lease up to ``limit`` ready tasks of ``queues``. A lease that runs out makes the
         task ready again: delivery is at-least-once."""
         if not queues:
@@ -393,31 +435,44 @@ class Store:
         with self.transaction() as db:
             rows = db.execute(
                 f"SELECT pos, payload FROM tasks WHERE done = 0 AND queue IN ({marks}) "
-                "AND lease_until <= ? ORDER BY pos LIMIT ?", (*queues, now, limit)).fetchall()
+                "AND lease_until <= ? ORDER BY pos LIMIT ?",
+                (*queues, now, limit),
+            ).fetchall()
             db.executemany(
                 "UPDATE tasks SET lease_until = ?, deliveries = deliveries + 1 WHERE pos = ?",
-                [(now + lease_ms, pos) for pos, _ in rows])
+                [(now + lease_ms, pos) for pos, _ in rows],
+            )
         return [(pos, self._decode(p, TaskCommand)) for pos, p in rows]
 
-    def finish_task(self, pos: int, report: Command | None, entry: LedgerEntry | None,
-                    now: int) -> None:
+    def finish_task(
+        self, pos: int, report: Command | None, entry: LedgerEntry | None, now: int
+    ) -> None:
         """Record the result command, the ledger entry and the task's end together."""
         with self.transaction() as db:
             if entry is not None:
                 db.execute(
                     "INSERT OR IGNORE INTO ledger (idempotency_key, result, cost, confidence,"
                     " recorded_at) VALUES (?, ?, ?, ?, ?)",
-                    (entry.idempotency_key, json.dumps(entry.result), entry.cost,
-                     entry.confidence, now))
+                    (
+                        entry.idempotency_key,
+                        json.dumps(entry.result),
+                        entry.cost,
+                        entry.confidence,
+                        now,
+                    ),
+                )
             if report is not None:
-                db.execute("INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
-                           (report.run_id, encode(report), now))
+                db.execute(
+                    "INSERT INTO inputs (run_id, payload, enqueued_at) VALUES (?, ?, ?)",
+                    (report.run_id, encode(report), now),
+                )
             db.execute("UPDATE tasks SET done = 1 WHERE pos = ?", (pos,))
 
     def lookup(self, idempotency_key: str) -> LedgerEntry | None:
         row = self.db.execute(
             "SELECT result, cost, confidence FROM ledger WHERE idempotency_key = ?",
-            (idempotency_key,)).fetchone()
+            (idempotency_key,),
+        ).fetchone()
         if row is None:
             return None
         return LedgerEntry(idempotency_key, json.loads(row[0]), row[1], row[2])
@@ -429,16 +484,20 @@ class Store:
         A different spec under an existing (workflow, version) is refused."""
         body = json.dumps(spec_to_data(spec), sort_keys=True)
         with self.transaction() as db:
-            row = db.execute("SELECT body FROM specs WHERE workflow = ? AND version = ?",
-                             spec.key).fetchone()
+            row = db.execute(
+                "SELECT body FROM specs WHERE workflow = ? AND version = ?", spec.key
+            ).fetchone()
             if row is not None:
                 if row[0] != body:
                     raise SpecConflictError(
                         f"{spec.workflow} version {spec.version} is already deployed with a "
-                        "different definition; deployed versions never change, bump version")
+                        "different definition; deployed versions never change, bump version"
+                    )
                 return False
-            db.execute("INSERT INTO specs (workflow, version, body, deployed_at) "
-                       "VALUES (?, ?, ?, ?)", (*spec.key, body, now))
+            db.execute(
+                "INSERT INTO specs (workflow, version, body, deployed_at) VALUES (?, ?, ?, ?)",
+                (*spec.key, body, now),
+            )
         return True
 
     def specs(self) -> list[WorkflowSpec]:

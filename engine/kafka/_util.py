@@ -51,8 +51,11 @@ class _VerificationRefusals(logging.Filter):
     times out, as a failed transaction in the engine's log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and isinstance(record.args, tuple) \
-                and NotEnoughReplicasError in record.args:
+        if (
+            record.levelno == logging.WARNING
+            and isinstance(record.args, tuple)
+            and NotEnoughReplicasError in record.args
+        ):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
@@ -71,6 +74,7 @@ def tune_aiokafka() -> None:
     sender_log = logging.getLogger("aiokafka.producer.sender")
     if _REFUSALS not in sender_log.filters:
         sender_log.addFilter(_REFUSALS)
+
 
 Headers = list[tuple[str, bytes]]
 Record = tuple[str, int, bytes | None, bytes | None, Headers]
@@ -106,15 +110,21 @@ async def gather_all(aws: Iterable[Awaitable[Any]]) -> None:
             raise outcome
 
 
-def group_consumer(bootstrap: str, group_id: str, instance_id: str | None = None,
-                   **options: Any) -> AIOKafkaConsumer:
+def group_consumer(
+    bootstrap: str, group_id: str, instance_id: str | None = None, **options: Any
+) -> AIOKafkaConsumer:
     """A consumer in group ``group_id`` for work whose progress is committed by hand:
     read_committed, no auto-commit, from the beginning when the group has no offset yet,
     and static membership (``group.instance.id``) when ``instance_id`` is given."""
-    return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
-                            isolation_level="read_committed", enable_auto_commit=False,
-                            auto_offset_reset="earliest", group_instance_id=instance_id,
-                            **options)
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        group_instance_id=instance_id,
+        **options,
+    )
 
 
 async def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKafkaProducer:
@@ -125,10 +135,16 @@ async def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKa
     same ``transactional_id`` and settles their open transaction."""
     tune_aiokafka()
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, transactional_id=transactional_id,
-        enable_idempotence=True, acks="all", linger_ms=2, max_batch_size=512 * 1024,
-        max_request_size=8 << 20, retry_backoff_ms=TXN_RETRY_BACKOFF_MS,
-        transaction_timeout_ms=60_000)
+        bootstrap_servers=bootstrap,
+        transactional_id=transactional_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        max_batch_size=512 * 1024,
+        max_request_size=8 << 20,
+        retry_backoff_ms=TXN_RETRY_BACKOFF_MS,
+        transaction_timeout_ms=60_000,
+    )
     try:
         await producer.start()
     except BaseException:
@@ -137,8 +153,7 @@ async def transactional_producer(bootstrap: str, transactional_id: str) -> AIOKa
     return producer
 
 
-async def send_batched(producer: AIOKafkaProducer,
-                       records: Sequence[Record]) -> list[Delivery]:
+async def send_batched(producer: AIOKafkaProducer, records: Sequence[Record]) -> list[Delivery]:
     """Send records as one record batch per topic-partition (order kept within each),
     which costs far less per record than ``send``. Returns the deliveries: a transaction
     must not be committed before they all succeeded, because aiokafka commits a
@@ -177,10 +192,14 @@ class Delivery:
         return int(self.future.result().offset) + self.count
 
 
-async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
-                          offsets: Mapping[TopicPartition, int] | None, group_id: str,
-                          timeout_s: float,
-                          positions: dict[TopicPartition, int] | None = None) -> Outcome:
+async def run_transaction(
+    producer: AIOKafkaProducer,
+    records: Sequence[Record],
+    offsets: Mapping[TopicPartition, int] | None,
+    group_id: str,
+    timeout_s: float,
+    positions: dict[TopicPartition, int] | None = None,
+) -> Outcome:
     """One transaction holding ``records`` and, if given, the consumer ``offsets``; the
     outcomes and what each asks of the caller are in ``engine.kafka.stream``.
 
@@ -202,18 +221,24 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
         deliveries = await asyncio.wait_for(send_batched(producer, records), timeout_s)
         pending: list[asyncio.Future[Any]] = [d.future for d in deliveries]
         if offsets:
-            pending.append(asyncio.ensure_future(
-                producer.send_offsets_to_transaction(dict(offsets), group_id)))
+            pending.append(
+                asyncio.ensure_future(producer.send_offsets_to_transaction(dict(offsets), group_id))
+            )
         for future in pending:
             future.add_done_callback(_retrieve)
-        done, waiting = await asyncio.wait(pending, timeout=timeout_s,
-                                           return_when=asyncio.FIRST_EXCEPTION)
+        done, waiting = await asyncio.wait(
+            pending, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION
+        )
         for future in done:
             if not future.cancelled() and (error := future.exception()) is not None:
                 raise error
         if waiting:
-            log.warning("%d of %d sends of a transaction unanswered after %.1fs; its "
-                        "outcome is unknown", len(waiting), len(pending), timeout_s)
+            log.warning(
+                "%d of %d sends of a transaction unanswered after %.1fs; its outcome is unknown",
+                len(waiting),
+                len(pending),
+                timeout_s,
+            )
             return Outcome.UNKNOWN
         if positions is not None:
             for delivery in deliveries:
@@ -221,8 +246,9 @@ async def run_transaction(producer: AIOKafkaProducer, records: Sequence[Record],
     except ProducerFenced:
         return Outcome.FENCED
     except TimeoutError:
-        log.warning("sending a transaction's records took over %.1fs; its outcome is "
-                    "unknown", timeout_s)
+        log.warning(
+            "sending a transaction's records took over %.1fs; its outcome is unknown", timeout_s
+        )
         return Outcome.UNKNOWN
     except Exception as exc:
         if was_fenced(producer):
@@ -296,8 +322,7 @@ def start_run_record(topics: Topics, start: StartRun, trigger: Input) -> Record:
     value = encode(start)
     headers = trace_headers(start.correlation_id, start.command_id, start.tenant)
     headers += origin_headers(trigger, len(value))
-    return (topics.inputs, topics.partition_of(start.run_id), start.run_id.encode(), value,
-            headers)
+    return (topics.inputs, topics.partition_of(start.run_id), start.run_id.encode(), value, headers)
 
 
 def trace_headers(correlation_id: str, causation_id: str, tenant: str) -> Headers:

@@ -45,10 +45,13 @@ class AdmissionTopics:
     @property
     def keyed(self) -> KeyedTopics:
         p = self.topics.prefix
-        return KeyedTopics(inputs=f"{p}.admission-inputs", events=f"{p}.admission-events",
-                           changelog=f"{p}.admission-state",
-                           dead_letters=f"{p}.admission-dead-letters",
-                           partitions=self.topics.partitions)
+        return KeyedTopics(
+            inputs=f"{p}.admission-inputs",
+            events=f"{p}.admission-events",
+            changelog=f"{p}.admission-state",
+            dead_letters=f"{p}.admission-dead-letters",
+            partitions=self.topics.partitions,
+        )
 
     @property
     def alerts(self) -> str:
@@ -62,12 +65,15 @@ class AdmissionTopics:
 
     def new_topics(self) -> list[NewTopic]:
         k, n, r = self.keyed, self.topics.partitions, self.topics.replication
-        return [NewTopic(k.inputs, n, r),
-                NewTopic(k.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
-                NewTopic(k.changelog, n, r, topic_configs=dict(COMPACTED)),
-                NewTopic(k.dead_letters, n, r, topic_configs=dict(RETAIN_FOREVER)),
-                NewTopic(self.grants, n, r), NewTopic(self.alerts, n, r),
-                NewTopic(self.topics.inputs, n, r)]  # where the answers to runs go
+        return [
+            NewTopic(k.inputs, n, r),
+            NewTopic(k.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
+            NewTopic(k.changelog, n, r, topic_configs=dict(COMPACTED)),
+            NewTopic(k.dead_letters, n, r, topic_configs=dict(RETAIN_FOREVER)),
+            NewTopic(self.grants, n, r),
+            NewTopic(self.alerts, n, r),
+            NewTopic(self.topics.inputs, n, r),
+        ]  # where the answers to runs go
 
     async def ensure(self, bootstrap: str) -> None:
         await ensure_topics(bootstrap, self.new_topics())
@@ -87,8 +93,9 @@ def _state(value: bytes) -> ad.AdmissionState:
     return record
 
 
-def admission_logic(topics: AdmissionTopics) -> KeyedLogic[
-        ad.AdmissionCommand, ad.AdmissionState, ad.AdmissionEvent]:
+def admission_logic(
+    topics: AdmissionTopics,
+) -> KeyedLogic[ad.AdmissionCommand, ad.AdmissionState, ad.AdmissionEvent]:
     """The admission core in the form ``KeyedProcessor`` runs."""
     grants, alerts = topics.grants, topics.alerts
 
@@ -103,24 +110,45 @@ def admission_logic(topics: AdmissionTopics) -> KeyedLogic[
             out.append((run_inputs, run, encode(told)))
         return out
 
-    return KeyedLogic(decode=_command, key=lambda c: c.key, decide=ad.decide,
-                      evolve=ad.evolve, encode_event=encode, encode_state=encode,
-                      decode_state=_state, encode_command=encode, outputs=outputs,
-                      timers=ad.timers)
+    return KeyedLogic(
+        decode=_command,
+        key=lambda c: c.key,
+        decide=ad.decide,
+        evolve=ad.evolve,
+        encode_event=encode,
+        encode_state=encode,
+        decode_state=_state,
+        encode_command=encode,
+        outputs=outputs,
+        timers=ad.timers,
+    )
 
 
-class AdmissionProcessor(KeyedProcessor[ad.AdmissionCommand, ad.AdmissionState,
-                                        ad.AdmissionEvent]):
+class AdmissionProcessor(KeyedProcessor[ad.AdmissionCommand, ad.AdmissionState, ad.AdmissionEvent]):
     """The admission core for the partitions the group ``<deployment>-admission``
     assigns this process."""
 
-    def __init__(self, bootstrap: str, topics: Topics, *, app: str = "terranoha",
-                 clock: Clock | None = None, instance_id: str | None = None,
-                 commit_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        *,
+        app: str = "terranoha",
+        clock: Clock | None = None,
+        instance_id: str | None = None,
+        commit_timeout_s: float = 15.0,
+    ) -> None:
         self.admission = AdmissionTopics(topics)
-        super().__init__(bootstrap, "admission", admission_logic(self.admission),
-                         self.admission.keyed, app=topics.deployment(app), clock=clock,
-                         instance_id=instance_id, commit_timeout_s=commit_timeout_s)
+        super().__init__(
+            bootstrap,
+            "admission",
+            admission_logic(self.admission),
+            self.admission.keyed,
+            app=topics.deployment(app),
+            clock=clock,
+            instance_id=instance_id,
+            commit_timeout_s=commit_timeout_s,
+        )
 
 
 async def read_admission_states(bootstrap: str, topics: Topics) -> dict[str, ad.AdmissionState]:
@@ -128,8 +156,9 @@ async def read_admission_states(bootstrap: str, topics: Topics) -> dict[str, ad.
     changelog (empty if the admission topics do not exist)."""
     keyed = AdmissionTopics(topics).keyed
     changelog = keyed.changelog
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         if changelog not in await consumer.topics():

@@ -92,8 +92,9 @@ class TopicStatus:
 class KafkaClient:
     """A short-lived client: ``async with KafkaClient(...) as client: ...``."""
 
-    def __init__(self, bootstrap: str, topics: Topics, *, app: str = "terranoha",
-                 timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, bootstrap: str, topics: Topics, *, app: str = "terranoha", timeout_s: float = 30.0
+    ) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
         self.app = app
@@ -109,23 +110,29 @@ class KafkaClient:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.close()
 
     # ------------------------------------------------------------------ connection
 
     async def start(self) -> None:
         """Connect and learn which topics exist and their partition counts."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap,
-                                    request_timeout_ms=int(self.timeout_s * 1000))
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, request_timeout_ms=int(self.timeout_s * 1000)
+        )
         self._admin = admin
         try:
             await admin.start()
         except KafkaConnectionError as exc:
             raise BrokerUnavailableError(
                 f"cannot reach Kafka at {self.bootstrap} ({exc}); check --kafka HOST:PORT, "
-                f"or {START_HINT}") from None
+                f"or {START_HINT}"
+            ) from None
         await self._describe()
 
     async def close(self) -> None:
@@ -144,8 +151,10 @@ class KafkaClient:
         assert self._admin is not None
         names = [t.name for t in self.topics.core_topics()]
         self._partitions = {
-            d["topic"]: len(d["partitions"]) for d in await self._admin.describe_topics(names)
-            if d.get("error_code", 0) == 0 and d.get("partitions")}
+            d["topic"]: len(d["partitions"])
+            for d in await self._admin.describe_topics(names)
+            if d.get("error_code", 0) == 0 and d.get("partitions")
+        }
         runs = self._partitions.get(self.topics.inputs)
         if runs is not None and runs != self.topics.partitions:
             self.topics = dataclasses.replace(self.topics, partitions=runs)
@@ -157,24 +166,30 @@ class KafkaClient:
             raise MissingTopicError(
                 f"topic {topic} does not exist on {self.bootstrap}; create the topics with "
                 f"`terranoha topics create --kafka {self.bootstrap} "
-                f"--topic-prefix {self.topics.prefix}` (or check --topic-prefix)")
+                f"--topic-prefix {self.topics.prefix}` (or check --topic-prefix)"
+            )
         return count
 
     async def _consumer_started(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                        enable_auto_commit=False,
-                                        isolation_level="read_committed",
-                                        max_partition_fetch_bytes=8 << 20)
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+                max_partition_fetch_bytes=8 << 20,
+            )
             await consumer.start()
             self._consumer = consumer
         return self._consumer
 
     async def _producer_started(self) -> AIOKafkaProducer:
         if self._producer is None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                        enable_idempotence=True, acks="all",
-                                        request_timeout_ms=int(self.timeout_s * 1000))
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                enable_idempotence=True,
+                acks="all",
+                request_timeout_ms=int(self.timeout_s * 1000),
+            )
             await producer.start()
             self._producer = producer
         return self._producer
@@ -187,8 +202,10 @@ class KafkaClient:
         created = set(await ensure_topics(self.bootstrap, wanted.core_topics()))
         self.topics = wanted
         await self._describe()
-        return [TopicStatus(t.name, t.name in created, self._partitions.get(t.name, 0))
-                for t in wanted.core_topics()]
+        return [
+            TopicStatus(t.name, t.name in created, self._partitions.get(t.name, 0))
+            for t in wanted.core_topics()
+        ]
 
     async def deploy(self, spec: WorkflowSpec) -> bool:
         """Publish ``spec`` on the specs topic: True if new, False if already deployed."""
@@ -209,8 +226,11 @@ class KafkaClient:
             try:
                 spec = load_deployed_spec(json.loads(body))
             except (ValueError, SpecError) as exc:
-                log.warning("spec record %s is not a valid spec, skipped: %s",
-                            key.decode(errors="replace"), exc)
+                log.warning(
+                    "spec record %s is not a valid spec, skipped: %s",
+                    key.decode(errors="replace"),
+                    exc,
+                )
                 continue
             if spec_key(*spec.key) == key:
                 specs.append(spec)
@@ -229,10 +249,12 @@ class KafkaClient:
         self._need(self.topics.triggers)
         run_id = run_id_for(trigger.tenant, trigger.idempotency_key)
         producer = await self._producer_started()
-        headers = trace_headers(trigger.correlation_id or run_id, trigger.idempotency_key,
-                                trigger.tenant)
-        await producer.send_and_wait(self.topics.triggers, encode(trigger),
-                                     key=run_id.encode(), headers=headers)
+        headers = trace_headers(
+            trigger.correlation_id or run_id, trigger.idempotency_key, trigger.tenant
+        )
+        await producer.send_and_wait(
+            self.topics.triggers, encode(trigger), key=run_id.encode(), headers=headers
+        )
         return run_id
 
     async def publish(self, message: PublishMessage) -> None:
@@ -241,8 +263,12 @@ class KafkaClient:
         self._need(self.topics.messages)
         topic, key, value = message_record(self.topics, message)
         producer = await self._producer_started()
-        await producer.send_and_wait(topic, value, key=key, headers=trace_headers(
-            message.message_id, message.message_id, message.tenant))
+        await producer.send_and_wait(
+            topic,
+            value,
+            key=key,
+            headers=trace_headers(message.message_id, message.message_id, message.tenant),
+        )
 
     async def message_events(self) -> list[CorrelationEvent]:
         """Every message-correlation event, each partition in log order."""
@@ -273,15 +299,20 @@ class KafkaClient:
         the broker has it (``acks=all``)."""
         self._need(self.topics.inputs)
         producer = await self._producer_started()
-        headers = trace_headers(command.correlation_id or command.run_id, command.command_id,
-                                command.tenant)
-        await producer.send_and_wait(self.topics.inputs, encode(command),
-                                     key=command.run_id.encode(),
-                                     partition=self.topics.partition_of(command.run_id),
-                                     headers=headers)
+        headers = trace_headers(
+            command.correlation_id or command.run_id, command.command_id, command.tenant
+        )
+        await producer.send_and_wait(
+            self.topics.inputs,
+            encode(command),
+            key=command.run_id.encode(),
+            partition=self.topics.partition_of(command.run_id),
+            headers=headers,
+        )
 
-    async def _caused_by(self, tp: TopicPartition, start: int, command: Command,
-                         wait_s: float) -> list[Event] | None:
+    async def _caused_by(
+        self, tp: TopicPartition, start: int, command: Command, wait_s: float
+    ) -> list[Event] | None:
         """The events caused by ``command``. The orchestrator writes them and then the
         recorded command in one transaction, so the recorded command marks the end."""
         consumer = await self._consumer_started()
@@ -299,8 +330,10 @@ class KafkaClient:
                 record = decode(message.value)
                 if isinstance(record, Event) and record.causation_id == command.command_id:
                     caused.append(record)
-                elif (isinstance(record, RecordedCommand)
-                      and record.command.command_id == command.command_id):
+                elif (
+                    isinstance(record, RecordedCommand)
+                    and record.command.command_id == command.command_id
+                ):
                     return sorted(caused, key=lambda e: e.seq)
         return None
 
@@ -339,11 +372,11 @@ class KafkaClient:
                 events[record.seq] = record
             elif isinstance(record, RecordedCommand):
                 recorded.append(record)
-        return RunLog(run_id, [events[s] for s in sorted(events)],
-                      sorted(recorded, key=lambda r: r.first_seq))
+        return RunLog(
+            run_id, [events[s] for s in sorted(events)], sorted(recorded, key=lambda r: r.first_seq)
+        )
 
-    async def run_log_at(self, run_id: str, offsets: Sequence[int],
-                         indexed_to: int) -> RunLog:
+    async def run_log_at(self, run_id: str, offsets: Sequence[int], indexed_to: int) -> RunLog:
         """The run's events and recorded commands, read at the offsets an index gives
         for its events instead of from the partition's beginning.
 
@@ -383,8 +416,9 @@ class KafkaClient:
             consumer.seek(tp, start)
             position = start
             while position < end and (until is None or position <= until or waiting):
-                fetched = await consumer.getmany(tp, timeout_ms=500,
-                                                 max_records=INDEXED_READ_RECORDS)
+                fetched = await consumer.getmany(
+                    tp, timeout_ms=500, max_records=INDEXED_READ_RECORDS
+                )
                 messages = fetched.get(tp, [])
                 self.records_read += len(messages)
                 for message in messages:
@@ -395,19 +429,26 @@ class KafkaClient:
             if offset >= position:  # not read already with an earlier event
                 await read(offset, offset)
         await read(max(position, indexed_to), None)
-        return RunLog(run_id, [events[s] for s in sorted(events)],
-                      sorted(recorded.values(), key=lambda r: r.first_seq))
+        return RunLog(
+            run_id,
+            [events[s] for s in sorted(events)],
+            sorted(recorded.values(), key=lambda r: r.first_seq),
+        )
 
     async def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
         count = self._need(self.topics.dead_letters)
         tps = [TopicPartition(self.topics.dead_letters, p) for p in range(count)]
-        out = [self._decode(m.value, DeadLetter) async for m in self._read(tps)
-               if m.value is not None]
+        out = [
+            self._decode(m.value, DeadLetter) async for m in self._read(tps) if m.value is not None
+        ]
         return sorted(out, key=lambda d: (d.ts, d.source, d.partition, d.offset))
 
-    async def _read(self, tps: list[TopicPartition], key: bytes | None = None,
-                    ) -> AsyncIterator[Any]:
+    async def _read(
+        self,
+        tps: list[TopicPartition],
+        key: bytes | None = None,
+    ) -> AsyncIterator[Any]:
         """The committed records of ``tps`` (with ``key``, if given), from the beginning
         to the end offsets as they are now."""
         consumer = await self._consumer_started()
@@ -421,7 +462,8 @@ class KafkaClient:
             if loop.time() > deadline:
                 raise KafkaClientError(
                     f"reading {', '.join(sorted({tp.topic for tp in tps}))} from "
-                    f"{self.bootstrap} did not finish within {self.timeout_s:.0f}s")
+                    f"{self.bootstrap} did not finish within {self.timeout_s:.0f}s"
+                )
             fetched = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
             for messages in fetched.values():
                 self.records_read += len(messages)
@@ -435,9 +477,9 @@ class KafkaClient:
         try:
             record = decode(payload)
         except DecodeError as exc:
-            raise KafkaClientError(f"a {expected.__name__} record does not decode: {exc}") \
-                from None
+            raise KafkaClientError(f"a {expected.__name__} record does not decode: {exc}") from None
         if not isinstance(record, expected):
-            raise KafkaClientError(f"expected a {expected.__name__} record, found "
-                                   f"{type(record).__name__}")
+            raise KafkaClientError(
+                f"expected a {expected.__name__} record, found {type(record).__name__}"
+            )
         return record

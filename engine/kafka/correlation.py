@@ -27,9 +27,11 @@ from engine.runtime.clock import Clock
 def _decode_command(raw: bytes) -> CorrelationCommand:
     record = decode(raw)
     if not isinstance(record, core.CORRELATION_COMMANDS):
-        raise ValueError(f"{type(record).__name__} is not a message-correlation command "
-                         "(PublishMessage, OpenSubscription, CloseSubscription, "
-                         "ExpireMessages)")
+        raise ValueError(
+            f"{type(record).__name__} is not a message-correlation command "
+            "(PublishMessage, OpenSubscription, CloseSubscription, "
+            "ExpireMessages)"
+        )
     command: CorrelationCommand = record  # type: ignore[assignment]
     return command
 
@@ -47,35 +49,63 @@ def _timers(key: str, state: CorrelationState) -> Sequence[tuple[int, Correlatio
 
 
 def correlation_topics(topics: Topics) -> KeyedTopics:
-    return KeyedTopics(inputs=topics.messages, events=topics.message_events,
-                       changelog=topics.message_state, dead_letters=topics.dead_letters,
-                       partitions=topics.partitions)
+    return KeyedTopics(
+        inputs=topics.messages,
+        events=topics.message_events,
+        changelog=topics.message_state,
+        dead_letters=topics.dead_letters,
+        partitions=topics.partitions,
+    )
 
 
-def correlation_logic(topics: Topics) -> KeyedLogic[CorrelationCommand, CorrelationState,
-                                                    CorrelationEvent]:
+def correlation_logic(
+    topics: Topics,
+) -> KeyedLogic[CorrelationCommand, CorrelationState, CorrelationEvent]:
     """The core with its codecs; a match becomes a delivery on the run's inputs."""
+
     def outputs(event: CorrelationEvent) -> Sequence[tuple[str, bytes, bytes]]:
         if isinstance(event, core.MessageCorrelated):
             return [(topics.inputs, event.run_id.encode(), encode(core.delivery(event)))]
         return []
 
     return KeyedLogic(
-        decode=_decode_command, key=core.key_of, decide=core.decide, evolve=core.evolve,
-        encode_event=encode, encode_state=encode, decode_state=_decode_state,
-        encode_command=encode, outputs=outputs, timers=_timers, empty=core.is_empty)
+        decode=_decode_command,
+        key=core.key_of,
+        decide=core.decide,
+        evolve=core.evolve,
+        encode_event=encode,
+        encode_state=encode,
+        decode_state=_decode_state,
+        encode_command=encode,
+        outputs=outputs,
+        timers=_timers,
+        empty=core.is_empty,
+    )
 
 
-class CorrelationProcessor(KeyedProcessor[CorrelationCommand, CorrelationState,
-                                          CorrelationEvent]):
+class CorrelationProcessor(KeyedProcessor[CorrelationCommand, CorrelationState, CorrelationEvent]):
     """Matches messages and subscriptions, exactly once (group ``<deployment>-correlation``)."""
 
-    def __init__(self, bootstrap: str, topics: Topics, *, app: str = "terranoha",
-                 clock: Clock | None = None, instance_id: str | None = None,
-                 commit_timeout_s: float = 15.0) -> None:
-        super().__init__(bootstrap, "correlation", correlation_logic(topics),
-                         correlation_topics(topics), app=topics.deployment(app), clock=clock,
-                         instance_id=instance_id, commit_timeout_s=commit_timeout_s)
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        *,
+        app: str = "terranoha",
+        clock: Clock | None = None,
+        instance_id: str | None = None,
+        commit_timeout_s: float = 15.0,
+    ) -> None:
+        super().__init__(
+            bootstrap,
+            "correlation",
+            correlation_logic(topics),
+            correlation_topics(topics),
+            app=topics.deployment(app),
+            clock=clock,
+            instance_id=instance_id,
+            commit_timeout_s=commit_timeout_s,
+        )
 
 
 def message_record(topics: Topics, message: core.PublishMessage) -> tuple[str, bytes, bytes]:

@@ -110,8 +110,12 @@ class KeyedTask(Task, Generic[C, S, E]):
         for key, state in batch.states.items():
             value = None if self.logic.empty(state) else self.logic.encode_state(state)
             batch.records.append((self.topics.changelog, self.number, key.encode(), value, []))
-        return Step(batch.records, commit=lambda: self._commit(batch.states),
-                    events=batch.events, dead_letters=batch.dead)
+        return Step(
+            batch.records,
+            commit=lambda: self._commit(batch.states),
+            events=batch.events,
+            dead_letters=batch.dead,
+        )
 
     def _one(self, batch: _Batch[S], item: Input, now: int) -> None:
         logic = self.logic
@@ -123,9 +127,14 @@ class KeyedTask(Task, Generic[C, S, E]):
         key = logic.key(command)
         home = key_partition(key.encode(), self.topics.partitions)
         if home != self.number:
-            self._dead(batch, item, "wrong_partition",
-                       f"key {key!r} lives on partition {home}, not {self.number}: key the "
-                       "record by it with Kafka's default partitioner (murmur2)", now)
+            self._dead(
+                batch,
+                item,
+                "wrong_partition",
+                f"key {key!r} lives on partition {home}, not {self.number}: key the "
+                "record by it with Kafka's default partitioner (murmur2)",
+                now,
+            )
             return
         state = batch.states[key] if key in batch.states else self.states.get(key)
         try:
@@ -142,27 +151,48 @@ class KeyedTask(Task, Generic[C, S, E]):
         batch.states[key] = state
         batch.events += len(events)
         for event in events:
-            batch.records.append((self.topics.events, self.number, key.encode(),
-                                  logic.encode_event(event), []))
+            batch.records.append(
+                (self.topics.events, self.number, key.encode(), logic.encode_event(event), [])
+            )
             for topic, out_key, value in logic.outputs(event):
-                batch.records.append((topic, key_partition(out_key, self.topics.partitions),
-                                      out_key, value, []))
+                batch.records.append(
+                    (topic, key_partition(out_key, self.topics.partitions), out_key, value, [])
+                )
 
     def _dead(self, batch: _Batch[S], item: Input, reason: str, detail: str, now: int) -> None:
-        letter = dead_letter(item.source, item.partition, item.offset, reason, detail,
-                             item.payload, now)
+        letter = dead_letter(
+            item.source, item.partition, item.offset, reason, detail, item.payload, now
+        )
         batch.records.append(self._dead_record(letter))
         batch.dead += 1
 
     def _dead_record(self, letter: DeadLetter) -> Record:
-        log.warning("dead letter %s/%d/%d: %s: %s", letter.source, letter.partition,
-                    letter.offset, letter.reason, letter.detail)
-        return (self.topics.dead_letters, self.number, None, encode(letter),
-                [("reason", letter.reason.encode())])
+        log.warning(
+            "dead letter %s/%d/%d: %s: %s",
+            letter.source,
+            letter.partition,
+            letter.offset,
+            letter.reason,
+            letter.detail,
+        )
+        return (
+            self.topics.dead_letters,
+            self.number,
+            None,
+            encode(letter),
+            [("reason", letter.reason.encode())],
+        )
 
     def isolated(self, item: Input, now: int, why: str) -> Step:
-        letter = dead_letter(item.source, item.partition, item.offset, "engine_error",
-                             f"processing failed: {why}", item.payload, now)
+        letter = dead_letter(
+            item.source,
+            item.partition,
+            item.offset,
+            "engine_error",
+            f"processing failed: {why}",
+            item.payload,
+            now,
+        )
         return Step([self._dead_record(letter)], dead_letters=1)
 
     def _commit(self, states: Mapping[str, S]) -> None:
@@ -180,7 +210,8 @@ class KeyedTask(Task, Generic[C, S, E]):
     def _armed(self, key: str, value: bytes) -> bool:
         state = self.states.get(key)
         return state is not None and any(
-            self.logic.encode_command(c) == value for _, c in self.logic.timers(key, state))
+            self.logic.encode_command(c) == value for _, c in self.logic.timers(key, state)
+        )
 
     def next_due(self) -> int | None:
         return self._timers[0][0] if self._timers else None
@@ -198,18 +229,34 @@ class KeyedTask(Task, Generic[C, S, E]):
 class KeyedProcessor(StreamProcessor, Generic[C, S, E]):
     """A ``KeyedLogic`` on its topics, exactly once (consumer group ``<app>-<name>``)."""
 
-    def __init__(self, bootstrap: str, name: str, logic: KeyedLogic[C, S, E],
-                 topics: KeyedTopics, *, app: str = "terranoha", clock: Clock | None = None,
-                 commit_timeout_s: float = 15.0, instance_id: str | None = None,
-                 max_batch: int = 1000) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        name: str,
+        logic: KeyedLogic[C, S, E],
+        topics: KeyedTopics,
+        *,
+        app: str = "terranoha",
+        clock: Clock | None = None,
+        commit_timeout_s: float = 15.0,
+        instance_id: str | None = None,
+        max_batch: int = 1000,
+    ) -> None:
         self.logic = logic
         self.topics = topics
         super().__init__(
-            bootstrap, name=name, inputs=[topics.inputs], group_id=f"{app}-{name}",
+            bootstrap,
+            name=name,
+            inputs=[topics.inputs],
+            group_id=f"{app}-{name}",
             transactional_id=lambda number: f"{app}-{topics.inputs}-{number}",
             make_task=lambda number: KeyedTask(logic, topics, number),
-            changelog=self._changelog, clock=clock, commit_timeout_s=commit_timeout_s,
-            instance_id=instance_id, max_batch=max_batch)
+            changelog=self._changelog,
+            clock=clock,
+            commit_timeout_s=commit_timeout_s,
+            instance_id=instance_id,
+            max_batch=max_batch,
+        )
 
     async def _changelog(self, number: int) -> list[TopicPartition]:
         return [TopicPartition(self.topics.changelog, number)]

@@ -114,8 +114,14 @@ class PostgresLedger:
     an idle timeout). Safe to share between the tasks of one event loop; concurrent
     lookups and records are coalesced into one statement each."""
 
-    def __init__(self, dsn: str, *, namespace: str = "", connect_timeout_s: int = 10,
-                 schema: str = SCHEMA_NAME) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        namespace: str = "",
+        connect_timeout_s: int = 10,
+        schema: str = SCHEMA_NAME,
+    ) -> None:
         if not schema.isidentifier() or schema != schema.lower():
             raise ValueError(f"ledger schema {schema!r}: use lower-case letters, digits and _")
         self.dsn = dsn
@@ -138,8 +144,11 @@ class PostgresLedger:
                 try:
                     await self._run(self._create)
                     break
-                except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable,
-                        psycopg.errors.DuplicateSchema):
+                except (
+                    psycopg.errors.UniqueViolation,
+                    psycopg.errors.DuplicateTable,
+                    psycopg.errors.DuplicateSchema,
+                ):
                     # Another worker created them at the same moment; once it has
                     # committed, every IF NOT EXISTS holds and the statements go through.
                     await asyncio.sleep(0.1)
@@ -148,8 +157,13 @@ class PostgresLedger:
             await self.close()
             raise
         if moved:
-            log.info("moved %d ledger entries of %r from %s to %s", moved, self.namespace,
-                     OLD_TABLE, self.table)
+            log.info(
+                "moved %d ledger entries of %r from %s to %s",
+                moved,
+                self.namespace,
+                OLD_TABLE,
+                self.table,
+            )
 
     async def _create(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # CREATE SCHEMA IF NOT EXISTS needs the right to create schemas even when the
@@ -182,7 +196,8 @@ class PostgresLedger:
                 f"the ledger found entries of earlier versions in {OLD_TABLE} but its role "
                 f"may not move them ({exc}); move them as that table's owner: "
                 f"INSERT INTO {self.table} SELECT * FROM {OLD_TABLE} ON CONFLICT DO NOTHING; "
-                f"DROP TABLE {OLD_TABLE}; then start the worker again") from exc
+                f"DROP TABLE {OLD_TABLE}; then start the worker again"
+            ) from exc
 
     async def close(self) -> None:
         await self._pg.close()
@@ -201,11 +216,15 @@ class PostgresLedger:
         async def query(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
             cur = await conn.execute(
                 f"SELECT idempotency_key, result, cost, confidence FROM {self.table} "
-                "WHERE idempotency_key = ANY(%s)", (list(stored),))
+                "WHERE idempotency_key = ANY(%s)",
+                (list(stored),),
+            )
             return await cur.fetchall()
 
-        found = {stored[key]: LedgerEntry(stored[key], result, float(cost or 0.0), confidence)
-                 for key, result, cost, confidence in await self._run(query)}
+        found = {
+            stored[key]: LedgerEntry(stored[key], result, float(cost or 0.0), confidence)
+            for key, result, cost, confidence in await self._run(query)
+        }
         return [found.get(key) for key in keys]
 
     def _stored(self, key: str) -> str:
@@ -224,9 +243,14 @@ class PostgresLedger:
                 "SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::float8[], "
                 "%s::float8[]) ON CONFLICT (idempotency_key) DO NOTHING "
                 "RETURNING idempotency_key",
-                ([self._stored(e.idempotency_key) for e, _ in rows], [q for _, q in rows],
-                 [Jsonb(e.result) for e, _ in rows], [e.cost for e, _ in rows],
-                 [e.confidence for e, _ in rows]))
+                (
+                    [self._stored(e.idempotency_key) for e, _ in rows],
+                    [q for _, q in rows],
+                    [Jsonb(e.result) for e, _ in rows],
+                    [e.cost for e, _ in rows],
+                    [e.confidence for e, _ in rows],
+                ),
+            )
             return {row[0] for row in await cur.fetchall()}
 
         inserted = await self._run(insert)

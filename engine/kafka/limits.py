@@ -82,8 +82,7 @@ class DeployedLimits:
                 version = int(text.removeprefix(_DOC))
                 document = load_limits(json.loads(value))
             except (ValueError, LimitsError) as exc:
-                log.error("limits record %s is not a valid limits document, skipped: %s",
-                          text, exc)
+                log.error("limits record %s is not a valid limits document, skipped: %s", text, exc)
                 return
             if version > self.version:
                 self.version, self.document = version, document
@@ -120,12 +119,17 @@ Out = tuple[str, bytes, bytes | None, int]
 
 def _command(admission: AdmissionTopics, command: ad.AdmissionCommand) -> Out:
     key = command.key.encode()
-    return (admission.keyed.inputs, key, encode(command),
-            key_partition(key, admission.keyed.partitions))
+    return (
+        admission.keyed.inputs,
+        key,
+        encode(command),
+        key_partition(key, admission.keyed.partitions),
+    )
 
 
-async def publish_limits(bootstrap: str, topics: Topics, document: LimitsDocument, *,
-                         app: str = "terranoha") -> tuple[int, bool]:
+async def publish_limits(
+    bootstrap: str, topics: Topics, document: LimitsDocument, *, app: str = "terranoha"
+) -> tuple[int, bool]:
     """Deploy ``document``: its version, and False if it equals the latest already.
 
     In the same transaction, every key a rule names by itself gets its new limits as a
@@ -133,53 +137,81 @@ async def publish_limits(bootstrap: str, topics: Topics, document: LimitsDocumen
     once); a key only a wildcard covers takes the new version with its next request."""
     body = limits_body(document)
 
-    def change(deployed: DeployedLimits, admission: AdmissionTopics) -> tuple[
-            list[Out], tuple[int, bool], bool]:
+    def change(
+        deployed: DeployedLimits, admission: AdmissionTopics
+    ) -> tuple[list[Out], tuple[int, bool], bool]:
         if deployed.document is not None and limits_body(deployed.document) == body:
             return [], (deployed.version, False), False
         version = deployed.version + 1
-        named = sorted({r.key for r in document.rules if not r.wildcard}
-                       | {r.key for r in (deployed.document.rules if deployed.document
-                                          else []) if not r.wildcard})
-        configure = [_command(admission, ad.Configure(key, resolve(document, key), version))
-                     for key in named]
-        return [(topics.limits, doc_key(version), body.encode(), 0), *configure], \
-            (version, True), True
+        named = sorted(
+            {r.key for r in document.rules if not r.wildcard}
+            | {
+                r.key
+                for r in (deployed.document.rules if deployed.document else [])
+                if not r.wildcard
+            }
+        )
+        configure = [
+            _command(admission, ad.Configure(key, resolve(document, key), version)) for key in named
+        ]
+        return (
+            [(topics.limits, doc_key(version), body.encode(), 0), *configure],
+            (version, True),
+            True,
+        )
 
     return await _write(bootstrap, topics, app, change)
 
 
-async def set_paused(bootstrap: str, topics: Topics, key: str, paused: bool, *, by: str,
-                     now: int, app: str = "terranoha") -> bool:
+async def set_paused(
+    bootstrap: str,
+    topics: Topics,
+    key: str,
+    paused: bool,
+    *,
+    by: str,
+    now: int,
+    app: str = "terranoha",
+) -> bool:
     """Pause or resume ``key``; False if it was in that state already. The record on the
     limits topic and the ``Pause``/``Resume`` the admission processor acts on are
     written in one transaction."""
     check_key(key)
 
-    def change(deployed: DeployedLimits, admission: AdmissionTopics) -> tuple[
-            list[Out], bool, bool]:
+    def change(
+        deployed: DeployedLimits, admission: AdmissionTopics
+    ) -> tuple[list[Out], bool, bool]:
         if (key in deployed.paused) == paused:
             return [], False, False
         value = json.dumps({"paused_at": now, "by": by}).encode() if paused else None
         command = ad.Pause(key) if paused else ad.Resume(key)
-        return [(topics.limits, f"{_PAUSE}{key}".encode(), value, 0),
-                _command(admission, command)], True, True
+        return (
+            [(topics.limits, f"{_PAUSE}{key}".encode(), value, 0), _command(admission, command)],
+            True,
+            True,
+        )
 
     return await _write(bootstrap, topics, app, change)
 
 
-async def _write(bootstrap: str, topics: Topics, app: str,
-                 change: Callable[[DeployedLimits, AdmissionTopics], tuple[list[Out], T, bool]]
-                 ) -> T:
+async def _write(
+    bootstrap: str,
+    topics: Topics,
+    app: str,
+    change: Callable[[DeployedLimits, AdmissionTopics], tuple[list[Out], T, bool]],
+) -> T:
     """Read the topic under the writers' transactional id, then write what ``change``
     says (records, the answer to return, whether to write at all)."""
     topics = await deployed_topics(bootstrap, topics)  # route keys by the real count
     admission = AdmissionTopics(topics)
     await ensure_topics(bootstrap, [topics.limits_topic(), *admission.new_topics()])
     for attempt in range(1, _ATTEMPTS + 1):
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap,
-                                    transactional_id=f"{app}-{topics.limits}-write",
-                                    enable_idempotence=True, acks="all")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            transactional_id=f"{app}-{topics.limits}-write",
+            enable_idempotence=True,
+            acks="all",
+        )
         reader = _TopicReader(bootstrap, topics.limits)
         try:
             await producer.start()  # fences a concurrent writer, settles its transaction
@@ -203,10 +235,10 @@ async def _write(bootstrap: str, topics: Topics, app: str,
         finally:
             await reader.stop()
             await stop_quietly(producer)
-    raise LimitsConflictError(f"could not write the limits topic: {_ATTEMPTS} concurrent "
-                              "writers fenced this one; try again")
-
-
+    raise LimitsConflictError(
+        f"could not write the limits topic: {_ATTEMPTS} concurrent "
+        "writers fenced this one; try again"
+    )
 
 
 class LimitsFollower:
@@ -225,7 +257,8 @@ class LimitsFollower:
     async def catch_up(self) -> None:
         deployed = await read_limits(self.bootstrap, self.topics)
         if deployed.document is not None and (
-                self._current is None or deployed.version > self._current.version):
+            self._current is None or deployed.version > self._current.version
+        ):
             self._current = FlowLimits(deployed.document, deployed.version)
             log.info("limits version %d in force", deployed.version)
 

@@ -94,9 +94,15 @@ class StoreIdentity:
     partition: int
 
     def encoded(self) -> bytes:
-        return json.dumps({"application": self.application, "topic": self.topic,
-                           "partition": self.partition, "format": FORMAT},
-                          sort_keys=True).encode()
+        return json.dumps(
+            {
+                "application": self.application,
+                "topic": self.topic,
+                "partition": self.partition,
+                "format": FORMAT,
+            },
+            sort_keys=True,
+        ).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +122,11 @@ class Checkpoint:
     @staticmethod
     def decoded(raw: bytes) -> Checkpoint | None:
         """The checkpoint, or None if it is not one this code wrote (corrupted)."""
-        body, check = raw[:_CHECKPOINT_LAYOUT.size], raw[_CHECKPOINT_LAYOUT.size:]
-        if len(body) != _CHECKPOINT_LAYOUT.size or \
-                hashlib.blake2b(body, digest_size=16).digest() != check:
+        body, check = raw[: _CHECKPOINT_LAYOUT.size], raw[_CHECKPOINT_LAYOUT.size :]
+        if (
+            len(body) != _CHECKPOINT_LAYOUT.size
+            or hashlib.blake2b(body, digest_size=16).digest() != check
+        ):
             return None
         position, anchor, digest = _CHECKPOINT_LAYOUT.unpack(body)
         if not 0 <= anchor < position:
@@ -154,8 +162,9 @@ class LocalStore:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise LocalStoreError(f"cannot create the state directory {self.path}: {exc}; "
-                                  "give a writable --state-dir") from None
+            raise LocalStoreError(
+                f"cannot create the state directory {self.path}: {exc}; give a writable --state-dir"
+            ) from None
         self._env = self._open()
         self.checkpoint = self._trusted()
 
@@ -170,16 +179,24 @@ class LocalStore:
         return env
 
     def _environment(self) -> lmdb.Environment:
-        env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=3, sync=False,
-                        metasync=False, readahead=False, lock=True)
+        env = lmdb.open(
+            str(self.path),
+            map_size=MAP_SIZE,
+            max_dbs=3,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            lock=True,
+        )
         self._meta = env.open_db(b"meta")
         self._active = env.open_db(b"active")
         self._finished = env.open_db(b"finished")
         return env
 
     def _wipe(self, why: str) -> None:
-        log.warning("local state %s discarded: %s; rebuilding it from the changelog",
-                    self.path, why)
+        log.warning(
+            "local state %s discarded: %s; rebuilding it from the changelog", self.path, why
+        )
         self.discarded = why
         env = getattr(self, "_env", None)
         if env is not None:
@@ -211,16 +228,19 @@ class LocalStore:
                 identity = txn.get(_IDENTITY)
                 raw = txn.get(_CHECKPOINT)
                 opened = txn.get(_OPENED)
-                empty = (txn.stat(self._active)["entries"] == 0
-                         and txn.stat(self._finished)["entries"] == 0)
+                empty = (
+                    txn.stat(self._active)["entries"] == 0
+                    and txn.stat(self._finished)["entries"] == 0
+                )
         except lmdb.Error as exc:
             return f"LMDB cannot read it ({exc})", None
         if identity is None:
-            return (None, None) if empty and raw is None else (
-                "it names no application", None)
+            return (None, None) if empty and raw is None else ("it names no application", None)
         if identity != self.identity.encoded():
-            return (f"it belongs to {identity.decode(errors='replace')}, not "
-                    f"{self.identity.encoded().decode()}"), None
+            return (
+                f"it belongs to {identity.decode(errors='replace')}, not "
+                f"{self.identity.encoded().decode()}"
+            ), None
         if opened is not None and opened.decode() != boot_id():
             return "it was not closed cleanly before the machine restarted", None
         if raw is None:
@@ -266,8 +286,13 @@ class LocalStore:
 
     # ------------------------------------------------------------------ writing
 
-    def write(self, active: Mapping[bytes, bytes], finished: Mapping[bytes, bytes],
-              removed: Iterator[bytes] | tuple[bytes, ...], checkpoint: Checkpoint) -> None:
+    def write(
+        self,
+        active: Mapping[bytes, bytes],
+        finished: Mapping[bytes, bytes],
+        removed: Iterator[bytes] | tuple[bytes, ...],
+        checkpoint: Checkpoint,
+    ) -> None:
         """In one transaction: the values of ``active`` and ``finished`` keys (a key
         leaves the other table), the ``removed`` keys gone (tombstones), and the new
         checkpoint. Call only with changelog records that are committed."""
@@ -283,13 +308,13 @@ class LocalStore:
                     txn.delete(key, db=self._finished)
                 txn.put(_CHECKPOINT, checkpoint.encoded(), db=self._meta)
         except lmdb.MapFullError:
-            raise LocalStoreError(f"the local state {self.path} is full ({MAP_SIZE >> 30} "
-                                  "GiB): spread the runs over more partitions") from None
+            raise LocalStoreError(
+                f"the local state {self.path} is full ({MAP_SIZE >> 30} "
+                "GiB): spread the runs over more partitions"
+            ) from None
         except lmdb.Error as exc:
-            raise LocalStoreError(f"writing the local state {self.path} failed: {exc}") \
-                from None
+            raise LocalStoreError(f"writing the local state {self.path} failed: {exc}") from None
         self.checkpoint = checkpoint
-
 
 
 @dataclass(slots=True)
@@ -301,25 +326,34 @@ class ChangelogWrite:
     finished: dict[bytes, bytes] = field(default_factory=dict)
 
 
-async def catch_up(store: LocalStore, bootstrap: str, tp: TopicPartition,
-                   split: Callable[[Mapping[bytes, bytes]], ChangelogWrite]) -> None:
+async def catch_up(
+    store: LocalStore,
+    bootstrap: str,
+    tp: TopicPartition,
+    split: Callable[[Mapping[bytes, bytes]], ChangelogWrite],
+) -> None:
     """Bring ``store`` up to the last stable offset of its changelog partition ``tp``,
     reading only the records after its checkpoint; a checkpoint the changelog disproves
     (see the module doc) makes it discard its content and read from the beginning.
     ``split`` says which values the task keeps in memory."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 << 20,
+    )
     await consumer.start()
     try:
         consumer.assign([tp])
         first = (await consumer.beginning_offsets([tp]))[tp]
         end = (await consumer.end_offsets([tp]))[tp]
         checkpoint = store.checkpoint
-        if checkpoint is not None and not (first <= checkpoint.anchor
-                                           < checkpoint.position <= end):
-            store.discard(f"its checkpoint (records up to offset {checkpoint.position}) is "
-                          f"outside the changelog {tp.topic}/{tp.partition}'s offsets "
-                          f"{first}..{end}: the topic was recreated or truncated")
+        if checkpoint is not None and not (first <= checkpoint.anchor < checkpoint.position <= end):
+            store.discard(
+                f"its checkpoint (records up to offset {checkpoint.position}) is "
+                f"outside the changelog {tp.topic}/{tp.partition}'s offsets "
+                f"{first}..{end}: the topic was recreated or truncated"
+            )
             checkpoint = None
         consumer.seek(tp, checkpoint.anchor if checkpoint is not None else first)
         anchored = checkpoint is None
@@ -334,9 +368,11 @@ async def catch_up(store: LocalStore, bootstrap: str, tp: TopicPartition,
                     anchored = True
                     if message.offset == checkpoint.anchor and digest == checkpoint.digest:
                         continue  # the store has it: the changelog is the one it was built from
-                    store.discard(f"the changelog {tp.topic}/{tp.partition} has no record "
-                                  f"at offset {checkpoint.anchor} like the one its "
-                                  "checkpoint names")
+                    store.discard(
+                        f"the changelog {tp.topic}/{tp.partition} has no record "
+                        f"at offset {checkpoint.anchor} like the one its "
+                        "checkpoint names"
+                    )
                     consumer.seek(tp, first)
                     pending.clear()
                     break
@@ -351,11 +387,13 @@ async def catch_up(store: LocalStore, bootstrap: str, tp: TopicPartition,
         await stop_quietly(consumer)
 
 
-def _write_read(store: LocalStore, pending: Mapping[bytes, bytes | None],
-                last: tuple[int, bytes],
-                split: Callable[[Mapping[bytes, bytes]], ChangelogWrite]) -> None:
+def _write_read(
+    store: LocalStore,
+    pending: Mapping[bytes, bytes | None],
+    last: tuple[int, bytes],
+    split: Callable[[Mapping[bytes, bytes]], ChangelogWrite],
+) -> None:
     """Records read from the changelog, into the store with the checkpoint after them."""
     values = split({k: v for k, v in pending.items() if v is not None})
     removed = tuple(k for k, v in pending.items() if v is None)
-    store.write(values.active, values.finished, removed,
-                Checkpoint(last[0] + 1, last[0], last[1]))
+    store.write(values.active, values.finished, removed, Checkpoint(last[0] + 1, last[0], last[1]))

@@ -80,10 +80,14 @@ class RunTask(Task):
         self.cache = StateCache(loader=self._stored, keep_loaded=False)
         self.timers = TimerService(self._armed)
         partition_of = engine.topics.partition_of
-        self.processor = Processor(engine.specs, self.cache,
-                                   owns=lambda run_id: partition_of(run_id) == number,
-                                   triggers_source=engine.topics.triggers,
-                                   partition_of=partition_of, flow=engine.flow)
+        self.processor = Processor(
+            engine.specs,
+            self.cache,
+            owns=lambda run_id: partition_of(run_id) == number,
+            triggers_source=engine.topics.triggers,
+            partition_of=partition_of,
+            flow=engine.flow,
+        )
 
     def _armed(self, run_id: str, timer_id: str) -> bool:
         state = self.cache.resident(run_id)  # a finished run has no timers
@@ -140,8 +144,18 @@ class RunTask(Task):
         if not due:
             return None
         inputs = self.engine.topics.inputs
-        return Step([(inputs, self.number, c.run_id.encode(), encode(c),
-                      trace_headers(c.run_id, c.command_id, c.tenant)) for c in due])
+        return Step(
+            [
+                (
+                    inputs,
+                    self.number,
+                    c.run_id.encode(),
+                    encode(c),
+                    trace_headers(c.run_id, c.command_id, c.tenant),
+                )
+                for c in due
+            ]
+        )
 
     def _step(self, batch: Batch) -> Step:
         changelog = ChangelogWrite()
@@ -151,9 +165,14 @@ class RunTask(Task):
                 batch.states[run_id] = finished_record(state)
                 finished.append(run_id)
         records = self._records(batch, changelog)
-        return Step(records, commit=lambda: self._committed(batch, finished),
-                    events=len(batch.events), forwards=len(batch.forwards),
-                    dead_letters=len(batch.dead_letters), changelog=changelog)
+        return Step(
+            records,
+            commit=lambda: self._committed(batch, finished),
+            events=len(batch.events),
+            forwards=len(batch.forwards),
+            dead_letters=len(batch.dead_letters),
+            changelog=changelog,
+        )
 
     def _committed(self, batch: Batch, finished: Sequence[str]) -> None:
         self.cache.commit(batch.states)
@@ -162,8 +181,14 @@ class RunTask(Task):
         for run_id, timer in batch.timers:
             self.timers.arm(run_id, timer.timer_id, timer.due_at)
         for dead in batch.dead_letters:
-            log.warning("dead letter %s/%d/%d: %s: %s", dead.source, dead.partition, dead.offset,
-                        dead.reason, dead.detail)
+            log.warning(
+                "dead letter %s/%d/%d: %s: %s",
+                dead.source,
+                dead.partition,
+                dead.offset,
+                dead.reason,
+                dead.detail,
+            )
         if self.engine.on_committed is not None:
             self.engine.on_committed(batch.events)
 
@@ -180,44 +205,86 @@ class RunTask(Task):
         for rec in batch.recorded:
             key = rec.run_id.encode()
             for event in islice(events, rec.last_seq - rec.first_seq + 1):
-                out.append((t.events, number, key, encode(event),
-                            _event_headers(event, headers)))
+                out.append((t.events, number, key, encode(event), _event_headers(event, headers)))
             command = rec.command
-            out.append((t.events, number, key, encode(rec), trace_headers(
-                command.correlation_id or rec.run_id, command.command_id, command.tenant)))
+            out.append(
+                (
+                    t.events,
+                    number,
+                    key,
+                    encode(rec),
+                    trace_headers(
+                        command.correlation_id or rec.run_id, command.command_id, command.tenant
+                    ),
+                )
+            )
         for event in events:  # none: every event belongs to a recorded command
-            out.append((t.events, number, event.run_id.encode(), encode(event),
-                        _event_headers(event, headers)))
+            out.append(
+                (
+                    t.events,
+                    number,
+                    event.run_id.encode(),
+                    encode(event),
+                    _event_headers(event, headers),
+                )
+            )
         for state in batch.states.values():
             key, payload = state.run_id.encode(), encode(state)
             (changelog.finished if state.terminal else changelog.active)[key] = payload
             out.append((t.state, number, key, payload, []))
         for task in batch.tasks:
-            out.append((t.tasks(task.queue), number, task.run_id.encode(), encode(task),
-                        trace_headers(task.correlation_id, task.task_id, task.tenant)))
+            out.append(
+                (
+                    t.tasks(task.queue),
+                    number,
+                    task.run_id.encode(),
+                    encode(task),
+                    trace_headers(task.correlation_id, task.task_id, task.tenant),
+                )
+            )
         if batch.admission:
             admission = AdmissionTopics(t).keyed.inputs
             for request in batch.admission:
                 key = request.key.encode()
-                out.append((admission, key_partition(key, t.partitions), key, encode(request),
-                            []))
+                out.append((admission, key_partition(key, t.partitions), key, encode(request), []))
         for note in batch.notifications:
-            out.append((t.notifications, number, note.run_id.encode(), encode(note),
-                        trace_headers(note.correlation_id, note.approval_id, note.tenant)))
+            out.append(
+                (
+                    t.notifications,
+                    number,
+                    note.run_id.encode(),
+                    encode(note),
+                    trace_headers(note.correlation_id, note.approval_id, note.tenant),
+                )
+            )
         for dead in batch.dead_letters:
-            out.append((t.dead_letters, number, dead.run_id.encode() or None, encode(dead),
-                        [("reason", dead.reason.encode())]))
-        out.extend(start_run_record(t, start, trigger)
-                   for start, trigger in zip(batch.forwards, batch.forwarded_from, strict=True))
+            out.append(
+                (
+                    t.dead_letters,
+                    number,
+                    dead.run_id.encode() or None,
+                    encode(dead),
+                    [("reason", dead.reason.encode())],
+                )
+            )
+        out.extend(
+            start_run_record(t, start, trigger)
+            for start, trigger in zip(batch.forwards, batch.forwarded_from, strict=True)
+        )
         for change in batch.correlation:
             if isinstance(change, OpenSubscription | CloseSubscription | RejectCorrelation):
                 key = key_of(change).encode()
-                out.append((t.messages, key_partition(key, t.partitions), key, encode(change),
-                            trace_headers(change.run_id, f"{change.TYPE}:{change.wait}",
-                                          change.tenant)))
+                out.append(
+                    (
+                        t.messages,
+                        key_partition(key, t.partitions),
+                        key,
+                        encode(change),
+                        trace_headers(change.run_id, f"{change.TYPE}:{change.wait}", change.tenant),
+                    )
+                )
         # Runs started by a schedule tell it when they end (its overlap policy).
-        out.extend(run_ended_record(t, report)
-                   for report in schedule_reports(batch))
+        out.extend(run_ended_record(t, report) for report in schedule_reports(batch))
         return out
 
 
@@ -247,10 +314,12 @@ class KafkaEngine(StreamProcessor):
         self.read_triggers = topics.co_partitioned if read_triggers is None else read_triggers
         """Read the triggers topic beside the run inputs (default: when co-partitioned)."""
         if self.read_triggers and not topics.co_partitioned:
-            raise ValueError(f"the triggers topic has {topics.trigger_count} partitions and "
-                             f"the run inputs {topics.partitions}: the orchestrator reads "
-                             "triggers only when the counts are equal; run the trigger "
-                             "router for this topic instead")
+            raise ValueError(
+                f"the triggers topic has {topics.trigger_count} partitions and "
+                f"the run inputs {topics.partitions}: the orchestrator reads "
+                "triggers only when the counts are equal; run the trigger "
+                "router for this topic instead"
+            )
         self.topics = topics
         self.specs = specs
         self.app = app
@@ -259,12 +328,21 @@ class KafkaEngine(StreamProcessor):
         """Called with the events of each committed batch (telemetry); must not raise."""
         inputs = [topics.inputs, topics.triggers] if self.read_triggers else [topics.inputs]
         super().__init__(
-            bootstrap, name="engine", inputs=inputs, group_id=f"{topics.deployment(app)}-engine",
+            bootstrap,
+            name="engine",
+            inputs=inputs,
+            group_id=f"{topics.deployment(app)}-engine",
             transactional_id=lambda number: f"{app}-{topics.inputs}-{number}",
-            make_task=lambda number: RunTask(self, number), changelog=self._changelog,
-            clock=clock, max_batch=max_batch, poll_ms=poll_ms,
-            commit_timeout_s=commit_timeout_s, refence_pause_s=refence_pause_s,
-            instance_id=instance_id, state_dir=state_dir)
+            make_task=lambda number: RunTask(self, number),
+            changelog=self._changelog,
+            clock=clock,
+            max_batch=max_batch,
+            poll_ms=poll_ms,
+            commit_timeout_s=commit_timeout_s,
+            refence_pause_s=refence_pause_s,
+            instance_id=instance_id,
+            state_dir=state_dir,
+        )
 
     async def _changelog(self, number: int) -> list[TopicPartition]:
         return [TopicPartition(self.topics.state, number)]

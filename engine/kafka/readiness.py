@@ -30,8 +30,11 @@ def stream_check(processor: StreamProcessor, max_lag: int = ACCEPTABLE_LAG) -> C
             return "waiting for the consumer group to assign partitions"
         if not processor.grouped and not processor.ready.is_set():
             return "restoring"
-        wanted = {tp.partition for tp in consumer.assignment()} if processor.grouped \
+        wanted = (
+            {tp.partition for tp in consumer.assignment()}
+            if processor.grouped
             else set(processor.parts) | {0}
+        )
         restoring = sorted(wanted - set(processor.parts))
         if restoring:
             return f"restoring task(s) {restoring}"
@@ -45,8 +48,9 @@ def stream_check(processor: StreamProcessor, max_lag: int = ACCEPTABLE_LAG) -> C
                 if lag > max_lag:
                     behind[f"{tp.topic}/{tp.partition}"] = lag
         if behind:
-            return "catching up: " + ", ".join(f"{tp} {lag} records behind"
-                                                for tp, lag in sorted(behind.items()))
+            return "catching up: " + ", ".join(
+                f"{tp} {lag} records behind" for tp, lag in sorted(behind.items())
+            )
         return None
 
     return check

@@ -38,8 +38,9 @@ class RouteTask(Task):
     def __init__(self, topics: Topics, number: int) -> None:
         self.topics = topics
         self.number = number
-        self.reader = Processor(SpecRegistry(), StateCache(), owns=lambda run_id: False,
-                                triggers_source=topics.triggers)
+        self.reader = Processor(
+            SpecRegistry(), StateCache(), owns=lambda run_id: False, triggers_source=topics.triggers
+        )
         """The engine's reading of a trigger, with every run owned elsewhere: each trigger
         becomes a forward (its ``StartRun``), anything else a dead letter."""
 
@@ -58,8 +59,11 @@ class RouteTask(Task):
                     step.records.append(start_run_record(self.topics, start, item))
                     step.forwards += 1
                 except Exception as exc:
-                    letters.append(dead_letter_of(
-                        item, "engine_error", f"encoding its StartRun failed: {exc!r}", now))
+                    letters.append(
+                        dead_letter_of(
+                            item, "engine_error", f"encoding its StartRun failed: {exc!r}", now
+                        )
+                    )
             for letter in letters:
                 self._dead(step, letter)
         return step
@@ -70,10 +74,21 @@ class RouteTask(Task):
         return step
 
     def _dead(self, step: Step, letter: DeadLetter) -> None:
-        log.warning("dead letter %s/%d/%d: %s: %s", letter.source, letter.partition,
-                    letter.offset, letter.reason, letter.detail)
-        record: Record = (self.topics.dead_letters, self.number % self.topics.partitions,
-                          None, encode(letter), [("reason", letter.reason.encode())])
+        log.warning(
+            "dead letter %s/%d/%d: %s: %s",
+            letter.source,
+            letter.partition,
+            letter.offset,
+            letter.reason,
+            letter.detail,
+        )
+        record: Record = (
+            self.topics.dead_letters,
+            self.number % self.topics.partitions,
+            None,
+            encode(letter),
+            [("reason", letter.reason.encode())],
+        )
         step.records.append(record)
         step.dead_letters += 1
 
@@ -97,12 +112,19 @@ class TriggerRouter(StreamProcessor):
         self.topics = topics
         self.app = app
         super().__init__(
-            bootstrap, name="router", inputs=[topics.triggers],
+            bootstrap,
+            name="router",
+            inputs=[topics.triggers],
             group_id=f"{topics.deployment(app)}-router",
             transactional_id=lambda number: f"{app}-{topics.triggers}-{number}",
-            make_task=lambda number: RouteTask(topics, number), clock=clock,
-            max_batch=max_batch, poll_ms=poll_ms, commit_timeout_s=commit_timeout_s,
-            refence_pause_s=retry_s, instance_id=instance_id)
+            make_task=lambda number: RouteTask(topics, number),
+            clock=clock,
+            max_batch=max_batch,
+            poll_ms=poll_ms,
+            commit_timeout_s=commit_timeout_s,
+            refence_pause_s=retry_s,
+            instance_id=instance_id,
+        )
 
     @property
     def owned(self) -> list[int]:

@@ -58,18 +58,23 @@ T = TypeVar("T")
 
 
 def schedule_topics(topics: Topics) -> KeyedTopics:
-    return KeyedTopics(inputs=f"{topics.prefix}.schedule-inputs",
-                       events=f"{topics.prefix}.schedule-events",
-                       changelog=f"{topics.prefix}.schedule-state",
-                       dead_letters=topics.dead_letters, partitions=topics.partitions)
+    return KeyedTopics(
+        inputs=f"{topics.prefix}.schedule-inputs",
+        events=f"{topics.prefix}.schedule-events",
+        changelog=f"{topics.prefix}.schedule-state",
+        dead_letters=topics.dead_letters,
+        partitions=topics.partitions,
+    )
 
 
 def schedule_new_topics(topics: Topics) -> list[NewTopic]:
     keyed = schedule_topics(topics)
     n, r = topics.partitions, topics.replication
-    return [NewTopic(keyed.inputs, n, r),
-            NewTopic(keyed.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
-            NewTopic(keyed.changelog, n, r, topic_configs=dict(COMPACTED))]
+    return [
+        NewTopic(keyed.inputs, n, r),
+        NewTopic(keyed.events, n, r, topic_configs=dict(RETAIN_FOREVER)),
+        NewTopic(keyed.changelog, n, r, topic_configs=dict(COMPACTED)),
+    ]
 
 
 class SchedulePartitionsError(TerranohaError):
@@ -93,7 +98,8 @@ async def check_partitions(bootstrap: str, topics: Topics) -> None:
                 f"topic {d['topic']} has {count} partitions and {topics.inputs} "
                 f"{topics.partitions}: schedule topics need the run-keyed count; delete "
                 f"the {topics.prefix}.schedule-* topics (or recreate them with "
-                f"{topics.partitions} partitions)")
+                f"{topics.partitions} partitions)"
+            )
 
 
 def _command(data: bytes) -> ScheduleCommand:
@@ -110,15 +116,15 @@ def _state(data: bytes) -> ScheduleState:
     return record
 
 
-def schedule_logic(topics: Topics) -> KeyedLogic[ScheduleCommand, ScheduleState,
-                                                 ScheduleEvent]:
+def schedule_logic(topics: Topics) -> KeyedLogic[ScheduleCommand, ScheduleState, ScheduleEvent]:
     """The schedule core as a keyed processor's logic."""
     calendar = CronCalendar()
 
     def caused(event: ScheduleEvent) -> list[tuple[str, bytes, bytes]]:
         records = [(topics.inputs, c.run_id.encode(), encode(c)) for c in outputs(event)]
-        records += [(topics.notifications, event.schedule_id.encode(), encode(n))
-                    for n in alerts(event)]
+        records += [
+            (topics.notifications, event.schedule_id.encode(), encode(n)) for n in alerts(event)
+        ]
         return records
 
     def ticks(key: str, state: ScheduleState) -> list[tuple[int, ScheduleCommand]]:
@@ -126,25 +132,47 @@ def schedule_logic(topics: Topics) -> KeyedLogic[ScheduleCommand, ScheduleState,
         return [(due, tick) for tick in timers(state)] if due is not None else []
 
     return KeyedLogic(
-        decode=_command, key=lambda c: c.schedule_id,
+        decode=_command,
+        key=lambda c: c.schedule_id,
         decide=lambda state, command, now: decide(state, command, now, calendar),
-        evolve=evolve, encode_event=encode, encode_state=encode, decode_state=_state,
-        encode_command=encode, outputs=caused, timers=ticks)
+        evolve=evolve,
+        encode_event=encode,
+        encode_state=encode,
+        decode_state=_state,
+        encode_command=encode,
+        outputs=caused,
+        timers=ticks,
+    )
 
 
 class ScheduleProcessor(KeyedProcessor[ScheduleCommand, ScheduleState, ScheduleEvent]):
     """The schedules of the partitions the group assigns (group ``<deployment>-schedules``)."""
 
-    def __init__(self, bootstrap: str, topics: Topics, *, app: str = "terranoha",
-                 clock: Clock | None = None, instance_id: str | None = None,
-                 commit_timeout_s: float = 15.0) -> None:
-        super().__init__(bootstrap, "schedules", schedule_logic(topics), schedule_topics(topics),
-                         app=topics.deployment(app), clock=clock, instance_id=instance_id,
-                         commit_timeout_s=commit_timeout_s)
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        *,
+        app: str = "terranoha",
+        clock: Clock | None = None,
+        instance_id: str | None = None,
+        commit_timeout_s: float = 15.0,
+    ) -> None:
+        super().__init__(
+            bootstrap,
+            "schedules",
+            schedule_logic(topics),
+            schedule_topics(topics),
+            app=topics.deployment(app),
+            clock=clock,
+            instance_id=instance_id,
+            commit_timeout_s=commit_timeout_s,
+        )
 
 
-def run_ended_record(topics: Topics, report: ScheduleCommand) -> tuple[
-        str, int, bytes, bytes, list[tuple[str, bytes]]]:
+def run_ended_record(
+    topics: Topics, report: ScheduleCommand
+) -> tuple[str, int, bytes, bytes, list[tuple[str, bytes]]]:
     """The record the run engine writes when a scheduled run ends (its transaction)."""
     keyed = schedule_topics(topics)
     key = report.schedule_id.encode()
@@ -156,8 +184,11 @@ class _Reader:
     consumer: AIOKafkaConsumer
     timeout_s: float
 
-    async def read(self, tps: list[TopicPartition], start: dict[TopicPartition, int] | None = None,
-                   ) -> AsyncIterator[Any]:
+    async def read(
+        self,
+        tps: list[TopicPartition],
+        start: dict[TopicPartition, int] | None = None,
+    ) -> AsyncIterator[Any]:
         """Committed records of ``tps`` from ``start`` (default the beginning) to the end
         offsets as they are now."""
         self.consumer.assign(tps)
@@ -181,8 +212,9 @@ class _Reader:
 class AsyncKafkaSchedules:
     """Schedules on Kafka from outside the processor, for async front ends."""
 
-    def __init__(self, bootstrap: str, topics: Topics, *, app: str = "terranoha",
-                 wait_s: float = 10.0) -> None:
+    def __init__(
+        self, bootstrap: str, topics: Topics, *, app: str = "terranoha", wait_s: float = 10.0
+    ) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
         self.keyed = schedule_topics(topics)
@@ -198,16 +230,20 @@ class AsyncKafkaSchedules:
         self.keyed = schedule_topics(self.topics)
         await ensure_topics(self.bootstrap, schedule_new_topics(self.topics))
         await check_partitions(self.bootstrap, self.topics)
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap,
-                                          enable_idempotence=True, acks="all")
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, enable_idempotence=True, acks="all"
+        )
         await self._producer.start()
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                          enable_auto_commit=False,
-                                          isolation_level="read_committed")
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
         await self._consumer.start()
         # Reads the processor group's committed offsets (never joins or commits).
-        self._offsets = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group,
-                                         enable_auto_commit=False)
+        self._offsets = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False
+        )
         await self._offsets.start()
 
     async def close(self) -> None:
@@ -225,14 +261,17 @@ class AsyncKafkaSchedules:
         number = self._partition(command.schedule_id)
         events_tp = TopicPartition(self.keyed.events, number)
         start = (await self._consumer.end_offsets([events_tp]))[events_tp]
-        sent = await self._producer.send_and_wait(self.keyed.inputs, encode(command),
-                                                  key=command.schedule_id.encode(),
-                                                  partition=number)
+        sent = await self._producer.send_and_wait(
+            self.keyed.inputs, encode(command), key=command.schedule_id.encode(), partition=number
+        )
         if not await self._decided(TopicPartition(self.keyed.inputs, number), sent.offset):
             return []
         reader = _Reader(self._consumer, self.wait_s)
-        return [e async for e in self._events(reader, events_tp, start, command.schedule_id)
-                if e.causation_id == command.command_id]
+        return [
+            e
+            async for e in self._events(reader, events_tp, start, command.schedule_id)
+            if e.causation_id == command.command_id
+        ]
 
     async def _decided(self, tp: TopicPartition, offset: int) -> bool:
         assert self._offsets is not None
@@ -246,8 +285,9 @@ class AsyncKafkaSchedules:
         return False
 
     @staticmethod
-    async def _events(reader: _Reader, tp: TopicPartition, start: int,
-                      schedule_id: str) -> AsyncIterator[ScheduleEvent]:
+    async def _events(
+        reader: _Reader, tp: TopicPartition, start: int, schedule_id: str
+    ) -> AsyncIterator[ScheduleEvent]:
         key = schedule_id.encode()
         async for message in reader.read([tp], {tp: start}):
             if message.key == key and message.value is not None:
@@ -285,8 +325,9 @@ class AsyncKafkaSchedules:
 class KafkaScheduleService(ScheduleService):
     """``AsyncKafkaSchedules`` behind the synchronous contract, on a private event loop."""
 
-    def __init__(self, bootstrap: str, topics: Topics, *, app: str = "terranoha",
-                 wait_s: float = 10.0) -> None:
+    def __init__(
+        self, bootstrap: str, topics: Topics, *, app: str = "terranoha", wait_s: float = 10.0
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()

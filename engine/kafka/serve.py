@@ -94,18 +94,26 @@ class Running:
     schedules: ScheduleProcessor | None = None
 
 
-async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None = None,
-                ready: Callable[[Running], Awaitable[None]] | None = None) -> Running:
+async def serve(
+    options: ServeOptions,
+    stop: asyncio.Event,
+    clock: Clock | None = None,
+    ready: Callable[[Running], Awaitable[None]] | None = None,
+) -> Running:
     """Run until ``stop`` is set; a clean stop finishes the batches in hand and leaves the
     consumer groups."""
     if options.notify is not None and options.postgres is None:
-        raise ValueError("the notifier keeps its delivery ledger in PostgreSQL: pass "
-                         "--postgres DSN")
+        raise ValueError(
+            "the notifier keeps its delivery ledger in PostgreSQL: pass --postgres DSN"
+        )
     await ensure_topics(options.bootstrap, options.topics.core_topics())
     topics = await deployed_topics(options.bootstrap, options.topics)
     if topics.partitions != options.topics.partitions:
-        log.info("run-keyed topics have %d partitions (not %d): using the broker's count",
-                 topics.partitions, options.topics.partitions)
+        log.info(
+            "run-keyed topics have %d partitions (not %d): using the broker's count",
+            topics.partitions,
+            options.topics.partitions,
+        )
     options = replace(options, topics=topics)
     # The run engine writes to the schedule inputs whenever a scheduled run ends.
     await ensure_topics(options.bootstrap, schedule_new_topics(topics))
@@ -122,58 +130,97 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
         await limits.catch_up()
         runners.append(limits.follow(stop))
     if options.engine:
-        running.engine = KafkaEngine(options.bootstrap, options.topics, follower.registry,
-                                     app=options.app, clock=clock,
-                                     refresh_specs=follower.catch_up,
-                                     instance_id=options.instance_id,
-                                     state_dir=options.state_dir,
-                                     flow=limits.current if limits is not None else None)
+        running.engine = KafkaEngine(
+            options.bootstrap,
+            options.topics,
+            follower.registry,
+            app=options.app,
+            clock=clock,
+            refresh_specs=follower.catch_up,
+            instance_id=options.instance_id,
+            state_dir=options.state_dir,
+            flow=limits.current if limits is not None else None,
+        )
         runners.append(running.engine.run(stop))
     if limits is not None:
-        running.admission = AdmissionProcessor(options.bootstrap, topics, app=options.app,
-                                               clock=clock, instance_id=options.instance_id)
+        running.admission = AdmissionProcessor(
+            options.bootstrap, topics, app=options.app, clock=clock, instance_id=options.instance_id
+        )
         await running.admission.admission.ensure(options.bootstrap)
         runners.append(running.admission.run(stop))
     if options.correlation:
-        running.correlation = CorrelationProcessor(options.bootstrap, options.topics,
-                                                   app=options.app, clock=clock,
-                                                   instance_id=options.instance_id)
+        running.correlation = CorrelationProcessor(
+            options.bootstrap,
+            options.topics,
+            app=options.app,
+            clock=clock,
+            instance_id=options.instance_id,
+        )
         runners.append(running.correlation.run(stop))
     if options.schedules:
-        running.schedules = ScheduleProcessor(options.bootstrap, options.topics,
-                                              app=options.app, clock=clock,
-                                              instance_id=options.instance_id)
+        running.schedules = ScheduleProcessor(
+            options.bootstrap,
+            options.topics,
+            app=options.app,
+            clock=clock,
+            instance_id=options.instance_id,
+        )
         runners.append(running.schedules.run(stop))
     if options.router and topics.co_partitioned:
-        log.info("%s is co-partitioned with %s: the orchestrator reads the triggers, no "
-                 "router runs", topics.triggers, topics.inputs)
+        log.info(
+            "%s is co-partitioned with %s: the orchestrator reads the triggers, no router runs",
+            topics.triggers,
+            topics.inputs,
+        )
     elif options.router:
-        running.router = TriggerRouter(options.bootstrap, options.topics, app=options.app,
-                                       clock=clock, instance_id=options.instance_id)
+        running.router = TriggerRouter(
+            options.bootstrap,
+            options.topics,
+            app=options.app,
+            clock=clock,
+            instance_id=options.instance_id,
+        )
         runners.append(running.router.run(stop))
     if options.registry is not None and options.registry.queues:
         ledger_dsn = options.ledger_dsn or options.postgres
         if ledger_dsn is None:
-            raise ValueError("workers keep their idempotency ledger in PostgreSQL: "
-                             "pass --ledger-dsn DSN (or --postgres DSN)")
+            raise ValueError(
+                "workers keep their idempotency ledger in PostgreSQL: "
+                "pass --ledger-dsn DSN (or --postgres DSN)"
+            )
         if options.ledger_dsn is None:
-            log.info("the workers' ledger (raw tool results) shares the --postgres DSN; "
-                     "give it a role of its own with --ledger-dsn")
+            log.info(
+                "the workers' ledger (raw tool results) shares the --postgres DSN; "
+                "give it a role of its own with --ledger-dsn"
+            )
         ledger = PostgresLedger(ledger_dsn, namespace=options.topics.deployment(options.app))
         await _opening(ledger.open(), runners, follower)
-        running.worker = KafkaWorker(options.bootstrap, options.topics, options.registry,
-                                     ledger, app=options.app,
-                                     concurrency=options.concurrency, clock=clock,
-                                     instance_id=options.instance_id)
+        running.worker = KafkaWorker(
+            options.bootstrap,
+            options.topics,
+            options.registry,
+            ledger,
+            app=options.app,
+            concurrency=options.concurrency,
+            clock=clock,
+            instance_id=options.instance_id,
+        )
         runners.append(running.worker.run(stop))
     deliveries: PostgresDeliveryLedger | None = None
     if options.notify is not None and options.postgres is not None:
-        deliveries = PostgresDeliveryLedger(options.postgres,
-                                            deployment=options.topics.deployment(options.app))
+        deliveries = PostgresDeliveryLedger(
+            options.postgres, deployment=options.topics.deployment(options.app)
+        )
         await _opening(deliveries.open(), runners, follower)
-        running.notifier = KafkaNotifier(options.bootstrap, options.topics, options.notify,
-                                         deliveries, app=options.app, clock=clock,
-                                         instance_id=options.instance_id)
+        running.notifier = KafkaNotifier(
+            options.bootstrap,
+            options.topics,
+            options.notify,
+            deliveries,
+            app=options.app,
+            clock=clock,
+            instance_id=options.instance_id,
+        )
         runners.append(running.notifier.run(stop))
     if ready is not None:
         await ready(running)
@@ -182,11 +229,20 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     finally:
         if running.engine is not None:
             stats = running.engine.stats
-            log.info("engine: %d inputs in %d transactions (%.1f each), %d events; %d aborted, "
-                     "%d unknown outcomes, %d fenced; %d restores (%d states, %d ms)",
-                     stats.inputs, stats.batches, stats.inputs / max(stats.batches, 1),
-                     stats.events, stats.aborted, stats.unknown_outcomes, stats.fenced,
-                     stats.restores, stats.restored_states, stats.restore_ms)
+            log.info(
+                "engine: %d inputs in %d transactions (%.1f each), %d events; %d aborted, "
+                "%d unknown outcomes, %d fenced; %d restores (%d states, %d ms)",
+                stats.inputs,
+                stats.batches,
+                stats.inputs / max(stats.batches, 1),
+                stats.events,
+                stats.aborted,
+                stats.unknown_outcomes,
+                stats.fenced,
+                stats.restores,
+                stats.restored_states,
+                stats.restore_ms,
+            )
         await follower.stop()
         if ledger is not None:
             await ledger.close()
@@ -195,8 +251,9 @@ async def serve(options: ServeOptions, stop: asyncio.Event, clock: Clock | None 
     return running
 
 
-async def _opening(opened: Awaitable[None], runners: list[Awaitable[None]],
-                   follower: SpecFollower) -> None:
+async def _opening(
+    opened: Awaitable[None], runners: list[Awaitable[None]], follower: SpecFollower
+) -> None:
     """Open a ledger; if it cannot be opened, undo what ``serve`` started before it (the
     spec follower, the parts not yet running) and raise."""
     try:
@@ -204,7 +261,8 @@ async def _opening(opened: Awaitable[None], runners: list[Awaitable[None]],
     except BaseException:
         for runner in runners:
             if inspect.iscoroutine(runner) and (
-                    inspect.getcoroutinestate(runner) == inspect.CORO_CREATED):
+                inspect.getcoroutinestate(runner) == inspect.CORO_CREATED
+            ):
                 runner.close()
         await follower.stop()
         raise

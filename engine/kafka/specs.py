@@ -62,8 +62,14 @@ def _same(stored: bytes, body: bytes) -> bool:
         return False
 
 
-async def publish_spec(bootstrap: str, topics: Topics, spec: WorkflowSpec, *,
-                       app: str = "terranoha", visible_timeout_s: float = 10.0) -> bool:
+async def publish_spec(
+    bootstrap: str,
+    topics: Topics,
+    spec: WorkflowSpec,
+    *,
+    app: str = "terranoha",
+    visible_timeout_s: float = 10.0,
+) -> bool:
     """Deploy ``spec``: True if it is new, False if this exact spec is deployed already.
 
     Raises ``SpecConflictError`` if the same (workflow, version) is deployed with a
@@ -75,9 +81,12 @@ async def publish_spec(bootstrap: str, topics: Topics, spec: WorkflowSpec, *,
     await ensure_topics(bootstrap, [*core, *topics.task_topics(sorted(queues_of(spec)))])
     key, body = spec_key(*spec.key), _body(spec)
     for attempt in range(1, _DEPLOY_ATTEMPTS + 1):
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap,
-                                    transactional_id=f"{app}-{topics.specs}-deploy",
-                                    enable_idempotence=True, acks="all")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            transactional_id=f"{app}-{topics.specs}-deploy",
+            enable_idempotence=True,
+            acks="all",
+        )
         reader = _TopicReader(bootstrap, topics.specs)
         try:
             await producer.start()  # fences a concurrent deployer, settles its transaction
@@ -88,20 +97,26 @@ async def publish_spec(bootstrap: str, topics: Topics, spec: WorkflowSpec, *,
                     return False
                 raise SpecConflictError(
                     f"{spec.workflow} version {spec.version} is already deployed with a "
-                    "different definition; deployed versions never change, bump version")
+                    "different definition; deployed versions never change, bump version"
+                )
             async with producer.transaction():
                 delivery = await producer.send(topics.specs, body, key=key, partition=0)
                 offset = (await delivery).offset
             await reader.wait_visible(offset, visible_timeout_s)
             return True
         except ProducerFenced:
-            log.info("spec deploy %s raced another deployer (attempt %d); checking again",
-                     key.decode(), attempt)
+            log.info(
+                "spec deploy %s raced another deployer (attempt %d); checking again",
+                key.decode(),
+                attempt,
+            )
         finally:
             await reader.stop()
             await stop_quietly(producer)
-    raise SpecConflictError(f"could not deploy {spec.workflow} version {spec.version}: "
-                            f"{_DEPLOY_ATTEMPTS} concurrent deploys fenced it; try again")
+    raise SpecConflictError(
+        f"could not deploy {spec.workflow} version {spec.version}: "
+        f"{_DEPLOY_ATTEMPTS} concurrent deploys fenced it; try again"
+    )
 
 
 def _latest(records: list[tuple[bytes | None, bytes | None]]) -> dict[bytes, bytes]:
@@ -114,8 +129,9 @@ class _TopicReader:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.tp = TopicPartition(topic, 0)
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                         isolation_level="read_committed")
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+        )
 
     async def start(self) -> None:
         try:
@@ -146,8 +162,12 @@ class _TopicReader:
         deadline = loop.time() + timeout_s
         while (await self.consumer.end_offsets([self.tp]))[self.tp] <= offset:
             if loop.time() > deadline:
-                log.warning("%s offset %d is committed but not yet readable after %.0fs",
-                            self.tp.topic, offset, timeout_s)
+                log.warning(
+                    "%s offset %d is committed but not yet readable after %.0fs",
+                    self.tp.topic,
+                    offset,
+                    timeout_s,
+                )
                 return
             await asyncio.sleep(0.01)
 
@@ -161,8 +181,14 @@ class SpecFollower:
     read wins, as versions never change).
     """
 
-    def __init__(self, bootstrap: str, topics: Topics, registry: SpecRegistry | None = None,
-                 *, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        registry: SpecRegistry | None = None,
+        *,
+        poll_s: float = 1.0,
+    ) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
         self.registry = registry if registry is not None else SpecRegistry()
@@ -186,8 +212,11 @@ class SpecFollower:
         if self._reader is None:
             raise RuntimeError("SpecFollower.start() must be awaited before catch_up()")
         async with self._lock:
-            added = [spec for key, value in await self._reader.read_to_end()
-                     if (spec := self._accept(key, value)) is not None]
+            added = [
+                spec
+                for key, value in await self._reader.read_to_end()
+                if (spec := self._accept(key, value)) is not None
+            ]
             for spec in added:
                 self.registry.add(spec)
                 self._queues_to_create |= queues_of(spec)
@@ -201,11 +230,15 @@ class SpecFollower:
         if not self._queues_to_create:
             return
         try:
-            await ensure_topics(self.bootstrap,
-                                self.topics.task_topics(sorted(self._queues_to_create)))
+            await ensure_topics(
+                self.bootstrap, self.topics.task_topics(sorted(self._queues_to_create))
+            )
         except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("creating task topics for %s failed (%r); trying again later",
-                        sorted(self._queues_to_create), exc)
+            log.warning(
+                "creating task topics for %s failed (%r); trying again later",
+                sorted(self._queues_to_create),
+                exc,
+            )
             return
         self._queues_to_create.clear()
 
@@ -216,8 +249,11 @@ class SpecFollower:
         known = self._bodies.get(key)
         if known is not None:
             if not _same(known, value):
-                log.error("spec %s was published again with a different body; keeping the "
-                          "first one (deployed versions never change)", where)
+                log.error(
+                    "spec %s was published again with a different body; keeping the "
+                    "first one (deployed versions never change)",
+                    where,
+                )
             return None
         try:
             spec = load_deployed_spec(json.loads(value))
@@ -225,8 +261,9 @@ class SpecFollower:
             log.error("spec record %s is not a valid spec, skipped: %s", where, exc)
             return None
         if spec_key(*spec.key) != key:
-            log.error("spec record %s holds %s version %d, skipped", where, spec.workflow,
-                      spec.version)
+            log.error(
+                "spec record %s holds %s version %d, skipped", where, spec.workflow, spec.version
+            )
             return None
         self._bodies[key] = value
         return spec

@@ -328,10 +328,12 @@ class StreamProcessor:
         """Process until ``stop`` is set; then finish the batches in hand and leave."""
         tune_aiokafka()
         self.consumer = group_consumer(
-            self.bootstrap, self.group_id,
+            self.bootstrap,
+            self.group_id,
             f"{self.instance_id}-{self.name}" if self.instance_id and self.grouped else None,
             max_partition_fetch_bytes=4 << 20,
-            partition_assignment_strategy=(RangePartitionAssignor,))
+            partition_assignment_strategy=(RangePartitionAssignor,),
+        )
         await self.consumer.start()
         try:
             if self.grouped:
@@ -403,8 +405,13 @@ class StreamProcessor:
         except BaseException:
             await discard_producer(producer)
             raise
-        part = OwnedTask(number=number, tps=self._tps(number), producer=producer, task=task,
-                         stats=stats or TaskStats())
+        part = OwnedTask(
+            number=number,
+            tps=self._tps(number),
+            producer=producer,
+            task=task,
+            stats=stats or TaskStats(),
+        )
         part.stats.restores += 1
         part.stats.restored_states += restored
         part.stats.restore_ms += self.clock.now_ms() - started
@@ -428,8 +435,7 @@ class StreamProcessor:
         store = self._stores.get(number)
         if store is None:
             assert self.state_dir is not None
-            store = LocalStore(self.state_dir, StoreIdentity(self.group_id, tp.topic,
-                                                             tp.partition))
+            store = LocalStore(self.state_dir, StoreIdentity(self.group_id, tp.topic, tp.partition))
             self._stores[number] = store
         return store
 
@@ -451,9 +457,12 @@ class StreamProcessor:
         latest: dict[bytes, bytes] = {}
         if not tps:
             return latest
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                    isolation_level="read_committed",
-                                    enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=8 << 20,
+        )
         await consumer.start()
         try:
             consumer.assign(tps)
@@ -481,8 +490,13 @@ class StreamProcessor:
             await discard_producer(part.producer)
             raise
         self.parts[part.number] = part
-        log.info("%s task %d acquired: %d entries restored in %d ms", self.name, part.number,
-                 part.stats.restored_states, part.stats.restore_ms)
+        log.info(
+            "%s task %d acquired: %d entries restored in %d ms",
+            self.name,
+            part.number,
+            part.stats.restored_states,
+            part.stats.restore_ms,
+        )
 
     def _take_over(self, number: int) -> None:
         """Pause the newly assigned task and take it over in the background, while the
@@ -492,14 +506,21 @@ class StreamProcessor:
             return
         tps = self._assigned(number)
         if len(tps) < len(self._tps(number)):
-            log.error("%s task %d: assigned %s without its pair; the group mixes assignors "
-                      "or the topics' partition counts changed", self.name, number, tps)
+            log.error(
+                "%s task %d: assigned %s without its pair; the group mixes assignors "
+                "or the topics' partition counts changed",
+                self.name,
+                number,
+                tps,
+            )
         self.consumer.pause(*tps)
         task = asyncio.get_running_loop().create_task(self._take_over_task(number))
         self._takeovers[number] = task
         task.add_done_callback(
-            lambda done: self._takeovers.pop(number) if self._takeovers.get(number) is done
-            else None)
+            lambda done: (
+                self._takeovers.pop(number) if self._takeovers.get(number) is done else None
+            )
+        )
 
     async def _take_over_task(self, number: int) -> None:
         assert self.consumer is not None
@@ -513,8 +534,9 @@ class StreamProcessor:
                     self.consumer.resume(*part.tps)
                     part = None  # installed: the producer is the task's now
         except Exception as exc:
-            log.warning("%s task %d: cannot take it over yet (%r); retrying", self.name,
-                        number, exc)
+            log.warning(
+                "%s task %d: cannot take it over yet (%r); retrying", self.name, number, exc
+            )
             self._pause_and_reclaim(number, stats)
         finally:
             if part is not None:  # revoked, cancelled or failed: the producer is not ours
@@ -522,8 +544,11 @@ class StreamProcessor:
 
     async def _cancel_takeovers(self, numbers: Iterable[int] | None = None) -> None:
         """Stop the takeovers of ``numbers`` (all if None) and wait for them to end."""
-        tasks = [task for number, task in list(self._takeovers.items())
-                 if numbers is None or number in numbers]
+        tasks = [
+            task
+            for number, task in list(self._takeovers.items())
+            if numbers is None or number in numbers
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -561,8 +586,9 @@ class StreamProcessor:
                 try:
                     await self._install(await self._prepare(number, stats))
                 except Exception as exc:
-                    log.warning("%s task %d: still cannot take it over (%r)", self.name,
-                                number, exc)
+                    log.warning(
+                        "%s task %d: still cannot take it over (%r)", self.name, number, exc
+                    )
                 else:
                     self._waiting.pop(number, None)
                     self.consumer.resume(*self._tps(number))
@@ -589,8 +615,9 @@ class StreamProcessor:
     async def _take_back(self, part: OwnedTask, why: str) -> None:
         """UNKNOWN: a new producer (fencing the old one and settling its transaction),
         the state restored from the changelog, inputs rewound to the committed offsets."""
-        log.warning("%s task %d: %s; recreating its producer and restoring", self.name,
-                    part.number, why)
+        log.warning(
+            "%s task %d: %s; recreating its producer and restoring", self.name, part.number, why
+        )
         self.parts.pop(part.number, None)
         await discard_producer(part.producer)
         if not self._still_assigned(part.number):
@@ -600,31 +627,40 @@ class StreamProcessor:
             try:
                 await self._install(await self._prepare(part.number, part.stats))
             except Exception as exc:
-                log.warning("%s task %d: cannot take it over yet (%r); retrying", self.name,
-                            part.number, exc)
+                log.warning(
+                    "%s task %d: cannot take it over yet (%r); retrying",
+                    self.name,
+                    part.number,
+                    exc,
+                )
                 self._pause_and_reclaim(part.number, part.stats)
 
     async def _fenced(self, part: OwnedTask) -> None:
         part.stats.fenced += 1
-        log.warning("%s task %d: producer fenced; another process owns it", self.name,
-                    part.number)
+        log.warning("%s task %d: producer fenced; another process owns it", self.name, part.number)
         self.parts.pop(part.number, None)
         await discard_producer(part.producer)
         if not self.grouped:
             self.retired.add(part.stats)
             raise TaskFencedError(
                 f"another {self.name} took over (its producer fenced "
-                f"{self.transactional_id(part.number)}); this one stops")
+                f"{self.transactional_id(part.number)}); this one stops"
+            )
         self._pause_and_reclaim(part.number, part.stats)
 
-    async def _transact(self, part: OwnedTask, records: list[Record],
-                        offsets: Mapping[TopicPartition, int] | None,
-                        positions: dict[TopicPartition, int] | None = None) -> bool:
+    async def _transact(
+        self,
+        part: OwnedTask,
+        records: list[Record],
+        offsets: Mapping[TopicPartition, int] | None,
+        positions: dict[TopicPartition, int] | None = None,
+    ) -> bool:
         """One transaction: the records, and the input offsets if given. True if committed;
         otherwise the outcome's rule (module doc) has been applied. ``positions`` receives
         where the records ended on each partition (``run_transaction``)."""
-        outcome = await run_transaction(part.producer, records, offsets, self.group_id,
-                                        self.commit_timeout_s, positions)
+        outcome = await run_transaction(
+            part.producer, records, offsets, self.group_id, self.commit_timeout_s, positions
+        )
         if outcome is Outcome.FENCED:
             await self._fenced(part)
         elif outcome is Outcome.ABORTED:
@@ -644,8 +680,12 @@ class StreamProcessor:
         others' poll timeout."""
         assert self.consumer is not None
         self._reap()
-        idle = [tp for number, part in self.parts.items()
-                if number not in self._busy and number not in self._leaving for tp in part.tps]
+        idle = [
+            tp
+            for number, part in self.parts.items()
+            if number not in self._busy and number not in self._leaving
+            for tp in part.tps
+        ]
         self._freed.clear()
         if not idle:
             if self._busy:
@@ -694,8 +734,7 @@ class StreamProcessor:
                 task = asyncio.get_running_loop().create_task(self._work(part, by_tp or {}))
                 self._busy[number] = task
 
-    async def _work(self, part: OwnedTask,
-                    fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
+    async def _work(self, part: OwnedTask, fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
         try:
             if fetched:
                 await self._process(part, fetched)
@@ -724,23 +763,33 @@ class StreamProcessor:
         if numbers is None:
             self._leaving.clear()
 
-    async def _process(self, part: OwnedTask,
-                       fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
-        inputs = [Input(tp.topic, tp.partition, m.offset, m.value or b"", m.headers)
-                  for tp in part.tps for m in fetched.get(tp, ())
-                  if m.offset >= part.next_offsets.get(tp, 0)]
+    async def _process(
+        self, part: OwnedTask, fetched: Mapping[TopicPartition, Sequence[Any]]
+    ) -> None:
+        inputs = [
+            Input(tp.topic, tp.partition, m.offset, m.value or b"", m.headers)
+            for tp in part.tps
+            for m in fetched.get(tp, ())
+            if m.offset >= part.next_offsets.get(tp, 0)
+        ]
         if not inputs:
             return
         if part.aborts >= MAX_ABORTS:
-            log.warning("%s task %d: %d transactions in a row aborted; isolating its %d "
-                        "inputs", self.name, part.number, part.aborts, len(inputs))
+            log.warning(
+                "%s task %d: %d transactions in a row aborted; isolating its %d inputs",
+                self.name,
+                part.number,
+                part.aborts,
+                len(inputs),
+            )
             await self._process_one_by_one(part, inputs)
             return
         try:
             step = await part.task.process(inputs, self.clock.now_ms())
         except Exception:
-            log.exception("%s task %d: encoding a batch failed; isolating the inputs",
-                          self.name, part.number)
+            log.exception(
+                "%s task %d: encoding a batch failed; isolating the inputs", self.name, part.number
+            )
             await self._process_one_by_one(part, inputs)
             return
         offsets = _next_offsets(inputs)
@@ -761,14 +810,20 @@ class StreamProcessor:
                 step = await part.task.process([item], self.clock.now_ms())
                 committed = await self._transact(part, step.records, offsets, positions)
             except Exception as exc:
-                log.exception("%s task %d: input %s/%d cannot be processed", self.name,
-                              part.number, item.source, item.offset)
+                log.exception(
+                    "%s task %d: input %s/%d cannot be processed",
+                    self.name,
+                    part.number,
+                    item.source,
+                    item.offset,
+                )
                 committed = False
                 step = part.task.isolated(item, self.clock.now_ms(), f"{exc!r}")
             still_ours = self.parts.get(part.number) is part  # not taken back or fenced
             if not committed and still_ours and part.next_offsets.get(tp) == item.offset:
-                step = part.task.isolated(item, self.clock.now_ms(),
-                                          "its outcome was refused by Kafka")
+                step = part.task.isolated(
+                    item, self.clock.now_ms(), "its outcome was refused by Kafka"
+                )
                 positions.clear()
                 committed = await self._transact(part, step.records, offsets, positions)
             if not committed:
@@ -777,8 +832,9 @@ class StreamProcessor:
             part.next_offsets[tp] = item.offset + 1
         part.aborts = 0
 
-    def _committed(self, part: OwnedTask, step: Step, inputs: int,
-                   positions: Mapping[TopicPartition, int]) -> None:
+    def _committed(
+        self, part: OwnedTask, step: Step, inputs: int, positions: Mapping[TopicPartition, int]
+    ) -> None:
         # The transaction is durable: only now does its state become the committed state.
         step.commit()
         self._store_committed(part.task, step, positions)
@@ -792,8 +848,11 @@ class StreamProcessor:
     async def _fire_timers(self, part: OwnedTask) -> None:
         step = part.task.due(self.clock.now_ms())
         positions: dict[TopicPartition, int] = {}
-        if step is not None and step.records and await self._transact(part, step.records,
-                                                                       None, positions):
+        if (
+            step is not None
+            and step.records
+            and await self._transact(part, step.records, None, positions)
+        ):
             step.commit()
             self._store_committed(part.task, step, positions)
 
@@ -812,8 +871,12 @@ class StreamProcessor:
                 last = record
         if position is None or last is None:
             return
-        store.write(step.changelog.active, step.changelog.finished, (),
-                    Checkpoint(position, position - 1, record_digest(last[2], last[3])))
+        store.write(
+            step.changelog.active,
+            step.changelog.finished,
+            (),
+            Checkpoint(position, position - 1, record_digest(last[2], last[3])),
+        )
 
 
 def _next_offsets(inputs: Sequence[Input]) -> dict[TopicPartition, int]:

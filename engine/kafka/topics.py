@@ -27,8 +27,11 @@ log = logging.getLogger("terranoha.kafka")
 RETAIN_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 DEAD_LETTER_BYTES = 8 << 20
 """Dead letters carry the original bytes of inputs that may be large themselves."""
-COMPACTED = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
-             "segment.ms": "600000"}
+COMPACTED = {
+    "cleanup.policy": "compact",
+    "min.cleanable.dirty.ratio": "0.1",
+    "segment.ms": "600000",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +134,12 @@ class Topics:
             NewTopic(self.state, n, r, topic_configs=dict(COMPACTED)),
             NewTopic(self.triggers, self.trigger_count, r),
             NewTopic(self.notifications, n, r),
-            NewTopic(self.dead_letters, n, r,
-                     topic_configs={**RETAIN_FOREVER, "max.message.bytes": str(DEAD_LETTER_BYTES)}),
+            NewTopic(
+                self.dead_letters,
+                n,
+                r,
+                topic_configs={**RETAIN_FOREVER, "max.message.bytes": str(DEAD_LETTER_BYTES)},
+            ),
             NewTopic(self.specs, 1, r, topic_configs=dict(COMPACTED)),
             NewTopic(self.messages, n, r),
             NewTopic(self.message_events, n, r, topic_configs=dict(RETAIN_FOREVER)),
@@ -194,20 +201,31 @@ async def deployed_topics(bootstrap: str, topics: Topics) -> Topics:
         described = await admin.describe_topics([topics.inputs, topics.triggers])
     finally:
         await admin.close()
-    counts = {d["topic"]: len(d["partitions"]) for d in described
-              if d.get("error_code", 0) == 0 and d.get("partitions")}
-    return replace(topics, partitions=counts.get(topics.inputs, topics.partitions),
-                   trigger_partitions=counts.get(topics.triggers, topics.trigger_count))
+    counts = {
+        d["topic"]: len(d["partitions"])
+        for d in described
+        if d.get("error_code", 0) == 0 and d.get("partitions")
+    }
+    return replace(
+        topics,
+        partitions=counts.get(topics.inputs, topics.partitions),
+        trigger_partitions=counts.get(topics.triggers, topics.trigger_count),
+    )
 
 
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str],
-                            timeout_s: float = 30.0) -> None:
+async def _wait_for_leaders(
+    admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 30.0
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
         described = await admin.describe_topics(names)
-        if all(t.get("error_code", 0) == 0 and t.get("partitions")
-               and all(p.get("leader", -1) >= 0 for p in t["partitions"]) for t in described):
+        if all(
+            t.get("error_code", 0) == 0
+            and t.get("partitions")
+            and all(p.get("leader", -1) >= 0 for p in t["partitions"])
+            for t in described
+        ):
             return
         await asyncio.sleep(0.1)
     log.warning("topics %s have no leader after %.0fs", names, timeout_s)

@@ -138,11 +138,14 @@ class KafkaWorker:
         if not queues:
             raise ValueError("the tool registry has no tools; register some with @tool")
         await ensure_topics(self.bootstrap, self.topics.task_topics(queues))
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True,
-                                    acks="all", linger_ms=2)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, enable_idempotence=True, acks="all", linger_ms=2
+        )
         consumer = group_consumer(
-            self.bootstrap, self.group_id,
-            f"{self.instance_id}-worker" if self.instance_id else None)
+            self.bootstrap,
+            self.group_id,
+            f"{self.instance_id}-worker" if self.instance_id else None,
+        )
         try:
             await producer.start()
             await consumer.start()
@@ -165,8 +168,9 @@ class KafkaWorker:
         while not stop.is_set():
             room = self.concurrency - len(self._running)
             if room <= 0:
-                await asyncio.wait(self._running, timeout=self.poll_ms / 1000,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    self._running, timeout=self.poll_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+                )
             else:
                 fetched = await consumer.getmany(timeout_ms=self.poll_ms, max_records=room)
                 for tp, messages in fetched.items():
@@ -174,12 +178,12 @@ class KafkaWorker:
                     # before on_partitions_assigned has run.
                     track = self._tracks.setdefault(tp, _Track(tp))
                     for message in messages:
-                        self._spawn(track, message.offset, message.value or b"",
-                                    message.headers)
+                        self._spawn(track, message.offset, message.value or b"", message.headers)
             await self._commit()
 
-    def _spawn(self, track: _Track, offset: int, payload: bytes,
-               headers: Sequence[tuple[str, bytes]] = ()) -> None:
+    def _spawn(
+        self, track: _Track, offset: int, payload: bytes, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> None:
         track.pending[offset] = False
         task = asyncio.get_running_loop().create_task(self._handle(payload, headers))
         self._running.add(task)
@@ -194,8 +198,13 @@ class KafkaWorker:
             if error is not None:
                 # Holding the offset back would stall the partition behind a task that
                 # fails every time; the step's timeout in the engine retries it instead.
-                log.error("task at %s/%d/%d failed, left to the step's timeout: %r",
-                          track.tp.topic, track.tp.partition, offset, error)
+                log.error(
+                    "task at %s/%d/%d failed, left to the step's timeout: %r",
+                    track.tp.topic,
+                    track.tp.partition,
+                    offset,
+                    error,
+                )
             track.done(offset)
 
         task.add_done_callback(finished)
@@ -214,14 +223,16 @@ class KafkaWorker:
         if task.deadline <= self.clock.now_ms():
             self.expired += 1  # the engine's timeout has already decided what happens next
             return
-        known = await self._retrying("ledger lookup",
-                                     lambda: self.ledger.lookup(task.idempotency_key))
+        known = await self._retrying(
+            "ledger lookup", lambda: self.ledger.lookup(task.idempotency_key)
+        )
         preloaded = MemoryLedger()
         if known is not None:
             preloaded.record(known)
         # The tool's span is a child of the task record's traceparent: it joins the run's trace.
         outcome = await run_tool_in_span(
-            task, headers, lambda: execute(task, self.registry, preloaded, self.clock.now_ms))
+            task, headers, lambda: execute(task, self.registry, preloaded, self.clock.now_ms)
+        )
         if outcome.called:
             self.calls += 1
         elif known is not None:
@@ -236,10 +247,14 @@ class KafkaWorker:
     async def _send(self, command: Command, value: bytes) -> None:
         assert self._producer is not None
         delivery = await self._producer.send(
-            self.topics.inputs, value, key=command.run_id.encode(),
+            self.topics.inputs,
+            value,
+            key=command.run_id.encode(),
             partition=self.topics.partition_of(command.run_id),
-            headers=trace_headers(command.correlation_id or command.run_id, command.command_id,
-                                  command.tenant))
+            headers=trace_headers(
+                command.correlation_id or command.run_id, command.command_id, command.tenant
+            ),
+        )
         await delivery
 
     async def _retrying(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
@@ -253,7 +268,8 @@ class KafkaWorker:
                 return await step()
             except (KafkaError, psycopg.OperationalError, OSError, TimeoutError) as exc:
                 if isinstance(exc, KafkaError) and not (
-                        exc.retriable or isinstance(exc, KafkaTimeoutError)):
+                    exc.retriable or isinstance(exc, KafkaTimeoutError)
+                ):
                     raise
                 log.warning("%s failed (%r); retrying in %.1fs", what, exc, backoff)
             await asyncio.sleep(backoff)
@@ -264,8 +280,11 @@ class KafkaWorker:
         offsets: dict[TopicPartition, int] = {}
         for tp in tps if tps is not None else list(self._tracks):
             track = self._tracks.get(tp)
-            if track is not None and track.committable is not None \
-                    and track.committable != track.committed:
+            if (
+                track is not None
+                and track.committable is not None
+                and track.committable != track.committed
+            ):
                 offsets[tp] = track.committable
         if not offsets or self._consumer is None:
             return
@@ -293,4 +312,3 @@ class KafkaWorker:
         await self._commit(list(revoked))
         for tp in revoked:
             self._tracks.pop(tp, None)
-

@@ -41,8 +41,11 @@ class Positions(Generic[K]):
     def unstored(self, partitions: list[K] | None = None) -> dict[K, int]:
         """The ``next`` offsets that moved since they were last ``stored``."""
         keys = list(self._next) if partitions is None else partitions
-        return {p: self._next[p] for p in keys
-                if p in self._next and self._next[p] != self._stored.get(p)}
+        return {
+            p: self._next[p]
+            for p in keys
+            if p in self._next and self._next[p] != self._stored.get(p)
+        }
 
     def stored(self, offsets: dict[K, int]) -> None:
         self._stored.update(offsets)

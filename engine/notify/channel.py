@@ -24,8 +24,7 @@ class DeliveryError(TerranohaError):
     ``retry_after_ms`` is the receiver's own wish (``Retry-After``), if it said one.
     The message names the target by what may be shown (never a secret or a URL's path)."""
 
-    def __init__(self, message: str, *, retriable: bool,
-                 retry_after_ms: int | None = None) -> None:
+    def __init__(self, message: str, *, retriable: bool, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.retriable = retriable
         self.retry_after_ms = retry_after_ms

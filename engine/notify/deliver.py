@@ -59,8 +59,9 @@ class NotifierStats:
     """Notifications no route matched."""
 
 
-def retry_delay_ms(settings: DeliverySettings, delivery: Delivery, attempt: int,
-                   retry_after_ms: int | None) -> int:
+def retry_delay_ms(
+    settings: DeliverySettings, delivery: Delivery, attempt: int, retry_after_ms: int | None
+) -> int:
     """The wait after failed attempt ``attempt`` (1-based): the retry policy's capped,
     jittered backoff (jitter drawn from the id, the target and the attempt), or the
     receiver's ``Retry-After`` when longer, up to ``max_retry_after``."""
@@ -73,10 +74,15 @@ def retry_delay_ms(settings: DeliverySettings, delivery: Delivery, attempt: int,
 class Deliverer:
     """Routes a notification, skips what the ledger has settled, delivers the rest."""
 
-    def __init__(self, settings: DeliverySettings, ledger: DeliveryLedger,
-                 channels: Mapping[ChannelKind, Channel], clock: Clock | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 stats: NotifierStats | None = None) -> None:
+    def __init__(
+        self,
+        settings: DeliverySettings,
+        ledger: DeliveryLedger,
+        channels: Mapping[ChannelKind, Channel],
+        clock: Clock | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        stats: NotifierStats | None = None,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.channels = dict(channels)
@@ -104,9 +110,15 @@ class Deliverer:
         targets = route(note, self.settings)
         if not targets:
             self.stats.unrouted += 1
-            log.warning("notification %s (%s of run %s step %s, for %s) matches no route; "
-                        "add one to the delivery settings", nid, note.kind, note.run_id,
-                        note.step, ", ".join(note.recipients) or "nobody")
+            log.warning(
+                "notification %s (%s of run %s step %s, for %s) matches no route; "
+                "add one to the delivery settings",
+                nid,
+                note.kind,
+                note.run_id,
+                note.step,
+                ", ".join(note.recipients) or "nobody",
+            )
         else:
             settled = await self.ledger.outcomes(nid)
             pending = [t for t in targets if t not in settled]
@@ -125,48 +137,70 @@ class Deliverer:
                 await channel.send(delivery)
             except DeliveryError as exc:
                 if exc.retriable and attempt < limit:
-                    delay = retry_delay_ms(self.settings, delivery, attempt,
-                                           exc.retry_after_ms)
+                    delay = retry_delay_ms(self.settings, delivery, attempt, exc.retry_after_ms)
                     self.stats.retries += 1
-                    log.info("notification %s to %s: %s; attempt %d of %d in %d ms",
-                             delivery.notification_id, delivery.target, exc, attempt + 1,
-                             limit, delay)
+                    log.info(
+                        "notification %s to %s: %s; attempt %d of %d in %d ms",
+                        delivery.notification_id,
+                        delivery.target,
+                        exc,
+                        attempt + 1,
+                        limit,
+                        delay,
+                    )
                     await self.sleep(delay / 1000)
                     continue
-                why = (f"gave up after {attempt} attempts" if exc.retriable else
-                       "a permanent refusal, not retried")
-                detail = (f"{delivery.target} for notification {delivery.notification_id}: "
-                          f"{exc} ({why})")
+                why = (
+                    f"gave up after {attempt} attempts"
+                    if exc.retriable
+                    else "a permanent refusal, not retried"
+                )
+                detail = (
+                    f"{delivery.target} for notification {delivery.notification_id}: {exc} ({why})"
+                )
                 await dead_letter(delivery, detail)
-                await self.ledger.record(delivery.notification_id, delivery.target,
-                                         Outcome.DEAD_LETTERED, attempt, detail)
+                await self.ledger.record(
+                    delivery.notification_id,
+                    delivery.target,
+                    Outcome.DEAD_LETTERED,
+                    attempt,
+                    detail,
+                )
                 self.stats.dead_lettered += 1
                 log.warning("dead letter: %s", detail)
                 return
-            await self.ledger.record(delivery.notification_id, delivery.target,
-                                     Outcome.DELIVERED, attempt)
+            await self.ledger.record(
+                delivery.notification_id, delivery.target, Outcome.DELIVERED, attempt
+            )
             self.stats.delivered += 1
             return
 
 
 @contextlib.asynccontextmanager
-async def open_deliverer(settings: DeliverySettings, ledger: DeliveryLedger,
-                         clock: Clock | None = None,
-                         stats: NotifierStats | None = None) -> AsyncIterator[Deliverer]:
+async def open_deliverer(
+    settings: DeliverySettings,
+    ledger: DeliveryLedger,
+    clock: Clock | None = None,
+    stats: NotifierStats | None = None,
+) -> AsyncIterator[Deliverer]:
     """A ``Deliverer`` with the channels the settings need; their connections are
     closed on leaving."""
     clock = clock or SystemClock()
     async with httpx.AsyncClient(follow_redirects=False) as client:
         channels: dict[ChannelKind, Channel] = {
-            ChannelKind.WEBHOOK: WebhookChannel(settings.webhooks, client, clock)}
+            ChannelKind.WEBHOOK: WebhookChannel(settings.webhooks, client, clock)
+        }
         if settings.smtp is not None:
             channels[ChannelKind.EMAIL] = EmailChannel(settings.smtp)
         yield Deliverer(settings, ledger, channels, clock, stats=stats)
 
 
-async def persistently(what: str, step: Callable[[], Awaitable[T]],
-                       transient: Callable[[Exception], bool],
-                       max_backoff_s: float = 5.0) -> T:
+async def persistently(
+    what: str,
+    step: Callable[[], Awaitable[T]],
+    transient: Callable[[Exception], bool],
+    max_backoff_s: float = 5.0,
+) -> T:
     """Run ``step`` until it succeeds, waiting after each failure ``transient`` accepts
     (a database restarting, a broker hiccup): a delivery made must not be forgotten."""
     backoff = 0.1

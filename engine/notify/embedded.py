@@ -60,17 +60,34 @@ class SqliteDeliveryLedger(DeliveryLedger):
     async def outcomes(self, notification_id: str) -> dict[Target, Outcome]:
         rows = self.store.db.execute(
             "SELECT channel, target, outcome FROM notify_deliveries WHERE notification_id = ?",
-            (notification_id,)).fetchall()
-        return {Target(ChannelKind(channel), target): Outcome(outcome)
-                for channel, target, outcome in rows}
+            (notification_id,),
+        ).fetchall()
+        return {
+            Target(ChannelKind(channel), target): Outcome(outcome)
+            for channel, target, outcome in rows
+        }
 
-    async def record(self, notification_id: str, target: Target, outcome: Outcome,
-                     attempts: int, detail: str = "") -> bool:
+    async def record(
+        self,
+        notification_id: str,
+        target: Target,
+        outcome: Outcome,
+        attempts: int,
+        detail: str = "",
+    ) -> bool:
         cur = self.store.db.execute(
             "INSERT OR IGNORE INTO notify_deliveries (notification_id, channel, target, "
             "outcome, attempts, detail, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (notification_id, target.channel.value, target.name, outcome.value, attempts,
-             detail, self.clock.now_ms()))
+            (
+                notification_id,
+                target.channel.value,
+                target.name,
+                outcome.value,
+                attempts,
+                detail,
+                self.clock.now_ms(),
+            ),
+        )
         return cur.rowcount == 1
 
 
@@ -81,8 +98,9 @@ def _exclusive(path: Path) -> Iterator[IO[str]]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise NotifierBusyError(f"another notifier is already delivering from {path}; "
-                                    "run one per store") from None
+            raise NotifierBusyError(
+                f"another notifier is already delivering from {path}; run one per store"
+            ) from None
         yield handle
     finally:
         handle.close()
@@ -91,9 +109,16 @@ def _exclusive(path: Path) -> Iterator[IO[str]]:
 class EmbeddedNotifier:
     """Delivers the embedded store's notifications, ``concurrency`` at a time."""
 
-    def __init__(self, path: str | Path, settings: DeliverySettings,
-                 clock: Clock | None = None, *, concurrency: int = 8, poll_ms: int = 50,
-                 drain_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        settings: DeliverySettings,
+        clock: Clock | None = None,
+        *,
+        concurrency: int = 8,
+        poll_ms: int = 50,
+        drain_s: float = 10.0,
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.path = Path(path)
@@ -114,14 +139,16 @@ class EmbeddedNotifier:
             store = Store(self.path)
             try:
                 ledger = SqliteDeliveryLedger(store, self.clock)
-                async with open_deliverer(self.settings, ledger, self.clock,
-                                          self.stats) as deliverer:
+                async with open_deliverer(
+                    self.settings, ledger, self.clock, self.stats
+                ) as deliverer:
                     await self._loop(store, deliverer, stop, once)
             finally:
                 store.close()
 
-    async def _loop(self, store: Store, deliverer: Deliverer, stop: asyncio.Event,
-                    once: bool) -> None:
+    async def _loop(
+        self, store: Store, deliverer: Deliverer, stop: asyncio.Event, once: bool
+    ) -> None:
         read = store.offset(CONSUMER)
         positions: Positions[int] = Positions()
         running: set[asyncio.Task[None]] = set()
@@ -139,8 +166,9 @@ class EmbeddedNotifier:
                 if error is not None:
                     # The position stays before it: the notification is tried again when
                     # the notifier restarts, never skipped.
-                    log.error("notification at position %d failed in the notifier: %r",
-                              row.offset, error)
+                    log.error(
+                        "notification at position %d failed in the notifier: %r", row.offset, error
+                    )
                     return
                 positions.finish(0, row.offset)
 
@@ -162,8 +190,9 @@ class EmbeddedNotifier:
                 if not rows and once and not running:
                     break
                 if running and not rows:
-                    await asyncio.wait(running, timeout=self.poll_ms / 1000,
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        running, timeout=self.poll_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+                    )
                 elif not rows:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.poll_ms / 1000)
@@ -188,9 +217,14 @@ class EmbeddedNotifier:
             return
         if not isinstance(note, Notification):
             self.undecodable += 1
-            store.add_dead_letter(self._dead(row, "unexpected_record",
-                                             f"a {type(note).__name__} in the notifications "
-                                             "table; only Notification records belong there"))
+            store.add_dead_letter(
+                self._dead(
+                    row,
+                    "unexpected_record",
+                    f"a {type(note).__name__} in the notifications "
+                    "table; only Notification records belong there",
+                )
+            )
             return
 
         async def sink(delivery: Delivery, detail: str) -> None:
@@ -199,6 +233,13 @@ class EmbeddedNotifier:
         await deliverer.deliver(note, sink)
 
     def _dead(self, row: Input, reason: str, detail: str, run_id: str = "") -> DeadLetter:
-        return dead_letter(row.source, row.partition, row.offset, reason, detail, row.payload,
-                           self.clock.now_ms(), run_id)
-
+        return dead_letter(
+            row.source,
+            row.partition,
+            row.offset,
+            reason,
+            detail,
+            row.payload,
+            self.clock.now_ms(),
+            run_id,
+        )

@@ -19,8 +19,17 @@ import json
 
 from engine.core.outbox import Notification
 
-ID_FIELDS = ("kind", "run_id", "step", "approval_id", "recipients", "message", "ts", "tenant",
-             "correlation_id")
+ID_FIELDS = (
+    "kind",
+    "run_id",
+    "step",
+    "approval_id",
+    "recipients",
+    "message",
+    "ts",
+    "tenant",
+    "correlation_id",
+)
 """The fields that make the id. Never change this tuple: ids already handed to
 receivers (``webhook-id``) and kept in delivery ledgers would no longer match."""
 
@@ -29,6 +38,7 @@ PREFIX = "ntf_"
 
 def notification_id(note: Notification) -> str:
     """``ntf_`` and 32 hex digits: the same record, the same id, on every backend."""
-    canonical = json.dumps([getattr(note, name) for name in ID_FIELDS],
-                           ensure_ascii=False, separators=(",", ":"))
+    canonical = json.dumps(
+        [getattr(note, name) for name in ID_FIELDS], ensure_ascii=False, separators=(",", ":")
+    )
     return PREFIX + hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()

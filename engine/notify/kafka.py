@@ -59,10 +59,20 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class KafkaNotifier:
     """Delivers the notifications of the partitions the group assigns it."""
 
-    def __init__(self, bootstrap: str, topics: Topics, settings: DeliverySettings,
-                 ledger: DeliveryLedger, app: str = "terranoha", clock: Clock | None = None,
-                 *, concurrency: int = 8, poll_ms: int = 100, drain_s: float = 10.0,
-                 instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        settings: DeliverySettings,
+        ledger: DeliveryLedger,
+        app: str = "terranoha",
+        clock: Clock | None = None,
+        *,
+        concurrency: int = 8,
+        poll_ms: int = 100,
+        drain_s: float = 10.0,
+        instance_id: str | None = None,
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.bootstrap = bootstrap
@@ -91,14 +101,18 @@ class KafkaNotifier:
         """Deliver until ``stop`` is set; then finish the notifications in hand for up
         to ``drain_s``, commit, leave the group."""
         await ensure_topics(self.bootstrap, self.topics.core_topics())
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=True,
-                                    acks="all")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, enable_idempotence=True, acks="all"
+        )
         consumer = group_consumer(
-            self.bootstrap, self.group_id,
-            f"{self.instance_id}-notifier" if self.instance_id else None)
+            self.bootstrap,
+            self.group_id,
+            f"{self.instance_id}-notifier" if self.instance_id else None,
+        )
         try:
-            async with open_deliverer(self.settings, self.ledger, self.clock,
-                                      self.stats) as deliverer:
+            async with open_deliverer(
+                self.settings, self.ledger, self.clock, self.stats
+            ) as deliverer:
                 self._deliverer = deliverer
                 await producer.start()
                 await consumer.start()
@@ -127,8 +141,9 @@ class KafkaNotifier:
             running = self._all_running()
             room = self.concurrency - len(running)
             if room <= 0:
-                await asyncio.wait(running, timeout=self.poll_ms / 1000,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    running, timeout=self.poll_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+                )
             else:
                 fetched = await consumer.getmany(timeout_ms=self.poll_ms, max_records=room)
                 for tp, messages in fetched.items():
@@ -150,8 +165,13 @@ class KafkaNotifier:
             if error is not None:
                 # Its offset is never committed: the partition's commits stop there and a
                 # restart delivers it again, rather than a notification being lost.
-                log.error("notification at %s/%d/%d failed in the notifier: %r", tp.topic,
-                          tp.partition, offset, error)
+                log.error(
+                    "notification at %s/%d/%d failed in the notifier: %r",
+                    tp.topic,
+                    tp.partition,
+                    offset,
+                    error,
+                )
                 return
             self._positions.finish(tp, offset)
 
@@ -167,22 +187,37 @@ class KafkaNotifier:
             return
         if not isinstance(note, Notification):
             self.undecodable += 1
-            await self._dead_letter(self._dead(
-                tp, offset, payload, "unexpected_record",
-                f"a {type(note).__name__} on {tp.topic}; only Notification records belong "
-                "there"))
+            await self._dead_letter(
+                self._dead(
+                    tp,
+                    offset,
+                    payload,
+                    "unexpected_record",
+                    f"a {type(note).__name__} on {tp.topic}; only Notification records belong "
+                    "there",
+                )
+            )
             return
 
         async def sink(delivery: Delivery, detail: str) -> None:
-            await self._dead_letter(self._dead(tp, offset, payload, UNDELIVERABLE, detail,
-                                               note.run_id))
+            await self._dead_letter(
+                self._dead(tp, offset, payload, UNDELIVERABLE, detail, note.run_id)
+            )
 
         await self._deliverer.deliver(note, sink)
 
-    def _dead(self, tp: TopicPartition, offset: int, payload: bytes, reason: str, detail: str,
-              run_id: str = "") -> DeadLetter:
-        return dead_letter(tp.topic, tp.partition, offset, reason, detail, payload,
-                           self.clock.now_ms(), run_id)
+    def _dead(
+        self,
+        tp: TopicPartition,
+        offset: int,
+        payload: bytes,
+        reason: str,
+        detail: str,
+        run_id: str = "",
+    ) -> DeadLetter:
+        return dead_letter(
+            tp.topic, tp.partition, offset, reason, detail, payload, self.clock.now_ms(), run_id
+        )
 
     async def _dead_letter(self, dead: DeadLetter) -> None:
         value = encode(dead)
@@ -190,8 +225,11 @@ class KafkaNotifier:
         async def send() -> None:
             assert self._producer is not None
             delivery = await self._producer.send(
-                self.topics.dead_letters, value, key=dead.run_id.encode() or None,
-                headers=[("reason", dead.reason.encode())])
+                self.topics.dead_letters,
+                value,
+                key=dead.run_id.encode() or None,
+                headers=[("reason", dead.reason.encode())],
+            )
             await delivery
 
         await persistently("writing a dead letter", send, _kafka_transient)
@@ -205,8 +243,11 @@ class KafkaNotifier:
             await self._consumer.commit(offsets)
         except KafkaError as exc:
             # Redelivered to whoever owns the partitions next; the ledger skips them.
-            log.warning("committing notification offsets failed (%r); they will be "
-                        "delivered again and skipped by the ledger", exc)
+            log.warning(
+                "committing notification offsets failed (%r); they will be "
+                "delivered again and skipped by the ledger",
+                exc,
+            )
             return
         self._positions.stored(offsets)
 

@@ -31,8 +31,14 @@ class DeliveryLedger(ABC):
         """The targets of ``notification_id`` already settled, with their outcome."""
 
     @abstractmethod
-    async def record(self, notification_id: str, target: Target, outcome: Outcome,
-                     attempts: int, detail: str = "") -> bool:
+    async def record(
+        self,
+        notification_id: str,
+        target: Target,
+        outcome: Outcome,
+        attempts: int,
+        detail: str = "",
+    ) -> bool:
         """Settle a target; False if it was settled already (the first outcome stays)."""
 
     async def close(self) -> None:  # noqa: B027 - most ledgers hold nothing to close

@@ -58,8 +58,11 @@ class PostgresDeliveryLedger(DeliveryLedger):
         statements, this fails at once when PostgreSQL cannot be reached."""
         conn = await self._connection()
         # Two notifiers creating them at the same moment: one of them loses, harmlessly.
-        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable,
-                                 psycopg.errors.DuplicateSchema):
+        with contextlib.suppress(
+            psycopg.errors.UniqueViolation,
+            psycopg.errors.DuplicateTable,
+            psycopg.errors.DuplicateSchema,
+        ):
             await conn.execute(SCHEMA)
 
     async def close(self) -> None:
@@ -70,22 +73,39 @@ class PostgresDeliveryLedger(DeliveryLedger):
             cur = await conn.execute(
                 f"SELECT channel, target, outcome FROM {SCHEMA_NAME}.deliveries "
                 "WHERE deployment = %s AND notification_id = %s",
-                (self.deployment, notification_id))
+                (self.deployment, notification_id),
+            )
             return await cur.fetchall()
 
         rows = await self._run(query)
-        return {Target(ChannelKind(channel), target): Outcome(outcome)
-                for channel, target, outcome in rows}
+        return {
+            Target(ChannelKind(channel), target): Outcome(outcome)
+            for channel, target, outcome in rows
+        }
 
-    async def record(self, notification_id: str, target: Target, outcome: Outcome,
-                     attempts: int, detail: str = "") -> bool:
+    async def record(
+        self,
+        notification_id: str,
+        target: Target,
+        outcome: Outcome,
+        attempts: int,
+        detail: str = "",
+    ) -> bool:
         async def insert(conn: psycopg.AsyncConnection[Any]) -> int:
             cur = await conn.execute(
                 f"INSERT INTO {SCHEMA_NAME}.deliveries (deployment, notification_id, channel, "
                 "target, outcome, attempts, detail) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT DO NOTHING",
-                (self.deployment, notification_id, target.channel.value, target.name,
-                 outcome.value, attempts, detail))
+                (
+                    self.deployment,
+                    notification_id,
+                    target.channel.value,
+                    target.name,
+                    outcome.value,
+                    attempts,
+                    detail,
+                ),
+            )
             return cur.rowcount
 
         return await self._run(insert) == 1
@@ -105,8 +125,9 @@ class PostgresDeliveryLedger(DeliveryLedger):
                 self.reconnects += 1
                 raise
 
-        return await persistently("delivery ledger", attempt,
-                                  lambda exc: isinstance(exc, psycopg.OperationalError))
+        return await persistently(
+            "delivery ledger", attempt, lambda exc: isinstance(exc, psycopg.OperationalError)
+        )
 
     async def _discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._pg.discard(conn)

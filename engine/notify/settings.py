@@ -114,8 +114,9 @@ def _standard_webhooks_secret(secret: SecretStr) -> SecretStr:
     try:
         Webhook(secret.get_secret_value())
     except Exception:
-        raise ValueError("not a Standard Webhooks secret; write whsec_ followed by base64 "
-                         "(at least 24 bytes)") from None
+        raise ValueError(
+            "not a Standard Webhooks secret; write whsec_ followed by base64 (at least 24 bytes)"
+        ) from None
     return secret
 
 
@@ -206,22 +207,29 @@ def _reference_issues(data: Mapping[str, Any]) -> list[tuple[str, str]]:
         names = item.get("webhooks")
         for name in names if isinstance(names, list) else []:
             if isinstance(name, str) and name not in known:
-                issues.append((f"routes[{index}].webhooks", f"no webhook named {name!r} "
-                               f"(known: {', '.join(sorted(known)) or 'none'})"))
+                issues.append(
+                    (
+                        f"routes[{index}].webhooks",
+                        f"no webhook named {name!r} (known: {', '.join(sorted(known)) or 'none'})",
+                    )
+                )
         if item.get("email") and data.get("smtp") is None:
             issues.append((f"routes[{index}].email", "sending email needs an smtp section"))
     return issues
 
 
-def parse_settings(data: object, source: str = "<settings>",
-                   environ: Mapping[str, str] | None = None,
-                   base: Path | None = None) -> DeliverySettings:
+def parse_settings(
+    data: object,
+    source: str = "<settings>",
+    environ: Mapping[str, str] | None = None,
+    base: Path | None = None,
+) -> DeliverySettings:
     """Validate plain data. Raises ``SettingsError`` listing every problem with its path."""
     if not isinstance(data, Mapping):
-        raise SettingsError(source, [("$", "the settings are a mapping with routes (and "
-                                      "webhooks and/or smtp)")])
-    context = {"environ": os.environ if environ is None else environ,
-               "base": base or Path(".")}
+        raise SettingsError(
+            source, [("$", "the settings are a mapping with routes (and webhooks and/or smtp)")]
+        )
+    context = {"environ": os.environ if environ is None else environ, "base": base or Path(".")}
     issues = []
     try:
         settings = DeliverySettings.model_validate(data, context=context)

@@ -43,11 +43,17 @@ def message(delivery: Delivery, sender: str) -> EmailMessage:
     lines = [note.message, "", f"run:        {note.run_id}", f"step:       {note.step}"]
     if note.approval_id:
         lines.append(f"approval:   {note.approval_id}")
-    lines += [f"for:        {', '.join(note.recipients)}", f"tenant:     {note.tenant}",
-              f"kind:       {note.kind}", f"id:         {delivery.notification_id}"]
+    lines += [
+        f"for:        {', '.join(note.recipients)}",
+        f"tenant:     {note.tenant}",
+        f"kind:       {note.kind}",
+        f"id:         {delivery.notification_id}",
+    ]
     if note.kind in DECIDABLE:
-        lines += ["", f"Decide with: terranoha approve {note.run_id} {note.step} --as YOU "
-                  "[--reject]"]
+        lines += [
+            "",
+            f"Decide with: terranoha approve {note.run_id} {note.step} --as YOU [--reject]",
+        ]
     mail.set_content("\n".join(lines) + "\n")
     return mail
 
@@ -65,22 +71,35 @@ class EmailChannel:
         password = server.password.get_secret_value() if server.password else None
         try:
             await aiosmtplib.send(
-                message(delivery, server.sender), hostname=server.host,
-                port=server.effective_port, username=server.username, password=password,
+                message(delivery, server.sender),
+                hostname=server.host,
+                port=server.effective_port,
+                username=server.username,
+                password=password,
                 use_tls=server.tls is TlsMode.IMPLICIT,
-                start_tls=server.tls is TlsMode.STARTTLS, timeout=server.timeout / 1000)
+                start_tls=server.tls is TlsMode.STARTTLS,
+                timeout=server.timeout / 1000,
+            )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             said = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-            raise DeliveryError(f"{where} refused {delivery.target.name}: {said}",
-                                retriable=all(400 <= c < 500 for c in codes)) from None
+            raise DeliveryError(
+                f"{where} refused {delivery.target.name}: {said}",
+                retriable=all(400 <= c < 500 for c in codes),
+            ) from None
         except aiosmtplib.SMTPResponseException as exc:
-            raise DeliveryError(f"{where} replied {exc.code} {exc.message}",
-                                retriable=400 <= exc.code < 500) from None
-        except (aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPServerDisconnected,
-                aiosmtplib.SMTPConnectError, OSError) as exc:
+            raise DeliveryError(
+                f"{where} replied {exc.code} {exc.message}", retriable=400 <= exc.code < 500
+            ) from None
+        except (
+            aiosmtplib.SMTPTimeoutError,
+            aiosmtplib.SMTPServerDisconnected,
+            aiosmtplib.SMTPConnectError,
+            OSError,
+        ) as exc:
             raise DeliveryError(f"{where} unreachable: {exc}", retriable=True) from None
         except aiosmtplib.SMTPException as exc:
             # e.g. STARTTLS or AUTH not offered: the settings and the server disagree.
-            raise DeliveryError(f"{where}: {exc}; check the smtp settings (tls, username)",
-                                retriable=False) from None
+            raise DeliveryError(
+                f"{where}: {exc}; check the smtp settings (tls, username)", retriable=False
+            ) from None

@@ -41,14 +41,24 @@ USER_AGENT = "terranoha-notifier"
 def payload(delivery: Delivery) -> bytes:
     """The request body: the notification as a Standard Webhooks event."""
     note = delivery.notification
-    data = {"id": delivery.notification_id, "kind": note.kind, "run_id": note.run_id,
-            "step": note.step, "approval_id": note.approval_id,
-            "recipients": list(note.recipients), "message": note.message, "ts": note.ts,
-            "tenant": note.tenant, "correlation_id": note.correlation_id}
+    data = {
+        "id": delivery.notification_id,
+        "kind": note.kind,
+        "run_id": note.run_id,
+        "step": note.step,
+        "approval_id": note.approval_id,
+        "recipients": list(note.recipients),
+        "message": note.message,
+        "ts": note.ts,
+        "tenant": note.tenant,
+        "correlation_id": note.correlation_id,
+    }
     when = dt.datetime.fromtimestamp(note.ts / 1000, tz=dt.UTC)
-    event = {"type": f"notification.{note.kind}",
-             "timestamp": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-             "data": data}
+    event = {
+        "type": f"notification.{note.kind}",
+        "timestamp": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "data": data,
+    }
     return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -77,13 +87,16 @@ def retry_after_ms(value: str | None, now_ms: int) -> int | None:
 class WebhookChannel:
     """POSTs notifications to the named endpoints through one shared ``httpx`` client."""
 
-    def __init__(self, endpoints: Mapping[str, WebhookEndpoint], client: httpx.AsyncClient,
-                 clock: Clock) -> None:
+    def __init__(
+        self, endpoints: Mapping[str, WebhookEndpoint], client: httpx.AsyncClient, clock: Clock
+    ) -> None:
         self.endpoints = dict(endpoints)
         self.client = client
         self.clock = clock
-        self._signers = {name: [Webhook(s.get_secret_value()) for s in endpoint.secrets]
-                         for name, endpoint in self.endpoints.items()}
+        self._signers = {
+            name: [Webhook(s.get_secret_value()) for s in endpoint.secrets]
+            for name, endpoint in self.endpoints.items()
+        }
 
     async def send(self, delivery: Delivery) -> None:
         name = delivery.target.name
@@ -95,30 +108,43 @@ class WebhookChannel:
             "user-agent": USER_AGENT,
             "webhook-id": delivery.notification_id,
             "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": signature(self._signers[name], delivery.notification_id,
-                                           now, body.decode()),
+            "webhook-signature": signature(
+                self._signers[name], delivery.notification_id, now, body.decode()
+            ),
         }
         where = endpoint.origin
         try:
-            answer = await self.client.post(endpoint.url, content=body, headers=headers,
-                                            timeout=endpoint.timeout / 1000)
+            answer = await self.client.post(
+                endpoint.url, content=body, headers=headers, timeout=endpoint.timeout / 1000
+            )
         except httpx.TimeoutException as exc:
-            raise DeliveryError(f"{where} timed out after {endpoint.timeout} ms "
-                                f"({type(exc).__name__})", retriable=True) from None
+            raise DeliveryError(
+                f"{where} timed out after {endpoint.timeout} ms ({type(exc).__name__})",
+                retriable=True,
+            ) from None
         except httpx.TransportError as exc:
             raise DeliveryError(f"{where} unreachable: {_reason(exc)}", retriable=True) from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise DeliveryError(f"{where} refused the request before sending: "
-                                f"{_reason(exc)}", retriable=False) from None
+            raise DeliveryError(
+                f"{where} refused the request before sending: {_reason(exc)}", retriable=False
+            ) from None
         status = answer.status_code
         if 200 <= status < 300:
             return
         said = f"{where} answered {status} {answer.reason_phrase}{_excerpt(answer)}"
         if status >= 500 or status in RETRIABLE_STATUSES:
-            raise DeliveryError(said, retriable=True, retry_after_ms=retry_after_ms(
-                answer.headers.get("retry-after"), self.clock.now_ms()))
-        hint = ("; point the endpoint at its final URL (redirects are not followed)"
-                if 300 <= status < 400 else "")
+            raise DeliveryError(
+                said,
+                retriable=True,
+                retry_after_ms=retry_after_ms(
+                    answer.headers.get("retry-after"), self.clock.now_ms()
+                ),
+            )
+        hint = (
+            "; point the endpoint at its final URL (redirects are not followed)"
+            if 300 <= status < 400
+            else ""
+        )
         raise DeliveryError(said + hint, retriable=False)
 
 

@@ -23,5 +23,12 @@ from engine.observability._ids import (
 )
 from engine.observability.tools import parent_context, run_tool_in_span
 
-__all__ = ["attempt_span_id", "parent_context", "run_span_id", "run_tool_in_span",
-           "span_id_of", "step_span_id", "trace_id_of"]
+__all__ = [
+    "attempt_span_id",
+    "parent_context",
+    "run_span_id",
+    "run_tool_in_span",
+    "span_id_of",
+    "step_span_id",
+    "trace_id_of",
+]

@@ -22,17 +22,27 @@ from engine.observability.setup import Telemetry
 log = logging.getLogger("terranoha.observability")
 
 
-async def follow_events(bootstrap: str, topics: Topics, telemetry: Telemetry,
-                        stop: asyncio.Event, *, app: str = "terranoha",
-                        poll_ms: int = 200) -> int:
+async def follow_events(
+    bootstrap: str,
+    topics: Topics,
+    telemetry: Telemetry,
+    stop: asyncio.Event,
+    *,
+    app: str = "terranoha",
+    poll_ms: int = 200,
+) -> int:
     """Hand every committed run event to ``telemetry`` until ``stop`` is set; returns how
     many events it handed over."""
     follower = SpecFollower(bootstrap, topics)
     await follower.start()
     telemetry.bind(follower.registry)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{app}-otel",
-                                isolation_level="read_committed", enable_auto_commit=True,
-                                auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=f"{app}-otel",
+        isolation_level="read_committed",
+        enable_auto_commit=True,
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     seen = 0
     try:

@@ -50,13 +50,18 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-def prometheus_meter_provider(registry: CollectorRegistry, resource: Resource | None = None,
-                              readers: tuple[MetricReader, ...] = ()) -> MeterProvider:
+def prometheus_meter_provider(
+    registry: CollectorRegistry,
+    resource: Resource | None = None,
+    readers: tuple[MetricReader, ...] = (),
+) -> MeterProvider:
     """A meter provider whose instruments are read into ``registry`` at each scrape,
     beside any other ``readers`` (an OTLP exporter, say)."""
     prometheus = PrometheusMetricReader(registry=registry)
-    return MeterProvider(resource=resource or Resource.create({"service.name": "terranoha"}),
-                         metric_readers=[prometheus, *readers])
+    return MeterProvider(
+        resource=resource or Resource.create({"service.name": "terranoha"}),
+        metric_readers=[prometheus, *readers],
+    )
 
 
 def metrics_payload(registry: CollectorRegistry) -> tuple[bytes, str]:
@@ -92,9 +97,16 @@ class Readiness:
 class HealthServer:
     """Serves the three endpoints for the components running on ``loop``."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, readiness: Readiness,
-                 registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0, *,
-                 alive_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        readiness: Readiness,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        alive_timeout_s: float = 5.0,
+    ) -> None:
         self.loop = loop
         self.readiness = readiness
         self.registry = registry
@@ -114,11 +126,15 @@ class HealthServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="health")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="health"
+        )
         self._thread.start()
-        log.info("health and metrics on http://%s:%d (/healthz, /readyz, /metrics)",
-                 self._server.server_address[0], self.port)
+        log.info(
+            "health and metrics on http://%s:%d (/healthz, /readyz, /metrics)",
+            self._server.server_address[0],
+            self.port,
+        )
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -178,10 +194,10 @@ class HealthServer:
         return Handler
 
 
-def start_health(readiness: Readiness, registry: CollectorRegistry, host: str,
-                 port: int) -> HealthServer:
+def start_health(
+    readiness: Readiness, registry: CollectorRegistry, host: str, port: int
+) -> HealthServer:
     """Start the endpoints for the running loop's components."""
     server = HealthServer(asyncio.get_running_loop(), readiness, registry, host, port)
     server.start()
     return server
-

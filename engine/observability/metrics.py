@@ -44,35 +44,48 @@ class _RunInfo:
 class EngineMetrics:
     """The instruments above, fed with ``record(events)`` after each committed batch."""
 
-    def __init__(self, provider: MeterProvider,
-                 state_of: Callable[[str], RunState | None] | None = None,
-                 max_runs: int = 100_000) -> None:
+    def __init__(
+        self,
+        provider: MeterProvider,
+        state_of: Callable[[str], RunState | None] | None = None,
+        max_runs: int = 100_000,
+    ) -> None:
         meter = provider.get_meter("terranoha.engine")
         self.state_of = state_of
         self.max_runs = max_runs
-        self.runs_started = meter.create_counter("terranoha.runs.started", "{run}",
-                                                 "Runs started")
+        self.runs_started = meter.create_counter("terranoha.runs.started", "{run}", "Runs started")
         self.runs_ended = {
-            ev.RunCompleted: meter.create_counter("terranoha.runs.completed", "{run}",
-                                                  "Runs completed"),
+            ev.RunCompleted: meter.create_counter(
+                "terranoha.runs.completed", "{run}", "Runs completed"
+            ),
             ev.RunFailed: meter.create_counter("terranoha.runs.failed", "{run}", "Runs failed"),
-            ev.RunCancelled: meter.create_counter("terranoha.runs.cancelled", "{run}",
-                                                  "Runs cancelled"),
+            ev.RunCancelled: meter.create_counter(
+                "terranoha.runs.cancelled", "{run}", "Runs cancelled"
+            ),
         }
-        self.run_duration = meter.create_histogram("terranoha.run.duration", "ms",
-                                                   "Run duration, start to end")
-        self.step_duration = meter.create_histogram("terranoha.step.duration", "ms",
-                                                    "Step latency, start to end")
-        self.retries = meter.create_counter("terranoha.task.retries", "{retry}",
-                                            "Task retries scheduled")
-        self.escalations = meter.create_counter("terranoha.escalations", "{escalation}",
-                                                "Escalations")
-        self.sla_breaches = meter.create_counter("terranoha.sla.breaches", "{breach}",
-                                                 "SLA breaches")
+        self.run_duration = meter.create_histogram(
+            "terranoha.run.duration", "ms", "Run duration, start to end"
+        )
+        self.step_duration = meter.create_histogram(
+            "terranoha.step.duration", "ms", "Step latency, start to end"
+        )
+        self.retries = meter.create_counter(
+            "terranoha.task.retries", "{retry}", "Task retries scheduled"
+        )
+        self.escalations = meter.create_counter(
+            "terranoha.escalations", "{escalation}", "Escalations"
+        )
+        self.sla_breaches = meter.create_counter(
+            "terranoha.sla.breaches", "{breach}", "SLA breaches"
+        )
         self.cost = meter.create_counter("terranoha.cost", "1", "Cost reported by tools")
         self._lag: list[LagSource] = []
-        meter.create_observable_gauge("terranoha.consumer.lag", [self._observe_lag],
-                                      "{record}", "Run input records not yet processed")
+        meter.create_observable_gauge(
+            "terranoha.consumer.lag",
+            [self._observe_lag],
+            "{record}",
+            "Run input records not yet processed",
+        )
         self._runs: dict[str, _RunInfo] = {}
 
     def watch_lag(self, source: LagSource) -> None:
@@ -86,8 +99,10 @@ class EngineMetrics:
                 lag = dict(source())
             except RuntimeError:  # the partitions changed while being read: skip a beat
                 continue
-            out += [Observation(max(0, behind), {"partition": number})
-                    for number, behind in sorted(lag.items())]
+            out += [
+                Observation(max(0, behind), {"partition": number})
+                for number, behind in sorted(lag.items())
+            ]
         return out
 
     def _run(self, event: ev.Event) -> _RunInfo:
@@ -96,8 +111,11 @@ class EngineMetrics:
             if len(self._runs) >= self.max_runs:
                 self._runs.pop(next(iter(self._runs)))
             state = self.state_of(event.run_id) if self.state_of is not None else None
-            info = _RunInfo(state.workflow, state.tenant, state.started_at) if state else \
-                _RunInfo("", event.tenant, event.ts)
+            info = (
+                _RunInfo(state.workflow, state.tenant, state.started_at)
+                if state
+                else _RunInfo("", event.tenant, event.ts)
+            )
             self._runs[event.run_id] = info
         return info
 
@@ -115,7 +133,8 @@ class EngineMetrics:
             if isinstance(e, ev.StepStarted):
                 info.steps[e.step] = e.ts
             elif isinstance(e, ev.StepCompleted | ev.StepFailed) or (
-                    isinstance(e, ev.BusinessErrorHandled) and e.action == "goto"):
+                isinstance(e, ev.BusinessErrorHandled) and e.action == "goto"
+            ):
                 self._step_ended(info, step, e)
             elif isinstance(e, ev.TaskCompleted | ev.TaskFailed):
                 if e.cost > 0:
@@ -130,23 +149,27 @@ class EngineMetrics:
                 run = {"workflow": info.workflow, "tenant": info.tenant}
                 self.runs_ended[type(e)].add(1, run)
                 status = type(e).__name__.removeprefix("Run").lower()
-                self.run_duration.record(max(0, e.ts - info.started_at),
-                                         {**run, "status": status})
+                self.run_duration.record(max(0, e.ts - info.started_at), {**run, "status": status})
                 self._runs.pop(e.run_id, None)
 
     def _step_ended(self, info: _RunInfo, step: str, e: ev.Event) -> None:
         started = info.steps.pop(step, None)
         if started is None:
             return
-        status = {ev.StepCompleted: "completed", ev.StepFailed: "failed"}.get(
-            type(e), "branched")
-        self.step_duration.record(max(0, e.ts - started),
-                                  {"workflow": info.workflow, "step": step, "status": status})
+        status = {ev.StepCompleted: "completed", ev.StepFailed: "failed"}.get(type(e), "branched")
+        self.step_duration.record(
+            max(0, e.ts - started), {"workflow": info.workflow, "step": step, "status": status}
+        )
 
 
-
-def watch_counts(provider: MeterProvider, name: str, unit: str, description: str,
-                 attribute: str, counts: Callable[[], Mapping[str, float]]) -> None:
+def watch_counts(
+    provider: MeterProvider,
+    name: str,
+    unit: str,
+    description: str,
+    attribute: str,
+    counts: Callable[[], Mapping[str, float]],
+) -> None:
     """An observable counter ``name`` read from ``counts()`` at each collection: one
     series per key, under ``attribute``. For the totals a component already keeps."""
     meter = provider.get_meter("terranoha")
@@ -160,8 +183,19 @@ def watch_counts(provider: MeterProvider, name: str, unit: str, description: str
 def watch_projectors(provider: MeterProvider, stats: Mapping[str, ProjectorStats]) -> None:
     """``terranoha.projector.events`` and ``.batches``: what each named projector
     (``postgres``, ``topics``) has projected since the process started."""
-    watch_counts(provider, "terranoha.projector.events", "{event}", "Run events projected",
-                 "projector", lambda: {name: s.events for name, s in stats.items()})
-    watch_counts(provider, "terranoha.projector.batches", "{batch}",
-                 "Batches of run events projected", "projector",
-                 lambda: {name: s.batches for name, s in stats.items()})
+    watch_counts(
+        provider,
+        "terranoha.projector.events",
+        "{event}",
+        "Run events projected",
+        "projector",
+        lambda: {name: s.events for name, s in stats.items()},
+    )
+    watch_counts(
+        provider,
+        "terranoha.projector.batches",
+        "{batch}",
+        "Batches of run events projected",
+        "projector",
+        lambda: {name: s.batches for name, s in stats.items()},
+    )

@@ -62,10 +62,13 @@ class Telemetry:
     started before this process did.
     """
 
-    def __init__(self, spans: SpanProcessor | None = None,
-                 meter_provider: MeterProvider | None = None,
-                 tracer_provider: TracerProvider | None = None,
-                 resource: Resource | None = None) -> None:
+    def __init__(
+        self,
+        spans: SpanProcessor | None = None,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+        resource: Resource | None = None,
+    ) -> None:
         self.resource = resource or Resource.create({"service.name": "terranoha"})
         self.span_processor = spans
         self.meter_provider = meter_provider
@@ -74,8 +77,11 @@ class Telemetry:
         self.runs = RunSpans(self.book, resource=self.resource)
         self.metrics = EngineMetrics(meter_provider) if meter_provider is not None else None
 
-    def bind(self, specs: SpecRegistry | None = None,
-             state_of: Callable[[str], RunState | None] | None = None) -> None:
+    def bind(
+        self,
+        specs: SpecRegistry | None = None,
+        state_of: Callable[[str], RunState | None] | None = None,
+    ) -> None:
         if specs is not None:
             self.book.specs = specs
         if state_of is not None:
@@ -111,22 +117,26 @@ class Telemetry:
 def _otlp() -> tuple[SpanExporter, MetricExporter]:
     try:
         traces = importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-        metrics = importlib.import_module(
-            "opentelemetry.exporter.otlp.proto.http.metric_exporter")
+        metrics = importlib.import_module("opentelemetry.exporter.otlp.proto.http.metric_exporter")
     except ImportError as exc:
         raise TelemetryError(
             "--otel otlp needs the OTLP exporter, which is an optional extra: install it with "
             "`pip install 'terranoha[otlp]'` (opentelemetry-exporter-otlp-proto-http), or use "
-            "--otel console") from exc
+            "--otel console"
+        ) from exc
     span_exporter: SpanExporter = traces.OTLPSpanExporter()
     metric_exporter: MetricExporter = metrics.OTLPMetricExporter()
     return span_exporter, metric_exporter
 
 
-def configure(exporter: str, *, set_global: bool = True,
-              metrics_interval_ms: int | None = None,
-              attributes: Mapping[str, Any] | None = None,
-              prometheus: CollectorRegistry | None = None) -> Telemetry | None:
+def configure(
+    exporter: str,
+    *,
+    set_global: bool = True,
+    metrics_interval_ms: int | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    prometheus: CollectorRegistry | None = None,
+) -> Telemetry | None:
     """Telemetry exporting to ``exporter`` (None for ``none`` without ``prometheus``).
 
     With ``set_global`` the tracer provider becomes OpenTelemetry's global one, so the
@@ -143,24 +153,29 @@ def configure(exporter: str, *, set_global: bool = True,
     if exporter == "none":
         if prometheus is None:
             return None
-        return Telemetry(meter_provider=prometheus_meter_provider(prometheus, resource),
-                         resource=resource)
+        return Telemetry(
+            meter_provider=prometheus_meter_provider(prometheus, resource), resource=resource
+        )
     processor: SpanProcessor
     reader: MetricReader
     if exporter == "console":
         processor = SimpleSpanProcessor(ConsoleSpanExporter())
-        reader = PeriodicExportingMetricReader(ConsoleMetricExporter(),
-                                               export_interval_millis=metrics_interval_ms)
+        reader = PeriodicExportingMetricReader(
+            ConsoleMetricExporter(), export_interval_millis=metrics_interval_ms
+        )
     else:
         span_exporter, metric_exporter = _otlp()
         processor = BatchSpanProcessor(span_exporter)
-        reader = PeriodicExportingMetricReader(metric_exporter,
-                                               export_interval_millis=metrics_interval_ms)
+        reader = PeriodicExportingMetricReader(
+            metric_exporter, export_interval_millis=metrics_interval_ms
+        )
     tracer_provider = TracerProvider(resource=resource)
     tracer_provider.add_span_processor(processor)
-    meter_provider = (MeterProvider(resource=resource, metric_readers=[reader])
-                      if prometheus is None
-                      else prometheus_meter_provider(prometheus, resource, (reader,)))
+    meter_provider = (
+        MeterProvider(resource=resource, metric_readers=[reader])
+        if prometheus is None
+        else prometheus_meter_provider(prometheus, resource, (reader,))
+    )
     if set_global:
         trace.set_tracer_provider(tracer_provider)
     return Telemetry(processor, meter_provider, tracer_provider, resource)

@@ -78,8 +78,14 @@ class _Run:
 class RunSpans:
     """Folds committed events, batch after batch, into finished spans (see module doc)."""
 
-    def __init__(self, book: PolicyBook | None = None, *, state_of: StateOf | None = None,
-                 resource: Resource | None = None, max_runs: int = 100_000) -> None:
+    def __init__(
+        self,
+        book: PolicyBook | None = None,
+        *,
+        state_of: StateOf | None = None,
+        resource: Resource | None = None,
+        max_runs: int = 100_000,
+    ) -> None:
         self.book = book if book is not None else PolicyBook()
         self.state_of = state_of
         self.resource = resource or Resource.create({"service.name": "terranoha"})
@@ -119,26 +125,39 @@ class RunSpans:
             workflow, version, started = state.workflow, state.version, state.started_at
             correlation = state.correlation_id or correlation
         policy = self.book.policy(workflow, version) if workflow else DEFAULT_POLICY
-        base: Attributes = {"terranoha.run_id": event.run_id, "terranoha.workflow": workflow,
-                            "terranoha.workflow.version": version,
-                            "terranoha.tenant": event.tenant}
-        root = _Open(f"run {workflow}".rstrip(), run_span_id(event.run_id), None, started,
-                     {**base, "terranoha.correlation_id": correlation})
+        base: Attributes = {
+            "terranoha.run_id": event.run_id,
+            "terranoha.workflow": workflow,
+            "terranoha.workflow.version": version,
+            "terranoha.tenant": event.tenant,
+        }
+        root = _Open(
+            f"run {workflow}".rstrip(),
+            run_span_id(event.run_id),
+            None,
+            started,
+            {**base, "terranoha.correlation_id": correlation},
+        )
         run = _Run(event.run_id, trace_id_of(correlation), policy, base, root)
-        if state is not None and state.current is not None and not isinstance(
-                event, ev.RunStarted):
+        if state is not None and state.current is not None and not isinstance(event, ev.RunStarted):
             current = state.current
             run.visits[current.step] = current.visit
-            run.steps[current.step] = self._step(run, current.step, current.visit,
-                                                 current.kind, current.started_at)
+            run.steps[current.step] = self._step(
+                run, current.step, current.visit, current.kind, current.started_at
+            )
         self._runs[event.run_id] = run
         return run
 
     def _step(self, run: _Run, step: str, visit: int, kind: str, ts: int) -> _Open:
-        attributes = {**run.base, "terranoha.step": step, "terranoha.step.visit": visit,
-                      "terranoha.step.kind": kind}
-        return _Open(f"step {step}", step_span_id(run.run_id, step, visit), run.root.span_id,
-                     ts, attributes)
+        attributes = {
+            **run.base,
+            "terranoha.step": step,
+            "terranoha.step.visit": visit,
+            "terranoha.step.kind": kind,
+        }
+        return _Open(
+            f"step {step}", step_span_id(run.run_id, step, visit), run.root.span_id, ts, attributes
+        )
 
     def _step_of(self, run: _Run, step: str, ts: int) -> _Open:
         """The open span of ``step``, opened here if its start was not seen."""
@@ -162,15 +181,22 @@ class RunSpans:
             return
         name, attributes = describe(e)
         step_name = getattr(e, "step", None)
-        target = (self._step_of(run, step_name, e.ts) if isinstance(step_name, str)
-                  and step_name and not _run_level(e) else run.root)
+        target = (
+            self._step_of(run, step_name, e.ts)
+            if isinstance(step_name, str) and step_name and not _run_level(e)
+            else run.root
+        )
         target.events.append(_event(name, e.ts, **attributes))
 
     def _run_started(self, run: _Run, e: ev.RunStarted, out: list[ReadableSpan]) -> None:
         run.root.start = e.ts
-        run.root.attributes.update({
-            "terranoha.requested_by": e.requested_by, "terranoha.priority": e.priority,
-            "terranoha.run.input": _payload(e.input)})
+        run.root.attributes.update(
+            {
+                "terranoha.requested_by": e.requested_by,
+                "terranoha.priority": e.priority,
+                "terranoha.run.input": _payload(e.input),
+            }
+        )
 
     def _step_started(self, run: _Run, e: ev.StepStarted, out: list[ReadableSpan]) -> None:
         previous = run.steps.pop(e.step, None)
@@ -179,16 +205,24 @@ class RunSpans:
         run.visits[e.step] = e.visit
         run.steps[e.step] = self._step(run, e.step, e.visit, e.kind, e.ts)
 
-    def _task_dispatched(self, run: _Run, e: ev.TaskDispatched,
-                         out: list[ReadableSpan]) -> None:
+    def _task_dispatched(self, run: _Run, e: ev.TaskDispatched, out: list[ReadableSpan]) -> None:
         step = self._step_of(run, e.step, e.ts)
         run.attempts[e.task_id] = _Open(
-            f"task {e.queue}", attempt_span_id(e.task_id), step.span_id, e.ts,
-            {**run.base, "terranoha.step": e.step,
-             "terranoha.step.visit": step.attributes["terranoha.step.visit"],
-             "terranoha.task.attempt": e.attempt, "terranoha.task.phase": e.phase,
-             "terranoha.task.queue": e.queue, "terranoha.task.id": e.task_id,
-             "terranoha.task.input": _payload(e.input)})
+            f"task {e.queue}",
+            attempt_span_id(e.task_id),
+            step.span_id,
+            e.ts,
+            {
+                **run.base,
+                "terranoha.step": e.step,
+                "terranoha.step.visit": step.attributes["terranoha.step.visit"],
+                "terranoha.task.attempt": e.attempt,
+                "terranoha.task.phase": e.phase,
+                "terranoha.task.queue": e.queue,
+                "terranoha.task.id": e.task_id,
+                "terranoha.task.input": _payload(e.input),
+            },
+        )
 
     def _step_completed(self, run: _Run, e: ev.StepCompleted, out: list[ReadableSpan]) -> None:
         span = self._step_of(run, e.step, e.ts)
@@ -201,29 +235,42 @@ class RunSpans:
         span.error = f"{e.code}: {e.message}"
         self._end(run, run.steps.pop(e.step), e.ts, "failed", out)
 
-    def _business_error_handled(self, run: _Run, e: ev.BusinessErrorHandled,
-                                out: list[ReadableSpan]) -> None:
+    def _business_error_handled(
+        self, run: _Run, e: ev.BusinessErrorHandled, out: list[ReadableSpan]
+    ) -> None:
         span = self._step_of(run, e.step, e.ts)
-        span.events.append(_event("business error handled", e.ts, code=e.code,
-                                  action=e.action, target=e.target))
+        span.events.append(
+            _event("business error handled", e.ts, code=e.code, action=e.action, target=e.target)
+        )
         if e.action == HandlerAction.GOTO:
             self._end(run, run.steps.pop(e.step), e.ts, "branched", out)
 
-    def _attempt_ended(self, run: _Run, e: ev.TaskCompleted | ev.TaskFailed,
-                       out: list[ReadableSpan]) -> None:
+    def _attempt_ended(
+        self, run: _Run, e: ev.TaskCompleted | ev.TaskFailed, out: list[ReadableSpan]
+    ) -> None:
         span = run.attempts.pop(e.task_id, None)
         if span is None:  # its dispatch came before this process started
             step = self._step_of(run, e.step, e.ts)
-            span = _Open("task", attempt_span_id(e.task_id), step.span_id, e.ts,
-                         {**run.base, "terranoha.step": e.step,
-                          "terranoha.task.attempt": e.attempt, "terranoha.task.phase": e.phase,
-                          "terranoha.task.id": e.task_id})
+            span = _Open(
+                "task",
+                attempt_span_id(e.task_id),
+                step.span_id,
+                e.ts,
+                {
+                    **run.base,
+                    "terranoha.step": e.step,
+                    "terranoha.task.attempt": e.attempt,
+                    "terranoha.task.phase": e.phase,
+                    "terranoha.task.id": e.task_id,
+                },
+            )
         cost = e.cost if math.isfinite(e.cost) else 0.0
         span.attributes["terranoha.cost"] = cost
         for holder in (run.steps.get(e.step), run.root):
             if holder is not None:
-                holder.attributes["terranoha.cost"] = holder.attributes.get(
-                    "terranoha.cost", 0.0) + cost
+                holder.attributes["terranoha.cost"] = (
+                    holder.attributes.get("terranoha.cost", 0.0) + cost
+                )
         if isinstance(e, ev.TaskCompleted):
             span.attributes["terranoha.task.result"] = _payload(e.result)
             if e.confidence is not None:
@@ -252,28 +299,44 @@ class RunSpans:
                 run.root.attributes["terranoha.step"] = e.step
             run.root.error = f"{e.code}: {e.message}"
         elif isinstance(e, ev.RunCancelled):
-            run.root.attributes.update({"terranoha.cancel.by": e.by,
-                                        "terranoha.cancel.reason": e.reason})
+            run.root.attributes.update(
+                {"terranoha.cancel.by": e.by, "terranoha.cancel.reason": e.reason}
+            )
         self._end(run, run.root, e.ts, status, out)
         self._runs.pop(run.run_id, None)
 
-    def _end(self, run: _Run, span: _Open, ts: int, status: str,
-             out: list[ReadableSpan]) -> None:
-        key = "terranoha.run.status" if span is run.root else (
-            "terranoha.task.status" if span.name.startswith("task") else "terranoha.step.status")
+    def _end(self, run: _Run, span: _Open, ts: int, status: str, out: list[ReadableSpan]) -> None:
+        key = (
+            "terranoha.run.status"
+            if span is run.root
+            else (
+                "terranoha.task.status" if span.name.startswith("task") else "terranoha.step.status"
+            )
+        )
         span.attributes[key] = status
         flags = TraceFlags(TraceFlags.SAMPLED)
-        parent = None if span.parent_id is None else SpanContext(
-            run.trace_id, span.parent_id, is_remote=False, trace_flags=flags)
-        out.append(ReadableSpan(
-            name=span.name,
-            context=SpanContext(run.trace_id, span.span_id, is_remote=False, trace_flags=flags),
-            parent=parent, resource=self.resource, attributes=span.attributes,
-            events=span.events, kind=SpanKind.INTERNAL,
-            status=Status(StatusCode.ERROR, span.error) if span.error else Status(
-                StatusCode.OK if status == "completed" else StatusCode.UNSET),
-            start_time=span.start * 1_000_000, end_time=max(ts, span.start) * 1_000_000,
-            instrumentation_scope=SCOPE))
+        parent = (
+            None
+            if span.parent_id is None
+            else SpanContext(run.trace_id, span.parent_id, is_remote=False, trace_flags=flags)
+        )
+        out.append(
+            ReadableSpan(
+                name=span.name,
+                context=SpanContext(run.trace_id, span.span_id, is_remote=False, trace_flags=flags),
+                parent=parent,
+                resource=self.resource,
+                attributes=span.attributes,
+                events=span.events,
+                kind=SpanKind.INTERNAL,
+                status=Status(StatusCode.ERROR, span.error)
+                if span.error
+                else Status(StatusCode.OK if status == "completed" else StatusCode.UNSET),
+                start_time=span.start * 1_000_000,
+                end_time=max(ts, span.start) * 1_000_000,
+                instrumentation_scope=SCOPE,
+            )
+        )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -288,8 +351,12 @@ def _payload(value: Any) -> str:
 
 
 def _error(error_class: str, code: str, message: str) -> Attributes:
-    return {"error.type": code, "terranoha.error.class": error_class,
-            "terranoha.error.code": code, "terranoha.error.message": message}
+    return {
+        "error.type": code,
+        "terranoha.error.class": error_class,
+        "terranoha.error.code": code,
+        "terranoha.error.message": message,
+    }
 
 
 def _event(name: str, ts: int, **attributes: Any) -> SpanEvent:
@@ -317,40 +384,51 @@ def _describes(*event_types: type[ev.Event]) -> Callable[[_Describe], _Describe]
 
 @_describes(ev.RetryScheduled)
 def _retry_scheduled(e: ev.RetryScheduled) -> tuple[str, Attributes]:
-    return "retry scheduled", {"terranoha.task.attempt": e.attempt,
-                               "terranoha.task.phase": e.phase,
-                               "terranoha.retry.delay_ms": e.delay_ms,
-                               "terranoha.retry.due_at": e.due_at}
+    return "retry scheduled", {
+        "terranoha.task.attempt": e.attempt,
+        "terranoha.task.phase": e.phase,
+        "terranoha.retry.delay_ms": e.delay_ms,
+        "terranoha.retry.due_at": e.due_at,
+    }
 
 
 @_describes(ev.ApprovalRequested)
 def _approval_requested(e: ev.ApprovalRequested) -> tuple[str, Attributes]:
     return "approval requested", {
-        "terranoha.approval.id": e.approval_id, "terranoha.approval.reason": e.reason,
+        "terranoha.approval.id": e.approval_id,
+        "terranoha.approval.reason": e.reason,
         "terranoha.approval.approvers": list(e.approvers),
-        "terranoha.approval.quorum": e.quorum, "terranoha.approval.expires_at": e.expires_at,
-        "terranoha.approval.payload": _payload(e.payload)}
+        "terranoha.approval.quorum": e.quorum,
+        "terranoha.approval.expires_at": e.expires_at,
+        "terranoha.approval.payload": _payload(e.payload),
+    }
 
 
 @_describes(ev.ApprovalVoted)
 def _approval_voted(e: ev.ApprovalVoted) -> tuple[str, Attributes]:
-    return "approval voted", {"terranoha.approval.id": e.approval_id,
-                              "terranoha.approval.approver": e.approver,
-                              "terranoha.approval.comment": e.comment}
+    return "approval voted", {
+        "terranoha.approval.id": e.approval_id,
+        "terranoha.approval.approver": e.approver,
+        "terranoha.approval.comment": e.comment,
+    }
 
 
 @_describes(ev.ApprovalGranted)
 def _approval_granted(e: ev.ApprovalGranted) -> tuple[str, Attributes]:
-    return "approval granted", {"terranoha.approval.id": e.approval_id,
-                                "terranoha.approval.approvers": list(e.approvers),
-                                "terranoha.approval.comment": e.comment}
+    return "approval granted", {
+        "terranoha.approval.id": e.approval_id,
+        "terranoha.approval.approvers": list(e.approvers),
+        "terranoha.approval.comment": e.comment,
+    }
 
 
 @_describes(ev.ApprovalRejected)
 def _approval_rejected(e: ev.ApprovalRejected) -> tuple[str, Attributes]:
-    return "approval rejected", {"terranoha.approval.id": e.approval_id,
-                                 "terranoha.approval.approver": e.approver,
-                                 "terranoha.approval.comment": e.comment}
+    return "approval rejected", {
+        "terranoha.approval.id": e.approval_id,
+        "terranoha.approval.approver": e.approver,
+        "terranoha.approval.comment": e.comment,
+    }
 
 
 @_describes(ev.ApprovalExpired)
@@ -360,14 +438,15 @@ def _approval_expired(e: ev.ApprovalExpired) -> tuple[str, Attributes]:
 
 @_describes(ev.ApprovalReminded)
 def _approval_reminded(e: ev.ApprovalReminded) -> tuple[str, Attributes]:
-    return "approval reminded", {"terranoha.approval.id": e.approval_id,
-                                 "terranoha.approval.reminder": e.reminder}
+    return "approval reminded", {
+        "terranoha.approval.id": e.approval_id,
+        "terranoha.approval.reminder": e.reminder,
+    }
 
 
 @_describes(ev.Escalated)
 def _escalated(e: ev.Escalated) -> tuple[str, Attributes]:
-    return "escalated", {"terranoha.escalation.to": e.to,
-                         "terranoha.escalation.reason": e.reason}
+    return "escalated", {"terranoha.escalation.to": e.to, "terranoha.escalation.reason": e.reason}
 
 
 @_describes(ev.SlaBreached)
@@ -377,14 +456,18 @@ def _sla_breached(e: ev.SlaBreached) -> tuple[str, Attributes]:
 
 @_describes(ev.SignalAwaited)
 def _signal_awaited(e: ev.SignalAwaited) -> tuple[str, Attributes]:
-    return "signal awaited", {"terranoha.signal.name": e.name,
-                              "terranoha.signal.timeout_at": e.timeout_at}
+    return "signal awaited", {
+        "terranoha.signal.name": e.name,
+        "terranoha.signal.timeout_at": e.timeout_at,
+    }
 
 
 @_describes(ev.SignalReceived)
 def _signal_received(e: ev.SignalReceived) -> tuple[str, Attributes]:
-    return "signal received", {"terranoha.signal.name": e.name,
-                               "terranoha.signal.data": _payload(e.data)}
+    return "signal received", {
+        "terranoha.signal.name": e.name,
+        "terranoha.signal.data": _payload(e.data),
+    }
 
 
 @_describes(ev.SleepStarted)
@@ -394,29 +477,38 @@ def _sleep_started(e: ev.SleepStarted) -> tuple[str, Attributes]:
 
 @_describes(ev.SlotRequested)
 def _slot_requested(e: ev.SlotRequested) -> tuple[str, Attributes]:
-    return "slot requested", {"terranoha.limit.key": e.key,
-                              "terranoha.limit.version": e.limits_version}
+    return "slot requested", {
+        "terranoha.limit.key": e.key,
+        "terranoha.limit.version": e.limits_version,
+    }
 
 
 @_describes(ev.SlotReleased)
 def _slot_released(e: ev.SlotReleased) -> tuple[str, Attributes]:
-    return "slot released", {"terranoha.limit.key": e.key, "terranoha.limit.outcome": e.outcome,
-                             "terranoha.limit.held_ms": e.latency_ms}
+    return "slot released", {
+        "terranoha.limit.key": e.key,
+        "terranoha.limit.outcome": e.outcome,
+        "terranoha.limit.held_ms": e.latency_ms,
+    }
 
 
 @_describes(ev.ChoiceEvaluated)
 def _choice_evaluated(e: ev.ChoiceEvaluated) -> tuple[str, Attributes]:
-    return "choice evaluated", {"terranoha.choice.branch": e.branch,
-                                "terranoha.choice.target": e.target}
+    return "choice evaluated", {
+        "terranoha.choice.branch": e.branch,
+        "terranoha.choice.target": e.target,
+    }
 
 
 @_describes(ev.CommandRejected, ev.CommandRejectedV2)
 def _command_rejected(e: ev.CommandRejected) -> tuple[str, Attributes]:
-    return "command rejected", {"terranoha.command.type": e.command_type,
-                                "terranoha.command.id": e.command_id,
-                                "terranoha.command.reason": e.reason,
-                                "terranoha.command.detail": e.detail,
-                                "terranoha.command.by": getattr(e, "by", "")}
+    return "command rejected", {
+        "terranoha.command.type": e.command_type,
+        "terranoha.command.id": e.command_id,
+        "terranoha.command.reason": e.reason,
+        "terranoha.command.detail": e.detail,
+        "terranoha.command.by": getattr(e, "by", ""),
+    }
 
 
 _Change = Callable[[RunSpans, _Run, Any, list[ReadableSpan]], None]
@@ -436,8 +528,10 @@ _SPAN_CHANGES: dict[type[ev.Event], _Change] = {
 """Events that open or end spans, and what they do."""
 
 _OUTCOMES: dict[type[ev.Event], RunStatus] = {
-    ev.RunCompleted: RunStatus.COMPLETED, ev.RunFailed: RunStatus.FAILED,
-    ev.RunCancelled: RunStatus.CANCELLED}
+    ev.RunCompleted: RunStatus.COMPLETED,
+    ev.RunFailed: RunStatus.FAILED,
+    ev.RunCancelled: RunStatus.CANCELLED,
+}
 """How a run ended, by the event that ended it; its span status is the lower-case name."""
 
 IGNORED: tuple[type[ev.Event], ...] = (ev.TimerArmed, ev.TimerFired)

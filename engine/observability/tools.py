@@ -34,38 +34,59 @@ def parent_context(headers: Headers | None, task: TaskCommand | None = None) -> 
     Without a usable header, and given the ``task``, the context the engine gives every
     task record: trace id from the correlation id, span id from the task id.
     """
-    carrier = {key.lower(): value.decode("latin-1") for key, value in headers or ()
-               if key.lower() in ("traceparent", "tracestate")}
+    carrier = {
+        key.lower(): value.decode("latin-1")
+        for key, value in headers or ()
+        if key.lower() in ("traceparent", "tracestate")
+    }
     context = _PROPAGATOR.extract(carrier) if carrier else Context()
     if trace.get_current_span(context).get_span_context().is_valid or task is None:
         return context
-    remote = SpanContext(trace_id_of(task.correlation_id or task.run_id),
-                         attempt_span_id(task.task_id), is_remote=True,
-                         trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    remote = SpanContext(
+        trace_id_of(task.correlation_id or task.run_id),
+        attempt_span_id(task.task_id),
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
     return trace.set_span_in_context(trace.NonRecordingSpan(remote))
 
 
-async def run_tool_in_span(task: TaskCommand, headers: Headers | None,
-                           run: Callable[[], Awaitable[Outcome]],
-                           tracer: Tracer | None = None) -> Outcome:
+async def run_tool_in_span(
+    task: TaskCommand,
+    headers: Headers | None,
+    run: Callable[[], Awaitable[Outcome]],
+    tracer: Tracer | None = None,
+) -> Outcome:
     """Await ``run()`` (the tool's execution) inside a ``tool <queue>`` span, child of the
     task record's ``traceparent``; a failure report marks the span as an error."""
     tracer = tracer or trace.get_tracer("terranoha.worker")
     attributes: dict[str, AttributeValue] = {
-        "terranoha.run_id": task.run_id, "terranoha.tenant": task.tenant,
-        "terranoha.step": task.step, "terranoha.task.attempt": task.attempt,
-        "terranoha.task.phase": task.phase, "terranoha.task.queue": task.queue,
-        "terranoha.task.id": task.task_id}
-    with tracer.start_as_current_span(f"tool {task.queue}", parent_context(headers, task),
-                                      kind=SpanKind.CONSUMER, attributes=attributes,
-                                      record_exception=False,
-                                      set_status_on_exception=False) as span:
+        "terranoha.run_id": task.run_id,
+        "terranoha.tenant": task.tenant,
+        "terranoha.step": task.step,
+        "terranoha.task.attempt": task.attempt,
+        "terranoha.task.phase": task.phase,
+        "terranoha.task.queue": task.queue,
+        "terranoha.task.id": task.task_id,
+    }
+    with tracer.start_as_current_span(
+        f"tool {task.queue}",
+        parent_context(headers, task),
+        kind=SpanKind.CONSUMER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
         outcome = await run()
         span.set_attribute("terranoha.tool.called", outcome.called)
         command = outcome.command
         if isinstance(command, FailTask):
-            span.set_attributes({"error.type": command.code,
-                                 "terranoha.error.class": command.error_class,
-                                 "terranoha.error.code": command.code})
+            span.set_attributes(
+                {
+                    "error.type": command.code,
+                    "terranoha.error.class": command.error_class,
+                    "terranoha.error.code": command.code,
+                }
+            )
             span.set_status(Status(StatusCode.ERROR, command.code))
         return outcome

@@ -35,8 +35,9 @@ class CorrelationBatch:
     now: int = 0
 
 
-def correlate(commands: Iterable[CorrelationCommand],
-              load: Callable[[str], CorrelationState | None], now: int) -> CorrelationBatch:
+def correlate(
+    commands: Iterable[CorrelationCommand], load: Callable[[str], CorrelationState | None], now: int
+) -> CorrelationBatch:
     """Decide and evolve ``commands`` in order; ``load`` reads a key's committed state."""
     batch = CorrelationBatch(now=now)
     for command in commands:

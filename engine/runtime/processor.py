@@ -42,15 +42,30 @@ MAX_DEAD_PAYLOAD = 4 << 20
 dead-letter topic (8 MiB); the detail says when the payload was cut."""
 
 
-def dead_letter(source: str, partition: int, offset: int, reason: str, detail: str,
-                payload: bytes, ts: int, run_id: str = "") -> DeadLetter:
+def dead_letter(
+    source: str,
+    partition: int,
+    offset: int,
+    reason: str,
+    detail: str,
+    payload: bytes,
+    ts: int,
+    run_id: str = "",
+) -> DeadLetter:
     """A dead letter with the original bytes (up to ``MAX_DEAD_PAYLOAD``)."""
     if len(payload) > MAX_DEAD_PAYLOAD:
-        detail += (f" (payload cut to its first {MAX_DEAD_PAYLOAD} of {len(payload)} "
-                   "bytes)")
+        detail += f" (payload cut to its first {MAX_DEAD_PAYLOAD} of {len(payload)} bytes)"
         payload = payload[:MAX_DEAD_PAYLOAD]
-    return DeadLetter(source=source, partition=partition, offset=offset, reason=reason,
-                      detail=detail, payload=payload, ts=ts, run_id=run_id)
+    return DeadLetter(
+        source=source,
+        partition=partition,
+        offset=offset,
+        reason=reason,
+        detail=detail,
+        payload=payload,
+        ts=ts,
+        run_id=run_id,
+    )
 
 
 ORIGIN_INLINE_BYTES = 256 << 10
@@ -90,9 +105,11 @@ def origin_headers(trigger: Input, forwarded_size: int) -> list[tuple[str, bytes
     """The headers that tie a forwarded ``StartRun`` to the trigger it came from, so a
     dead letter of the forward names and keeps the trigger, as one of the trigger itself
     would."""
-    headers = [("origin_topic", trigger.source.encode()),
-               ("origin_partition", str(trigger.partition).encode()),
-               ("origin_offset", str(trigger.offset).encode())]
+    headers = [
+        ("origin_topic", trigger.source.encode()),
+        ("origin_partition", str(trigger.partition).encode()),
+        ("origin_offset", str(trigger.offset).encode()),
+    ]
     if len(trigger.payload) + forwarded_size <= ORIGIN_INLINE_BYTES:
         headers.append(("origin_payload", trigger.payload))
     return headers
@@ -116,7 +133,8 @@ def forwarded_origin(item: Input) -> Origin | None:
     except (KeyError, ValueError, DecodeError):
         return None
     if not isinstance(start, StartRun) or (
-            start.command_id != f"trigger:{source}/{partition}/{offset}"):
+        start.command_id != f"trigger:{source}/{partition}/{offset}"
+    ):
         return None
     payload = found.get("origin_payload")
     if payload is not None:
@@ -129,24 +147,29 @@ def forwarded_origin(item: Input) -> Origin | None:
     return Origin(source, partition, offset, payload)
 
 
-def dead_letter_of(item: Input, reason: str, detail: str, ts: int,
-                   run_id: str = "") -> DeadLetter:
+def dead_letter_of(item: Input, reason: str, detail: str, ts: int, run_id: str = "") -> DeadLetter:
     """The dead letter of ``item``. A forwarded ``StartRun`` is dead-lettered as the
     trigger it came from: that trigger's topic, partition, offset and bytes, with where
     the forward was read in the detail."""
     origin = forwarded_origin(item)
     if origin is None:
-        return dead_letter(item.source, item.partition, item.offset, reason, detail,
-                           item.payload, ts, run_id)
-    detail += (f" (the trigger read at {origin.source}/{origin.partition}/{origin.offset}, "
-               f"forwarded as a StartRun to {item.source}/{item.partition}/{item.offset})")
+        return dead_letter(
+            item.source, item.partition, item.offset, reason, detail, item.payload, ts, run_id
+        )
+    detail += (
+        f" (the trigger read at {origin.source}/{origin.partition}/{origin.offset}, "
+        f"forwarded as a StartRun to {item.source}/{item.partition}/{item.offset})"
+    )
     payload = origin.payload
     if payload is None:
-        detail += ("; the trigger was too large to carry along: the payload is the "
-                   "forwarded StartRun, the trigger's own bytes are at its position")
+        detail += (
+            "; the trigger was too large to carry along: the payload is the "
+            "forwarded StartRun, the trigger's own bytes are at its position"
+        )
         payload = item.payload
-    return dead_letter(origin.source, origin.partition, origin.offset, reason, detail,
-                       payload, ts, run_id)
+    return dead_letter(
+        origin.source, origin.partition, origin.offset, reason, detail, payload, ts, run_id
+    )
 
 
 @dataclass(slots=True)
@@ -184,8 +207,9 @@ class StateCache:
     what it found stays in memory (the embedded store: yes; a Kafka task, whose runs not
     in memory are the finished ones, no: memory follows active runs, not history)."""
 
-    def __init__(self, loader: Callable[[str], RunState | None] | None = None,
-                 keep_loaded: bool = True) -> None:
+    def __init__(
+        self, loader: Callable[[str], RunState | None] | None = None, keep_loaded: bool = True
+    ) -> None:
         self._states: dict[str, RunState] = {}
         self._loader = loader
         self._keep_loaded = keep_loaded
@@ -245,12 +269,16 @@ class Processor:
     must be triggers: a command written there is a dead letter, since it may address a
     run owned elsewhere."""
 
-    def __init__(self, specs: SpecRegistry, cache: StateCache,
-                 owns: Callable[[str], bool] | None = None,
-                 triggers_source: str | None = None,
-                 partition_of: Callable[[str], int] | None = None,
-                 accepts_messages: bool = False,
-                 flow: Callable[[], FlowLimits | None] | None = None) -> None:
+    def __init__(
+        self,
+        specs: SpecRegistry,
+        cache: StateCache,
+        owns: Callable[[str], bool] | None = None,
+        triggers_source: str | None = None,
+        partition_of: Callable[[str], int] | None = None,
+        accepts_messages: bool = False,
+        flow: Callable[[], FlowLimits | None] | None = None,
+    ) -> None:
         self.specs = specs
         self.flow = flow
         """The limits document in force (flow control), read once per batch."""
@@ -270,9 +298,13 @@ class Processor:
             batch.inputs += 1
             batch.last = item
             if len(item.payload) > MAX_INPUT_BYTES:
-                self._dead(batch, item, "oversize",
-                           f"{len(item.payload)} bytes is over the {MAX_INPUT_BYTES} byte limit",
-                           now)
+                self._dead(
+                    batch,
+                    item,
+                    "oversize",
+                    f"{len(item.payload)} bytes is over the {MAX_INPUT_BYTES} byte limit",
+                    now,
+                )
                 continue
             try:
                 record = decode(item.payload)
@@ -287,25 +319,41 @@ class Processor:
                     continue
                 command: Command = start
             elif item.source == self.triggers_source:
-                self._dead(batch, item, "unexpected_record",
-                           f"{type(record).__name__} is not a trigger; commands go to the "
-                           "run inputs topic", now)
+                self._dead(
+                    batch,
+                    item,
+                    "unexpected_record",
+                    f"{type(record).__name__} is not a trigger; commands go to the "
+                    "run inputs topic",
+                    now,
+                )
                 continue
             elif isinstance(record, Command):
                 command = record
             elif isinstance(record, PublishMessage) and self.accepts_messages:
                 batch.correlation.append(record)
                 continue
-            elif isinstance(record, PublishMessage | OpenSubscription | CloseSubscription
-                            | RejectCorrelation):
-                self._dead(batch, item, "unexpected_record",
-                           f"{type(record).__name__} is a message-correlation record: publish "
-                           "messages to the messages topic (`terranoha publish`), keyed by "
-                           "tenant/name/key", now)
+            elif isinstance(
+                record, PublishMessage | OpenSubscription | CloseSubscription | RejectCorrelation
+            ):
+                self._dead(
+                    batch,
+                    item,
+                    "unexpected_record",
+                    f"{type(record).__name__} is a message-correlation record: publish "
+                    "messages to the messages topic (`terranoha publish`), keyed by "
+                    "tenant/name/key",
+                    now,
+                )
                 continue
             else:
-                self._dead(batch, item, "unexpected_record",
-                           f"{type(record).__name__} is not a command or a trigger", now)
+                self._dead(
+                    batch,
+                    item,
+                    "unexpected_record",
+                    f"{type(record).__name__} is not a command or a trigger",
+                    now,
+                )
                 continue
             self.apply(batch, item, command, now)
         return batch
@@ -314,8 +362,7 @@ class Processor:
         run_id = command.run_id
         state = batch.states.get(run_id) or self.cache.get(run_id)
         if state is None and self.owns is not None and not self.owns(run_id):
-            self._dead(batch, item, "wrong_partition", self._misrouted(command, item), now,
-                       run_id)
+            self._dead(batch, item, "wrong_partition", self._misrouted(command, item), now, run_id)
             return
         if state is not None and state.workflow:
             spec = self.specs.get(state.workflow, state.version)
@@ -323,9 +370,15 @@ class Processor:
             spec = self.specs.get(command.workflow, command.version)
             if spec is None:
                 version = command.version or "latest"
-                self._dead(batch, item, "unknown_workflow",
-                           f"workflow {command.workflow!r} version {version} is not deployed; "
-                           "deploy it with `terranoha workflows deploy SPEC`", now, run_id)
+                self._dead(
+                    batch,
+                    item,
+                    "unknown_workflow",
+                    f"workflow {command.workflow!r} version {version} is not deployed; "
+                    "deploy it with `terranoha workflows deploy SPEC`",
+                    now,
+                    run_id,
+                )
                 return
         else:
             spec = None
@@ -338,16 +391,24 @@ class Processor:
         if decision.state is None:
             rejected = decision.events[0]
             reason = getattr(rejected, "reason", "rejected")
-            self._dead(batch, item, "rejected", f"{reason}: {getattr(rejected, 'detail', '')}",
-                       now, run_id)
+            self._dead(
+                batch, item, "rejected", f"{reason}: {getattr(rejected, 'detail', '')}", now, run_id
+            )
             return
         batch.states[run_id] = decision.state
         events = decision.events
         if not events:
             return
         batch.events.extend(events)
-        batch.recorded.append(RecordedCommand(run_id=run_id, command=command, now=now,
-                                              first_seq=events[0].seq, last_seq=events[-1].seq))
+        batch.recorded.append(
+            RecordedCommand(
+                run_id=run_id,
+                command=command,
+                now=now,
+                first_seq=events[0].seq,
+                last_seq=events[-1].seq,
+            )
+        )
         batch.recorded_offsets.append(item.offset)
         batch.correlation.extend(subscription_changes(state, events, decision.state))
         if isinstance(command, CorrelateMessage):
@@ -368,15 +429,21 @@ class Processor:
                     batch.notifications.append(out)
 
     def _misrouted(self, command: Command, item: Input) -> str:
-        home = ("another partition" if self.partition_of is None
-                else f"partition {self.partition_of(command.run_id)}")
-        return (f"{command.TYPE} for run {command.run_id!r} reached partition {item.partition} "
-                f"of {item.source}, but that run lives on {home}: every record of a run is "
-                "keyed by its run id (UTF-8 bytes) and partitioned by Kafka's default "
-                "partitioner (murmur2 of the key, modulo the partition count); send it "
-                f"with key {command.run_id!r} and no explicit partition, or to {home}")
+        home = (
+            "another partition"
+            if self.partition_of is None
+            else f"partition {self.partition_of(command.run_id)}"
+        )
+        return (
+            f"{command.TYPE} for run {command.run_id!r} reached partition {item.partition} "
+            f"of {item.source}, but that run lives on {home}: every record of a run is "
+            "keyed by its run id (UTF-8 bytes) and partitioned by Kafka's default "
+            "partitioner (murmur2 of the key, modulo the partition count); send it "
+            f"with key {command.run_id!r} and no explicit partition, or to {home}"
+        )
 
     @staticmethod
-    def _dead(batch: Batch, item: Input, reason: str, detail: str, now: int,
-              run_id: str = "") -> None:
+    def _dead(
+        batch: Batch, item: Input, reason: str, detail: str, now: int, run_id: str = ""
+    ) -> None:
         batch.dead_letters.append(dead_letter_of(item, reason, detail, now, run_id))

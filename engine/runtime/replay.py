@@ -32,8 +32,10 @@ class Divergence:
     actual: str
 
     def describe(self) -> str:
-        return (f"first divergence at seq {self.seq}, command {self.command_type} "
-                f"{self.command_id}:\n  recorded: {self.expected}\n  replayed: {self.actual}")
+        return (
+            f"first divergence at seq {self.seq}, command {self.command_type} "
+            f"{self.command_id}:\n  recorded: {self.expected}\n  replayed: {self.actual}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +60,9 @@ def states(events: Sequence[Event]) -> list[RunState]:
     return out
 
 
-def verify(run_id: str, events: Sequence[Event], recorded: Sequence[RecordedCommand],
-           specs: SpecRegistry) -> VerifyReport:
+def verify(
+    run_id: str, events: Sequence[Event], recorded: Sequence[RecordedCommand], specs: SpecRegistry
+) -> VerifyReport:
     by_seq = {e.seq: e for e in events}
     state: RunState | None = None
     applied = 0
@@ -68,9 +71,11 @@ def verify(run_id: str, events: Sequence[Event], recorded: Sequence[RecordedComm
         while applied < len(ordered) and ordered[applied].seq < rec.first_seq:
             state = evolve(state, ordered[applied])
             applied += 1
-        spec = (specs.get(state.workflow, state.version) if state is not None and state.workflow
-                else specs.get(getattr(rec.command, "workflow", ""),
-                               getattr(rec.command, "version", 0)))
+        spec = (
+            specs.get(state.workflow, state.version)
+            if state is not None and state.workflow
+            else specs.get(getattr(rec.command, "workflow", ""), getattr(rec.command, "version", 0))
+        )
         replayed = process(state, rec.command, spec, rec.now).events
         expected = [by_seq[s] for s in range(rec.first_seq, rec.last_seq + 1) if s in by_seq]
         for i in range(max(len(expected), len(replayed))):
@@ -78,8 +83,14 @@ def verify(run_id: str, events: Sequence[Event], recorded: Sequence[RecordedComm
             got = replayed[i] if i < len(replayed) else None
             if not _same(want, got):
                 seq = want.seq if want is not None else rec.first_seq + i
-                return VerifyReport(run_id, len(recorded), len(events), Divergence(
-                    rec.command.command_id, rec.command.TYPE, seq, _show(want), _show(got)))
+                return VerifyReport(
+                    run_id,
+                    len(recorded),
+                    len(events),
+                    Divergence(
+                        rec.command.command_id, rec.command.TYPE, seq, _show(want), _show(got)
+                    ),
+                )
     return VerifyReport(run_id, len(recorded), len(events), None)
 
 
@@ -91,16 +102,18 @@ def _same(recorded: Event | None, replayed: Event | None) -> bool:
     if recorded is None or replayed is None:
         return recorded is replayed
     if type(replayed) is not type(recorded) and isinstance(replayed, type(recorded)):
-        return all(getattr(recorded, f.name) == getattr(replayed, f.name)
-                   for f in fields(recorded))
+        return all(getattr(recorded, f.name) == getattr(replayed, f.name) for f in fields(recorded))
     return recorded == replayed
 
 
 def _show(event: Event | None) -> str:
     if event is None:
         return "(no event)"
-    body = ", ".join(f"{f.name}={_plain(getattr(event, f.name))!r}" for f in fields(event)
-                     if f.name not in ("run_id", "tenant", "correlation_id"))
+    body = ", ".join(
+        f"{f.name}={_plain(getattr(event, f.name))!r}"
+        for f in fields(event)
+        if f.name not in ("run_id", "tenant", "correlation_id")
+    )
     return f"{event.TYPE}({body})"
 
 

@@ -25,10 +25,14 @@ def schedule_reports(batch: Batch) -> list[ReportRunEnded]:
             record = decode(dead.payload)
         except DecodeError:
             continue
-        origin = schedule_origin(record.idempotency_key) \
-            if isinstance(record, StartRun) else None
+        origin = schedule_origin(record.idempotency_key) if isinstance(record, StartRun) else None
         if isinstance(record, StartRun) and origin is not None:
-            reports.append(ReportRunEnded(
-                command_id=f"not-started:{record.run_id}", schedule_id=origin[0],
-                run_id=record.run_id, outcome=f"{NOT_STARTED}: {dead.reason}"))
+            reports.append(
+                ReportRunEnded(
+                    command_id=f"not-started:{record.run_id}",
+                    schedule_id=origin[0],
+                    run_id=record.run_id,
+                    outcome=f"{NOT_STARTED}: {dead.reason}",
+                )
+            )
     return reports

@@ -65,8 +65,9 @@ class ScheduleService(ABC):
         return None
 
     def create(self, spec: ScheduleSpec) -> list[ScheduleEvent]:
-        return self.send(CreateSchedule(command_id=command_id(), schedule_id=spec.schedule_id,
-                                        spec=spec))
+        return self.send(
+            CreateSchedule(command_id=command_id(), schedule_id=spec.schedule_id, spec=spec)
+        )
 
     def pause(self, schedule_id: str, by: str = "") -> list[ScheduleEvent]:
         self.require(schedule_id)
@@ -74,29 +75,31 @@ class ScheduleService(ABC):
 
     def resume(self, schedule_id: str, by: str = "") -> list[ScheduleEvent]:
         self.require(schedule_id)
-        return self.send(ResumeSchedule(command_id=command_id(), schedule_id=schedule_id,
-                                        by=by))
+        return self.send(ResumeSchedule(command_id=command_id(), schedule_id=schedule_id, by=by))
 
     def delete(self, schedule_id: str, by: str = "") -> list[ScheduleEvent]:
         self.require(schedule_id)
-        return self.send(DeleteSchedule(command_id=command_id(), schedule_id=schedule_id,
-                                        by=by))
+        return self.send(DeleteSchedule(command_id=command_id(), schedule_id=schedule_id, by=by))
 
     def trigger(self, schedule_id: str, at: int, by: str = "") -> list[ScheduleEvent]:
         """Start a run now; ``at`` (the request's time) is its nominal time."""
         self.require(schedule_id)
-        return self.send(TriggerSchedule(command_id=command_id(), schedule_id=schedule_id,
-                                         at=at, by=by))
+        return self.send(
+            TriggerSchedule(command_id=command_id(), schedule_id=schedule_id, at=at, by=by)
+        )
 
-    def backfill(self, schedule_id: str, start: int, end: int,
-                 by: str = "") -> list[ScheduleEvent]:
+    def backfill(self, schedule_id: str, start: int, end: int, by: str = "") -> list[ScheduleEvent]:
         self.require(schedule_id)
-        return self.send(BackfillSchedule(command_id=command_id(), schedule_id=schedule_id,
-                                          start=start, end=end, by=by))
+        return self.send(
+            BackfillSchedule(
+                command_id=command_id(), schedule_id=schedule_id, start=start, end=end, by=by
+            )
+        )
 
     def require(self, schedule_id: str) -> ScheduleState:
         view = self.get(schedule_id)
         if view is None or view.state.deleted:
-            raise ScheduleNotFoundError(f"no schedule {schedule_id!r}; list them with "
-                                        "`terranoha schedules list`")
+            raise ScheduleNotFoundError(
+                f"no schedule {schedule_id!r}; list them with `terranoha schedules list`"
+            )
         return view.state

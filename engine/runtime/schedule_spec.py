@@ -80,8 +80,9 @@ def parse_time(value: object) -> int:
         try:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise ValueError(f"{value!r} is not an ISO 8601 time; write e.g. "
-                             "2026-03-29T02:30:00+02:00") from None
+            raise ValueError(
+                f"{value!r} is not an ISO 8601 time; write e.g. 2026-03-29T02:30:00+02:00"
+            ) from None
     else:
         raise ValueError("write an ISO 8601 time such as 2026-03-29T02:30:00+02:00")
     if moment.tzinfo is None:
@@ -119,18 +120,29 @@ def load_schedule(data: Mapping[str, Any]) -> ScheduleSpec:
     try:
         doc = ScheduleDocument.model_validate(data)
     except ValidationError as exc:
-        issues = [(".".join(str(p) for p in err["loc"]) or "$", _message(err))
-                  for err in exc.errors()]
+        issues = [
+            (".".join(str(p) for p in err["loc"]) or "$", _message(err)) for err in exc.errors()
+        ]
         issues += [i for i in _cross_field_issues(data) if i[0] not in {p for p, _ in issues}]
         raise ScheduleSpecError(schedule_id, issues) from None
     issues = _cross_field_issues(doc.model_dump())
     if issues:
         raise ScheduleSpecError(doc.id, issues)
     return ScheduleSpec(
-        schedule_id=doc.id, workflow=doc.workflow, version=doc.version, tenant=doc.tenant,
-        input=doc.input, cron=(doc.cron or "").strip(), interval=doc.interval or 0,
-        anchor=doc.start_at, timezone=doc.timezone, overlap=doc.overlap,
-        catch_up_window=doc.catch_up_window, jitter=doc.jitter, paused=doc.paused)
+        schedule_id=doc.id,
+        workflow=doc.workflow,
+        version=doc.version,
+        tenant=doc.tenant,
+        input=doc.input,
+        cron=(doc.cron or "").strip(),
+        interval=doc.interval or 0,
+        anchor=doc.start_at,
+        timezone=doc.timezone,
+        overlap=doc.overlap,
+        catch_up_window=doc.catch_up_window,
+        jitter=doc.jitter,
+        paused=doc.paused,
+    )
 
 
 def load_schedule_yaml(text: str) -> ScheduleSpec:
@@ -139,8 +151,9 @@ def load_schedule_yaml(text: str) -> ScheduleSpec:
     except yaml.YAMLError as exc:
         raise ScheduleSpecError("", [("$", f"not valid YAML: {exc}")]) from None
     if not isinstance(data, Mapping):
-        raise ScheduleSpecError("", [("$", "a schedule is a mapping with id, workflow and "
-                                            "cron or interval")])
+        raise ScheduleSpecError(
+            "", [("$", "a schedule is a mapping with id, workflow and cron or interval")]
+        )
     return load_schedule(data)
 
 
@@ -168,8 +181,9 @@ def _cross_field_issues(data: Mapping[str, Any]) -> list[tuple[str, str]]:
     issues: list[tuple[str, str]] = []
     cron, interval = data.get("cron"), data.get("interval")
     if not cron and not interval:
-        issues.append(("cron", "give a cron expression (e.g. '0 9 * * MON-FRI') or an "
-                               "interval (e.g. 15m)"))
+        issues.append(
+            ("cron", "give a cron expression (e.g. '0 9 * * MON-FRI') or an interval (e.g. 15m)")
+        )
     if cron and interval:
         issues.append(("interval", "give cron or interval, not both"))
     timezone = data.get("timezone", "UTC")
@@ -180,33 +194,50 @@ def _cross_field_issues(data: Mapping[str, Any]) -> list[tuple[str, str]]:
     except (ZoneInfoNotFoundError, ValueError):
         zone_ok = False
     if not zone_ok:
-        issues.append(("timezone", f"{timezone!r} is not an IANA time zone; write e.g. "
-                                   "Europe/Berlin or America/New_York"))
+        issues.append(
+            (
+                "timezone",
+                f"{timezone!r} is not an IANA time zone; write e.g. "
+                "Europe/Berlin or America/New_York",
+            )
+        )
     if isinstance(cron, str) and cron.strip():
         fields = cron.split()
         if len(fields) not in (5, 6):
-            issues.append(("cron", f"{cron!r} has {len(fields)} fields; write 5 (minute hour "
-                                   "day month weekday) or 6 (seconds first)"))
+            issues.append(
+                (
+                    "cron",
+                    f"{cron!r} has {len(fields)} fields; write 5 (minute hour "
+                    "day month weekday) or 6 (seconds first)",
+                )
+            )
         else:
             try:
                 CronSim(cron, datetime(2000, 1, 1, tzinfo=UTC))
             except CronSimError as exc:
                 issues.append(("cron", f"{cron!r}: {exc}"))
-    if isinstance(interval, int) and not isinstance(interval, bool) and \
-            0 <= interval < MIN_INTERVAL_MS:
+    if (
+        isinstance(interval, int)
+        and not isinstance(interval, bool)
+        and 0 <= interval < MIN_INTERVAL_MS
+    ):
         issues.append(("interval", "must be at least 1s"))
-    if data.get("interval") is not None and data.get("timezone", "UTC") != "UTC" and \
-            not cron:
-        issues.append(("timezone", "an interval counts elapsed time; a time zone applies to "
-                                   "cron expressions only"))
+    if data.get("interval") is not None and data.get("timezone", "UTC") != "UTC" and not cron:
+        issues.append(
+            (
+                "timezone",
+                "an interval counts elapsed time; a time zone applies to cron expressions only",
+            )
+        )
     return issues
 
 
 def _message(err: Any) -> str:
     msg = str(err.get("msg", "invalid"))
     if err.get("type") == "extra_forbidden":
-        return ("unknown field; the fields are " + ", ".join(ScheduleDocument.model_fields))
+        return "unknown field; the fields are " + ", ".join(ScheduleDocument.model_fields)
     if err.get("type") == "string_pattern_mismatch":
-        return "use letters, digits, '_', '.' and '-' (at most 128), starting with a letter "\
-               "or digit"
+        return (
+            "use letters, digits, '_', '.' and '-' (at most 128), starting with a letter or digit"
+        )
     return msg.removeprefix("Value error, ")

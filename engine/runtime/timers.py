@@ -65,7 +65,10 @@ class TimerService:
             _, run_id, timer_id = heapq.heappop(self._heap)
             if not self._is_armed(run_id, timer_id):
                 continue
-            fired.append(FireTimer(command_id=f"timer:{run_id}:{timer_id}:{now}",
-                                   run_id=run_id, timer_id=timer_id))
+            fired.append(
+                FireTimer(
+                    command_id=f"timer:{run_id}:{timer_id}:{now}", run_id=run_id, timer_id=timer_id
+                )
+            )
             heapq.heappush(self._heap, (now + self.refire_after_ms, run_id, timer_id))
         return fired

@@ -1,10 +1,10 @@
 """The worker SDK: write tools as plain functions, run them against any backend.
 
-    from engine.worker import tool, TaskContext, TransientError
+from engine.worker import tool, TaskContext, TransientError
 
-    @tool("crm.get_order")
-    async def get_order(ctx: TaskContext) -> dict:
-        return await crm.fetch(ctx.input["order_id"], idempotency_key=ctx.idempotency_key)
+@tool("crm.get_order")
+async def get_order(ctx: TaskContext) -> dict:
+    return await crm.fetch(ctx.input["order_id"], idempotency_key=ctx.idempotency_key)
 """
 
 from engine.worker.sdk import (

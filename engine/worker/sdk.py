@@ -32,8 +32,9 @@ class TaskError(TerranohaError):
 
     error_class = "transient"
 
-    def __init__(self, code: str, message: str = "", field: str | None = None,
-                 cost: float = 0.0) -> None:
+    def __init__(
+        self, code: str, message: str = "", field: str | None = None, cost: float = 0.0
+    ) -> None:
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message or code
@@ -169,22 +170,48 @@ class Outcome:
     payload: bytes = b""
 
 
-def _fail(task: TaskCommand, error_class: str, code: str, message: str,
-          field: str | None = None, cost: float = 0.0) -> FailTask:
-    return FailTask(command_id=f"result:{task.task_id}", run_id=task.run_id, tenant=task.tenant,
-                    correlation_id=task.correlation_id, step=task.step, task_id=task.task_id,
-                    error_class=error_class, code=code, message=message, field=field, cost=cost)
+def _fail(
+    task: TaskCommand,
+    error_class: str,
+    code: str,
+    message: str,
+    field: str | None = None,
+    cost: float = 0.0,
+) -> FailTask:
+    return FailTask(
+        command_id=f"result:{task.task_id}",
+        run_id=task.run_id,
+        tenant=task.tenant,
+        correlation_id=task.correlation_id,
+        step=task.step,
+        task_id=task.task_id,
+        error_class=error_class,
+        code=code,
+        message=message,
+        field=field,
+        cost=cost,
+    )
 
 
-def _complete(task: TaskCommand, result: Any, cost: float,
-              confidence: float | None) -> CompleteTask:
-    return CompleteTask(command_id=f"result:{task.task_id}", run_id=task.run_id,
-                        tenant=task.tenant, correlation_id=task.correlation_id, step=task.step,
-                        task_id=task.task_id, result=result, cost=cost, confidence=confidence)
+def _complete(
+    task: TaskCommand, result: Any, cost: float, confidence: float | None
+) -> CompleteTask:
+    return CompleteTask(
+        command_id=f"result:{task.task_id}",
+        run_id=task.run_id,
+        tenant=task.tenant,
+        correlation_id=task.correlation_id,
+        step=task.step,
+        task_id=task.task_id,
+        result=result,
+        cost=cost,
+        confidence=confidence,
+    )
 
 
-async def execute(task: TaskCommand, registry: ToolRegistry, ledger: Ledger,
-                  now_ms: Callable[[], int]) -> Outcome:
+async def execute(
+    task: TaskCommand, registry: ToolRegistry, ledger: Ledger, now_ms: Callable[[], int]
+) -> Outcome:
     """Run the tool for ``task`` (unless its key already completed) and build the report.
 
     Every backend sends what this returns, so a result that cannot travel fails the same
@@ -204,25 +231,42 @@ def _deliverable(task: TaskCommand, outcome: Outcome) -> Outcome:
         if len(payload) <= MAX_INPUT_BYTES:
             return replace(outcome, payload=payload)
         code = "RESULT_TOO_LARGE"
-        problem = (f"{task.queue} returned a {len(payload)} byte result; the limit is "
-                   f"{MAX_INPUT_BYTES} bytes")
+        problem = (
+            f"{task.queue} returned a {len(payload)} byte result; the limit is "
+            f"{MAX_INPUT_BYTES} bytes"
+        )
     failed = _fail(task, "permanent", code, problem)
     return Outcome(failed, None, outcome.called, encode(failed))
 
 
-async def _execute(task: TaskCommand, registry: ToolRegistry, ledger: Ledger,
-                   now_ms: Callable[[], int]) -> Outcome:
+async def _execute(
+    task: TaskCommand, registry: ToolRegistry, ledger: Ledger, now_ms: Callable[[], int]
+) -> Outcome:
     known = ledger.lookup(task.idempotency_key)
     if known is not None:
         return Outcome(_complete(task, known.result, 0.0, known.confidence), None, called=False)
     handler = registry.get(task.queue)
     if handler is None:
-        return Outcome(_fail(task, "permanent", "UNKNOWN_TOOL",
-                             f"no tool registered for queue {task.queue!r}"), None, called=False)
-    ctx = TaskContext(run_id=task.run_id, step=task.step, attempt=task.attempt,
-                      idempotency_key=task.idempotency_key, deadline=task.deadline,
-                      input=task.input, task_id=task.task_id, queue=task.queue,
-                      tenant=task.tenant, correlation_id=task.correlation_id, phase=task.phase)
+        return Outcome(
+            _fail(
+                task, "permanent", "UNKNOWN_TOOL", f"no tool registered for queue {task.queue!r}"
+            ),
+            None,
+            called=False,
+        )
+    ctx = TaskContext(
+        run_id=task.run_id,
+        step=task.step,
+        attempt=task.attempt,
+        idempotency_key=task.idempotency_key,
+        deadline=task.deadline,
+        input=task.input,
+        task_id=task.task_id,
+        queue=task.queue,
+        tenant=task.tenant,
+        correlation_id=task.correlation_id,
+        phase=task.phase,
+    )
     timeout = max(0.001, (task.deadline - now_ms()) / 1000)
     try:
         value = await asyncio.wait_for(_call(handler, ctx), timeout)
@@ -239,12 +283,17 @@ async def _execute(task: TaskCommand, registry: ToolRegistry, ledger: Ledger,
     try:
         json.dumps(result.value)
     except (TypeError, ValueError) as exc:
-        failed = _fail(task, "permanent", "RESULT_NOT_JSON",
-                       f"{task.queue} returned a value that is not JSON: {exc}")
+        failed = _fail(
+            task,
+            "permanent",
+            "RESULT_NOT_JSON",
+            f"{task.queue} returned a value that is not JSON: {exc}",
+        )
         return Outcome(failed, None, called=True)
     entry = LedgerEntry(task.idempotency_key, result.value, result.cost, result.confidence)
-    return Outcome(_complete(task, result.value, result.cost, result.confidence), entry,
-                   called=True)
+    return Outcome(
+        _complete(task, result.value, result.cost, result.confidence), entry, called=True
+    )
 
 
 async def _call(handler: Handler, ctx: TaskContext) -> Any:
@@ -254,4 +303,3 @@ async def _call(handler: Handler, ctx: TaskContext) -> Any:
     if inspect.isawaitable(result):
         return await result
     return result
-

@@ -42,6 +42,7 @@ def _kafka_backend(prefix: str) -> ApiBackend:
     async def create() -> None:
         async with KafkaClient(bootstrap, topics, app=prefix) as client:
             await client.create_topics(topics)
+
     asyncio.run(create())
     return KafkaApiBackend(bootstrap, topics, app=prefix)
 
@@ -49,9 +50,24 @@ def _kafka_backend(prefix: str) -> ApiBackend:
 def _engine(prefix: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--kafka", kafka_bootstrap(),
-         "--topic-prefix", prefix, "--app", prefix, "--partitions", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--kafka",
+            kafka_bootstrap(),
+            "--topic-prefix",
+            prefix,
+            "--app",
+            prefix,
+            "--partitions",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith(b"serving"):

@@ -49,16 +49,24 @@ class Api:
 
 
 @contextmanager
-def serve_api(backend: ApiBackend, keys_path: Path, oidc: OidcVerifier | None = None,
-              max_body: int = 1 << 20, ready: bool = True, **extra: Any) -> Iterator[Api]:
+def serve_api(
+    backend: ApiBackend,
+    keys_path: Path,
+    oidc: OidcVerifier | None = None,
+    max_body: int = 1 << 20,
+    ready: bool = True,
+    **extra: Any,
+) -> Iterator[Api]:
     """The server; with ``ready``, once its backend is connected."""
     keys = KeyStore(keys_path)
     ctx = ApiContext(backend, keys=keys, oidc=oidc)
     app = create_app(ctx, max_body=max_body, **extra)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False,
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on"
+        )
+    )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

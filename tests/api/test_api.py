@@ -18,13 +18,23 @@ from tests.api.conftest import PAYOUT
 from tests.api.server import Api, serve_api
 
 ENDPOINTS = [
-    ("POST", "/v1/runs"), ("GET", "/v1/runs"), ("GET", "/v1/runs/r1"),
-    ("GET", "/v1/runs/r1/timeline"), ("POST", "/v1/runs/r1/cancel"),
-    ("POST", "/v1/runs/r1/signals/docs"), ("GET", "/v1/runs/r1/stream"),
-    ("GET", "/v1/approvals"), ("POST", "/v1/approvals/r1/sign_off"),
-    ("POST", "/v1/workflows"), ("GET", "/v1/workflows"), ("GET", "/v1/workflows/x"),
-    ("GET", "/v1/dead-letters"), ("GET", "/v1/hooks"), ("GET", "/v1/no-such-thing"),
-    ("DELETE", "/v1/runs"), ("GET", "/v1"),
+    ("POST", "/v1/runs"),
+    ("GET", "/v1/runs"),
+    ("GET", "/v1/runs/r1"),
+    ("GET", "/v1/runs/r1/timeline"),
+    ("POST", "/v1/runs/r1/cancel"),
+    ("POST", "/v1/runs/r1/signals/docs"),
+    ("GET", "/v1/runs/r1/stream"),
+    ("GET", "/v1/approvals"),
+    ("POST", "/v1/approvals/r1/sign_off"),
+    ("POST", "/v1/workflows"),
+    ("GET", "/v1/workflows"),
+    ("GET", "/v1/workflows/x"),
+    ("GET", "/v1/dead-letters"),
+    ("GET", "/v1/hooks"),
+    ("GET", "/v1/no-such-thing"),
+    ("DELETE", "/v1/runs"),
+    ("GET", "/v1"),
 ]
 
 
@@ -44,9 +54,10 @@ def _eventually(fetch: Any, until: Any, timeout_s: float = 60.0) -> httpx.Respon
 
 
 def _waiting_at(api: Api, client: httpx.Client, run_id: str, step: str) -> dict[str, Any]:
-    answer = _eventually(lambda: client.get(f"/v1/runs/{run_id}"),
-                         lambda a: a.status_code == 200
-                         and (a.json().get("current") or {}).get("step") == step)
+    answer = _eventually(
+        lambda: client.get(f"/v1/runs/{run_id}"),
+        lambda a: a.status_code == 200 and (a.json().get("current") or {}).get("step") == step,
+    )
     body: dict[str, Any] = answer.json()
     assert (body.get("current") or {}).get("step") == step, body
     return body
@@ -54,9 +65,14 @@ def _waiting_at(api: Api, client: httpx.Client, run_id: str, step: str) -> dict[
 
 @pytest.mark.parametrize(("method", "path"), ENDPOINTS)
 def test_every_endpoint_refuses_a_request_without_valid_credentials(
-        embedded_api: Api, method: str, path: str) -> None:
-    for headers in ({}, {"Authorization": "Bearer tnh_0000_nope"},
-                    {"Authorization": "Bearer not.a.jwt"}, {"Authorization": "Basic eDp5"}):
+    embedded_api: Api, method: str, path: str
+) -> None:
+    for headers in (
+        {},
+        {"Authorization": "Bearer tnh_0000_nope"},
+        {"Authorization": "Bearer not.a.jwt"},
+        {"Authorization": "Basic eDp5"},
+    ):
         answer = httpx.request(method, embedded_api.url + path, headers=headers, json={})
         assert answer.status_code == 401, (headers, answer.text)
         assert answer.headers["content-type"] == "application/problem+json"
@@ -76,8 +92,9 @@ def test_a_run_starts_once_per_key_and_a_different_input_conflicts(api: Api) -> 
     again = alice.post("/v1/runs", json=body, headers={"Idempotency-Key": "k1"})
     assert again.status_code == 200, again.text
     assert again.json()["run_id"] == run["run_id"]
-    other = alice.post("/v1/runs", json={**body, "input": {"amount": 11}},
-                       headers={"Idempotency-Key": "k1"})
+    other = alice.post(
+        "/v1/runs", json={**body, "input": {"amount": 11}}, headers={"Idempotency-Key": "k1"}
+    )
     assert other.status_code == 409, other.text
     problem = other.json()
     assert problem["field"] == "header.Idempotency-Key" and "input.amount" in problem["detail"]
@@ -105,27 +122,35 @@ def test_bad_input_is_a_problem_naming_the_field(api: Api) -> None:
 
 def test_another_tenants_runs_are_not_found_and_it_may_not_start_them(api: Api) -> None:
     _deploy(api)
-    alice = api.client(api.key("alice", ["acme"], ["trigger", "read", "operate",
-                                                   "approve:finance"]))
-    mallory = api.client(api.key("mallory", ["evil"], ["trigger", "read", "operate",
-                                                       "approve:finance"]))
-    run = alice.post("/v1/runs", json={"workflow": "api-payout", "input": {"amount": 1}},
-                     headers={"Idempotency-Key": "t1"}).json()
+    alice = api.client(
+        api.key("alice", ["acme"], ["trigger", "read", "operate", "approve:finance"])
+    )
+    mallory = api.client(
+        api.key("mallory", ["evil"], ["trigger", "read", "operate", "approve:finance"])
+    )
+    run = alice.post(
+        "/v1/runs",
+        json={"workflow": "api-payout", "input": {"amount": 1}},
+        headers={"Idempotency-Key": "t1"},
+    ).json()
     run_id = run["run_id"]
     _waiting_at(api, alice, run_id, "docs")
     for method, path, body in [
-            ("GET", f"/v1/runs/{run_id}", None), ("GET", f"/v1/runs/{run_id}/timeline", None),
-            ("GET", f"/v1/runs/{run_id}/stream", None),
-            ("POST", f"/v1/runs/{run_id}/cancel", {}),
-            ("POST", f"/v1/runs/{run_id}/signals/docs", {"data": 1}),
-            ("POST", f"/v1/approvals/{run_id}/sign_off", {"approve": True})]:
+        ("GET", f"/v1/runs/{run_id}", None),
+        ("GET", f"/v1/runs/{run_id}/timeline", None),
+        ("GET", f"/v1/runs/{run_id}/stream", None),
+        ("POST", f"/v1/runs/{run_id}/cancel", {}),
+        ("POST", f"/v1/runs/{run_id}/signals/docs", {"data": 1}),
+        ("POST", f"/v1/approvals/{run_id}/sign_off", {"approve": True}),
+    ]:
         answer = mallory.request(method, path, json=body)
         assert answer.status_code == 404, (path, answer.text)
         assert answer.json()["detail"] == f"no run {run_id}"
     assert run_id not in {r["run_id"] for r in mallory.get("/v1/runs").json()["runs"]}
     assert mallory.get("/v1/approvals").json() == {"approvals": []}
-    foreign = mallory.post("/v1/runs", json={"workflow": "api-payout", "tenant": "acme",
-                                             "input": {"amount": 1}})
+    foreign = mallory.post(
+        "/v1/runs", json={"workflow": "api-payout", "tenant": "acme", "input": {"amount": 1}}
+    )
     assert foreign.status_code == 403 and foreign.json()["field"] == "body.tenant"
     assert alice.get(f"/v1/runs/{run_id}").json()["status"] == "Waiting"
 
@@ -134,13 +159,16 @@ def test_each_endpoint_needs_its_role(api: Api) -> None:
     _deploy(api)
     reader = api.client(api.key("rita", ["acme"], ["read"]))
     trigger = api.client(api.key("tom", ["acme"], ["trigger"]))
-    run_id = trigger.post("/v1/runs", json={"workflow": "api-payout",
-                                            "input": {"amount": 1}}).json()["run_id"]
+    run_id = trigger.post(
+        "/v1/runs", json={"workflow": "api-payout", "input": {"amount": 1}}
+    ).json()["run_id"]
     assert trigger.get(f"/v1/runs/{run_id}").status_code == 403
     assert trigger.get("/v1/runs").status_code == 403
-    for path, body in [(f"/v1/runs/{run_id}/cancel", {}),
-                       (f"/v1/runs/{run_id}/signals/docs", {}), ("/v1/workflows",
-                                                                {"spec": PAYOUT})]:
+    for path, body in [
+        (f"/v1/runs/{run_id}/cancel", {}),
+        (f"/v1/runs/{run_id}/signals/docs", {}),
+        ("/v1/workflows", {"spec": PAYOUT}),
+    ]:
         answer = reader.post(path, json=body)
         assert answer.status_code == 403, (path, answer.text)
         assert answer.json()["type"].endswith("/forbidden")
@@ -154,10 +182,14 @@ def test_each_endpoint_needs_its_role(api: Api) -> None:
 def test_list_filters_and_pages_with_a_cursor(api: Api) -> None:
     _deploy(api)
     alice = api.client(api.key("alice", ["acme"], ["trigger", "read"]))
-    started = {alice.post("/v1/runs", json={"workflow": "api-payout",
-                                            "input": {"amount": n}},
-                          headers={"Idempotency-Key": f"p{n}"}).json()["run_id"]
-               for n in range(5)}
+    started = {
+        alice.post(
+            "/v1/runs",
+            json={"workflow": "api-payout", "input": {"amount": n}},
+            headers={"Idempotency-Key": f"p{n}"},
+        ).json()["run_id"]
+        for n in range(5)
+    }
     for run_id in started:
         _waiting_at(api, alice, run_id, "docs")
     seen: list[str] = []
@@ -182,14 +214,16 @@ def test_list_filters_and_pages_with_a_cursor(api: Api) -> None:
 
 def test_four_eyes_counts_verified_subjects(api: Api) -> None:
     _deploy(api)
-    carol = api.client(api.key("carol", ["acme"], ["trigger", "read", "operate",
-                                                   "approve:finance"]))
+    carol = api.client(
+        api.key("carol", ["acme"], ["trigger", "read", "operate", "approve:finance"])
+    )
     dave = api.client(api.key("dave", ["acme"], ["read", "approve:finance"]))
     dave_again = api.client(api.key("dave", ["acme"], ["approve:finance"]))
     erin = api.client(api.key("erin", ["acme"], ["approve:finance"]))
     outsider = api.client(api.key("oscar", ["acme"], ["read", "approve:legal"]))
-    run_id = carol.post("/v1/runs", json={"workflow": "api-payout", "input": {"amount": 5}}
-                        ).json()["run_id"]
+    run_id = carol.post("/v1/runs", json={"workflow": "api-payout", "input": {"amount": 5}}).json()[
+        "run_id"
+    ]
     _waiting_at(api, carol, run_id, "docs")
     signalled = carol.post(f"/v1/runs/{run_id}/signals/docs", json={"data": {"ok": True}})
     assert signalled.status_code == 200, signalled.text
@@ -205,10 +239,10 @@ def test_four_eyes_counts_verified_subjects(api: Api) -> None:
 
     refused = carol.post(f"/v1/approvals/{run_id}/sign_off", json={"approve": True})
     assert refused.status_code == 403 and refused.json()["reason"] == "self-approval"
-    assert outsider.post(f"/v1/approvals/{run_id}/sign_off",
-                         json={"approve": True}).status_code == 403
-    first = dave.post(f"/v1/approvals/{run_id}/sign_off", json={"approve": True,
-                                                                "comment": "ok"})
+    assert (
+        outsider.post(f"/v1/approvals/{run_id}/sign_off", json={"approve": True}).status_code == 403
+    )
+    first = dave.post(f"/v1/approvals/{run_id}/sign_off", json={"approve": True, "comment": "ok"})
     assert first.status_code == 200, first.text
     assert first.json()["events"] == ["ApprovalVoted"]
     twice = dave_again.post(f"/v1/approvals/{run_id}/sign_off", json={"approve": True})
@@ -217,8 +251,9 @@ def test_four_eyes_counts_verified_subjects(api: Api) -> None:
     assert item["approvals"] == 1 and item["approved_by"] == ["dave"]
     second = erin.post(f"/v1/approvals/{run_id}/sign_off", json={"approve": True})
     assert second.status_code == 200, second.text
-    done = _eventually(lambda: carol.get(f"/v1/runs/{run_id}"),
-                       lambda a: a.json()["status"] == "Completed")
+    done = _eventually(
+        lambda: carol.get(f"/v1/runs/{run_id}"), lambda a: a.json()["status"] == "Completed"
+    )
     assert done.json()["status"] == "Completed"
     assert done.json()["results"]["sign_off"] == {"approved_by": ["dave", "erin"]}
     timeline = carol.get(f"/v1/runs/{run_id}/timeline")
@@ -229,8 +264,7 @@ def test_cancel_and_the_stream_of_a_run(api: Api) -> None:
     _deploy(api)
     ops = api.client(api.key("olga", ["acme"], ["trigger", "read", "operate"]))
     start = {"workflow": "api-payout", "input": {"amount": 1}}
-    run_id = ops.post("/v1/runs", json=start, headers={"Idempotency-Key": "c1"}
-                      ).json()["run_id"]
+    run_id = ops.post("/v1/runs", json=start, headers={"Idempotency-Key": "c1"}).json()["run_id"]
     _waiting_at(api, ops, run_id, "docs")
     with ops.stream("GET", f"/v1/runs/{run_id}/stream") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
@@ -250,8 +284,9 @@ def test_cancel_and_the_stream_of_a_run(api: Api) -> None:
     repeat = ops.post("/v1/runs", json=start, headers={"Idempotency-Key": "c1"})
     assert repeat.status_code == 200, repeat.text
     assert repeat.json()["status"] == "Cancelled" and repeat.json()["input"] == {"amount": 1}
-    other = ops.post("/v1/runs", json={**start, "input": {"amount": 2}},
-                     headers={"Idempotency-Key": "c1"})
+    other = ops.post(
+        "/v1/runs", json={**start, "input": {"amount": 2}}, headers={"Idempotency-Key": "c1"}
+    )
     assert other.status_code == 409, other.text
 
 
@@ -275,8 +310,9 @@ def test_workflows_deploy_list_get_and_refuse_a_bad_spec(api: Api) -> None:
     assert [(w["workflow"], w["version"]) for w in listed] == [("api-payout", 1)]
     assert admin.get("/v1/workflows/api-payout").json()["workflows"][0]["steps"] == 2
     assert admin.get("/v1/workflows/nope").status_code == 404
-    bad = admin.post("/v1/workflows", json={"spec": {"workflow": "w", "version": 1,
-                                                     "steps": [{"id": "a"}]}})
+    bad = admin.post(
+        "/v1/workflows", json={"spec": {"workflow": "w", "version": 1, "steps": [{"id": "a"}]}}
+    )
     assert bad.status_code == 422 and bad.json()["field"].startswith("body.spec.steps")
     assert admin.get("/v1/dead-letters").json() == {"dead_letters": []}
 
@@ -290,8 +326,10 @@ def test_an_oversize_body_is_refused_with_413(embedded_api: Api) -> None:
     def chunks() -> Any:
         for _ in range(40):
             yield b"x" * 65536
-    streamed = alice.post("/v1/runs", content=chunks(),
-                          headers={"content-type": "application/json"})
+
+    streamed = alice.post(
+        "/v1/runs", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert streamed.status_code == 413
 
 
@@ -305,8 +343,7 @@ def test_the_openapi_document_is_3_1_and_public(embedded_api: Api) -> None:
     assert set(schema["properties"]) == {"approve", "comment"}  # no approver field
 
 
-def test_a_backend_that_is_down_is_a_503_and_credentials_are_still_checked(
-        tmp_path: Path) -> None:
+def test_a_backend_that_is_down_is_a_503_and_credentials_are_still_checked(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
@@ -314,8 +351,12 @@ def test_a_backend_that_is_down_is_a_503_and_credentials_are_still_checked(
     with serve_api(backend, tmp_path / "keys.db", ready=False) as api:
         key = api.key("alice", ["acme"], ["trigger", "read"])
         alice = api.client(key)
-        for method, path in [("POST", "/v1/runs"), ("GET", "/v1/runs"),
-                             ("GET", "/v1/runs/r1"), ("GET", "/v1/workflows")]:
+        for method, path in [
+            ("POST", "/v1/runs"),
+            ("GET", "/v1/runs"),
+            ("GET", "/v1/runs/r1"),
+            ("GET", "/v1/workflows"),
+        ]:
             answer = alice.request(method, path, json={"workflow": "w"})
             assert answer.status_code == 503, (path, answer.text)
             assert answer.headers["retry-after"] and dead in answer.json()["detail"]

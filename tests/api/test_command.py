@@ -18,11 +18,22 @@ from tests.cli.conftest import Cli
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_keys_made_on_the_command_line_open_the_api_until_revoked(cli: Cli,
-                                                                  tmp_path: Path) -> None:
+def test_keys_made_on_the_command_line_open_the_api_until_revoked(cli: Cli, tmp_path: Path) -> None:
     keys = str(tmp_path / "keys.db")
-    made = cli("api-keys", "create", "--keys", keys, "--subject", "alice", "--tenant", "acme",
-               "--role", "admin", "--role", "approve:finance")
+    made = cli(
+        "api-keys",
+        "create",
+        "--keys",
+        keys,
+        "--subject",
+        "alice",
+        "--tenant",
+        "acme",
+        "--role",
+        "admin",
+        "--role",
+        "approve:finance",
+    )
     assert made.code == 0, made.err
     key = made.out.splitlines()[0]
     assert key.startswith("tnh_") and "shown once" in made.out
@@ -30,16 +41,41 @@ def test_keys_made_on_the_command_line_open_the_api_until_revoked(cli: Cli,
     listed = cli("api-keys", "list", "--keys", keys)
     assert listed.out == f"{key_id}\talice\tacme\tadmin,approve:finance\tlive\n"
     assert key.split("_")[2] not in listed.out
-    bad = cli("api-keys", "create", "--keys", keys, "--subject", "bob", "--tenant", "acme",
-              "--role", "superuser")
+    bad = cli(
+        "api-keys",
+        "create",
+        "--keys",
+        keys,
+        "--subject",
+        "bob",
+        "--tenant",
+        "acme",
+        "--role",
+        "superuser",
+    )
     assert bad.code == 2 and "unknown role 'superuser'" in bad.err
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "api", "--db", str(tmp_path / "store.db"),
-         "--keys", keys, "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "api",
+            "--db",
+            str(tmp_path / "store.db"),
+            "--keys",
+            keys,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         assert server.stdout is not None
@@ -54,10 +90,13 @@ def test_keys_made_on_the_command_line_open_the_api_until_revoked(cli: Cli,
             assert time.monotonic() < deadline and server.poll() is None, "api did not start"
             time.sleep(0.1)
         auth = {"Authorization": f"Bearer {key}"}
-        assert httpx.post(url + "/v1/workflows", json={"spec": PAYOUT},
-                          headers=auth).status_code == 201
-        started = httpx.post(url + "/v1/runs", headers=auth,
-                             json={"workflow": "api-payout", "input": {"amount": 3}})
+        assert (
+            httpx.post(url + "/v1/workflows", json={"spec": PAYOUT}, headers=auth).status_code
+            == 201
+        )
+        started = httpx.post(
+            url + "/v1/runs", headers=auth, json={"workflow": "api-payout", "input": {"amount": 3}}
+        )
         assert started.status_code == 201 and started.json()["requested_by"] == "alice"
         assert httpx.get(url + "/v1/runs").status_code == 401
 

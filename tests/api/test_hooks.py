@@ -36,17 +36,33 @@ steps:
     wait_event: {name: go, timeout: 1h}
 """
 
-ENV = {"OLD_SECRET": OLD, "NEW_SECRET": NEW, "SLACK_SECRET": SLACK,
-       "GITHUB_SECRET": GITHUB}
+ENV = {"OLD_SECRET": OLD, "NEW_SECRET": NEW, "SLACK_SECRET": SLACK, "GITHUB_SECRET": GITHUB}
 
-HOOKS = {"hooks": {
-    "std": {"verify": "standard-webhooks", "secrets": ["env:NEW_SECRET", "env:OLD_SECRET"],
-            "workflow": "hooked", "tenant": "acme", "input": "{text: body.message}"},
-    "slack": {"verify": "slack", "secrets": ["env:SLACK_SECRET"], "workflow": "hooked",
-              "tenant": "acme", "input": "{text: body.text || body.event.text}"},
-    "gh": {"verify": "github", "secrets": ["env:GITHUB_SECRET"], "workflow": "hooked",
-           "tenant": "acme", "input": "{text: body.ref}"},
-}}
+HOOKS = {
+    "hooks": {
+        "std": {
+            "verify": "standard-webhooks",
+            "secrets": ["env:NEW_SECRET", "env:OLD_SECRET"],
+            "workflow": "hooked",
+            "tenant": "acme",
+            "input": "{text: body.message}",
+        },
+        "slack": {
+            "verify": "slack",
+            "secrets": ["env:SLACK_SECRET"],
+            "workflow": "hooked",
+            "tenant": "acme",
+            "input": "{text: body.text || body.event.text}",
+        },
+        "gh": {
+            "verify": "github",
+            "secrets": ["env:GITHUB_SECRET"],
+            "workflow": "hooked",
+            "tenant": "acme",
+            "input": "{text: body.ref}",
+        },
+    }
+}
 
 
 @pytest.fixture
@@ -62,8 +78,12 @@ def hooked(tmp_path: Path) -> Iterator[Api]:
 def _standard(secret: str, body: bytes, msg_id: str, at: float | None = None) -> dict[str, str]:
     stamp = datetime.fromtimestamp(at if at is not None else time.time(), tz=UTC)
     signature = Webhook(secret).sign(msg_id, stamp, body.decode())
-    return {"webhook-id": msg_id, "webhook-timestamp": str(int(stamp.timestamp())),
-            "webhook-signature": signature, "content-type": "application/json"}
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(stamp.timestamp())),
+        "webhook-signature": signature,
+        "content-type": "application/json",
+    }
 
 
 def _post(api: Api, name: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
@@ -76,8 +96,7 @@ def _counts(api: Api, name: str) -> dict[str, Any]:
     return hook
 
 
-def test_standard_webhooks_start_one_run_per_delivery_with_rotated_secrets(
-        hooked: Api) -> None:
+def test_standard_webhooks_start_one_run_per_delivery_with_rotated_secrets(hooked: Api) -> None:
     body = json.dumps({"message": "hello"}).encode()
     first = _post(hooked, "std", body, _standard(NEW, body, "msg_1"))
     assert first.status_code == 201, first.text
@@ -91,8 +110,7 @@ def test_standard_webhooks_start_one_run_per_delivery_with_rotated_secrets(
     assert _counts(hooked, "std")["accepted"] == 3
 
 
-def test_unsigned_badly_signed_and_stale_deliveries_are_refused_and_counted(
-        hooked: Api) -> None:
+def test_unsigned_badly_signed_and_stale_deliveries_are_refused_and_counted(hooked: Api) -> None:
     body = json.dumps({"message": "hello"}).encode()
     forged = _standard("whsec_" + base64.b64encode(b"x" * 32).decode(), body, "msg_3")
     tampered = {**_standard(NEW, body, "msg_4")}
@@ -108,23 +126,40 @@ def test_unsigned_badly_signed_and_stale_deliveries_are_refused_and_counted(
     assert admin.get("/v1/runs").json()["runs"] == []
 
 
-def _slack_headers(body: bytes, at: float | None = None, secret: str = SLACK,
-                   kind: str = "application/x-www-form-urlencoded") -> dict[str, str]:
+def _slack_headers(
+    body: bytes,
+    at: float | None = None,
+    secret: str = SLACK,
+    kind: str = "application/x-www-form-urlencoded",
+) -> dict[str, str]:
     stamp = str(int(at if at is not None else time.time()))
     mac = hmac.new(secret.encode(), b"v0:" + stamp.encode() + b":" + body, hashlib.sha256)
-    return {"x-slack-request-timestamp": stamp, "x-slack-signature": "v0=" + mac.hexdigest(),
-            "content-type": kind}
+    return {
+        "x-slack-request-timestamp": stamp,
+        "x-slack-signature": "v0=" + mac.hexdigest(),
+        "content-type": kind,
+    }
 
 
 def test_a_slack_slash_command_and_an_events_api_message_start_runs(hooked: Api) -> None:
-    command = urllib.parse.urlencode({"command": "/refund", "text": "order 42",
-                                      "trigger_id": "13345224609.738474920.8088930838d88f00",
-                                      "user_id": "U2147483697"}).encode()
+    command = urllib.parse.urlencode(
+        {
+            "command": "/refund",
+            "text": "order 42",
+            "trigger_id": "13345224609.738474920.8088930838d88f00",
+            "user_id": "U2147483697",
+        }
+    ).encode()
     answer = _post(hooked, "slack", command, _slack_headers(command))
     assert answer.status_code == 201, answer.text
     assert answer.json()["input"] == {"text": "order 42"}
-    event = json.dumps({"type": "event_callback", "event_id": "Ev08MFMKH6",
-                        "event": {"type": "app_mention", "text": "refund 43"}}).encode()
+    event = json.dumps(
+        {
+            "type": "event_callback",
+            "event_id": "Ev08MFMKH6",
+            "event": {"type": "app_mention", "text": "refund 43"},
+        }
+    ).encode()
     headers = _slack_headers(event, kind="application/json")
     assert _post(hooked, "slack", event, headers).status_code == 201
     assert _post(hooked, "slack", event, headers).status_code == 200  # Slack's retry
@@ -140,8 +175,12 @@ def test_a_slack_slash_command_and_an_events_api_message_start_runs(hooked: Api)
 def test_a_github_delivery_is_one_run_per_delivery_id(hooked: Api) -> None:
     body = json.dumps({"ref": "refs/heads/main", "repository": {"full_name": "o/r"}}).encode()
     mac = hmac.new(GITHUB.encode(), body, hashlib.sha256).hexdigest()
-    headers = {"x-hub-signature-256": "sha256=" + mac, "x-github-delivery": "d-1",
-               "x-github-event": "push", "content-type": "application/json"}
+    headers = {
+        "x-hub-signature-256": "sha256=" + mac,
+        "x-github-delivery": "d-1",
+        "x-github-event": "push",
+        "content-type": "application/json",
+    }
     first = _post(hooked, "gh", body, headers)
     assert first.status_code == 201, first.text
     assert first.json()["input"] == {"text": "refs/heads/main"}
@@ -152,10 +191,23 @@ def test_a_github_delivery_is_one_run_per_delivery_id(hooked: Api) -> None:
 
 
 def test_a_hooks_file_names_what_is_wrong() -> None:
-    bad = {"hooks": {"std": {"verify": "standard-webhooks", "secrets": ["env:GITHUB_SECRET"],
-                             "workflow": "w", "tenant": "t", "input": "{a: "},
-                     "gh": {"verify": "carrier-pigeon", "secrets": ["inline"],
-                            "workflow": "w", "tenant": "t"}}}
+    bad = {
+        "hooks": {
+            "std": {
+                "verify": "standard-webhooks",
+                "secrets": ["env:GITHUB_SECRET"],
+                "workflow": "w",
+                "tenant": "t",
+                "input": "{a: ",
+            },
+            "gh": {
+                "verify": "carrier-pigeon",
+                "secrets": ["inline"],
+                "workflow": "w",
+                "tenant": "t",
+            },
+        }
+    }
     with pytest.raises(HookSettingsError) as caught:
         parse_hooks(bad, environ=ENV)
     paths = {path for path, _ in caught.value.issues}

@@ -43,16 +43,25 @@ def oidc_api(tmp_path: Path, signer: tuple[Any, dict[str, Any]]) -> Iterator[Api
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps({"keys": [signer[1]]}))
     verifier = OidcVerifier(OidcSettings(issuer=ISSUER, audience=AUDIENCE, jwks=str(jwks)))
-    with serve_api(EmbeddedApiBackend(tmp_path / "store.db"), tmp_path / "keys.db",
-                   oidc=verifier) as api:
+    with serve_api(
+        EmbeddedApiBackend(tmp_path / "store.db"), tmp_path / "keys.db", oidc=verifier
+    ) as api:
         yield api
 
 
 def _token(key: Any, **claims: Any) -> str:
     now = int(time.time())
-    body = {"iss": ISSUER, "aud": AUDIENCE, "sub": "ann", "iat": now, "exp": now + 300,
-            "tenants": ["acme"], "roles": ["trigger", "read"], "groups": ["finance"],
-            **claims}
+    body = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "ann",
+        "iat": now,
+        "exp": now + 300,
+        "tenants": ["acme"],
+        "roles": ["trigger", "read"],
+        "groups": ["finance"],
+        **claims,
+    }
     body = {k: v for k, v in body.items() if v is not None}
     return jwt.encode(body, key, algorithm="RS256", headers={"kid": "test-1"})
 
@@ -63,7 +72,8 @@ def _get(api: Api, token: str) -> int:
 
 
 def test_a_valid_token_is_a_principal_with_its_tenants_roles_and_groups(
-        oidc_api: Api, signer: tuple[Any, dict[str, Any]]) -> None:
+    oidc_api: Api, signer: tuple[Any, dict[str, Any]]
+) -> None:
     admin = oidc_api.client(oidc_api.key("root", ["*"], ["admin"]))
     assert admin.post("/v1/workflows", json={"spec": PAYOUT}).status_code == 201
     ann = oidc_api.client(_token(signer[0]))
@@ -74,8 +84,9 @@ def test_a_valid_token_is_a_principal_with_its_tenants_roles_and_groups(
     assert ann.post("/v1/workflows", json={"spec": PAYOUT}).status_code == 403
 
 
-def test_tokens_that_fail_any_check_get_401(oidc_api: Api,
-                                            signer: tuple[Any, dict[str, Any]]) -> None:
+def test_tokens_that_fail_any_check_get_401(
+    oidc_api: Api, signer: tuple[Any, dict[str, Any]]
+) -> None:
     key = signer[0]
     now = int(time.time())
     stranger, _ = _pair("test-1")
@@ -86,20 +97,24 @@ def test_tokens_that_fail_any_check_get_401(oidc_api: Api,
         "no expiry": _token(key, exp=None),
         "no subject": _token(key, sub=None),
         "another key": _token(stranger),
-        "unsigned": jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "ann",
-                                "exp": now + 300}, None, algorithm="none"),
+        "unsigned": jwt.encode(
+            {"iss": ISSUER, "aud": AUDIENCE, "sub": "ann", "exp": now + 300}, None, algorithm="none"
+        ),
         "HMAC with the public key as secret": jwt.encode(
             {"iss": ISSUER, "aud": AUDIENCE, "sub": "ann", "exp": now + 300},
-            json.dumps(signer[1]).encode() * 2, algorithm="HS256",
-            headers={"kid": "test-1"}),
+            json.dumps(signer[1]).encode() * 2,
+            algorithm="HS256",
+            headers={"kid": "test-1"},
+        ),
     }
     for why, token in bad.items():
         assert _get(oidc_api, token) == 401, why
     assert _get(oidc_api, _token(key)) == 200
 
 
-def test_token_roles_are_only_the_known_ones(oidc_api: Api,
-                                             signer: tuple[Any, dict[str, Any]]) -> None:
+def test_token_roles_are_only_the_known_ones(
+    oidc_api: Api, signer: tuple[Any, dict[str, Any]]
+) -> None:
     token = _token(signer[0], roles=["approve:finance", "superuser"], groups=[])
     ann = oidc_api.client(token)
     assert ann.get("/v1/runs").status_code == 403
@@ -111,10 +126,10 @@ def test_api_keys_are_stored_hashed_and_a_revoked_key_stops_at_once(tmp_path: Pa
         text, record = api.keys.create("bob", ["acme"], ["read"], now_ms())
         client = api.client(text)
         assert client.get("/v1/runs").status_code == 200
-        stored = sqlite3.connect(tmp_path / "keys.db").execute(
-            "SELECT * FROM api_keys").fetchall()
+        stored = sqlite3.connect(tmp_path / "keys.db").execute("SELECT * FROM api_keys").fetchall()
         assert text.rsplit("_", 1)[1].encode() not in b"".join(
-            v if isinstance(v, bytes) else str(v).encode() for row in stored for v in row)
+            v if isinstance(v, bytes) else str(v).encode() for row in stored for v in row
+        )
         forged = text[:-2] + ("AA" if not text.endswith("AA") else "BB")
         assert api.client(forged).get("/v1/runs").status_code == 401
         assert api.keys.revoke(record.key_id, now_ms())
@@ -125,11 +140,13 @@ def test_api_keys_are_stored_hashed_and_a_revoked_key_stops_at_once(tmp_path: Pa
 def test_a_key_needs_a_subject_a_tenant_and_known_roles(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys.db")
     try:
-        for subject, tenants, roles, word in [(" ", ["a"], ["read"], "subject"),
-                                              ("x", [], ["read"], "tenant"),
-                                              ("x", ["a"], ["root"], "unknown role"),
-                                              ("x", ["a"], ["approve:"], "names no group"),
-                                              ("x", ["a"], [], "role")]:
+        for subject, tenants, roles, word in [
+            (" ", ["a"], ["read"], "subject"),
+            ("x", [], ["read"], "tenant"),
+            ("x", ["a"], ["root"], "unknown role"),
+            ("x", ["a"], ["approve:"], "names no group"),
+            ("x", ["a"], [], "role"),
+        ]:
             with pytest.raises(IdentityError, match=word):
                 store.create(subject, tenants, roles, now_ms())
         text, key = store.create("x", ["a"], ["operate"], now_ms())
@@ -178,10 +195,12 @@ def test_a_jwks_url_is_fetched_and_a_rotated_key_is_picked_up(tmp_path: Path) ->
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
     try:
-        verifier = OidcVerifier(OidcSettings(issuer=ISSUER, audience=AUDIENCE, jwks=url,
-                                             refresh_cooldown_s=0))
-        with serve_api(EmbeddedApiBackend(tmp_path / "store.db"), tmp_path / "keys.db",
-                       oidc=verifier) as api:
+        verifier = OidcVerifier(
+            OidcSettings(issuer=ISSUER, audience=AUDIENCE, jwks=url, refresh_cooldown_s=0)
+        )
+        with serve_api(
+            EmbeddedApiBackend(tmp_path / "store.db"), tmp_path / "keys.db", oidc=verifier
+        ) as api:
             assert _get(api, _signed(old, "k-old")) == 200
             assert _get(api, _signed(new, "k-new")) == 401  # not published yet
             _Jwks.keys = [old_jwk, new_jwk]
@@ -194,6 +213,16 @@ def test_a_jwks_url_is_fetched_and_a_rotated_key_is_picked_up(tmp_path: Path) ->
 
 def _signed(key: Any, kid: str) -> str:
     now = int(time.time())
-    return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "ann", "exp": now + 300,
-                       "tenants": ["acme"], "roles": ["read"]}, key, algorithm="RS256",
-                      headers={"kid": kid})
+    return jwt.encode(
+        {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "ann",
+            "exp": now + 300,
+            "tenants": ["acme"],
+            "roles": ["read"],
+        },
+        key,
+        algorithm="RS256",
+        headers={"kid": kid},
+    )

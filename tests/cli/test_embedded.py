@@ -56,8 +56,12 @@ steps:
 
 @pytest.fixture
 def specs(tmp_path: Path) -> Path:
-    for name, body in (("approval.yaml", APPROVAL_ONLY), ("task.yaml", ONE_TASK),
-                       ("invalid.yaml", INVALID), ("target.yaml", UNKNOWN_TARGET)):
+    for name, body in (
+        ("approval.yaml", APPROVAL_ONLY),
+        ("task.yaml", ONE_TASK),
+        ("invalid.yaml", INVALID),
+        ("target.yaml", UNKNOWN_TARGET),
+    ):
         (tmp_path / name).write_text(body)
     return tmp_path
 
@@ -66,8 +70,13 @@ def test_an_unknown_run_is_refused_with_where_it_looked(cli: Cli, specs: Path) -
     db = str(specs / "t.db")
     assert cli("workflows", "deploy", str(specs / "approval.yaml"), "--db", db).code == 0
 
-    for command in (["status", "nope"], ["timeline", "nope"], ["replay", "nope"],
-                    ["approve", "nope", "review", "--as", "bob"], ["cancel", "nope"]):
+    for command in (
+        ["status", "nope"],
+        ["timeline", "nope"],
+        ["replay", "nope"],
+        ["approve", "nope", "review", "--as", "bob"],
+        ["cancel", "nope"],
+    ):
         result = cli(*command, "--db", db)
         assert result.code == 2, command
         assert f"no run matches 'nope' in {db}" in result.err
@@ -94,20 +103,23 @@ def test_bad_json_is_refused_with_the_option_named(cli: Cli, specs: Path) -> Non
 
 def test_an_invalid_spec_is_refused_with_the_field_path(cli: Cli, specs: Path) -> None:
     db = str(specs / "t.db")
-    for command in (["workflows", "deploy", str(specs / "invalid.yaml")],
-                    ["run", str(specs / "invalid.yaml")]):
+    for command in (
+        ["workflows", "deploy", str(specs / "invalid.yaml")],
+        ["run", str(specs / "invalid.yaml")],
+    ):
         result = cli(*command, "--db", db)
         assert result.code == 2, command
         assert "workflow spec broken is invalid" in result.err
         assert "steps[0](fetch).retry.initial: bad duration '1x'" in result.err
     result = cli("workflows", "deploy", str(specs / "target.yaml"), "--db", db)
     assert result.code == 2
-    assert "steps[0](pay).on_business_error.AMOUNT_OVER_LIMIT.goto: unknown step " \
-           "'nowhere'" in result.err
+    assert (
+        "steps[0](pay).on_business_error.AMOUNT_OVER_LIMIT.goto: unknown step "
+        "'nowhere'" in result.err
+    )
 
 
-def test_an_undeployed_workflow_and_a_missing_spec_file_are_named(cli: Cli,
-                                                                 specs: Path) -> None:
+def test_an_undeployed_workflow_and_a_missing_spec_file_are_named(cli: Cli, specs: Path) -> None:
     db = str(specs / "t.db")
     assert cli("workflows", "deploy", str(specs / "approval.yaml"), "--db", db).code == 0
     result = cli("run", "no-such-workflow", "--db", db)
@@ -125,11 +137,22 @@ def test_db_and_kafka_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-def test_self_approval_is_refused_and_another_approver_completes(cli: Cli,
-                                                                 specs: Path) -> None:
+def test_self_approval_is_refused_and_another_approver_completes(cli: Cli, specs: Path) -> None:
     db = str(specs / "t.db")
-    started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "nda"}',
-                  "--key", "k1", "--as", "alice", "--wait", "5", "--db", db)
+    started = cli(
+        "run",
+        str(specs / "approval.yaml"),
+        "--input",
+        '{"doc": "nda"}',
+        "--key",
+        "k1",
+        "--as",
+        "alice",
+        "--wait",
+        "5",
+        "--db",
+        db,
+    )
     assert started.code == 0, started.err
     run_id = started.out.splitlines()[0]
     assert "Waiting at step review" in started.out
@@ -170,16 +193,29 @@ def test_an_unreachable_broker_is_named_with_how_to_start_it(cli: Cli) -> None:
 
 def test_replay_shows_the_status_after_each_event(cli: Cli, specs: Path) -> None:
     db = str(specs / "t.db")
-    started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "nda"}',
-                  "--as", "alice", "--db", db)
+    started = cli(
+        "run",
+        str(specs / "approval.yaml"),
+        "--input",
+        '{"doc": "nda"}',
+        "--as",
+        "alice",
+        "--db",
+        db,
+    )
     run_id = started.out.splitlines()[0]
     assert cli("approve", run_id, "review", "--as", "bob", "--db", db).code == 0
 
     lines = cli("replay", run_id, "--db", db).out.splitlines()
     status = {line.split()[1]: line.rsplit("-> ", 1)[1] for line in lines[:6]}
-    assert status == {"RunStarted": "Pending", "StepStarted": "Running",
-                      "ApprovalRequested": "Waiting", "ApprovalGranted": "Running",
-                      "StepCompleted": "Running", "RunCompleted": "Completed"}, lines
+    assert status == {
+        "RunStarted": "Pending",
+        "StepStarted": "Running",
+        "ApprovalRequested": "Waiting",
+        "ApprovalGranted": "Running",
+        "StepCompleted": "Running",
+        "RunCompleted": "Completed",
+    }, lines
     at = cli("replay", run_id, "--at", "5", "--db", db)
     assert at.out.splitlines()[0] == "state after seq 5 (StepCompleted):"
     assert f"{run_id}  sign-off v1  Running" in at.out
@@ -213,15 +249,18 @@ def test_the_same_key_with_another_input_is_a_conflict_exit_5(cli: Cli, specs: P
     other = cli("run", spec, "--input", '{"doc": "fixed"}', "--key", "k", "--db", db)
     assert other.code == 5, other
     assert other.out.splitlines()[0] == run_id and "Failed" in other.out
-    assert (f"error: run {run_id} already exists for key 'k' of tenant 'default' and was "
-            "started with another input (it differs in input.doc)") in other.err
+    assert (
+        f"error: run {run_id} already exists for key 'k' of tenant 'default' and was "
+        "started with another input (it differs in input.doc)"
+    ) in other.err
     assert "use another --key" in other.err
     events = cli("replay", run_id, "--json", "--db", db).out
     assert events.count('"type": "RunStarted"') == 1 and "CommandRejected" not in events
 
 
 def test_runs_takes_a_status_in_any_case_and_refuses_an_unknown_one(
-        cli: Cli, specs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cli: Cli, specs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     db = str(specs / "t.db")
     started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "x"}', "--db", db)
     run_id = started.out.splitlines()[0]
@@ -231,8 +270,10 @@ def test_runs_takes_a_status_in_any_case_and_refuses_an_unknown_one(
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["runs", "--status", "Bogus"])
     assert exit_.value.code == 2
-    assert ("argument --status: unknown status 'Bogus'; use one of Pending, Running, Waiting, "
-            "Retry, Completed, Failed, Cancelled") in capsys.readouterr().err
+    assert (
+        "argument --status: unknown status 'Bogus'; use one of Pending, Running, Waiting, "
+        "Retry, Completed, Failed, Cancelled"
+    ) in capsys.readouterr().err
     help_text = build_parser()._subparsers._group_actions[0].choices["runs"].format_help()  # type: ignore[union-attr]
     assert "Pending, Running, Waiting" in " ".join(help_text.split())
 
@@ -240,8 +281,16 @@ def test_runs_takes_a_status_in_any_case_and_refuses_an_unknown_one(
 def test_runs_says_when_more_runs_exist(cli: Cli, specs: Path) -> None:
     db = str(specs / "t.db")
     for i in range(3):
-        cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "x"}', "--key", f"k{i}",
-            "--db", db)
+        cli(
+            "run",
+            str(specs / "approval.yaml"),
+            "--input",
+            '{"doc": "x"}',
+            "--key",
+            f"k{i}",
+            "--db",
+            db,
+        )
     listed = cli("runs", "--limit", "2", "--db", db)
     assert len(listed.out.splitlines()) == 2
     assert "more runs exist than the 2 most recent shown; pass --limit N" in listed.err
@@ -253,9 +302,21 @@ def test_a_closed_pipe_ends_the_command_quietly(specs: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     db = str(specs / "t.db")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "run", str(specs / "approval.yaml"),
-         "--input", '{"doc": "x"}', "--db", db],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "run",
+            str(specs / "approval.yaml"),
+            "--input",
+            '{"doc": "x"}',
+            "--db",
+            db,
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # the reader is gone before the first line: `| head -0`
     err = proc.stderr.read().decode()
@@ -278,8 +339,16 @@ def test_every_run_option_has_help() -> None:
 
 def _approved_run(cli: Cli, specs: Path, db: str) -> str:
     """A sign-off run by alice: her own approval refused, then bob's granted."""
-    started = cli("run", str(specs / "approval.yaml"), "--input", '{"doc": "nda"}',
-                  "--as", "alice", "--db", db)
+    started = cli(
+        "run",
+        str(specs / "approval.yaml"),
+        "--input",
+        '{"doc": "nda"}',
+        "--as",
+        "alice",
+        "--db",
+        db,
+    )
     run_id = started.out.splitlines()[0]
     assert cli("approve", run_id, "review", "--as", "alice", "--db", db).code == 1
     assert cli("approve", run_id, "nostep", "--as", "bob", "--db", db).code == 1
@@ -288,17 +357,21 @@ def _approved_run(cli: Cli, specs: Path, db: str) -> str:
 
 
 def test_replay_verify_reports_the_first_event_that_differs_with_exit_3(
-        cli: Cli, specs: Path) -> None:
+    cli: Cli, specs: Path
+) -> None:
     db = str(specs / "t.db")
     run_id = _approved_run(cli, specs, db)
     assert cli("replay", run_id, "--verify", "--db", db).code == 0
 
     store = sqlite3.connect(db)
-    seq, payload = store.execute("SELECT seq, payload FROM events WHERE run_id = ? AND "
-                                 "type = 'ApprovalGranted'", (run_id,)).fetchone()
+    seq, payload = store.execute(
+        "SELECT seq, payload FROM events WHERE run_id = ? AND type = 'ApprovalGranted'", (run_id,)
+    ).fetchone()
     granted = decode(payload)
-    store.execute("UPDATE events SET payload = ? WHERE run_id = ? AND seq = ?",
-                  (encode(dataclasses.replace(granted, approvers=["mallory"])), run_id, seq))
+    store.execute(
+        "UPDATE events SET payload = ? WHERE run_id = ? AND seq = ?",
+        (encode(dataclasses.replace(granted, approvers=["mallory"])), run_id, seq),
+    )
     store.commit()
     store.close()
 
@@ -318,15 +391,20 @@ def test_refusals_show_who_and_why_in_timeline_and_replay(cli: Cli, specs: Path)
 
     timeline = cli("timeline", run_id, "--db", db).out
     refused = timeline.split("refused (kept in the run log, no effect):\n", 1)[1].splitlines()
-    assert "DecideApproval by alice at step review: self-approval: alice requested this run" \
+    assert (
+        "DecideApproval by alice at step review: self-approval: alice requested this run"
         in refused[0]
-    assert "DecideApproval by bob at step nostep: unknown step: sign-off v1 has no step " \
+    )
+    assert (
+        "DecideApproval by bob at step nostep: unknown step: sign-off v1 has no step "
         "'nostep'; step 'review' is waiting for approval" in refused[1]
+    )
 
     doc = json.loads(cli("timeline", run_id, "--json", "--db", db).out)
     assert [(r["command"], r["by"], r["step"], r["reason"]) for r in doc["rejections"]] == [
         ("DecideApproval", "alice", "review", "self-approval"),
-        ("DecideApproval", "bob", "nostep", "unknown step")]
+        ("DecideApproval", "bob", "nostep", "unknown step"),
+    ]
     assert doc["rejected_commands"] == 2
     assert "redacted" not in doc and all("_wait_from" not in s for s in doc["steps"])
     assert doc["steps"][0]["duration_ms"] is not None
@@ -334,9 +412,11 @@ def test_refusals_show_who_and_why_in_timeline_and_replay(cli: Cli, specs: Path)
     replay = cli("replay", run_id, "--db", db).out.splitlines()
     rejected = [line for line in replay if "  CommandRejected  " in line]
     assert len(rejected) == 2
-    assert rejected[0].endswith("DecideApproval by alice refused: self-approval: alice "
-                                "requested this run and may not approve it; ask another "
-                                "approver")
+    assert rejected[0].endswith(
+        "DecideApproval by alice refused: self-approval: alice "
+        "requested this run and may not approve it; ask another "
+        "approver"
+    )
     events = json.loads(cli("replay", run_id, "--json", "--db", db).out)["events"]
     assert [e.get("by") for e in events if e["type"] == "CommandRejected"] == ["alice", "bob"]
 
@@ -353,7 +433,8 @@ steps:
 
 
 def test_on_the_store_run_wait_fires_due_timers_and_status_says_when_none_will(
-        cli: Cli, tmp_path: Path) -> None:
+    cli: Cli, tmp_path: Path
+) -> None:
     db = str(tmp_path / "t.db")
     (tmp_path / "nap.yaml").write_text(SLEEPER)
     started = cli("run", str(tmp_path / "nap.yaml"), "--db", db)
@@ -381,33 +462,42 @@ steps:
 
 
 def test_publish_completes_only_the_wait_of_its_key_and_messages_lists_it(
-        cli: Cli, tmp_path: Path) -> None:
+    cli: Cli, tmp_path: Path
+) -> None:
     db = str(tmp_path / "t.db")
     (tmp_path / "keyed.yaml").write_text(KEYED)
-    mine = cli("run", str(tmp_path / "keyed.yaml"), "--input", '{"order": "o-1"}', "--key",
-               "a", "--db", db).out.splitlines()[0]
-    other = cli("run", "keyed", "--input", '{"order": "o-2"}', "--key", "b",
-                "--db", db).out.splitlines()[0]
-    assert "waiting for message 'payment' with key 'o-1'" in cli("status", mine,
-                                                               "--db", db).out
-    published = cli("publish", "payment", "--key", "o-1", "--data", '{"paid": 5}', "--id",
-                    "tx-1", "--db", db)
+    mine = cli(
+        "run", str(tmp_path / "keyed.yaml"), "--input", '{"order": "o-1"}', "--key", "a", "--db", db
+    ).out.splitlines()[0]
+    other = cli(
+        "run", "keyed", "--input", '{"order": "o-2"}', "--key", "b", "--db", db
+    ).out.splitlines()[0]
+    assert "waiting for message 'payment' with key 'o-1'" in cli("status", mine, "--db", db).out
+    published = cli(
+        "publish", "payment", "--key", "o-1", "--data", '{"paid": 5}', "--id", "tx-1", "--db", db
+    )
     assert published.code == 0, published.err
     assert cli("publish", "payment", "--key", "o-1", "--id", "tx-1", "--db", db).code == 0
     assert "Completed" in cli("status", mine, "--db", db).out
     assert "Waiting" in cli("status", other, "--db", db).out
-    assert cli("publish", "payment", "--key", "nobody", "--ttl", "0", "--id", "lost",
-               "--db", db).code == 0
+    assert (
+        cli("publish", "payment", "--key", "nobody", "--ttl", "0", "--id", "lost", "--db", db).code
+        == 0
+    )
     listed = cli("messages", "--db", db).out.splitlines()
     assert [line.split("\t")[1:] for line in listed] == [
         ["tx-1", "payment", "o-1", "buffered", mine],
-        ["lost", "payment", "nobody", "unmatched", "-"]]
+        ["lost", "payment", "nobody", "unmatched", "-"],
+    ]
     assert cli("messages", "--status", "unmatched", "--json", "--db", db).out.count("\n") == 1
 
 
 def test_publish_refuses_bad_input_naming_the_option(cli: Cli, tmp_path: Path) -> None:
     db = str(tmp_path / "t.db")
-    for args, word in ((["--key", "k", "--ttl", "soon"], "--ttl"),
-                       (["--key", " "], "key"), (["--key", "k", "--data", "{"], "--data")):
+    for args, word in (
+        (["--key", "k", "--ttl", "soon"], "--ttl"),
+        (["--key", " "], "key"),
+        (["--key", "k", "--data", "{"], "--data"),
+    ):
         refused = cli("publish", "payment", *args, "--db", db)
         assert refused.code == 2 and word in refused.err, (args, refused)

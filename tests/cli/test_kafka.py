@@ -56,12 +56,16 @@ def kafka(tmp_path: Path) -> Iterator[list[str]]:
 
 def _api_backend(kafka: list[str]) -> KafkaApiBackend:
     prefix = kafka[kafka.index("--topic-prefix") + 1]
-    return KafkaApiBackend(kafka[kafka.index("--kafka") + 1],
-                           Topics(prefix=prefix, partitions=int(PARTITIONS)), app=prefix)
+    return KafkaApiBackend(
+        kafka[kafka.index("--kafka") + 1],
+        Topics(prefix=prefix, partitions=int(PARTITIONS)),
+        app=prefix,
+    )
 
 
-def _eventually(check: Callable[[], Result], until: Callable[[Result], bool],
-                timeout_s: float = 60.0) -> Result:
+def _eventually(
+    check: Callable[[], Result], until: Callable[[Result], bool], timeout_s: float = 60.0
+) -> Result:
     deadline = time.monotonic() + timeout_s
     result = check()
     while not until(result) and time.monotonic() < deadline:
@@ -72,13 +76,31 @@ def _eventually(check: Callable[[], Result], until: Callable[[Result], bool],
 
 def _serve(kafka: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
     prefix = kafka[kafka.index("--topic-prefix") + 1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT),
-           "TERRANOHA_TEST_EFFECTS": str(tmp_path / "effects.db")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TERRANOHA_TEST_EFFECTS": str(tmp_path / "effects.db"),
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", *kafka, "--app", prefix,
-         "--partitions", PARTITIONS, "--workers", "tests.embedded.durable_tools",
-         "--postgres", postgres_dsn()],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            *kafka,
+            "--app",
+            prefix,
+            "--partitions",
+            PARTITIONS,
+            "--workers",
+            "tests.embedded.durable_tools",
+            "--postgres",
+            postgres_dsn(),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith(b"serving"):
@@ -150,8 +172,9 @@ def test_run_commands_say_what_is_missing(cli: Cli, kafka: list[str]) -> None:
 @pytest.mark.kafka
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_driven_from_the_command_line(
+    cli: Cli, kafka: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = tmp_path / "refund.yaml"
     spec.write_text(SPEC)
     assert cli("topics", "create", *kafka, "--partitions", PARTITIONS).code == 0
@@ -163,41 +186,45 @@ def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str], tmp_path
     assert cli("workflows", "list", *kafka).out == "cli-refund\tv1\t3 steps\n"
 
     # Before any server runs: the triggers wait on the topic. Same key, same run.
-    first = cli("run", str(spec), "--input", '{"n": 4}', "--key", "order-4", "--as", "alice",
-                *kafka)
+    first = cli(
+        "run", str(spec), "--input", '{"n": 4}', "--key", "order-4", "--as", "alice", *kafka
+    )
     assert first.code == 0, first.err
     run_id = first.out.splitlines()[0]
     assert first.out.splitlines()[1] == f"trigger published to {kafka[-1]}.triggers"
-    second = cli("run", "cli-refund", "--input", '{"n": 4}', "--key", "order-4",
-                 "--as", "alice", *kafka)
+    second = cli(
+        "run", "cli-refund", "--input", '{"n": 4}', "--key", "order-4", "--as", "alice", *kafka
+    )
     assert second.out.splitlines()[0] == run_id
 
     server = _serve(kafka, tmp_path)
     try:
-        waiting = _eventually(lambda: cli("status", run_id, *kafka),
-                              lambda r: "Waiting" in r.out)
-        assert f"{run_id}  cli-refund v1  Waiting at step pay (waiting for approval by " \
-               "finance; 0/1 approvals)" in waiting.out, waiting
+        waiting = _eventually(lambda: cli("status", run_id, *kafka), lambda r: "Waiting" in r.out)
+        assert (
+            f"{run_id}  cli-refund v1  Waiting at step pay (waiting for approval by "
+            "finance; 0/1 approvals)" in waiting.out
+        ), waiting
 
         # Decisions go through the API: the approver is the key's subject.
         assert cli("approve", run_id, "pay", "--as", "carol", *kafka).code == 2
         with serve_api(_api_backend(kafka), tmp_path / "keys.db") as api:
-            monkeypatch.setenv("TERRANOHA_API_KEY", api.key("alice", ["default"],
-                                                            ["approve:finance"]))
+            monkeypatch.setenv(
+                "TERRANOHA_API_KEY", api.key("alice", ["default"], ["approve:finance"])
+            )
             refused = cli("approve", run_id, "pay", "--api", api.url, *kafka)
             assert refused.code == 1, refused
             assert refused.out.startswith("refused: self-approval: alice requested this run")
             as_other = cli("approve", run_id, "pay", "--api", api.url, "--as", "carol", *kafka)
             assert as_other.code == 2 and "drop --as" in as_other.err
 
-            monkeypatch.setenv("TERRANOHA_API_KEY", api.key("carol", ["default"],
-                                                            ["approve:finance"]))
+            monkeypatch.setenv(
+                "TERRANOHA_API_KEY", api.key("carol", ["default"], ["approve:finance"])
+            )
             granted = cli("approve", run_id, "pay", "--api", api.url, *kafka)
             assert granted.code == 0, granted
             assert granted.out.startswith("ApprovalGranted")
 
-        done = _eventually(lambda: cli("status", run_id, *kafka),
-                           lambda r: "Completed" in r.out)
+        done = _eventually(lambda: cli("status", run_id, *kafka), lambda r: "Completed" in r.out)
         assert done.out == f"{run_id}  cli-refund v1  Completed\n", done
         status = json.loads(cli("status", run_id, "--json", *kafka).out)
         assert status["status"] == "Completed" and status["requested_by"] == "alice"
@@ -226,8 +253,19 @@ def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str], tmp_path
         assert "\tbad_magic\t" in dead.out
 
         # --wait returns once the run needs someone: here, an approver.
-        other = cli("run", "cli-refund", "--input", '{"n": 5}', "--key", "order-5",
-                    "--as", "alice", "--wait", "60", *kafka)
+        other = cli(
+            "run",
+            "cli-refund",
+            "--input",
+            '{"n": 5}',
+            "--key",
+            "order-5",
+            "--as",
+            "alice",
+            "--wait",
+            "60",
+            *kafka,
+        )
         assert other.code == 0, other
         assert "Waiting at step pay" in other.out
         cancelled = cli("cancel", other.out.splitlines()[0], *kafka)
@@ -236,23 +274,44 @@ def test_a_run_driven_from_the_command_line(cli: Cli, kafka: list[str], tmp_path
 
         # A run that fails at once exits 1, with or without --wait; the same key with
         # another input is a conflict (exit 5); --status takes any case.
-        bad = cli("run", "cli-refund", "--input", '{"n": "four"}', "--key", "order-6",
-                  "--as", "alice", *kafka)
+        bad = cli(
+            "run",
+            "cli-refund",
+            "--input",
+            '{"n": "four"}',
+            "--key",
+            "order-6",
+            "--as",
+            "alice",
+            *kafka,
+        )
         assert bad.code == 1, bad
         assert "Failed" in bad.out and "INVALID_INPUT: input.n: expected integer" in bad.out
-        waited = cli("run", "cli-refund", "--input", '{"n": 7, "m": 1}', "--key", "order-7",
-                     "--as", "alice", "--wait", "30", *kafka)
+        waited = cli(
+            "run",
+            "cli-refund",
+            "--input",
+            '{"n": 7, "m": 1}',
+            "--key",
+            "order-7",
+            "--as",
+            "alice",
+            "--wait",
+            "30",
+            *kafka,
+        )
         assert waited.code == 1, waited
         assert "input.m: field 'm' is not declared" in waited.out
         conflict = cli("run", "cli-refund", "--input", '{"n": 6}', "--key", "order-6", *kafka)
         assert conflict.code == 5, conflict
         assert "was started with another input (it differs in input.n)" in conflict.err
         failed = cli("runs", "--status", "FAILED", *kafka)
-        assert sorted(line.split()[0] for line in failed.out.splitlines()
-                      if not line.startswith("error:")) == sorted(
-            [bad.out.splitlines()[0], waited.out.splitlines()[0]])
+        assert sorted(
+            line.split()[0] for line in failed.out.splitlines() if not line.startswith("error:")
+        ) == sorted([bad.out.splitlines()[0], waited.out.splitlines()[0]])
         assert cli("runs", "--status", "cancelled", *kafka).out.startswith(
-            other.out.splitlines()[0])
+            other.out.splitlines()[0]
+        )
     finally:
         _stop(server)
 
@@ -268,8 +327,9 @@ steps:
 
 
 @pytest.mark.kafka
-def test_publish_reaches_the_wait_of_its_key_through_serve(cli: Cli, kafka: list[str],
-                                                          tmp_path: Path) -> None:
+def test_publish_reaches_the_wait_of_its_key_through_serve(
+    cli: Cli, kafka: list[str], tmp_path: Path
+) -> None:
     """``serve --kafka`` runs message correlation: a message published from the command
     line completes the run waiting for its key, and leaves the other waiting."""
     spec = tmp_path / "keyed.yaml"
@@ -281,20 +341,32 @@ def test_publish_reaches_the_wait_of_its_key_through_serve(cli: Cli, kafka: list
     mine_id, other_id = mine.out.splitlines()[0], other.out.splitlines()[0]
     server = _serve(kafka, tmp_path)
     try:
-        waiting = _eventually(lambda: cli("status", mine_id, *kafka),
-                              lambda r: "Waiting" in r.out)
+        waiting = _eventually(lambda: cli("status", mine_id, *kafka), lambda r: "Waiting" in r.out)
         assert "waiting for message 'payment' with key 'o-1'" in waiting.out, waiting
         _eventually(lambda: cli("status", other_id, *kafka), lambda r: "Waiting" in r.out)
-        published = cli("publish", "payment", "--key", "o-1", "--data", '{"paid": 5}',
-                        "--id", "tx-1", "--ttl", "0", *kafka)
+        published = cli(
+            "publish",
+            "payment",
+            "--key",
+            "o-1",
+            "--data",
+            '{"paid": 5}',
+            "--id",
+            "tx-1",
+            "--ttl",
+            "0",
+            *kafka,
+        )
         assert published.code == 0, published
         assert published.out == "published message tx-1 (payment, key 'o-1', ttl 0ms)\n"
         _eventually(lambda: cli("status", mine_id, *kafka), lambda r: "Completed" in r.out)
-        listed = _eventually(lambda: cli("messages", "--json", *kafka),
-                             lambda r: '"delivered"' in r.out)
+        listed = _eventually(
+            lambda: cli("messages", "--json", *kafka), lambda r: '"delivered"' in r.out
+        )
         rows = [json.loads(line) for line in listed.out.splitlines()]
         assert [(r["message_id"], r["status"], r["runs"]) for r in rows] == [
-            ("tx-1", "delivered", [mine_id])]
+            ("tx-1", "delivered", [mine_id])
+        ]
         assert "Waiting" in cli("status", other_id, *kafka).out
     finally:
         _stop(server)

@@ -41,8 +41,19 @@ def test_schedules_on_kafka(cli: Cli, kafka: list[str], tmp_path: Path) -> None:
     assert cli("workflows", "deploy", str(tmp_path / "hold.yaml"), *kafka).code == 0
     proc = _serve(kafka[:4], tmp_path)
     try:
-        created = cli("schedules", "create", "--id", "hourly", "--workflow", "hold",
-                      "--cron", "0 * * * *", "--timezone", "America/New_York", *kafka)
+        created = cli(
+            "schedules",
+            "create",
+            "--id",
+            "hourly",
+            "--workflow",
+            "hold",
+            "--cron",
+            "0 * * * *",
+            "--timezone",
+            "America/New_York",
+            *kafka,
+        )
         assert created.code == 0, created.err
         assert "schedule hourly created" in created.out
         assert "hourly" in cli("schedules", "list", *kafka).out

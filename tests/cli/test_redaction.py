@@ -22,16 +22,22 @@ from engine.worker import TaskContext, ToolRegistry
 
 CARD = "4111111111111111"
 TOKEN = "tok_live_S3cr3tValue9x"
-SPEC = load_spec({
-    "workflow": "payer", "version": 1,
-    "input": {"customer": "string", "card_number": "string"},
-    "redact": ["$.input.card_number", "*token*"],
-    "steps": [
-        {"id": "charge", "task": "psp.charge",
-         "input": {"card": "input.card_number", "who": "input.customer"}},
-        {"id": "receipt", "task": "psp.receipt", "input": {"charge": "steps.charge.result"}},
-    ],
-})
+SPEC = load_spec(
+    {
+        "workflow": "payer",
+        "version": 1,
+        "input": {"customer": "string", "card_number": "string"},
+        "redact": ["$.input.card_number", "*token*"],
+        "steps": [
+            {
+                "id": "charge",
+                "task": "psp.charge",
+                "input": {"card": "input.card_number", "who": "input.customer"},
+            },
+            {"id": "receipt", "task": "psp.receipt", "input": {"charge": "steps.charge.result"}},
+        ],
+    }
+)
 
 
 def _registry() -> ToolRegistry:
@@ -48,8 +54,9 @@ def _registry() -> ToolRegistry:
     return registry
 
 
-def test_secrets_never_reach_cli_output_or_logs(tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_secrets_never_reach_cli_output_or_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     db = tmp_path / "secrets.db"
     clock = ManualClock()
@@ -57,8 +64,14 @@ def test_secrets_never_reach_cli_output_or_logs(tmp_path: Path,
     engine.store.deploy(SPEC, clock.now_ms())
     engine.specs.add(SPEC)
     worker = EmbeddedWorker(db, _registry(), clock=clock)
-    engine.submit(Trigger(workflow="payer", idempotency_key="k", requested_by="ann",
-                          input={"customer": "ann", "card_number": CARD}))
+    engine.submit(
+        Trigger(
+            workflow="payer",
+            idempotency_key="k",
+            requested_by="ann",
+            input={"customer": "ann", "card_number": CARD},
+        )
+    )
     for _ in range(3):
         engine.drain()
         asyncio.run(worker.work_once())
@@ -72,10 +85,15 @@ def test_secrets_never_reach_cli_output_or_logs(tmp_path: Path,
     worker.close()
 
     shown = []
-    for argv in (["status", run_id, "--json"], ["status", run_id], ["timeline", run_id],
-                 ["timeline", run_id, "--json"], ["replay", run_id],
-                 ["replay", run_id, "--json", "--verify"], ["replay", run_id, "--at", "8",
-                                                            "--json"]):
+    for argv in (
+        ["status", run_id, "--json"],
+        ["status", run_id],
+        ["timeline", run_id],
+        ["timeline", run_id, "--json"],
+        ["replay", run_id],
+        ["replay", run_id, "--json", "--verify"],
+        ["replay", run_id, "--at", "8", "--json"],
+    ):
         out = io.StringIO()
         assert main([*argv, "--db", str(db)], out=out) == 0, argv
         shown.append(out.getvalue())

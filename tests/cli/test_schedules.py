@@ -57,8 +57,21 @@ def test_a_schedule_from_a_file_is_listed_and_shown(cli: Cli, db: str, tmp_path:
 
 
 def test_trigger_starts_a_run_and_the_overlap_policy_then_skips(cli: Cli, db: str) -> None:
-    assert cli("schedules", "create", "--id", "hourly", "--workflow", "hold",
-               "--every", "1h", "--db", db).code == 0
+    assert (
+        cli(
+            "schedules",
+            "create",
+            "--id",
+            "hourly",
+            "--workflow",
+            "hold",
+            "--every",
+            "1h",
+            "--db",
+            db,
+        ).code
+        == 0
+    )
     first = cli("schedules", "trigger", "hourly", "--db", db)
     assert first.code == 0 and "started run" in first.out
     run_id = first.out.split("started run ")[1].split()[0]
@@ -67,12 +80,35 @@ def test_trigger_starts_a_run_and_the_overlap_policy_then_skips(cli: Cli, db: st
     assert "skipped" in second.out and "(overlap)" in second.out
 
 
-def test_backfill_starts_the_range_and_a_repeat_addresses_the_same_runs(
-        cli: Cli, db: str) -> None:
-    assert cli("schedules", "create", "--id", "daily", "--workflow", "hold",
-               "--cron", "0 6 * * *", "--timezone", "America/New_York", "--db", db).code == 0
-    result = cli("schedules", "backfill", "daily", "--from", "2026-03-07T00:00:00-05:00",
-                 "--to", "2026-03-09T23:00:00-04:00", "--db", db)
+def test_backfill_starts_the_range_and_a_repeat_addresses_the_same_runs(cli: Cli, db: str) -> None:
+    assert (
+        cli(
+            "schedules",
+            "create",
+            "--id",
+            "daily",
+            "--workflow",
+            "hold",
+            "--cron",
+            "0 6 * * *",
+            "--timezone",
+            "America/New_York",
+            "--db",
+            db,
+        ).code
+        == 0
+    )
+    result = cli(
+        "schedules",
+        "backfill",
+        "daily",
+        "--from",
+        "2026-03-07T00:00:00-05:00",
+        "--to",
+        "2026-03-09T23:00:00-04:00",
+        "--db",
+        db,
+    )
     assert result.code == 0, result.err
     assert result.out.count("started run") == 3
     march_8 = parse_time("2026-03-08T06:00:00-04:00")  # the morning after spring forward
@@ -80,21 +116,35 @@ def test_backfill_starts_the_range_and_a_repeat_addresses_the_same_runs(
     assert expected in result.out
     assert "for 2026-03-08T06:00:00-04:00" in result.out
     assert cli("status", expected, "--db", db).code == 0
-    cli("schedules", "backfill", "daily", "--from", "2026-03-08T00:00:00-05:00",
-        "--to", "2026-03-08T12:00:00-04:00", "--db", db)
+    cli(
+        "schedules",
+        "backfill",
+        "daily",
+        "--from",
+        "2026-03-08T00:00:00-05:00",
+        "--to",
+        "2026-03-08T12:00:00-04:00",
+        "--db",
+        db,
+    )
     store = Store(db)
     try:
         events = store.events(expected)
         assert [e.TYPE for e in events].count("RunStarted") == 1
-        assert any(getattr(e, "reason", "") == "duplicate start" for e in events), \
+        assert any(getattr(e, "reason", "") == "duplicate start" for e in events), (
             "the repeated start was refused"
+        )
     finally:
         store.close()
 
 
 def test_a_paused_schedule_records_the_times_it_did_not_run(cli: Cli, db: str) -> None:
-    assert cli("schedules", "create", "--id", "fast", "--workflow", "hold", "--every", "1s",
-               "--db", db).code == 0
+    assert (
+        cli(
+            "schedules", "create", "--id", "fast", "--workflow", "hold", "--every", "1s", "--db", db
+        ).code
+        == 0
+    )
     assert "paused" in cli("schedules", "pause", "fast", "--db", db).out
     time.sleep(2.2)
     resumed = cli("schedules", "resume", "fast", "--db", db)
@@ -110,13 +160,15 @@ def test_a_paused_schedule_records_the_times_it_did_not_run(cli: Cli, db: str) -
 def test_a_bad_schedule_is_refused_naming_each_field(cli: Cli, db: str, tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(
         "id: x\nworkflow: hold\ncron: '0 25 * * *'\ntimezone: Europe/Berlln\n"
-        "overlap: sometimes\nfrequency: daily\n")
+        "overlap: sometimes\nfrequency: daily\n"
+    )
     result = cli("schedules", "create", str(tmp_path / "bad.yaml"), "--db", db)
     assert result.code == 2
     for field in ("cron:", "timezone:", "overlap:", "frequency:"):
         assert field in result.err, field
     both = cli("schedules", "create", "--id", "y", "--workflow", "hold", "--db", db)
     assert both.code == 2 and "give a cron expression" in both.err
-    backwards = cli("schedules", "backfill", "nope", "--from", "yesterday", "--to", "now",
-                    "--db", db)
+    backwards = cli(
+        "schedules", "backfill", "nope", "--from", "yesterday", "--to", "now", "--db", db
+    )
     assert backwards.code == 2 and "--from/--to" in backwards.err

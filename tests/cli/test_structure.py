@@ -24,8 +24,10 @@ def test_the_cli_modules_import_each_other_without_a_cycle() -> None:
     graph = {p.stem: _cli_imports(p) for p in CLI.glob("_*.py") if p.stem != "__main__"}
 
     def reaches(start: str, goal: str, seen: frozenset[str] = frozenset()) -> bool:
-        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n}))
-                   for n in graph.get(start, ()))
+        return any(
+            n == goal or (n not in seen and reaches(n, goal, seen | {n}))
+            for n in graph.get(start, ())
+        )
 
     cycles = sorted(name for name in graph if reaches(name, name))
     assert not cycles, f"import cycle through {', '.join(cycles)}: {graph}"

@@ -28,26 +28,38 @@ def test_the_documented_schema_id_is_the_triggers() -> None:
 
 def test_a_trigger_written_by_hand_decodes_as_the_engine_reads_it() -> None:
     schema = fastavro.parse_schema(
-        json.loads((ROOT / "schemas" / "records" / "Trigger.v1.avsc").read_text()))
+        json.loads((ROOT / "schemas" / "records" / "Trigger.v1.avsc").read_text())
+    )
     out = io.BytesIO()
     out.write(struct.pack(">BI", 0, schema_id(encode(Trigger(workflow="w")))))
-    fastavro.schemaless_writer(out, schema, {
-        "workflow": "refund-agent", "tenant": "acme", "idempotency_key": "order-1001",
-        "input": json.dumps({"order_id": "ord-1001"}), "requested_by": "support-bot"})
+    fastavro.schemaless_writer(
+        out,
+        schema,
+        {
+            "workflow": "refund-agent",
+            "tenant": "acme",
+            "idempotency_key": "order-1001",
+            "input": json.dumps({"order_id": "ord-1001"}),
+            "requested_by": "support-bot",
+        },
+    )
 
     assert decode(out.getvalue()) == Trigger(
-        workflow="refund-agent", version=0, tenant="acme", idempotency_key="order-1001",
-        input={"order_id": "ord-1001"}, requested_by="support-bot")
+        workflow="refund-agent",
+        version=0,
+        tenant="acme",
+        idempotency_key="order-1001",
+        input={"order_id": "ord-1001"},
+        requested_by="support-bot",
+    )
 
 
 def test_the_documented_run_id_is_the_engines() -> None:
     """The README keys triggers by run id (the short path): its recipe must agree."""
     from engine.core.policies import RUN_NAMESPACE, run_id_for
 
-    documented = re.search(r'^RUN_NAMESPACE = uuid\.UUID\("([0-9a-f-]+)"\)', README,
-                           re.MULTILINE)
+    documented = re.search(r'^RUN_NAMESPACE = uuid\.UUID\("([0-9a-f-]+)"\)', README, re.MULTILINE)
     assert documented is not None, "the README's fastavro example names the namespace"
     assert documented.group(1) == str(RUN_NAMESPACE)
     assert 'uuid.uuid5(RUN_NAMESPACE, "acme\\x1forder-1001")' in README
-    assert run_id_for("acme", "order-1001") == str(
-        uuid.uuid5(RUN_NAMESPACE, "acme\x1forder-1001"))
+    assert run_id_for("acme", "order-1001") == str(uuid.uuid5(RUN_NAMESPACE, "acme\x1forder-1001"))

@@ -15,10 +15,14 @@ from engine.core.commands import COMMAND_TYPES, Command
 LONGS = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 JSON_VALUES: st.SearchStrategy[Any] = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text()
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text()
     | st.floats(allow_nan=False, allow_infinity=False),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
     max_leaves=8,
 )
 """What a worker's JSON can hold; ``Any`` fields get these."""
@@ -34,7 +38,10 @@ def of_type(tp: Any) -> st.SearchStrategy[Any]:
     if tp is Any:
         return JSON_VALUES
     simple: dict[Any, st.SearchStrategy[Any]] = {
-        str: st.text(max_size=12), int: LONGS, bool: st.booleans(), bytes: st.binary(),
+        str: st.text(max_size=12),
+        int: LONGS,
+        bool: st.booleans(),
+        bytes: st.binary(),
         float: st.floats(allow_nan=False),
     }
     if tp in simple:

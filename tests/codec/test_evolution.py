@@ -75,8 +75,7 @@ def schemas_copy(tmp_path: Path) -> Path:
 def with_trigger_v2(tmp_path: Path, cls: type = TriggerV2) -> tuple[Path, list[RecordType]]:
     """The repo's schemas plus records/Trigger.v2.avsc, and records where Trigger is v2."""
     folder = schemas_copy(tmp_path)
-    records = [*(r for r in core_records() if r.cls is not Trigger),
-               RecordType.of(cls, "records")]
+    records = [*(r for r in core_records() if r.cls is not Trigger), RecordType.of(cls, "records")]
     added, drifted = generate(folder, records)
     assert (added, drifted) == (["records/Trigger.v2.avsc"], [])
     return folder, records
@@ -95,17 +94,32 @@ def test_a_new_version_gets_the_next_id_and_the_old_id_stays(tmp_path: Path) -> 
 def test_a_record_written_with_the_older_schema_reads_into_the_current_class(
     tmp_path: Path,
 ) -> None:
-    old = Trigger(workflow="refund", version=3, tenant="acme", idempotency_key="k",
-                  input={"order_id": "o-1"}, priority=2, requested_by="alice")
+    old = Trigger(
+        workflow="refund",
+        version=3,
+        tenant="acme",
+        idempotency_key="k",
+        input={"order_id": "o-1"},
+        priority=2,
+        requested_by="alice",
+    )
     written_by_v1 = default_codec().encode(old)
 
     folder, records = with_trigger_v2(tmp_path)
     upgraded = Codec(folder, records)
     decoded = upgraded.decode(written_by_v1)
 
-    assert decoded == TriggerV2(workflow="refund", version=3, tenant="acme",
-                                idempotency_key="k", input={"order_id": "o-1"}, priority=2,
-                                requested_by="alice", labels=(), not_before=None)
+    assert decoded == TriggerV2(
+        workflow="refund",
+        version=3,
+        tenant="acme",
+        idempotency_key="k",
+        input={"order_id": "o-1"},
+        priority=2,
+        requested_by="alice",
+        labels=(),
+        not_before=None,
+    )
     new = TriggerV2(workflow="refund", labels=("vip",), not_before=T0)
     data = upgraded.encode(new)
     assert schema_id(data) != schema_id(written_by_v1)
@@ -136,9 +150,18 @@ def test_each_event_version_is_its_own_class_and_both_stay_readable(tmp_path: Pa
     records = [*core_records(), RecordType.of(TaskCompletedV2, "events")]
     assert generate(folder, records) == (["events/TaskCompleted.v2.avsc"], [])
     codec = Codec(folder, records)
-    envelope: dict[str, Any] = dict(run_id="r", seq=4, ts=T0, tenant="t", correlation_id="",
-                                    causation_id="c", step="s", attempt=1, task_id="t1",
-                                    result={"ok": True})
+    envelope: dict[str, Any] = dict(
+        run_id="r",
+        seq=4,
+        ts=T0,
+        tenant="t",
+        correlation_id="",
+        causation_id="c",
+        step="s",
+        attempt=1,
+        task_id="t1",
+        result={"ok": True},
+    )
     v1 = ev.TaskCompleted(phase="task", cost=0.5, **envelope)
     v2 = TaskCompletedV2(model="small", **envelope)
 
@@ -154,9 +177,21 @@ def test_an_event_version_without_its_class_is_unknown_not_read_as_another(
     folder = schemas_copy(tmp_path)
     records = [*core_records(), RecordType.of(TaskCompletedV2, "events")]
     generate(folder, records)
-    data = Codec(folder, records).encode(TaskCompletedV2(
-        run_id="r", seq=4, ts=T0, tenant="t", correlation_id="", causation_id="c", step="s",
-        attempt=1, task_id="t1", result=None, model="small"))
+    data = Codec(folder, records).encode(
+        TaskCompletedV2(
+            run_id="r",
+            seq=4,
+            ts=T0,
+            tenant="t",
+            correlation_id="",
+            causation_id="c",
+            step="s",
+            attempt=1,
+            task_id="t1",
+            result=None,
+            model="small",
+        )
+    )
     with pytest.raises(DecodeError, match="no class for TaskCompleted v2") as caught:
         Codec(folder).decode(data)
     assert caught.value.reason == "unknown_schema"
@@ -174,10 +209,22 @@ def test_a_run_state_snapshot_of_v1_reads_into_v2_with_no_signal_key() -> None:
     from engine.core.state import RunState, StepState, Waiting
 
     codec = default_codec()
-    state = RunState(run_id="r", tenant="t", correlation_id="c", workflow="w", version=1,
-                     seq=3, current=StepState(step="s", visit=1, kind="wait_event",
-                                              started_at=T0, waiting=Waiting.SIGNAL,
-                                              signal="payment"))
+    state = RunState(
+        run_id="r",
+        tenant="t",
+        correlation_id="c",
+        workflow="w",
+        version=1,
+        seq=3,
+        current=StepState(
+            step="s",
+            visit=1,
+            kind="wait_event",
+            started_at=T0,
+            waiting=Waiting.SIGNAL,
+            signal="payment",
+        ),
+    )
     entries = {e.file: e.id for e in read_catalogue(codec.schemas_dir).entries}
     v1 = parse_schema(json.loads((codec.schemas_dir / "state/RunState.v1.avsc").read_text()))
     current = f"state/RunState.v{RunState.VERSION}.avsc"

@@ -25,9 +25,21 @@ from engine.core.state import RunState
 
 T0 = 1_700_000_000_000
 DISPATCHED = ev.TaskDispatched(
-    run_id="run-1", seq=3, ts=T0, tenant="acme", correlation_id="c", causation_id="cmd-1",
-    step="lookup", phase="task", attempt=1, task_id="run-1/lookup/1/1", queue="crm.get_order",
-    idempotency_key="run-1/lookup/1", input={"order_id": "o-1"}, timeout_at=T0 + 30_000)
+    run_id="run-1",
+    seq=3,
+    ts=T0,
+    tenant="acme",
+    correlation_id="c",
+    causation_id="cmd-1",
+    step="lookup",
+    phase="task",
+    attempt=1,
+    task_id="run-1/lookup/1/1",
+    queue="crm.get_order",
+    idempotency_key="run-1/lookup/1",
+    input={"order_id": "o-1"},
+    timeout_at=T0 + 30_000,
+)
 DATA = encode(DISPATCHED)
 CATALOGUE = {e.file: e.id for e in read_catalogue(schemas_dir()).entries}
 
@@ -57,7 +69,7 @@ def test_too_short_is_bad_magic(data: bytes) -> None:
         schema_id(data)
 
 
-@pytest.mark.parametrize("data", [b"\x01" + DATA[1:], b"{\"json\": true}", b"\xff" * 40])
+@pytest.mark.parametrize("data", [b"\x01" + DATA[1:], b'{"json": true}', b"\xff" * 40])
 def test_wrong_magic_byte_is_bad_magic(data: bytes) -> None:
     assert reason(data) == "bad_magic"
 
@@ -105,8 +117,10 @@ def test_a_command_field_holding_garbage_is_a_decode_error() -> None:
 
 
 def _recorded_with_payload(payload: bytes) -> bytes:
-    return written(RecordedCommand, {"run_id": "r", "command": payload, "now": T0,
-                                     "first_seq": 1, "last_seq": 1})
+    return written(
+        RecordedCommand,
+        {"run_id": "r", "command": payload, "now": T0, "first_seq": 1, "last_seq": 1},
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -119,15 +133,18 @@ def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(sid=st.sampled_from(sorted(CATALOGUE.values())), body=st.binary(max_size=200))
 def test_a_known_schema_id_with_a_random_body_raises_only_decode_error(
-    sid: int, body: bytes,
+    sid: int,
+    body: bytes,
 ) -> None:
     with contextlib.suppress(DecodeError):
         decode(struct.pack(">BI", 0, sid) + body)
 
 
 @settings(max_examples=300, deadline=None)
-@given(position=st.integers(min_value=5, max_value=len(DATA) - 1),
-       value=st.integers(min_value=0, max_value=255))
+@given(
+    position=st.integers(min_value=5, max_value=len(DATA) - 1),
+    value=st.integers(min_value=0, max_value=255),
+)
 def test_a_damaged_byte_never_escapes_as_another_error(position: int, value: int) -> None:
     damaged = bytearray(DATA)
     damaged[position] = value
@@ -140,16 +157,25 @@ def test_a_damaged_byte_never_escapes_as_another_error(position: int, value: int
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, {"when": object()}, {1j}])
 def test_a_non_json_value_in_a_json_field_is_an_encode_error(value: Any) -> None:
-    completed = cmd.CompleteTask(command_id="c", run_id="r", step="s", task_id="t",
-                                 result=value)
+    completed = cmd.CompleteTask(command_id="c", run_id="r", step="s", task_id="t", result=value)
     with pytest.raises(EncodeError, match="CompleteTask"):
         encode(completed)
 
 
 def test_an_int_beyond_64_bits_is_an_encode_error() -> None:
     with pytest.raises(EncodeError):
-        encode(ev.TimerFired(run_id="r", seq=2**63, ts=T0, tenant="t", correlation_id="",
-                             causation_id="c", timer_id="t", kind="retry"))
+        encode(
+            ev.TimerFired(
+                run_id="r",
+                seq=2**63,
+                ts=T0,
+                tenant="t",
+                correlation_id="",
+                causation_id="c",
+                timer_id="t",
+                kind="retry",
+            )
+        )
 
 
 def test_an_object_that_is_not_a_record_is_an_encode_error() -> None:
@@ -158,8 +184,13 @@ def test_an_object_that_is_not_a_record_is_an_encode_error() -> None:
 
 
 def test_an_event_where_a_command_belongs_is_an_encode_error() -> None:
-    recorded = RecordedCommand(run_id="r", command=DISPATCHED, now=T0,  # type: ignore[arg-type]
-                               first_seq=1, last_seq=1)
+    recorded = RecordedCommand(
+        run_id="r",
+        command=DISPATCHED,
+        now=T0,  # type: ignore[arg-type]
+        first_seq=1,
+        last_seq=1,
+    )
     with pytest.raises(EncodeError, match="Command field holds a TaskDispatched"):
         encode(recorded)
 

@@ -42,7 +42,8 @@ def test_every_dataclass_matches_its_schema(record: RecordType) -> None:
     schema = json.loads((SCHEMAS / record.file).read_text())
     assert record.drift(schema) == "", (
         f"{record.file} and {record.cls.__qualname__} differ: give the class a new VERSION "
-        "and run `python -m engine.codec.generate`")
+        "and run `python -m engine.codec.generate`"
+    )
 
 
 def test_the_generator_finds_nothing_to_add_or_fix() -> None:
@@ -73,7 +74,10 @@ def test_schemas_are_named_records_in_the_terranoha_namespace() -> None:
     for record in RECORDS:
         schema = json.loads((SCHEMAS / record.file).read_text())
         assert (schema["type"], schema["name"], schema["namespace"]) == (
-            "record", record.name, "terranoha")
+            "record",
+            record.name,
+            "terranoha",
+        )
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.file)
@@ -99,7 +103,8 @@ def test_a_drifted_schema_fails_loading(tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match=r"TaskCompleted\.v1\.avsc .*field confidence"):
         Codec(folder)
     assert generate(folder, check=True)[1] == [
-        "events/TaskCompleted.v1.avsc: field confidence is not in the schema"]
+        "events/TaskCompleted.v1.avsc: field confidence is not in the schema"
+    ]
     assert main(["--schemas", str(folder), "--check"]) == 1
 
 
@@ -114,15 +119,25 @@ def test_the_generator_writes_every_schema_into_an_empty_folder(tmp_path: Path) 
     assert generate(tmp_path) == ([], [])
 
 
-@pytest.mark.parametrize("catalogue, problem", [
-    ({"next_id": 3, "schemas": [{"id": 1, "file": "a/A.v1.avsc"},
-                                {"id": 1, "file": "a/B.v1.avsc"}]}, "used twice"),
-    ({"next_id": 2, "schemas": [{"id": 2, "file": "a/A.v1.avsc"}]}, "not below next_id"),
-    ({"next_id": 2, "schemas": [{"id": 1, "file": "a/A.avsc"}]}, r"<Name>\.v<N>\.avsc"),
-    ({"schemas": []}, "needs next_id"),
-])
+@pytest.mark.parametrize(
+    "catalogue, problem",
+    [
+        (
+            {
+                "next_id": 3,
+                "schemas": [{"id": 1, "file": "a/A.v1.avsc"}, {"id": 1, "file": "a/B.v1.avsc"}],
+            },
+            "used twice",
+        ),
+        ({"next_id": 2, "schemas": [{"id": 2, "file": "a/A.v1.avsc"}]}, "not below next_id"),
+        ({"next_id": 2, "schemas": [{"id": 1, "file": "a/A.avsc"}]}, r"<Name>\.v<N>\.avsc"),
+        ({"schemas": []}, "needs next_id"),
+    ],
+)
 def test_a_broken_catalogue_is_refused(
-    tmp_path: Path, catalogue: dict[str, Any], problem: str,
+    tmp_path: Path,
+    catalogue: dict[str, Any],
+    problem: str,
 ) -> None:
     (tmp_path / CATALOGUE).write_text(json.dumps(catalogue))
     with pytest.raises(SchemaError, match=problem):

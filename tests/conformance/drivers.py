@@ -34,8 +34,9 @@ class Driver:
     """With ``start(..., schedules=True)``: the schedules of the backend, their processor
     running beside the engine."""
 
-    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry,
-              schedules: bool = False) -> None:
+    def start(
+        self, specs: list[WorkflowSpec], registry: ToolRegistry, schedules: bool = False
+    ) -> None:
         raise NotImplementedError
 
     def submit(self, *records: Command | Trigger) -> None:
@@ -62,8 +63,13 @@ class Driver:
     def stop(self) -> None:
         raise NotImplementedError
 
-    def wait(self, run_id: str, until: Callable[[RunState], bool], timeout_s: float = 30.0,
-             what: str = "the expected state") -> RunState:
+    def wait(
+        self,
+        run_id: str,
+        until: Callable[[RunState], bool],
+        timeout_s: float = 30.0,
+        what: str = "the expected state",
+    ) -> RunState:
         deadline = time.monotonic() + timeout_s
         state = None
         while time.monotonic() < deadline:
@@ -71,13 +77,19 @@ class Driver:
             if state is not None and until(state):
                 return state
             time.sleep(0.02)
-        raise AssertionError(f"run {run_id} did not reach {what} within {timeout_s}s; "
-                             f"last state: {state.status.value if state else None} "
-                             f"at {state.current if state else None}")
+        raise AssertionError(
+            f"run {run_id} did not reach {what} within {timeout_s}s; "
+            f"last state: {state.status.value if state else None} "
+            f"at {state.current if state else None}"
+        )
 
     def wait_status(self, run_id: str, *statuses: str, timeout_s: float = 30.0) -> RunState:
-        return self.wait(run_id, lambda s: s.status.value in statuses, timeout_s,
-                         f"status {' or '.join(statuses)}")
+        return self.wait(
+            run_id,
+            lambda s: s.status.value in statuses,
+            timeout_s,
+            f"status {' or '.join(statuses)}",
+        )
 
 
 class _LoopThread:
@@ -128,8 +140,9 @@ class EmbeddedDriver(Driver):
         self.store = Store(self.path)
         self.threads: _LoopThread | None = None
 
-    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry,
-              schedules: bool = False) -> None:
+    def start(
+        self, specs: list[WorkflowSpec], registry: ToolRegistry, schedules: bool = False
+    ) -> None:
         for spec in specs:
             self.store.deploy(spec, 0)
         engine = EmbeddedEngine(self.path)
@@ -195,8 +208,9 @@ class KafkaDriver(Driver):
         self._dead: list[DeadLetter] = []
         self._messages: list[CorrelationEvent] = []
 
-    def start(self, specs: list[WorkflowSpec], registry: ToolRegistry,
-              schedules: bool = False) -> None:
+    def start(
+        self, specs: list[WorkflowSpec], registry: ToolRegistry, schedules: bool = False
+    ) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         from engine.kafka.correlation import CorrelationProcessor
@@ -214,15 +228,20 @@ class KafkaDriver(Driver):
         call(follower.start())
         self.follower = follower
         self.state_dir = Path(tempfile.mkdtemp(prefix=f"{self.app}-state-"))
-        self.engine = KafkaEngine(self.bootstrap, t, follower.registry, app=self.app,
-                                  refresh_specs=follower.catch_up, state_dir=self.state_dir)
+        self.engine = KafkaEngine(
+            self.bootstrap,
+            t,
+            follower.registry,
+            app=self.app,
+            refresh_specs=follower.catch_up,
+            state_dir=self.state_dir,
+        )
         ledger = PostgresLedger(self.dsn, namespace=t.deployment(self.app))
         call(ledger.open())
         self._ledger = ledger
         self.worker = KafkaWorker(self.bootstrap, t, registry, ledger, app=self.app)
         self.correlation = CorrelationProcessor(self.bootstrap, t, app=self.app)
-        for runner in (self.engine.run, self.worker.run, follower.follow,
-                       self.correlation.run):
+        for runner in (self.engine.run, self.worker.run, follower.follow, self.correlation.run):
             self.threads.spawn(runner)
         if schedules:
             from engine.kafka.schedules import (
@@ -239,10 +258,12 @@ class KafkaDriver(Driver):
         async def clients() -> None:
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
             await self.producer.start()
-            self.reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                           isolation_level="read_committed",
-                                           enable_auto_commit=False,
-                                           auto_offset_reset="earliest")
+            self.reader = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                isolation_level="read_committed",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
             await self.reader.start()
             from aiokafka import TopicPartition
 
@@ -254,13 +275,14 @@ class KafkaDriver(Driver):
 
         call(clients())
         deadline = time.monotonic() + 60
-        while ((len(self.engine.parts) < t.partitions
-                or len(self.correlation.parts) < t.partitions)
-               and time.monotonic() < deadline):
+        while (
+            len(self.engine.parts) < t.partitions or len(self.correlation.parts) < t.partitions
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(self.engine.parts) == t.partitions, "the engine never got its partitions"
-        assert len(self.correlation.parts) == t.partitions, \
+        assert len(self.correlation.parts) == t.partitions, (
             "message correlation never got its partitions"
+        )
 
     def submit(self, *records: Command | Trigger) -> None:
         from engine.codec import encode
@@ -269,12 +291,14 @@ class KafkaDriver(Driver):
             for record in records:
                 if isinstance(record, Trigger):
                     key = record.idempotency_key.encode() or None
-                    await self.producer.send_and_wait(self.topics.triggers, encode(record),
-                                                      key=key)
+                    await self.producer.send_and_wait(self.topics.triggers, encode(record), key=key)
                 else:
                     await self.producer.send_and_wait(
-                        self.topics.inputs, encode(record), key=record.run_id.encode(),
-                        partition=self.topics.partition_of(record.run_id))
+                        self.topics.inputs,
+                        encode(record),
+                        key=record.run_id.encode(),
+                        partition=self.topics.partition_of(record.run_id),
+                    )
 
         self.threads.call(send())
 
@@ -291,11 +315,12 @@ class KafkaDriver(Driver):
             return state
         events = self.events(run_id)
         deadline = time.monotonic() + 30
-        while (not events or max(e.seq for e in events) < state.seq) \
-                and time.monotonic() < deadline:
+        while (
+            not events or max(e.seq for e in events) < state.seq
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
             events = self.events(run_id)
-        full = fold(sorted(events, key=lambda e: e.seq)[:state.seq])
+        full = fold(sorted(events, key=lambda e: e.seq)[: state.seq])
         assert finished_record(full) == state, "the compact record is not the run's fold"
         return full
 

@@ -21,22 +21,50 @@ from engine.worker import ToolRegistry
 from tests.conformance.drivers import Driver
 
 SPECS = [
-    load_spec({
-        "workflow": "order", "version": 1, "input": {"order": "string"},
-        "steps": [{"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
-                                               "timeout": "30s"}}],
-    }),
-    load_spec({
-        "workflow": "looping", "version": 1, "input": {"order": "string"},
-        "steps": [{"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
-                                               "timeout": "100ms",
-                                               "on_timeout": {"goto": "pay"}}}],
-    }),
-    load_spec({
-        "workflow": "short", "version": 1, "input": {"order": "string"},
-        "steps": [{"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
-                                               "timeout": "300ms"}}],
-    }),
+    load_spec(
+        {
+            "workflow": "order",
+            "version": 1,
+            "input": {"order": "string"},
+            "steps": [
+                {
+                    "id": "pay",
+                    "wait_event": {"name": "payment", "key": "input.order", "timeout": "30s"},
+                }
+            ],
+        }
+    ),
+    load_spec(
+        {
+            "workflow": "looping",
+            "version": 1,
+            "input": {"order": "string"},
+            "steps": [
+                {
+                    "id": "pay",
+                    "wait_event": {
+                        "name": "payment",
+                        "key": "input.order",
+                        "timeout": "100ms",
+                        "on_timeout": {"goto": "pay"},
+                    },
+                }
+            ],
+        }
+    ),
+    load_spec(
+        {
+            "workflow": "short",
+            "version": 1,
+            "input": {"order": "string"},
+            "steps": [
+                {
+                    "id": "pay",
+                    "wait_event": {"name": "payment", "key": "input.order", "timeout": "300ms"},
+                }
+            ],
+        }
+    ),
 ]
 
 
@@ -58,14 +86,22 @@ def _start(d: Driver, order: str, workflow: str = "order") -> str:
 
 
 def _waiting(d: Driver, run_id: str) -> RunState:
-    return d.wait(run_id, lambda s: s.current is not None
-                  and s.current.waiting is Waiting.SIGNAL, what="its keyed wait")
+    return d.wait(
+        run_id,
+        lambda s: s.current is not None and s.current.waiting is Waiting.SIGNAL,
+        what="its keyed wait",
+    )
 
 
-def _message(key: str, data: Any, ttl_ms: int = 0, message_id: str | None = None,
-             ) -> PublishMessage:
-    return PublishMessage(message_id=message_id or uuid.uuid4().hex, name="payment", key=key,
-                          data=data, ttl_ms=ttl_ms)
+def _message(
+    key: str,
+    data: Any,
+    ttl_ms: int = 0,
+    message_id: str | None = None,
+) -> PublishMessage:
+    return PublishMessage(
+        message_id=message_id or uuid.uuid4().hex, name="payment", key=key, data=data, ttl_ms=ttl_ms
+    )
 
 
 def _eventually(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
@@ -94,9 +130,13 @@ def test_a_message_reaches_the_waits_of_its_key_and_no_other(d: Driver) -> None:
     for run_id in (first, second):
         state = d.wait_status(run_id, "Completed")
         assert state.results["pay"] == {"amount": 12}
-    _eventually(lambda: _status(d, paid.message_id) == ("delivered", [first, second])
-                or _status(d, paid.message_id) == ("delivered", [second, first]),
-                "the message recorded as delivered to both runs")
+    _eventually(
+        lambda: (
+            _status(d, paid.message_id) == ("delivered", [first, second])
+            or _status(d, paid.message_id) == ("delivered", [second, first])
+        ),
+        "the message recorded as delivered to both runs",
+    )
     state = d.state(other)
     assert state is not None and state.status.value == "Waiting", "another key's wait"
 
@@ -107,8 +147,9 @@ def test_a_message_reaches_the_waits_of_its_key_and_no_other(d: Driver) -> None:
     # and a message nobody waits for is recorded, not lost
     lost = _message(f"nobody-{tag}", {"amount": 1})
     d.publish(lost)
-    _eventually(lambda: _status(d, lost.message_id) == ("unmatched", []),
-                "the unmatched message recorded")
+    _eventually(
+        lambda: _status(d, lost.message_id) == ("unmatched", []), "the unmatched message recorded"
+    )
     state = d.state(late)
     assert state is not None and state.status.value == "Waiting", "a duplicate delivered"
     d.publish(_message(f"B-{tag}", "for other"))
@@ -119,8 +160,7 @@ def test_a_message_published_before_the_wait_is_kept_for_its_ttl(d: Driver) -> N
     tag = uuid.uuid4().hex[:8]
     early = _message(f"E-{tag}", "early", ttl_ms=60_000)
     d.publish(early)
-    _eventually(lambda: _status(d, early.message_id) == ("buffered", []),
-                "the message buffered")
+    _eventually(lambda: _status(d, early.message_id) == ("buffered", []), "the message buffered")
     run_id = _start(d, f"E-{tag}")
     assert d.wait_status(run_id, "Completed").results["pay"] == "early"
     # at most once per run: a second run gets it too, as it is still buffered
@@ -128,21 +168,23 @@ def test_a_message_published_before_the_wait_is_kept_for_its_ttl(d: Driver) -> N
     assert d.wait_status(again, "Completed").results["pay"] == "early"
 
 
-def test_a_wait_that_timed_out_gets_no_message_and_signals_by_run_id_still_work(
-        d: Driver) -> None:
+def test_a_wait_that_timed_out_gets_no_message_and_signals_by_run_id_still_work(d: Driver) -> None:
     tag = uuid.uuid4().hex[:8]
     gone = _start(d, f"T-{tag}", workflow="short")
     state = d.wait_status(gone, "Failed")
     assert state.error is not None and state.error["code"] == "SIGNAL_TIMEOUT"
     late = _message(f"T-{tag}", "too late")
     d.publish(late)
-    _eventually(lambda: _status(d, late.message_id) == ("unmatched", []),
-                "the late message recorded as unmatched (the timeout closed the wait)")
+    _eventually(
+        lambda: _status(d, late.message_id) == ("unmatched", []),
+        "the late message recorded as unmatched (the timeout closed the wait)",
+    )
 
     direct = _start(d, f"S-{tag}")
     _waiting(d, direct)
-    d.submit(DeliverSignal(command_id=uuid.uuid4().hex, run_id=direct, name="payment",
-                           data="by run id"))
+    d.submit(
+        DeliverSignal(command_id=uuid.uuid4().hex, run_id=direct, name="payment", data="by run id")
+    )
     assert d.wait_status(direct, "Completed").results["pay"] == "by run id"
 
 
@@ -157,5 +199,7 @@ def test_a_run_that_keeps_waiting_again_gets_the_message_once(d: Driver) -> None
     state = d.wait_status(run_id, "Completed")
     assert state.results["pay"] == "at last"
     assert [e.TYPE for e in d.events(run_id)].count("SignalReceived") == 1
-    _eventually(lambda: (_status(d, paid.message_id) or ("", []))[1] == [run_id],
-                "the message counted as the run's once")
+    _eventually(
+        lambda: (_status(d, paid.message_id) or ("", []))[1] == [run_id],
+        "the message counted as the run's once",
+    )

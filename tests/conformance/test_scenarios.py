@@ -21,57 +21,107 @@ from tests.conformance.drivers import Driver
 FAST_RETRY = {"max_attempts": 4, "initial": "20ms", "max": "100ms"}
 
 SPECS = [
-    load_spec({
-        "workflow": "basic", "version": 1, "input": {"n": "integer"},
-        "steps": [
-            {"id": "fetch", "task": "c.flaky", "input": {"n": "input.n"}, "retry": FAST_RETRY},
-            {"id": "route", "choice": [{"when": "steps.fetch.result.n > `10`", "goto": "big"}],
-             "default": "nap"},
-            {"id": "nap", "sleep": "150ms", "next": "finish"},
-            {"id": "big", "task": "c.echo", "input": {"size": "'big'"}, "next": "finish"},
-            {"id": "finish", "task": "c.echo", "input": {"n": "steps.fetch.result.n"}},
-        ],
-    }),
-    load_spec({
-        "workflow": "errors", "version": 1, "input": {"mode": "string"},
-        "steps": [
-            {"id": "act", "task": "c.fail",
-             "input": {"mode": "input.mode", "extra": "signals.more_input"},
-             "retry": {"max_attempts": 2, "initial": "20ms"},
-             "on_business_error": {
-                 "DETOUR": {"goto": "alternative"},
-                 "NEED_INPUT": {"wait_event": "more_input", "timeout": "20s"},
-                 "ESCALATE": {"escalate": "leads"}},
-             "next": "done"},
-            {"id": "alternative", "task": "c.echo", "input": {"took": "'alternative'"},
-             "end": True},
-            {"id": "done", "task": "c.echo", "input": {"took": "'main'"}},
-        ],
-    }),
-    load_spec({
-        "workflow": "humans", "version": 1, "input": {"amount": "number"},
-        "steps": [
-            {"id": "classify", "task": "c.classify", "input": {"amount": "input.amount"},
-             "review_if": "confidence < `0.8`", "review": {"approvers": ["experts"]}},
-            {"id": "pay", "prepare_commit": {"prepare": "c.prepare", "commit": "c.commit"},
-             "input": {"amount": "input.amount"},
-             "approval": {"approvers": ["finance"], "quorum": 2}},
-            {"id": "confirm", "wait_event": {"name": "confirmed", "timeout": "20s"}},
-        ],
-    }),
-    load_spec({
-        "workflow": "expiry", "version": 1,
-        "steps": [
-            {"id": "gate", "approval": {"approvers": ["a"], "expires_after": "200ms",
-                                        "on_expire": {"escalate": "leads"}}},
-            {"id": "wait", "wait_event": {"name": "never", "timeout": "200ms"}},
-        ],
-    }),
-    load_spec({
-        "workflow": "bad-result", "version": 1, "input": {"kind": "string"},
-        "steps": [{"id": "act", "task": "c.bad_result", "input": {"kind": "input.kind"},
-                   "retry": FAST_RETRY}],
-    }),
+    load_spec(
+        {
+            "workflow": "basic",
+            "version": 1,
+            "input": {"n": "integer"},
+            "steps": [
+                {"id": "fetch", "task": "c.flaky", "input": {"n": "input.n"}, "retry": FAST_RETRY},
+                {
+                    "id": "route",
+                    "choice": [{"when": "steps.fetch.result.n > `10`", "goto": "big"}],
+                    "default": "nap",
+                },
+                {"id": "nap", "sleep": "150ms", "next": "finish"},
+                {"id": "big", "task": "c.echo", "input": {"size": "'big'"}, "next": "finish"},
+                {"id": "finish", "task": "c.echo", "input": {"n": "steps.fetch.result.n"}},
+            ],
+        }
+    ),
+    load_spec(
+        {
+            "workflow": "errors",
+            "version": 1,
+            "input": {"mode": "string"},
+            "steps": [
+                {
+                    "id": "act",
+                    "task": "c.fail",
+                    "input": {"mode": "input.mode", "extra": "signals.more_input"},
+                    "retry": {"max_attempts": 2, "initial": "20ms"},
+                    "on_business_error": {
+                        "DETOUR": {"goto": "alternative"},
+                        "NEED_INPUT": {"wait_event": "more_input", "timeout": "20s"},
+                        "ESCALATE": {"escalate": "leads"},
+                    },
+                    "next": "done",
+                },
+                {
+                    "id": "alternative",
+                    "task": "c.echo",
+                    "input": {"took": "'alternative'"},
+                    "end": True,
+                },
+                {"id": "done", "task": "c.echo", "input": {"took": "'main'"}},
+            ],
+        }
+    ),
+    load_spec(
+        {
+            "workflow": "humans",
+            "version": 1,
+            "input": {"amount": "number"},
+            "steps": [
+                {
+                    "id": "classify",
+                    "task": "c.classify",
+                    "input": {"amount": "input.amount"},
+                    "review_if": "confidence < `0.8`",
+                    "review": {"approvers": ["experts"]},
+                },
+                {
+                    "id": "pay",
+                    "prepare_commit": {"prepare": "c.prepare", "commit": "c.commit"},
+                    "input": {"amount": "input.amount"},
+                    "approval": {"approvers": ["finance"], "quorum": 2},
+                },
+                {"id": "confirm", "wait_event": {"name": "confirmed", "timeout": "20s"}},
+            ],
+        }
+    ),
+    load_spec(
+        {
+            "workflow": "expiry",
+            "version": 1,
+            "steps": [
+                {
+                    "id": "gate",
+                    "approval": {
+                        "approvers": ["a"],
+                        "expires_after": "200ms",
+                        "on_expire": {"escalate": "leads"},
+                    },
+                },
+                {"id": "wait", "wait_event": {"name": "never", "timeout": "200ms"}},
+            ],
+        }
+    ),
+    load_spec(
+        {
+            "workflow": "bad-result",
+            "version": 1,
+            "input": {"kind": "string"},
+            "steps": [
+                {
+                    "id": "act",
+                    "task": "c.bad_result",
+                    "input": {"kind": "input.kind"},
+                    "retry": FAST_RETRY,
+                }
+            ],
+        }
+    ),
 ]
 
 
@@ -151,10 +201,17 @@ def _start(d: Driver, workflow: str, data: dict[str, Any], by: str = "req") -> s
     return run_id_for("default", key)
 
 
-def _approve(d: Driver, run_id: str, step: str, who: str, role: str,
-             approve: bool = True) -> None:
-    d.submit(DecideApproval(command_id=uuid.uuid4().hex, run_id=run_id, step=step,
-                            approver=who, roles=(role,), approve=approve))
+def _approve(d: Driver, run_id: str, step: str, who: str, role: str, approve: bool = True) -> None:
+    d.submit(
+        DecideApproval(
+            command_id=uuid.uuid4().hex,
+            run_id=run_id,
+            step=step,
+            approver=who,
+            roles=(role,),
+            approve=approve,
+        )
+    )
 
 
 def _types(d: Driver, run_id: str) -> list[str]:
@@ -201,10 +258,16 @@ def test_error_classes(env: tuple[Driver, dict[str, int]]) -> None:
 def test_business_error_asks_for_more_input(env: tuple[Driver, dict[str, int]]) -> None:
     d, _ = env
     run_id = _start(d, "errors", {"mode": "need_input"})
-    d.wait(run_id, lambda s: s.current is not None and s.current.waiting is Waiting.SIGNAL,
-           what="waiting for more input")
-    d.submit(DeliverSignal(command_id=uuid.uuid4().hex, run_id=run_id, name="more_input",
-                           data={"iban": "DE00"}))
+    d.wait(
+        run_id,
+        lambda s: s.current is not None and s.current.waiting is Waiting.SIGNAL,
+        what="waiting for more input",
+    )
+    d.submit(
+        DeliverSignal(
+            command_id=uuid.uuid4().hex, run_id=run_id, name="more_input", data={"iban": "DE00"}
+        )
+    )
     state = d.wait_status(run_id, "Completed")
     types = _types(d, run_id)
     assert types.count("StepStarted") == 3 and "SignalReceived" in types
@@ -214,8 +277,11 @@ def test_business_error_asks_for_more_input(env: tuple[Driver, dict[str, int]]) 
 def test_business_error_escalates_to_a_group(env: tuple[Driver, dict[str, int]]) -> None:
     d, _ = env
     run_id = _start(d, "errors", {"mode": "escalate"})
-    d.wait(run_id, lambda s: s.current is not None and s.current.waiting is Waiting.APPROVAL,
-           what="waiting for the escalation group")
+    d.wait(
+        run_id,
+        lambda s: s.current is not None and s.current.waiting is Waiting.APPROVAL,
+        what="waiting for the escalation group",
+    )
     _approve(d, run_id, "act", "lee", "leads")
     state = d.wait_status(run_id, "Completed")
     assert state.escalations == 1 and state.results["done"] == {"took": "main"}
@@ -224,20 +290,40 @@ def test_business_error_escalates_to_a_group(env: tuple[Driver, dict[str, int]])
 def test_review_four_eyes_and_signal(env: tuple[Driver, dict[str, int]]) -> None:
     d, counter = env
     run_id = _start(d, "humans", {"amount": 500.0}, by="ann")
-    d.wait(run_id, lambda s: s.current is not None and s.current.step == "classify"
-           and s.current.waiting is Waiting.APPROVAL, what="expert review")
+    d.wait(
+        run_id,
+        lambda s: (
+            s.current is not None
+            and s.current.step == "classify"
+            and s.current.waiting is Waiting.APPROVAL
+        ),
+        what="expert review",
+    )
     _approve(d, run_id, "classify", "eve", "experts")
-    d.wait(run_id, lambda s: s.current is not None and s.current.step == "pay"
-           and s.current.waiting is Waiting.APPROVAL, what="four-eyes approval")
-    _approve(d, run_id, "pay", "ann", "finance")       # the requester: refused
+    d.wait(
+        run_id,
+        lambda s: (
+            s.current is not None
+            and s.current.step == "pay"
+            and s.current.waiting is Waiting.APPROVAL
+        ),
+        what="four-eyes approval",
+    )
+    _approve(d, run_id, "pay", "ann", "finance")  # the requester: refused
     _approve(d, run_id, "pay", "bob", "finance")
-    _approve(d, run_id, "pay", "bob", "finance")       # the same approver twice: refused
-    _approve(d, run_id, "pay", "eve", "experts")       # not in the group: refused
+    _approve(d, run_id, "pay", "bob", "finance")  # the same approver twice: refused
+    _approve(d, run_id, "pay", "eve", "experts")  # not in the group: refused
     _approve(d, run_id, "pay", "cat", "finance")
-    d.wait(run_id, lambda s: s.current is not None and s.current.step == "confirm",
-           what="waiting for confirmation")
-    d.submit(DeliverSignal(command_id=uuid.uuid4().hex, run_id=run_id, name="confirmed",
-                           data={"by": "customer"}))
+    d.wait(
+        run_id,
+        lambda s: s.current is not None and s.current.step == "confirm",
+        what="waiting for confirmation",
+    )
+    d.submit(
+        DeliverSignal(
+            command_id=uuid.uuid4().hex, run_id=run_id, name="confirmed", data={"by": "customer"}
+        )
+    )
     state = d.wait_status(run_id, "Completed")
     reasons = [getattr(e, "reason", "") for e in d.events(run_id) if e.TYPE == "CommandRejected"]
     assert reasons == ["self-approval", "duplicate approval", "not an approver"]
@@ -257,29 +343,46 @@ def test_approver_names_are_one_identity_and_a_run_needs_a_requester(
     assert failed.error["field"] == "requested_by" and "pay" not in failed.results
 
     run_id = _start(d, "humans", {"amount": 20.0}, by="Ann")
-    d.wait(run_id, lambda s: s.current is not None and s.current.step == "pay"
-           and s.current.waiting is Waiting.APPROVAL, what="four-eyes approval")
-    _approve(d, run_id, "nostep", "bob", "finance")   # no such step
-    _approve(d, run_id, "pay", " ANN", "finance")     # the requester, spelt otherwise
+    d.wait(
+        run_id,
+        lambda s: (
+            s.current is not None
+            and s.current.step == "pay"
+            and s.current.waiting is Waiting.APPROVAL
+        ),
+        what="four-eyes approval",
+    )
+    _approve(d, run_id, "nostep", "bob", "finance")  # no such step
+    _approve(d, run_id, "pay", " ANN", "finance")  # the requester, spelt otherwise
     _approve(d, run_id, "pay", "bob", "finance")
-    _approve(d, run_id, "pay", "Bob\t", "finance")    # bob again
-    _approve(d, run_id, "pay", "  ", "finance")       # nobody
+    _approve(d, run_id, "pay", "Bob\t", "finance")  # bob again
+    _approve(d, run_id, "pay", "  ", "finance")  # nobody
     _approve(d, run_id, "pay", "cat", "finance")
-    d.wait(run_id, lambda s: s.current is not None and s.current.step == "confirm",
-           what="waiting for confirmation")
+    d.wait(
+        run_id,
+        lambda s: s.current is not None and s.current.step == "confirm",
+        what="waiting for confirmation",
+    )
     rejected = [e for e in d.events(run_id) if e.TYPE == "CommandRejected"]
     assert [getattr(e, "reason", "") for e in rejected] == [
-        "unknown step", "self-approval", "duplicate approval", "no approver"]
-    assert getattr(rejected[0], "detail", "") == ("humans v1 has no step 'nostep'; step 'pay' "
-                                                 "is waiting for approval")
+        "unknown step",
+        "self-approval",
+        "duplicate approval",
+        "no approver",
+    ]
+    assert getattr(rejected[0], "detail", "") == (
+        "humans v1 has no step 'nostep'; step 'pay' is waiting for approval"
+    )
     assert d.wait_status(run_id, "Waiting").results["pay"] == {"paid": 20.0}
 
 
-@pytest.mark.parametrize(("kind", "code"), [("nan", "RESULT_NOT_ENCODABLE"),
-                                          ("huge", "RESULT_TOO_LARGE"),
-                                          ("object", "RESULT_NOT_JSON")])
+@pytest.mark.parametrize(
+    ("kind", "code"),
+    [("nan", "RESULT_NOT_ENCODABLE"), ("huge", "RESULT_TOO_LARGE"), ("object", "RESULT_NOT_JSON")],
+)
 def test_a_result_that_cannot_travel_fails_the_task_at_once(
-        env: tuple[Driver, dict[str, int]], kind: str, code: str) -> None:
+    env: tuple[Driver, dict[str, int]], kind: str, code: str
+) -> None:
     d, counter = env
     run_id = _start(d, "bad-result", {"kind": kind})
     state = d.wait_status(run_id, "Failed")
@@ -292,8 +395,9 @@ def test_a_result_that_cannot_travel_fails_the_task_at_once(
 def test_high_confidence_skips_review(env: tuple[Driver, dict[str, int]]) -> None:
     d, _ = env
     run_id = _start(d, "humans", {"amount": 20.0})
-    d.wait(run_id, lambda s: s.current is not None and s.current.step == "pay",
-           what="the payment step")
+    d.wait(
+        run_id, lambda s: s.current is not None and s.current.step == "pay", what="the payment step"
+    )
     assert "ApprovalRequested" not in _types(d, run_id)[:8]
 
 
@@ -310,22 +414,25 @@ def test_expiry_escalation_and_signal_timeout(env: tuple[Driver, dict[str, int]]
 
 def test_idempotent_start_cancel_and_late_commands(env: tuple[Driver, dict[str, int]]) -> None:
     d, _ = env
-    trigger = Trigger(workflow="expiry", idempotency_key="same-key", input={},
-                      requested_by="ann")
+    trigger = Trigger(workflow="expiry", idempotency_key="same-key", input={}, requested_by="ann")
     d.submit(trigger, trigger, trigger)
     run_id = run_id_for("default", "same-key")
     d.wait(run_id, lambda s: s.current is not None, what="started")
     d.submit(CancelRun(command_id=uuid.uuid4().hex, run_id=run_id, reason="test", by="ops"))
     d.wait_status(run_id, "Cancelled")
     _approve(d, run_id, "gate", "lee", "a")
-    d.wait(run_id, lambda s: any(getattr(e, "command_type", "") == "DecideApproval"
-                                 for e in d.events(run_id)), what="the late approval rejected")
+    d.wait(
+        run_id,
+        lambda s: any(getattr(e, "command_type", "") == "DecideApproval" for e in d.events(run_id)),
+        what="the late approval rejected",
+    )
     types = _types(d, run_id)
     assert types.count("RunStarted") == 1
     rejected = [e for e in d.events(run_id) if e.TYPE == "CommandRejected"]
-    by_type = {t: [getattr(e, "reason", "") for e in rejected
-                   if getattr(e, "command_type", "") == t]
-               for t in ("StartRun", "DecideApproval")}
+    by_type = {
+        t: [getattr(e, "reason", "") for e in rejected if getattr(e, "command_type", "") == t]
+        for t in ("StartRun", "DecideApproval")
+    }
     assert by_type == {"StartRun": ["duplicate start"] * 2, "DecideApproval": ["run ended"]}
 
 
@@ -354,11 +461,20 @@ def test_a_duplicate_task_result_changes_nothing(env: tuple[Driver, dict[str, in
     d, counter = env
     run_id = _start(d, "basic", {"n": 40})
     state = d.wait_status(run_id, "Completed")
-    dispatched = next(e for e in d.events(run_id)
-                      if e.TYPE == "TaskDispatched" and getattr(e, "step", "") == "big")
-    d.submit(CompleteTask(command_id=uuid.uuid4().hex, run_id=run_id, step="big",
-                          task_id=dispatched.task_id,  # type: ignore[attr-defined]
-                          result={"size": "forged"}))
+    dispatched = next(
+        e
+        for e in d.events(run_id)
+        if e.TYPE == "TaskDispatched" and getattr(e, "step", "") == "big"
+    )
+    d.submit(
+        CompleteTask(
+            command_id=uuid.uuid4().hex,
+            run_id=run_id,
+            step="big",
+            task_id=dispatched.task_id,  # type: ignore[attr-defined]
+            result={"size": "forged"},
+        )
+    )
     d.wait(run_id, lambda s: s.seq > state.seq, what="the duplicate result audited")
     rejected = [e for e in d.events(run_id) if e.TYPE == "CommandRejected"]
     assert [getattr(e, "reason", "") for e in rejected] == ["run ended"]

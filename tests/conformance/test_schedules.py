@@ -27,10 +27,20 @@ from tests.conformance.drivers import Driver
 HOUR = 3_600_000
 
 SPECS = [
-    load_spec({"workflow": "report", "version": 1,
-               "steps": [{"id": "make", "task": "s.echo", "input": {"day": "input.day"}}]}),
-    load_spec({"workflow": "hold", "version": 1,
-               "steps": [{"id": "wait", "wait_event": {"name": "never", "timeout": "5m"}}]}),
+    load_spec(
+        {
+            "workflow": "report",
+            "version": 1,
+            "steps": [{"id": "make", "task": "s.echo", "input": {"day": "input.day"}}],
+        }
+    ),
+    load_spec(
+        {
+            "workflow": "hold",
+            "version": 1,
+            "steps": [{"id": "wait", "wait_event": {"name": "never", "timeout": "5m"}}],
+        }
+    ),
 ]
 
 
@@ -55,12 +65,23 @@ def scheduled(driver: Driver) -> Iterator[tuple[Driver, ScheduleService]]:
 
 
 def _spec(**fields: object) -> ScheduleSpec:
-    return load_schedule({"id": f"s-{uuid.uuid4().hex[:8]}", "workflow": "report",
-                          "input": {"day": "today"}, **fields})
+    return load_schedule(
+        {
+            "id": f"s-{uuid.uuid4().hex[:8]}",
+            "workflow": "report",
+            "input": {"day": "today"},
+            **fields,
+        }
+    )
 
 
-def _until(service: ScheduleService, schedule_id: str, ok: Callable[[ScheduleView], bool],
-           what: str, timeout_s: float = 60.0) -> ScheduleView:
+def _until(
+    service: ScheduleService,
+    schedule_id: str,
+    ok: Callable[[ScheduleView], bool],
+    what: str,
+    timeout_s: float = 60.0,
+) -> ScheduleView:
     deadline = time.monotonic() + timeout_s
     view = None
     while time.monotonic() < deadline:
@@ -68,8 +89,9 @@ def _until(service: ScheduleService, schedule_id: str, ok: Callable[[ScheduleVie
         if view is not None and ok(view):
             return view
         time.sleep(0.1)
-    raise AssertionError(f"schedule {schedule_id}: {what} did not happen; last: "
-                         f"{view.state if view else None}")
+    raise AssertionError(
+        f"schedule {schedule_id}: {what} did not happen; last: {view.state if view else None}"
+    )
 
 
 def _started(view: ScheduleView) -> list[ScheduledRunStarted]:
@@ -77,7 +99,8 @@ def _started(view: ScheduleView) -> list[ScheduledRunStarted]:
 
 
 def test_ticks_start_one_run_per_nominal_time_and_learn_when_each_ends(
-        scheduled: tuple[Driver, ScheduleService]) -> None:
+    scheduled: tuple[Driver, ScheduleService],
+) -> None:
     driver, service = scheduled
     spec = _spec(interval="1s", overlap="allow_all")
     service.create(spec)
@@ -89,30 +112,41 @@ def test_ticks_start_one_run_per_nominal_time_and_learn_when_each_ends(
         assert event.run_id == run_id_of(spec, event.nominal)
         state = driver.wait_status(event.run_id, "Completed")
         assert state.input == {"day": "today"}
-    ended = {e.run_id for e in _until(
-        service, spec.schedule_id,
-        lambda v: {s.run_id for s in _started(v)[:3]} <= {
-            e.run_id for e in v.events if isinstance(e, ScheduledRunEnded)},
-        "the run engine's end reports").events if isinstance(e, ScheduledRunEnded)}
+    ended = {
+        e.run_id
+        for e in _until(
+            service,
+            spec.schedule_id,
+            lambda v: (
+                {s.run_id for s in _started(v)[:3]}
+                <= {e.run_id for e in v.events if isinstance(e, ScheduledRunEnded)}
+            ),
+            "the run engine's end reports",
+        ).events
+        if isinstance(e, ScheduledRunEnded)
+    }
     assert {e.run_id for e in starts} <= ended
     service.delete(spec.schedule_id)
 
 
 def test_skip_starts_nothing_while_a_run_is_going(
-        scheduled: tuple[Driver, ScheduleService]) -> None:
+    scheduled: tuple[Driver, ScheduleService],
+) -> None:
     driver, service = scheduled
     spec = _spec(workflow="hold", interval="1s", overlap="skip")
     service.create(spec)
-    view = _until(service, spec.schedule_id,
-                  lambda v: sum(isinstance(e, ScheduledRunSkipped) for e in v.events) >= 2,
-                  "two skipped nominal times")
+    view = _until(
+        service,
+        spec.schedule_id,
+        lambda v: sum(isinstance(e, ScheduledRunSkipped) for e in v.events) >= 2,
+        "two skipped nominal times",
+    )
     (first,) = _started(view)
     assert driver.wait_status(first.run_id, "Waiting").status.value == "Waiting"
     service.delete(spec.schedule_id)
 
 
-def test_cancel_other_cancels_the_running_run(
-        scheduled: tuple[Driver, ScheduleService]) -> None:
+def test_cancel_other_cancels_the_running_run(scheduled: tuple[Driver, ScheduleService]) -> None:
     driver, service = scheduled
     spec = _spec(workflow="hold", interval="1s", overlap="cancel_other")
     service.create(spec)
@@ -124,7 +158,8 @@ def test_cancel_other_cancels_the_running_run(
 
 
 def test_backfill_and_trigger_start_each_nominal_time_once(
-        scheduled: tuple[Driver, ScheduleService]) -> None:
+    scheduled: tuple[Driver, ScheduleService],
+) -> None:
     driver, service = scheduled
     spec = _spec(cron="0 * * * *", timezone="Europe/Berlin", paused=True)
     service.create(spec)
@@ -133,8 +168,12 @@ def test_backfill_and_trigger_start_each_nominal_time_once(
     start, end = now - now % HOUR - 3 * HOUR, now - now % HOUR - HOUR
     service.backfill(spec.schedule_id, start, end)
     # The overlap policy (skip) applies to a trigger: let the backfilled runs end first.
-    _until(service, spec.schedule_id, lambda v: len(_started(v)) == 3 and not v.state.running,
-           "three backfilled runs, ended")
+    _until(
+        service,
+        spec.schedule_id,
+        lambda v: len(_started(v)) == 3 and not v.state.running,
+        "three backfilled runs, ended",
+    )
     service.trigger(spec.schedule_id, now)
     view = _until(service, spec.schedule_id, lambda v: len(_started(v)) == 4, "four runs")
     backfilled = [e for e in _started(view) if e.reason is FireReason.BACKFILL]
@@ -149,7 +188,8 @@ def test_backfill_and_trigger_start_each_nominal_time_once(
 
 
 def test_a_run_that_cannot_start_does_not_block_the_schedule(
-        scheduled: tuple[Driver, ScheduleService]) -> None:
+    scheduled: tuple[Driver, ScheduleService],
+) -> None:
     """Its workflow is not deployed: the StartRun is a dead letter, and the run engine
     reports the run as not started, so ``skip`` does not skip every later time."""
     _, service = scheduled

@@ -41,19 +41,26 @@ from engine.core.state import RunState, RunStatus
 from engine.runtime.correlator import correlate
 from tests.harness import RUN, T0, Flow, wf
 
-KEYED = wf({"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
-                                        "timeout": "1h"}},
-           input={"order": "string"})
+KEYED = wf(
+    {"id": "pay", "wait_event": {"name": "payment", "key": "input.order", "timeout": "1h"}},
+    input={"order": "string"},
+)
 
 
-def publish(mid: str, key: str = "o1", ttl: int = 0, name: str = "payment",
-            tenant: str = "default", data: Any = None) -> PublishMessage:
-    return PublishMessage(message_id=mid, name=name, key=key, tenant=tenant, data=data,
-                          ttl_ms=ttl)
+def publish(
+    mid: str,
+    key: str = "o1",
+    ttl: int = 0,
+    name: str = "payment",
+    tenant: str = "default",
+    data: Any = None,
+) -> PublishMessage:
+    return PublishMessage(message_id=mid, name=name, key=key, tenant=tenant, data=data, ttl_ms=ttl)
 
 
-def open_(run: str, key: str = "o1", wait: str = "pay#1", name: str = "payment",
-          tenant: str = "default") -> OpenSubscription:
+def open_(
+    run: str, key: str = "o1", wait: str = "pay#1", name: str = "payment", tenant: str = "default"
+) -> OpenSubscription:
     return OpenSubscription(run_id=run, wait=wait, name=name, key=key, tenant=tenant)
 
 
@@ -86,10 +93,16 @@ def test_a_message_reaches_every_open_wait_of_its_key_once_each() -> None:
     key.when(open_("r1"))
     key.when(open_("r2"))
     events = key.when(publish("m1", data={"paid": 10}))
-    assert key.types() == ["MessagePublished", "MessageCorrelated", "MessageCorrelated",
-                           "MessageExpired"]
-    assert [(e.run_id, e.wait, e.data) for e in events if isinstance(e, MessageCorrelated)] \
-        == [("r1", "pay#1", {"paid": 10}), ("r2", "pay#1", {"paid": 10})]
+    assert key.types() == [
+        "MessagePublished",
+        "MessageCorrelated",
+        "MessageCorrelated",
+        "MessageExpired",
+    ]
+    assert [(e.run_id, e.wait, e.data) for e in events if isinstance(e, MessageCorrelated)] == [
+        ("r1", "pay#1", {"paid": 10}),
+        ("r2", "pay#1", {"paid": 10}),
+    ]
     assert events[-1].runs == ("r1", "r2")
     assert key.state is not None and key.state.subscriptions == ()
 
@@ -104,8 +117,7 @@ def test_a_message_for_another_name_or_tenant_on_the_same_key_string_does_not_ma
 
 def test_a_message_nobody_waits_for_is_recorded_as_expired_with_no_runs() -> None:
     key = Key()
-    assert [type(e) for e in key.when(publish("m1", ttl=0))] == [MessagePublished,
-                                                                 MessageExpired]
+    assert [type(e) for e in key.when(publish("m1", ttl=0))] == [MessagePublished, MessageExpired]
     assert key.last[-1].runs == ()
 
 
@@ -183,8 +195,11 @@ def test_a_duplicate_publish_is_the_same_message_until_its_id_is_forgotten() -> 
 def test_closing_a_subscription_stops_deliveries_and_closing_twice_changes_nothing() -> None:
     key = Key()
     key.when(open_("r1"))
-    assert key.when(close("r1")) == [SubscriptionClosed(
-        run_id="r1", wait="pay#1", name="payment", key="o1", tenant="default", ts=T0)]
+    assert key.when(close("r1")) == [
+        SubscriptionClosed(
+            run_id="r1", wait="pay#1", name="payment", key="o1", tenant="default", ts=T0
+        )
+    ]
     assert key.when(close("r1")) == []
     key.when(publish("m1"))
     assert key.last[-1].runs == ()
@@ -217,17 +232,33 @@ def test_the_state_and_every_record_round_trip_through_the_codec() -> None:
 
 
 def test_delivery_addresses_the_run_and_its_wait_with_a_stable_command_id() -> None:
-    event = MessageCorrelated(message_id="m1", name="payment", key="o1", tenant="t",
-                              run_id="r1", wait="pay#1", data=1, ts=T0)
+    event = MessageCorrelated(
+        message_id="m1",
+        name="payment",
+        key="o1",
+        tenant="t",
+        run_id="r1",
+        wait="pay#1",
+        data=1,
+        ts=T0,
+    )
     command = delivery(event)
     assert (command.run_id, command.wait, command.tenant, command.command_id) == (
-        "r1", "pay#1", "t", "message:m1:r1:pay#1")
+        "r1",
+        "pay#1",
+        "t",
+        "message:m1:r1:pay#1",
+    )
 
 
 def test_new_message_names_the_field_to_fix() -> None:
-    for fields, word in (({"name": ""}, "name"), ({"key": " "}, "key"),
-                         ({"ttl_ms": -1}, "ttl"), ({"message_id": ""}, "message_id"),
-                         ({"name": "a/b"}, "name")):
+    for fields, word in (
+        ({"name": ""}, "name"),
+        ({"key": " "}, "key"),
+        ({"ttl_ms": -1}, "ttl"),
+        ({"message_id": ""}, "message_id"),
+        ({"name": "a/b"}, "name"),
+    ):
         args: dict[str, Any] = {"message_id": "m", "name": "n", "key": "k", **fields}
         try:
             new_message(**args)
@@ -243,8 +274,11 @@ def test_summaries_tell_buffered_delivered_and_unmatched_messages_apart() -> Non
     for command in (publish("lost"), open_("r1"), publish("got"), publish("later", ttl=5)):
         log.extend(key.when(command))
     status = {m.message_id: (m.status, m.runs) for m in summarize(log)}
-    assert status == {"lost": ("unmatched", []), "got": ("delivered", ["r1"]),
-                      "later": ("buffered", [])}
+    assert status == {
+        "lost": ("unmatched", []),
+        "got": ("delivered", ["r1"]),
+        "later": ("buffered", []),
+    }
 
 
 # --------------------------------------------------------------------------- the run side
@@ -268,28 +302,45 @@ def test_a_keyed_wait_records_its_key_and_opens_its_subscription() -> None:
     assert decision.state is not None and decision.state.current is not None
     assert decision.state.current.signal_key == "o-42"
     assert subscription_changes(None, decision.events, decision.state) == [
-        OpenSubscription(run_id=RUN, wait="pay#1", name="payment", key="o-42")]
+        OpenSubscription(run_id=RUN, wait="pay#1", name="payment", key="o-42")
+    ]
 
 
 def test_a_correlated_message_answers_the_wait_and_closes_nothing_more() -> None:
     flow = _waiting(KEYED)
     before = _run(flow)
-    message = cmd.CorrelateMessage(command_id="message:m1:run-1", run_id=RUN, name="payment",
-                                   key="o1", message_id="m1", wait="pay#1", data={"paid": 1})
+    message = cmd.CorrelateMessage(
+        command_id="message:m1:run-1",
+        run_id=RUN,
+        name="payment",
+        key="o1",
+        message_id="m1",
+        wait="pay#1",
+        data={"paid": 1},
+    )
     flow.when(message)
     flow.then_contains(SignalReceived, name="payment", data={"paid": 1})
     flow.then_contains(StepCompleted, step="pay", result={"paid": 1})
     flow.then_status(RunStatus.COMPLETED)
     # the delivery closed the subscription already; a close changes nothing there
     assert subscription_changes(before, flow.last, flow.state) == [
-        CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1")]
+        CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1")
+    ]
 
 
 def test_a_message_for_another_key_or_an_ended_wait_is_refused() -> None:
     flow = _waiting(KEYED)
     for wait, key in (("pay#2", "o1"), ("pay#1", "o2")):
-        flow.when(cmd.CorrelateMessage(command_id=f"x{wait}{key}", run_id=RUN, name="payment",
-                                       key=key, message_id="m", wait=wait))
+        flow.when(
+            cmd.CorrelateMessage(
+                command_id=f"x{wait}{key}",
+                run_id=RUN,
+                name="payment",
+                key=key,
+                message_id="m",
+                wait=wait,
+            )
+        )
         flow.then_rejected("stale message")
     flow.then_status(RunStatus.WAITING)
 
@@ -301,7 +352,8 @@ def test_a_wait_that_times_out_closes_its_subscription() -> None:
     flow.after(3_600_000).when(cmd.FireTimer(command_id="t", run_id=RUN, timer_id=timer_id))
     flow.then_contains(RunFailed, code="SIGNAL_TIMEOUT")
     assert subscription_changes(before, flow.last, flow.state) == [
-        CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1")]
+        CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1")
+    ]
 
 
 def test_a_cancelled_run_closes_its_subscription() -> None:
@@ -309,7 +361,8 @@ def test_a_cancelled_run_closes_its_subscription() -> None:
     before = _run(flow)
     flow.when(cmd.CancelRun(command_id="c", run_id=RUN))
     assert subscription_changes(before, flow.last, flow.state) == [
-        CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1")]
+        CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1")
+    ]
 
 
 def test_a_signal_by_run_id_still_answers_a_keyed_wait_and_closes_its_subscription() -> None:
@@ -318,7 +371,8 @@ def test_a_signal_by_run_id_still_answers_a_keyed_wait_and_closes_its_subscripti
     flow.when(flow.signal("payment", {"by": "operator"}))
     flow.then_status(RunStatus.COMPLETED)
     assert subscription_changes(before, flow.last, flow.state) == [
-        CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1")]
+        CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1")
+    ]
 
 
 def test_a_wait_whose_key_is_null_fails_the_run_saying_which_key() -> None:
@@ -336,16 +390,26 @@ def test_an_unkeyed_wait_opens_no_subscription() -> None:
 
 
 def test_a_wait_entered_twice_in_a_loop_is_closed_then_opened_with_its_new_visit() -> None:
-    spec = wf({"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
-                                           "timeout": "1s", "on_timeout": {"goto": "pay"}}},
-              input={"order": "string"})
+    spec = wf(
+        {
+            "id": "pay",
+            "wait_event": {
+                "name": "payment",
+                "key": "input.order",
+                "timeout": "1s",
+                "on_timeout": {"goto": "pay"},
+            },
+        },
+        input={"order": "string"},
+    )
     flow = _waiting(spec)
     before = _run(flow)
     timer_id = next(t for t, v in before.timers.items() if v.kind == "signal_timeout")
     flow.after(1000).when(cmd.FireTimer(command_id="t", run_id=RUN, timer_id=timer_id))
     assert subscription_changes(before, flow.last, flow.state) == [
         CloseSubscription(run_id=RUN, wait="pay#1", name="payment", key="o1"),
-        OpenSubscription(run_id=RUN, wait="pay#2", name="payment", key="o1")]
+        OpenSubscription(run_id=RUN, wait="pay#2", name="payment", key="o1"),
+    ]
 
 
 # --------------------------------------------------------------------------- properties
@@ -355,11 +419,17 @@ NAMES = ("payment", "refund")
 KEYS = ("k1", "k2")
 
 operation = st.one_of(
-    st.tuples(st.just("open"), st.sampled_from(RUNS), st.sampled_from(NAMES),
-              st.sampled_from(KEYS)),
+    st.tuples(
+        st.just("open"), st.sampled_from(RUNS), st.sampled_from(NAMES), st.sampled_from(KEYS)
+    ),
     st.tuples(st.just("close"), st.sampled_from(RUNS)),
-    st.tuples(st.just("publish"), st.sampled_from(NAMES), st.sampled_from(KEYS),
-              st.sampled_from((0, 0, 50, 500)), st.integers(0, 5)),
+    st.tuples(
+        st.just("publish"),
+        st.sampled_from(NAMES),
+        st.sampled_from(KEYS),
+        st.sampled_from((0, 0, 50, 500)),
+        st.integers(0, 5),
+    ),
     st.tuples(st.just("tick"), st.integers(1, 300)),
 )
 
@@ -384,8 +454,11 @@ class Model:
         ref = f"w#{self.visits[run]}"
         self.waits[run] = (name, key, ref, self.visits[run])
         for m in self.messages:
-            if (m["name"], m["key"]) == (name, key) and m["expires"] > self.now \
-                    and run not in m["runs"]:
+            if (
+                (m["name"], m["key"]) == (name, key)
+                and m["expires"] > self.now
+                and run not in m["runs"]
+            ):
                 self._deliver(m, run, ref)
                 break
         return ref
@@ -403,7 +476,7 @@ class Model:
 
     def _deliver(self, m: dict[str, Any], run: str, ref: str) -> None:
         m["runs"].append(run)
-        self.deliveries.append((f'{m["name"]}/{m["key"]}/{m["id"]}', run, ref))
+        self.deliveries.append((f"{m['name']}/{m['key']}/{m['id']}", run, ref))
         del self.waits[run]  # the run's wait is answered
 
 
@@ -435,8 +508,9 @@ def test_deliveries_are_exactly_what_zeebes_rules_give(ops: list[tuple[Any, ...]
             if run in open_waits:  # a run has one wait at a time: the old one ends first
                 old = open_waits.pop(run)
                 model.waits.pop(run, None)
-                commands.append(CloseSubscription(run_id=run, wait=old.wait, name=old.name,
-                                                  key=old.key))
+                commands.append(
+                    CloseSubscription(run_id=run, wait=old.wait, name=old.name, key=old.key)
+                )
             ref = model.open(run, name, key)
             sub = OpenSubscription(run_id=run, wait=ref, name=name, key=key)
             open_waits[run] = sub
@@ -445,8 +519,13 @@ def test_deliveries_are_exactly_what_zeebes_rules_give(ops: list[tuple[Any, ...]
             old_wait = open_waits.pop(op[1], None)
             model.waits.pop(op[1], None)
             if old_wait is not None:
-                run_side([CloseSubscription(run_id=op[1], wait=old_wait.wait,
-                                            name=old_wait.name, key=old_wait.key)])
+                run_side(
+                    [
+                        CloseSubscription(
+                            run_id=op[1], wait=old_wait.wait, name=old_wait.name, key=old_wait.key
+                        )
+                    ]
+                )
         elif op[0] == "publish":
             _, name, key, ttl, n = op
             mid = f"m{n}"
@@ -454,8 +533,12 @@ def test_deliveries_are_exactly_what_zeebes_rules_give(ops: list[tuple[Any, ...]
             run_side([publish(mid, key=key, ttl=ttl, name=name)])
         else:
             model.now += op[1]
-            due = [fire for s in states.values() if (armed := timer(s)) is not None
-                   and armed[0] <= model.now for fire in (armed[1],)]
+            due = [
+                fire
+                for s in states.values()
+                if (armed := timer(s)) is not None and armed[0] <= model.now
+                for fire in (armed[1],)
+            ]
             run_side(due)
             for s in states.values():  # what is due has gone
                 armed = timer(s)
@@ -469,7 +552,8 @@ def test_deliveries_are_exactly_what_zeebes_rules_give(ops: list[tuple[Any, ...]
 @settings(max_examples=200, deadline=None)
 @given(st.lists(operation, max_size=30))
 def test_every_published_message_is_accounted_for_when_it_expires(
-        ops: list[tuple[Any, ...]]) -> None:
+    ops: list[tuple[Any, ...]],
+) -> None:
     """No message is lost silently: each ends with one MessageExpired naming its runs."""
     states: dict[str, CorrelationState] = {}
     log: list[Any] = []
@@ -487,9 +571,13 @@ def test_every_published_message_is_accounted_for_when_it_expires(
         states.update(batch.states)
         log.extend(batch.events)
     now += 10_000
-    batch = correlate([fire for s in states.values() if (armed := timer(s)) is not None
-                       for fire in (armed[1],)], states.get, now)
+    batch = correlate(
+        [fire for s in states.values() if (armed := timer(s)) is not None for fire in (armed[1],)],
+        states.get,
+        now,
+    )
     log.extend(batch.events)
+
     def ident(e: Any) -> tuple[str, str, str]:
         return e.name, e.key, e.message_id
 
@@ -497,8 +585,9 @@ def test_every_published_message_is_accounted_for_when_it_expires(
     expired = [e for e in log if isinstance(e, MessageExpired)]
     assert sorted(published) == sorted(ident(e) for e in expired)
     for e in expired:
-        assert list(e.runs) == [c.run_id for c in log if isinstance(c, MessageCorrelated)
-                                and ident(c) == ident(e)]
+        assert list(e.runs) == [
+            c.run_id for c in log if isinstance(c, MessageCorrelated) and ident(c) == ident(e)
+        ]
     assert all(m.status != "buffered" for m in summarize(log))
 
 
@@ -507,12 +596,13 @@ def test_a_refused_delivery_goes_to_the_runs_next_wait_on_the_key() -> None:
     the key: once the run refuses the first delivery, its new wait takes the message."""
     key = Key()
     key.when(open_("r1", wait="pay#1"))
-    key.when(publish("m1", ttl=60_000))          # correlated to pay#1 ...
-    key.when(close("r1", wait="pay#1"))          # ... which timed out meanwhile
+    key.when(publish("m1", ttl=60_000))  # correlated to pay#1 ...
+    key.when(close("r1", wait="pay#1"))  # ... which timed out meanwhile
     key.when(open_("r1", wait="pay#2"))
     assert key.types() == ["SubscriptionOpened"], "a run gets a message at most once"
-    events = key.when(RejectCorrelation(run_id="r1", wait="pay#1", message_id="m1",
-                                        name="payment", key="o1"))
+    events = key.when(
+        RejectCorrelation(run_id="r1", wait="pay#1", message_id="m1", name="payment", key="o1")
+    )
     assert key.types() == ["CorrelationRejected", "MessageCorrelated"]
     assert events[1].wait == "pay#2"
 
@@ -520,38 +610,51 @@ def test_a_refused_delivery_goes_to_the_runs_next_wait_on_the_key() -> None:
 def test_a_refused_delivery_of_an_unbuffered_message_is_recorded_and_taken_back() -> None:
     key = Key()
     log = [*key.when(open_("r1")), *key.when(publish("m1"))]
-    log += key.when(RejectCorrelation(run_id="r1", wait="pay#1", message_id="m1",
-                                      name="payment", key="o1"))
+    log += key.when(
+        RejectCorrelation(run_id="r1", wait="pay#1", message_id="m1", name="payment", key="o1")
+    )
     assert key.types() == ["CorrelationRejected"]
-    assert [(m.message_id, m.status, m.runs) for m in summarize(log)] == [
-        ("m1", "unmatched", [])]
+    assert [(m.message_id, m.status, m.runs) for m in summarize(log)] == [("m1", "unmatched", [])]
 
 
 def test_the_run_side_answers_a_refused_delivery() -> None:
     flow = _waiting(KEYED)
-    stale = cmd.CorrelateMessage(command_id="x", run_id=RUN, name="payment", key="o1",
-                                 message_id="m1", wait="pay#7")
+    stale = cmd.CorrelateMessage(
+        command_id="x", run_id=RUN, name="payment", key="o1", message_id="m1", wait="pay#7"
+    )
     flow.when(stale)
     assert refused_delivery(stale, flow.last) == RejectCorrelation(
-        run_id=RUN, wait="pay#7", message_id="m1", name="payment", key="o1")
-    good = cmd.CorrelateMessage(command_id="y", run_id=RUN, name="payment", key="o1",
-                                message_id="m2", wait="pay#1")
+        run_id=RUN, wait="pay#7", message_id="m1", name="payment", key="o1"
+    )
+    good = cmd.CorrelateMessage(
+        command_id="y", run_id=RUN, name="payment", key="o1", message_id="m2", wait="pay#1"
+    )
     flow.when(good)
     assert refused_delivery(good, flow.last) is None
 
 
 # ----------------------------------------------------------- both sides, interleaved
 
-LOOPING = load_spec(wf({"id": "pay", "wait_event": {"name": "payment", "key": "input.order",
-                                                    "timeout": "1s",
-                                                    "on_timeout": {"goto": "pay"}}},
-                       input={"order": "string"}))
+LOOPING = load_spec(
+    wf(
+        {
+            "id": "pay",
+            "wait_event": {
+                "name": "payment",
+                "key": "input.order",
+                "timeout": "1s",
+                "on_timeout": {"goto": "pay"},
+            },
+        },
+        input={"order": "string"},
+    )
+)
 ORDERS = {"r1": "k1", "r2": "k1", "r3": "k2"}
 
 step = st.one_of(
-    st.tuples(st.just("run"), st.sampled_from(sorted(ORDERS))),        # a run takes an input
-    st.tuples(st.just("correlate"), st.sampled_from(("k1", "k2"))),     # correlation does
-    st.tuples(st.just("timeout"), st.sampled_from(sorted(ORDERS))),     # a wait's timer fires
+    st.tuples(st.just("run"), st.sampled_from(sorted(ORDERS))),  # a run takes an input
+    st.tuples(st.just("correlate"), st.sampled_from(("k1", "k2"))),  # correlation does
+    st.tuples(st.just("timeout"), st.sampled_from(sorted(ORDERS))),  # a wait's timer fires
     st.tuples(st.just("publish"), st.sampled_from(("k1", "k2")), st.sampled_from((0, 3_600_000))),
 )
 
@@ -559,7 +662,8 @@ step = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(step, max_size=40))
 def test_runs_and_correlation_interleaved_lose_no_message_and_double_none(
-        steps: list[tuple[Any, ...]]) -> None:
+    steps: list[tuple[Any, ...]],
+) -> None:
     """The run side and correlation exchange records through queues (per run, per key, in
     order, as Kafka partitions keep them) processed in any interleaving, with waits that
     time out and begin again while deliveries are on their way. Then: a run completes only
@@ -585,7 +689,8 @@ def test_runs_and_correlation_interleaved_lose_no_message_and_double_none(
         assert decision.state is not None
         before, runs[run] = runs.get(run), decision.state
         if isinstance(command, cmd.CorrelateMessage) and any(
-                isinstance(e, SignalReceived) for e in decision.events):
+            isinstance(e, SignalReceived) for e in decision.events
+        ):
             received[run].append(command)
         changes: list[Any] = list(subscription_changes(before, decision.events, decision.state))
         if isinstance(command, cmd.CorrelateMessage):
@@ -603,8 +708,11 @@ def test_runs_and_correlation_interleaved_lose_no_message_and_double_none(
             run_queue[delivered.run_id].append(delivered)
 
     for run, order in ORDERS.items():
-        run_queue[run].append(cmd.StartRun(command_id=f"s-{run}", run_id=run, workflow="w",
-                                           version=1, input={"order": order}))
+        run_queue[run].append(
+            cmd.StartRun(
+                command_id=f"s-{run}", run_id=run, workflow="w", version=1, input={"order": order}
+            )
+        )
         run_input(run)
     for s in steps:
         if s[0] == "run":
@@ -616,8 +724,11 @@ def test_runs_and_correlation_interleaved_lose_no_message_and_double_none(
             armed = [t for t in state.timers.values() if t.kind == "signal_timeout"]
             if armed:
                 now = max(now, armed[0].due_at)
-                run_queue[s[1]].append(cmd.FireTimer(command_id=f"t{next(ids)}", run_id=s[1],
-                                                     timer_id=armed[0].timer_id))
+                run_queue[s[1]].append(
+                    cmd.FireTimer(
+                        command_id=f"t{next(ids)}", run_id=s[1], timer_id=armed[0].timer_id
+                    )
+                )
         else:
             key_queue[s[1]].append(publish(f"m{next(ids)}", key=s[1], ttl=s[2]))
     while any(run_queue.values()) or any(key_queue.values()):  # deliver everything in hand
@@ -635,5 +746,6 @@ def test_runs_and_correlation_interleaved_lose_no_message_and_double_none(
             for run, order in ORDERS.items():
                 if order == message.key and runs[run].status is RunStatus.WAITING:
                     assert run not in message.runs, f"{message.message_id} counted for {run}"
-                    raise AssertionError(f"{run} waits on {key} beside buffered "
-                                         f"{message.message_id}")
+                    raise AssertionError(
+                        f"{run} waits on {key} beside buffered {message.message_id}"
+                    )

@@ -35,11 +35,19 @@ USERS = ("alice", "bob", "carol", "dave")
 SIGNALS = ("sig_a", "sig_b")
 CODES = ("B1", "B2")
 KINDS = ("task", "prepare_commit", "approval", "wait_event", "choice", "sleep")
-WHENS = ("input.flag", "input.amount > `5`", "signals.sig_a", "steps.st0.result.ok",
-         "length(input.tags) > `1`")
+WHENS = (
+    "input.flag",
+    "input.amount > `5`",
+    "signals.sig_a",
+    "steps.st0.result.ok",
+    "length(input.tags) > `1`",
+)
 
-SETTINGS = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 durations = st.sampled_from([0, 500, 1_000, 30_000, 3_600_000])
 
@@ -48,8 +56,9 @@ durations = st.sampled_from([0, 500, 1_000, 30_000, 3_600_000])
 
 
 @st.composite
-def handlers(draw: st.DrawFn, ids: list[str], *, wait: bool = False,
-             escalate: bool = True) -> dict[str, Any] | str:
+def handlers(
+    draw: st.DrawFn, ids: list[str], *, wait: bool = False, escalate: bool = True
+) -> dict[str, Any] | str:
     options = ["fail", "goto"] + (["escalate"] if escalate else []) + (["wait"] if wait else [])
     action = draw(st.sampled_from(options))
     if action == "fail":
@@ -86,11 +95,13 @@ def approvals(draw: st.DrawFn, ids: list[str]) -> dict[str, Any]:
 def _task_extras(draw: st.DrawFn, ids: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "timeout": draw(st.sampled_from([1_000, 30_000])),
-        "retry": {"max_attempts": draw(st.integers(1, 3)),
-                  "initial": draw(st.sampled_from([0, 100, 1_000])),
-                  "multiplier": draw(st.sampled_from([1, 2, 3])),
-                  "max": draw(st.sampled_from([1_000, 60_000])),
-                  "jitter": draw(st.sampled_from(["full", "none"]))},
+        "retry": {
+            "max_attempts": draw(st.integers(1, 3)),
+            "initial": draw(st.sampled_from([0, 100, 1_000])),
+            "multiplier": draw(st.sampled_from([1, 2, 3])),
+            "max": draw(st.sampled_from([1_000, 60_000])),
+            "jitter": draw(st.sampled_from(["full", "none"])),
+        },
     }
     codes = draw(st.lists(st.sampled_from((*CODES, "*")), max_size=2, unique=True))
     if codes:
@@ -113,8 +124,11 @@ def steps(draw: st.DrawFn, i: int, kinds: list[str]) -> dict[str, Any]:
             step["critical"] = True
             step["approval"] = draw(approvals(ids))
         elif gate == "review":
-            step["review_if"] = draw(st.sampled_from(
-                ["result.confidence < `0.5`", "confidence < `0.5`", "result.review"]))
+            step["review_if"] = draw(
+                st.sampled_from(
+                    ["result.confidence < `0.5`", "confidence < `0.5`", "result.review"]
+                )
+            )
             step["review"] = draw(approvals(ids))
         elif gate == "schema":
             step["result"] = {"confidence": "number", "label": "string?"}
@@ -147,7 +161,7 @@ def steps(draw: st.DrawFn, i: int, kinds: list[str]) -> dict[str, Any]:
             {"when": draw(st.sampled_from(WHENS)), "goto": draw(st.sampled_from(targets))}
             for _ in range(draw(st.integers(1, 2)))
         ]
-        ahead = ids[i + 1:]
+        ahead = ids[i + 1 :]
         if len(ahead) > 0 and draw(st.booleans()):
             step["default"] = draw(st.sampled_from(ahead))  # forward, so the run can always end
     else:
@@ -175,19 +189,31 @@ def specs(draw: st.DrawFn) -> WorkflowSpec:
 
 results = st.one_of(
     st.none(),
-    st.fixed_dictionaries({"confidence": st.sampled_from([0.1, 0.9])},
-                          optional={"ok": st.booleans(), "amount": st.integers(0, 20),
-                                    "review": st.booleans(), "label": st.just("x")}),
-    st.fixed_dictionaries({"confidence": st.sampled_from(["high", None, [0.1], True]),
-                           "amount": st.sampled_from(["12", None, 11.5, [1]])}),
+    st.fixed_dictionaries(
+        {"confidence": st.sampled_from([0.1, 0.9])},
+        optional={
+            "ok": st.booleans(),
+            "amount": st.integers(0, 20),
+            "review": st.booleans(),
+            "label": st.just("x"),
+        },
+    ),
+    st.fixed_dictionaries(
+        {
+            "confidence": st.sampled_from(["high", None, [0.1], True]),
+            "amount": st.sampled_from(["12", None, 11.5, [1]]),
+        }
+    ),
     st.integers(),
     st.text(max_size=3),
 )
 valid_inputs = st.fixed_dictionaries(
     {"amount": st.integers(0, 10)},
-    optional={"flag": st.booleans(), "tags": st.lists(st.just("t"), max_size=2)})
+    optional={"flag": st.booleans(), "tags": st.lists(st.just("t"), max_size=2)},
+)
 invalid_inputs = st.sampled_from(
-    [{"flag": True}, ["not", "an", "object"], {"amount": 1, "tags": 5}])
+    [{"flag": True}, ["not", "an", "object"], {"amount": 1, "tags": 5}]
+)
 wrong = st.sampled_from([False] * 4 + [True])
 """Aim a command at the wrong thing about one time in five."""
 
@@ -200,22 +226,52 @@ def weighted(*options: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[
 
 actions = weighted(
     (1, st.tuples(st.just("start"), valid_inputs | invalid_inputs)),
-    (5, st.tuples(st.just("complete"), results, st.sampled_from([None, 0.2, 0.95]),
-                  st.sampled_from([0.0, 0.5]), wrong)),
-    (3, st.tuples(st.just("fail"), st.sampled_from(["transient", "permanent", "business", "odd"]),
-                  st.sampled_from((*CODES, "OTHER")), wrong)),
-    (4, st.tuples(st.just("approve"), st.sampled_from(USERS),
-                  st.lists(st.sampled_from((*GROUPS, "g3")), min_size=1, max_size=2), st.booleans(),
-                  wrong)),
+    (
+        5,
+        st.tuples(
+            st.just("complete"),
+            results,
+            st.sampled_from([None, 0.2, 0.95]),
+            st.sampled_from([0.0, 0.5]),
+            wrong,
+        ),
+    ),
+    (
+        3,
+        st.tuples(
+            st.just("fail"),
+            st.sampled_from(["transient", "permanent", "business", "odd"]),
+            st.sampled_from((*CODES, "OTHER")),
+            wrong,
+        ),
+    ),
+    (
+        4,
+        st.tuples(
+            st.just("approve"),
+            st.sampled_from(USERS),
+            st.lists(st.sampled_from((*GROUPS, "g3")), min_size=1, max_size=2),
+            st.booleans(),
+            wrong,
+        ),
+    ),
     (2, st.tuples(st.just("signal"), st.sampled_from((*SIGNALS, "sig_c")), st.integers(0, 3))),
-    (4, st.tuples(st.just("fire"), st.integers(0, 5), st.sampled_from([-2_000, -1, 0, 1, 5_000]),
-                  st.booleans())),
+    (
+        4,
+        st.tuples(
+            st.just("fire"),
+            st.integers(0, 5),
+            st.sampled_from([-2_000, -1, 0, 1, 5_000]),
+            st.booleans(),
+        ),
+    ),
     (1, st.tuples(st.just("advance"), st.sampled_from([1, 1_000, 3_600_000]))),
     (1, st.tuples(st.just("cancel"))),
     (1, st.tuples(st.just("ghost"), st.integers(0, 2))),
 )
-scripts = st.tuples(weighted((9, valid_inputs), (1, invalid_inputs)),
-                    st.lists(actions, min_size=5, max_size=40))
+scripts = st.tuples(
+    weighted((9, valid_inputs), (1, invalid_inputs)), st.lists(actions, min_size=5, max_size=40)
+)
 
 
 @dataclass
@@ -259,8 +315,14 @@ class Run:
         step = current.step if current is not None else "st0"
         base: dict[str, Any] = {"command_id": self._id(), "run_id": RUN}
         if kind == "start":
-            return cmd.StartRun(**base, workflow="prop", version=1, input=args[0],
-                                idempotency_key="k", requested_by="alice")
+            return cmd.StartRun(
+                **base,
+                workflow="prop",
+                version=1,
+                input=args[0],
+                idempotency_key="k",
+                requested_by="alice",
+            )
         if kind in ("complete", "fail"):
             aim_wrong = args[-1]
             if current is not None and current.waiting is Waiting.TASK and not aim_wrong:
@@ -269,22 +331,38 @@ class Run:
                 tid = self.task_ids[0] if self.task_ids and aim_wrong else "bogus"
             if kind == "complete":
                 result, confidence, cost, _ = args
-                return cmd.CompleteTask(**base, step=step, task_id=tid, result=result,
-                                        confidence=confidence, cost=cost)
+                return cmd.CompleteTask(
+                    **base, step=step, task_id=tid, result=result, confidence=confidence, cost=cost
+                )
             error_class, code, _ = args
-            return cmd.FailTask(**base, step=step, task_id=tid, error_class=error_class,
-                                code=code, message="m", field="f")
+            return cmd.FailTask(
+                **base,
+                step=step,
+                task_id=tid,
+                error_class=error_class,
+                code=code,
+                message="m",
+                field="f",
+            )
         if kind == "approve":
             user, roles, approve, aim_wrong = args
-            return cmd.DecideApproval(**base, step="elsewhere" if aim_wrong else step,
-                                      approver=user, roles=tuple(roles), approve=approve)
+            return cmd.DecideApproval(
+                **base,
+                step="elsewhere" if aim_wrong else step,
+                approver=user,
+                roles=tuple(roles),
+                approve=approve,
+            )
         if kind == "signal":
             name, data = args
             return cmd.DeliverSignal(**base, name=name, data={"n": data})
         if kind == "fire":
             index, offset, any_timer = args
-            armed = sorted(self.state.timers.values(), key=lambda t: t.timer_id) \
-                if self.state is not None else []
+            armed = (
+                sorted(self.state.timers.values(), key=lambda t: t.timer_id)
+                if self.state is not None
+                else []
+            )
             if not armed:
                 return cmd.FireTimer(**base, timer_id="none@0")
             timer = armed[index % len(armed)]
@@ -298,9 +376,11 @@ class Run:
         if kind == "cancel":
             return cmd.CancelRun(**base, reason="r", by="ops")
         ghost = {**base, "run_id": "ghost"}
-        strays: list[cmd.Command] = [cmd.CancelRun(**ghost),
-                                     cmd.DeliverSignal(**ghost, name="sig_a"),
-                                     cmd.FireTimer(**ghost, timer_id="t")]
+        strays: list[cmd.Command] = [
+            cmd.CancelRun(**ghost),
+            cmd.DeliverSignal(**ghost, name="sig_a"),
+            cmd.FireTimer(**ghost, timer_id="t"),
+        ]
         return strays[int(args[0])]
 
 
@@ -357,7 +437,7 @@ def test_log_envelope_is_contiguous_and_caused(spec: WorkflowSpec, script: Any) 
     ends = [i for i, e in enumerate(run.log) if isinstance(e, ev.TERMINAL_EVENTS)]
     assert len(ends) <= 1
     if ends:
-        assert all(isinstance(e, ev.CommandRejected) for e in run.log[ends[0] + 1:])
+        assert all(isinstance(e, ev.CommandRejected) for e in run.log[ends[0] + 1 :])
 
 
 @SETTINGS
@@ -387,28 +467,52 @@ def _junk(command_type: type[cmd.Command], **fields: Any) -> st.SearchStrategy[c
 
 
 junk_commands = st.one_of(
-    _junk(cmd.CompleteTask, step=st.text(max_size=4), task_id=st.text(max_size=4),
-          result=st.none() | st.integers(), cost=st.floats(0, 10),
-          confidence=st.none() | st.floats(0, 1)),
-    _junk(cmd.FailTask, step=st.text(max_size=4), task_id=st.text(max_size=4),
-          error_class=st.text(max_size=10), code=st.text(max_size=4)),
-    _junk(cmd.DecideApproval, step=st.text(max_size=4), approver=st.text(max_size=4),
-          roles=st.lists(st.text(max_size=3)).map(tuple), approve=st.booleans()),
+    _junk(
+        cmd.CompleteTask,
+        step=st.text(max_size=4),
+        task_id=st.text(max_size=4),
+        result=st.none() | st.integers(),
+        cost=st.floats(0, 10),
+        confidence=st.none() | st.floats(0, 1),
+    ),
+    _junk(
+        cmd.FailTask,
+        step=st.text(max_size=4),
+        task_id=st.text(max_size=4),
+        error_class=st.text(max_size=10),
+        code=st.text(max_size=4),
+    ),
+    _junk(
+        cmd.DecideApproval,
+        step=st.text(max_size=4),
+        approver=st.text(max_size=4),
+        roles=st.lists(st.text(max_size=3)).map(tuple),
+        approve=st.booleans(),
+    ),
     _junk(cmd.DeliverSignal, name=st.text(max_size=6), data=st.none() | st.integers()),
     _junk(cmd.FireTimer, timer_id=st.text(max_size=8)),
-    _junk(cmd.StartRun, workflow=st.sampled_from(["prop", "other"]), version=st.integers(0, 2),
-          input=st.none() | st.dictionaries(st.text(max_size=3), st.integers())),
+    _junk(
+        cmd.StartRun,
+        workflow=st.sampled_from(["prop", "other"]),
+        version=st.integers(0, 2),
+        input=st.none() | st.dictionaries(st.text(max_size=3), st.integers()),
+    ),
     _junk(cmd.CancelRun),
     _junk(cmd.Command),
 )
 
 
 @SETTINGS
-@given(spec=specs(), other=specs().map(lambda s: s.model_copy(update={"version": 2})),
-       script=scripts, garbage=st.lists(junk_commands, max_size=8),
-       when=st.integers(-10**12, 10**13))
-def test_decide_never_raises(spec: WorkflowSpec, other: WorkflowSpec, script: Any,
-                             garbage: list[cmd.Command], when: int) -> None:
+@given(
+    spec=specs(),
+    other=specs().map(lambda s: s.model_copy(update={"version": 2})),
+    script=scripts,
+    garbage=st.lists(junk_commands, max_size=8),
+    when=st.integers(-(10**12), 10**13),
+)
+def test_decide_never_raises(
+    spec: WorkflowSpec, other: WorkflowSpec, script: Any, garbage: list[cmd.Command], when: int
+) -> None:
     *_, run = drive(spec, script)
     for state in (None, run.state, *run.states[:3]):
         for command in garbage:
@@ -420,14 +524,22 @@ def test_decide_never_raises(spec: WorkflowSpec, other: WorkflowSpec, script: An
 
 
 @SETTINGS
-@given(spec=specs(), other=specs().map(lambda s: s.model_copy(update={"version": 2})),
-       script=scripts, garbage=st.lists(junk_commands, max_size=8),
-       when=st.integers(-10**12, 10**13))
+@given(
+    spec=specs(),
+    other=specs().map(lambda s: s.model_copy(update={"version": 2})),
+    script=scripts,
+    garbage=st.lists(junk_commands, max_size=8),
+    when=st.integers(-(10**12), 10**13),
+)
 def test_a_finished_runs_compact_record_decides_every_command_as_its_full_state(
-        spec: WorkflowSpec, other: WorkflowSpec, script: Any, garbage: list[cmd.Command],
-        when: int) -> None:
-    finished = [state for run in drive(spec, script) for state in [run.state]
-                if state is not None and state.terminal]
+    spec: WorkflowSpec, other: WorkflowSpec, script: Any, garbage: list[cmd.Command], when: int
+) -> None:
+    finished = [
+        state
+        for run in drive(spec, script)
+        for state in [run.state]
+        if state is not None and state.terminal
+    ]
     for state in finished[:3]:
         compact = finished_record(state)
         assert compact.status is state.status and compact.seq == state.seq

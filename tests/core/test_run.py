@@ -32,9 +32,7 @@ from tests.harness import RUN, T0, Flow, wf
 HOUR = 3_600_000
 
 
-
-TWO_TASKS = wf({"id": "a", "task": "q.a", "retry": {"max_attempts": 3}},
-               {"id": "b", "task": "q.b"})
+TWO_TASKS = wf({"id": "a", "task": "q.a", "retry": {"max_attempts": 3}}, {"id": "b", "task": "q.b"})
 
 
 # --------------------------------------------------------------------------- run SLA
@@ -45,15 +43,18 @@ def test_run_sla_breach_is_recorded_while_the_run_keeps_going() -> None:
     flow.when(flow.start()).then(
         (RunStarted, {"sla_due_at": T0 + 4 * HOUR}),
         (TimerArmed, {"kind": "run_sla", "due_at": T0 + 4 * HOUR}),
-        StepStarted, TaskDispatched, TimerArmed,
+        StepStarted,
+        TaskDispatched,
+        TimerArmed,
     )
     flow.fire("run_sla").then(
         (TimerFired, {"kind": "run_sla"}),
         (SlaBreached, {"scope": "run", "step": None, "due_at": T0 + 4 * HOUR}),
     ).then_status(RunStatus.RUNNING)
     assert flow.state is not None and flow.state.sla_breached
-    flow.when(flow.complete("a")).then(TaskCompleted, StepCompleted, StepStarted, TaskDispatched,
-                                       TimerArmed)
+    flow.when(flow.complete("a")).then(
+        TaskCompleted, StepCompleted, StepStarted, TaskDispatched, TimerArmed
+    )
 
 
 def test_run_sla_timer_is_cleared_when_the_run_ends_in_time() -> None:
@@ -114,8 +115,15 @@ def test_invalid_input_fails_the_run_with_the_field_path() -> None:
     flow = Flow({**TWO_TASKS, "input": {"order_id": "string", "amount": "number"}})
     flow.when(flow.start({"order_id": "o1", "amount": "ten"})).then(
         RunStarted,
-        (RunFailed, {"step": None, "error_class": "permanent", "code": "INVALID_INPUT",
-                     "field": "input.amount"}),
+        (
+            RunFailed,
+            {
+                "step": None,
+                "error_class": "permanent",
+                "code": "INVALID_INPUT",
+                "field": "input.amount",
+            },
+        ),
     ).then_status(RunStatus.FAILED)
     failed = flow.last[-1]
     assert isinstance(failed, RunFailed) and "expected number" in failed.message
@@ -124,35 +132,40 @@ def test_invalid_input_fails_the_run_with_the_field_path() -> None:
 def test_missing_required_input_names_the_field() -> None:
     flow = Flow({**TWO_TASKS, "input": {"order_id": "string", "note": "string?"}})
     flow.when(flow.start({})).then(
-        RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input.order_id"}))
+        RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input.order_id"})
+    )
 
 
 def test_an_undeclared_input_field_fails_the_run_naming_it() -> None:
     flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}})
     flow.when(flow.start({"order_id": "o1", "ammount": 10})).then(
-        RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input.ammount"}))
+        RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input.ammount"})
+    )
     failed = flow.last[-1]
     assert isinstance(failed, RunFailed)
-    assert failed.message == ("input.ammount: field 'ammount' is not declared; the spec "
-                              "declares order_id (strict_input: false accepts others)")
+    assert failed.message == (
+        "input.ammount: field 'ammount' is not declared; the spec "
+        "declares order_id (strict_input: false accepts others)"
+    )
 
 
 def test_a_lenient_spec_accepts_undeclared_input_fields() -> None:
     flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}, "strict_input": False})
     flow.when(flow.start({"order_id": "o1", "note": "x"})).then(
-        RunStarted, StepStarted, TaskDispatched, TimerArmed)
+        RunStarted, StepStarted, TaskDispatched, TimerArmed
+    )
 
 
 def test_a_spec_without_an_input_schema_checks_nothing() -> None:
     flow = Flow(TWO_TASKS)
-    flow.when(flow.start({"anything": 1})).then(RunStarted, StepStarted, TaskDispatched,
-                                                TimerArmed)
+    flow.when(flow.start({"anything": 1})).then(RunStarted, StepStarted, TaskDispatched, TimerArmed)
 
 
 def test_input_that_is_not_an_object_is_invalid() -> None:
     flow = Flow({**TWO_TASKS, "input": {"order_id": "string"}})
     flow.when(flow.start(["o1"])).then(
-        RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input"}))
+        RunStarted, (RunFailed, {"code": "INVALID_INPUT", "field": "input"})
+    )
 
 
 def test_start_for_another_workflow_is_rejected_without_a_run() -> None:
@@ -194,8 +207,11 @@ def test_duplicate_task_result_is_stale() -> None:
     flow.given(flow.start())
     first = flow.complete("a", {"n": 1})
     flow.when(first).then(TaskCompleted, StepCompleted, StepStarted, TaskDispatched, TimerArmed)
-    flow.when(cmd.CompleteTask(command_id="dup", run_id=RUN, step="a", task_id=first.task_id,
-                               result={"n": 1})).then_rejected("stale result")
+    flow.when(
+        cmd.CompleteTask(
+            command_id="dup", run_id=RUN, step="a", task_id=first.task_id, result={"n": 1}
+        )
+    ).then_rejected("stale result")
 
 
 def test_result_for_an_earlier_attempt_is_stale() -> None:
@@ -232,8 +248,9 @@ def test_timer_never_fires_twice() -> None:
     flow = Flow(TWO_TASKS)
     flow.given(flow.start()).given(flow.fail("a", "transient"))
     [timer] = flow.timers("retry")
-    flow.at(flow.due("retry")).when(flow.fire_id(timer)).then(TimerFired, TaskDispatched,
-                                                               TimerArmed)
+    flow.at(flow.due("retry")).when(flow.fire_id(timer)).then(
+        TimerFired, TaskDispatched, TimerArmed
+    )
     flow.when(flow.fire_id(timer)).then_rejected("stale timer")
 
 
@@ -246,15 +263,24 @@ def test_unknown_timer_is_stale() -> None:
 # --------------------------------------------------------------------------- unknown run
 
 
-@pytest.mark.parametrize("command", [
-    cmd.CompleteTask(command_id="x1", run_id="ghost", step="a", task_id="t"),
-    cmd.FailTask(command_id="x2", run_id="ghost", step="a", task_id="t", error_class="transient",
-                 code="E"),
-    cmd.DecideApproval(command_id="x3", run_id="ghost", step="a", approver="bob"),
-    cmd.DeliverSignal(command_id="x4", run_id="ghost", name="s"),
-    cmd.FireTimer(command_id="x5", run_id="ghost", timer_id="t"),
-    cmd.CancelRun(command_id="x6", run_id="ghost"),
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        cmd.CompleteTask(command_id="x1", run_id="ghost", step="a", task_id="t"),
+        cmd.FailTask(
+            command_id="x2",
+            run_id="ghost",
+            step="a",
+            task_id="t",
+            error_class="transient",
+            code="E",
+        ),
+        cmd.DecideApproval(command_id="x3", run_id="ghost", step="a", approver="bob"),
+        cmd.DeliverSignal(command_id="x4", run_id="ghost", name="s"),
+        cmd.FireTimer(command_id="x5", run_id="ghost", timer_id="t"),
+        cmd.CancelRun(command_id="x6", run_id="ghost"),
+    ],
+)
 def test_command_for_an_unknown_run_is_rejected_outside_any_log(command: cmd.Command) -> None:
     decision = process(None, command, load_spec(TWO_TASKS), T0)
     assert isinstance(decision, Decision) and decision.state is None
@@ -278,10 +304,12 @@ def test_cost_accumulates_over_completed_and_failed_tasks() -> None:
     flow = Flow(TWO_TASKS)
     flow.given(flow.start())
     flow.when(flow.fail("a", "transient", cost=0.25)).then(
-        (TaskFailed, {"cost": 0.25}), RetryScheduled, TimerArmed)
+        (TaskFailed, {"cost": 0.25}), RetryScheduled, TimerArmed
+    )
     flow.fire("retry")
     flow.when(flow.complete("a", cost=0.5)).then(
-        (TaskCompleted, {"cost": 0.5}), StepCompleted, StepStarted, TaskDispatched, TimerArmed)
+        (TaskCompleted, {"cost": 0.5}), StepCompleted, StepStarted, TaskDispatched, TimerArmed
+    )
     flow.given(flow.complete("b", cost=1.0))
     assert flow.state is not None and flow.state.cost == pytest.approx(1.75)
     assert flow.state.attempts == 3
@@ -339,13 +367,15 @@ def test_status_pending_before_the_first_step() -> None:
 
 
 def test_status_through_a_run() -> None:
-    flow = Flow(wf(
-        {"id": "a", "task": "q"},
-        {"id": "ok", "approval": {"approvers": ["g"]}},
-        {"id": "w", "wait_event": {"name": "s"}},
-        {"id": "z", "sleep": "1m"},
-        {"id": "b", "task": "q"},
-    ))
+    flow = Flow(
+        wf(
+            {"id": "a", "task": "q"},
+            {"id": "ok", "approval": {"approvers": ["g"]}},
+            {"id": "w", "wait_event": {"name": "s"}},
+            {"id": "z", "sleep": "1m"},
+            {"id": "b", "task": "q"},
+        )
+    )
     flow.given(flow.start()).then_status(RunStatus.RUNNING)
     flow.given(flow.fail("a", "transient")).then_status(RunStatus.RETRY)
     flow.fire("retry").then_status(RunStatus.RUNNING)
@@ -360,18 +390,25 @@ def test_status_through_a_run() -> None:
 def test_status_between_steps_is_running_not_pending() -> None:
     flow = Flow(TWO_TASKS)
     flow.given(flow.start()).when(flow.complete("a")).then(
-        TaskCompleted, StepCompleted, StepStarted, TaskDispatched, TimerArmed)
-    completed = fold(flow.log[:flow.log.index(flow.last[1]) + 1])
+        TaskCompleted, StepCompleted, StepStarted, TaskDispatched, TimerArmed
+    )
+    completed = fold(flow.log[: flow.log.index(flow.last[1]) + 1])
     assert completed is not None and completed.current is None
     assert completed.status is RunStatus.RUNNING, "a run between two steps has started"
 
 
 def test_status_after_every_event_of_a_run_is_never_pending_once_a_step_ran() -> None:
-    flow = Flow(wf({"id": "a", "task": "q"}, {"id": "c", "choice": [
-        {"when": "steps.a.result.ok", "goto": "b"}]}, {"id": "b", "task": "q"}))
+    flow = Flow(
+        wf(
+            {"id": "a", "task": "q"},
+            {"id": "c", "choice": [{"when": "steps.a.result.ok", "goto": "b"}]},
+            {"id": "b", "task": "q"},
+        )
+    )
     flow.given(flow.start()).given(flow.complete("a", {"ok": True})).given(flow.complete("b"))
-    statuses = [s.status for s in (fold(flow.log[:n]) for n in range(1, len(flow.log) + 1))
-                if s is not None]
+    statuses = [
+        s.status for s in (fold(flow.log[:n]) for n in range(1, len(flow.log) + 1)) if s is not None
+    ]
     assert statuses[0] is RunStatus.PENDING
     assert RunStatus.PENDING not in statuses[1:], statuses
     assert statuses[-1] is RunStatus.COMPLETED
@@ -395,5 +432,6 @@ def test_completed_run_has_its_output() -> None:
     flow = Flow(TWO_TASKS)
     flow.given(flow.start()).given(flow.complete("a", 1))
     flow.when(flow.complete("b", 2)).then(
-        TaskCompleted, StepCompleted, (RunCompleted, {"output": 2}))
+        TaskCompleted, StepCompleted, (RunCompleted, {"output": 2})
+    )
     assert flow.state is not None and flow.state.output == 2

@@ -96,8 +96,9 @@ class Schedule:
         return f"c{self.count}"
 
     def create(self, spec: ScheduleSpec, now: int) -> list[ScheduleEvent]:
-        return self.send(CreateSchedule(command_id=self.cmd_id(), schedule_id=spec.schedule_id,
-                                        spec=spec), now)
+        return self.send(
+            CreateSchedule(command_id=self.cmd_id(), schedule_id=spec.schedule_id, spec=spec), now
+        )
 
     def run_until(self, end: int) -> list[ScheduleEvent]:
         """Fire every timer as it falls due, up to ``end`` (an engine that never stops)."""
@@ -117,9 +118,15 @@ class Schedule:
 
     def ended(self, run_id: str, now: int, outcome: str = "Completed") -> list[ScheduleEvent]:
         assert self.state is not None
-        return self.send(ReportRunEnded(command_id=self.cmd_id(),
-                                        schedule_id=self.state.schedule_id, run_id=run_id,
-                                        outcome=outcome), now)
+        return self.send(
+            ReportRunEnded(
+                command_id=self.cmd_id(),
+                schedule_id=self.state.schedule_id,
+                run_id=run_id,
+                outcome=outcome,
+            ),
+            now,
+        )
 
 
 def started(events: Sequence[ScheduleEvent]) -> list[ScheduledRunStarted]:
@@ -127,8 +134,16 @@ def started(events: Sequence[ScheduleEvent]) -> list[ScheduledRunStarted]:
 
 
 def cron(expr: str, zone: str, **more: Any) -> ScheduleSpec:
-    return load_schedule({"id": "s1", "workflow": "report", "cron": expr, "timezone": zone,
-                          "overlap": "allow_all", **more})
+    return load_schedule(
+        {
+            "id": "s1",
+            "workflow": "report",
+            "cron": expr,
+            "timezone": zone,
+            "overlap": "allow_all",
+            **more,
+        }
+    )
 
 
 def every_minute(**more: Any) -> ScheduleSpec:
@@ -144,7 +159,10 @@ def test_spring_forward_in_berlin_fires_a_missing_time_once_after_the_gap() -> N
     s.create(cron("30 2 * * *", zone), at("2026-03-28T00:00", zone))
     fired = started(s.run_until(at("2026-03-30T12:00", zone)))
     assert [local(e.nominal, zone) for e in fired] == [
-        "2026-03-28T02:30:00+01:00", "2026-03-29T03:00:00+02:00", "2026-03-30T02:30:00+02:00"]
+        "2026-03-28T02:30:00+01:00",
+        "2026-03-29T03:00:00+02:00",
+        "2026-03-30T02:30:00+02:00",
+    ]
 
 
 def test_fall_back_in_berlin_fires_a_repeated_time_once() -> None:
@@ -153,7 +171,9 @@ def test_fall_back_in_berlin_fires_a_repeated_time_once() -> None:
     s.create(cron("30 2 * * *", zone), at("2026-10-24T12:00", zone))
     fired = started(s.run_until(at("2026-10-26T12:00", zone)))
     assert [local(e.nominal, zone) for e in fired] == [
-        "2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00"]
+        "2026-10-25T02:30:00+02:00",
+        "2026-10-26T02:30:00+01:00",
+    ]
     assert len({e.run_id for e in fired}) == 2
 
 
@@ -164,9 +184,12 @@ def test_fall_back_in_new_york_fires_an_hourly_step_in_both_hours() -> None:
     fired = started(s.run_until(at("2026-11-01T02:10", zone)))
     nominals = [e.nominal for e in fired]
     assert [local(n, zone) for n in nominals] == [
-        "2026-11-01T01:00:00-04:00", "2026-11-01T01:30:00-04:00",
-        "2026-11-01T01:00:00-05:00", "2026-11-01T01:30:00-05:00",
-        "2026-11-01T02:00:00-05:00"]
+        "2026-11-01T01:00:00-04:00",
+        "2026-11-01T01:30:00-04:00",
+        "2026-11-01T01:00:00-05:00",
+        "2026-11-01T01:30:00-05:00",
+        "2026-11-01T02:00:00-05:00",
+    ]
     assert all(b - a == 30 * MINUTE for a, b in itertools.pairwise(nominals))
 
 
@@ -176,7 +199,9 @@ def test_spring_forward_in_new_york_skips_no_day() -> None:
     s.create(cron("15 2 * * *", zone), at("2026-03-07T12:00", zone))
     fired = started(s.run_until(at("2026-03-09T12:00", zone)))
     assert [local(e.nominal, zone) for e in fired] == [
-        "2026-03-08T03:00:00-04:00", "2026-03-09T02:15:00-04:00"]
+        "2026-03-08T03:00:00-04:00",
+        "2026-03-09T02:15:00-04:00",
+    ]
 
 
 def test_a_six_field_cron_counts_seconds_first() -> None:
@@ -206,13 +231,12 @@ def test_buffer_one_starts_one_kept_time_when_the_run_ends_and_skips_the_rest() 
     s, events = _two_ticks(OverlapPolicy.BUFFER_ONE)
     first = started(events)
     assert [e.nominal - T0 for e in first] == [MINUTE]
-    assert [e.nominal - T0 for e in events if isinstance(e, ScheduledRunBuffered)] == \
-        [2 * MINUTE]
-    assert [e.nominal - T0 for e in events if isinstance(e, ScheduledRunSkipped)] == \
-        [3 * MINUTE]
+    assert [e.nominal - T0 for e in events if isinstance(e, ScheduledRunBuffered)] == [2 * MINUTE]
+    assert [e.nominal - T0 for e in events if isinstance(e, ScheduledRunSkipped)] == [3 * MINUTE]
     after = s.ended(first[0].run_id, T0 + 3 * MINUTE + 5)
-    assert [(e.nominal - T0, e.reason) for e in started(after)] == \
-        [(2 * MINUTE, FireReason.BUFFERED)]
+    assert [(e.nominal - T0, e.reason) for e in started(after)] == [
+        (2 * MINUTE, FireReason.BUFFERED)
+    ]
     assert s.state is not None and s.state.buffered is None
 
 
@@ -247,23 +271,33 @@ def test_a_time_buffered_when_the_run_ended_while_paused_starts_on_resume() -> N
     s.ended(started(events)[0].run_id, T0 + 3 * MINUTE + 2)
     assert s.state is not None and s.state.buffered == T0 + 2 * MINUTE
     resumed = s.send(ResumeSchedule(command_id="r", schedule_id="s1"), T0 + 3 * MINUTE + 3)
-    assert [(e.nominal - T0, e.reason) for e in started(resumed)] == \
-        [(2 * MINUTE, FireReason.BUFFERED)]
+    assert [(e.nominal - T0, e.reason) for e in started(resumed)] == [
+        (2 * MINUTE, FireReason.BUFFERED)
+    ]
 
 
 def test_the_run_engine_reports_ended_runs_and_refused_restarts_of_ended_ones() -> None:
     spec = every_minute()
     run_id = run_id_of(spec, T0)
     key = idempotency_key("s1", T0)
-    base: dict[str, Any] = dict(run_id=run_id, seq=1, tenant="default", correlation_id=run_id,
-                                causation_id="c", ts=T0)
-    ended = RunState(run_id=run_id, tenant="default", correlation_id=run_id, workflow="w",
-                     version=1, idempotency_key=key, outcome=RunStatus.COMPLETED)
+    base: dict[str, Any] = dict(
+        run_id=run_id, seq=1, tenant="default", correlation_id=run_id, causation_id="c", ts=T0
+    )
+    ended = RunState(
+        run_id=run_id,
+        tenant="default",
+        correlation_id=run_id,
+        workflow="w",
+        version=1,
+        idempotency_key=key,
+        outcome=RunStatus.COMPLETED,
+    )
     completed = RunCompleted(**base, output=None)
     (report,) = run_ended_reports([completed], {run_id: ended})
     assert (report.schedule_id, report.run_id, report.outcome) == ("s1", run_id, "Completed")
-    refused = CommandRejected(**base, command_type="StartRun", command_id="x",
-                              reason="duplicate start")
+    refused = CommandRejected(
+        **base, command_type="StartRun", command_id="x", reason="duplicate start"
+    )
     assert len(run_ended_reports([refused], {run_id: ended})) == 1
     going = replace(ended, outcome=None)
     assert not run_ended_reports([refused], {run_id: going})
@@ -279,8 +313,10 @@ def test_an_engine_down_across_three_ticks_catches_each_up_inside_the_window() -
     s.create(every_minute(overlap="allow_all", catch_up_window="10m"), T0 + 1)
     events = s.tick_at(T0 + 3 * MINUTE + 30_000)  # down from before the first tick
     assert [(e.nominal - T0, e.reason) for e in started(events)] == [
-        (MINUTE, FireReason.CATCH_UP), (2 * MINUTE, FireReason.CATCH_UP),
-        (3 * MINUTE, FireReason.CATCH_UP)]
+        (MINUTE, FireReason.CATCH_UP),
+        (2 * MINUTE, FireReason.CATCH_UP),
+        (3 * MINUTE, FireReason.CATCH_UP),
+    ]
     assert s.state is not None and s.state.next_nominal == T0 + 4 * MINUTE
     assert not s.tick_at(T0 + 3 * MINUTE + 31_000), "an old tick again does nothing"
 
@@ -299,7 +335,8 @@ def test_times_outside_the_catch_up_window_are_recorded_as_missed() -> None:
     events = s.tick_at(T0 + 3 * MINUTE + 30_000)
     missed = [e for e in events if isinstance(e, ScheduleTicksMissed)]
     assert [(m.first - T0, m.last - T0, m.count, m.reason) for m in missed] == [
-        (MINUTE, MINUTE, 1, MissReason.OUTSIDE_WINDOW)]
+        (MINUTE, MINUTE, 1, MissReason.OUTSIDE_WINDOW)
+    ]
     assert [e.nominal - T0 for e in started(events)] == [2 * MINUTE, 3 * MINUTE]
     assert s.state is not None and s.state.missed == 1 and s.state.started == 2
 
@@ -362,29 +399,39 @@ def test_trigger_now_starts_a_run_once_per_request() -> None:
 def test_backfill_starts_every_nominal_time_of_the_range_whatever_the_policy() -> None:
     s = Schedule()
     s.create(every_minute(), T0 + 10 * MINUTE)
-    events = s.send(BackfillSchedule(command_id="b", schedule_id="s1", start=T0,
-                                     end=T0 + 3 * MINUTE), T0 + 10 * MINUTE + 1)
+    events = s.send(
+        BackfillSchedule(command_id="b", schedule_id="s1", start=T0, end=T0 + 3 * MINUTE),
+        T0 + 10 * MINUTE + 1,
+    )
     assert [(e.nominal - T0, e.reason) for e in started(events)] == [
-        (k * MINUTE, FireReason.BACKFILL) for k in range(4)]
+        (k * MINUTE, FireReason.BACKFILL) for k in range(4)
+    ]
 
 
 def test_a_backfill_over_times_that_ran_addresses_the_same_runs() -> None:
     s = Schedule()
     s.create(every_minute(overlap="allow_all"), T0 + 1)
     ticked = {e.nominal: e.run_id for e in started(s.run_until(T0 + 2 * MINUTE))}
-    again = s.send(BackfillSchedule(command_id="b", schedule_id="s1", start=T0 + 1,
-                                    end=T0 + 2 * MINUTE), T0 + 2 * MINUTE + 1)
+    again = s.send(
+        BackfillSchedule(command_id="b", schedule_id="s1", start=T0 + 1, end=T0 + 2 * MINUTE),
+        T0 + 2 * MINUTE + 1,
+    )
     assert {e.nominal: e.run_id for e in started(again)} == ticked
 
 
 def test_a_backfill_too_large_or_backwards_is_refused_with_what_to_do() -> None:
     s = Schedule()
     s.create(every_minute(), T0)
-    (too_many,) = s.send(BackfillSchedule(command_id="b", schedule_id="s1", start=T0,
-                                          end=T0 + (MAX_BACKFILL + 5) * MINUTE), T0)
+    (too_many,) = s.send(
+        BackfillSchedule(
+            command_id="b", schedule_id="s1", start=T0, end=T0 + (MAX_BACKFILL + 5) * MINUTE
+        ),
+        T0,
+    )
     assert isinstance(too_many, ScheduleCommandRejected) and "smaller" in too_many.detail
-    (backwards,) = s.send(BackfillSchedule(command_id="b2", schedule_id="s1", start=T0,
-                                           end=T0 - 1), T0)
+    (backwards,) = s.send(
+        BackfillSchedule(command_id="b2", schedule_id="s1", start=T0, end=T0 - 1), T0
+    )
     assert isinstance(backwards, ScheduleCommandRejected) and "--from" in backwards.detail
 
 
@@ -393,8 +440,9 @@ def test_a_deleted_schedule_fires_nothing_and_can_be_created_again() -> None:
     s.create(every_minute(), T0 + 1)
     s.send(DeleteSchedule(command_id="d", schedule_id="s1"), T0 + 2)
     assert s.state is not None and not timers(s.state)
-    assert not s.send(FireScheduleTick(command_id="x", schedule_id="s1", nominal=T0 + MINUTE),
-                      T0 + MINUTE)
+    assert not s.send(
+        FireScheduleTick(command_id="x", schedule_id="s1", nominal=T0 + MINUTE), T0 + MINUTE
+    )
     assert s.create(every_minute(), T0 + 3)
 
 
@@ -411,9 +459,16 @@ def test_creating_an_existing_schedule_again_is_idempotent_and_another_is_refuse
 
 def test_a_bad_document_names_every_offending_field() -> None:
     with pytest.raises(ScheduleSpecError) as caught:
-        load_schedule({"id": "nightly", "workflow": "report", "cron": "0 25 * * *",
-                       "timezone": "Europe/Berlln", "overlap": "sometimes",
-                       "catch_up_window": "soon"})
+        load_schedule(
+            {
+                "id": "nightly",
+                "workflow": "report",
+                "cron": "0 25 * * *",
+                "timezone": "Europe/Berlln",
+                "overlap": "sometimes",
+                "catch_up_window": "soon",
+            }
+        )
     fields = [path for path, _ in caught.value.issues]
     assert {"cron", "timezone", "overlap", "catch_up_window"} <= set(fields)
     assert "Europe/Berlin" in str(caught.value)
@@ -428,26 +483,34 @@ def test_a_document_needs_cron_or_interval_not_both() -> None:
 
 # Properties
 
-_commands = st.lists(st.one_of(
-    st.tuples(st.just("wait"), st.integers(0, 5 * MINUTE)),
-    st.tuples(st.just("down"), st.integers(0, 20 * MINUTE)),
-    st.tuples(st.just("end"), st.integers(0, 3)),
-    st.tuples(st.just("trigger"), st.integers(0, 3)),
-    st.tuples(st.just("pause"), st.just(0)),
-    st.tuples(st.just("resume"), st.just(0)),
-), max_size=30)
+_commands = st.lists(
+    st.one_of(
+        st.tuples(st.just("wait"), st.integers(0, 5 * MINUTE)),
+        st.tuples(st.just("down"), st.integers(0, 20 * MINUTE)),
+        st.tuples(st.just("end"), st.integers(0, 3)),
+        st.tuples(st.just("trigger"), st.integers(0, 3)),
+        st.tuples(st.just("pause"), st.just(0)),
+        st.tuples(st.just("resume"), st.just(0)),
+    ),
+    max_size=30,
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(policy=st.sampled_from(list(OverlapPolicy)), window=st.integers(0, 10),
-       jitter=st.integers(0, 40), steps=_commands)
+@given(
+    policy=st.sampled_from(list(OverlapPolicy)),
+    window=st.integers(0, 10),
+    jitter=st.integers(0, 40),
+    steps=_commands,
+)
 def test_no_nominal_time_starts_twice_and_replay_equals_live(
-        policy: OverlapPolicy, window: int, jitter: int,
-        steps: list[tuple[str, int]]) -> None:
+    policy: OverlapPolicy, window: int, jitter: int, steps: list[tuple[str, int]]
+) -> None:
     s = Schedule()
     now = T0 + 1
-    s.create(every_minute(overlap=policy.value, catch_up_window=f"{window}m",
-                          jitter=f"{jitter}s"), now)
+    s.create(
+        every_minute(overlap=policy.value, catch_up_window=f"{window}m", jitter=f"{jitter}s"), now
+    )
     for action, value in steps:
         assert s.state is not None
         if action == "wait":
@@ -460,8 +523,10 @@ def test_no_nominal_time_starts_twice_and_replay_equals_live(
             run = s.state.running[value % len(s.state.running)]
             s.ended(run.run_id, now)
         elif action == "trigger":
-            s.send(TriggerSchedule(command_id=s.cmd_id(), schedule_id="s1",
-                                   at=now - value * 1000 - 7), now)  # off the minute grid
+            s.send(
+                TriggerSchedule(command_id=s.cmd_id(), schedule_id="s1", at=now - value * 1000 - 7),
+                now,
+            )  # off the minute grid
         elif action == "pause":
             s.send(PauseSchedule(command_id=s.cmd_id(), schedule_id="s1"), now)
         elif action == "resume":
@@ -470,10 +535,13 @@ def test_no_nominal_time_starts_twice_and_replay_equals_live(
     assert len(runs) == len(set(runs)), "a nominal time started twice"
     # Ticks are on the minute grid, triggers off it; a buffered time's start is its second
     # event (the first was ScheduledRunBuffered).
-    ticked = [e.nominal for e in s.log
-              if isinstance(e, ScheduledRunStarted | ScheduledRunSkipped | ScheduledRunBuffered)
-              and (e.nominal - T0) % MINUTE == 0
-              and not (isinstance(e, ScheduledRunStarted) and e.reason is FireReason.BUFFERED)]
+    ticked = [
+        e.nominal
+        for e in s.log
+        if isinstance(e, ScheduledRunStarted | ScheduledRunSkipped | ScheduledRunBuffered)
+        and (e.nominal - T0) % MINUTE == 0
+        and not (isinstance(e, ScheduledRunStarted) and e.reason is FireReason.BUFFERED)
+    ]
     assert len(ticked) == len(set(ticked)), "a nominal time was decided twice"
     missed = sum(e.count for e in s.log if isinstance(e, ScheduleTicksMissed))
     assert s.state is not None and s.state.next_nominal is not None

@@ -22,11 +22,27 @@ from engine.core.state import (
 
 SAMPLES: list[Any] = [
     Timer(timer_id="retry@3", kind="retry", step="a", ref="a#1", due_at=5),
-    Approval(approval_id="x", reason="approval", approvers=("g",), quorum=2,
-             exclude_requester=True, requested_at=1, expires_at=None, votes=("bob",)),
+    Approval(
+        approval_id="x",
+        reason="approval",
+        approvers=("g",),
+        quorum=2,
+        exclude_requester=True,
+        requested_at=1,
+        expires_at=None,
+        votes=("bob",),
+    ),
     StepState(step="a", visit=2, kind="task", started_at=3, waiting=Waiting.TASK, task_id="t"),
-    RunState(run_id="r", tenant="t", correlation_id="c", workflow="w", version=1,
-             results={"a": 1}, timers={}, outcome=RunStatus.COMPLETED),
+    RunState(
+        run_id="r",
+        tenant="t",
+        correlation_id="c",
+        workflow="w",
+        version=1,
+        results={"a": 1},
+        timers={},
+        outcome=RunStatus.COMPLETED,
+    ),
 ]
 values = st.one_of(st.none(), st.integers(), st.text(max_size=3), st.booleans())
 

@@ -19,16 +19,31 @@ from engine.core.evolve import EVOLVERS, evolve, fold
 from engine.core.kinds import ApprovalReason, StepKind, TimerKind
 
 CORE = Path(engine.core.__file__).parent
-FORBIDDEN = frozenset({
-    "asyncio", "aiokafka", "psycopg", "sqlite3", "socket", "time", "random", "datetime",
-    "threading", "os", "subprocess", "requests", "httpx", "opentelemetry",
-})
+FORBIDDEN = frozenset(
+    {
+        "asyncio",
+        "aiokafka",
+        "psycopg",
+        "sqlite3",
+        "socket",
+        "time",
+        "random",
+        "datetime",
+        "threading",
+        "os",
+        "subprocess",
+        "requests",
+        "httpx",
+        "opentelemetry",
+    }
+)
 
 
 @pytest.mark.parametrize("event_type", list(EVENT_TYPES.values()), ids=lambda t: t.TYPE)
 def test_every_event_type_has_an_evolver(event_type: type) -> None:
     assert event_type in EVOLVERS, (
-        f"add an @evolver({event_type.__name__}) in engine/core/evolve.py")
+        f"add an @evolver({event_type.__name__}) in engine/core/evolve.py"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,14 +52,24 @@ class _Unregistered(ev.Event):
 
 
 def _started() -> ev.RunStarted:
-    return ev.RunStarted(run_id="r", seq=1, ts=0, tenant="t", correlation_id="r",
-                         causation_id="c", workflow="w", version=1, input={},
-                         idempotency_key="k", requested_by="", priority=0)
+    return ev.RunStarted(
+        run_id="r",
+        seq=1,
+        ts=0,
+        tenant="t",
+        correlation_id="r",
+        causation_id="c",
+        workflow="w",
+        version=1,
+        input={},
+        idempotency_key="k",
+        requested_by="",
+        priority=0,
+    )
 
 
 def test_an_event_without_an_evolver_is_an_error_not_a_skip() -> None:
-    stray = _Unregistered(run_id="r", seq=2, ts=0, tenant="t", correlation_id="r",
-                          causation_id="c")
+    stray = _Unregistered(run_id="r", seq=2, ts=0, tenant="t", correlation_id="r", causation_id="c")
     with pytest.raises(UnknownEventError, match="no evolver for event Unregistered v1"):
         evolve(fold([_started()]), stray)
     with pytest.raises(UnknownEventError, match="@evolver"):
@@ -77,7 +102,6 @@ def test_event_registry_keys_match_the_classes() -> None:
     assert all(sorted(v) == list(range(1, len(v) + 1)) for v in versions.values()), versions
 
 
-
 def _imports(path: Path) -> list[tuple[int, str]]:
     """Top-level package names imported by ``path``, with their line numbers."""
     found: list[tuple[int, str]] = []
@@ -86,9 +110,14 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.lineno, node.module.split(".")[0]))
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-              and node.func.id == "__import__" and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "__import__"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             found.append((node.lineno, node.args[0].value.split(".")[0]))
     return found
 
@@ -107,22 +136,31 @@ CLOCK_READS = frozenset({"now", "today", "utcnow", "time", "monotonic", "time_ns
 @pytest.mark.parametrize("module", sorted(CORE.glob("*.py")), ids=lambda p: p.name)
 def test_core_does_no_io(module: Path) -> None:
     allowed = CALENDAR.get(module.name, frozenset())
-    bad = [f"{module.name}:{line} imports {name}" for line, name in _imports(module)
-           if name in FORBIDDEN - allowed]
-    assert not bad, "engine/core must stay pure (time and ids come in as arguments): " + \
-        ", ".join(bad)
+    bad = [
+        f"{module.name}:{line} imports {name}"
+        for line, name in _imports(module)
+        if name in FORBIDDEN - allowed
+    ]
+    assert not bad, "engine/core must stay pure (time and ids come in as arguments): " + ", ".join(
+        bad
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CALENDAR))
 def test_calendar_modules_never_read_the_clock(name: str) -> None:
     tree = ast.parse((CORE / name).read_text())
-    reads = [f"{name}:{node.lineno} calls .{node.attr}" for node in ast.walk(tree)
-             if isinstance(node, ast.Attribute) and node.attr in CLOCK_READS]
+    reads = [
+        f"{name}:{node.lineno} calls .{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in CLOCK_READS
+    ]
     assert not reads, ", ".join(reads)
 
 
 def test_the_scan_sees_every_import_form(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
-    sample.write_text("import os.path\nfrom time import time\nif True:\n    import socket\n"
-                      "__import__('random')\nfrom . import sibling\n")
+    sample.write_text(
+        "import os.path\nfrom time import time\nif True:\n    import socket\n"
+        "__import__('random')\nfrom . import sibling\n"
+    )
     assert {name for _, name in _imports(sample)} == {"os", "time", "socket", "random"}

@@ -13,35 +13,51 @@ from engine.worker import TaskContext, TaskResult, TransientError, tool
 
 EFFECTS_DB = os.environ.get("TERRANOHA_TEST_EFFECTS", "effects.db")
 
-DURABLE = load_spec({
-    "workflow": "durable", "version": 1, "input": {"n": "integer"},
-    "steps": [
-        {"id": "fetch", "task": "test.fetch", "input": {"n": "input.n"},
-         "retry": {"max_attempts": 6, "initial": "50ms", "max": "300ms"}},
-        {"id": "pause", "sleep": "100ms"},
-        {"id": "pay", "prepare_commit": {"prepare": "test.prepare", "commit": "test.commit"},
-         "input": {"n": "input.n"}},
-        {"id": "notify", "task": "test.notify"},
-    ],
-})
+DURABLE = load_spec(
+    {
+        "workflow": "durable",
+        "version": 1,
+        "input": {"n": "integer"},
+        "steps": [
+            {
+                "id": "fetch",
+                "task": "test.fetch",
+                "input": {"n": "input.n"},
+                "retry": {"max_attempts": 6, "initial": "50ms", "max": "300ms"},
+            },
+            {"id": "pause", "sleep": "100ms"},
+            {
+                "id": "pay",
+                "prepare_commit": {"prepare": "test.prepare", "commit": "test.commit"},
+                "input": {"n": "input.n"},
+            },
+            {"id": "notify", "task": "test.notify"},
+        ],
+    }
+)
 """The workflow these tools serve: a flaky read, a timer, a two-step write, a notice."""
 
 
 def _db() -> sqlite3.Connection:
     db = sqlite3.connect(EFFECTS_DB, timeout=30.0, isolation_level=None)
     db.execute("CREATE TABLE IF NOT EXISTS calls (idempotency_key TEXT, step TEXT, ts REAL)")
-    db.execute("CREATE TABLE IF NOT EXISTS effects (idempotency_key TEXT PRIMARY KEY, "
-               "step TEXT, run_id TEXT)")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS effects (idempotency_key TEXT PRIMARY KEY, "
+        "step TEXT, run_id TEXT)"
+    )
     return db
 
 
 def apply_effect(ctx: TaskContext) -> None:
     db = _db()
     try:
-        db.execute("INSERT INTO calls VALUES (?, ?, ?)",
-                   (ctx.idempotency_key, ctx.step, time.time()))
-        db.execute("INSERT OR IGNORE INTO effects VALUES (?, ?, ?)",
-                   (ctx.idempotency_key, ctx.step, ctx.run_id))
+        db.execute(
+            "INSERT INTO calls VALUES (?, ?, ?)", (ctx.idempotency_key, ctx.step, time.time())
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO effects VALUES (?, ?, ?)",
+            (ctx.idempotency_key, ctx.step, ctx.run_id),
+        )
     finally:
         db.close()
 

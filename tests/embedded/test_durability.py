@@ -28,9 +28,22 @@ RUNS = 40
 def _serve(db: Path, effects: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TERRANOHA_TEST_EFFECTS": str(effects)}
     return subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--db", str(db),
-         "--workers", "tests.embedded.durable_tools", "--concurrency", "4"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--db",
+            str(db),
+            "--workers",
+            "tests.embedded.durable_tools",
+            "--concurrency",
+            "4",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _done(db: Path) -> int:
@@ -51,8 +64,10 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -
     db, effects = tmp_path / "engine.db", tmp_path / "effects.db"
     store = Store(db)
     store.deploy(SPEC, 0)
-    store.append_inputs([Trigger(workflow="durable", idempotency_key=f"k{i}", input={"n": i})
-                         for i in range(RUNS)], int(time.time() * 1000))
+    store.append_inputs(
+        [Trigger(workflow="durable", idempotency_key=f"k{i}", input={"n": i}) for i in range(RUNS)],
+        int(time.time() * 1000),
+    )
     store.close()
 
     kills = 0

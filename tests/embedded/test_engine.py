@@ -17,15 +17,23 @@ from engine.embedded import EmbeddedEngine, EmbeddedWorker
 from engine.runtime.clock import ManualClock
 from engine.worker import TaskContext, ToolRegistry
 
-SPEC = load_spec({
-    "workflow": "w", "version": 1, "input": {"x": "integer"},
-    "steps": [
-        {"id": "a", "task": "t.a", "timeout": "1m",
-         "retry": {"max_attempts": 3, "initial": "10s", "jitter": "none"}},
-        {"id": "nap", "sleep": "1h"},
-        {"id": "b", "task": "t.b"},
-    ],
-})
+SPEC = load_spec(
+    {
+        "workflow": "w",
+        "version": 1,
+        "input": {"x": "integer"},
+        "steps": [
+            {
+                "id": "a",
+                "task": "t.a",
+                "timeout": "1m",
+                "retry": {"max_attempts": 3, "initial": "10s", "jitter": "none"},
+            },
+            {"id": "nap", "sleep": "1h"},
+            {"id": "b", "task": "t.b"},
+        ],
+    }
+)
 
 
 def _setup(tmp_path: Path, clock: ManualClock) -> EmbeddedEngine:
@@ -93,14 +101,16 @@ def test_poison_inputs_go_to_dead_letters_and_others_keep_going(tmp_path: Path) 
     good = Trigger(workflow="w", idempotency_key="ok", input={"x": 1})
     unknown = Trigger(workflow="nope", idempotency_key="u")
     valid = encode(good)
-    engine.store.append_raw_inputs([
-        ("", b"\x07garbage", 0),
-        ("", valid[:-3], 0),
-        ("", b"\x00\x00\x00\xff\xff" + valid[5:], 0),
-        ("", encode(unknown), 0),
-        ("", b"x" * (2 << 20), 0),
-        ("", valid, 0),
-    ])
+    engine.store.append_raw_inputs(
+        [
+            ("", b"\x07garbage", 0),
+            ("", valid[:-3], 0),
+            ("", b"\x00\x00\x00\xff\xff" + valid[5:], 0),
+            ("", encode(unknown), 0),
+            ("", b"x" * (2 << 20), 0),
+            ("", valid, 0),
+        ]
+    )
     engine.drain()
     reasons = [d.reason for d in engine.store.dead_letters()]
     assert reasons[:3] == ["bad_magic", "truncated", "unknown_schema"]
@@ -124,8 +134,9 @@ def test_duplicate_triggers_and_results_make_one_run_and_one_effect(tmp_path: Pa
     assert [e.TYPE for e in events].count("RunStarted") == 1
     assert [getattr(e, "reason", "") for e in events].count("duplicate start") == 2
     task = next(e for e in events if e.TYPE == "TaskDispatched")
-    result = CompleteTask(command_id="r1", run_id=run_id, step="a",
-                          task_id=task.task_id, result={"y": 4})  # type: ignore[attr-defined]
+    result = CompleteTask(
+        command_id="r1", run_id=run_id, step="a", task_id=task.task_id, result={"y": 4}
+    )  # type: ignore[attr-defined]
     engine.submit(result, result)
     engine.drain()
     events = engine.store.events(run_id)
@@ -165,14 +176,15 @@ def test_demo_completes_and_replays(tmp_path: Path) -> None:
     assert "DecideApproval by alice at step refund: self-approval: alice requested" in text
 
 
-def test_each_recorded_command_keeps_the_position_of_the_input_it_came_from(
-        tmp_path: Path) -> None:
+def test_each_recorded_command_keeps_the_position_of_the_input_it_came_from(tmp_path: Path) -> None:
     engine = _setup(tmp_path, ManualClock())
     positions = engine.store.append_inputs(
-        [Trigger(workflow="w", idempotency_key=f"k{i}", input={"x": i}) for i in range(3)], 0)
+        [Trigger(workflow="w", idempotency_key=f"k{i}", input={"x": i}) for i in range(3)], 0
+    )
     assert engine.step() == 3  # one batch
     rows = engine.store.db.execute(
-        "SELECT input_pos, run_id FROM commands ORDER BY input_pos").fetchall()
+        "SELECT input_pos, run_id FROM commands ORDER BY input_pos"
+    ).fetchall()
     assert [pos for pos, _ in rows] == positions
     assert [run_id for _, run_id in rows] == [run_id_for("default", f"k{i}") for i in range(3)]
     engine.close()

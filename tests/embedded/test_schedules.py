@@ -38,8 +38,7 @@ def test_a_restarted_processor_catches_up_each_time_once(tmp_path: Path) -> None
     path = tmp_path / "s.db"
     clock = ManualClock(T0 + 1)
     first = EmbeddedSchedules(path, clock)
-    spec = load_schedule({"id": "s", "workflow": "w", "interval": "1s",
-                          "overlap": "allow_all"})
+    spec = load_schedule({"id": "s", "workflow": "w", "interval": "1s", "overlap": "allow_all"})
     first.submit(CreateSchedule(command_id="c", schedule_id="s", spec=spec))
     first.drain()
     clock.advance(2 * SECOND)
@@ -56,17 +55,19 @@ def test_times_outside_the_window_are_recorded_and_alerted(tmp_path: Path) -> No
     path = tmp_path / "s.db"
     clock = ManualClock(T0 + 1)
     processor = EmbeddedSchedules(path, clock)
-    spec = load_schedule({"id": "s", "workflow": "w", "interval": "1s",
-                          "catch_up_window": "0s"})
+    spec = load_schedule({"id": "s", "workflow": "w", "interval": "1s", "catch_up_window": "0s"})
     processor.submit(CreateSchedule(command_id="c", schedule_id="s", spec=spec))
     processor.drain()
     clock.advance(5 * SECOND - 1)  # now the fifth nominal time: the four before it are late
     processor.drain()
-    (missed,) = [e for _, e in schedule_events(processor.store, "s")
-                 if isinstance(e, ScheduleTicksMissed)]
+    (missed,) = [
+        e for _, e in schedule_events(processor.store, "s") if isinstance(e, ScheduleTicksMissed)
+    ]
     assert (missed.first, missed.last, missed.count) == (T0 + SECOND, T0 + 4 * SECOND, 4)
-    notes = [decode(p) for (p,) in processor.store.db.execute(
-        "SELECT payload FROM notifications").fetchall()]
+    notes = [
+        decode(p)
+        for (p,) in processor.store.db.execute("SELECT payload FROM notifications").fetchall()
+    ]
     assert [n.kind for n in notes if isinstance(n, Notification)] == ["schedule_missed"]
     processor.close()
     assert _starts(path) == [T0 + 5 * SECOND]
@@ -75,8 +76,10 @@ def test_times_outside_the_window_are_recorded_and_alerted(tmp_path: Path) -> No
 def test_an_input_that_is_not_a_schedule_command_is_a_dead_letter(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     processor = EmbeddedSchedules(path, ManualClock(T0))
-    processor.store.db.execute("INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at)"
-                               " VALUES ('x', ?, 0)", (b"\x00garbage",))
+    processor.store.db.execute(
+        "INSERT INTO schedule_inputs (schedule_id, payload, enqueued_at) VALUES ('x', ?, 0)",
+        (b"\x00garbage",),
+    )
     spec = load_schedule({"id": "s", "workflow": "w", "interval": "1s"})
     processor.submit(CreateSchedule(command_id="c", schedule_id="s", spec=spec))
     processor.drain()

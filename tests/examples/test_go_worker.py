@@ -46,21 +46,29 @@ steps:
     input: {words: steps.count.result.words, upper: steps.count.result.upper}
 """
 
-pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow,
-              pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def go_worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The worker, built from source (the Go module proxy supplies its modules)."""
-    go = shutil.which("go") or ("/usr/local/go/bin/go"
-                                if Path("/usr/local/go/bin/go").exists() else None)
+    go = shutil.which("go") or (
+        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+    )
     if go is None:
-        pytest.fail("the Go toolchain is needed to build examples/go-worker: install Go "
-                    "(https://go.dev/doc/install) and put `go` on PATH", pytrace=False)
+        pytest.fail(
+            "the Go toolchain is needed to build examples/go-worker: install Go "
+            "(https://go.dev/doc/install) and put `go` on PATH",
+            pytrace=False,
+        )
     binary = tmp_path_factory.mktemp("go") / "go-worker"
-    built = subprocess.run([go, "build", "-o", str(binary), "."], cwd=WORKER,
-                           capture_output=True, text=True, timeout=540)
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), "."],
+        cwd=WORKER,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert built.returncode == 0, built.stderr
     return binary
 
@@ -80,8 +88,13 @@ def _cli(*argv: str) -> tuple[int, str]:
 
 
 def _start(argv: list[str], first_line: bytes, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith(first_line):
@@ -108,8 +121,10 @@ def _wait_for_end(run_id: str, kafka: list[str]) -> dict[str, object]:
     while True:
         code, out = _cli("status", run_id, "--json", *kafka)
         status = json.loads(out) if code == 0 else {}
-        if status.get("status") in ("Completed", "Failed", "Cancelled") \
-                or time.monotonic() > deadline:
+        if (
+            status.get("status") in ("Completed", "Failed", "Cancelled")
+            or time.monotonic() > deadline
+        ):
             return status
         time.sleep(0.3)
 
@@ -125,8 +140,12 @@ def _wait_for(read: Callable[[], str], until: Callable[[str], bool]) -> str:
 
 async def _first_task(bootstrap: str, topic: str, partitions: int = 3) -> TaskCommand:
     """The first task on ``topic``, read as any worker reads it (read_committed)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
@@ -144,9 +163,15 @@ async def _first_task(bootstrap: str, topic: str, partitions: int = 3) -> TaskCo
 async def _send_again(bootstrap: str, prefix: str, task: TaskCommand) -> int:
     """The task's result, again: on its run's partition and on the next one; returns
     that other partition."""
-    result = CompleteTask(command_id=f"result:{task.task_id}", run_id=task.run_id,
-                          tenant=task.tenant, correlation_id=task.correlation_id,
-                          step=task.step, task_id=task.task_id, result={"words": 0})
+    result = CompleteTask(
+        command_id=f"result:{task.task_id}",
+        run_id=task.run_id,
+        tenant=task.tenant,
+        correlation_id=task.correlation_id,
+        step=task.step,
+        task_id=task.task_id,
+        result={"words": 0},
+    )
     topic = f"{prefix}.run-inputs"
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
@@ -155,32 +180,61 @@ async def _send_again(bootstrap: str, prefix: str, task: TaskCommand) -> int:
         right = key_partition(task.run_id.encode(), count)
         wrong = (right + 1) % count
         for partition in (right, wrong):
-            await producer.send_and_wait(topic, encode(result), key=task.run_id.encode(),
-                                         partition=partition)
+            await producer.send_and_wait(
+                topic, encode(result), key=task.run_id.encode(), partition=partition
+            )
     finally:
         await producer.stop()
     return wrong
 
 
-def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[str],
-                                                  tmp_path: Path) -> None:
+def test_a_go_worker_serves_one_step_of_a_workflow(
+    go_worker: Path, kafka: list[str], tmp_path: Path
+) -> None:
     spec = tmp_path / "go-words.yaml"
     spec.write_text(SPEC)
     prefix = kafka[-1]
     assert _cli("topics", "create", *kafka, "--partitions", "3")[0] == 0
     # Deploying creates the task topics the Go worker subscribes to.
     assert _cli("workflows", "deploy", str(spec), *kafka)[0] == 0
-    worker = _start([str(go_worker), "--kafka", kafka[1], "--topic-prefix", prefix,
-                     "--schemas", str(ROOT / "schemas")], b"go worker on")
-    server = _start([sys.executable, "-m", "engine.cli", "serve", *kafka, "--app", prefix,
-                     "--partitions", "3", "--workers", "tests.examples.words_tools",
-                     "--postgres", postgres_dsn()], b"serving")
+    worker = _start(
+        [
+            str(go_worker),
+            "--kafka",
+            kafka[1],
+            "--topic-prefix",
+            prefix,
+            "--schemas",
+            str(ROOT / "schemas"),
+        ],
+        b"go worker on",
+    )
+    server = _start(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            *kafka,
+            "--app",
+            prefix,
+            "--partitions",
+            "3",
+            "--workers",
+            "tests.examples.words_tools",
+            "--postgres",
+            postgres_dsn(),
+        ],
+        b"serving",
+    )
     try:
-        code, out = _cli("run", "go-words", "--input", '{"text": "ship it  today"}',
-                         "--key", "words-1", *kafka)
+        code, out = _cli(
+            "run", "go-words", "--input", '{"text": "ship it  today"}', "--key", "words-1", *kafka
+        )
         done = _wait_for_end(out.splitlines()[0], kafka) if code == 0 else {}
-        code, out = _cli("run", "go-words", "--input", '{"text": "   "}', "--key", "words-2",
-                         *kafka)
+        code, out = _cli(
+            "run", "go-words", "--input", '{"text": "   "}', "--key", "words-2", *kafka
+        )
         failed = _wait_for_end(out.splitlines()[0], kafka) if code == 0 else {}
         dead_letters = _cli("dead-letters", *kafka)[1]
         # The README's promises about results sent again: on the run's partition, a
@@ -188,10 +242,12 @@ def test_a_go_worker_serves_one_step_of_a_workflow(go_worker: Path, kafka: list[
         # (kcat's default partitioner) it goes to the dead letters as wrong_partition.
         task = asyncio.run(_first_task(kafka[1], f"{prefix}.tasks.text.count"))
         astray = asyncio.run(_send_again(kafka[1], prefix, task))
-        refused = _wait_for(lambda: _cli("timeline", task.run_id, *kafka)[1],
-                            lambda text: "run ended" in text)
-        letters = _wait_for(lambda: _cli("dead-letters", *kafka)[1],
-                            lambda text: "wrong_partition" in text)
+        refused = _wait_for(
+            lambda: _cli("timeline", task.run_id, *kafka)[1], lambda text: "run ended" in text
+        )
+        letters = _wait_for(
+            lambda: _cli("dead-letters", *kafka)[1], lambda text: "wrong_partition" in text
+        )
     finally:
         server_log, worker_log = _stop(server), _stop(worker)
     logs = f"serve:\n{server_log}\ngo worker:\n{worker_log}"

@@ -58,8 +58,7 @@ def _where(view: LogView, run_id: str) -> str:
 
 def check_triggers(sent: Sent, view: LogView, extra_runs: Iterable[str] = ()) -> Check:
     check = Check("1 one run per accepted trigger")
-    starts = Counter(e.record.run_id for e in view.committed
-                     if isinstance(e.record, RunStarted))
+    starts = Counter(e.record.run_id for e in view.committed if isinstance(e.record, RunStarted))
     for key, run_id in sent.triggers.items():
         if starts[run_id] != 1:
             check.fail(f"trigger {key}: {starts[run_id]} RunStarted for {_where(view, run_id)}")
@@ -68,9 +67,11 @@ def check_triggers(sent: Sent, view: LogView, extra_runs: Iterable[str] = ()) ->
         if run_id not in known:
             check.fail(f"run from no trigger: {_where(view, run_id)}")
     maybe = sum(1 for r in sent.unacknowledged.values() if starts[r])
-    check.found.append(f"{len(sent.triggers)} accepted triggers ({sent.copies} records sent), "
-                       f"{len(starts)} runs started, {len(sent.unacknowledged)} unacknowledged "
-                       f"sends of which {maybe} started")
+    check.found.append(
+        f"{len(sent.triggers)} accepted triggers ({sent.copies} records sent), "
+        f"{len(starts)} runs started, {len(sent.unacknowledged)} unacknowledged "
+        f"sends of which {maybe} started"
+    )
     return check
 
 
@@ -81,12 +82,18 @@ def check_statuses(view: LogView, allowed: frozenset[RunStatus] | None = None) -
         status = state.status
         counts[status.value] += 1
         if allowed is not None and status not in allowed:
-            check.fail(f"{status.value} (not {sorted(s.value for s in allowed)}): "
-                       f"{_where(view, run_id)} at step {_step(state)}")
+            check.fail(
+                f"{status.value} (not {sorted(s.value for s in allowed)}): "
+                f"{_where(view, run_id)} at step {_step(state)}"
+            )
         elif status is RunStatus.WAITING and not _waits_validly(state):
             check.fail(f"Waiting without a reason: {_where(view, run_id)} at {_step(state)}")
-        elif status not in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED,
-                            RunStatus.WAITING):
+        elif status not in (
+            RunStatus.COMPLETED,
+            RunStatus.FAILED,
+            RunStatus.CANCELLED,
+            RunStatus.WAITING,
+        ):
             check.fail(f"stuck {status.value}: {_where(view, run_id)} at step {_step(state)}")
     check.found.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs")
     return check
@@ -112,8 +119,11 @@ def _waits_validly(state: RunState) -> bool:
     return False
 
 
-def check_effects(effects: Path, view: LogView, writes: tuple[str, ...] = ("pay", "notify"),
-                  ) -> Check:
+def check_effects(
+    effects: Path,
+    view: LogView,
+    writes: tuple[str, ...] = ("pay", "notify"),
+) -> Check:
     """The effects table applies each key once (``INSERT OR IGNORE``), so what can go wrong
     is a second key for the same logical write, a missing write, or a write for a run that
     never reached that step."""
@@ -125,8 +135,9 @@ def check_effects(effects: Path, view: LogView, writes: tuple[str, ...] = ("pay"
         db = sqlite3.connect(effects)
         try:
             rows = list(db.execute("SELECT idempotency_key, step, run_id FROM effects"))
-            calls = list(db.execute(
-                "SELECT idempotency_key, COUNT(*) FROM calls GROUP BY idempotency_key"))
+            calls = list(
+                db.execute("SELECT idempotency_key, COUNT(*) FROM calls GROUP BY idempotency_key")
+            )
         finally:
             db.close()
     keys_per_write: dict[tuple[str, str], set[str]] = {}
@@ -134,8 +145,9 @@ def check_effects(effects: Path, view: LogView, writes: tuple[str, ...] = ("pay"
         keys_per_write.setdefault((run_id, step), set()).add(key)
     for (run_id, step), keys in keys_per_write.items():
         if len(keys) != 1:
-            check.fail(f"{step} of {_where(view, run_id)} applied under {len(keys)} keys: "
-                       f"{sorted(keys)}")
+            check.fail(
+                f"{step} of {_where(view, run_id)} applied under {len(keys)} keys: {sorted(keys)}"
+            )
     states = view.states()
     for run_id, state in states.items():
         if state.status is not RunStatus.COMPLETED:
@@ -147,8 +159,10 @@ def check_effects(effects: Path, view: LogView, writes: tuple[str, ...] = ("pay"
         if run_id not in states:
             check.fail(f"effect {step} for a run not in the log: {run_id}")
     repeated = sum(1 for _, n in calls if n > 1)
-    check.found.append(f"{len(rows)} effects applied for {len(keys_per_write)} writes; "
-                       f"{sum(n for _, n in calls)} calls, {repeated} keys called more than once")
+    check.found.append(
+        f"{len(rows)} effects applied for {len(keys_per_write)} writes; "
+        f"{sum(n for _, n in calls)} calls, {repeated} keys called more than once"
+    )
     return check
 
 
@@ -170,16 +184,21 @@ def check_log(view: LogView) -> Check:
         seqs = sorted(by_seq)
         if seqs != list(range(1, len(seqs) + 1)):
             gaps = sorted(set(range(1, seqs[-1] + 1)) - set(seqs))[:5]
-            check.fail(f"{run_id}: missing seq {gaps} (log {logged[0].partition}@"
-                       f"{logged[0].offset}..{logged[-1].offset})")
+            check.fail(
+                f"{run_id}: missing seq {gaps} (log {logged[0].partition}@"
+                f"{logged[0].offset}..{logged[-1].offset})"
+            )
         partitions = {e.partition for e in logged}
         if len(partitions) != 1:
             check.fail(f"{run_id}: events on several partitions {sorted(partitions)}")
     aborted_events = [a for a in aborted if isinstance(a.record, Event)]
-    check.found.append(f"{len(view.committed)} committed records, {len(events)} runs; "
-                       f"{len(aborted)} records only visible read_uncommitted "
-                       f"({len(aborted_events)} events), none counted" if not leaked else
-                       f"{len(leaked)} aborted records counted")
+    check.found.append(
+        f"{len(view.committed)} committed records, {len(events)} runs; "
+        f"{len(aborted)} records only visible read_uncommitted "
+        f"({len(aborted_events)} events), none counted"
+        if not leaked
+        else f"{len(leaked)} aborted records counted"
+    )
     return check
 
 
@@ -202,8 +221,10 @@ def check_decided_once(view: LogView, triggers: Mapping[str, str]) -> Check:
     for key, run_id in triggers.items():
         found = starts.get(run_id, [])
         if len(found) != 1:
-            check.fail(f"trigger {key}: {len(found)} RunStarted for run {run_id}"
-                       + (f" at {_offsets(found)}" if found else " (no committed event)"))
+            check.fail(
+                f"trigger {key}: {len(found)} RunStarted for run {run_id}"
+                + (f" at {_offsets(found)}" if found else " (no committed event)")
+            )
     for run_id, events in runs.items():
         by_seq: dict[int, list[Logged]] = {}
         for entry in events:
@@ -211,18 +232,26 @@ def check_decided_once(view: LogView, triggers: Mapping[str, str]) -> Check:
         for seq, entries in sorted(by_seq.items()):
             if len(entries) > 1:
                 kinds = "/".join(sorted({type(e.record).__name__ for e in entries}))
-                check.fail(f"run {run_id}: seq {seq} ({kinds}) committed {len(entries)} "
-                           f"times, at {_offsets(entries)}")
+                check.fail(
+                    f"run {run_id}: seq {seq} ({kinds}) committed {len(entries)} "
+                    f"times, at {_offsets(entries)}"
+                )
         if sorted(by_seq) != list(range(1, len(by_seq) + 1)):
-            check.fail(f"run {run_id}: seqs {sorted(by_seq)} are not 1..{len(by_seq)} "
-                       f"(events at {_offsets(events)})")
+            check.fail(
+                f"run {run_id}: seqs {sorted(by_seq)} are not 1..{len(by_seq)} "
+                f"(events at {_offsets(events)})"
+            )
     for (run_id, command_id), entries in recorded.items():
         if len(entries) > 1:
-            check.fail(f"run {run_id}: command {command_id} recorded {len(entries)} times, "
-                       f"at {_offsets(entries)}")
-    check.found.append(f"{len(triggers)} triggers, {len(runs)} runs, "
-                       f"{sum(len(e) for e in runs.values())} committed events, "
-                       f"{len(view.aborted)} records only visible read_uncommitted")
+            check.fail(
+                f"run {run_id}: command {command_id} recorded {len(entries)} times, "
+                f"at {_offsets(entries)}"
+            )
+    check.found.append(
+        f"{len(triggers)} triggers, {len(runs)} runs, "
+        f"{sum(len(e) for e in runs.values())} committed events, "
+        f"{len(view.aborted)} records only visible read_uncommitted"
+    )
     return check
 
 
@@ -266,8 +295,12 @@ def check_projections(fleet: Fleet, view: LogView, timeout_s: float = 120.0) -> 
         check.fail(f"the projector died: {exit_line}")
     if behind:
         stored = stored_offsets(live, topic)
-        check.fail(f"the projector did not catch up in {timeout_s:.0f}s: " + ", ".join(
-            f"partition {p} at {stored.get(p, -1)} of {o}" for p, o in sorted(behind.items())))
+        check.fail(
+            f"the projector did not catch up in {timeout_s:.0f}s: "
+            + ", ".join(
+                f"partition {p} at {stored.get(p, -1)} of {o}" for p, o in sorted(behind.items())
+            )
+        )
         return check
     fresh = create_schema(fleet.infra.postgres, f"{fleet.prefix}_fresh")
     stats = asyncio.run(rebuild(fleet.infra.bootstrap, fleet.topics, fresh, name="fresh"))
@@ -275,18 +308,22 @@ def check_projections(fleet: Fleet, view: LogView, timeout_s: float = 120.0) -> 
     by_run = view.events()
     runs, events = len(by_run), sum(len(e) for e in by_run.values())
     rows = counts(live)
-    check.found.append(f"projector restarted {restarts} times; {runs} runs and {events} events "
-                       f"in the log; {rows['runs']} runs, {rows['steps']} steps and "
-                       f"{rows['run_events']} events projected; a fresh fold of "
-                       f"{stats.records} records; "
-                       f"checksum live {live_sum[:12]} fresh {fresh_sum[:12]}")
+    check.found.append(
+        f"projector restarted {restarts} times; {runs} runs and {events} events "
+        f"in the log; {rows['runs']} runs, {rows['steps']} steps and "
+        f"{rows['run_events']} events projected; a fresh fold of "
+        f"{stats.records} records; "
+        f"checksum live {live_sum[:12]} fresh {fresh_sum[:12]}"
+    )
     if live_sum != fresh_sum:
         for table in CHECKSUM_TABLES:
             a, b = _row_digests(live, table), _row_digests(fresh, table)
             differ = sorted(r for r in set(a) | set(b) if a.get(r) != b.get(r))
             if differ:
-                check.fail(f"{table}: {len(differ)} runs differ, e.g. "
-                           + ", ".join(_where(view, r) for r in differ[:5]))
+                check.fail(
+                    f"{table}: {len(differ)} runs differ, e.g. "
+                    + ", ".join(_where(view, r) for r in differ[:5])
+                )
         if check.ok:
             check.fail("checksums differ but no run's rows do (row order independent?)")
     _explain_event_count(check, view, live, rows["runs"], runs)
@@ -298,29 +335,37 @@ def _projected_events(dsn: str) -> set[tuple[str, int]]:
         return {(r, int(s)) for r, s in conn.execute("SELECT run_id, seq FROM run_events")}
 
 
-def _explain_event_count(check: Check, view: LogView, dsn: str, projected_runs: int,
-                         runs: int) -> None:
+def _explain_event_count(
+    check: Check, view: LogView, dsn: str, projected_runs: int, runs: int
+) -> None:
     """Say where every difference between the log's events and the projected ones went:
     a repeat of a (run, seq) already projected is de-duplicated by design (the projector
     keeps the first); a distinct event with no row was lost; a row with no event came
     from nowhere. Only the last two are the projector's fault (check 5 fails for the
     repeats themselves)."""
-    in_log = Counter((e.record.run_id, e.record.seq) for logged in view.events().values()
-                     for e in logged)
+    in_log = Counter(
+        (e.record.run_id, e.record.seq) for logged in view.events().values() for e in logged
+    )
     repeats = sum(n - 1 for n in in_log.values())
     projected = _projected_events(dsn)
     lost = sorted(set(in_log) - projected)
     extra = sorted(projected - set(in_log))
-    check.found.append(f"{sum(in_log.values())} events in the log = {len(in_log)} distinct "
-                       f"(run, seq) + {repeats} repeats; {len(projected)} projected: "
-                       f"{repeats} repeats de-duplicated, {len(lost)} lost, "
-                       f"{len(extra)} from nowhere")
+    check.found.append(
+        f"{sum(in_log.values())} events in the log = {len(in_log)} distinct "
+        f"(run, seq) + {repeats} repeats; {len(projected)} projected: "
+        f"{repeats} repeats de-duplicated, {len(lost)} lost, "
+        f"{len(extra)} from nowhere"
+    )
     if lost:
-        check.fail(f"{len(lost)} events of the log never projected, e.g. "
-                   + ", ".join(f"{r} seq {q}" for r, q in lost[:5]))
+        check.fail(
+            f"{len(lost)} events of the log never projected, e.g. "
+            + ", ".join(f"{r} seq {q}" for r, q in lost[:5])
+        )
     if extra:
-        check.fail(f"{len(extra)} projected events not in the log, e.g. "
-                   + ", ".join(f"{r} seq {q}" for r, q in extra[:5]))
+        check.fail(
+            f"{len(extra)} projected events not in the log, e.g. "
+            + ", ".join(f"{r} seq {q}" for r, q in extra[:5])
+        )
     if projected_runs != runs:
         check.fail(f"{projected_runs} runs projected for {runs} runs in the log")
 
@@ -329,19 +374,30 @@ def check_survival(fleet: Fleet) -> Check:
     check = Check("engine processes survive the faults")
     for crash in fleet.crashes():
         check.fail(crash)
-    check.found.append(f"{len(fleet.procs)} engine processes started, "
-                       f"{len(fleet.crashes())} crashed, {fleet.revived} restarted for them")
+    check.found.append(
+        f"{len(fleet.procs)} engine processes started, "
+        f"{len(fleet.crashes())} crashed, {fleet.revived} restarted for them"
+    )
     return check
 
 
-def run_checks(fleet: Fleet, view: LogView, *,
-               allowed: frozenset[RunStatus] | None = frozenset({RunStatus.COMPLETED}),
-               writes: tuple[str, ...] = ("pay", "notify"),
-               extra_runs: Iterable[str] = ()) -> list[Check]:
+def run_checks(
+    fleet: Fleet,
+    view: LogView,
+    *,
+    allowed: frozenset[RunStatus] | None = frozenset({RunStatus.COMPLETED}),
+    writes: tuple[str, ...] = ("pay", "notify"),
+    extra_runs: Iterable[str] = (),
+) -> list[Check]:
     """Every checker; prints each report and returns them (the caller asserts)."""
-    checks = [check_triggers(fleet.sent, view, extra_runs), check_statuses(view, allowed),
-              check_effects(fleet.effects, view, writes), check_log(view),
-              check_survival(fleet), check_projections(fleet, view)]
+    checks = [
+        check_triggers(fleet.sent, view, extra_runs),
+        check_statuses(view, allowed),
+        check_effects(fleet.effects, view, writes),
+        check_log(view),
+        check_survival(fleet),
+        check_projections(fleet, view),
+    ]
     for check in checks:
         print(check.report())
     return checks

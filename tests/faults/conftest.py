@@ -20,12 +20,20 @@ from tests.faults.infra import FaultInfra
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("faults")
-    group.addoption("--seconds", type=float, default=None,
-                    help="seconds of load and faults per fault scenario (default 4)")
+    group.addoption(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds of load and faults per fault scenario (default 4)",
+    )
     group.addoption("--seed", type=int, default=None, help="seed of the fault schedule")
-    group.addoption("--seeds", type=str, default=None,
-                    help="run each scenario once per seed of this list (e.g. '1-20' or "
-                         "'3 7 11'), against one broker and PostgreSQL: the long profile")
+    group.addoption(
+        "--seeds",
+        type=str,
+        default=None,
+        help="run each scenario once per seed of this list (e.g. '1-20' or "
+        "'3 7 11'), against one broker and PostgreSQL: the long profile",
+    )
 
 
 def _seeds(text: str) -> list[int]:
@@ -39,8 +47,9 @@ def _seeds(text: str) -> list[int]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     seeds = metafunc.config.getoption("--seeds", default=None)
     if seeds and "rng" in metafunc.fixturenames:
-        metafunc.parametrize("rng", _seeds(seeds), indirect=True,
-                             ids=[f"seed{s}" for s in _seeds(seeds)])
+        metafunc.parametrize(
+            "rng", _seeds(seeds), indirect=True, ids=[f"seed{s}" for s in _seeds(seeds)]
+        )
 
 
 @pytest.fixture(scope="session")

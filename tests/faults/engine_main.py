@@ -36,18 +36,25 @@ async def main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     # serve() builds these two without a commit timeout argument.
     serve_module.KafkaEngine = functools.partial(  # type: ignore[misc]
-        KafkaEngine, commit_timeout_s=args.commit_timeout)
+        KafkaEngine, commit_timeout_s=args.commit_timeout
+    )
     serve_module.TriggerRouter = functools.partial(  # type: ignore[misc]
-        TriggerRouter, commit_timeout_s=args.commit_timeout)
+        TriggerRouter, commit_timeout_s=args.commit_timeout
+    )
     clock = OffsetClock()
     follower = None
     if args.clock_file:
         follower = loop.create_task(_follow_offset(clock, Path(args.clock_file), stop))
     registry = load_worker_modules(["tests.embedded.durable_tools"] if args.worker else [])
     options = serve_module.ServeOptions(
-        bootstrap=args.kafka, topics=Topics(prefix=args.prefix, partitions=args.partitions),
-        app=args.prefix, postgres=args.postgres, registry=registry, concurrency=8,
-        state_dir=Path(args.state_dir) if args.state_dir else None)
+        bootstrap=args.kafka,
+        topics=Topics(prefix=args.prefix, partitions=args.partitions),
+        app=args.prefix,
+        postgres=args.postgres,
+        registry=registry,
+        concurrency=8,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+    )
 
     async def ready(running: serve_module.Running) -> None:
         print("serving", flush=True)
@@ -68,6 +75,9 @@ if __name__ == "__main__":
     parser.add_argument("--clock-file", default="")
     parser.add_argument("--no-worker", dest="worker", action="store_false")
     parser.add_argument("--state-dir", default="", help="the engine's local state store")
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     sys.exit(asyncio.run(main(parser.parse_args())))

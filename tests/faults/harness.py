@@ -120,6 +120,7 @@ class Fleet:
     def setup(self, *specs: WorkflowSpec) -> None:
         """Topics and specs, and the PostgreSQL projector, which lives through the
         scenario's faults like the engine does."""
+
         async def go() -> None:
             await ensure_topics(self.infra.bootstrap, self.topics.core_topics())
             for spec in specs or (DURABLE,):
@@ -137,9 +138,21 @@ class Fleet:
 
     def start_projector(self) -> subprocess.Popen[bytes]:
         """``python -m projections.postgres`` on the events topic, into its own schema."""
-        args = [sys.executable, "-m", "projections.postgres", "--kafka", self.infra.bootstrap,
-                "--postgres", self.infra.postgres, "--topic-prefix", self.prefix,
-                "--schema", self.prefix, "--batch", "500"]
+        args = [
+            sys.executable,
+            "-m",
+            "projections.postgres",
+            "--kafka",
+            self.infra.bootstrap,
+            "--postgres",
+            self.infra.postgres,
+            "--topic-prefix",
+            self.prefix,
+            "--schema",
+            self.prefix,
+            "--batch",
+            "500",
+        ]
         err = open(self.tmp / f"projector-{len(self.projectors)}.log", "wb")  # noqa: SIM115
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(args, env=env, stdout=err, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -169,15 +182,29 @@ class Fleet:
 
     # ------------------------------------------------------------------ processes
 
-    def start(self, *, commit_timeout: float = 15.0, worker: bool = True,
-              wait: bool = True) -> subprocess.Popen[bytes]:
+    def start(
+        self, *, commit_timeout: float = 15.0, worker: bool = True, wait: bool = True
+    ) -> subprocess.Popen[bytes]:
         """An engine process (orchestrator, router, spec follower and a durable-tools
         worker); its stderr goes to a file in the scenario's directory."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TERRANOHA_TEST_EFFECTS": str(self.effects)}
-        args = [sys.executable, "-m", "tests.faults.engine_main", "--kafka", self.infra.bootstrap,
-                "--postgres", self.infra.postgres, "--prefix", self.prefix,
-                "--partitions", str(self.partitions), "--commit-timeout", str(commit_timeout),
-                "--clock-file", str(self.clock_file)]
+        args = [
+            sys.executable,
+            "-m",
+            "tests.faults.engine_main",
+            "--kafka",
+            self.infra.bootstrap,
+            "--postgres",
+            self.infra.postgres,
+            "--prefix",
+            self.prefix,
+            "--partitions",
+            str(self.partitions),
+            "--commit-timeout",
+            str(commit_timeout),
+            "--clock-file",
+            str(self.clock_file),
+        ]
         if not worker:
             args.append("--no-worker")
         # Each live process has a local state directory of its own; a process started
@@ -243,33 +270,54 @@ class Fleet:
 
     def stderr(self) -> str:
         """Everything the engine processes logged."""
-        return "\n".join((self.tmp / f"engine-{i}.log").read_text(errors="replace")
-                         for i in range(len(self.procs)))
+        return "\n".join(
+            (self.tmp / f"engine-{i}.log").read_text(errors="replace")
+            for i in range(len(self.procs))
+        )
 
     # ------------------------------------------------------------------ load
 
-    def trigger(self, keys: list[str], workflow: str = "durable", copies: int = 1,
-                timeout_s: float = 60.0, requested_by: str = "harness",
-                input_of: Callable[[str], Any] | None = None) -> None:
+    def trigger(
+        self,
+        keys: list[str],
+        workflow: str = "durable",
+        copies: int = 1,
+        timeout_s: float = 60.0,
+        requested_by: str = "harness",
+        input_of: Callable[[str], Any] | None = None,
+    ) -> None:
         """Publish one trigger per key (``copies`` times each), recording what was acked.
         A run's input is ``input_of(key)``, by default ``{"n": len(key)}``."""
 
         async def go() -> None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.infra.bootstrap, acks="all",
-                                        request_timeout_ms=int(timeout_s * 1000))
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.infra.bootstrap,
+                acks="all",
+                request_timeout_ms=int(timeout_s * 1000),
+            )
             try:
                 await producer.start()
                 futures = []
                 for _ in range(copies):
                     for i, key in enumerate(keys):
                         data = {"n": len(key)} if input_of is None else input_of(key)
-                        trigger = Trigger(workflow=workflow, idempotency_key=key,
-                                          input=data, requested_by=requested_by)
+                        trigger = Trigger(
+                            workflow=workflow,
+                            idempotency_key=key,
+                            input=data,
+                            requested_by=requested_by,
+                        )
                         # Half keyed by run id (decided where they land), half by the
                         # idempotency key (mostly forwarded to their run's partition).
                         record_key = run_id_for("default", key) if i % 2 else key
-                        futures.append((key, await producer.send(
-                            self.topics.triggers, encode(trigger), key=record_key.encode())))
+                        futures.append(
+                            (
+                                key,
+                                await producer.send(
+                                    self.topics.triggers, encode(trigger), key=record_key.encode()
+                                ),
+                            )
+                        )
                 results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
                 with self._lock:
                     for (key, _), result in zip(futures, results, strict=True):
@@ -299,9 +347,12 @@ class Fleet:
             try:
                 await producer.start()
                 for command in commands:
-                    await producer.send(self.topics.inputs, encode(command),
-                                        key=command.run_id.encode(),
-                                        partition=self.topics.partition_of(command.run_id))
+                    await producer.send(
+                        self.topics.inputs,
+                        encode(command),
+                        key=command.run_id.encode(),
+                        partition=self.topics.partition_of(command.run_id),
+                    )
                 await producer.flush()
             finally:
                 await producer.stop()
@@ -314,13 +365,15 @@ class Fleet:
         producer does); acknowledged by the broker or the call fails."""
 
         async def go() -> None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.infra.bootstrap, acks="all",
-                                        enable_idempotence=True)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.infra.bootstrap, acks="all", enable_idempotence=True
+            )
             try:
                 await producer.start()
                 for message in messages:
-                    await producer.send(self.topics.messages, encode(message),
-                                        key=key_of(message).encode())
+                    await producer.send(
+                        self.topics.messages, encode(message), key=key_of(message).encode()
+                    )
                 await producer.flush()
             finally:
                 await producer.stop()
@@ -335,19 +388,26 @@ class Fleet:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.infra.bootstrap)
             await admin.start()
             try:
-                await admin.alter_configs([
-                    ConfigResource(ConfigResourceType.TOPIC, topic,
-                                   {"max.message.bytes": str(max_bytes)}) for topic in topics])
+                await admin.alter_configs(
+                    [
+                        ConfigResource(
+                            ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(max_bytes)}
+                        )
+                        for topic in topics
+                    ]
+                )
             finally:
                 await admin.close()
 
         asyncio.run(go())
 
-    def send_raw(self, topic: str, payloads: list[tuple[bytes | None, bytes]],
-                 partition: int | None = None) -> None:
+    def send_raw(
+        self, topic: str, payloads: list[tuple[bytes | None, bytes]], partition: int | None = None
+    ) -> None:
         async def go() -> None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.infra.bootstrap, acks="all",
-                                        max_request_size=8 << 20)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.infra.bootstrap, acks="all", max_request_size=8 << 20
+            )
             try:
                 await producer.start()
                 for key, value in payloads:
@@ -367,8 +427,7 @@ class Fleet:
     # ------------------------------------------------------------------ reading
 
     def read(self, timeout_s: float = 60.0) -> LogView:
-        return asyncio.run(asyncio.wait_for(read_log(self.infra.bootstrap, self.topics),
-                                            timeout_s))
+        return asyncio.run(asyncio.wait_for(read_log(self.infra.bootstrap, self.topics), timeout_s))
 
     def read_inputs(self) -> list[Logged]:
         """The committed run inputs (commands) that decode; poison is left out."""
@@ -376,8 +435,7 @@ class Fleet:
         async def go() -> list[Logged]:
             parts = [TopicPartition(self.topics.inputs, p) for p in range(self.partitions)]
             out: list[Logged] = []
-            for tp, message in await read_to_end(self.infra.bootstrap, parts,
-                                                 "read_committed"):
+            for tp, message in await read_to_end(self.infra.bootstrap, parts, "read_committed"):
                 try:
                     record = decode(message.value or b"")
                 except Exception:
@@ -387,8 +445,11 @@ class Fleet:
 
         return asyncio.run(asyncio.wait_for(go(), 60))
 
-    def wait_settled(self, timeout_s: float, done: Callable[[LogView], bool] | None = None,
-                     ) -> tuple[LogView, float]:
+    def wait_settled(
+        self,
+        timeout_s: float,
+        done: Callable[[LogView], bool] | None = None,
+    ) -> tuple[LogView, float]:
         """Wait until every expected run is terminal (or ``done(view)`` holds) and the log
         stops growing; return the last view and the seconds waited."""
         started = time.monotonic()
@@ -398,8 +459,11 @@ class Fleet:
         while True:
             view = self.read()
             states = view.states()
-            finished = (done(view) if done is not None
-                        else all(r in states and states[r].terminal for r in expected))
+            finished = (
+                done(view)
+                if done is not None
+                else all(r in states and states[r].terminal for r in expected)
+            )
             if (finished and len(view.uncommitted) == previous) or time.monotonic() > deadline:
                 return view, time.monotonic() - started
             previous = len(view.uncommitted) if finished else -1
@@ -424,11 +488,18 @@ async def read_log(bootstrap: str, topics: Topics) -> LogView:
     return LogView(logs["read_committed"], logs["read_uncommitted"], dead)
 
 
-async def read_to_end(bootstrap: str, parts: list[TopicPartition], isolation: str,
-                      ) -> list[tuple[TopicPartition, Any]]:
+async def read_to_end(
+    bootstrap: str,
+    parts: list[TopicPartition],
+    isolation: str,
+) -> list[tuple[TopicPartition, Any]]:
     """Every record of ``parts`` from the beginning to the current end."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation,
-                                enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level=isolation,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 << 20,
+    )
     await consumer.start()
     out: list[tuple[TopicPartition, Any]] = []
     try:
@@ -467,8 +538,10 @@ class LoadThread(threading.Thread):
 def wait_serving(proc: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
     assert proc.stdout is not None
     box: list[bytes] = []
-    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()),  # type: ignore[union-attr]
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: box.append(proc.stdout.readline()),  # type: ignore[union-attr]
+        daemon=True,
+    )
     reader.start()
     reader.join(timeout_s)
     line = box[0] if box else b""

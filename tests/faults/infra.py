@@ -54,34 +54,47 @@ class FaultInfra:
         """Through the proxy: a client bootstrapped here reaches the broker only while a
         ``KafkaProxy(fault_infra.proxy_port, fault_infra.proxied_port)`` runs, and every
         broker address it learns (metadata, coordinators) is the proxy's again."""
-        self.postgres = (f"postgresql://terranoha:terranoha@127.0.0.1:{self.pg_port}"
-                         f"/terranoha")
+        self.postgres = f"postgresql://terranoha:terranoha@127.0.0.1:{self.pg_port}/terranoha"
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "TERRANOHA_LOCAL_DIR": str(self.dir),
-                "TERRANOHA_KAFKA_PORT": str(self.kafka_port),
-                "TERRANOHA_CONTROLLER_PORT": str(self.controller_port),
-                "TERRANOHA_PG_PORT": str(self.pg_port),
-                "TERRANOHA_KAFKA_PROXIED_PORT": str(self.proxied_port),
-                "TERRANOHA_KAFKA_PROXY_PORT": str(self.proxy_port)}
+        return {
+            **os.environ,
+            "TERRANOHA_LOCAL_DIR": str(self.dir),
+            "TERRANOHA_KAFKA_PORT": str(self.kafka_port),
+            "TERRANOHA_CONTROLLER_PORT": str(self.controller_port),
+            "TERRANOHA_PG_PORT": str(self.pg_port),
+            "TERRANOHA_KAFKA_PROXIED_PORT": str(self.proxied_port),
+            "TERRANOHA_KAFKA_PROXY_PORT": str(self.proxy_port),
+        }
 
     def _infra(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(["bash", str(INFRA_SH), *args], env=self.env, text=True,
-                              capture_output=True, timeout=300)
+        done = subprocess.run(
+            ["bash", str(INFRA_SH), *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"infra.sh {' '.join(args)} failed:\n{done.stderr[-3000:]}")
         return done
 
     def up(self) -> None:
-        for port in (self.kafka_port, self.controller_port, self.pg_port, self.proxied_port,
-                     self.proxy_port):
+        for port in (
+            self.kafka_port,
+            self.controller_port,
+            self.pg_port,
+            self.proxied_port,
+            self.proxy_port,
+        ):
             if _port_open(port):
                 raise RuntimeError(
                     f"127.0.0.1:{port} is in use; the fault suite needs its own ports "
                     "(set TERRANOHA_FAULT_KAFKA_PORT, TERRANOHA_FAULT_CONTROLLER_PORT, "
                     "TERRANOHA_FAULT_PG_PORT, TERRANOHA_FAULT_PROXIED_PORT, "
-                    "TERRANOHA_FAULT_PROXY_PORT)")
+                    "TERRANOHA_FAULT_PROXY_PORT)"
+                )
         # The postgres OS user must reach the data directory (the server runs as it).
         self.dir.chmod(0o755)
         (self.dir / "kafka").mkdir(exist_ok=True)
@@ -134,9 +147,15 @@ class FaultInfra:
         """Stop the cluster without a checkpoint (``-m immediate``): a crash, as far as
         clients and recovery can tell."""
         bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
-        cmd = [str(bindir / "pg_ctl"), "stop", "-D", str(self.dir / "pg" / "data"),
-               "-m", "immediate", "-w"]
+        cmd = [
+            str(bindir / "pg_ctl"),
+            "stop",
+            "-D",
+            str(self.dir / "pg" / "data"),
+            "-m",
+            "immediate",
+            "-w",
+        ]
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60,
-                       cwd=self.dir / "pg")
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60, cwd=self.dir / "pg")

@@ -105,8 +105,11 @@ class Seen:
         return self.answered_at is not None and all(e == "NO_ERROR" for e in self.errors)
 
     def line(self) -> str:
-        how = self.action.value if self.copy_of is None else \
-            f"{self.action.value} copy of #{self.copy_of}"
+        how = (
+            self.action.value
+            if self.copy_of is None
+            else f"{self.action.value} copy of #{self.copy_of}"
+        )
         out = f"#{self.number:<4} +{self.at:7.3f}s c{self.conn:<3} {self.request.describe()}"
         out += f"  [{how}]"
         if self.forwarded_at is None:
@@ -122,8 +125,14 @@ class Rule:
     """Fires ``action`` on the ``nth`` request of ``api`` matching ``when`` (every one
     if ``nth`` is None). Armed with ``KafkaProxy.arm``; safe to use from any thread."""
 
-    def __init__(self, api: int, action: Action, when: Callable[[Request], bool] | None,
-                 nth: int | None, delay_s: float) -> None:
+    def __init__(
+        self,
+        api: int,
+        action: Action,
+        when: Callable[[Request], bool] | None,
+        nth: int | None,
+        delay_s: float,
+    ) -> None:
         if nth is not None and nth < 1:
             raise ValueError("nth counts from 1 (None: every matching request)")
         self.api = api
@@ -165,17 +174,21 @@ class Rule:
         deadline = time.monotonic() + timeout_s
         while not self.hits:
             if time.monotonic() > deadline:
-                raise AssertionError(f"the {self.action.value} rule on {api_name(self.api)} "
-                                     f"did not fire within {timeout_s}s ({self.matched} "
-                                     "matching requests)")
+                raise AssertionError(
+                    f"the {self.action.value} rule on {api_name(self.api)} "
+                    f"did not fire within {timeout_s}s ({self.matched} "
+                    "matching requests)"
+                )
             await asyncio.sleep(0.01)
         return self.hits[0]
 
     async def _gate(self, stopping: threading.Event) -> bool:
         """Wait for ``release``; False if the proxy stops first. (Polled: ``release``
         comes from another thread.)"""
-        return await _until(lambda: self._released.is_set() or stopping.is_set()) \
+        return (
+            await _until(lambda: self._released.is_set() or stopping.is_set())
             and self._released.is_set()
+        )
 
 
 @dataclass(eq=False)
@@ -233,18 +246,21 @@ class KafkaProxy:
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> KafkaProxy:
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"kafka-proxy-{self.listen_port}")
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name=f"kafka-proxy-{self.listen_port}"
+        )
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError(f"the proxy on {HOST}:{self.listen_port} did not start")
         if self._failure is not None:
-            raise RuntimeError(f"the proxy cannot listen on {HOST}:{self.listen_port}: "
-                               f"{self._failure}") from self._failure
+            raise RuntimeError(
+                f"the proxy cannot listen on {HOST}:{self.listen_port}: {self._failure}"
+            ) from self._failure
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def stop(self) -> None:
@@ -297,8 +313,15 @@ class KafkaProxy:
 
     # ------------------------------------------------------------------ test API
 
-    def arm(self, api: int, action: Action, *, when: Callable[[Request], bool] | None = None,
-            nth: int | None = 1, delay_s: float = 0.0) -> Rule:
+    def arm(
+        self,
+        api: int,
+        action: Action,
+        *,
+        when: Callable[[Request], bool] | None = None,
+        nth: int | None = 1,
+        delay_s: float = 0.0,
+    ) -> Rule:
         """A rule firing ``action`` on the ``nth`` request of ``api`` matching ``when``
         (every matching one if ``nth`` is None). The first armed rule that fires wins."""
         rule = Rule(api, action, when, nth, delay_s)
@@ -306,17 +329,32 @@ class KafkaProxy:
             self.rules.append(rule)
         return rule
 
-    def seen(self, api: int | None = None, when: Callable[[Request], bool] | None = None,
-             *, after: int = 0) -> list[Seen]:
+    def seen(
+        self,
+        api: int | None = None,
+        when: Callable[[Request], bool] | None = None,
+        *,
+        after: int = 0,
+    ) -> list[Seen]:
         """The logged requests of ``api`` matching ``when`` numbered above ``after``."""
         with self._lock:
             entries = list(self.log[after:])
-        return [s for s in entries if (api is None or s.request.api == api)
-                and (when is None or when(s.request))]
+        return [
+            s
+            for s in entries
+            if (api is None or s.request.api == api) and (when is None or when(s.request))
+        ]
 
-    async def wait_seen(self, api: int, when: Callable[[Request], bool] | None = None, *,
-                        after: int = 0, answered: bool = False, ok: bool = False,
-                        timeout_s: float = 15.0) -> Seen:
+    async def wait_seen(
+        self,
+        api: int,
+        when: Callable[[Request], bool] | None = None,
+        *,
+        after: int = 0,
+        answered: bool = False,
+        ok: bool = False,
+        timeout_s: float = 15.0,
+    ) -> Seen:
         """The first request of ``api`` matching ``when`` after number ``after`` (and
         answered, or answered without error, if asked), waiting on the caller's loop."""
         deadline = time.monotonic() + timeout_s
@@ -328,7 +366,8 @@ class KafkaProxy:
                 state = "answered without error" if ok else "answered" if answered else ""
                 raise AssertionError(
                     f"no {api_name(api)} {state} after #{after} within {timeout_s}s; the "
-                    f"proxy saw:\n{self.format_log(TXN_APIS, last=40)}")
+                    f"proxy saw:\n{self.format_log(TXN_APIS, last=40)}"
+                )
             await asyncio.sleep(0.01)
 
     def cut(self, conn: int) -> None:
@@ -355,8 +394,9 @@ class KafkaProxy:
     def _now(self) -> float:
         return time.monotonic() - self._started
 
-    def _admit(self, conn: int, request: Request, copy_of: int | None = None,
-               action: Action | None = None) -> tuple[Seen, Rule | None]:
+    def _admit(
+        self, conn: int, request: Request, copy_of: int | None = None, action: Action | None = None
+    ) -> tuple[Seen, Rule | None]:
         """Log the request and pick the rule that fires on it, if any."""
         with self._lock:
             fired = None
@@ -375,8 +415,9 @@ class KafkaProxy:
                 fired.hits.append(seen)
         return seen, fired
 
-    async def _accept(self, client_reader: asyncio.StreamReader,
-                      client: asyncio.StreamWriter) -> None:
+    async def _accept(
+        self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)  # so that stop() ends it too
@@ -390,8 +431,9 @@ class KafkaProxy:
         link = _Link(self._next_conn, client, client_reader, upstream, upstream_reader)
         self._links[link.id] = link
         try:
-            await asyncio.gather(self._pump_requests(link), self._send_upstream(link),
-                                 self._pump_responses(link))
+            await asyncio.gather(
+                self._pump_requests(link), self._send_upstream(link), self._pump_responses(link)
+            )
         finally:
             link.close()
             self._links.pop(link.id, None)
@@ -423,8 +465,12 @@ class KafkaProxy:
             if action is Action.CUT_BEFORE:
                 link.close()
                 return
-            self._forward(link, item.frame, item.seen,
-                          deliver=action not in (Action.DROP_RESPONSE, Action.CUT_AFTER))
+            self._forward(
+                link,
+                item.frame,
+                item.seen,
+                deliver=action not in (Action.DROP_RESPONSE, Action.CUT_AFTER),
+            )
             if action is Action.DUPLICATE:
                 copy, _ = self._admit(link.id, item.seen.request, item.seen.number, action)
                 self._forward(link, item.frame, copy, deliver=False)
@@ -511,5 +557,3 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         return None
-
-

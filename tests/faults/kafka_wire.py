@@ -45,22 +45,43 @@ class Api(IntEnum):
     TXN_OFFSET_COMMIT = 28
 
 
-TXN_APIS = frozenset({Api.PRODUCE, Api.FIND_COORDINATOR, Api.INIT_PRODUCER_ID,
-                      Api.ADD_PARTITIONS_TO_TXN, Api.ADD_OFFSETS_TO_TXN, Api.END_TXN,
-                      Api.TXN_OFFSET_COMMIT})
+TXN_APIS = frozenset(
+    {
+        Api.PRODUCE,
+        Api.FIND_COORDINATOR,
+        Api.INIT_PRODUCER_ID,
+        Api.ADD_PARTITIONS_TO_TXN,
+        Api.ADD_OFFSETS_TO_TXN,
+        Api.END_TXN,
+        Api.TXN_OFFSET_COMMIT,
+    }
+)
 """What a transaction is made of: the part of the log worth printing."""
 
-FLEXIBLE_FROM = {Api.PRODUCE: 9, Api.FETCH: 12, Api.LIST_OFFSETS: 6, Api.METADATA: 9,
-                 Api.OFFSET_COMMIT: 8, Api.OFFSET_FETCH: 6, Api.FIND_COORDINATOR: 3,
-                 Api.JOIN_GROUP: 6, Api.HEARTBEAT: 4, Api.LEAVE_GROUP: 4, Api.SYNC_GROUP: 4,
-                 Api.API_VERSIONS: 3, Api.INIT_PRODUCER_ID: 2, Api.ADD_PARTITIONS_TO_TXN: 3,
-                 Api.ADD_OFFSETS_TO_TXN: 3, Api.END_TXN: 3, Api.TXN_OFFSET_COMMIT: 3}
+FLEXIBLE_FROM = {
+    Api.PRODUCE: 9,
+    Api.FETCH: 12,
+    Api.LIST_OFFSETS: 6,
+    Api.METADATA: 9,
+    Api.OFFSET_COMMIT: 8,
+    Api.OFFSET_FETCH: 6,
+    Api.FIND_COORDINATOR: 3,
+    Api.JOIN_GROUP: 6,
+    Api.HEARTBEAT: 4,
+    Api.LEAVE_GROUP: 4,
+    Api.SYNC_GROUP: 4,
+    Api.API_VERSIONS: 3,
+    Api.INIT_PRODUCER_ID: 2,
+    Api.ADD_PARTITIONS_TO_TXN: 3,
+    Api.ADD_OFFSETS_TO_TXN: 3,
+    Api.END_TXN: 3,
+    Api.TXN_OFFSET_COMMIT: 3,
+}
 """First version of each API with compact encodings and tagged fields (KIP-482).
 aiokafka 0.14 sends none of the parsed ones flexibly (Produce v7, the transaction APIs
 v0, FindCoordinator v1), but the readers below handle both encodings."""
 
-_ERROR_NAMES = {90: "PRODUCER_FENCED", 120: "TRANSACTION_ABORTABLE",
-                121: "INVALID_RECORD_STATE"}
+_ERROR_NAMES = {90: "PRODUCER_FENCED", 120: "TRANSACTION_ABORTABLE", 121: "INVALID_RECORD_STATE"}
 """Codes newer than aiokafka's error table."""
 
 
@@ -129,12 +150,14 @@ class Request:
         return frozenset(topic for topic, _ in self.partitions)
 
     def touches(self, topic: str, partition: int | None = None) -> bool:
-        return any(t == topic and (partition is None or p == partition)
-                   for t, p in self.partitions)
+        return any(t == topic and (partition is None or p == partition) for t, p in self.partitions)
 
     def describe(self) -> str:
-        parts = [f"{self.name} v{self.version}", f"cid={self.correlation_id}",
-                 self.client_id or "-"]
+        parts = [
+            f"{self.name} v{self.version}",
+            f"cid={self.correlation_id}",
+            self.client_id or "-",
+        ]
         if self.transactional_id is not None:
             parts.append(f"txn={self.transactional_id}")
         if self.producer_id is not None:
@@ -196,7 +219,7 @@ class _Reader:
         size = self._length(self.int16)
         if size < 0:
             return None
-        text = self.data[self.pos:self.pos + size].decode()
+        text = self.data[self.pos : self.pos + size].decode()
         self.pos += size
         return text
 
@@ -215,7 +238,7 @@ class _Reader:
         size = self._length(self.int32)
         if size < 0:
             return b""
-        out = self.data[self.pos:self.pos + size]
+        out = self.data[self.pos : self.pos + size]
         self.pos += size
         return out
 
@@ -257,8 +280,13 @@ def _parse_body(head: Request, r: _Reader) -> Request | None:
         r.int32()  # transaction timeout
         if version < 3:
             return replace(head, parsed=True, transactional_id=transactional_id)
-        return replace(head, parsed=True, transactional_id=transactional_id,
-                       producer_id=r.int64(), producer_epoch=r.int16())
+        return replace(
+            head,
+            parsed=True,
+            transactional_id=transactional_id,
+            producer_id=r.int64(),
+            producer_epoch=r.int16(),
+        )
     if api == Api.ADD_PARTITIONS_TO_TXN and version <= 3:  # v4+ is the brokers' batch form
         transactional_id, producer_id, epoch = r.string(), r.int64(), r.int16()
 
@@ -269,14 +297,32 @@ def _parse_body(head: Request, r: _Reader) -> Request | None:
             return [(name, n) for n in numbers]
 
         partitions = tuple(tp for group in r.array(added) for tp in group)
-        return replace(head, parsed=True, transactional_id=transactional_id,
-                       producer_id=producer_id, producer_epoch=epoch, partitions=partitions)
+        return replace(
+            head,
+            parsed=True,
+            transactional_id=transactional_id,
+            producer_id=producer_id,
+            producer_epoch=epoch,
+            partitions=partitions,
+        )
     if api == Api.ADD_OFFSETS_TO_TXN:
-        return replace(head, parsed=True, transactional_id=r.string(), producer_id=r.int64(),
-                       producer_epoch=r.int16(), group_id=r.string())
+        return replace(
+            head,
+            parsed=True,
+            transactional_id=r.string(),
+            producer_id=r.int64(),
+            producer_epoch=r.int16(),
+            group_id=r.string(),
+        )
     if api == Api.END_TXN:
-        return replace(head, parsed=True, transactional_id=r.string(), producer_id=r.int64(),
-                       producer_epoch=r.int16(), commit=bool(r.int8()))
+        return replace(
+            head,
+            parsed=True,
+            transactional_id=r.string(),
+            producer_id=r.int64(),
+            producer_epoch=r.int16(),
+            commit=bool(r.int8()),
+        )
     if api == Api.TXN_OFFSET_COMMIT:
         return _parse_txn_offset_commit(head, r)
     if api == Api.FIND_COORDINATOR and version <= 3:
@@ -292,7 +338,8 @@ def _parse_produce(head: Request, r: _Reader) -> Request:
         number, records = r.int32(), r.bytes()
         r.tags()
         return _batches(topic, number, records) or [
-            RecordBatchInfo(topic, number, -1, -1, -1, 0, False)]
+            RecordBatchInfo(topic, number, -1, -1, -1, 0, False)
+        ]
 
     def topic() -> list[RecordBatchInfo]:
         name = r.string()
@@ -303,10 +350,15 @@ def _parse_produce(head: Request, r: _Reader) -> Request:
     batches = tuple(b for group in r.array(topic) for b in group)
     first = batches[0] if batches else None
     partitions = tuple(dict.fromkeys((b.topic, b.partition) for b in batches))
-    return replace(head, parsed=True, transactional_id=transactional_id,
-                   partitions=partitions, batches=batches,
-                   producer_id=first.producer_id if first else None,
-                   producer_epoch=first.producer_epoch if first else None)
+    return replace(
+        head,
+        parsed=True,
+        transactional_id=transactional_id,
+        partitions=partitions,
+        batches=batches,
+        producer_id=first.producer_id if first else None,
+        producer_epoch=first.producer_epoch if first else None,
+    )
 
 
 def _parse_txn_offset_commit(head: Request, r: _Reader) -> Request:
@@ -330,9 +382,16 @@ def _parse_txn_offset_commit(head: Request, r: _Reader) -> Request:
         return out
 
     offsets = tuple(o for group in r.array(topic_offsets) for o in group)
-    return replace(head, parsed=True, transactional_id=transactional_id, group_id=group_id,
-                   producer_id=producer_id, producer_epoch=epoch, offsets=offsets,
-                   partitions=tuple((t, p) for t, p, _ in offsets))
+    return replace(
+        head,
+        parsed=True,
+        transactional_id=transactional_id,
+        group_id=group_id,
+        producer_id=producer_id,
+        producer_epoch=epoch,
+        offsets=offsets,
+        partitions=tuple((t, p) for t, p, _ in offsets),
+    )
 
 
 def _batches(topic: str, partition: int, records: bytes) -> list[RecordBatchInfo]:
@@ -345,8 +404,9 @@ def _batches(topic: str, partition: int, records: bytes) -> list[RecordBatchInfo
             break
         (attributes,) = struct.unpack_from(">h", records, pos + 21)
         pid, epoch, sequence, count = struct.unpack_from(">qhii", records, pos + 43)
-        out.append(RecordBatchInfo(topic, partition, pid, epoch, sequence, count,
-                                   bool(attributes & 0x10)))
+        out.append(
+            RecordBatchInfo(topic, partition, pid, epoch, sequence, count, bool(attributes & 0x10))
+        )
         pos += 12 + length
     return out
 
@@ -358,6 +418,7 @@ def parse_response(request: Request, frame: bytes) -> tuple[tuple[str, ...], str
     r.tags()  # response header v1
     api, version = request.api, request.version
     if api == Api.PRODUCE and 3 <= version < 13:
+
         def record_error() -> None:
             r.int32(), r.nullable_string()  # batch index, message
             r.tags()
@@ -381,8 +442,9 @@ def parse_response(request: Request, frame: bytes) -> tuple[tuple[str, ...], str
 
         results = [p for group in r.array(topic) for p in group]
         errors = tuple(error_name(code) for _, _, code, _ in results)
-        summary = " ".join(f"{t}/{p}:{error_name(c)}" + (f"@{o}" if c == 0 else "")
-                           for t, p, c, o in results)
+        summary = " ".join(
+            f"{t}/{p}:{error_name(c)}" + (f"@{o}" if c == 0 else "") for t, p, c, o in results
+        )
         return errors, summary
     if api == Api.INIT_PRODUCER_ID:
         r.int32()

@@ -10,8 +10,13 @@ import pytest
 from tests.faults.checkers import assert_checks, run_checks
 from tests.faults.harness import Fleet
 
-pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow,
-              pytest.mark.chaos]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.kafka,
+    pytest.mark.postgres,
+    pytest.mark.slow,
+    pytest.mark.chaos,
+]
 
 
 def _count(text: str, needle: str) -> int:
@@ -19,8 +24,9 @@ def _count(text: str, needle: str) -> int:
 
 
 @pytest.mark.timeout(600)
-def test_broker_paused_during_commits(fleet: Fleet, rng: random.Random,
-                                      fault_seconds: float) -> None:
+def test_broker_paused_during_commits(
+    fleet: Fleet, rng: random.Random, fault_seconds: float
+) -> None:
     """SIGSTOP the broker for 5-30 s (bounded by --seconds) while transactions are in flight:
     commits time out after 3 s, so their outcome is unknown and each partition recreates its
     producer and restores instead of aborting."""
@@ -39,16 +45,19 @@ def test_broker_paused_during_commits(fleet: Fleet, rng: random.Random,
     fleet.revive(commit_timeout=3.0)
     view, waited = fleet.wait_settled(240)
     log = fleet.stderr()
-    print(f"drove {len(fleet.sent.triggers)} runs; broker paused {pauses} s; engine logged "
-          f"{_count(log, 'transaction outcome unknown')} unknown transaction outcomes, "
-          f"{_count(log, 'recreating its producer')} producer recreations, "
-          f"{_count(log, 'producer fenced')} fencings; settled {waited:.1f}s after the load")
+    print(
+        f"drove {len(fleet.sent.triggers)} runs; broker paused {pauses} s; engine logged "
+        f"{_count(log, 'transaction outcome unknown')} unknown transaction outcomes, "
+        f"{_count(log, 'recreating its producer')} producer recreations, "
+        f"{_count(log, 'producer fenced')} fencings; settled {waited:.1f}s after the load"
+    )
     assert_checks(run_checks(fleet, view))
 
 
 @pytest.mark.timeout(600)
-def test_broker_killed_and_restarted(fleet: Fleet, rng: random.Random,
-                                     fault_seconds: float) -> None:
+def test_broker_killed_and_restarted(
+    fleet: Fleet, rng: random.Random, fault_seconds: float
+) -> None:
     fleet.setup()
     fleet.start(commit_timeout=3.0)
     load = fleet.load(fault_seconds + 10, rate=100)
@@ -62,17 +71,18 @@ def test_broker_killed_and_restarted(fleet: Fleet, rng: random.Random,
     fleet.revive(commit_timeout=3.0)
     view, waited = fleet.wait_settled(300)
     log = fleet.stderr()
-    print(f"drove {len(fleet.sent.triggers)} runs "
-          f"({len(fleet.sent.unacknowledged)} sends unacknowledged); broker SIGKILLed "
-          f"{len(restarts)} times, restarts took {restarts} s; engine logged "
-          f"{_count(log, 'transaction outcome unknown')} unknown transaction outcomes; "
-          f"settled {waited:.1f}s after the load")
+    print(
+        f"drove {len(fleet.sent.triggers)} runs "
+        f"({len(fleet.sent.unacknowledged)} sends unacknowledged); broker SIGKILLed "
+        f"{len(restarts)} times, restarts took {restarts} s; engine logged "
+        f"{_count(log, 'transaction outcome unknown')} unknown transaction outcomes; "
+        f"settled {waited:.1f}s after the load"
+    )
     assert_checks(run_checks(fleet, view))
 
 
 @pytest.mark.timeout(600)
-def test_postgres_crash_under_load(fleet: Fleet, rng: random.Random,
-                                   fault_seconds: float) -> None:
+def test_postgres_crash_under_load(fleet: Fleet, rng: random.Random, fault_seconds: float) -> None:
     """The workers' idempotency ledger goes away (``pg_ctl stop -m immediate``) and comes
     back: tool calls may repeat, effects may not."""
     fleet.setup()
@@ -88,6 +98,8 @@ def test_postgres_crash_under_load(fleet: Fleet, rng: random.Random,
     load.join()
     fleet.revive()
     view, waited = fleet.wait_settled(240)
-    print(f"drove {len(fleet.sent.triggers)} runs; PostgreSQL crashed twice, down for "
-          f"{downtimes} s; settled {waited:.1f}s after the load")
+    print(
+        f"drove {len(fleet.sent.triggers)} runs; PostgreSQL crashed twice, down for "
+        f"{downtimes} s; settled {waited:.1f}s after the load"
+    )
     assert_checks(run_checks(fleet, view))

@@ -34,8 +34,13 @@ from tests.faults.checkers import Check, assert_checks, run_checks
 from tests.faults.harness import Fleet, LogView, read_to_end
 from tests.kafka.helpers import produce
 
-pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow,
-              pytest.mark.chaos]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.kafka,
+    pytest.mark.postgres,
+    pytest.mark.slow,
+    pytest.mark.chaos,
+]
 
 SECOND = 1000
 
@@ -43,8 +48,13 @@ SECOND = 1000
 def _send(fleet: Fleet, command: ScheduleCommand) -> None:
     keyed = schedule_topics(fleet.topics)
     key = command.schedule_id.encode()
-    asyncio.run(produce(fleet.infra.bootstrap, keyed.inputs,
-                        [(encode(command), key, key_partition(key, keyed.partitions))]))
+    asyncio.run(
+        produce(
+            fleet.infra.bootstrap,
+            keyed.inputs,
+            [(encode(command), key, key_partition(key, keyed.partitions))],
+        )
+    )
 
 
 def _schedule_log(fleet: Fleet) -> list[object]:
@@ -54,26 +64,33 @@ def _schedule_log(fleet: Fleet) -> list[object]:
     return [decode(m.value) for _, m in records]
 
 
-def check_schedule(spec: ScheduleSpec, log: list[object], view: LogView,
-                   first_kill_ms: int, last_restart_ms: int) -> Check:
+def check_schedule(
+    spec: ScheduleSpec, log: list[object], view: LogView, first_kill_ms: int, last_restart_ms: int
+) -> Check:
     check = Check("S each nominal time exactly one run")
     decided = Counter(e.nominal for e in log if isinstance(e, ScheduledRunStarted))
     for nominal, n in decided.items():
         if n != 1:
             check.fail(f"nominal {nominal} started {n} times by the schedule")
     for missed in (e for e in log if isinstance(e, ScheduleTicksMissed)):
-        check.fail(f"{missed.count} nominal times {missed.first}..{missed.last} missed "
-                   "inside a one-hour catch-up window")
+        check.fail(
+            f"{missed.count} nominal times {missed.first}..{missed.last} missed "
+            "inside a one-hour catch-up window"
+        )
     ordered = sorted(decided)
     for a, b in itertools.pairwise(ordered):
         if b - a != SECOND:
             check.fail(f"no run for the nominal times between {a} and {b}")
     if not ordered or ordered[0] > first_kill_ms:
-        check.fail(f"the schedule started after the first kill ({first_kill_ms}): first "
-                   f"nominal {ordered[0] if ordered else None}")
+        check.fail(
+            f"the schedule started after the first kill ({first_kill_ms}): first "
+            f"nominal {ordered[0] if ordered else None}"
+        )
     if not ordered or ordered[-1] < last_restart_ms:
-        check.fail(f"the schedule stopped before the last restart ({last_restart_ms}): "
-                   f"last nominal {ordered[-1] if ordered else None}")
+        check.fail(
+            f"the schedule stopped before the last restart ({last_restart_ms}): "
+            f"last nominal {ordered[-1] if ordered else None}"
+        )
     runs = Counter(e.record.run_id for e in view.committed if isinstance(e.record, RunStarted))
     for nominal in ordered:
         run_id = run_id_of(spec, nominal)
@@ -82,18 +99,25 @@ def check_schedule(spec: ScheduleSpec, log: list[object], view: LogView,
     scheduled = {run_id_of(spec, n) for n in ordered}
     for logged in view.committed:
         record = logged.record
-        if isinstance(record, RunStarted) and schedule_origin(record.idempotency_key) and \
-                record.run_id not in scheduled:
-            check.fail(f"run {record.run_id} ({record.idempotency_key}) has no decision in "
-                       "the schedule's log")
-    check.found.append(f"{len(ordered)} nominal times, "
-                       f"{sum(runs[r] for r in scheduled)} runs started")
+        if (
+            isinstance(record, RunStarted)
+            and schedule_origin(record.idempotency_key)
+            and record.run_id not in scheduled
+        ):
+            check.fail(
+                f"run {record.run_id} ({record.idempotency_key}) has no decision in "
+                "the schedule's log"
+            )
+    check.found.append(
+        f"{len(ordered)} nominal times, {sum(runs[r] for r in scheduled)} runs started"
+    )
     print(check.report())
     return check
 
 
-def _wait_for(fleet: Fleet, done: Callable[[list[object]], bool],
-              timeout_s: float = 120.0) -> list[object]:
+def _wait_for(
+    fleet: Fleet, done: Callable[[list[object]], bool], timeout_s: float = 120.0
+) -> list[object]:
     deadline = time.monotonic() + timeout_s
     log = _schedule_log(fleet)
     while not done(log) and time.monotonic() < deadline:
@@ -103,13 +127,19 @@ def _wait_for(fleet: Fleet, done: Callable[[list[object]], bool],
 
 
 @pytest.mark.timeout(600)
-def test_engine_killed_around_ticks(fleet: Fleet, rng: random.Random,
-                                    fault_seconds: float) -> None:
+def test_engine_killed_around_ticks(fleet: Fleet, rng: random.Random, fault_seconds: float) -> None:
     fleet.setup()
     proc = fleet.start()
-    spec = load_schedule({"id": f"{fleet.prefix}-every-second", "workflow": "durable",
-                          "input": {"n": 1}, "interval": "1s", "overlap": "allow_all",
-                          "catch_up_window": "1h"})
+    spec = load_schedule(
+        {
+            "id": f"{fleet.prefix}-every-second",
+            "workflow": "durable",
+            "input": {"n": 1},
+            "interval": "1s",
+            "overlap": "allow_all",
+            "catch_up_window": "1h",
+        }
+    )
     _send(fleet, CreateSchedule(command_id="create", schedule_id=spec.schedule_id, spec=spec))
     _wait_for(fleet, lambda log: any(isinstance(e, ScheduledRunStarted) for e in log))
     kills, downs = 0, []
@@ -126,14 +156,25 @@ def test_engine_killed_around_ticks(fleet: Fleet, rng: random.Random,
         proc = fleet.start()
         last_restart = int(time.time() * 1000)
     # Let the last engine take its partitions over and catch up, then end the schedule.
-    _wait_for(fleet, lambda log: any(isinstance(e, ScheduledRunStarted) and
-                                     e.nominal >= last_restart for e in log))
+    _wait_for(
+        fleet,
+        lambda log: any(
+            isinstance(e, ScheduledRunStarted) and e.nominal >= last_restart for e in log
+        ),
+    )
     _send(fleet, DeleteSchedule(command_id="delete", schedule_id=spec.schedule_id))
     log = _wait_for(fleet, lambda log: any(isinstance(e, ScheduleDeleted) for e in log))
     scheduled = [run_id_of(spec, e.nominal) for e in log if isinstance(e, ScheduledRunStarted)]
-    view, waited = fleet.wait_settled(240, done=lambda v: all(
-        r in v.states() and v.states()[r].terminal for r in scheduled))
-    print(f"{kills} SIGKILLs of the engine, down {', '.join(f'{d:.1f}s' for d in downs)}; "
-          f"{len(scheduled)} scheduled runs settled {waited:.1f}s after the delete")
-    assert_checks([*run_checks(fleet, view, extra_runs=scheduled),
-                   check_schedule(spec, log, view, first_kill, last_restart)])
+    view, waited = fleet.wait_settled(
+        240, done=lambda v: all(r in v.states() and v.states()[r].terminal for r in scheduled)
+    )
+    print(
+        f"{kills} SIGKILLs of the engine, down {', '.join(f'{d:.1f}s' for d in downs)}; "
+        f"{len(scheduled)} scheduled runs settled {waited:.1f}s after the delete"
+    )
+    assert_checks(
+        [
+            *run_checks(fleet, view, extra_runs=scheduled),
+            check_schedule(spec, log, view, first_kill, last_restart),
+        ]
+    )

@@ -15,16 +15,27 @@ from tests.faults.checkers import Check, assert_checks, run_checks
 from tests.faults.harness import Fleet, LogView
 from tests.faults.workflows import HOUR, NAP
 
-pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow,
-              pytest.mark.chaos]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.kafka,
+    pytest.mark.postgres,
+    pytest.mark.slow,
+    pytest.mark.chaos,
+]
 
 
 def _timers_fired_once(view: LogView) -> Check:
     check = Check("timers fire once")
-    fired = Counter((e.record.run_id, e.record.timer_id) for e in view.committed
-                    if isinstance(e.record, TimerFired))
-    armed = {(e.record.run_id, e.record.timer_id) for e in view.committed
-             if isinstance(e.record, TimerArmed)}
+    fired = Counter(
+        (e.record.run_id, e.record.timer_id)
+        for e in view.committed
+        if isinstance(e.record, TimerFired)
+    )
+    armed = {
+        (e.record.run_id, e.record.timer_id)
+        for e in view.committed
+        if isinstance(e.record, TimerArmed)
+    }
     for (run_id, timer_id), n in fired.items():
         if n != 1:
             check.fail(f"{run_id}: timer {timer_id} fired {n} times")
@@ -41,8 +52,9 @@ def _waiting_on_timer(fleet: Fleet, run_ids: list[str]) -> bool:
 
 
 @pytest.mark.timeout(600)
-def test_timers_due_while_engine_down(fleet: Fleet, rng: random.Random,
-                                      fault_seconds: float) -> None:
+def test_timers_due_while_engine_down(
+    fleet: Fleet, rng: random.Random, fault_seconds: float
+) -> None:
     fleet.setup(NAP)
     proc = fleet.start()
     count = int(60 * fault_seconds)
@@ -57,9 +69,11 @@ def test_timers_due_while_engine_down(fleet: Fleet, rng: random.Random,
     fleet.start()
     view, _ = fleet.wait_settled(240)
     drain = time.monotonic() - started
-    print(f"drove {count} runs sleeping 3 s; engine SIGKILLed once all were waiting, down "
-          f"{down:.1f}s; {count} due timers drained {drain:.1f}s after the restart "
-          f"(including the engine's start)")
+    print(
+        f"drove {count} runs sleeping 3 s; engine SIGKILLed once all were waiting, down "
+        f"{down:.1f}s; {count} due timers drained {drain:.1f}s after the restart "
+        f"(including the engine's start)"
+    )
     checks = [*run_checks(fleet, view, writes=("notify",)), _timers_fired_once(view)]
     assert_checks(checks)
 
@@ -87,8 +101,10 @@ def test_clock_jumps(fleet: Fleet, rng: random.Random, fault_seconds: float) -> 
     time.sleep(1.0)
     fleet.clock_file.write_text(str(int(back_jump)))
     view, back = fleet.wait_settled(120)
-    print(f"drove {len(hour)} hour-long sleeps, completed {forward:.1f}s after a +1h jump; "
-          f"then {len(naps)} 3 s sleeps with the clock jumping back to {back_jump / 1000:.1f}s: "
-          f"settled in {back:.1f}s")
+    print(
+        f"drove {len(hour)} hour-long sleeps, completed {forward:.1f}s after a +1h jump; "
+        f"then {len(naps)} 3 s sleeps with the clock jumping back to {back_jump / 1000:.1f}s: "
+        f"settled in {back:.1f}s"
+    )
     checks = [*run_checks(fleet, view, writes=("notify",)), _timers_fired_once(view)]
     assert_checks(checks)

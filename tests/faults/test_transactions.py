@@ -31,21 +31,30 @@ def test_refused_record_does_not_commit(fault_infra: FaultInfra) -> None:
 
     async def go() -> tuple[Outcome, list[int]]:
         await ensure_topics(bootstrap, [NewTopic(topic, 1, 1)])
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=topic,
-                                    enable_idempotence=True, acks="all",
-                                    max_request_size=8 << 20)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            transactional_id=topic,
+            enable_idempotence=True,
+            acks="all",
+            max_request_size=8 << 20,
+        )
         await producer.start()
         try:
             # send_batched makes three record batches of these: the big one fits no other.
-            records: list[Record] = [(topic, 0, b"k", b"small-1", []),
-                                     (topic, 0, b"k", bytes(2 << 20), []),
-                                     (topic, 0, b"k", b"small-2", [])]
+            records: list[Record] = [
+                (topic, 0, b"k", b"small-1", []),
+                (topic, 0, b"k", bytes(2 << 20), []),
+                (topic, 0, b"k", b"small-2", []),
+            ]
             outcome = await run_transaction(producer, records, None, "g", 10.0)
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
-                                    isolation_level="read_committed", enable_auto_commit=False,
-                                    max_partition_fetch_bytes=8 << 20)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=8 << 20,
+        )
         await consumer.start()
         sizes: list[int] = []
         try:
@@ -58,11 +67,14 @@ def test_refused_record_does_not_commit(fault_infra: FaultInfra) -> None:
                     sizes += [len(m.value or b"") for m in messages]
         finally:
             await consumer.stop()
-        print(f"three records, the middle one 2 MiB: run_transaction returned {outcome.value}; "
-              f"committed record sizes {sizes}")
+        print(
+            f"three records, the middle one 2 MiB: run_transaction returned {outcome.value}; "
+            f"committed record sizes {sizes}"
+        )
         return outcome, sizes
 
     outcome, sizes = asyncio.run(go())
     assert outcome is not Outcome.COMMITTED or (2 << 20) in sizes, (
         f"run_transaction reported COMMITTED but the log holds only records of sizes "
-        f"{sizes}: a torn transaction")
+        f"{sizes}: a torn transaction"
+    )

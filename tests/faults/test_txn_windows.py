@@ -39,8 +39,13 @@ from tests.kafka.helpers import Item, eventually, produce, running
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka]
 
-SPEC = load_spec({"workflow": "hold", "version": 1,
-                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+SPEC = load_spec(
+    {
+        "workflow": "hold",
+        "version": 1,
+        "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}],
+    }
+)
 """A run that starts and waits: one transaction per trigger, no worker, no timer due."""
 COMMIT_TIMEOUT_S = 2.0
 PARTITIONS = 2
@@ -79,8 +84,13 @@ class Window:
         for key in keys:
             run_id = run_id_for("default", key)
             self.triggers[key] = run_id
-            items.append((encode(Trigger(workflow="hold", idempotency_key=key)),
-                          run_id.encode(), self.topics.partition_of(run_id)))
+            items.append(
+                (
+                    encode(Trigger(workflow="hold", idempotency_key=key)),
+                    run_id.encode(),
+                    self.topics.partition_of(run_id),
+                )
+            )
         await produce(self.infra.bootstrap, self.topics.triggers, items)
 
     def started(self, key: str) -> bool:
@@ -89,11 +99,13 @@ class Window:
 
     async def until_started(self, *keys: str, timeout_s: float = 30.0) -> None:
         assert await eventually(lambda: all(self.started(k) for k in keys), timeout_s), (
-            f"not started within {timeout_s}s: {[k for k in keys if not self.started(k)]}")
+            f"not started within {timeout_s}s: {[k for k in keys if not self.started(k)]}"
+        )
 
     async def answered(self, seen: Seen, timeout_s: float = 15.0) -> Seen:
         assert await eventually(lambda: seen.answered_at is not None, timeout_s), (
-            f"#{seen.number} was not answered within {timeout_s}s")
+            f"#{seen.number} was not answered within {timeout_s}s"
+        )
         return seen
 
 
@@ -111,13 +123,19 @@ def run_window(infra: FaultInfra, scenario: Scenario) -> Window:
     async def main() -> Window:
         await ensure_topics(infra.bootstrap, topics.core_topics())
         with KafkaProxy(infra.proxy_port, infra.proxied_port) as proxy:
-            engine = KafkaEngine(infra.proxied_bootstrap, topics, specs, app=topics.prefix,
-                                 commit_timeout_s=COMMIT_TIMEOUT_S)
+            engine = KafkaEngine(
+                infra.proxied_bootstrap,
+                topics,
+                specs,
+                app=topics.prefix,
+                commit_timeout_s=COMMIT_TIMEOUT_S,
+            )
             window = Window(infra, proxy, topics, engine)
             try:
                 async with running(engine.run):
-                    assert await eventually(lambda: len(engine.parts) == PARTITIONS, 60), \
+                    assert await eventually(lambda: len(engine.parts) == PARTITIONS, 60), (
                         "the engine did not get its partitions"
+                    )
                     await scenario(window)
                     for rule in proxy.rules:
                         rule.disarm()
@@ -125,8 +143,10 @@ def run_window(infra: FaultInfra, scenario: Scenario) -> Window:
                     await window.trigger(*later)
                     await window.until_started(*window.triggers, timeout_s=40)
             finally:
-                print(f"\n--- proxy log (transaction requests) ---\n"
-                      f"{proxy.format_log(TXN_APIS)}\n--- engine: {engine.stats}")
+                print(
+                    f"\n--- proxy log (transaction requests) ---\n"
+                    f"{proxy.format_log(TXN_APIS)}\n--- engine: {engine.stats}"
+                )
         view = await read_log(infra.bootstrap, topics)
         check = check_decided_once(view, window.triggers)
         print(check.report())
@@ -144,8 +164,9 @@ def _summary(w: Window, *seen: Seen) -> None:
     print("\n".join(["--- faulted ---", *(s.line() for s in seen)]))
 
 
-def _hold_or_drop_answer(api: Api, action: Action,
-                         release_after: Api) -> Callable[[Window], Awaitable[None]]:
+def _hold_or_drop_answer(
+    api: Api, action: Action, release_after: Api
+) -> Callable[[Window], Awaitable[None]]:
     """The scenario: the first ``api`` request of the engine's transaction is held (and
     released once a later ``release_after`` of the same transactional id was answered
     without error) or has its answer dropped."""
@@ -155,8 +176,9 @@ def _hold_or_drop_answer(api: Api, action: Action,
         await w.trigger(w.key())
         first = await rule.wait_fired()
         if action is Action.HOLD:
-            added = await w.proxy.wait_seen(release_after, w.txn(),
-                                            after=first.number, ok=True, timeout_s=40)
+            added = await w.proxy.wait_seen(
+                release_after, w.txn(), after=first.number, ok=True, timeout_s=40
+            )
             rule.release()
             _summary(w, await w.answered(first), added)
 
@@ -165,7 +187,8 @@ def _hold_or_drop_answer(api: Api, action: Action,
 
 @pytest.mark.timeout(90)
 def test_a_produce_held_past_the_commit_timeout_is_not_committed_twice(
-        fault_infra: FaultInfra) -> None:
+    fault_infra: FaultInfra,
+) -> None:
     """Issue 12's suspected case. The Produce of partition 0's first transaction is held
     past ``commit_timeout_s``; it is released once partition 0's transactional id has
     added its partitions to the next transaction (AddPartitionsToTxn answered), so that
@@ -178,19 +201,29 @@ def test_a_produce_held_past_the_commit_timeout_is_not_committed_twice(
     unknown outcome). aiokafka 0.14's ``send_batch`` hands out ``asyncio.shield`` of each
     batch's future, so a timeout in ``run_transaction`` cancels only the shield and
     ``abort_transaction`` (``flush_for_commit``) still waits for the batch itself."""
+
     async def scenario(w: Window) -> None:
-        rule = w.proxy.arm(Api.PRODUCE, Action.HOLD,
-                           when=lambda r: w.txn()(r) and r.touches(w.topics.events, FAULTED))
+        rule = w.proxy.arm(
+            Api.PRODUCE,
+            Action.HOLD,
+            when=lambda r: w.txn()(r) and r.touches(w.topics.events, FAULTED),
+        )
         await w.trigger(w.key())
         held = await rule.wait_fired()
-        added = await w.proxy.wait_seen(Api.ADD_PARTITIONS_TO_TXN, w.txn(), after=held.number,
-                                        ok=True, timeout_s=40)
-        aborts = [s for s in w.proxy.seen(Api.END_TXN, w.txn(), after=held.number)
-                  if s.request.client_id == held.request.client_id]
-        print(f"--- before the release: EndTxn of the held Produce's producer: "
-              f"{[s.line() for s in aborts] or 'none'}; next AddPartitionsToTxn from "
-              f"{added.request.client_id} pid={added.request.producer_id}/"
-              f"{added.request.producer_epoch}")
+        added = await w.proxy.wait_seen(
+            Api.ADD_PARTITIONS_TO_TXN, w.txn(), after=held.number, ok=True, timeout_s=40
+        )
+        aborts = [
+            s
+            for s in w.proxy.seen(Api.END_TXN, w.txn(), after=held.number)
+            if s.request.client_id == held.request.client_id
+        ]
+        print(
+            f"--- before the release: EndTxn of the held Produce's producer: "
+            f"{[s.line() for s in aborts] or 'none'}; next AddPartitionsToTxn from "
+            f"{added.request.client_id} pid={added.request.producer_id}/"
+            f"{added.request.producer_epoch}"
+        )
         rule.release()
         _summary(w, await w.answered(held), added)
 
@@ -207,8 +240,10 @@ def test_add_partitions_to_txn(fault_infra: FaultInfra, fault: str) -> None:
     the partitions, the client never learns it."""
     action = Action.HOLD if fault == "held-released-late" else Action.DROP_RESPONSE
 
-    run_window(fault_infra, _hold_or_drop_answer(Api.ADD_PARTITIONS_TO_TXN, action,
-                                                 Api.ADD_PARTITIONS_TO_TXN))
+    run_window(
+        fault_infra,
+        _hold_or_drop_answer(Api.ADD_PARTITIONS_TO_TXN, action, Api.ADD_PARTITIONS_TO_TXN),
+    )
 
 
 @pytest.mark.timeout(90)
@@ -218,18 +253,25 @@ def test_produce(fault_infra: FaultInfra, fault: str) -> None:
     Response dropped, and the connection cut once the request is forwarded: the broker
     wrote them in the first transaction, the client never learns it. Whatever aiokafka
     sends again of those batches (same producer id, epoch and sequence) is printed."""
-    action = {"dropped": Action.DROP, "response-dropped": Action.DROP_RESPONSE,
-              "cut-after-forwarding": Action.CUT_AFTER}[fault]
+    action = {
+        "dropped": Action.DROP,
+        "response-dropped": Action.DROP_RESPONSE,
+        "cut-after-forwarding": Action.CUT_AFTER,
+    }[fault]
 
     async def scenario(w: Window) -> None:
-        rule = w.proxy.arm(Api.PRODUCE, action,
-                           when=lambda r: w.txn()(r) and r.touches(w.topics.events, FAULTED))
+        rule = w.proxy.arm(
+            Api.PRODUCE, action, when=lambda r: w.txn()(r) and r.touches(w.topics.events, FAULTED)
+        )
         first_key = w.key()
         await w.trigger(first_key)
         first = await rule.wait_fired()
         await w.until_started(first_key)
-        again = w.proxy.seen(Api.PRODUCE, lambda r: bool(set(r.batches) & set(
-            first.request.batches)), after=first.number)
+        again = w.proxy.seen(
+            Api.PRODUCE,
+            lambda r: bool(set(r.batches) & set(first.request.batches)),
+            after=first.number,
+        )
         _summary(w, first, *again)
 
     run_window(fault_infra, scenario)
@@ -244,14 +286,16 @@ def test_txn_offset_commit(fault_infra: FaultInfra, fault: str) -> None:
     broker holds the offsets in the first transaction, the client never learns it."""
     action = Action.HOLD if fault == "held-released-late" else Action.DROP_RESPONSE
 
-    run_window(fault_infra, _hold_or_drop_answer(Api.TXN_OFFSET_COMMIT, action,
-                                                 Api.ADD_OFFSETS_TO_TXN))
+    run_window(
+        fault_infra, _hold_or_drop_answer(Api.TXN_OFFSET_COMMIT, action, Api.ADD_OFFSETS_TO_TXN)
+    )
 
 
 @pytest.mark.timeout(90)
 def test_add_offsets_to_txn_response_dropped(fault_infra: FaultInfra) -> None:
     """The broker added the consumer group to the transaction; the client never learns
     it, so its TxnOffsetCommit and commit never come."""
+
     async def scenario(w: Window) -> None:
         rule = w.proxy.arm(Api.ADD_OFFSETS_TO_TXN, Action.DROP_RESPONSE, when=w.txn())
         await w.trigger(w.key())
@@ -261,8 +305,16 @@ def test_add_offsets_to_txn_response_dropped(fault_infra: FaultInfra) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("fault", ["request-dropped", "response-dropped", "duplicated",
-                                   "duplicated-late", "cut-after-forwarding"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "request-dropped",
+        "response-dropped",
+        "duplicated",
+        "duplicated-late",
+        "cut-after-forwarding",
+    ],
+)
 def test_end_txn_commit(fault_infra: FaultInfra, fault: str) -> None:
     """The commit itself, where the outcome is unknown to the client. Dropped: never
     committed. Response dropped, and the connection cut right after the request was
@@ -271,9 +323,13 @@ def test_end_txn_commit(fault_infra: FaultInfra, fault: str) -> None:
     the next transaction of the partition has written its records (Produce answered)
     and before it adds its offsets: the same producer id and epoch, so to a broker on
     the pre-KIP-890 protocol it is that transaction's commit."""
-    action = {"request-dropped": Action.DROP, "response-dropped": Action.DROP_RESPONSE,
-              "duplicated": Action.DUPLICATE, "duplicated-late": Action.DUPLICATE_LATE,
-              "cut-after-forwarding": Action.CUT_AFTER}[fault]
+    action = {
+        "request-dropped": Action.DROP,
+        "response-dropped": Action.DROP_RESPONSE,
+        "duplicated": Action.DUPLICATE,
+        "duplicated-late": Action.DUPLICATE_LATE,
+        "cut-after-forwarding": Action.CUT_AFTER,
+    }[fault]
 
     async def scenario(w: Window) -> None:
         rule = w.proxy.arm(Api.END_TXN, action, when=lambda r: w.txn()(r) and bool(r.commit))
@@ -288,8 +344,9 @@ def test_end_txn_commit(fault_infra: FaultInfra, fault: str) -> None:
         held = await offsets.wait_fired()
         written = await w.proxy.wait_seen(Api.PRODUCE, w.txn(), after=first.number, ok=True)
         rule.release()
-        copy = await w.answered(w.proxy.seen(Api.END_TXN, lambda r: r == first.request,
-                                             after=first.number)[0])
+        copy = await w.answered(
+            w.proxy.seen(Api.END_TXN, lambda r: r == first.request, after=first.number)[0]
+        )
         offsets.release()
         _summary(w, first, written, copy, await w.answered(held))
 

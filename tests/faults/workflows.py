@@ -6,10 +6,14 @@ from engine.core.spec import WorkflowSpec, load_spec
 
 
 def _sleeper(name: str, sleep: str) -> WorkflowSpec:
-    return load_spec({
-        "workflow": name, "version": 1, "input": {"n": "integer"},
-        "steps": [{"id": "wait", "sleep": sleep}, {"id": "notify", "task": "test.notify"}],
-    })
+    return load_spec(
+        {
+            "workflow": name,
+            "version": 1,
+            "input": {"n": "integer"},
+            "steps": [{"id": "wait", "sleep": sleep}, {"id": "notify", "task": "test.notify"}],
+        }
+    )
 
 
 NAP = _sleeper("nap", "3s")
@@ -19,13 +23,17 @@ HOUR = _sleeper("hour", "1h")
 
 
 def _gate(name: str, expires: str) -> WorkflowSpec:
-    return load_spec({
-        "workflow": name, "version": 1, "input": {"n": "integer"},
-        "steps": [
-            {"id": "gate", "approval": {"approvers": ["finance"], "expires_after": expires}},
-            {"id": "notify", "task": "test.notify"},
-        ],
-    })
+    return load_spec(
+        {
+            "workflow": name,
+            "version": 1,
+            "input": {"n": "integer"},
+            "steps": [
+                {"id": "gate", "approval": {"approvers": ["finance"], "expires_after": expires}},
+                {"id": "notify", "task": "test.notify"},
+            ],
+        }
+    )
 
 
 GATE = _gate("gate", "10m")

@@ -14,8 +14,7 @@ T0 = 1_700_000_000_000
 
 def limits(**rule: Any) -> KeyLimits:
     """The limits of ``tool:t`` written as a rule of a limits document."""
-    return resolve(load_limits({"limits": "v1", "rules": [{"key": "tool:t", **rule}]}),
-                   "tool:t")
+    return resolve(load_limits({"limits": "v1", "rules": [{"key": "tool:t", **rule}]}), "tool:t")
 
 
 class Key:

@@ -162,8 +162,9 @@ def test_a_budget_reserves_the_estimate_and_settles_with_the_cost() -> None:
 def test_the_budget_window_resets_at_local_midnight() -> None:
     # 2026-07-01 21:30 UTC is 23:30 in Berlin (summer time): the day ends at 22:00 UTC.
     start = 1_782_941_400_000
-    k = Key(at=start, budget={"amount": 1, "per": "day", "timezone": "Europe/Berlin",
-                              "estimate": 1})
+    k = Key(
+        at=start, budget={"amount": 1, "per": "day", "timezone": "Europe/Berlin", "estimate": 1}
+    )
     k.acquire("a").release("a", cost=1.0).acquire("b")
     assert k.granted() == []
     assert k.s.window_end == start + 30 * 60_000
@@ -188,8 +189,14 @@ def test_an_exhausted_budget_that_escalates_says_so() -> None:
     k.then(ad.Refused, request_id="b", action="escalate")
 
 
-BREAKER = {"failure_rate": 0.5, "min_calls": 4, "window": "60s", "slow_call": "10s",
-           "open_for": "30s", "half_open_calls": 2}
+BREAKER = {
+    "failure_rate": 0.5,
+    "min_calls": 4,
+    "window": "60s",
+    "slow_call": "10s",
+    "open_for": "30s",
+    "half_open_calls": 2,
+}
 
 
 def _calls(k: Key, outcomes: list[str], latency_ms: int = 10) -> None:

@@ -36,12 +36,17 @@ rules:
 
 def _acquires(limits_version: int = 1) -> list[ad.AdmissionCommand]:
     limits = resolve(load_limits_yaml(DOC), KEY)
-    return [ad.Acquire(KEY, f"r{i}", tenant="acme", limits=limits, version=limits_version,
-                       reply_to=f"run-{i}") for i in range(3)]
+    return [
+        ad.Acquire(
+            KEY, f"r{i}", tenant="acme", limits=limits, version=limits_version, reply_to=f"run-{i}"
+        )
+        for i in range(3)
+    ]
 
 
 def test_the_embedded_store_decides_and_stores_each_batch_in_one_transaction(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     store = Store(tmp_path / "s.db")
     admission = AdmissionStore(store)
     events = admission.apply(_acquires(), T0)
@@ -52,14 +57,15 @@ def test_the_embedded_store_decides_and_stores_each_batch_in_one_transaction(
     # A lease whose release never comes expires at the store's next tick.
     assert admission.tick(T0 + state.limits.lease - 1) == []
     expired = admission.tick(T0 + state.limits.lease)
-    assert [(type(e).__name__, e.request_id) for e in expired
-            if isinstance(e, ad.Released | ad.Granted)] == [
-        ("Released", "r0"), ("Released", "r1"), ("Granted", "r2")]
+    assert [
+        (type(e).__name__, e.request_id) for e in expired if isinstance(e, ad.Released | ad.Granted)
+    ] == [("Released", "r0"), ("Released", "r1"), ("Granted", "r2")]
     store.close()
 
 
 def test_embedded_status_shows_what_each_key_holds_and_pause_reaches_the_core(
-        cli: Cli, tmp_path: Path) -> None:
+    cli: Cli, tmp_path: Path
+) -> None:
     db = tmp_path / "s.db"
     doc = tmp_path / "limits.yaml"
     doc.write_text(DOC)
@@ -74,8 +80,9 @@ def test_embedded_status_shows_what_each_key_holds_and_pause_reaches_the_core(
 
     cli("limits", "pause", KEY, "--db", str(db))
     admission = AdmissionStore(store)
-    assert [e for e in admission.apply([ad.Release(KEY, "r0")], T0 + 1)
-            if isinstance(e, ad.Granted)] == []
+    assert [
+        e for e in admission.apply([ad.Release(KEY, "r0")], T0 + 1) if isinstance(e, ad.Granted)
+    ] == []
     state = admission.state(KEY)
     assert state is not None and state.paused
     cli("limits", "resume", KEY, "--db", str(db))
@@ -85,7 +92,8 @@ def test_embedded_status_shows_what_each_key_holds_and_pause_reaches_the_core(
 
 
 def test_a_raised_limit_deployed_lets_queued_requests_through_at_once(
-        cli: Cli, tmp_path: Path) -> None:
+    cli: Cli, tmp_path: Path
+) -> None:
     db, doc = tmp_path / "s.db", tmp_path / "limits.yaml"
     doc.write_text(DOC)
     cli("limits", "deploy", str(doc), "--db", str(db))
@@ -98,8 +106,7 @@ def test_a_raised_limit_deployed_lets_queued_requests_through_at_once(
     store.close()
 
 
-def test_kafka_status_reads_the_admission_state_and_pause_reaches_the_processor(
-        cli: Cli) -> None:
+def test_kafka_status_reads_the_admission_state_and_pause_reaches_the_processor(cli: Cli) -> None:
     bootstrap = kafka_bootstrap()
     topics = Topics(prefix=f"s{uuid.uuid4().hex[:8]}", partitions=3)
     where = ["--kafka", bootstrap, "--topic-prefix", topics.prefix, "--partitions", "3"]
@@ -109,18 +116,24 @@ def test_kafka_status_reads_the_admission_state_and_pause_reaches_the_processor(
         await admission.ensure(bootstrap)
         processor = AdmissionProcessor(bootstrap, topics, app=topics.prefix)
         async with running(processor.run):
-            await produce(bootstrap, admission.keyed.inputs, [
-                (encode(c), KEY.encode(), key_partition(KEY.encode(), 3)) for c in _acquires()])
-            assert await eventually(lambda: (s := processor.state(KEY)) is not None
-                                    and s.executing == 2, timeout_s=60)
+            await produce(
+                bootstrap,
+                admission.keyed.inputs,
+                [(encode(c), KEY.encode(), key_partition(KEY.encode(), 3)) for c in _acquires()],
+            )
+            assert await eventually(
+                lambda: (s := processor.state(KEY)) is not None and s.executing == 2, timeout_s=60
+            )
             out = await asyncio.to_thread(cli, "limits", "status", *where)
             assert f"{KEY}\texecuting 2/2, queued 1, held (queued: {KEY} 2/2)" in out.out
             await asyncio.to_thread(cli, "limits", "pause", KEY, *where)
-            assert await eventually(lambda: (s := processor.state(KEY)) is not None
-                                    and s.paused, timeout_s=60)
+            assert await eventually(
+                lambda: (s := processor.state(KEY)) is not None and s.paused, timeout_s=60
+            )
             await asyncio.to_thread(cli, "limits", "resume", KEY, *where)
-            assert await eventually(lambda: (s := processor.state(KEY)) is not None
-                                    and not s.paused, timeout_s=60)
+            assert await eventually(
+                lambda: (s := processor.state(KEY)) is not None and not s.paused, timeout_s=60
+            )
 
     try:
         asyncio.run(main())
@@ -128,19 +141,30 @@ def test_kafka_status_reads_the_admission_state_and_pause_reaches_the_processor(
         asyncio.run(delete_topics(bootstrap, topics.prefix))
 
 
-def test_alerts_are_stored_with_the_events_that_raise_them_once_per_id(
-        tmp_path: Path) -> None:
+def test_alerts_are_stored_with_the_events_that_raise_them_once_per_id(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     admission = AdmissionStore(store)
-    limits = resolve(load_limits_yaml(
-        "limits: v1\nrules:\n  - key: tool:flaky\n    breaker: {failure_rate: 0.5, "
-        "min_calls: 2, open_for: 10s}\n"), "tool:flaky")
+    limits = resolve(
+        load_limits_yaml(
+            "limits: v1\nrules:\n  - key: tool:flaky\n    breaker: {failure_rate: 0.5, "
+            "min_calls: 2, open_for: 10s}\n"
+        ),
+        "tool:flaky",
+    )
     for i in range(2):
-        admission.apply([ad.Acquire("tool:flaky", f"c{i}", limits=limits, version=1),
-                         ad.Release("tool:flaky", f"c{i}", ad.Outcome.FAILED)], T0 + i)
+        admission.apply(
+            [
+                ad.Acquire("tool:flaky", f"c{i}", limits=limits, version=1),
+                ad.Release("tool:flaky", f"c{i}", ad.Outcome.FAILED),
+            ],
+            T0 + i,
+        )
     [opened] = admission.alerts()
     assert (opened.kind, opened.severity, opened.key) == (
-        AlertKind.BREAKER_OPENED, Severity.CRITICAL, "tool:flaky")
+        AlertKind.BREAKER_OPENED,
+        Severity.CRITICAL,
+        "tool:flaky",
+    )
     assert "breaker of tool:flaky opened (100% of calls failed" in opened.message
     assert opened.alert_id == f"breaker_opened:tool:flaky:{T0 + 1}"
     store.close()

@@ -32,8 +32,9 @@ Step = tuple[int, ad.AdmissionCommand | None]
 
 def acquire(rid: str, version: int = 1, **fields: Any) -> ad.AdmissionCommand:
     rule = fields.pop("rule", {"concurrency": 1, "lease": "1m"})
-    return ad.Acquire(KEY, rid, limits=limits(**rule), version=version, reply_to=f"run-{rid}",
-                      **fields)
+    return ad.Acquire(
+        KEY, rid, limits=limits(**rule), version=version, reply_to=f"run-{rid}", **fields
+    )
 
 
 def release(rid: str, outcome: str = "ok", **fields: Any) -> ad.AdmissionCommand:
@@ -41,30 +42,59 @@ def release(rid: str, outcome: str = "ok", **fields: Any) -> ad.AdmissionCommand
 
 
 SCENARIOS: dict[str, list[Step]] = {
-    "concurrency": [(0, acquire("a")), (0, acquire("b")), (5, release("a")),
-                    (5, release("b"))],
-    "priority": [(0, acquire("hold")), (0, acquire("low")), (0, acquire("high", priority=3)),
-                 (5, release("hold")), (5, release("high"))],
-    "fairness": [(0, acquire("hold", tenant="x")),
-                 *[(0, acquire(f"heavy{i}", tenant="heavy")) for i in range(3)],
-                 (0, acquire("light0", tenant="light")),
-                 (5, release("hold")), (5, release("heavy0")), (5, release("light0"))],
+    "concurrency": [(0, acquire("a")), (0, acquire("b")), (5, release("a")), (5, release("b"))],
+    "priority": [
+        (0, acquire("hold")),
+        (0, acquire("low")),
+        (0, acquire("high", priority=3)),
+        (5, release("hold")),
+        (5, release("high")),
+    ],
+    "fairness": [
+        (0, acquire("hold", tenant="x")),
+        *[(0, acquire(f"heavy{i}", tenant="heavy")) for i in range(3)],
+        (0, acquire("light0", tenant="light")),
+        (5, release("hold")),
+        (5, release("heavy0")),
+        (5, release("light0")),
+    ],
     "pause_resume": [(0, ad.Pause(KEY)), (0, acquire("a")), (5, ad.Resume(KEY))],
-    "lease_expiry": [(0, acquire("crashed", lease_ms=2_000)), (0, acquire("next")),
-                     (2_000, None)],
-    "rate": [(0, acquire("a", rule={"rate": "1/s"})), (0, acquire("b", rule={"rate": "1/s"})),
-             (1_000, None)],
+    "lease_expiry": [(0, acquire("crashed", lease_ms=2_000)), (0, acquire("next")), (2_000, None)],
+    "rate": [
+        (0, acquire("a", rule={"rate": "1/s"})),
+        (0, acquire("b", rule={"rate": "1/s"})),
+        (1_000, None),
+    ],
     "retry_after": [(0, ad.Throttle(KEY, T0 + 1_500)), (0, acquire("a")), (1_500, None)],
     "budget_fail": [
-        (0, acquire("a", rule={"budget": {"amount": 1, "per": "day", "estimate": 1,
-                                          "on_exhausted": "fail"}})),
-        (0, acquire("b"))],
+        (
+            0,
+            acquire(
+                "a",
+                rule={"budget": {"amount": 1, "per": "day", "estimate": 1, "on_exhausted": "fail"}},
+            ),
+        ),
+        (0, acquire("b")),
+    ],
     "breaker": [
-        *[step for i in range(2) for step in (
-            (0, acquire(f"c{i}", rule={"breaker": {"failure_rate": 0.5, "min_calls": 2,
-                                                  "open_for": "3s"}})),
-            (5, release(f"c{i}", "failed")))],
-        (0, acquire("waits")), (3_000, None), (5, release("waits"))],
+        *[
+            step
+            for i in range(2)
+            for step in (
+                (
+                    0,
+                    acquire(
+                        f"c{i}",
+                        rule={"breaker": {"failure_rate": 0.5, "min_calls": 2, "open_for": "3s"}},
+                    ),
+                ),
+                (5, release(f"c{i}", "failed")),
+            )
+        ],
+        (0, acquire("waits")),
+        (3_000, None),
+        (5, release("waits")),
+    ],
 }
 
 
@@ -74,8 +104,11 @@ def oracle(steps: list[Step]) -> list[ad.AdmissionEvent]:
     now, out = T0, []
     for wait, command in steps:
         now += wait
-        for c in ([ad.Tick(KEY, now)] if state is not None and (d := ad.next_due(state))
-                  is not None and d <= now else []) + ([command] if command else []):
+        for c in (
+            [ad.Tick(KEY, now)]
+            if state is not None and (d := ad.next_due(state)) is not None and d <= now
+            else []
+        ) + ([command] if command else []):
             events = ad.decide(state, c, now)
             for e in events:
                 state = ad.evolve(state, e)
@@ -84,8 +117,9 @@ def oracle(steps: list[Step]) -> list[ad.AdmissionEvent]:
 
 
 class Backend(Protocol):
-    def play(self, steps: list[Step], expected: list[ad.AdmissionEvent]
-             ) -> list[ad.AdmissionEvent]: ...
+    def play(
+        self, steps: list[Step], expected: list[ad.AdmissionEvent]
+    ) -> list[ad.AdmissionEvent]: ...
 
 
 class Embedded:
@@ -93,8 +127,7 @@ class Embedded:
         self.store = Store(path)
         self.admission = AdmissionStore(self.store)
 
-    def play(self, steps: list[Step], expected: list[ad.AdmissionEvent]
-             ) -> list[ad.AdmissionEvent]:
+    def play(self, steps: list[Step], expected: list[ad.AdmissionEvent]) -> list[ad.AdmissionEvent]:
         now = T0
         for wait, command in steps:
             now += wait
@@ -111,12 +144,14 @@ class OnKafka:
         self.bootstrap = kafka_bootstrap()
         self.topics = topics
         self.clock = ManualClock(T0)
-        self.processor = AdmissionProcessor(self.bootstrap, topics, app=topics.prefix,
-                                            clock=self.clock)
+        self.processor = AdmissionProcessor(
+            self.bootstrap, topics, app=topics.prefix, clock=self.clock
+        )
         self.stop = asyncio.Event()
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_until_complete,
-                                       args=(self.processor.run(self.stop),), daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(self.processor.run(self.stop),), daemon=True
+        )
 
     def start(self) -> None:
         asyncio.run(AdmissionTopics(self.topics).ensure(self.bootstrap))
@@ -141,8 +176,7 @@ class OnKafka:
             threading.Event().wait(0.1)
         return self.events()
 
-    def play(self, steps: list[Step], expected: list[ad.AdmissionEvent]
-             ) -> list[ad.AdmissionEvent]:
+    def play(self, steps: list[Step], expected: list[ad.AdmissionEvent]) -> list[ad.AdmissionEvent]:
         inputs = AdmissionTopics(self.topics).keyed.inputs
         partition = key_partition(KEY.encode(), self.topics.partitions)
         # Walk the steps; before each one, wait for the events the oracle says come first.
@@ -151,8 +185,9 @@ class OnKafka:
             walked.append((wait, command))
             self.clock.advance(wait)
             if command is not None:
-                asyncio.run(produce(self.bootstrap, inputs,
-                                    [(encode(command), KEY.encode(), partition)]))
+                asyncio.run(
+                    produce(self.bootstrap, inputs, [(encode(command), KEY.encode(), partition)])
+                )
             count = len(oracle(walked))
             self._until(lambda got, n=count: len(got) >= n)
         return self._until(lambda got: len(got) >= len(expected))

@@ -34,9 +34,11 @@ def topics() -> Iterator[Topics]:
 
 async def _send(bootstrap: str, topics: Topics, commands: list[ad.AdmissionCommand]) -> None:
     inputs = AdmissionTopics(topics).keyed.inputs
-    await produce(bootstrap, inputs, [(encode(c), c.key.encode(),
-                                       key_partition(c.key.encode(), PARTITIONS))
-                                      for c in commands])
+    await produce(
+        bootstrap,
+        inputs,
+        [(encode(c), c.key.encode(), key_partition(c.key.encode(), PARTITIONS)) for c in commands],
+    )
 
 
 async def _grants(bootstrap: str, topics: Topics) -> list[ad.Granted]:
@@ -45,8 +47,14 @@ async def _grants(bootstrap: str, topics: Topics) -> list[ad.Granted]:
 
 
 def _acquire(key: str, n: int) -> ad.Acquire:
-    return ad.Acquire(key, f"{key}/r{n}", tenant="acme", limits=KeyLimits(concurrency=2),
-                      version=1, reply_to=f"run-{key}-{n}")
+    return ad.Acquire(
+        key,
+        f"{key}/r{n}",
+        tenant="acme",
+        limits=KeyLimits(concurrency=2),
+        version=1,
+        reply_to=f"run-{key}-{n}",
+    )
 
 
 def test_a_keys_limit_holds_across_processes_and_a_process_leaving(topics: Topics) -> None:
@@ -55,8 +63,9 @@ def test_a_keys_limit_holds_across_processes_and_a_process_leaving(topics: Topic
     async def main() -> None:
         one, two = (AdmissionProcessor(bootstrap, topics, app=topics.prefix) for _ in "12")
         async with running(one.run), running(two.run):
-            assert await eventually(lambda: len(one.parts) + len(two.parts) == PARTITIONS,
-                                    timeout_s=60)
+            assert await eventually(
+                lambda: len(one.parts) + len(two.parts) == PARTITIONS, timeout_s=60
+            )
             await _send(bootstrap, topics, [_acquire(k, n) for n in range(5) for k in KEYS])
 
             async def granted() -> dict[str, list[str]]:
@@ -70,21 +79,30 @@ def test_a_keys_limit_holds_across_processes_and_a_process_leaving(topics: Topic
                     break
                 await asyncio.sleep(0.1)
             first = await granted()
-            assert first == {
-                k: [f"{k}/r0", f"{k}/r1"] for k in KEYS}, "a key granted past its limit"
+            assert first == {k: [f"{k}/r0", f"{k}/r1"] for k in KEYS}, (
+                "a key granted past its limit"
+            )
             # Every request knows where its grant went: the run that asked.
             assert all(g.reply_to.startswith("run-") for g in await _grants(bootstrap, topics))
 
         # Both processes stop; a third takes every key over from the changelog.
         three = AdmissionProcessor(bootstrap, topics, app=topics.prefix)
         async with running(three.run):
-            assert await eventually(lambda: all(
-                (s := three.state(k)) is not None and s.executing == 2 and len(s.queue) == 3
-                for k in KEYS), timeout_s=60)
+            assert await eventually(
+                lambda: all(
+                    (s := three.state(k)) is not None and s.executing == 2 and len(s.queue) == 3
+                    for k in KEYS
+                ),
+                timeout_s=60,
+            )
             await _send(bootstrap, topics, [ad.Release(k, f"{k}/r0") for k in KEYS])
-            assert await eventually(lambda: all(
-                (s := three.state(k)) is not None and set(s.leases) == {f"{k}/r1", f"{k}/r2"}
-                for k in KEYS), timeout_s=60)
+            assert await eventually(
+                lambda: all(
+                    (s := three.state(k)) is not None and set(s.leases) == {f"{k}/r1", f"{k}/r2"}
+                    for k in KEYS
+                ),
+                timeout_s=60,
+            )
         grants = await _grants(bootstrap, topics)
         per_request: dict[str, int] = {}
         for g in grants:
@@ -103,22 +121,35 @@ def test_a_lease_never_released_expires_and_its_slot_goes_to_the_next(topics: To
     async def main() -> None:
         processor = AdmissionProcessor(bootstrap, topics, app=topics.prefix)
         async with running(processor.run):
-            await _send(bootstrap, topics, [
-                ad.Acquire(key, "crashed", lease_ms=1_500, limits=limits, version=1,
-                           reply_to="run-a"),
-                ad.Acquire(key, "next", limits=limits, version=1, reply_to="run-b")])
-            assert await eventually(lambda: (s := processor.state(key)) is not None
-                                    and "next" in s.leases, timeout_s=60)
+            await _send(
+                bootstrap,
+                topics,
+                [
+                    ad.Acquire(
+                        key, "crashed", lease_ms=1_500, limits=limits, version=1, reply_to="run-a"
+                    ),
+                    ad.Acquire(key, "next", limits=limits, version=1, reply_to="run-b"),
+                ],
+            )
+            assert await eventually(
+                lambda: (s := processor.state(key)) is not None and "next" in s.leases, timeout_s=60
+            )
             state = processor.state(key)
             assert state is not None and "crashed" in state.finished
-        events = [decode(r.value) for r in await read_all(
-            bootstrap, AdmissionTopics(topics).keyed.events, PARTITIONS)]
+        events = [
+            decode(r.value)
+            for r in await read_all(bootstrap, AdmissionTopics(topics).keyed.events, PARTITIONS)
+        ]
         expired = [e for e in events if isinstance(e, ad.Released)]
         assert [(e.request_id, e.reason) for e in expired] == [
-            ("crashed", ad.ReleaseReason.EXPIRED)]
-        alerts = [decode(r.value) for r in await read_all(
-            bootstrap, AdmissionTopics(topics).alerts, PARTITIONS)]
+            ("crashed", ad.ReleaseReason.EXPIRED)
+        ]
+        alerts = [
+            decode(r.value)
+            for r in await read_all(bootstrap, AdmissionTopics(topics).alerts, PARTITIONS)
+        ]
         assert [(a.kind, a.key) for a in alerts if isinstance(a, Alert)] == [
-            (AlertKind.LEASE_EXPIRED, key)]
+            (AlertKind.LEASE_EXPIRED, key)
+        ]
 
     asyncio.run(main())

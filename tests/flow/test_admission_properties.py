@@ -21,35 +21,55 @@ from engine.codec import decode, encode
 from engine.core import admission as ad
 from tests.flow.admission_harness import Key
 
-SETTINGS = settings(max_examples=200, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IDS = [f"r{i}" for i in range(12)]
 TENANTS = ["t1", "t2", "t3"]
 
 
 @st.composite
 def rules(draw: st.DrawFn) -> dict[str, Any]:
-    rule: dict[str, Any] = {"concurrency": draw(st.integers(1, 4)), "lease": "20s",
-                            "aging": draw(st.sampled_from(["1s", "30s"]))}
+    rule: dict[str, Any] = {
+        "concurrency": draw(st.integers(1, 4)),
+        "lease": "20s",
+        "aging": draw(st.sampled_from(["1s", "30s"])),
+    }
     if draw(st.booleans()):
         rule["rate"] = draw(st.sampled_from(["2/s", "5/10s"]))
         rule["burst"] = draw(st.integers(1, 3))
     if draw(st.booleans()):
-        rule["budget"] = {"amount": draw(st.sampled_from([3, 10])), "per": "hour",
-                          "estimate": 1,
-                          "on_exhausted": draw(st.sampled_from(["wait", "fail"]))}
+        rule["budget"] = {
+            "amount": draw(st.sampled_from([3, 10])),
+            "per": "hour",
+            "estimate": 1,
+            "on_exhausted": draw(st.sampled_from(["wait", "fail"])),
+        }
     if draw(st.booleans()):
-        rule["breaker"] = {"failure_rate": 0.5, "min_calls": 3, "window": "10s",
-                           "slow_call": "2s", "open_for": "5s", "half_open_calls": 1}
+        rule["breaker"] = {
+            "failure_rate": 0.5,
+            "min_calls": 3,
+            "window": "10s",
+            "slow_call": "2s",
+            "open_for": "5s",
+            "half_open_calls": 1,
+        }
     return rule
 
 
 actions = st.one_of(
-    st.tuples(st.just("acquire"), st.sampled_from(IDS), st.sampled_from(TENANTS),
-              st.integers(0, 2), st.sampled_from([0, 5_000])),
-    st.tuples(st.just("release"), st.sampled_from(IDS),
-              st.sampled_from(["ok", "failed", "cancelled"]), st.sampled_from([0.0, 0.5, 2.0]),
-              st.sampled_from([10, 3_000])),
+    st.tuples(
+        st.just("acquire"),
+        st.sampled_from(IDS),
+        st.sampled_from(TENANTS),
+        st.integers(0, 2),
+        st.sampled_from([0, 5_000]),
+    ),
+    st.tuples(
+        st.just("release"),
+        st.sampled_from(IDS),
+        st.sampled_from(["ok", "failed", "cancelled"]),
+        st.sampled_from([0.0, 0.5, 2.0]),
+        st.sampled_from([10, 3_000]),
+    ),
     st.tuples(st.just("wait"), st.sampled_from([1, 400, 2_500, 21_000])),
     st.tuples(st.just("tick")),
     st.tuples(st.just("pause")),
@@ -71,7 +91,7 @@ class Checker:
         self.state: ad.AdmissionState | None = None
 
     def check(self) -> None:
-        for event in self.key.log[self.checked:]:
+        for event in self.key.log[self.checked :]:
             s = self.state
             if isinstance(event, ad.Granted):
                 assert s is not None
@@ -108,7 +128,8 @@ def _rate_holds(limits: Any, times: list[int]) -> None:
 @SETTINGS
 @given(rule=rules(), steps=st.lists(actions, max_size=60))
 def test_random_sequences_keep_every_limit_and_replay_to_the_live_state(
-        rule: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
+    rule: dict[str, Any], steps: list[tuple[Any, ...]]
+) -> None:
     k = Key(**rule)
     checker = Checker(k)
     rate_limits = k.s.limits
@@ -150,7 +171,8 @@ def test_random_sequences_keep_every_limit_and_replay_to_the_live_state(
 @SETTINGS
 @given(rule=rules(), steps=st.lists(actions, max_size=40))
 def test_the_same_commands_at_the_same_times_give_the_same_events(
-        rule: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
+    rule: dict[str, Any], steps: list[tuple[Any, ...]]
+) -> None:
     def play() -> list[ad.AdmissionEvent]:
         k = Key(**rule)
         for step in steps:

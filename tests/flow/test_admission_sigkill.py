@@ -91,10 +91,27 @@ def topics() -> Iterator[Topics]:
 def _serve(topics: Topics) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--kafka", kafka_bootstrap(),
-         "--topic-prefix", topics.prefix, "--app", topics.prefix, "--partitions", "3",
-         "--no-engine", "--instance-id", "admission-1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--kafka",
+            kafka_bootstrap(),
+            "--topic-prefix",
+            topics.prefix,
+            "--app",
+            topics.prefix,
+            "--partitions",
+            "3",
+            "--no-engine",
+            "--instance-id",
+            "admission-1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith(b"serving"):
@@ -109,7 +126,8 @@ def _close(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_the_limit_holds_and_nothing_leaks_when_the_admission_process_is_killed(
-        topics: Topics) -> None:
+    topics: Topics,
+) -> None:
     bootstrap = kafka_bootstrap()
     admission = AdmissionTopics(topics)
     document = load_limits_yaml(DOC)
@@ -119,19 +137,25 @@ def test_the_limit_holds_and_nothing_leaks_when_the_admission_process_is_killed(
     served_at_kills: list[int] = []
 
     async def main(server: EffectServer) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
-                                    acks="all")
-        grants = AIOKafkaConsumer(admission.grants, bootstrap_servers=bootstrap,
-                                  isolation_level="read_committed",
-                                  auto_offset_reset="earliest", enable_auto_commit=False,
-                                  group_id=f"{topics.prefix}-checker")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, enable_idempotence=True, acks="all"
+        )
+        grants = AIOKafkaConsumer(
+            admission.grants,
+            bootstrap_servers=bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=f"{topics.prefix}-checker",
+        )
         await producer.start()
         await grants.start()
         partition = key_partition(KEY.encode(), topics.partitions)
 
         async def send(command: ad.AdmissionCommand) -> None:
-            await producer.send_and_wait(admission.keyed.inputs, encode(command),
-                                         key=KEY.encode(), partition=partition)
+            await producer.send_and_wait(
+                admission.keyed.inputs, encode(command), key=KEY.encode(), partition=partition
+            )
 
         async def work(request_id: str, http: httpx.AsyncClient) -> None:
             await http.post(f"{server.url}/{request_id}")
@@ -140,8 +164,16 @@ def test_the_limit_holds_and_nothing_leaks_when_the_admission_process_is_killed(
 
         try:
             for i in range(REQUESTS):
-                await send(ad.Acquire(KEY, f"req-{i}", tenant=f"t{i % 3}", limits=limits,
-                                      version=1, reply_to=f"run-{i}"))
+                await send(
+                    ad.Acquire(
+                        KEY,
+                        f"req-{i}",
+                        tenant=f"t{i % 3}",
+                        limits=limits,
+                        version=1,
+                        reply_to=f"run-{i}",
+                    )
+                )
             granted: set[str] = set()
             doubled: list[str] = []
             async with httpx.AsyncClient(timeout=30) as http:
@@ -187,8 +219,9 @@ def test_the_limit_holds_and_nothing_leaks_when_the_admission_process_is_killed(
             asyncio.run(main(server))
             stop.set()
             chaos.join()
-            assert any(0 < n < REQUESTS for n in served_at_kills), \
+            assert any(0 < n < REQUESTS for n in served_at_kills), (
                 f"no kill came while grants were being made: {served_at_kills}"
+            )
             assert server.peak <= LIMIT, f"{server.peak} calls in flight, limit {LIMIT}"
             assert server.peak == LIMIT, "the limit was never reached: the test proves nothing"
             assert all(n == 1 for n in server.calls.values()), "an effect was doubled"

@@ -40,13 +40,12 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[str]]
 
 
 def test_deploys_count_versions_and_an_unchanged_document_is_not_a_new_one(
-        cli: Cli, where: list[str], tmp_path: Path) -> None:
+    cli: Cli, where: list[str], tmp_path: Path
+) -> None:
     doc = tmp_path / "limits.yaml"
     doc.write_text(DOC)
-    assert cli("limits", "deploy", str(doc), *where).out == \
-        "limits version 1 deployed: 3 rules\n"
-    assert "version 1 already deployed (unchanged)" in cli("limits", "deploy", str(doc),
-                                                           *where).out
+    assert cli("limits", "deploy", str(doc), *where).out == "limits version 1 deployed: 3 rules\n"
+    assert "version 1 already deployed (unchanged)" in cli("limits", "deploy", str(doc), *where).out
     doc.write_text(DOC.replace("concurrency: 8", "concurrency: 4"))
     assert "limits version 2 deployed" in cli("limits", "deploy", str(doc), *where).out
     view = json.loads(cli("limits", "status", "--json", *where).out)
@@ -59,10 +58,13 @@ def test_deploys_count_versions_and_an_unchanged_document_is_not_a_new_one(
 
 
 def test_a_bad_document_is_refused_with_the_path_of_each_field(
-        cli: Cli, where: list[str], tmp_path: Path) -> None:
+    cli: Cli, where: list[str], tmp_path: Path
+) -> None:
     doc = tmp_path / "limits.yaml"
-    doc.write_text("limits: v1\nrules:\n  - key: tool:a\n    concurrency: -1\n"
-                   "  - key: tenant:*\n    rate: often\n")
+    doc.write_text(
+        "limits: v1\nrules:\n  - key: tool:a\n    concurrency: -1\n"
+        "  - key: tenant:*\n    rate: often\n"
+    )
     result = cli("limits", "deploy", str(doc), *where)
     assert result.code == 2
     assert "rules[0](tool:a).concurrency" in result.err
@@ -74,8 +76,7 @@ def test_a_paused_key_shows_paused_until_resumed(cli: Cli, where: list[str]) -> 
     assert cli("limits", "pause", "tool:crm.refund", *where).out == "tool:crm.refund paused\n"
     assert "paused already" in cli("limits", "pause", "tool:crm.refund", *where).out
     assert "tool:crm.refund\tPAUSED" in cli("limits", "status", *where).out
-    assert cli("limits", "resume", "tool:crm.refund", *where).out == \
-        "tool:crm.refund resumed\n"
+    assert cli("limits", "resume", "tool:crm.refund", *where).out == "tool:crm.refund resumed\n"
     assert "PAUSED" not in cli("limits", "status", *where).out
     assert "resumed already" in cli("limits", "resume", "tool:crm.refund", *where).out
 

@@ -55,12 +55,19 @@ def test_a_key_no_rule_names_and_no_document_are_unlimited() -> None:
 
 
 def test_every_offending_field_is_named_by_its_path_in_one_refusal() -> None:
-    found = issues({"limits": "v2", "rules": [
-        {"key": "tenant:*", "budget": {"amount": -1, "per": "fortnight",
-                                       "timezone": "Mars/Olympus"}},
-        {"key": "no colon"},
-        {"key": "tool:x", "rate": "fast", "colour": "red"},
-    ]})
+    found = issues(
+        {
+            "limits": "v2",
+            "rules": [
+                {
+                    "key": "tenant:*",
+                    "budget": {"amount": -1, "per": "fortnight", "timezone": "Mars/Olympus"},
+                },
+                {"key": "no colon"},
+                {"key": "tool:x", "rate": "fast", "colour": "red"},
+            ],
+        }
+    )
     assert found["limits"] == "this engine reads limits: v1"
     assert "greater than 0" in found["rules[0](tenant:*).budget.amount"]
     assert "fortnight" in found["rules[0](tenant:*).budget.per"]
@@ -70,34 +77,55 @@ def test_every_offending_field_is_named_by_its_path_in_one_refusal() -> None:
     assert found["rules[2](tool:x).colour"].startswith("unknown field")
 
 
-@pytest.mark.parametrize(("rule", "path", "words"), [
-    ({"key": "tool:a"}, "rules[0](tool:a)", "sets no limit"),
-    ({"key": "tool:a", "burst": 5}, "rules[0](tool:a)", "burst needs a rate"),
-    ({"key": "tool:a", "concurrency": 0}, "rules[0](tool:a).concurrency", "greater than"),
-    ({"key": "tool:a", "breaker": {"failure_rate": 1.5}},
-     "rules[0](tool:a).breaker.failure_rate", "less than"),
-    ({"key": "tool:a", "breaker": {"failure_rate": 0.5, "open_for": "1m",
-                                   "max_open_for": "10s"}},
-     "rules[0](tool:a).breaker", "max_open_for"),
-    ({"key": "tool:a", "budget": {"amount": 5, "per": "day", "on_exhausted": "shrug"}},
-     "rules[0](tool:a).budget.on_exhausted", "wait"),
-    ({"key": "tool:a", "aging": "soon"}, "rules[0](tool:a).aging", "bad duration"),
-])
-def test_a_bad_rule_is_refused_at_its_path(rule: dict[str, object], path: str,
-                                           words: str) -> None:
+@pytest.mark.parametrize(
+    ("rule", "path", "words"),
+    [
+        ({"key": "tool:a"}, "rules[0](tool:a)", "sets no limit"),
+        ({"key": "tool:a", "burst": 5}, "rules[0](tool:a)", "burst needs a rate"),
+        ({"key": "tool:a", "concurrency": 0}, "rules[0](tool:a).concurrency", "greater than"),
+        (
+            {"key": "tool:a", "breaker": {"failure_rate": 1.5}},
+            "rules[0](tool:a).breaker.failure_rate",
+            "less than",
+        ),
+        (
+            {
+                "key": "tool:a",
+                "breaker": {"failure_rate": 0.5, "open_for": "1m", "max_open_for": "10s"},
+            },
+            "rules[0](tool:a).breaker",
+            "max_open_for",
+        ),
+        (
+            {"key": "tool:a", "budget": {"amount": 5, "per": "day", "on_exhausted": "shrug"}},
+            "rules[0](tool:a).budget.on_exhausted",
+            "wait",
+        ),
+        ({"key": "tool:a", "aging": "soon"}, "rules[0](tool:a).aging", "bad duration"),
+    ],
+)
+def test_a_bad_rule_is_refused_at_its_path(rule: dict[str, object], path: str, words: str) -> None:
     found = issues({"limits": "v1", "rules": [rule]})
     assert words in found[path], found
 
 
 def test_two_rules_for_one_key_are_refused() -> None:
-    found = issues({"limits": "v1", "rules": [{"key": "tool:a", "concurrency": 1},
-                                              {"key": "tool:a", "rate": "1/s"}]})
+    found = issues(
+        {
+            "limits": "v1",
+            "rules": [{"key": "tool:a", "concurrency": 1}, {"key": "tool:a", "rate": "1/s"}],
+        }
+    )
     assert "two rules" in found["$"]
 
 
 def test_rates_are_read_per_any_duration() -> None:
-    doc = load_limits({"limits": "v1", "rules": [{"key": "tool:a", "rate": "5/10s"},
-                                                 {"key": "tool:b", "rate": "100/m"}]})
+    doc = load_limits(
+        {
+            "limits": "v1",
+            "rules": [{"key": "tool:a", "rate": "5/10s"}, {"key": "tool:b", "rate": "100/m"}],
+        }
+    )
     a, b = resolve(doc, "tool:a").rate, resolve(doc, "tool:b").rate
     assert a is not None and (a.count, a.period_ms) == (5, 10_000)
     assert b is not None and b.interval_ms == 600

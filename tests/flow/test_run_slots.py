@@ -19,14 +19,27 @@ from engine.core.state import RunState, Waiting
 
 T0 = 1_700_000_000_000
 RUN = "run-1"
-SPEC = load_spec({"workflow": "w", "version": 1, "steps": [
-    {"id": "classify", "task": "llm.classify", "timeout": "30s",
-     "retry": {"max_attempts": 1},
-     "on_business_error": {"BUDGET_EXHAUSTED": {"goto": "cheap"}}},
-    {"id": "done", "task": "mail.send"},
-    {"id": "cheap", "task": "rules.classify"}]})
-FLOW = FlowLimits(load_limits({"limits": "v1", "rules": [
-    {"key": "tool:llm.classify", "concurrency": 2}]}), version=4)
+SPEC = load_spec(
+    {
+        "workflow": "w",
+        "version": 1,
+        "steps": [
+            {
+                "id": "classify",
+                "task": "llm.classify",
+                "timeout": "30s",
+                "retry": {"max_attempts": 1},
+                "on_business_error": {"BUDGET_EXHAUSTED": {"goto": "cheap"}},
+            },
+            {"id": "done", "task": "mail.send"},
+            {"id": "cheap", "task": "rules.classify"},
+        ],
+    }
+)
+FLOW = FlowLimits(
+    load_limits({"limits": "v1", "rules": [{"key": "tool:llm.classify", "concurrency": 2}]}),
+    version=4,
+)
 
 
 class Run:
@@ -57,8 +70,9 @@ class Run:
         return kind(command_id=f"c{self.n}", run_id=RUN, **fields)
 
     def start(self) -> Run:
-        return self.when(self.c(cmd.StartRun, workflow="w", version=1, input={},
-                                idempotency_key="k", priority=2))
+        return self.when(
+            self.c(cmd.StartRun, workflow="w", version=1, input={}, idempotency_key="k", priority=2)
+        )
 
     @property
     def task_id(self) -> str:
@@ -71,12 +85,19 @@ def test_a_task_on_a_limited_tool_waits_for_its_slot_then_is_dispatched() -> Non
     assert run.types() == ["RunStarted", "SlotRequested"]
     asked = run.one(ev.SlotRequested)
     assert (asked.key, asked.limits.concurrency, asked.limits_version, asked.priority) == (
-        "tool:llm.classify", 2, 4, 2)
+        "tool:llm.classify",
+        2,
+        4,
+        2,
+    )
     assert asked.lease_ms == 30_000 + 30_000
     [acquire] = outgoing(asked)
     assert isinstance(acquire, ad.Acquire)
     assert (acquire.key, acquire.request_id, acquire.reply_to) == (
-        "tool:llm.classify", asked.task_id, RUN)
+        "tool:llm.classify",
+        asked.task_id,
+        RUN,
+    )
     assert run.state is not None and run.state.current is not None
     assert run.state.current.waiting is Waiting.SLOT
     run.now += 500
@@ -93,7 +114,11 @@ def test_the_slot_is_given_back_with_the_cost_when_the_task_completes() -> None:
     run.when(run.c(cmd.CompleteTask, step="classify", task_id=tid, result={"a": 1}, cost=0.4))
     released = run.one(ev.SlotReleased)
     assert (released.key, released.outcome, released.cost, released.latency_ms) == (
-        "tool:llm.classify", "ok", 0.4, 1_200)
+        "tool:llm.classify",
+        "ok",
+        0.4,
+        1_200,
+    )
     [release] = outgoing(released)
     assert release == ad.Release("tool:llm.classify", tid, ad.Outcome.OK, 0.4, 1_200)
     assert run.types()[:2] == ["SlotReleased", "TaskCompleted"]
@@ -104,8 +129,7 @@ def test_a_failed_or_timed_out_task_gives_its_slot_back_as_failed() -> None:
     run = Run().start()
     tid = run.task_id
     run.when(run.c(cmd.GrantSlot, task_id=tid, key="tool:llm.classify"))
-    run.when(run.c(cmd.FailTask, step="classify", task_id=tid, error_class="transient",
-                   code="E"))
+    run.when(run.c(cmd.FailTask, step="classify", task_id=tid, error_class="transient", code="E"))
     assert run.one(ev.SlotReleased).outcome == "failed"
 
     timed = Run().start()
@@ -136,15 +160,27 @@ def test_a_grant_that_is_not_awaited_is_refused() -> None:
 
 def test_an_exhausted_budget_is_a_business_error_the_step_can_handle() -> None:
     run = Run().start()
-    run.when(run.c(cmd.RefuseSlot, task_id=run.task_id, key="tool:llm.classify",
-                   code="BUDGET_EXHAUSTED", message="spent"))
+    run.when(
+        run.c(
+            cmd.RefuseSlot,
+            task_id=run.task_id,
+            key="tool:llm.classify",
+            code="BUDGET_EXHAUSTED",
+            message="spent",
+        )
+    )
     assert run.types()[:2] == ["SlotReleased", "BusinessErrorHandled"]
     assert run.state is not None and run.state.current is not None
     assert run.state.current.step == "cheap"
 
 
 def test_without_limits_or_with_none_binding_the_run_is_as_before() -> None:
-    for flow in (None, FlowLimits(load_limits({"limits": "v1", "rules": [
-            {"key": "tool:elsewhere", "concurrency": 1}]}), version=1)):
+    for flow in (
+        None,
+        FlowLimits(
+            load_limits({"limits": "v1", "rules": [{"key": "tool:elsewhere", "concurrency": 1}]}),
+            version=1,
+        ),
+    ):
         run = Run(flow).start()
         assert run.types() == ["RunStarted", "TaskDispatched"]

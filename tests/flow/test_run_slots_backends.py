@@ -36,10 +36,14 @@ from tests.flow.test_admission_sigkill import ROOT, EffectServer
 from tests.infra import kafka_bootstrap, postgres_dsn
 
 RUNS = 6
-SPEC = load_spec({"workflow": "limited", "version": 1, "steps": [
-    {"id": "call", "task": "test.limited", "timeout": "30s"}]})
-LIMITS = load_limits_yaml("limits: v1\nrules:\n  - key: tool:test.limited\n"
-                          "    concurrency: 1\n")
+SPEC = load_spec(
+    {
+        "workflow": "limited",
+        "version": 1,
+        "steps": [{"id": "call", "task": "test.limited", "timeout": "30s"}],
+    }
+)
+LIMITS = load_limits_yaml("limits: v1\nrules:\n  - key: tool:test.limited\n    concurrency: 1\n")
 
 
 class InFlight:
@@ -71,8 +75,12 @@ def test_on_the_embedded_store_a_limited_tool_runs_one_task_at_a_time(tmp_path: 
     registry.register("test.limited", probe)
     engine, worker = EmbeddedEngine(db), EmbeddedWorker(db, registry, concurrency=4)
     run_ids = [run_id_for("default", f"k{i}") for i in range(RUNS)]
-    engine.submit(*[Trigger(workflow="limited", version=1, input={}, idempotency_key=f"k{i}")
-                    for i in range(RUNS)])
+    engine.submit(
+        *[
+            Trigger(workflow="limited", version=1, input={}, idempotency_key=f"k{i}")
+            for i in range(RUNS)
+        ]
+    )
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -110,11 +118,30 @@ def test_on_kafka_a_limited_tool_runs_one_task_at_a_time_across_the_deployment()
     with EffectServer() as server:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TERRANOHA_TEST_EFFECT_URL": server.url}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--kafka", bootstrap,
-             "--topic-prefix", topics.prefix, "--app", topics.prefix, "--partitions", "3",
-             "--workers", "tests.flow.limited_tools", "--concurrency", "4",
-             "--postgres", postgres_dsn()],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "serve",
+                "--kafka",
+                bootstrap,
+                "--topic-prefix",
+                topics.prefix,
+                "--app",
+                topics.prefix,
+                "--partitions",
+                "3",
+                "--workers",
+                "tests.flow.limited_tools",
+                "--concurrency",
+                "4",
+                "--postgres",
+                postgres_dsn(),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             assert proc.stdout is not None
             assert proc.stdout.readline().startswith(b"serving")
@@ -124,13 +151,17 @@ def test_on_kafka_a_limited_tool_runs_one_task_at_a_time_across_the_deployment()
                 await client.start()
                 try:
                     for i in range(RUNS):
-                        await client.trigger(Trigger(workflow="limited", version=1, input={},
-                                                     idempotency_key=f"k{i}"))
+                        await client.trigger(
+                            Trigger(
+                                workflow="limited", version=1, input={}, idempotency_key=f"k{i}"
+                            )
+                        )
                     deadline = time.monotonic() + 120
                     while time.monotonic() < deadline:
                         states = await client.states()
                         if len(states) == RUNS and all(
-                                s.status is RunStatus.COMPLETED for s in states):
+                            s.status is RunStatus.COMPLETED for s in states
+                        ):
                             return states
                         await asyncio.sleep(0.5)
                     return await client.states()

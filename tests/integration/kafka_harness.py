@@ -28,6 +28,7 @@ from tests.embedded.durable_tools import DURABLE
 
 ROOT = Path(__file__).resolve().parents[2]
 
+
 @dataclass
 class Cluster:
     """One test's corner of the broker: its own topic prefix, app id and effects file."""
@@ -59,14 +60,33 @@ class Cluster:
         asyncio.run(delete_topics(self.bootstrap, self.prefix))
 
     def serve(self, *extra: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT),
-               "TERRANOHA_TEST_EFFECTS": str(self.effects)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TERRANOHA_TEST_EFFECTS": str(self.effects)}
         return subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--kafka", self.bootstrap,
-             "--postgres", self.postgres, "--topic-prefix", self.prefix, "--app", self.prefix,
-             "--partitions", str(self.partitions), "--workers", "tests.embedded.durable_tools",
-             "--concurrency", "8", *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "serve",
+                "--kafka",
+                self.bootstrap,
+                "--postgres",
+                self.postgres,
+                "--topic-prefix",
+                self.prefix,
+                "--app",
+                self.prefix,
+                "--partitions",
+                str(self.partitions),
+                "--workers",
+                "tests.embedded.durable_tools",
+                "--concurrency",
+                "8",
+                *extra,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def trigger(self, n: int, duplicates: int = 1) -> list[str]:
         """Publish ``n`` keyed triggers (each ``duplicates`` times); return the run ids."""
@@ -79,8 +99,7 @@ class Cluster:
                 for _ in range(duplicates):
                     for i, key in enumerate(keys):
                         trigger = Trigger(workflow="durable", idempotency_key=key, input={"n": i})
-                        await producer.send(self.topics.triggers, encode(trigger),
-                                            key=key.encode())
+                        await producer.send(self.topics.triggers, encode(trigger), key=key.encode())
                 await producer.flush()
             finally:
                 await producer.stop()
@@ -88,16 +107,20 @@ class Cluster:
         asyncio.run(go())
         return [run_id_for("default", key) for key in keys]
 
-    def read_log(self) -> tuple[dict[str, list[Event]], list[tuple[str, int, int]],
-                                list[DeadLetter]]:
+    def read_log(
+        self,
+    ) -> tuple[dict[str, list[Event]], list[tuple[str, int, int]], list[DeadLetter]]:
         """Every committed event by run, every (run, seq, offset), and the dead letters."""
         t = self.topics
 
-        async def go() -> tuple[dict[str, list[Event]], list[tuple[str, int, int]],
-                                list[DeadLetter]]:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                        isolation_level="read_committed",
-                                        enable_auto_commit=False)
+        async def go() -> tuple[
+            dict[str, list[Event]], list[tuple[str, int, int]], list[DeadLetter]
+        ]:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                isolation_level="read_committed",
+                enable_auto_commit=False,
+            )
             await consumer.start()
             runs: dict[str, list[Event]] = defaultdict(list)
             positions: list[tuple[str, int, int]] = []
@@ -167,8 +190,9 @@ def check_log(cluster: Cluster, run_ids: list[str]) -> dict[str, RunState]:
 def effects_per_write(cluster: Cluster) -> tuple[dict[str, int], int]:
     db = sqlite3.connect(cluster.effects)
     try:
-        per_write = dict(db.execute(
-            "SELECT run_id || '/' || step, COUNT(*) FROM effects GROUP BY 1"))
+        per_write = dict(
+            db.execute("SELECT run_id || '/' || step, COUNT(*) FROM effects GROUP BY 1")
+        )
         calls = db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
     finally:
         db.close()

@@ -40,8 +40,9 @@ def _wait_done(cluster: Cluster, run_ids: list[str], timeout_s: float) -> None:
 def _check(cluster: Cluster, run_ids: list[str]) -> None:
     states = check_log(cluster, run_ids)
     unfinished = {r: s.status.value for r, s in states.items() if s.status.value != "Completed"}
-    assert not unfinished, (f"{len(unfinished)} runs did not complete: "
-                            f"{list(unfinished.items())[:5]}")
+    assert not unfinished, (
+        f"{len(unfinished)} runs did not complete: {list(unfinished.items())[:5]}"
+    )
     per_write, calls = effects_per_write(cluster)
     assert len(per_write) == 2 * len(run_ids), "one commit and one notify effect per run"
     doubled = {w: n for w, n in per_write.items() if n != 1}

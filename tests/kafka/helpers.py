@@ -14,8 +14,7 @@ Item = tuple[bytes, bytes | None, int]
 
 
 async def produce(bootstrap: str, topic: str, items: list[Item]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
-                                acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
     try:
         for value, key, partition in items:
@@ -26,8 +25,9 @@ async def produce(bootstrap: str, topic: str, items: list[Item]) -> None:
 
 async def read_all(bootstrap: str, topic: str, partitions: int) -> list[Any]:
     """Every committed record of ``topic`` up to its last stable offset, by partition."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -44,8 +44,9 @@ async def read_all(bootstrap: str, topic: str, partitions: int) -> list[Any]:
         await consumer.stop()
 
 
-async def wait_for_records(bootstrap: str, topic: str, partitions: int, count: int,
-                           timeout_s: float = 30.0) -> list[Any]:
+async def wait_for_records(
+    bootstrap: str, topic: str, partitions: int, count: int, timeout_s: float = 30.0
+) -> list[Any]:
     """Read ``topic`` until it holds at least ``count`` committed records."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -67,8 +68,9 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> 
 
 
 @contextlib.asynccontextmanager
-async def running(service: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
-                  ) -> AsyncIterator[asyncio.Task[None]]:
+async def running(
+    service: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+) -> AsyncIterator[asyncio.Task[None]]:
     """Run ``service(stop)`` in the background; on exit set ``stop`` and wait for it."""
     stop = asyncio.Event()
     task = asyncio.get_running_loop().create_task(service(stop))

@@ -23,8 +23,13 @@ from engine.kafka.topics import Topics, ensure_topics
 from engine.runtime.specs import SpecRegistry
 from tests.kafka.helpers import eventually, produce, read_all, running, wait_for_records
 
-SPEC = load_spec({"workflow": "hold", "version": 1,
-                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+SPEC = load_spec(
+    {
+        "workflow": "hold",
+        "version": 1,
+        "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}],
+    }
+)
 
 
 def _specs() -> SpecRegistry:
@@ -38,8 +43,9 @@ def _other_partition(topics: Topics, run_id: str) -> int:
 
 
 async def _committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         return {tp.partition: (await consumer.committed(tp)) or 0 for tp in tps}
@@ -47,8 +53,9 @@ async def _committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> d
         await consumer.stop()
 
 
-def test_triggers_are_started_where_they_land_forwarded_or_refused(kafka_bootstrap: str,
-                                                                    topics: Topics) -> None:
+def test_triggers_are_started_where_they_land_forwarded_or_refused(
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     assert topics.co_partitioned
     here = run_id_for("default", "here")
     there = run_id_for("default", "there")
@@ -59,37 +66,53 @@ def test_triggers_are_started_where_they_land_forwarded_or_refused(kafka_bootstr
     async def main() -> None:
         engine = KafkaEngine(kafka_bootstrap, topics, _specs(), app=topics.prefix)
         assert engine.read_triggers
-        await produce(kafka_bootstrap, topics.triggers, [
-            (trigger_here, here.encode(), topics.partition_of(here)),
-            (trigger_there, b"there", _other_partition(topics, there)),
-            (command, here.encode(), topics.partition_of(here)),  # not a trigger
-            (trigger_here, here.encode(), topics.partition_of(here)),  # published twice
-        ])
+        await produce(
+            kafka_bootstrap,
+            topics.triggers,
+            [
+                (trigger_here, here.encode(), topics.partition_of(here)),
+                (trigger_there, b"there", _other_partition(topics, there)),
+                (command, here.encode(), topics.partition_of(here)),  # not a trigger
+                (trigger_here, here.encode(), topics.partition_of(here)),  # published twice
+            ],
+        )
         async with running(engine.run):
             assert await eventually(
-                lambda: all((s := engine.state(r)) is not None
-                            and s.status is RunStatus.WAITING for r in (here, there)),
-                timeout_s=60), "the runs were not started"
-            dead = await wait_for_records(kafka_bootstrap, topics.dead_letters,
-                                          topics.partitions, 1)
+                lambda: all(
+                    (s := engine.state(r)) is not None and s.status is RunStatus.WAITING
+                    for r in (here, there)
+                ),
+                timeout_s=60,
+            ), "the runs were not started"
+            dead = await wait_for_records(
+                kafka_bootstrap, topics.dead_letters, topics.partitions, 1
+            )
             # Four triggers read, and the forwarded StartRun read again on the run inputs.
             assert await eventually(lambda: engine.stats.inputs == 5, timeout_s=30)
-        events = [decode(m.value) for m in await read_all(kafka_bootstrap, topics.events,
-                                                          topics.partitions)]
+        events = [
+            decode(m.value)
+            for m in await read_all(kafka_bootstrap, topics.events, topics.partitions)
+        ]
         started = sorted(e.run_id for e in events if isinstance(e, RunStarted))
         assert started == sorted([here, there])
         # The run started where its trigger landed was decided from the triggers topic:
         # no StartRun went to the run inputs for it. The other one was forwarded there.
-        inputs = [(m.partition, decode(m.value)) for m in await read_all(
-            kafka_bootstrap, topics.inputs, topics.partitions)]
+        inputs = [
+            (m.partition, decode(m.value))
+            for m in await read_all(kafka_bootstrap, topics.inputs, topics.partitions)
+        ]
         assert [(p, c.run_id) for p, c in inputs] == [(topics.partition_of(there), there)]
         forwarded = inputs[0][1]
         assert isinstance(forwarded, StartRun)
         assert forwarded.command_id == (
-            f"trigger:{topics.triggers}/{_other_partition(topics, there)}/0")
+            f"trigger:{topics.triggers}/{_other_partition(topics, there)}/0"
+        )
         home = f"trigger:{topics.triggers}/{topics.partition_of(here)}"
-        recorded = [e.command.command_id for e in events
-                    if isinstance(e, RecordedCommand) and e.run_id == here]
+        recorded = [
+            e.command.command_id
+            for e in events
+            if isinstance(e, RecordedCommand) and e.run_id == here
+        ]
         assert recorded == [f"{home}/0", f"{home}/2"]  # the start, then its duplicate
         refused = [e for e in events if isinstance(e, CommandRejected)]
         assert [(e.run_id, e.reason) for e in refused] == [(here, "duplicate start")]
@@ -116,19 +139,30 @@ async def _end_offsets(bootstrap: str, tps: list[TopicPartition]) -> dict[int, i
         await consumer.stop()
 
 
-def test_two_engines_each_read_partition_p_of_both_topics(kafka_bootstrap: str,
-                                                          topics: Topics) -> None:
+def test_two_engines_each_read_partition_p_of_both_topics(
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     wide = Topics(prefix=f"{topics.prefix}w", partitions=4)
     keys = [f"k{i}" for i in range(40)]
 
     async def main() -> None:
         await ensure_topics(kafka_bootstrap, wide.core_topics())
-        await produce(kafka_bootstrap, wide.triggers, [
-            (encode(Trigger(workflow="hold", idempotency_key=k)),
-             run_id_for("default", k).encode(), None) for k in keys])
+        await produce(
+            kafka_bootstrap,
+            wide.triggers,
+            [
+                (
+                    encode(Trigger(workflow="hold", idempotency_key=k)),
+                    run_id_for("default", k).encode(),
+                    None,
+                )
+                for k in keys
+            ],
+        )
         first = KafkaEngine(kafka_bootstrap, wide, _specs(), app=wide.prefix)
         second = KafkaEngine(kafka_bootstrap, wide, _specs(), app=wide.prefix)
         async with running(first.run), running(second.run):
+
             def settled() -> bool:
                 owned = [set(e.parts) for e in (first, second)]
                 return all(owned) and owned[0] | owned[1] == set(range(wide.partitions))
@@ -137,13 +171,16 @@ def test_two_engines_each_read_partition_p_of_both_topics(kafka_bootstrap: str,
             for engine in (first, second):
                 assert engine.consumer is not None
                 assignment = engine.consumer.assignment()
-                by_topic = {t: {tp.partition for tp in assignment if tp.topic == t}
-                            for t in (wide.inputs, wide.triggers)}
+                by_topic = {
+                    t: {tp.partition for tp in assignment if tp.topic == t}
+                    for t in (wide.inputs, wide.triggers)
+                }
                 assert by_topic[wide.inputs] == by_topic[wide.triggers] == set(engine.parts)
             run_ids = [run_id_for("default", k) for k in keys]
-            assert await eventually(lambda: all(
-                (first.state(r) or second.state(r)) is not None for r in run_ids),
-                timeout_s=60), "not every trigger started its run"
+            assert await eventually(
+                lambda: all((first.state(r) or second.state(r)) is not None for r in run_ids),
+                timeout_s=60,
+            ), "not every trigger started its run"
         # Keyed by run id, every trigger was on its run's partition: nothing forwarded.
         assert await read_all(kafka_bootstrap, wide.inputs, wide.partitions) == []
 

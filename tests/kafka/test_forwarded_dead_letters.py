@@ -41,32 +41,52 @@ def _letters(records: list[object]) -> list[DeadLetter]:
 
 
 def test_a_routed_trigger_for_an_unknown_workflow_is_dead_lettered_as_itself(
-        kafka_bootstrap: str, routed: Topics) -> None:
+    kafka_bootstrap: str, routed: Topics
+) -> None:
     small = Trigger(workflow="nowhere", idempotency_key="small", input={"order": "42"})
     # Too large to ride along with its StartRun: the letter says where the trigger is.
-    large = Trigger(workflow="nowhere", idempotency_key="large",
-                    input={"blob": "x" * (ORIGIN_INLINE_BYTES // 2 + 1)})
+    large = Trigger(
+        workflow="nowhere",
+        idempotency_key="large",
+        input={"blob": "x" * (ORIGIN_INLINE_BYTES // 2 + 1)},
+    )
     # Someone writes a StartRun on the run inputs claiming to come from the triggers topic.
     forged_run = run_id_for("default", "forged")
     forged = StartRun(command_id="c-forged", run_id=forged_run, workflow="nowhere", version=1)
-    claimed = [("origin_topic", routed.triggers.encode()), ("origin_partition", b"0"),
-               ("origin_offset", b"0"), ("origin_payload", encode(small))]
+    claimed = [
+        ("origin_topic", routed.triggers.encode()),
+        ("origin_partition", b"0"),
+        ("origin_offset", b"0"),
+        ("origin_payload", encode(small)),
+    ]
 
     async def scenario() -> None:
-        await produce(kafka_bootstrap, routed.triggers,
-                      [(encode(small), b"small", 1), (encode(large), b"large", 0)])
+        await produce(
+            kafka_bootstrap,
+            routed.triggers,
+            [(encode(small), b"small", 1), (encode(large), b"large", 0)],
+        )
         await _produce_with_headers(
-            kafka_bootstrap, routed.inputs, encode(forged), forged_run.encode(),
-            routed.partition_of(forged_run), claimed)
+            kafka_bootstrap,
+            routed.inputs,
+            encode(forged),
+            forged_run.encode(),
+            routed.partition_of(forged_run),
+            claimed,
+        )
         router = TriggerRouter(kafka_bootstrap, routed, app=routed.prefix)
         engine = KafkaEngine(kafka_bootstrap, routed, SpecRegistry(), app=routed.prefix)
         assert not engine.read_triggers
         async with running(router.run), running(engine.run):
-            dead = await wait_for_records(kafka_bootstrap, routed.dead_letters,
-                                          routed.partitions, 3, timeout_s=60)
+            dead = await wait_for_records(
+                kafka_bootstrap, routed.dead_letters, routed.partitions, 3, timeout_s=60
+            )
         letters = {letter.run_id: letter for letter in _letters(dead)}
-        assert set(letters) == {run_id_for("default", "small"), run_id_for("default", "large"),
-                                forged_run}
+        assert set(letters) == {
+            run_id_for("default", "small"),
+            run_id_for("default", "large"),
+            forged_run,
+        }
 
         # The trigger itself: where it was published, its bytes untouched.
         letter = letters[run_id_for("default", "small")]
@@ -86,7 +106,10 @@ def test_a_routed_trigger_for_an_unknown_workflow_is_dead_lettered_as_itself(
         # The made-up origin is not believed: the letter names the record as written.
         letter = letters[forged_run]
         assert (letter.source, letter.partition, letter.offset) == (
-            routed.inputs, routed.partition_of(forged_run), 0)
+            routed.inputs,
+            routed.partition_of(forged_run),
+            0,
+        )
         assert letter.payload == encode(forged)
         assert "forwarded" not in letter.detail
 
@@ -94,7 +117,8 @@ def test_a_routed_trigger_for_an_unknown_workflow_is_dead_lettered_as_itself(
 
 
 def test_a_trigger_forwarded_by_the_engine_is_dead_lettered_as_itself(
-        kafka_bootstrap: str, topics: Topics) -> None:
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     """Co-partitioned triggers: one on another partition than its run's is forwarded by
     the engine itself, in the transaction that reads it."""
     assert topics.co_partitioned
@@ -106,8 +130,9 @@ def test_a_trigger_forwarded_by_the_engine_is_dead_lettered_as_itself(
         await produce(kafka_bootstrap, topics.triggers, [(trigger, b"elsewhere", landed)])
         engine = KafkaEngine(kafka_bootstrap, topics, SpecRegistry(), app=topics.prefix)
         async with running(engine.run):
-            dead = await wait_for_records(kafka_bootstrap, topics.dead_letters,
-                                          topics.partitions, 1, timeout_s=60)
+            dead = await wait_for_records(
+                kafka_bootstrap, topics.dead_letters, topics.partitions, 1, timeout_s=60
+            )
         [letter] = _letters(dead)
         assert letter.reason == "unknown_workflow"
         assert (letter.source, letter.partition, letter.offset) == (topics.triggers, landed, 0)
@@ -118,13 +143,17 @@ def test_a_trigger_forwarded_by_the_engine_is_dead_lettered_as_itself(
     asyncio.run(scenario())
 
 
-async def _produce_with_headers(bootstrap: str, topic: str, value: bytes, key: bytes,
-                                partition: int, headers: list[tuple[str, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
-                                acks="all")
+async def _produce_with_headers(
+    bootstrap: str,
+    topic: str,
+    value: bytes,
+    key: bytes,
+    partition: int,
+    headers: list[tuple[str, bytes]],
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value, key=key, partition=partition,
-                                     headers=headers)
+        await producer.send_and_wait(topic, value, key=key, partition=partition, headers=headers)
     finally:
         await producer.stop()

@@ -31,8 +31,13 @@ from tests.projections.kafka_log import drop_schema, new_schema
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
-SPEC = load_spec({"workflow": "hold", "version": 1,
-                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+SPEC = load_spec(
+    {
+        "workflow": "hold",
+        "version": 1,
+        "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}],
+    }
+)
 RUN = "run-read-by-index"
 OTHERS = 300
 
@@ -47,8 +52,11 @@ def index() -> Iterator[str]:
 
 def _others(topics: Topics) -> list[str]:
     number = topics.partition_of(RUN)
-    return [f"other-{i}" for i in range(OTHERS * topics.partitions)
-            if topics.partition_of(f"other-{i}") == number]
+    return [
+        f"other-{i}"
+        for i in range(OTHERS * topics.partitions)
+        if topics.partition_of(f"other-{i}") == number
+    ]
 
 
 async def _end(bootstrap: str, topics: Topics) -> int:
@@ -67,48 +75,94 @@ def _records(topics: Topics) -> list[tuple[bytes, bytes, int]]:
     out = []
     half = len(others) // 2
     for run_id in [*others[:half], RUN, *others[half:]]:
-        out.append((encode(StartRun(command_id=f"start-{run_id}", run_id=run_id,
-                                    workflow="hold", version=1, idempotency_key=run_id,
-                                    input={"order": run_id})), run_id.encode(), number))
-        out.append((encode(DeliverSignal(command_id=f"go-{run_id}", run_id=run_id, name="go",
-                                         data={"ok": run_id})), run_id.encode(), number))
+        out.append(
+            (
+                encode(
+                    StartRun(
+                        command_id=f"start-{run_id}",
+                        run_id=run_id,
+                        workflow="hold",
+                        version=1,
+                        idempotency_key=run_id,
+                        input={"order": run_id},
+                    )
+                ),
+                run_id.encode(),
+                number,
+            )
+        )
+        out.append(
+            (
+                encode(
+                    DeliverSignal(
+                        command_id=f"go-{run_id}", run_id=run_id, name="go", data={"ok": run_id}
+                    )
+                ),
+                run_id.encode(),
+                number,
+            )
+        )
     return out
 
 
 def test_status_timeline_and_replay_read_a_run_at_its_indexed_offsets(
-        kafka_bootstrap: str, topics: Topics, index: str, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    kafka_bootstrap: str,
+    topics: Topics,
+    index: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     specs = SpecRegistry()
     specs.add(SPEC)
 
     async def main() -> None:
         await publish_spec(kafka_bootstrap, topics, SPEC)  # replay --verify reads it
-        engine = KafkaEngine(kafka_bootstrap, topics, specs, app=topics.prefix,
-                             state_dir=tmp_path)
-        async with running(engine.run), running(
-                lambda stop: run_projector(kafka_bootstrap, topics, index, stop)):
+        engine = KafkaEngine(kafka_bootstrap, topics, specs, app=topics.prefix, state_dir=tmp_path)
+        async with (
+            running(engine.run),
+            running(lambda stop: run_projector(kafka_bootstrap, topics, index, stop)),
+        ):
             await produce(kafka_bootstrap, topics.inputs, _records(topics))
-            assert await eventually(lambda: (s := engine.state(RUN)) is not None
-                                    and s.status is RunStatus.COMPLETED, 60)
+            assert await eventually(
+                lambda: (s := engine.state(RUN)) is not None and s.status is RunStatus.COMPLETED, 60
+            )
             finished = engine.state(RUN)
             assert finished is not None
             done = finished.seq
             last = _others(topics)[-1]
-            assert await eventually(lambda: (s := engine.state(last)) is not None
-                                    and s.status is RunStatus.COMPLETED, 60)
+            assert await eventually(
+                lambda: (s := engine.state(last)) is not None and s.status is RunStatus.COMPLETED,
+                60,
+            )
             end = await _end(kafka_bootstrap, topics)
-            assert await eventually(lambda: getattr(event_index(
-                index, RUN, topics.events, topics.partition_of(RUN)), "indexed_to", 0)
-                >= end - 1, 60), "the projector did not catch up"
+            assert await eventually(
+                lambda: (
+                    getattr(
+                        event_index(index, RUN, topics.events, topics.partition_of(RUN)),
+                        "indexed_to",
+                        0,
+                    )
+                    >= end - 1
+                ),
+                60,
+            ), "the projector did not catch up"
         # one more event after the projector stopped: the index does not have it
-        engine = KafkaEngine(kafka_bootstrap, topics, specs, app=topics.prefix,
-                             state_dir=tmp_path)
-        await produce(kafka_bootstrap, topics.inputs, [
-            (encode(DeliverSignal(command_id="late", run_id=RUN, name="go")), RUN.encode(),
-             topics.partition_of(RUN))])
+        engine = KafkaEngine(kafka_bootstrap, topics, specs, app=topics.prefix, state_dir=tmp_path)
+        await produce(
+            kafka_bootstrap,
+            topics.inputs,
+            [
+                (
+                    encode(DeliverSignal(command_id="late", run_id=RUN, name="go")),
+                    RUN.encode(),
+                    topics.partition_of(RUN),
+                )
+            ],
+        )
         async with running(engine.run):
-            assert await eventually(lambda: (s := engine.state(RUN)) is not None
-                                    and s.seq == done + 1, 30)
+            assert await eventually(
+                lambda: (s := engine.state(RUN)) is not None and s.seq == done + 1, 30
+            )
         number = topics.partition_of(RUN)
         where = event_index(index, RUN, topics.events, number)
         assert where is not None and len(where.offsets) == done
@@ -127,8 +181,16 @@ def test_status_timeline_and_replay_read_a_run_at_its_indexed_offsets(
 
     asyncio.run(main())
     capsys.readouterr()
-    base = ["--kafka", kafka_bootstrap, "--topic-prefix", topics.prefix,
-            "--partitions", str(topics.partitions), "--app", topics.prefix]
+    base = [
+        "--kafka",
+        kafka_bootstrap,
+        "--topic-prefix",
+        topics.prefix,
+        "--partitions",
+        str(topics.partitions),
+        "--app",
+        topics.prefix,
+    ]
     for command in (["status", RUN, "--json"], ["timeline", RUN], ["replay", RUN, "--verify"]):
         out = io.StringIO()
         assert cli([*command, *base, "--index", index], out) == 0, out.getvalue()

@@ -58,12 +58,12 @@ def test_ledger_reconnects_when_postgres_drops_its_connection(postgres_dsn: str)
     asyncio.run(scenario())
 
 
-def test_applications_sharing_a_database_do_not_see_each_others_keys(
-        postgres_dsn: str) -> None:
+def test_applications_sharing_a_database_do_not_see_each_others_keys(postgres_dsn: str) -> None:
     async def scenario() -> None:
         key = f"run/{uuid4().hex}/step/1"
-        first, second = (PostgresLedger(postgres_dsn, namespace=f"app-{uuid4().hex[:6]}")
-                         for _ in range(2))
+        first, second = (
+            PostgresLedger(postgres_dsn, namespace=f"app-{uuid4().hex[:6]}") for _ in range(2)
+        )
         await first.open()
         await second.open()
         try:
@@ -95,8 +95,11 @@ def _roles(dsn: str, *names: str) -> Iterator[dict[str, str]]:
     made = {name: f"{name}_{uuid4().hex[:8]}" for name in names}
     with psycopg.connect(dsn, autocommit=True) as admin:
         for role in made.values():
-            admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(role)))
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(role)
+                )
+            )
         try:
             yield {name: _with_role(dsn, role, role) for name, role in made.items()}
         finally:
@@ -105,8 +108,7 @@ def _roles(dsn: str, *names: str) -> Iterator[dict[str, str]]:
                 admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-def test_the_ledger_lives_in_its_own_schema_not_beside_the_projections(
-        postgres_dsn: str) -> None:
+def test_the_ledger_lives_in_its_own_schema_not_beside_the_projections(postgres_dsn: str) -> None:
     key = f"run/{uuid4().hex}/step/1"
     namespace = f"app-{uuid4().hex[:6]}"
 
@@ -121,30 +123,35 @@ def test_the_ledger_lives_in_its_own_schema_not_beside_the_projections(
     asyncio.run(scenario())
     with psycopg.connect(postgres_dsn) as conn:
         stored = f"{namespace}/{key}"
-        rows = conn.execute("SELECT result FROM terranoha_ledger.results "
-                            "WHERE idempotency_key = %s", (stored,)).fetchall()
+        rows = conn.execute(
+            "SELECT result FROM terranoha_ledger.results WHERE idempotency_key = %s", (stored,)
+        ).fetchall()
         assert rows == [({"api_token": "s3cr3t"},)]
         # Nothing of it on the search path, where the projections are.
-        old = conn.execute("SELECT to_regclass('terranoha_worker_ledger') IS NOT NULL"
-                           ).fetchone()
+        old = conn.execute("SELECT to_regclass('terranoha_worker_ledger') IS NOT NULL").fetchone()
         if old is not None and old[0]:
-            assert conn.execute("SELECT count(*) FROM terranoha_worker_ledger "
-                                "WHERE idempotency_key = %s", (stored,)).fetchone() == (0,)
-        public = conn.execute("SELECT has_schema_privilege('public', 'terranoha_ledger', "
-                              "'USAGE')").fetchone()
+            assert conn.execute(
+                "SELECT count(*) FROM terranoha_worker_ledger WHERE idempotency_key = %s", (stored,)
+            ).fetchone() == (0,)
+        public = conn.execute(
+            "SELECT has_schema_privilege('public', 'terranoha_ledger', 'USAGE')"
+        ).fetchone()
         assert public == (False,), "the ledger's schema must grant nothing to PUBLIC"
 
 
 def test_entries_of_earlier_versions_are_moved_so_no_tool_is_called_again(
-        postgres_dsn: str) -> None:
+    postgres_dsn: str,
+) -> None:
     ours, theirs = f"app-{uuid4().hex[:6]}", f"app-{uuid4().hex[:6]}"
     key = f"run/{uuid4().hex}/step/1"
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         _old_table(conn)
         for namespace in (ours, theirs):
-            conn.execute("INSERT INTO terranoha_worker_ledger (idempotency_key, queue, result, "
-                         "cost, confidence) VALUES (%s, 'q', %s, 0.5, NULL)",
-                         (f"{namespace}/{key}", Jsonb({"paid": namespace})))
+            conn.execute(
+                "INSERT INTO terranoha_worker_ledger (idempotency_key, queue, result, "
+                "cost, confidence) VALUES (%s, 'q', %s, 0.5, NULL)",
+                (f"{namespace}/{key}", Jsonb({"paid": namespace})),
+            )
 
     async def scenario() -> LedgerEntry | None:
         ledger = PostgresLedger(postgres_dsn, namespace=ours)
@@ -156,17 +163,20 @@ def test_entries_of_earlier_versions_are_moved_so_no_tool_is_called_again(
 
     assert asyncio.run(scenario()) == LedgerEntry(key, {"paid": ours}, 0.5, None)
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        left = conn.execute("SELECT idempotency_key FROM terranoha_worker_ledger "
-                            "WHERE idempotency_key IN (%s, %s)",
-                            (f"{ours}/{key}", f"{theirs}/{key}")).fetchall()
+        left = conn.execute(
+            "SELECT idempotency_key FROM terranoha_worker_ledger WHERE idempotency_key IN (%s, %s)",
+            (f"{ours}/{key}", f"{theirs}/{key}"),
+        ).fetchall()
         # Ours moved out; the other deployment's stays for its own workers to move.
         assert left == [(f"{theirs}/{key}",)]
-        conn.execute("DELETE FROM terranoha_worker_ledger WHERE idempotency_key = %s",
-                     (f"{theirs}/{key}",))
+        conn.execute(
+            "DELETE FROM terranoha_worker_ledger WHERE idempotency_key = %s", (f"{theirs}/{key}",)
+        )
 
 
 def test_a_reader_of_the_projections_cannot_read_a_ledger_with_a_role_of_its_own(
-        postgres_dsn: str) -> None:
+    postgres_dsn: str,
+) -> None:
     """The deployment the README describes: the ledger under its own role and schema,
     the projections readable by a role that may read the public schema's tables."""
     schema = f"ledger_{uuid4().hex[:8]}"
@@ -176,19 +186,25 @@ def test_a_reader_of_the_projections_cannot_read_a_ledger_with_a_role_of_its_own
             _old_table(admin)
             reader = _role_of(dsn["reader"])
             # As the README has the administrator do it: a schema the ledger's role owns.
-            admin.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(
-                sql.Identifier(schema), sql.Identifier(_role_of(dsn["ledger"]))))
-            admin.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(
-                sql.Identifier(reader)))
-            admin.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(
-                sql.Identifier(reader)))
+            admin.execute(
+                sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(
+                    sql.Identifier(schema), sql.Identifier(_role_of(dsn["ledger"]))
+                )
+            )
+            admin.execute(
+                sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(reader))
+            )
+            admin.execute(
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(
+                    sql.Identifier(reader)
+                )
+            )
 
         async def record() -> LedgerEntry | None:
             ledger = PostgresLedger(dsn["ledger"], namespace="app", schema=schema)
             await ledger.open()
             try:
-                await ledger.record(LedgerEntry(key, {"access_token": "s3cr3t"}, 0.0, None),
-                                    "q")
+                await ledger.record(LedgerEntry(key, {"access_token": "s3cr3t"}, 0.0, None), "q")
                 return await ledger.lookup(key)
             finally:
                 await ledger.close()
@@ -199,27 +215,35 @@ def test_a_reader_of_the_projections_cannot_read_a_ledger_with_a_role_of_its_own
             with pytest.raises(LedgerError, match="move them as that table's owner"):
                 asyncio.run(record())
             with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-                admin.execute(sql.SQL("GRANT SELECT, DELETE ON terranoha_worker_ledger TO {}")
-                              .format(sql.Identifier(_role_of(dsn["ledger"]))))
+                admin.execute(
+                    sql.SQL("GRANT SELECT, DELETE ON terranoha_worker_ledger TO {}").format(
+                        sql.Identifier(_role_of(dsn["ledger"]))
+                    )
+                )
             found = asyncio.run(record())
             assert found is not None and found.result == {"access_token": "s3cr3t"}
             asyncio.run(_opened(postgres_dsn))  # the default schema exists too
             with psycopg.connect(dsn["reader"], autocommit=True) as conn:
-                for query in (f"SELECT result FROM {schema}.results",
-                              "SELECT result FROM terranoha_ledger.results"):
+                for query in (
+                    f"SELECT result FROM {schema}.results",
+                    "SELECT result FROM terranoha_ledger.results",
+                ):
                     with pytest.raises(psycopg.errors.InsufficientPrivilege):
                         conn.execute(query)
         finally:
             with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-                admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-                    sql.Identifier(schema)))
+                admin.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+                )
 
 
 def _old_table(conn: psycopg.Connection[Any]) -> None:
     """The table earlier versions kept the ledger in, as they created it."""
-    conn.execute("CREATE TABLE IF NOT EXISTS terranoha_worker_ledger (idempotency_key text "
-                 "PRIMARY KEY, queue text, result jsonb, cost double precision, "
-                 "confidence double precision, recorded_at timestamptz DEFAULT now())")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS terranoha_worker_ledger (idempotency_key text "
+        "PRIMARY KEY, queue text, result jsonb, cost double precision, "
+        "confidence double precision, recorded_at timestamptz DEFAULT now())"
+    )
 
 
 async def _opened(dsn: str) -> None:

@@ -22,8 +22,13 @@ from engine.kafka.topics import Topics
 from engine.runtime.specs import SpecRegistry
 from tests.kafka.helpers import eventually, produce, read_all, running
 
-SPEC = load_spec({"workflow": "hold", "version": 1,
-                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+SPEC = load_spec(
+    {
+        "workflow": "hold",
+        "version": 1,
+        "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}],
+    }
+)
 RUN = "run-finished-long-ago"
 ACTIVE = "run-still-waiting"
 PARTITIONS = 3
@@ -43,13 +48,27 @@ def _engine(bootstrap: str, topics: Topics, state_dir: Path | None) -> KafkaEngi
 
 
 def _start(run_id: str, command_id: str) -> tuple[bytes, bytes, int]:
-    return (encode(StartRun(command_id=command_id, run_id=run_id, workflow="hold", version=1,
-                            idempotency_key=f"key-{run_id}")), run_id.encode(), _partition(run_id))
+    return (
+        encode(
+            StartRun(
+                command_id=command_id,
+                run_id=run_id,
+                workflow="hold",
+                version=1,
+                idempotency_key=f"key-{run_id}",
+            )
+        ),
+        run_id.encode(),
+        _partition(run_id),
+    )
 
 
 def _signal(run_id: str, command_id: str) -> tuple[bytes, bytes, int]:
-    return (encode(DeliverSignal(command_id=command_id, run_id=run_id, name="go")),
-            run_id.encode(), _partition(run_id))
+    return (
+        encode(DeliverSignal(command_id=command_id, run_id=run_id, name="go")),
+        run_id.encode(),
+        _partition(run_id),
+    )
 
 
 async def _run_events(bootstrap: str, topics: Topics, run_id: str) -> list[Any]:
@@ -60,8 +79,10 @@ async def _run_events(bootstrap: str, topics: Topics, run_id: str) -> list[Any]:
 
 async def _rejections(bootstrap: str, topics: Topics, count: int) -> list[CommandRejectedV2]:
     async def found() -> list[CommandRejectedV2]:
-        return [e for e in await _run_events(bootstrap, topics, RUN)
-                if isinstance(e, CommandRejectedV2)]
+        return [
+            e for e in await _run_events(bootstrap, topics, RUN) if isinstance(e, CommandRejectedV2)
+        ]
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while len(rejected := await found()) < count and loop.time() < deadline:
@@ -76,44 +97,52 @@ def _task(engine: KafkaEngine) -> RunTask:
     return task
 
 
-async def _refuses_late_commands(bootstrap: str, topics: Topics, engine: KafkaEngine,
-                                 round_: int) -> None:
+async def _refuses_late_commands(
+    bootstrap: str, topics: Topics, engine: KafkaEngine, round_: int
+) -> None:
     """A duplicate start and a late signal for the finished run are refused, with the
     events the full state would have given (reason and next sequence number)."""
-    await produce(bootstrap, topics.inputs, [_start(RUN, f"again-{round_}"),
-                                             _signal(RUN, f"late-{round_}")])
+    await produce(
+        bootstrap, topics.inputs, [_start(RUN, f"again-{round_}"), _signal(RUN, f"late-{round_}")]
+    )
     rejected = await _rejections(bootstrap, topics, 2 * round_)
     assert [e.reason for e in rejected[-2:]] == ["duplicate start", "run ended"]
     assert [e.causation_id for e in rejected[-2:]] == [f"again-{round_}", f"late-{round_}"]
     events = await _run_events(bootstrap, topics, RUN)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    assert await eventually(lambda: (s := engine.state(RUN)) is not None
-                            and s.seq == len(events))
+    assert await eventually(lambda: (s := engine.state(RUN)) is not None and s.seq == len(events))
     assert _task(engine).cache.resident(RUN) is None, "a finished run stayed in memory"
 
 
 def test_a_run_finished_long_ago_is_refused_after_eviction_restart_and_empty_disk(
-        kafka_bootstrap: str, topics: Topics, tmp_path: Path) -> None:
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
     state_dir = tmp_path / "state"
 
     async def main() -> None:
         engine = _engine(kafka_bootstrap, topics, state_dir)
         async with running(engine.run):
-            await produce(kafka_bootstrap, topics.inputs, [_start(RUN, "start"),
-                                                           _start(ACTIVE, "start-active")])
-            assert await eventually(lambda: (s := engine.state(ACTIVE)) is not None
-                                    and s.status is RunStatus.WAITING)
+            await produce(
+                kafka_bootstrap,
+                topics.inputs,
+                [_start(RUN, "start"), _start(ACTIVE, "start-active")],
+            )
+            assert await eventually(
+                lambda: (s := engine.state(ACTIVE)) is not None and s.status is RunStatus.WAITING
+            )
             await produce(kafka_bootstrap, topics.inputs, [_signal(RUN, "go")])
-            assert await eventually(lambda: (s := engine.state(RUN)) is not None
-                                    and s.status is RunStatus.COMPLETED)
+            assert await eventually(
+                lambda: (s := engine.state(RUN)) is not None and s.status is RunStatus.COMPLETED
+            )
             task = _task(engine)
             assert task.cache.resident(RUN) is None and task.cache.resident(ACTIVE) is not None
             assert task.store is not None and task.store.counts() == (1, 1)
             compact = engine.state(RUN)
             assert compact is not None and compact.input is None and not compact.results
             await _refuses_late_commands(kafka_bootstrap, topics, engine, 1)
-        assert any(isinstance(e, RunCompleted)
-                   for e in await _run_events(kafka_bootstrap, topics, RUN))
+        assert any(
+            isinstance(e, RunCompleted) for e in await _run_events(kafka_bootstrap, topics, RUN)
+        )
 
         # A restart from the local store: it is trusted, and only active runs are loaded.
         engine = _engine(kafka_bootstrap, topics, state_dir)
@@ -138,7 +167,8 @@ def test_a_run_finished_long_ago_is_refused_after_eviction_restart_and_empty_dis
 
 
 def test_a_store_the_changelog_disproves_is_rebuilt_not_trusted(
-        kafka_bootstrap: str, topics: Topics, tmp_path: Path) -> None:
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
     """The store's checkpoint names a record the changelog does not have there (as after
     the topic was recreated): the store is discarded and rebuilt from the changelog."""
     state_dir = tmp_path / "state"
@@ -146,18 +176,25 @@ def test_a_store_the_changelog_disproves_is_rebuilt_not_trusted(
     async def main() -> None:
         engine = _engine(kafka_bootstrap, topics, state_dir)
         async with running(engine.run):
-            await produce(kafka_bootstrap, topics.inputs, [_start(RUN, "start"),
-                                                           _signal(RUN, "go"),
-                                                           _start(ACTIVE, "start-active")])
-            assert await eventually(lambda: (s := engine.state(ACTIVE)) is not None
-                                    and s.status is RunStatus.WAITING)
+            await produce(
+                kafka_bootstrap,
+                topics.inputs,
+                [_start(RUN, "start"), _signal(RUN, "go"), _start(ACTIVE, "start-active")],
+            )
+            assert await eventually(
+                lambda: (s := engine.state(ACTIVE)) is not None and s.status is RunStatus.WAITING
+            )
             store = _task(engine).store
             assert store is not None and store.checkpoint is not None
             cp = store.checkpoint
             # A forged anchor (right checksum, wrong record) and a value the changelog
             # never had: a store trusted blindly would hand the value back.
-            store.write({b"ghost": encode(decode(store.get(ACTIVE.encode()) or b""))}, {}, (),
-                        Checkpoint(cp.position, cp.anchor, b"\0" * 32))
+            store.write(
+                {b"ghost": encode(decode(store.get(ACTIVE.encode()) or b""))},
+                {},
+                (),
+                Checkpoint(cp.position, cp.anchor, b"\0" * 32),
+            )
 
         engine = _engine(kafka_bootstrap, topics, state_dir)
         async with running(engine.run):
@@ -173,14 +210,17 @@ def test_a_store_the_changelog_disproves_is_rebuilt_not_trusted(
 
 
 def test_without_a_state_dir_finished_runs_stay_in_memory_as_compact_records(
-        kafka_bootstrap: str, topics: Topics) -> None:
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     async def main() -> None:
         engine = _engine(kafka_bootstrap, topics, None)
         async with running(engine.run):
-            await produce(kafka_bootstrap, topics.inputs, [_start(RUN, "start"),
-                                                           _signal(RUN, "go")])
-            assert await eventually(lambda: (s := engine.state(RUN)) is not None
-                                    and s.status is RunStatus.COMPLETED)
+            await produce(
+                kafka_bootstrap, topics.inputs, [_start(RUN, "start"), _signal(RUN, "go")]
+            )
+            assert await eventually(
+                lambda: (s := engine.state(RUN)) is not None and s.status is RunStatus.COMPLETED
+            )
             resident = _task(engine).cache.resident(RUN)
             assert resident is not None and resident.input is None
             await _refuses_late_commands_in_memory(kafka_bootstrap, topics)

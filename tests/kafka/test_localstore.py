@@ -45,11 +45,17 @@ def test_a_finished_key_leaves_the_active_table(tmp_path: Path) -> None:
     store.close()
 
 
-@pytest.mark.parametrize("other", [StoreIdentity("other-engine", ID.topic, ID.partition),
-                                   StoreIdentity(ID.application, "other.run-state", 2),
-                                   StoreIdentity(ID.application, ID.topic, 1)])
+@pytest.mark.parametrize(
+    "other",
+    [
+        StoreIdentity("other-engine", ID.topic, ID.partition),
+        StoreIdentity(ID.application, "other.run-state", 2),
+        StoreIdentity(ID.application, ID.topic, 1),
+    ],
+)
 def test_a_store_of_another_application_topic_or_partition_is_discarded(
-        tmp_path: Path, other: StoreIdentity) -> None:
+    tmp_path: Path, other: StoreIdentity
+) -> None:
     _filled(tmp_path, other)
     # copied by hand to where this application's store lives
     source = tmp_path / other.application / f"{other.topic}-{other.partition}"
@@ -64,8 +70,7 @@ def test_a_store_of_another_application_topic_or_partition_is_discarded(
 
 
 def _edit_meta(tmp_path: Path, key: bytes, value: bytes | None) -> None:
-    env = lmdb.open(str(tmp_path / ID.application / f"{ID.topic}-{ID.partition}"),
-                    max_dbs=3)
+    env = lmdb.open(str(tmp_path / ID.application / f"{ID.topic}-{ID.partition}"), max_dbs=3)
     meta = env.open_db(b"meta")
     with env.begin(write=True, db=meta) as txn:
         if value is None:
@@ -95,7 +100,8 @@ def test_a_missing_checkpoint_is_discarded(tmp_path: Path) -> None:
 
 
 def test_a_store_left_open_is_discarded_after_a_reboot_and_trusted_before(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = LocalStore(tmp_path, ID)
     store.write({b"a": b"1"}, {}, (), Checkpoint(3, 2, b"z" * 32))
     store._env.close()  # the process died: never closed
@@ -110,7 +116,8 @@ def test_a_store_left_open_is_discarded_after_a_reboot_and_trusted_before(
 
 
 def test_a_store_closed_cleanly_is_trusted_after_a_reboot(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _filled(tmp_path)
     monkeypatch.setattr(localstore, "boot_id", lambda: "another-boot")
     store = LocalStore(tmp_path, ID)
@@ -144,11 +151,13 @@ while True:
 
 
 def test_a_writer_killed_mid_write_leaves_values_and_checkpoint_of_one_transaction(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     for delay in (0.3, 0.55, 0.8):
         directory = tmp_path / f"kill-{delay}"
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(directory)],
-                                  stdout=subprocess.PIPE)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(directory)], stdout=subprocess.PIPE
+        )
         assert writer.stdout is not None and writer.stdout.readline() == b"ready\n"
         time.sleep(delay)
         writer.send_signal(signal.SIGKILL)

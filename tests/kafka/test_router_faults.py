@@ -31,7 +31,8 @@ def _command_ids(records: list[object]) -> Counter[str]:
 
 
 def test_fenced_partition_stops_and_the_next_owner_routes_its_triggers(
-        kafka_bootstrap: str, topics: Topics) -> None:
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     app = f"app-{topics.prefix}"
 
     async def scenario() -> None:
@@ -39,28 +40,38 @@ def test_fenced_partition_stops_and_the_next_owner_routes_its_triggers(
         async with running(router.run):
             assert await eventually(lambda: router.owned == [0, 1, 2])
             # A newer producer with partition 0's transactional id fences the router's.
-            intruder = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap,
-                                        transactional_id=f"{app}-{topics.triggers}-0")
+            intruder = AIOKafkaProducer(
+                bootstrap_servers=kafka_bootstrap, transactional_id=f"{app}-{topics.triggers}-0"
+            )
             await intruder.start()
             try:
-                await produce(kafka_bootstrap, topics.triggers, [
-                    (encode(Trigger(workflow="w", idempotency_key="fenced")), None, 0),
-                    (encode(Trigger(workflow="w", idempotency_key="fine")), None, 1)])
+                await produce(
+                    kafka_bootstrap,
+                    topics.triggers,
+                    [
+                        (encode(Trigger(workflow="w", idempotency_key="fenced")), None, 0),
+                        (encode(Trigger(workflow="w", idempotency_key="fine")), None, 1),
+                    ],
+                )
                 assert await eventually(lambda: router.stats.fenced == 1)
-                inputs = await wait_for_records(kafka_bootstrap, topics.inputs,
-                                                topics.partitions, 1)
+                inputs = await wait_for_records(
+                    kafka_bootstrap, topics.inputs, topics.partitions, 1
+                )
             finally:
                 await intruder.stop()
             await asyncio.sleep(0.5)  # the fenced partition stays stopped
-            assert _command_ids(await read_all(kafka_bootstrap, topics.inputs,
-                                               topics.partitions)) == _command_ids(inputs)
+            assert _command_ids(
+                await read_all(kafka_bootstrap, topics.inputs, topics.partitions)
+            ) == _command_ids(inputs)
         assert _command_ids(inputs) == {f"trigger:{topics.triggers}/1/0": 1}
 
         again = TriggerRouter(kafka_bootstrap, topics, app=app)
         async with running(again.run):
             inputs = await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions, 2)
-        assert _command_ids(inputs) == {f"trigger:{topics.triggers}/0/0": 1,
-                                        f"trigger:{topics.triggers}/1/0": 1}
+        assert _command_ids(inputs) == {
+            f"trigger:{topics.triggers}/0/0": 1,
+            f"trigger:{topics.triggers}/1/0": 1,
+        }
 
     asyncio.run(scenario())
 
@@ -95,38 +106,52 @@ class LosingCommits(TriggerRouter):
 
 @pytest.mark.parametrize("reach_broker", [False, True], ids=["never-sent", "answer-lost"])
 def test_commit_with_unknown_outcome_is_never_aborted_nor_duplicated(
-        kafka_bootstrap: str, topics: Topics, reach_broker: bool) -> None:
+    kafka_bootstrap: str, topics: Topics, reach_broker: bool
+) -> None:
     triggers = [Trigger(workflow="w", idempotency_key=f"k{i}") for i in range(30)]
 
     async def scenario() -> None:
-        await produce(kafka_bootstrap, topics.triggers,
-                      [(encode(t), None, i % 3) for i, t in enumerate(triggers)])
-        router = LosingCommits(kafka_bootstrap, topics, app=f"app-{topics.prefix}",
-                               max_batch=4, commit_timeout_s=0.5, failures=4,
-                               reach_broker=reach_broker)
+        await produce(
+            kafka_bootstrap,
+            topics.triggers,
+            [(encode(t), None, i % 3) for i, t in enumerate(triggers)],
+        )
+        router = LosingCommits(
+            kafka_bootstrap,
+            topics,
+            app=f"app-{topics.prefix}",
+            max_batch=4,
+            commit_timeout_s=0.5,
+            failures=4,
+            reach_broker=reach_broker,
+        )
         async with running(router.run):
-            await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions,
-                                   len(triggers))
+            await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions, len(triggers))
             await asyncio.sleep(0.5)
         inputs = await read_all(kafka_bootstrap, topics.inputs, topics.partitions)
         assert router.stats.unknown_outcomes == 4
-        expected = {f"trigger:{topics.triggers}/{i % 3}/{i // 3}": 1
-                    for i in range(len(triggers))}
+        expected = {f"trigger:{topics.triggers}/{i % 3}/{i // 3}": 1 for i in range(len(triggers))}
         assert _command_ids(inputs) == expected
 
     asyncio.run(scenario())
 
 
 def test_partitions_move_between_routers_without_loss_or_duplicates(
-        kafka_bootstrap: str, topics: Topics) -> None:
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     app = f"app-{topics.prefix}"
     sent = 0
 
     async def send(count: int) -> None:
         nonlocal sent
-        await produce(kafka_bootstrap, topics.triggers, [
-            (encode(Trigger(workflow="w", idempotency_key=f"k{sent + i}")), None, i % 3)
-            for i in range(count)])
+        await produce(
+            kafka_bootstrap,
+            topics.triggers,
+            [
+                (encode(Trigger(workflow="w", idempotency_key=f"k{sent + i}")), None, i % 3)
+                for i in range(count)
+            ],
+        )
         sent += count
 
     async def scenario() -> None:
@@ -137,8 +162,9 @@ def test_partitions_move_between_routers_without_loss_or_duplicates(
             await send(30)
             async with running(second.run):
                 # The group splits the partitions between the two routers.
-                assert await eventually(lambda: sorted(first.owned + second.owned) == [0, 1, 2]
-                                        and bool(second.owned))
+                assert await eventually(
+                    lambda: sorted(first.owned + second.owned) == [0, 1, 2] and bool(second.owned)
+                )
                 await send(30)
                 await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions, 60)
             # The second router left: the first takes every partition back.

@@ -47,8 +47,9 @@ def topics(kafka_bootstrap: str) -> Iterator[Topics]:
 async def _send(bootstrap: str, topics: Topics, command: ScheduleCommand) -> None:
     keyed = schedule_topics(topics)
     key = command.schedule_id.encode()
-    await produce(bootstrap, keyed.inputs, [(encode(command), key,
-                                             key_partition(key, keyed.partitions))])
+    await produce(
+        bootstrap, keyed.inputs, [(encode(command), key, key_partition(key, keyed.partitions))]
+    )
 
 
 async def _starts(bootstrap: str, topics: Topics) -> list[StartRun]:
@@ -61,8 +62,9 @@ async def _schedule_log(bootstrap: str, topics: Topics) -> list[object]:
     return [decode(m.value) for m in await read_all(bootstrap, keyed.events, keyed.partitions)]
 
 
-async def _until_starts(bootstrap: str, topics: Topics, count: int,
-                        timeout_s: float = 30.0) -> list[StartRun]:
+async def _until_starts(
+    bootstrap: str, topics: Topics, count: int, timeout_s: float = 30.0
+) -> list[StartRun]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
@@ -82,15 +84,26 @@ def _nominals(starts: list[StartRun]) -> list[int]:
 
 
 def test_a_processor_down_across_three_ticks_starts_each_once_when_it_returns(
-        kafka_bootstrap: str, topics: Topics) -> None:
-    spec = load_schedule({"id": "every-second", "workflow": "report", "interval": "1s",
-                          "overlap": "allow_all", "catch_up_window": "1h"})
+    kafka_bootstrap: str, topics: Topics
+) -> None:
+    spec = load_schedule(
+        {
+            "id": "every-second",
+            "workflow": "report",
+            "interval": "1s",
+            "overlap": "allow_all",
+            "catch_up_window": "1h",
+        }
+    )
 
     down: list[int] = []
 
     async def scenario() -> list[StartRun]:
-        await _send(kafka_bootstrap, topics,
-                    CreateSchedule(command_id="create", schedule_id=spec.schedule_id, spec=spec))
+        await _send(
+            kafka_bootstrap,
+            topics,
+            CreateSchedule(command_id="create", schedule_id=spec.schedule_id, spec=spec),
+        )
         async with running(ScheduleProcessor(kafka_bootstrap, topics, app=topics.prefix).run):
             await _until_starts(kafka_bootstrap, topics, 2)
         before = len(await _starts(kafka_bootstrap, topics))
@@ -99,8 +112,11 @@ def test_a_processor_down_across_three_ticks_starts_each_once_when_it_returns(
         down.append(int(time.time() * 1000))
         async with running(ScheduleProcessor(kafka_bootstrap, topics, app=topics.prefix).run):
             await _until_starts(kafka_bootstrap, topics, before + 4)
-            await _send(kafka_bootstrap, topics,
-                        DeleteSchedule(command_id="delete", schedule_id=spec.schedule_id))
+            await _send(
+                kafka_bootstrap,
+                topics,
+                DeleteSchedule(command_id="delete", schedule_id=spec.schedule_id),
+            )
             await asyncio.sleep(1.5)
         return await _starts(kafka_bootstrap, topics)
 
@@ -116,19 +132,33 @@ def test_a_processor_down_across_three_ticks_starts_each_once_when_it_returns(
     during = [n for n in nominals if down[0] < n < down[1]]
     assert len(during) >= 3, f"the three ticks of the downtime: {during}"
     log = asyncio.run(_schedule_log(kafka_bootstrap, topics))
-    caught_up = {e.nominal for e in log if isinstance(e, ScheduledRunStarted)
-                 and e.reason is FireReason.CATCH_UP}
+    caught_up = {
+        e.nominal
+        for e in log
+        if isinstance(e, ScheduledRunStarted) and e.reason is FireReason.CATCH_UP
+    }
     assert min(during) in caught_up, "the oldest tick of the downtime was a catch-up"
 
 
 def test_times_outside_the_window_are_recorded_as_missed(
-        kafka_bootstrap: str, topics: Topics) -> None:
-    spec = load_schedule({"id": "strict", "workflow": "report", "interval": "1s",
-                          "overlap": "allow_all", "catch_up_window": "0s"})
+    kafka_bootstrap: str, topics: Topics
+) -> None:
+    spec = load_schedule(
+        {
+            "id": "strict",
+            "workflow": "report",
+            "interval": "1s",
+            "overlap": "allow_all",
+            "catch_up_window": "0s",
+        }
+    )
 
     async def scenario() -> None:
-        await _send(kafka_bootstrap, topics,
-                    CreateSchedule(command_id="create", schedule_id=spec.schedule_id, spec=spec))
+        await _send(
+            kafka_bootstrap,
+            topics,
+            CreateSchedule(command_id="create", schedule_id=spec.schedule_id, spec=spec),
+        )
         async with running(ScheduleProcessor(kafka_bootstrap, topics, app=topics.prefix).run):
             await _until_starts(kafka_bootstrap, topics, 1)
         await asyncio.sleep(3.5)
@@ -136,11 +166,15 @@ def test_times_outside_the_window_are_recorded_as_missed(
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
             while loop.time() < deadline and not any(
-                    isinstance(e, ScheduleTicksMissed)
-                    for e in await _schedule_log(kafka_bootstrap, topics)):
+                isinstance(e, ScheduleTicksMissed)
+                for e in await _schedule_log(kafka_bootstrap, topics)
+            ):
                 await asyncio.sleep(0.2)
-            await _send(kafka_bootstrap, topics,
-                        DeleteSchedule(command_id="delete", schedule_id=spec.schedule_id))
+            await _send(
+                kafka_bootstrap,
+                topics,
+                DeleteSchedule(command_id="delete", schedule_id=spec.schedule_id),
+            )
             await asyncio.sleep(1.0)
 
     asyncio.run(scenario())
@@ -152,7 +186,9 @@ def test_times_outside_the_window_are_recorded_as_missed(
         assert m.first not in started and m.last not in started
     nominals = _nominals(asyncio.run(_starts(kafka_bootstrap, topics)))
     assert sorted(nominals) == sorted(started), "each started nominal time has one StartRun"
-    notes = [decode(m.value) for m in asyncio.run(
-        read_all(kafka_bootstrap, topics.notifications, topics.partitions))]
+    notes = [
+        decode(m.value)
+        for m in asyncio.run(read_all(kafka_bootstrap, topics.notifications, topics.partitions))
+    ]
     alerts = [n for n in notes if isinstance(n, Notification) and n.kind == "schedule_missed"]
     assert len(alerts) == len(missed), "each missed range is an alert, in its transaction"

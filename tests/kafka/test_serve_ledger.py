@@ -23,7 +23,8 @@ def _registry() -> ToolRegistry:
 
 
 def test_the_ledger_uses_its_own_dsn_and_falls_back_to_postgres(
-        kafka_bootstrap: str, postgres_dsn: str, topics: Topics) -> None:
+    kafka_bootstrap: str, postgres_dsn: str, topics: Topics
+) -> None:
     asyncio.run(ensure_topics(kafka_bootstrap, topics.task_topics(["crm.lookup"])))
     elsewhere = postgres_dsn.replace("terranoha:terranoha@", "no_such_role:wrong@", 1)
     assert elsewhere != postgres_dsn
@@ -37,10 +38,20 @@ def test_the_ledger_uses_its_own_dsn_and_falls_back_to_postgres(
             seen.append(running.worker.ledger.dsn)
             stop.set()
 
-        await serve(ServeOptions(bootstrap=kafka_bootstrap, topics=topics, app=topics.prefix,
-                                 engine=False, router=False, postgres=postgres_dsn,
-                                 ledger_dsn=ledger_dsn, registry=_registry()), stop,
-                    ready=ready)
+        await serve(
+            ServeOptions(
+                bootstrap=kafka_bootstrap,
+                topics=topics,
+                app=topics.prefix,
+                engine=False,
+                router=False,
+                postgres=postgres_dsn,
+                ledger_dsn=ledger_dsn,
+                registry=_registry(),
+            ),
+            stop,
+            ready=ready,
+        )
         return seen[0]
 
     assert asyncio.run(started(None)) == postgres_dsn
@@ -51,11 +62,10 @@ def test_the_ledger_uses_its_own_dsn_and_falls_back_to_postgres(
 
 
 def test_the_command_line_takes_the_ledger_dsn_from_the_environment(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("TERRANOHA_LEDGER_DSN", "postgresql://ledger@db/terranoha")
     args = build_parser().parse_args(["serve", "--kafka", "k:9092"])
     assert args.ledger_dsn == "postgresql://ledger@db/terranoha"
     args = build_parser().parse_args(["serve", "--kafka", "k:9092", "--ledger-dsn", "other"])
     assert args.ledger_dsn == "other"
-
-

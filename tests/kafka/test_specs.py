@@ -16,13 +16,16 @@ pytestmark = pytest.mark.kafka
 
 
 def refund(version: int = 1, lookup_queue: str = "crm.get_order") -> WorkflowSpec:
-    return load_spec({
-        "workflow": "refund", "version": version,
-        "steps": [
-            {"id": "lookup", "task": lookup_queue},
-            {"id": "pay", "prepare_commit": {"prepare": "pay.prepare", "commit": "pay.commit"}},
-        ],
-    })
+    return load_spec(
+        {
+            "workflow": "refund",
+            "version": version,
+            "steps": [
+                {"id": "lookup", "task": lookup_queue},
+                {"id": "pay", "prepare_commit": {"prepare": "pay.prepare", "commit": "pay.commit"}},
+            ],
+        }
+    )
 
 
 async def _topic_names(bootstrap: str) -> set[str]:
@@ -39,7 +42,8 @@ def test_queues_of_names_task_and_prepare_commit_queues() -> None:
 
 
 def test_published_spec_reaches_a_follower_and_its_task_topics_exist(
-        kafka_bootstrap: str, topics: Topics) -> None:
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     async def scenario() -> None:
         assert await publish_spec(kafka_bootstrap, topics, refund()) is True
         follower = SpecFollower(kafka_bootstrap, topics)
@@ -61,8 +65,9 @@ def test_versions_never_change(kafka_bootstrap: str, topics: Topics) -> None:
         assert await publish_spec(kafka_bootstrap, topics, refund()) is False
         with pytest.raises(SpecConflictError, match="never change"):
             await publish_spec(kafka_bootstrap, topics, refund(lookup_queue="crm.other"))
-        assert await publish_spec(kafka_bootstrap, topics,
-                                  refund(2, lookup_queue="crm.other")) is True
+        assert (
+            await publish_spec(kafka_bootstrap, topics, refund(2, lookup_queue="crm.other")) is True
+        )
 
     asyncio.run(scenario())
 
@@ -85,15 +90,21 @@ def test_catch_up_reads_specs_deployed_after_start(kafka_bootstrap: str, topics:
     asyncio.run(scenario())
 
 
-def test_records_that_are_not_valid_specs_are_skipped(kafka_bootstrap: str,
-                                                      topics: Topics) -> None:
+def test_records_that_are_not_valid_specs_are_skipped(kafka_bootstrap: str, topics: Topics) -> None:
     async def scenario() -> None:
-        await produce(kafka_bootstrap, topics.specs, [
-            (b"not json", b"broken:1", 0),
-            (b'{"workflow": "broken", "version": 1, "steps": []}', b"broken:1", 0),
-            (b'{"workflow": "other", "version": 1, "steps": [{"id": "a", "task": "q"}]}',
-             b"mislabelled:7", 0),
-        ])
+        await produce(
+            kafka_bootstrap,
+            topics.specs,
+            [
+                (b"not json", b"broken:1", 0),
+                (b'{"workflow": "broken", "version": 1, "steps": []}', b"broken:1", 0),
+                (
+                    b'{"workflow": "other", "version": 1, "steps": [{"id": "a", "task": "q"}]}',
+                    b"mislabelled:7",
+                    0,
+                ),
+            ],
+        )
         await publish_spec(kafka_bootstrap, topics, refund())
         follower = SpecFollower(kafka_bootstrap, topics)
         try:
@@ -112,8 +123,9 @@ def test_follow_picks_up_new_specs_until_stopped(kafka_bootstrap: str, topics: T
         try:
             async with running(follower.follow):
                 await publish_spec(kafka_bootstrap, topics, refund())
-                assert await eventually(lambda: follower.registry.get("refund", 1) is not None,
-                                        timeout_s=10)
+                assert await eventually(
+                    lambda: follower.registry.get("refund", 1) is not None, timeout_s=10
+                )
         finally:
             await follower.stop()
 

@@ -20,8 +20,13 @@ from engine.kafka.topics import Topics
 from engine.runtime.specs import SpecRegistry
 from tests.kafka.helpers import eventually, produce, running
 
-SPEC = load_spec({"workflow": "hold", "version": 1,
-                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+SPEC = load_spec(
+    {
+        "workflow": "hold",
+        "version": 1,
+        "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}],
+    }
+)
 SLOW_RESTORE_S = 13.0
 
 
@@ -40,23 +45,35 @@ class _SlowRestore(KafkaEngine):
         await super()._release(number)
 
 
-def test_a_restore_longer_than_the_session_timeout_is_done_once(kafka_bootstrap: str,
-                                                                topics: Topics) -> None:
+def test_a_restore_longer_than_the_session_timeout_is_done_once(
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     specs = SpecRegistry()
     specs.add(SPEC)
     run_ids = [f"run-{i}" for i in range(6)]
 
     async def main() -> None:
         engine = _SlowRestore(kafka_bootstrap, topics, specs, app=topics.prefix)
-        await produce(kafka_bootstrap, topics.inputs, [
-            (encode(StartRun(command_id=f"start-{r}", run_id=r, workflow="hold", version=1)),
-             r.encode(),
-             topics.partition_of(r)) for r in run_ids])
+        await produce(
+            kafka_bootstrap,
+            topics.inputs,
+            [
+                (
+                    encode(StartRun(command_id=f"start-{r}", run_id=r, workflow="hold", version=1)),
+                    r.encode(),
+                    topics.partition_of(r),
+                )
+                for r in run_ids
+            ],
+        )
         async with running(engine.run):
             assert await eventually(
-                lambda: all((s := engine.state(r)) is not None
-                            and s.status is RunStatus.WAITING for r in run_ids),
-                timeout_s=90), "the runs were not started"
+                lambda: all(
+                    (s := engine.state(r)) is not None and s.status is RunStatus.WAITING
+                    for r in run_ids
+                ),
+                timeout_s=90,
+            ), "the runs were not started"
             # An evicted member finds out at its next heartbeat (every 3 s) after the
             # takeover, then gives its partitions up and rejoins: give that time to happen.
             await asyncio.sleep(8)

@@ -83,7 +83,9 @@ def test_gather_all_lets_every_one_finish_then_raises_the_first_error() -> None:
 
 
 def test_back_to_back_transactions_retry_refusals_soon(
-    kafka_bootstrap: str, topics: Topics, monkeypatch: pytest.MonkeyPatch,
+    kafka_bootstrap: str,
+    topics: Topics,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A Kafka 4 broker refuses, with a retriable error, a write of a transaction begun
     while the previous one's markers are still being written (KIP-890 verification, as
@@ -112,10 +114,16 @@ def test_back_to_back_transactions_retry_refusals_soon(
     async def main() -> list[Outcome]:
         producer = await transactional_producer(kafka_bootstrap, f"{topics.prefix}-txn")
         try:
-            return [await run_transaction(
-                producer,
-                [(topics.events, 0, b"k", b"e%d" % i, []), (topics.state, 0, b"k", b"s", [])],
-                {inputs: i + 1}, group, 30.0) for i in range(count)]
+            return [
+                await run_transaction(
+                    producer,
+                    [(topics.events, 0, b"k", b"e%d" % i, []), (topics.state, 0, b"k", b"s", [])],
+                    {inputs: i + 1},
+                    group,
+                    30.0,
+                )
+                for i in range(count)
+            ]
         finally:
             await producer.stop()
 

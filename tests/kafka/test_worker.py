@@ -22,14 +22,30 @@ from tests.kafka.helpers import produce, read_all, running, wait_for_records
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 
-def _task(topics: Topics, queue: str, key: str, *, task_id: str | None = None,
-          deadline_in_ms: int = 60_000, payload: Any = None) -> TaskCommand:
+def _task(
+    topics: Topics,
+    queue: str,
+    key: str,
+    *,
+    task_id: str | None = None,
+    deadline_in_ms: int = 60_000,
+    payload: Any = None,
+) -> TaskCommand:
     run_id = f"run-{uuid4().hex[:8]}"
     return TaskCommand(
-        queue=queue, task_id=task_id or f"{run_id}/step/1/task/1", run_id=run_id, step="step",
-        phase="task", attempt=1, idempotency_key=key, input=payload or {"n": 1},
-        deadline=SystemClock().now_ms() + deadline_in_ms, tenant="acme",
-        correlation_id=run_id, workflow="w")
+        queue=queue,
+        task_id=task_id or f"{run_id}/step/1/task/1",
+        run_id=run_id,
+        step="step",
+        phase="task",
+        attempt=1,
+        idempotency_key=key,
+        input=payload or {"n": 1},
+        deadline=SystemClock().now_ms() + deadline_in_ms,
+        tenant="acme",
+        correlation_id=run_id,
+        workflow="w",
+    )
 
 
 def _send(topics: Topics, task: TaskCommand) -> tuple[bytes, bytes, int]:
@@ -76,7 +92,8 @@ class Tools:
 
 
 def test_results_reach_run_inputs_and_redeliveries_are_answered_from_the_ledger(
-        kafka_bootstrap: str, postgres_dsn: str, topics: Topics) -> None:
+    kafka_bootstrap: str, postgres_dsn: str, topics: Topics
+) -> None:
     tools = Tools(topics.prefix)
     key = f"idem-{uuid4().hex}"
     first = _task(topics, tools.add, key, payload={"n": 41})
@@ -90,24 +107,34 @@ def test_results_reach_run_inputs_and_redeliveries_are_answered_from_the_ledger(
         await tools.create_topics(kafka_bootstrap, topics)
         ledger = PostgresLedger(postgres_dsn)
         await ledger.open()
-        worker = KafkaWorker(kafka_bootstrap, topics, tools.registry, ledger,
-                             app=f"app-{topics.prefix}", concurrency=4)
+        worker = KafkaWorker(
+            kafka_bootstrap,
+            topics,
+            tools.registry,
+            ledger,
+            app=f"app-{topics.prefix}",
+            concurrency=4,
+        )
         try:
             async with running(worker.run):
-                await produce(kafka_bootstrap, topics.tasks(tools.add),
-                              [_send(topics, first), _send(topics, expired),
-                               (b"not a task", None, 0)])
-                await produce(kafka_bootstrap, topics.tasks(tools.refuse),
-                              [_send(topics, refused)])
-                await produce(kafka_bootstrap, topics.tasks(tools.nan),
-                              [_send(topics, unencodable)])
-                results = _results(await wait_for_records(
-                    kafka_bootstrap, topics.inputs, topics.partitions, 3))
+                await produce(
+                    kafka_bootstrap,
+                    topics.tasks(tools.add),
+                    [_send(topics, first), _send(topics, expired), (b"not a task", None, 0)],
+                )
+                await produce(kafka_bootstrap, topics.tasks(tools.refuse), [_send(topics, refused)])
+                await produce(
+                    kafka_bootstrap, topics.tasks(tools.nan), [_send(topics, unencodable)]
+                )
+                results = _results(
+                    await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions, 3)
+                )
                 assert set(results) == {first.task_id, refused.task_id, unencodable.task_id}
 
                 await produce(kafka_bootstrap, topics.tasks(tools.add), [_send(topics, repeat)])
-                results = _results(await wait_for_records(
-                    kafka_bootstrap, topics.inputs, topics.partitions, 4))
+                results = _results(
+                    await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions, 4)
+                )
             assert await ledger.lookup(key) == LedgerEntry(key, {"sum": 42}, 0.25, 0.9)
             assert await ledger.lookup(unencodable.idempotency_key) is None
         finally:
@@ -139,10 +166,10 @@ def test_results_reach_run_inputs_and_redeliveries_are_answered_from_the_ledger(
 
 
 def test_a_restarted_worker_resumes_after_committed_tasks(
-        kafka_bootstrap: str, postgres_dsn: str, topics: Topics) -> None:
+    kafka_bootstrap: str, postgres_dsn: str, topics: Topics
+) -> None:
     tools = Tools(topics.prefix)
-    tasks = [_task(topics, tools.add, f"idem-{uuid4().hex}", payload={"n": i})
-             for i in range(20)]
+    tasks = [_task(topics, tools.add, f"idem-{uuid4().hex}", payload={"n": i}) for i in range(20)]
     app = f"app-{topics.prefix}"
 
     async def scenario() -> None:
@@ -150,19 +177,23 @@ def test_a_restarted_worker_resumes_after_committed_tasks(
         ledger = PostgresLedger(postgres_dsn)
         await ledger.open()
         try:
-            await produce(kafka_bootstrap, topics.tasks(tools.add),
-                          [_send(topics, t) for t in tasks])
-            worker = KafkaWorker(kafka_bootstrap, topics, tools.registry, ledger, app=app,
-                                 concurrency=3)
+            await produce(
+                kafka_bootstrap, topics.tasks(tools.add), [_send(topics, t) for t in tasks]
+            )
+            worker = KafkaWorker(
+                kafka_bootstrap, topics, tools.registry, ledger, app=app, concurrency=3
+            )
             async with running(worker.run):
-                await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions,
-                                       len(tasks))
+                await wait_for_records(
+                    kafka_bootstrap, topics.inputs, topics.partitions, len(tasks)
+                )
             again = KafkaWorker(kafka_bootstrap, topics, tools.registry, ledger, app=app)
             late = _task(topics, tools.add, f"idem-{uuid4().hex}")
             async with running(again.run):
                 await produce(kafka_bootstrap, topics.tasks(tools.add), [_send(topics, late)])
-                await wait_for_records(kafka_bootstrap, topics.inputs, topics.partitions,
-                                       len(tasks) + 1)
+                await wait_for_records(
+                    kafka_bootstrap, topics.inputs, topics.partitions, len(tasks) + 1
+                )
             assert (again.calls, again.answered_from_ledger) == (1, 0)
         finally:
             await ledger.close()

@@ -21,12 +21,18 @@ from tests.kafka.helpers import eventually, produce, read_all, running, wait_for
 
 pytestmark = pytest.mark.kafka
 
-SPEC = load_spec({"workflow": "one-task", "version": 1,
-                  "steps": [{"id": "call", "task": "crm.lookup", "timeout": "1h"}]})
+SPEC = load_spec(
+    {
+        "workflow": "one-task",
+        "version": 1,
+        "steps": [{"id": "call", "task": "crm.lookup", "timeout": "1h"}],
+    }
+)
 
 
 def test_a_result_on_the_wrong_partition_names_the_partition_its_run_lives_on(
-        kafka_bootstrap: str, topics: Topics) -> None:
+    kafka_bootstrap: str, topics: Topics
+) -> None:
     run_id = "run-misrouted"
     home = topics.partition_of(run_id)
     wrong = (home + 1) % topics.partitions
@@ -42,24 +48,41 @@ def test_a_result_on_the_wrong_partition_names_the_partition_its_run_lives_on(
         engine = KafkaEngine(kafka_bootstrap, topics, specs, app=topics.prefix)
         await produce(kafka_bootstrap, topics.inputs, [(encode(start), run_id.encode(), home)])
         async with running(engine.run):
-            assert await eventually(lambda: (s := engine.state(run_id)) is not None
-                                    and s.current is not None
-                                    and s.current.waiting is Waiting.TASK, timeout_s=60)
+            assert await eventually(
+                lambda: (
+                    (s := engine.state(run_id)) is not None
+                    and s.current is not None
+                    and s.current.waiting is Waiting.TASK
+                ),
+                timeout_s=60,
+            )
             state = engine.state(run_id)
             assert state is not None and state.current is not None
-            result = CompleteTask(command_id="result", run_id=run_id, step="call",
-                                  task_id=state.current.task_id, result={"ok": True})
-            await produce(kafka_bootstrap, topics.inputs, [
-                (encode(result), b"not-the-run-id", wrong),
-                (encode(twice), run_id.encode(), wrong)])
-            dead = await wait_for_records(kafka_bootstrap, topics.dead_letters,
-                                          topics.partitions, 2, timeout_s=60)
+            result = CompleteTask(
+                command_id="result",
+                run_id=run_id,
+                step="call",
+                task_id=state.current.task_id,
+                result={"ok": True},
+            )
+            await produce(
+                kafka_bootstrap,
+                topics.inputs,
+                [
+                    (encode(result), b"not-the-run-id", wrong),
+                    (encode(twice), run_id.encode(), wrong),
+                ],
+            )
+            dead = await wait_for_records(
+                kafka_bootstrap, topics.dead_letters, topics.partitions, 2, timeout_s=60
+            )
             assert (engine.state(run_id) or state).status is RunStatus.RUNNING
             # The same result on its run's partition completes the run.
-            await produce(kafka_bootstrap, topics.inputs, [(encode(result), run_id.encode(),
-                                                            None)])
-            assert await eventually(lambda: (s := engine.state(run_id)) is not None
-                                    and s.status is RunStatus.COMPLETED, timeout_s=60)
+            await produce(kafka_bootstrap, topics.inputs, [(encode(result), run_id.encode(), None)])
+            assert await eventually(
+                lambda: (s := engine.state(run_id)) is not None and s.status is RunStatus.COMPLETED,
+                timeout_s=60,
+            )
         letters = [decode(r.value) for r in dead]
         assert all(isinstance(x, DeadLetter) for x in letters)
         by_type = {decode(x.payload).TYPE: x for x in letters}
@@ -72,8 +95,10 @@ def test_a_result_on_the_wrong_partition_names_the_partition_its_run_lives_on(
             assert f"lives on partition {home}" in letter.detail
             assert f"key {run_id!r}" in letter.detail and "murmur2" in letter.detail
             assert "no run" not in letter.detail
-        events = [decode(r.value) for r in await read_all(kafka_bootstrap, topics.events,
-                                                          topics.partitions)]
+        events = [
+            decode(r.value)
+            for r in await read_all(kafka_bootstrap, topics.events, topics.partitions)
+        ]
         assert sum(isinstance(e, RunStarted) for e in events) == 1
 
     asyncio.run(main())

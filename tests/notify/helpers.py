@@ -12,15 +12,27 @@ from engine.embedded.store import Store
 from engine.notify import DeliverySettings, EmbeddedNotifier, parse_settings
 from engine.runtime.processor import Batch
 
-FAST_RETRY = {"max_attempts": 4, "initial": "10ms", "multiplier": 2, "max": "40ms",
-              "jitter": "none"}
+FAST_RETRY = {
+    "max_attempts": 4,
+    "initial": "10ms",
+    "multiplier": 2,
+    "max": "40ms",
+    "jitter": "none",
+}
 
 
 def note(**changes: Any) -> Notification:
-    base = Notification(kind="approval_requested", run_id="run-1", step="refund",
-                        approval_id="refund#1/approval@7", recipients=["finance"],
-                        message="approval needed for step refund (approval), quorum 1",
-                        ts=1_700_000_000_123, tenant="acme", correlation_id="corr-1")
+    base = Notification(
+        kind="approval_requested",
+        run_id="run-1",
+        step="refund",
+        approval_id="refund#1/approval@7",
+        recipients=["finance"],
+        message="approval needed for step refund (approval), quorum 1",
+        ts=1_700_000_000_123,
+        tenant="acme",
+        correlation_id="corr-1",
+    )
     return replace(base, **changes)
 
 
@@ -30,8 +42,13 @@ def settings(data: dict[str, Any], secrets: dict[str, str] | None = None) -> Del
 
 def webhook_settings(url: str, *secrets: str, **route: Any) -> DeliverySettings:
     names = {f"SECRET_{i}": s for i, s in enumerate(secrets)}
-    return settings({"webhooks": {"ops": {"url": url, "secrets": [f"env:{n}" for n in names]}},
-                     "routes": [{"webhooks": ["ops"], **route}]}, names)
+    return settings(
+        {
+            "webhooks": {"ops": {"url": url, "secrets": [f"env:{n}" for n in names]}},
+            "routes": [{"webhooks": ["ops"], **route}],
+        },
+        names,
+    )
 
 
 def write_notifications(db: Path, *notes: Notification) -> None:
@@ -43,8 +60,9 @@ def write_notifications(db: Path, *notes: Notification) -> None:
         store.close()
 
 
-def deliver_pending(db: Path, delivery: DeliverySettings,
-                    notifier: EmbeddedNotifier | None = None) -> EmbeddedNotifier:
+def deliver_pending(
+    db: Path, delivery: DeliverySettings, notifier: EmbeddedNotifier | None = None
+) -> EmbeddedNotifier:
     """Run a notifier over the store until every notification present is handled."""
     notifier = notifier or EmbeddedNotifier(db, delivery)
     asyncio.run(notifier.run(asyncio.Event(), once=True))

@@ -54,8 +54,9 @@ class WebhookReceiver:
                 length = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(length)
                 with receiver._lock:
-                    receiver.received.append(Received(
-                        self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    receiver.received.append(
+                        Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                    )
                     answer = receiver.script.pop(0) if receiver.script else receiver.default
                 data = answer.body.encode()
                 self.send_response(answer.status)
@@ -71,8 +72,7 @@ class WebhookReceiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/terranoha?token=s3cr3t"
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> WebhookReceiver:
         self._thread.start()
@@ -94,8 +94,14 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         with self.sink.lock:
             self.sink.attempts += 1
             if address in self.sink.refuse:
@@ -106,8 +112,7 @@ class _Handler:
             envelope.rcpt_tos.append(address)
         return reply
 
-    async def handle_DATA(self, server: SMTP, session: Session,
-                          envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         mail = message_from_bytes(content, policy=policy.default)
         assert isinstance(mail, EmailMessage)
@@ -121,8 +126,9 @@ class SmtpSink:
     its reply there; other RCPT replies come from ``rcpt_script`` in order (e.g.
     ``"451 try later"``), then ``250 OK``."""
 
-    def __init__(self, rcpt_script: list[str] | None = None,
-                 refuse: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, rcpt_script: list[str] | None = None, refuse: dict[str, str] | None = None
+    ) -> None:
         self.rcpt_script = list(rcpt_script or [])
         self.refuse = dict(refuse or {})
         self.messages: list[tuple[str, list[str], EmailMessage]] = []
@@ -140,7 +146,8 @@ class SmtpSink:
 
 
 @contextlib.contextmanager
-def webhook_receiver(script: list[Answer] | None = None,
-                     default: Answer | None = None) -> Iterator[WebhookReceiver]:
+def webhook_receiver(
+    script: list[Answer] | None = None, default: Answer | None = None
+) -> Iterator[WebhookReceiver]:
     with WebhookReceiver(script, default) as receiver:
         yield receiver

@@ -42,7 +42,8 @@ routes:
 
 
 def test_notify_once_delivers_a_runs_approval_request(
-        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = new_secret()
     monkeypatch.setenv("TEST_WEBHOOK_SECRET", secret)
     db = str(tmp_path / "t.db")
@@ -52,8 +53,10 @@ def test_notify_once_delivers_a_runs_approval_request(
         assert started.code == 0, started.err
         done = cli("notify", str(settings), "--db", db, "--once")
         assert done.code == 0, done.err
-        assert done.out.strip() == ("1 notifications: 1 delivered, 0 already settled, "
-                                    "0 dead-lettered, 0 matched no route; 0 retries")
+        assert done.out.strip() == (
+            "1 notifications: 1 delivered, 0 already settled, "
+            "0 dead-lettered, 0 matched no route; 0 retries"
+        )
         again = cli("notify", str(settings), "--db", db, "--once")
         assert again.out.startswith("0 notifications"), "the position was stored"
     (request,) = receiver.received
@@ -66,8 +69,8 @@ def test_notify_once_delivers_a_runs_approval_request(
 
 
 def test_notify_logs_retries_without_a_urls_path_or_a_secret(
-        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     secret = new_secret()
     monkeypatch.setenv("TEST_WEBHOOK_SECRET", secret)
     db = str(tmp_path / "t.db")
@@ -83,7 +86,8 @@ def test_notify_logs_retries_without_a_urls_path_or_a_secret(
 
 
 def test_notify_check_shows_the_routes_and_no_secret(
-        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = new_secret()
     monkeypatch.setenv("TEST_WEBHOOK_SECRET", secret)
     _, settings = _files(tmp_path, "https://hooks.example.com/x?token=abc")
@@ -91,7 +95,8 @@ def test_notify_check_shows_the_routes_and_no_secret(
     assert checked.code == 0, checked.err
     assert checked.out.splitlines()[1:3] == [
         "  webhook ops: https://hooks.example.com, 1 secret(s), timeout 10000 ms",
-        "  route 0: recipient in finance -> webhook ops"]
+        "  route 0: recipient in finance -> webhook ops",
+    ]
     assert secret not in checked.out and "token" not in checked.out
 
 
@@ -99,8 +104,9 @@ def test_bad_settings_stop_the_command_with_what_to_fix(cli: Cli, tmp_path: Path
     _, settings = _files(tmp_path, "https://hooks.example.com/x")
     failed = cli("notify", str(settings), "--check")
     assert failed.code == 2
-    assert "webhooks.ops.secrets[0]: environment variable TEST_WEBHOOK_SECRET is not set" \
-        in failed.err
+    assert (
+        "webhooks.ops.secrets[0]: environment variable TEST_WEBHOOK_SECRET is not set" in failed.err
+    )
 
 
 def test_serve_with_notify_delivers_while_it_runs(cli: Cli, tmp_path: Path) -> None:
@@ -110,10 +116,11 @@ def test_serve_with_notify_delivers_while_it_runs(cli: Cli, tmp_path: Path) -> N
         spec, settings = _files(tmp_path, receiver.url)
         assert cli("workflows", "deploy", str(spec), "--db", db).code == 0
         server = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--db", db, "--notify",
-             str(settings)],
+            [sys.executable, "-m", "engine.cli", "serve", "--db", db, "--notify", str(settings)],
             env={**os.environ, "PYTHONPATH": str(ROOT), "TEST_WEBHOOK_SECRET": secret},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             assert server.stdout is not None
             assert server.stdout.readline().startswith(b"serving")

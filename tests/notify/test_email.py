@@ -11,10 +11,18 @@ from tests.notify.servers import SmtpSink
 
 
 def _email_settings(sink: SmtpSink, *addresses: str, **smtp: object) -> DeliverySettings:
-    return settings({
-        "smtp": {"host": "127.0.0.1", "port": sink.port, "from": "Terranoha <t@example.com>",
-                 "tls": "none", **smtp},
-        "routes": [{"recipients": ["finance"], "email": list(addresses)}]})
+    return settings(
+        {
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": sink.port,
+                "from": "Terranoha <t@example.com>",
+                "tls": "none",
+                **smtp,
+            },
+            "routes": [{"recipients": ["finance"], "email": list(addresses)}],
+        }
+    )
 
 
 def test_a_notification_is_mailed_to_each_address_of_its_route(tmp_path: Path) -> None:
@@ -22,8 +30,7 @@ def test_a_notification_is_mailed_to_each_address_of_its_route(tmp_path: Path) -
     sent = note()
     write_notifications(db, sent)
     with SmtpSink() as sink:
-        notifier = deliver_pending(db, _email_settings(sink, "ann@example.com",
-                                                       "bob@example.com"))
+        notifier = deliver_pending(db, _email_settings(sink, "ann@example.com", "bob@example.com"))
     assert notifier.stats.delivered == 2
     by_address = {rcpts[0]: (sender, mail) for sender, rcpts, mail in sink.messages}
     assert sorted(by_address) == ["ann@example.com", "bob@example.com"]
@@ -58,13 +65,11 @@ def test_a_temporary_refusal_is_retried_and_mailed_once(tmp_path: Path) -> None:
     assert again.stats.already_settled == 1
 
 
-def test_a_refused_address_is_dead_lettered_and_the_others_are_mailed(
-        tmp_path: Path) -> None:
+def test_a_refused_address_is_dead_lettered_and_the_others_are_mailed(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     write_notifications(db, note())
     with SmtpSink(refuse={"gone@example.com": "550 5.1.1 no such user"}) as sink:
-        notifier = deliver_pending(db, _email_settings(sink, "gone@example.com",
-                                                       "ann@example.com"))
+        notifier = deliver_pending(db, _email_settings(sink, "gone@example.com", "ann@example.com"))
     assert sink.attempts == 2, "one attempt each: a 5xx is not retried"
     assert [rcpts for _, rcpts, _ in sink.messages] == [["ann@example.com"]]
     assert (notifier.stats.dead_lettered, notifier.stats.delivered) == (1, 1)

@@ -42,8 +42,10 @@ class DeliveryLedgerContract(ABC):
             assert await ledger.record(nid, HOOK, Outcome.DELIVERED, 3)
             assert not await ledger.record(nid, HOOK, Outcome.DEAD_LETTERED, 1, "late")
             assert await ledger.record(nid, MAIL, Outcome.DEAD_LETTERED, 1, "550 no such user")
-            assert await ledger.outcomes(nid) == {HOOK: Outcome.DELIVERED,
-                                                  MAIL: Outcome.DEAD_LETTERED}
+            assert await ledger.outcomes(nid) == {
+                HOOK: Outcome.DELIVERED,
+                MAIL: Outcome.DEAD_LETTERED,
+            }
             assert await ledger.outcomes(f"ntf_{uuid4().hex}") == {}
 
         self.check(scenario)
@@ -51,8 +53,9 @@ class DeliveryLedgerContract(ABC):
     def test_concurrent_records_of_one_target_settle_it_once(self) -> None:
         async def scenario(ledger: DeliveryLedger) -> None:
             nid = f"ntf_{uuid4().hex}"
-            won = await asyncio.gather(*(ledger.record(nid, HOOK, Outcome.DELIVERED, 1)
-                                         for _ in range(5)))
+            won = await asyncio.gather(
+                *(ledger.record(nid, HOOK, Outcome.DELIVERED, 1) for _ in range(5))
+            )
             assert sorted(won) == [False] * 4 + [True]
 
         self.check(scenario)
@@ -105,8 +108,7 @@ class TestPostgresDeliveryLedger(DeliveryLedgerContract):
 
         asyncio.run(main())
 
-    def test_the_ledger_lives_in_its_own_schema_and_survives_a_dropped_connection(
-            self) -> None:
+    def test_the_ledger_lives_in_its_own_schema_and_survives_a_dropped_connection(self) -> None:
         async def main() -> None:
             nid = f"ntf_{uuid4().hex}"
             ledger = PostgresDeliveryLedger(self.dsn, deployment=self.deployment)
@@ -119,7 +121,8 @@ class TestPostgresDeliveryLedger(DeliveryLedgerContract):
                     admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
                     tables = admin.execute(
                         "SELECT table_name FROM information_schema.tables "
-                        "WHERE table_schema = 'terranoha_notify'").fetchall()
+                        "WHERE table_schema = 'terranoha_notify'"
+                    ).fetchall()
                 assert tables == [("deliveries",)]
                 assert await ledger.outcomes(nid) == {HOOK: Outcome.DELIVERED}
                 assert ledger.reconnects == 1

@@ -70,15 +70,18 @@ def test_a_settings_file_resolves_its_secrets_and_never_shows_them(tmp_path: Pat
 
 
 def test_every_problem_in_the_settings_is_reported_at_once_without_secret_values(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     text = DOCUMENT.replace("env:SMTP_PASSWORD", "hunter2").replace("[ops]", "[opz]")
     text = text.replace("file:old-secret", "file:missing-secret")
     with pytest.raises(SettingsError) as caught:
         _load(tmp_path, text, OPS_SECRET="")
     assert caught.value.issues == [
         ("webhooks.ops.secrets[0]", "environment variable OPS_SECRET is not set (or empty)"),
-        ("webhooks.ops.secrets[1]", f"cannot read secret file {tmp_path / 'missing-secret'}: "
-                                    "No such file or directory"),
+        (
+            "webhooks.ops.secrets[1]",
+            f"cannot read secret file {tmp_path / 'missing-secret'}: No such file or directory",
+        ),
         ("smtp.password", "write a secret as env:NAME or file:PATH, never inline"),
         ("routes[0].webhooks", "no webhook named 'opz' (known: ops)"),
     ]
@@ -87,9 +90,16 @@ def test_every_problem_in_the_settings_is_reported_at_once_without_secret_values
 
 def test_routes_must_name_known_webhooks_and_have_smtp_for_email() -> None:
     with pytest.raises(SettingsError) as caught:
-        parse_settings({"routes": [{"webhooks": ["ops"]}, {"email": ["a@example.com"]},
-                                   {"recipients": ["x"]}, {"kinds": ["nope"],
-                                                           "webhooks": ["ops"]}]})
+        parse_settings(
+            {
+                "routes": [
+                    {"webhooks": ["ops"]},
+                    {"email": ["a@example.com"]},
+                    {"recipients": ["x"]},
+                    {"kinds": ["nope"], "webhooks": ["ops"]},
+                ]
+            }
+        )
     message = str(caught.value)
     assert "routes[2]: a route needs webhooks or email" in message
     assert "routes[3].kinds[0]" in message
@@ -102,21 +112,30 @@ def test_routes_must_name_known_webhooks_and_have_smtp_for_email() -> None:
 
 def test_a_webhook_secret_must_be_a_standard_webhooks_secret() -> None:
     with pytest.raises(SettingsError, match="not a Standard Webhooks secret"):
-        parse_settings({"webhooks": {"ops": {"url": "https://h", "secrets": ["env:S"]}},
-                        "routes": [{"webhooks": ["ops"]}]}, environ={"S": "whsec_!!"})
+        parse_settings(
+            {
+                "webhooks": {"ops": {"url": "https://h", "secrets": ["env:S"]}},
+                "routes": [{"webhooks": ["ops"]}],
+            },
+            environ={"S": "whsec_!!"},
+        )
 
 
-def test_a_notification_goes_to_every_target_of_every_route_it_matches_once(
-        tmp_path: Path) -> None:
+def test_a_notification_goes_to_every_target_of_every_route_it_matches_once(tmp_path: Path) -> None:
     settings = _load(tmp_path)
     webhook = Target(ChannelKind.WEBHOOK, "ops")
     finance = Target(ChannelKind.EMAIL, "finance@example.com")
     oncall = Target(ChannelKind.EMAIL, "oncall@example.com")
     assert route(note(recipients=["Finance "]), settings) == [webhook, finance]
     assert route(note(recipients=["finance-leads"], kind="escalated"), settings) == [
-        oncall, finance]
+        oncall,
+        finance,
+    ]
     assert route(note(recipients=["finance"], kind="escalated"), settings) == [
-        webhook, finance, oncall]
+        webhook,
+        finance,
+        oncall,
+    ]
     assert route(note(recipients=["legal"], kind="escalated", tenant="other"), settings) == []
 
 
@@ -125,27 +144,45 @@ def test_the_id_is_the_same_for_the_same_record_and_differs_when_any_field_does(
     assert nid(base) == nid(note()) == nid(replace(base, recipients=list(base.recipients)))
     assert nid(base).startswith("ntf_") and len(nid(base)) == 36
     assert set(ID_FIELDS) == {f.name for f in fields(Notification)}
-    changed = {"kind": "approval_reminder", "run_id": "run-2", "step": "other",
-               "approval_id": "refund#2/approval@9", "recipients": ["legal"],
-               "message": "reminder 2", "ts": base.ts + 1, "tenant": "other",
-               "correlation_id": "corr-2"}
+    changed = {
+        "kind": "approval_reminder",
+        "run_id": "run-2",
+        "step": "other",
+        "approval_id": "refund#2/approval@9",
+        "recipients": ["legal"],
+        "message": "reminder 2",
+        "ts": base.ts + 1,
+        "tenant": "other",
+        "correlation_id": "corr-2",
+    }
     ids = {nid(replace(base, **{name: value})) for name, value in changed.items()}
     assert len(ids) == len(changed) and nid(base) not in ids
 
 
 def test_a_longer_retry_after_is_honoured_up_to_its_cap(tmp_path: Path) -> None:
-    settings = parse_settings({"webhooks": {"ops": {"url": "https://h", "secrets": ["env:S"]}},
-                               "routes": [{"webhooks": ["ops"]}],
-                               "retry": {"initial": "1s", "max": "8s", "jitter": "none"},
-                               "max_retry_after": "30s"}, environ={"S": SECRET})
+    settings = parse_settings(
+        {
+            "webhooks": {"ops": {"url": "https://h", "secrets": ["env:S"]}},
+            "routes": [{"webhooks": ["ops"]}],
+            "retry": {"initial": "1s", "max": "8s", "jitter": "none"},
+            "max_retry_after": "30s",
+        },
+        environ={"S": SECRET},
+    )
     delivery = Delivery(note(), nid(note()), Target(ChannelKind.WEBHOOK, "ops"))
     assert [retry_delay_ms(settings, delivery, n, None) for n in (1, 2, 3, 4, 5)] == [
-        1000, 2000, 4000, 8000, 8000]
+        1000,
+        2000,
+        4000,
+        8000,
+        8000,
+    ]
     assert retry_delay_ms(settings, delivery, 1, 20_000) == 20_000
     assert retry_delay_ms(settings, delivery, 4, 2_000) == 8000
     assert retry_delay_ms(settings, delivery, 1, 3_600_000) == 30_000
-    jittered = settings.model_copy(update={"retry": settings.retry.model_copy(
-        update={"jitter": "full"})})
+    jittered = settings.model_copy(
+        update={"retry": settings.retry.model_copy(update={"jitter": "full"})}
+    )
     draws = [retry_delay_ms(jittered, delivery, 3, None) for _ in range(3)]
     assert len(set(draws)) == 1 and 0 <= draws[0] < 4000, "jitter is drawn from a hash"
 
@@ -157,4 +194,3 @@ def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
     assert retry_after_ms("Tue, 14 Nov 2023 22:00:00 GMT", now) == 0
     assert retry_after_ms("soon", now) is None
     assert retry_after_ms(None, now) is None
-

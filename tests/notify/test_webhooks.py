@@ -31,9 +31,17 @@ def test_a_notification_arrives_signed_as_a_standard_webhook(tmp_path: Path) -> 
     assert event["type"] == "notification.approval_requested"
     assert event["timestamp"] == "2023-11-14T22:13:20.123Z"
     assert event["data"] == {
-        "id": notification_id(sent), "kind": "approval_requested", "run_id": "run-1",
-        "step": "refund", "approval_id": "refund#1/approval@7", "recipients": ["finance"],
-        "message": sent.message, "ts": sent.ts, "tenant": "acme", "correlation_id": "corr-1"}
+        "id": notification_id(sent),
+        "kind": "approval_requested",
+        "run_id": "run-1",
+        "step": "refund",
+        "approval_id": "refund#1/approval@7",
+        "recipients": ["finance"],
+        "message": sent.message,
+        "ts": sent.ts,
+        "tenant": "acme",
+        "correlation_id": "corr-1",
+    }
     with pytest.raises(WebhookVerificationError):
         Webhook(new_secret()).verify(request.body, request.headers)
 
@@ -51,7 +59,8 @@ def test_during_a_rotation_both_secrets_sign_each_request(tmp_path: Path) -> Non
 
 
 def test_a_failing_endpoint_is_retried_until_it_accepts_and_is_delivered_once(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     db = tmp_path / "s.db"
     write_notifications(db, note())
     script = [Answer(500), Answer(503, {"retry-after": "0"}), Answer(429), Answer(200)]
@@ -59,8 +68,11 @@ def test_a_failing_endpoint_is_retried_until_it_accepts_and_is_delivered_once(
         notifier = deliver_pending(db, webhook_settings(receiver.url, new_secret()))
     assert len(receiver.received) == 4
     assert {r.headers["webhook-id"] for r in receiver.received} == {notification_id(note())}
-    assert (notifier.stats.delivered, notifier.stats.retries,
-            notifier.stats.dead_lettered) == (1, 3, 0)
+    assert (notifier.stats.delivered, notifier.stats.retries, notifier.stats.dead_lettered) == (
+        1,
+        3,
+        0,
+    )
     store = Store(db)
     try:
         assert store.dead_letters() == []
@@ -99,7 +111,8 @@ def test_a_permanent_refusal_is_dead_lettered_without_a_retry(tmp_path: Path) ->
 
 
 def test_an_endpoint_that_keeps_failing_is_dead_lettered_after_the_last_attempt(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     db = tmp_path / "s.db"
     write_notifications(db, note())
     with webhook_receiver(default=Answer(502)) as receiver:
@@ -128,8 +141,7 @@ def test_the_same_notification_twice_in_the_log_is_sent_once(tmp_path: Path) -> 
     with webhook_receiver() as receiver:
         notifier = deliver_pending(db, webhook_settings(receiver.url, new_secret()))
     kinds = [json.loads(r.body)["type"] for r in receiver.received]
-    assert sorted(kinds) == ["notification.approval_reminder",
-                             "notification.approval_requested"]
+    assert sorted(kinds) == ["notification.approval_reminder", "notification.approval_requested"]
     assert notifier.stats.already_settled == 1
 
 
@@ -137,8 +149,9 @@ def test_notifications_no_route_matches_are_passed_over(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     write_notifications(db, note(recipients=["legal"]), note(recipients=[" FINANCE"]))
     with webhook_receiver() as receiver:
-        notifier = deliver_pending(db, webhook_settings(receiver.url, new_secret(),
-                                                        recipients=["finance"]))
+        notifier = deliver_pending(
+            db, webhook_settings(receiver.url, new_secret(), recipients=["finance"])
+        )
     assert len(receiver.received) == 1
     assert (notifier.stats.delivered, notifier.stats.unrouted) == (1, 1)
     store = Store(db)

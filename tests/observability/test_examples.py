@@ -33,8 +33,9 @@ def test_the_consumer_prints_status_changes_of_real_timeline_records() -> None:
     waiting = encode(timeline_record(build_timeline(events[:cut])))
     done = encode(timeline_record(build_timeline(events)))
     catalogue = json.loads((ROOT / "schemas" / "catalogue.json").read_text())
-    schema_id = next(s["id"] for s in catalogue["schemas"]
-                     if s["file"] == "projections/RunTimeline.v1.avsc")
+    schema_id = next(
+        s["id"] for s in catalogue["schemas"] if s["file"] == "projections/RunTimeline.v1.avsc"
+    )
     assert struct.unpack(">BI", done[:5]) == (0, schema_id)  # the Confluent framing
     assert CARD.encode() not in done
 

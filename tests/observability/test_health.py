@@ -58,8 +58,11 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return 0, ""  # not listening yet
 
 
-def _until(check: Callable[[], tuple[int, str]], wanted: Callable[[int, str], bool],
-           timeout_s: float = 60.0) -> tuple[int, str]:
+def _until(
+    check: Callable[[], tuple[int, str]],
+    wanted: Callable[[int, str], bool],
+    timeout_s: float = 60.0,
+) -> tuple[int, str]:
     deadline = time.monotonic() + timeout_s
     got = check()
     while not wanted(*got) and time.monotonic() < deadline:
@@ -73,9 +76,12 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(*argv: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *argv],
-                                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", *argv],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         started.append(proc)
         return proc
 
@@ -92,22 +98,32 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
 @pytest.mark.kafka
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_serve_answers_health_readiness_and_metrics(cli: Cli, kafka: list[str], tmp_path: Path,
-                                                    spawn: Callable[..., subprocess.Popen[bytes]]
-                                                    ) -> None:
+def test_serve_answers_health_readiness_and_metrics(
+    cli: Cli, kafka: list[str], tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
     prefix = kafka[kafka.index("--topic-prefix") + 1]
     assert cli("topics", "create", *kafka, "--partitions", "2").code == 0
     port = _free_port()
-    proc = spawn("serve", *kafka, "--app", prefix, "--partitions", "2", "--health-port",
-                 str(port), "--workers", "tests.examples.words_tools",
-                 "--postgres", postgres_dsn())
+    proc = spawn(
+        "serve",
+        *kafka,
+        "--app",
+        prefix,
+        "--partitions",
+        "2",
+        "--health-port",
+        str(port),
+        "--workers",
+        "tests.examples.words_tools",
+        "--postgres",
+        postgres_dsn(),
+    )
 
     alive = _until(lambda: _get(port, "/healthz"), lambda code, _: code != 0)
     assert alive == (200, "ok\n"), alive
     status, body = _until(lambda: _get(port, "/readyz"), lambda code, _: code == 200)
     assert status == 200, body
-    assert json.loads(body) == {"ready": True,
-                                "checks": {"engine": "ready", "worker": "ready"}}
+    assert json.loads(body) == {"ready": True, "checks": {"engine": "ready", "worker": "ready"}}
 
     spec = tmp_path / "health.yaml"
     spec.write_text(SPEC)
@@ -117,15 +133,18 @@ def test_serve_answers_health_readiness_and_metrics(cli: Cli, kafka: list[str], 
     def runs_started() -> tuple[int, str]:
         return _get(port, "/metrics")
 
-    status, metrics = _until(runs_started,
-                             lambda code, text: 'workflow="health-flow"' in text
-                             and 'outcome="called"} 1.0' in text)
+    status, metrics = _until(
+        runs_started,
+        lambda code, text: 'workflow="health-flow"' in text and 'outcome="called"} 1.0' in text,
+    )
     assert status == 200
-    tasks = [line for line in metrics.splitlines()
-             if line.startswith("terranoha_worker_tasks_total{")]
+    tasks = [
+        line for line in metrics.splitlines() if line.startswith("terranoha_worker_tasks_total{")
+    ]
     assert any('outcome="called"' in line and line.endswith(" 1.0") for line in tasks), tasks
-    line = next(line for line in metrics.splitlines()
-                if line.startswith("terranoha_runs_started_total{"))
+    line = next(
+        line for line in metrics.splitlines() if line.startswith("terranoha_runs_started_total{")
+    )
     assert 'workflow="health-flow"' in line and line.endswith(" 1.0"), line
     assert "process_resident_memory_bytes" in metrics
     assert _get(port, "/nowhere")[0] == 404
@@ -135,10 +154,13 @@ def test_serve_answers_health_readiness_and_metrics(cli: Cli, kafka: list[str], 
 @pytest.mark.kafka
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_project_is_ready_once_both_projectors_read(cli: Cli, kafka: list[str],
-                                                   tmp_path: Path, request: pytest.FixtureRequest,
-                                                   spawn: Callable[..., subprocess.Popen[bytes]]
-                                                   ) -> None:
+def test_project_is_ready_once_both_projectors_read(
+    cli: Cli,
+    kafka: list[str],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
     prefix = kafka[kafka.index("--topic-prefix") + 1]
     assert cli("topics", "create", *kafka, "--partitions", "2").code == 0
     spec = tmp_path / "health.yaml"
@@ -155,12 +177,17 @@ def test_project_is_ready_once_both_projectors_read(cli: Cli, kafka: list[str],
     assert json.loads(body)["checks"] == {"postgres": "ready", "topics": "ready"}
 
     assert cli("run", "health-flow", "--input", "{}", "--key", "p-1", *kafka).code == 0
-    status, metrics = _until(lambda: _get(port, "/metrics"),
-                             lambda code, text: 'projector="postgres"} 0.0' not in text
-                             and 'terranoha_projector_events_total{' in text)
-    events = {line.split('projector="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-              for line in metrics.splitlines()
-              if line.startswith("terranoha_projector_events_total{")}
+    status, metrics = _until(
+        lambda: _get(port, "/metrics"),
+        lambda code, text: (
+            'projector="postgres"} 0.0' not in text and "terranoha_projector_events_total{" in text
+        ),
+    )
+    events = {
+        line.split('projector="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("terranoha_projector_events_total{")
+    }
     assert events["postgres"] >= 1 and set(events) == {"postgres", "topics"}, metrics
 
 
@@ -194,7 +221,8 @@ def test_a_stuck_event_loop_is_reported_dead_and_a_failing_check_not_ready() -> 
 
 
 def test_the_endpoints_listen_on_loopback_unless_told_otherwise(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Metrics name workflows and tenants: by default only this machine can read them."""
     from engine.cli import build_parser
     from engine.cli._process import health_of

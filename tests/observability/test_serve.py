@@ -58,18 +58,44 @@ def test_serve_with_console_telemetry(cli: Cli, kafka: list[str], tmp_path: Path
     spec = tmp_path / "otel.yaml"
     spec.write_text(SPEC)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", *kafka, "--app", prefix,
-         "--partitions", "2", "--workers", "tests.observability.otel_tools",
-         "--postgres", postgres_dsn(), "--otel", "console"],
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            *kafka,
+            "--app",
+            prefix,
+            "--partitions",
+            "2",
+            "--workers",
+            "tests.observability.otel_tools",
+            "--postgres",
+            postgres_dsn(),
+            "--otel",
+            "console",
+        ],
         env={**os.environ, "PYTHONPATH": str(ROOT), "OTEL_METRIC_EXPORT_INTERVAL": "300"},
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     first = proc.stdout.readline()
     try:
         assert first.startswith(b"serving"), first
-        result = cli("run", str(spec), *kafka, "--input", json.dumps({"n": 3, "card": CARD}),
-                     "--key", "otel-1", "--correlation-id", "ticket-otel", "--wait", "60")
+        result = cli(
+            "run",
+            str(spec),
+            *kafka,
+            "--input",
+            json.dumps({"n": 3, "card": CARD}),
+            "--key",
+            "otel-1",
+            "--correlation-id",
+            "ticket-otel",
+            "--wait",
+            "60",
+        )
         assert result.code == 0, result.err
         assert "Completed" in result.out
     finally:
@@ -82,16 +108,33 @@ def test_serve_with_console_telemetry(cli: Cli, kafka: list[str], tmp_path: Path
     trace_id = f"0x{trace_id_of('ticket-otel'):032x}"
     mine = [s for s in spans if s["context"]["trace_id"] == trace_id]
     names = sorted(s["name"] for s in mine)
-    assert names == ["run otel-flow", "step fetch", "task otel.fetch", "task otel.fetch",
-                     "tool otel.fetch", "tool otel.fetch"], names
-    attempts = {s["attributes"]["terranoha.task.attempt"]: s for s in mine
-                if s["name"] == "task otel.fetch"}
+    assert names == [
+        "run otel-flow",
+        "step fetch",
+        "task otel.fetch",
+        "task otel.fetch",
+        "tool otel.fetch",
+        "tool otel.fetch",
+    ], names
+    attempts = {
+        s["attributes"]["terranoha.task.attempt"]: s for s in mine if s["name"] == "task otel.fetch"
+    }
     for tool_span in (s for s in mine if s["name"] == "tool otel.fetch"):
         attempt = attempts[tool_span["attributes"]["terranoha.task.attempt"]]
         assert tool_span["parent_id"] == attempt["context"]["span_id"]
     metrics = [o for o in _objects(text) if "resource_metrics" in o]
     assert metrics, "the metrics were not exported at shutdown"
-    names_seen = {m["name"] for o in metrics for r in o["resource_metrics"]
-                  for s in r["scope_metrics"] for m in s["metrics"]}
-    assert {"terranoha.runs.started", "terranoha.runs.completed", "terranoha.task.retries",
-            "terranoha.step.duration", "terranoha.consumer.lag"} <= names_seen
+    names_seen = {
+        m["name"]
+        for o in metrics
+        for r in o["resource_metrics"]
+        for s in r["scope_metrics"]
+        for m in s["metrics"]
+    }
+    assert {
+        "terranoha.runs.started",
+        "terranoha.runs.completed",
+        "terranoha.task.retries",
+        "terranoha.step.duration",
+        "terranoha.consumer.lag",
+    } <= names_seen

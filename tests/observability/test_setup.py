@@ -11,8 +11,10 @@ from engine.cli import build_parser
 from engine.observability.setup import Telemetry, TelemetryError, configure
 from tests.cli.conftest import Cli
 
-OTLP_MODULES = ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
-                "opentelemetry.exporter.otlp.proto.http.metric_exporter")
+OTLP_MODULES = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+)
 
 
 def test_none_is_the_default_and_turns_everything_off() -> None:
@@ -34,7 +36,8 @@ def test_an_unknown_exporter_is_refused() -> None:
 
 
 def test_otlp_without_the_extra_says_how_to_install_it(
-        monkeypatch: pytest.MonkeyPatch, cli: Cli, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, cli: Cli, tmp_path: Path
+) -> None:
     for name in OTLP_MODULES:
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     with pytest.raises(TelemetryError, match=r"pip install 'terranoha\[otlp\]'"):

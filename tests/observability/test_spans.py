@@ -32,16 +32,27 @@ from tests.harness import T0, Flow
 
 CARD = "4111 1111 1111 1111"
 API_TOKEN = "tok-9f8e7d6c5b4a3928"
-SPEC = load_spec({
-    "workflow": "refund", "version": 2, "input": {"order": "string", "card": "string"},
-    "redact": ["$.input.card", "*token*"],
-    "steps": [
-        {"id": "lookup", "task": "crm.get", "input": {"card": "input.card"},
-         "retry": {"max_attempts": 3, "initial": "1s", "jitter": "none"}},
-        {"id": "refund", "task": "pay.refund",
-         "approval": {"approvers": ["finance"], "quorum": 2}},
-    ],
-})
+SPEC = load_spec(
+    {
+        "workflow": "refund",
+        "version": 2,
+        "input": {"order": "string", "card": "string"},
+        "redact": ["$.input.card", "*token*"],
+        "steps": [
+            {
+                "id": "lookup",
+                "task": "crm.get",
+                "input": {"card": "input.card"},
+                "retry": {"max_attempts": 3, "initial": "1s", "jitter": "none"},
+            },
+            {
+                "id": "refund",
+                "task": "pay.refund",
+                "approval": {"approvers": ["finance"], "quorum": 2},
+            },
+        ],
+    }
+)
 
 
 def _book() -> PolicyBook:
@@ -54,8 +65,7 @@ def _flow() -> Flow:
     flow.given(flow.start({"order": "o-1", "card": CARD}, correlation_id="ticket-7"))
     flow.after(500).when(flow.fail("lookup", "transient", "HTTP_503", "try later"))
     flow.fire("retry")
-    flow.after(300).when(flow.complete("lookup", {"api_token": API_TOKEN, "amount": 12},
-                                       cost=0.5))
+    flow.after(300).when(flow.complete("lookup", {"api_token": API_TOKEN, "amount": 12}, cost=0.5))
     flow.after(1000).when(flow.approve("refund", "bob", "finance", comment="ok"))
     flow.after(1000).when(flow.approve("refund", "carol", "finance"))
     flow.after(200).when(flow.complete("refund", {"refund_id": "r-1"}, cost=0.25))
@@ -99,8 +109,9 @@ def test_a_run_is_one_trace_with_step_and_attempt_spans() -> None:
     assert lookup.context.span_id == step_span_id(flow.run_id, "lookup", 1)
     attempts = sorted(named["task crm.get"], key=lambda s: s.start_time or 0)
     assert [a.attributes["terranoha.task.attempt"] for a in attempts if a.attributes] == [1, 2]
-    assert all(a.parent is not None and a.parent.span_id == lookup.context.span_id
-               for a in attempts)
+    assert all(
+        a.parent is not None and a.parent.span_id == lookup.context.span_id for a in attempts
+    )
     failed, ok = attempts
     assert failed.status.is_ok is False and failed.attributes is not None
     assert failed.attributes["terranoha.error.code"] == "HTTP_503"
@@ -109,16 +120,19 @@ def test_a_run_is_one_trace_with_step_and_attempt_spans() -> None:
     assert [e.name for e in lookup.events] == ["retry scheduled"]
 
     assert [e.name for e in refund.events] == [
-        "approval requested", "approval voted", "approval granted"]
+        "approval requested",
+        "approval voted",
+        "approval granted",
+    ]
     (pay,) = named["task pay.refund"]
     assert pay.parent is not None and pay.parent.span_id == refund.context.span_id
     # the attempt span has the id the task record's traceparent names
-    dispatched = next(e for e in flow.log if isinstance(e, ev.TaskDispatched)
-                      and e.step == "refund")
+    dispatched = next(
+        e for e in flow.log if isinstance(e, ev.TaskDispatched) and e.step == "refund"
+    )
     assert pay.context.span_id == attempt_span_id(dispatched.task_id)
     header = dict(trace_headers("ticket-7", dispatched.task_id, "default"))["traceparent"]
-    assert header.decode() == (f"00-{pay.context.trace_id:032x}-"
-                               f"{pay.context.span_id:016x}-01")
+    assert header.decode() == (f"00-{pay.context.trace_id:032x}-{pay.context.span_id:016x}-01")
     # children end before their parents are handed out
     assert spans[-1] is not None and spans[-1].name == "run refund"
 
@@ -141,11 +155,20 @@ def test_secrets_never_reach_span_attributes_or_events() -> None:
 
 
 def test_escalation_sla_breach_and_rejection_fail_the_run() -> None:
-    spec = load_spec({
-        "workflow": "esc", "version": 1, "sla": "1h",
-        "steps": [{"id": "pay", "task": "pay.go",
-                   "on_business_error": {"LIMIT": {"escalate": "leads"}}}],
-    })
+    spec = load_spec(
+        {
+            "workflow": "esc",
+            "version": 1,
+            "sla": "1h",
+            "steps": [
+                {
+                    "id": "pay",
+                    "task": "pay.go",
+                    "on_business_error": {"LIMIT": {"escalate": "leads"}},
+                }
+            ],
+        }
+    )
     flow = Flow(spec, run_id="run-esc")
     flow.given(flow.start())
     flow.after(100).when(flow.fail("pay", "business", "LIMIT", "over the limit"))
@@ -155,7 +178,11 @@ def test_escalation_sla_breach_and_rejection_fail_the_run() -> None:
     (root,) = named["run esc"]
     (pay,) = named["step pay"]
     assert [e.name for e in pay.events] == [
-        "business error handled", "escalated", "approval requested", "approval rejected"]
+        "business error handled",
+        "escalated",
+        "approval requested",
+        "approval rejected",
+    ]
     assert [e.name for e in root.events] == ["sla breached"]
     assert root.attributes is not None
     assert root.attributes["terranoha.run.status"] == "failed"
@@ -205,8 +232,15 @@ def test_the_embedded_engine_hands_committed_events_to_telemetry(tmp_path: Path)
     telemetry.bind(engine.specs, engine.cache.get)
     engine.on_committed = telemetry.observe
     worker = EmbeddedWorker(tmp_path / "e.db", _registry(), clock=clock)
-    engine.submit(Trigger(workflow="refund", idempotency_key="k", correlation_id="ticket-9",
-                          input={"order": "o-1", "card": CARD}, requested_by="ann"))
+    engine.submit(
+        Trigger(
+            workflow="refund",
+            idempotency_key="k",
+            correlation_id="ticket-9",
+            input={"order": "o-1", "card": CARD},
+            requested_by="ann",
+        )
+    )
     run_id = run_id_for("default", "k")
     engine.drain()
     asyncio.run(worker.work_once())
@@ -216,9 +250,17 @@ def test_the_embedded_engine_hands_committed_events_to_telemetry(tmp_path: Path)
     asyncio.run(worker.work_once())
     engine.drain()
     for who in ("bob", "carol"):
-        engine.submit(DecideApproval(command_id=f"a-{who}", run_id=run_id, tenant="default",
-                                     correlation_id="ticket-9", step="refund", approver=who,
-                                     roles=("finance",)))
+        engine.submit(
+            DecideApproval(
+                command_id=f"a-{who}",
+                run_id=run_id,
+                tenant="default",
+                correlation_id="ticket-9",
+                step="refund",
+                approver=who,
+                roles=("finance",),
+            )
+        )
         engine.drain()
     asyncio.run(worker.work_once())
     engine.drain()
@@ -226,8 +268,13 @@ def test_the_embedded_engine_hands_committed_events_to_telemetry(tmp_path: Path)
     worker.close()
     spans = list(exporter.get_finished_spans())
     named = _by_name(spans)
-    assert set(named) == {"run refund", "step lookup", "step refund", "task crm.get",
-                          "task pay.refund"}
+    assert set(named) == {
+        "run refund",
+        "step lookup",
+        "step refund",
+        "task crm.get",
+        "task pay.refund",
+    }
     assert len(named["task crm.get"]) == 2
     assert {s.context.trace_id for s in spans} == {trace_id_of("ticket-9")}
     text = "\n".join(s.to_json() for s in spans)
@@ -249,11 +296,16 @@ def test_a_command_refused_after_the_run_ended_opens_no_trace() -> None:
 
 @pytest.mark.parametrize("event_type", list(ev.EVENT_TYPES.values()), ids=lambda t: t.__name__)
 def test_every_event_type_changes_spans_becomes_a_span_event_or_is_known_to_do_neither(
-        event_type: type[ev.Event]) -> None:
+    event_type: type[ev.Event],
+) -> None:
     from engine.observability import spans
 
-    roles = [event_type in spans._SPAN_CHANGES, event_type in spans._SPAN_EVENTS,
-             event_type in spans.IGNORED]
+    roles = [
+        event_type in spans._SPAN_CHANGES,
+        event_type in spans._SPAN_EVENTS,
+        event_type in spans.IGNORED,
+    ]
     assert roles.count(True) == 1, (
         f"{event_type.__name__}: add it to exactly one of _SPAN_CHANGES, _SPAN_EVENTS "
-        "(@_describes) or IGNORED in engine/observability/spans.py")
+        "(@_describes) or IGNORED in engine/observability/spans.py"
+    )

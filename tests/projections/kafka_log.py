@@ -55,15 +55,19 @@ class EventLog:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
-            names = [n for n in await admin.list_topics()
-                     if n.startswith(f"{self.topics.prefix}.")]
+            names = [n for n in await admin.list_topics() if n.startswith(f"{self.topics.prefix}.")]
             if names:
                 await admin.delete_topics(names)
         finally:
             await admin.close()
 
-    async def publish(self, runs: dict[str, list[ev.Event]], per_txn: int = 50,
-                      pause_s: float = 0.0, seed: int = 1) -> None:
+    async def publish(
+        self,
+        runs: dict[str, list[ev.Event]],
+        per_txn: int = 50,
+        pause_s: float = 0.0,
+        seed: int = 1,
+    ) -> None:
         """Interleave the runs' events (each run in order), in transactions of about
         ``per_txn`` records; a recorded command follows each run's first event."""
         rng = random.Random(seed)
@@ -74,27 +78,28 @@ class EventLog:
             order.append(queues[run_id].pop(0))
             if not queues[run_id]:
                 del queues[run_id]
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                    enable_idempotence=True,
-                                    transactional_id=f"{self.topics.prefix}-writer")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=f"{self.topics.prefix}-writer",
+        )
         await producer.start()
         try:
             for start in range(0, len(order), per_txn):
                 sent: list[tuple[ev.Event | None, Any]] = []
                 async with producer.transaction():
-                    for event in order[start:start + per_txn]:
+                    for event in order[start : start + per_txn]:
                         sent.append((event, await self._send(producer, event)))
                         if event.seq == 1:
                             sent.append((None, await self._send(producer, _recorded(event))))
                 for event, future in sent:
                     meta = await future
-                    self.last[meta.partition] = max(self.last.get(meta.partition, -1),
-                                                    meta.offset)
+                    self.last[meta.partition] = max(self.last.get(meta.partition, -1), meta.offset)
                     self.records += 1
                     if event is not None:
                         self.runs[event.run_id].append(event)
-                        self.positions[(event.run_id, event.seq)] = (meta.partition,
-                                                                     meta.offset)
+                        self.positions[(event.run_id, event.seq)] = (meta.partition, meta.offset)
                 if pause_s:
                     await asyncio.sleep(pause_s)
         finally:
@@ -102,8 +107,11 @@ class EventLog:
 
     async def publish_aborted(self, events: Iterable[ev.Event]) -> None:
         """Events in a transaction that aborts: read_committed readers never see them."""
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                    transactional_id=f"{self.topics.prefix}-aborter")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            transactional_id=f"{self.topics.prefix}-aborter",
+        )
         await producer.start()
         try:
             await producer.begin_transaction()
@@ -115,22 +123,25 @@ class EventLog:
             await producer.stop()
 
     async def _send(self, producer: AIOKafkaProducer, record: Any) -> Any:
-        return await producer.send(self.topics.events, encode(record),
-                                   key=record.run_id.encode(),
-                                   partition=self.topics.partition_of(record.run_id))
+        return await producer.send(
+            self.topics.events,
+            encode(record),
+            key=record.run_id.encode(),
+            partition=self.topics.partition_of(record.run_id),
+        )
 
     def caught_up(self, dsn: str, name: str = "postgres") -> bool:
         stored = stored_offsets(dsn, self.topics.events, name)
         return all(stored.get(p, -1) >= offset for p, offset in self.last.items())
 
     async def group_caught_up(self, group: str) -> bool:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group,
-                                    enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False
+        )
         await consumer.start()
         try:
             for partition, offset in self.last.items():
-                committed = await consumer.committed(TopicPartition(self.topics.events,
-                                                                    partition))
+                committed = await consumer.committed(TopicPartition(self.topics.events, partition))
                 if committed is None or committed <= offset:
                     return False
             return True
@@ -144,15 +155,19 @@ class EventLog:
         for run_id, events in self.runs.items():
             row = run_row(project_run(events, BOOK))
             runs[run_id] = {c.name: _as_stored(c.kind, row[c.name]) for c in RUN_COLUMNS}
-        index = {(e.run_id, e.seq, e.TYPE, e.ts, *self.positions[(e.run_id, e.seq)])
-                 for events in self.runs.values() for e in events}
+        index = {
+            (e.run_id, e.seq, e.TYPE, e.ts, *self.positions[(e.run_id, e.seq)])
+            for events in self.runs.values()
+            for e in events
+        }
         return runs, index
 
 
 async def last_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """The offset of the last committed record of each partition of ``topic``."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
     await consumer.start()
     last: dict[int, int] = {}
     try:
@@ -177,10 +192,12 @@ def _as_stored(kind: str, value: Any) -> Any:
 
 
 def _recorded(event: ev.Event) -> RecordedCommand:
-    command = cmd.CancelRun(command_id=f"{event.run_id}/c1", run_id=event.run_id,
-                            reason="recorded", by="test")
-    return RecordedCommand(run_id=event.run_id, command=command, now=event.ts,
-                           first_seq=event.seq, last_seq=event.seq)
+    command = cmd.CancelRun(
+        command_id=f"{event.run_id}/c1", run_id=event.run_id, reason="recorded", by="test"
+    )
+    return RecordedCommand(
+        run_id=event.run_id, command=command, now=event.ts, first_seq=event.seq, last_seq=event.seq
+    )
 
 
 def stored_runs(dsn: str) -> dict[str, dict[str, Any]]:
@@ -235,10 +252,14 @@ def _pg_ctl(*args: str) -> subprocess.CompletedProcess[bytes]:
 def restart_postgres() -> None:
     """Restart the local PostgreSQL server (fast shutdown: sessions are cut)."""
     if not (PG_DIR / "data").is_dir():
-        pytest.fail(f"this test restarts the PostgreSQL of deploy/local/infra.sh, and there "
-                    f"is none in {PG_DIR}: run `bash deploy/local/infra.sh up`", pytrace=False)
-    done = _pg_ctl("-l", str(PG_DIR / "log" / "postgresql.log"), "restart", "-m", "fast",
-                   "-w", "-t", "60")
+        pytest.fail(
+            f"this test restarts the PostgreSQL of deploy/local/infra.sh, and there "
+            f"is none in {PG_DIR}: run `bash deploy/local/infra.sh up`",
+            pytrace=False,
+        )
+    done = _pg_ctl(
+        "-l", str(PG_DIR / "log" / "postgresql.log"), "restart", "-m", "fast", "-w", "-t", "60"
+    )
     assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
 
 
@@ -251,5 +272,6 @@ def ensure_postgres(dsn: str, timeout_s: float = 60.0) -> None:
                 conn.execute("SELECT 1")
             return
         time.sleep(0.5)
-    subprocess.run(["bash", str(ROOT / "deploy" / "local" / "infra.sh"), "up"], check=True,
-                   timeout=300)
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "local" / "infra.sh"), "up"], check=True, timeout=300
+    )

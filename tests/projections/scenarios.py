@@ -27,30 +27,52 @@ SSN = "123-45-6789"
 IBAN = "DE89370400440532013000"
 BEARER = "Bearer eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.sig-55aa"
 PASSWORD = "hunter2-but-longer"
-SECRETS = (CARD, CARD.replace(" ", ""), API_TOKEN, SSN, IBAN, "c2VjcmV0LXBheWxvYWQ",
-           PASSWORD)
+SECRETS = (CARD, CARD.replace(" ", ""), API_TOKEN, SSN, IBAN, "c2VjcmV0LXBheWxvYWQ", PASSWORD)
 
-CLAIMS = load_spec({
-    "workflow": "claims", "version": 1, "sla": "10m",
-    "input": {"claim": "string", "card_number": "string", "note": "string?"},
-    "redact": ["$.input.card_number", "*token*", "$.signals.docs.ssn",
-               "$.steps.pay.result.iban"],
-    "steps": [
-        {"id": "fetch", "task": "crm.fetch",
-         "retry": {"max_attempts": 2, "initial": "1s", "jitter": "none"}},
-        {"id": "review", "approval": {"approvers": ["finance"], "expires_after": "1h",
-                                      "sla": "5m", "on_expire": {"escalate": "leads"}}},
-        {"id": "docs", "wait_event": {"name": "docs"}},
-        {"id": "pay", "task": "pay.send",
-         "input": {"card": "input.card_number", "claim": "input.claim"}},
-    ],
-})
+CLAIMS = load_spec(
+    {
+        "workflow": "claims",
+        "version": 1,
+        "sla": "10m",
+        "input": {"claim": "string", "card_number": "string", "note": "string?"},
+        "redact": [
+            "$.input.card_number",
+            "*token*",
+            "$.signals.docs.ssn",
+            "$.steps.pay.result.iban",
+        ],
+        "steps": [
+            {
+                "id": "fetch",
+                "task": "crm.fetch",
+                "retry": {"max_attempts": 2, "initial": "1s", "jitter": "none"},
+            },
+            {
+                "id": "review",
+                "approval": {
+                    "approvers": ["finance"],
+                    "expires_after": "1h",
+                    "sla": "5m",
+                    "on_expire": {"escalate": "leads"},
+                },
+            },
+            {"id": "docs", "wait_event": {"name": "docs"}},
+            {
+                "id": "pay",
+                "task": "pay.send",
+                "input": {"card": "input.card_number", "claim": "input.claim"},
+            },
+        ],
+    }
+)
 BOOK = PolicyBook(SpecRegistry([CLAIMS]))
 
-INPUT: dict[str, Any] = {"claim": "c-1", "card_number": CARD.replace(" ", ""),
-                         "note": f"customer pasted {CARD} into the form"}
-FETCH_RESULT = {"customer": "ada", "api_token": API_TOKEN,
-                "auth": {"password": PASSWORD}}
+INPUT: dict[str, Any] = {
+    "claim": "c-1",
+    "card_number": CARD.replace(" ", ""),
+    "note": f"customer pasted {CARD} into the form",
+}
+FETCH_RESULT = {"customer": "ada", "api_token": API_TOKEN, "auth": {"password": PASSWORD}}
 DOCS = {"ssn": SSN, "pages": 3}
 PAY_RESULT = {"paid": True, "iban": IBAN}
 
@@ -65,8 +87,9 @@ def fetched(flow: Flow, after: int = SECOND) -> Flow:
     return flow.after(after).given(flow.complete("fetch", FETCH_RESULT, cost=0.01))
 
 
-def completed(run_id: str, at: int, gaps: tuple[int, int, int, int] = (SECOND,) * 4,
-              tenant: str = "acme") -> list[ev.Event]:
+def completed(
+    run_id: str, at: int, gaps: tuple[int, int, int, int] = (SECOND,) * 4, tenant: str = "acme"
+) -> list[ev.Event]:
     """fetch, review, docs, pay, each ``gaps[i]`` after the previous one."""
     flow = fetched(started(run_id, at, tenant), gaps[0])
     flow.after(gaps[1]).given(flow.approve("review", "bob", "finance", comment="ok"))
@@ -80,8 +103,9 @@ def retried(run_id: str, at: int) -> list[ev.Event]:
     """The fetch fails once (its message holds a bearer token), is retried after 1s;
     completes at +10s."""
     flow = started(run_id, at)
-    flow.after(SECOND).given(flow.fail("fetch", "transient", "UPSTREAM",
-                                       f"crm said 401 for {BEARER}"))
+    flow.after(SECOND).given(
+        flow.fail("fetch", "transient", "UPSTREAM", f"crm said 401 for {BEARER}")
+    )
     flow.fire("retry")  # +2s
     fetched(flow)  # +3s
     flow.after(3 * SECOND).given(flow.approve("review", "bob", "finance"))  # +6s
@@ -142,13 +166,14 @@ def scripted_runs() -> dict[str, list[ev.Event]]:
         "r8": escalated("r8", BASE + 6 * MINUTE + 40 * SECOND),
         "r9": breached("r9", BASE + 8 * MINUTE + 20 * SECOND),
         "b1": completed("b1", BASE + 30 * SECOND, tenant="beta"),
-        "r10": completed("r10", BASE + HOUR + 10 * SECOND, (SECOND, SECOND, 4 * SECOND,
-                                                            SECOND)),
+        "r10": completed("r10", BASE + HOUR + 10 * SECOND, (SECOND, SECOND, 4 * SECOND, SECOND)),
     }
 
 
 def many_runs(n: int, start: int = BASE, prefix: str = "run") -> dict[str, list[ev.Event]]:
     """``n`` runs cycling through every script, one started every 7 seconds."""
     scripts = (completed, retried, failed, cancelled, waiting, escalated, breached)
-    return {f"{prefix}-{i}": scripts[i % len(scripts)](f"{prefix}-{i}", start + i * 7 * SECOND)
-            for i in range(n)}
+    return {
+        f"{prefix}-{i}": scripts[i % len(scripts)](f"{prefix}-{i}", start + i * 7 * SECOND)
+        for i in range(n)
+    }

@@ -55,8 +55,7 @@ Schemas = Callable[[], str]
 
 async def _project_until_caught_up(log: EventLog, dsn: str, **kwargs: object) -> None:
     stop = asyncio.Event()
-    task = asyncio.create_task(run_projector(log.bootstrap, log.topics, dsn, stop,
-                                             **kwargs))  # type: ignore[arg-type]
+    task = asyncio.create_task(run_projector(log.bootstrap, log.topics, dsn, stop, **kwargs))  # type: ignore[arg-type]
     try:
         await wait_until(lambda: asyncio.to_thread(log.caught_up, dsn), 60, "the projector")
     finally:
@@ -91,18 +90,28 @@ def test_migrations_are_versioned_and_idempotent(pg: Schemas) -> None:
     assert migrate(dsn) == [1, 2]
     assert migrate(dsn) == []
     with psycopg.connect(dsn) as conn:
-        assert [r[0] for r in conn.execute(
-            "SELECT version FROM schema_migrations ORDER BY 1")] == [1, 2]
-        columns = {(t, c) for t, c in conn.execute(
-            "SELECT table_name, column_name FROM information_schema.columns "
-            "WHERE table_schema = current_schema()")}
-    for table, spec in (("runs", RUN_COLUMNS), ("steps", STEP_COLUMNS),
-                        ("run_events", EVENT_COLUMNS)):
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")] == [
+            1,
+            2,
+        ]
+        columns = {
+            (t, c)
+            for t, c in conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema()"
+            )
+        }
+    for table, spec in (
+        ("runs", RUN_COLUMNS),
+        ("steps", STEP_COLUMNS),
+        ("run_events", EVENT_COLUMNS),
+    ):
         assert {c for t, c in columns if t == table} == {c.name for c in spec}, table
 
 
-def test_rows_equal_a_fresh_fold_and_aborted_events_never_show(event_log: EventLog,
-                                                               pg: Schemas) -> None:
+def test_rows_equal_a_fresh_fold_and_aborted_events_never_show(
+    event_log: EventLog, pg: Schemas
+) -> None:
     dsn = pg()
     runs = scripted_runs()
 
@@ -121,13 +130,20 @@ def test_rows_equal_a_fresh_fold_and_aborted_events_never_show(event_log: EventL
     assert not [s for s in SECRETS if s in dump]
 
     # the SLA figures from SQL are the hand-checked figures of test_sla
-    _assert_same_figures(sla_postgres(dsn, window="1h", now_ms=NOW),
-                         sla_aggregates(pure_rows(), "1h", now_ms=NOW))
-    _assert_same_figures(sla_postgres(dsn, window="1m", tenant="acme", now_ms=NOW),
-                         sla_aggregates(pure_rows(), "1m", tenant="acme", now_ms=NOW))
+    _assert_same_figures(
+        sla_postgres(dsn, window="1h", now_ms=NOW), sla_aggregates(pure_rows(), "1h", now_ms=NOW)
+    )
+    _assert_same_figures(
+        sla_postgres(dsn, window="1m", tenant="acme", now_ms=NOW),
+        sla_aggregates(pure_rows(), "1m", tenant="acme", now_ms=NOW),
+    )
     one = sla_postgres(dsn, workflow="claims", tenant="acme", window="1h", now_ms=NOW)[0]
     assert (one.started, one.completed, one.approvals_overdue, one.p95_ms) == (
-        9, 4, 1, pytest.approx(564000.0))
+        9,
+        4,
+        1,
+        pytest.approx(564000.0),
+    )
     assert len(sla_postgres(dsn, window="1m", now_ms=NOW)) == 11
 
     timeline = timeline_from_postgres(dsn, "r9")
@@ -135,15 +151,22 @@ def test_rows_equal_a_fresh_fold_and_aborted_events_never_show(event_log: EventL
     assert timeline_from_postgres(dsn, "zzz") is None
 
 
-def test_rebuild_gives_the_same_checksum_and_reports_progress(event_log: EventLog,
-                                                              pg: Schemas) -> None:
+def test_rebuild_gives_the_same_checksum_and_reports_progress(
+    event_log: EventLog, pg: Schemas
+) -> None:
     live, fresh = pg(), pg()
     asyncio.run(event_log.publish(many_runs(50), per_txn=40))
     asyncio.run(_project_until_caught_up(event_log, live))
     seen: list[tuple[int, int]] = []
-    stats = asyncio.run(rebuild(event_log.bootstrap, event_log.topics, fresh,
-                                progress=lambda done, total: seen.append((done, total)),
-                                batch=97))
+    stats = asyncio.run(
+        rebuild(
+            event_log.bootstrap,
+            event_log.topics,
+            fresh,
+            progress=lambda done, total: seen.append((done, total)),
+            batch=97,
+        )
+    )
     assert stats.events == sum(len(e) for e in event_log.runs.values())
     assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] >= event_log.records
     assert checksum(live) == checksum(fresh)
@@ -164,8 +187,11 @@ def test_a_running_projector_blocks_a_rebuild(event_log: EventLog, pg: Schemas) 
         async def ready() -> None:
             started.set()
 
-        task = asyncio.create_task(run_projector(event_log.bootstrap, event_log.topics, dsn,
-                                                 stop, specs=specs, ready=ready))
+        task = asyncio.create_task(
+            run_projector(
+                event_log.bootstrap, event_log.topics, dsn, stop, specs=specs, ready=ready
+            )
+        )
         await asyncio.wait_for(started.wait(), 30)
         try:
             with pytest.raises(ProjectionError, match="stop it before rebuilding"):
@@ -181,9 +207,21 @@ async def _start(log: EventLog, dsn: str, errors: Path) -> asyncio.subprocess.Pr
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with errors.open("ab") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "projections.postgres", "--kafka", log.bootstrap,
-            "--postgres", dsn, "--topic-prefix", log.topics.prefix, "--batch", "60",
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=err)
+            sys.executable,
+            "-m",
+            "projections.postgres",
+            "--kafka",
+            log.bootstrap,
+            "--postgres",
+            dsn,
+            "--topic-prefix",
+            log.topics.prefix,
+            "--batch",
+            "60",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+        )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
     assert line.startswith(b"projecting"), (line, errors.read_text()[-2000:])
@@ -192,8 +230,7 @@ async def _start(log: EventLog, dsn: str, errors: Path) -> asyncio.subprocess.Pr
 
 @pytest.mark.slow
 @pytest.mark.chaos
-def test_sigkill_mid_batch_then_restart(event_log: EventLog, pg: Schemas,
-                                        tmp_path: Path) -> None:
+def test_sigkill_mid_batch_then_restart(event_log: EventLog, pg: Schemas, tmp_path: Path) -> None:
     seed = int(os.environ.get("TERRANOHA_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -202,7 +239,8 @@ def test_sigkill_mid_batch_then_restart(event_log: EventLog, pg: Schemas,
 
     async def go() -> int:
         publisher = asyncio.create_task(
-            event_log.publish(many_runs(1200), per_txn=60, pause_s=0.01, seed=seed))
+            event_log.publish(many_runs(1200), per_txn=60, pause_s=0.01, seed=seed)
+        )
         kills = 0
         proc = await _start(event_log, live, errors)
         while not publisher.done() or kills < 3:
@@ -212,8 +250,7 @@ def test_sigkill_mid_batch_then_restart(event_log: EventLog, pg: Schemas,
             kills += 1
             proc = await _start(event_log, live, errors)
         await publisher
-        await wait_until(lambda: asyncio.to_thread(event_log.caught_up, live), 90,
-                         "the projector")
+        await wait_until(lambda: asyncio.to_thread(event_log.caught_up, live), 90, "the projector")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0, errors.read_text()[-3000:]
         return kills
@@ -235,16 +272,18 @@ def test_postgres_restarted_under_load(event_log: EventLog, pg: Schemas) -> None
         stop = asyncio.Event()
         projector = PostgresProjector(event_log.bootstrap, event_log.topics, live, batch=50)
         task = asyncio.create_task(projector.run(stop))
-        publisher = asyncio.create_task(
-            event_log.publish(many_runs(400), per_txn=40, pause_s=0.02))
+        publisher = asyncio.create_task(event_log.publish(many_runs(400), per_txn=40, pause_s=0.02))
         try:
             await asyncio.sleep(1.5)
             await asyncio.to_thread(restart_postgres)
             await asyncio.sleep(1.0)
             await asyncio.to_thread(restart_postgres)
             await publisher
-            await wait_until(lambda: asyncio.to_thread(event_log.caught_up, live), 90,
-                             "the projector after the restarts")
+            await wait_until(
+                lambda: asyncio.to_thread(event_log.caught_up, live),
+                90,
+                "the projector after the restarts",
+            )
         finally:
             stop.set()
             await task
@@ -265,14 +304,27 @@ def test_postgres_restarted_under_load(event_log: EventLog, pg: Schemas) -> None
 def test_the_module_entry_point_rebuilds(event_log: EventLog, pg: Schemas) -> None:
     dsn = pg()
     asyncio.run(event_log.publish(many_runs(8)))
-    assert pg_projection.main(["--kafka", event_log.bootstrap, "--postgres", dsn,
-                               "--topic-prefix", event_log.topics.prefix, "--rebuild"]) == 0
+    assert (
+        pg_projection.main(
+            [
+                "--kafka",
+                event_log.bootstrap,
+                "--postgres",
+                dsn,
+                "--topic-prefix",
+                event_log.topics.prefix,
+                "--rebuild",
+            ]
+        )
+        == 0
+    )
     _assert_fresh_fold(event_log, dsn)
 
 
 @pytest.mark.slow
-def test_a_real_engine_is_projected(pg: Schemas, tmp_path: Path,
-                                    request: pytest.FixtureRequest) -> None:
+def test_a_real_engine_is_projected(
+    pg: Schemas, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """``terranoha serve --kafka`` runs the durable workflow; the projector follows."""
     live, fresh = pg(), pg()
     migrate(live)

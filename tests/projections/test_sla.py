@@ -46,10 +46,18 @@ def test_windows_and_buckets() -> None:
 def test_hourly_figures() -> None:
     figures = sla_aggregates(rows(), "1h", now_ms=NOW)
     assert [(m.workflow, m.tenant, m.bucket_start) for m in figures] == [
-        ("claims", "acme", BASE), ("claims", "beta", BASE), ("claims", "acme", BASE + HOUR)]
+        ("claims", "acme", BASE),
+        ("claims", "beta", BASE),
+        ("claims", "acme", BASE + HOUR),
+    ]
     acme = figures[0]
     assert (acme.started, acme.completed, acme.failed, acme.cancelled, acme.running) == (
-        9, 4, 1, 1, 3)
+        9,
+        4,
+        1,
+        1,
+        3,
+    )
     assert acme.success_rate == pytest.approx(4 / 6)
     assert acme.mean_ms == pytest.approx((4000 + 10000 + 20000 + 660000) / 4)
     assert acme.p95_ms == pytest.approx(20000 + (660000 - 20000) * 0.85)
@@ -59,7 +67,12 @@ def test_hourly_figures() -> None:
     assert (acme.window, acme.window_ms, acme.computed_at) == ("1h", HOUR, NOW)
     beta, later = figures[1], figures[2]
     assert (beta.started, beta.completed, beta.mean_ms, beta.p95_ms, beta.success_rate) == (
-        1, 1, 4000, 4000, 1.0)
+        1,
+        1,
+        4000,
+        4000,
+        1.0,
+    )
     assert (later.started, later.mean_ms, later.cost_per_run) == (1, 7000, pytest.approx(0.03))
 
 
@@ -72,8 +85,18 @@ def test_overdue_depends_on_now() -> None:
 def test_minute_figures_and_filters() -> None:
     figures = sla_aggregates(rows(), "1m", now_ms=NOW, tenant="acme")
     starts = {m.bucket_start - BASE: m for m in figures}
-    assert sorted(starts) == [0, MINUTE, 2 * MINUTE, 3 * MINUTE, 4 * MINUTE, 5 * MINUTE,
-                              6 * MINUTE, 8 * MINUTE, 15 * MINUTE, HOUR]
+    assert sorted(starts) == [
+        0,
+        MINUTE,
+        2 * MINUTE,
+        3 * MINUTE,
+        4 * MINUTE,
+        5 * MINUTE,
+        6 * MINUTE,
+        8 * MINUTE,
+        15 * MINUTE,
+        HOUR,
+    ]
     assert starts[0].started == 1 and starts[0].mean_ms == 4000
     assert starts[3 * MINUTE].failed == 1 and starts[3 * MINUTE].success_rate == 0.0
     assert starts[5 * MINUTE].approvals_overdue == 1

@@ -74,7 +74,8 @@ def test_the_store_projection_equals_the_pure_fold(tmp_path: Path) -> None:
     assert len(steps) == sum(len(step_rows(project_run(e, BOOK))) for e in runs.values())
     events = _stored(path, "run_events")
     assert sorted((e["run_id"], e["seq"]) for e in events) == sorted(
-        (e.run_id, e.seq) for es in runs.values() for e in es)
+        (e.run_id, e.seq) for es in runs.values() for e in es
+    )
     assert {e["partition"] for e in events} == {0}
     blob = json.dumps([stored, steps])
     assert not [s for s in SECRETS if s in blob]
@@ -138,9 +139,15 @@ def test_a_real_embedded_run_is_projected(tmp_path: Path) -> None:
         return {"paid": ctx.input["claim"]}
 
     worker = EmbeddedWorker(path, registry, clock=clock)
-    engine.submit(Trigger(workflow="claims", idempotency_key="k1", tenant="acme",
-                          requested_by="alice",
-                          input={"claim": "c-9", "card_number": "4111111111111111"}))
+    engine.submit(
+        Trigger(
+            workflow="claims",
+            idempotency_key="k1",
+            tenant="acme",
+            requested_by="alice",
+            input={"claim": "c-9", "card_number": "4111111111111111"},
+        )
+    )
 
     async def go() -> None:
         engine.drain()

@@ -36,8 +36,9 @@ pytestmark = [pytest.mark.kafka]
 
 async def _read(bootstrap: str, topic: str) -> tuple[dict[bytes, bytes], bytes]:
     """The latest value of every key of ``topic``, and all its bytes."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
     await consumer.start()
     latest: dict[bytes, bytes] = {}
     everything = bytearray()
@@ -72,8 +73,9 @@ def test_topics_equal_a_fresh_fold_after_a_crash(event_log: EventLog) -> None:
     group = f"{app}-timelines"
 
     def projector() -> TopicProjector:
-        return TopicProjector(event_log.bootstrap, event_log.topics, app=app, batch=17,
-                              clock=lambda: NOW)
+        return TopicProjector(
+            event_log.bootstrap, event_log.topics, app=app, batch=17, clock=lambda: NOW
+        )
 
     async def go() -> None:
         await event_log.publish(dict(items[:20]), per_txn=9)
@@ -91,10 +93,13 @@ def test_topics_equal_a_fresh_fold_after_a_crash(event_log: EventLog) -> None:
         assert stats.events < sum(len(e) for e in runs.values()), "it resumed, not restarted"
 
     asyncio.run(go())
-    timelines, raw_timelines = asyncio.run(_read(event_log.bootstrap,
-                                                 timelines_topic(event_log.topics)))
-    expected = {run_id: timeline_record(project_run(events, BOOK))
-                for run_id, events in event_log.runs.items()}
+    timelines, raw_timelines = asyncio.run(
+        _read(event_log.bootstrap, timelines_topic(event_log.topics))
+    )
+    expected = {
+        run_id: timeline_record(project_run(events, BOOK))
+        for run_id, events in event_log.runs.items()
+    }
     got = {key.decode(): decode(value) for key, value in timelines.items()}
     assert got.keys() == expected.keys()
     for run_id, record in got.items():
@@ -128,9 +133,11 @@ def test_a_second_instance_fences_the_first(event_log: EventLog) -> None:
         async def started() -> None:
             ready.set()
 
-        first = asyncio.create_task(TopicProjector(
-            event_log.bootstrap, event_log.topics, app=app, specs=specs).run(
-                asyncio.Event(), started))
+        first = asyncio.create_task(
+            TopicProjector(event_log.bootstrap, event_log.topics, app=app, specs=specs).run(
+                asyncio.Event(), started
+            )
+        )
         await asyncio.wait_for(ready.wait(), 30)
         stop = asyncio.Event()
         second_ready = asyncio.Event()
@@ -138,9 +145,11 @@ def test_a_second_instance_fences_the_first(event_log: EventLog) -> None:
         async def second_started() -> None:
             second_ready.set()
 
-        second = asyncio.create_task(TopicProjector(
-            event_log.bootstrap, event_log.topics, app=app, specs=specs).run(
-                stop, second_started))
+        second = asyncio.create_task(
+            TopicProjector(event_log.bootstrap, event_log.topics, app=app, specs=specs).run(
+                stop, second_started
+            )
+        )
         await asyncio.wait_for(second_ready.wait(), 30)
         # The first instance learns it was fenced at its next transaction: keep giving
         # it events until it does (it may have projected a first round before).
@@ -151,8 +160,9 @@ def test_a_second_instance_fences_the_first(event_log: EventLog) -> None:
                 break
         with pytest.raises(ProjectionError, match="took over"):
             await asyncio.wait_for(first, 1)
-        await wait_until(lambda: event_log.group_caught_up(f"{app}-timelines"), 60,
-                         "the second projector")
+        await wait_until(
+            lambda: event_log.group_caught_up(f"{app}-timelines"), 60, "the second projector"
+        )
         stop.set()
         await second
 

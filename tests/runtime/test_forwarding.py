@@ -19,8 +19,13 @@ from engine.runtime.processor import (
 )
 from engine.runtime.specs import SpecRegistry
 
-SPEC = load_spec({"workflow": "hold", "version": 1,
-                  "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}]})
+SPEC = load_spec(
+    {
+        "workflow": "hold",
+        "version": 1,
+        "steps": [{"id": "wait", "wait_event": {"name": "go", "timeout": "1h"}}],
+    }
+)
 NOW = 1_700_000_000_000
 
 
@@ -33,10 +38,13 @@ def _processor(owned: set[str]) -> Processor:
 def test_a_trigger_for_a_run_owned_here_is_decided_and_one_owned_elsewhere_forwarded() -> None:
     mine, theirs = run_id_for("default", "mine"), run_id_for("default", "theirs")
     processor = _processor({mine})
-    batch = processor.process([
-        Input("triggers", 2, 7, encode(Trigger(workflow="hold", idempotency_key="mine"))),
-        Input("triggers", 2, 8, encode(Trigger(workflow="hold", idempotency_key="theirs"))),
-    ], NOW)
+    batch = processor.process(
+        [
+            Input("triggers", 2, 7, encode(Trigger(workflow="hold", idempotency_key="mine"))),
+            Input("triggers", 2, 8, encode(Trigger(workflow="hold", idempotency_key="theirs"))),
+        ],
+        NOW,
+    )
     assert set(batch.states) == {mine}
     assert {e.run_id for e in batch.events} == {mine}
     assert batch.recorded[0].command.command_id == "trigger:triggers/2/7"
@@ -57,7 +65,11 @@ def test_a_command_on_the_triggers_source_is_a_dead_letter() -> None:
     assert not batch.states and not batch.events and not batch.forwards
     [dead] = batch.dead_letters
     assert (dead.source, dead.partition, dead.offset, dead.reason) == (
-        "triggers", 0, 3, "unexpected_record")
+        "triggers",
+        0,
+        3,
+        "unexpected_record",
+    )
     assert "commands go to the run inputs topic" in dead.detail
     assert dead.payload == command
     # The same command on the run inputs is decided.
@@ -70,8 +82,12 @@ def test_without_ownership_every_trigger_is_decided() -> None:
     specs.add(SPEC)
     processor = Processor(specs, StateCache())
     batch = processor.process(
-        [Input("store", 0, i, encode(Trigger(workflow="hold", idempotency_key=f"k{i}")))
-         for i in range(3)], NOW)
+        [
+            Input("store", 0, i, encode(Trigger(workflow="hold", idempotency_key=f"k{i}")))
+            for i in range(3)
+        ],
+        NOW,
+    )
     assert len(batch.states) == 3 and not batch.forwards
 
 
@@ -96,8 +112,9 @@ def test_a_forward_that_cannot_start_is_dead_lettered_as_its_trigger() -> None:
 
 
 def test_a_forward_too_large_to_carry_its_trigger_names_where_the_trigger_is() -> None:
-    forwarded = _forward(Trigger(workflow="nowhere", idempotency_key="k"), set(),
-                         size_padding=ORIGIN_INLINE_BYTES)
+    forwarded = _forward(
+        Trigger(workflow="nowhere", idempotency_key="k"), set(), size_padding=ORIGIN_INLINE_BYTES
+    )
     assert "origin_payload" not in dict(forwarded.headers)
     dead = dead_letter_of(forwarded, "unknown_workflow", "not deployed", NOW)
     assert (dead.source, dead.partition, dead.offset) == ("triggers", 1, 5)
@@ -121,7 +138,11 @@ def test_origin_headers_that_disagree_with_the_record_are_not_believed() -> None
         assert forwarded_origin(item) is None, why
         dead = dead_letter_of(item, "unknown_workflow", "not deployed", NOW)
         assert (dead.source, dead.partition, dead.offset, dead.payload) == (
-            "inputs", 0, 9, forwarded.payload), why
+            "inputs",
+            0,
+            9,
+            forwarded.payload,
+        ), why
     # A StartRun written by hand, with the headers copied from a real forward.
     hand = encode(StartRun(command_id="c", run_id="r", workflow="nowhere", version=1))
     assert forwarded_origin(Input("inputs", 0, 9, hand, forwarded.headers)) is None
@@ -132,8 +153,13 @@ def test_a_command_for_a_run_owned_elsewhere_is_a_dead_letter_naming_its_partiti
     theirs = run_id_for("default", "theirs")
     specs = SpecRegistry()
     specs.add(SPEC)
-    processor = Processor(specs, StateCache(), owns=lambda run_id: False,
-                          triggers_source="triggers", partition_of=lambda run_id: 4)
+    processor = Processor(
+        specs,
+        StateCache(),
+        owns=lambda run_id: False,
+        triggers_source="triggers",
+        partition_of=lambda run_id: 4,
+    )
     start = encode(StartRun(command_id="c", run_id=theirs, workflow="hold", version=1))
     batch = processor.process([Input("inputs", 1, 0, start)], NOW)
     assert not batch.states and not batch.events

@@ -16,8 +16,12 @@ from engine.runtime.replay import verify
 from engine.runtime.specs import SpecRegistry
 from tests.harness import RUN, T0, wf
 
-SPEC = load_spec(wf({"id": "sign", "approval": {"approvers": ["finance"], "quorum": 2}},
-                    {"id": "pay", "task": "payments.pay"}))
+SPEC = load_spec(
+    wf(
+        {"id": "sign", "approval": {"approvers": ["finance"], "quorum": 2}},
+        {"id": "pay", "task": "payments.pay"},
+    )
+)
 
 
 class Recorder:
@@ -35,22 +39,36 @@ class Recorder:
         assert decision.state is not None
         self.state = decision.state
         self.events += decision.events
-        self.recorded.append(RecordedCommand(run_id=RUN, command=command, now=self.now,
-                                             first_seq=decision.events[0].seq,
-                                             last_seq=decision.events[-1].seq))
+        self.recorded.append(
+            RecordedCommand(
+                run_id=RUN,
+                command=command,
+                now=self.now,
+                first_seq=decision.events[0].seq,
+                last_seq=decision.events[-1].seq,
+            )
+        )
         return decision.events
 
 
 def _run() -> Recorder:
     r = Recorder()
-    r.send(cmd.StartRun(command_id="c1", run_id=RUN, workflow="w", version=1,
-                        requested_by="alice"))
-    r.send(cmd.DecideApproval(command_id="c2", run_id=RUN, step="sign", approver="alice",
-                              roles=("finance",)))
-    r.send(cmd.DecideApproval(command_id="c3", run_id=RUN, step="sign", approver="bob",
-                              roles=("finance",)))
-    r.send(cmd.DecideApproval(command_id="c4", run_id=RUN, step="sign", approver="carol",
-                              roles=("finance",)))
+    r.send(cmd.StartRun(command_id="c1", run_id=RUN, workflow="w", version=1, requested_by="alice"))
+    r.send(
+        cmd.DecideApproval(
+            command_id="c2", run_id=RUN, step="sign", approver="alice", roles=("finance",)
+        )
+    )
+    r.send(
+        cmd.DecideApproval(
+            command_id="c3", run_id=RUN, step="sign", approver="bob", roles=("finance",)
+        )
+    )
+    r.send(
+        cmd.DecideApproval(
+            command_id="c4", run_id=RUN, step="sign", approver="carol", roles=("finance",)
+        )
+    )
     return r
 
 
@@ -74,8 +92,10 @@ def test_the_first_event_that_differs_is_reported() -> None:
     assert (d.seq, d.command_id, d.command_type) == (granted.seq, "c4", "DecideApproval")
     assert "approvers=['bob', 'mallory']" in d.expected
     assert "approvers=['bob', 'carol']" in d.actual
-    assert d.describe().startswith(f"first divergence at seq {granted.seq}, command "
-                                   "DecideApproval c4:\n  recorded: ApprovalGranted(")
+    assert d.describe().startswith(
+        f"first divergence at seq {granted.seq}, command "
+        "DecideApproval c4:\n  recorded: ApprovalGranted("
+    )
 
 
 def test_an_event_the_engine_no_longer_emits_is_a_divergence() -> None:
@@ -97,7 +117,9 @@ def test_a_refusal_recorded_as_version_1_matches_version_2_with_the_same_fields(
     older = [ev.CommandRejected(**common) if e is refusal else e for e in r.events]
     assert verify(RUN, older, r.recorded, SpecRegistry([SPEC])).ok
 
-    reworded = [dataclasses.replace(e, detail="something else") if e.seq == refusal.seq
-                else e for e in older]
+    reworded = [
+        dataclasses.replace(e, detail="something else") if e.seq == refusal.seq else e
+        for e in older
+    ]
     report = verify(RUN, reworded, r.recorded, SpecRegistry([SPEC]))
     assert report.divergence is not None and report.divergence.seq == refusal.seq

@@ -15,7 +15,7 @@ def test_entries_of_cleared_timers_do_not_accumulate() -> None:
         if i % 100:  # all but one run in a hundred finish before their timer is due
             armed.discard((run, "t"))
         assert len(timers) <= 2 * len(armed) + PRUNE_FLOOR
-    fired = timers.due(2_000_000, limit=10 ** 6)
+    fired = timers.due(2_000_000, limit=10**6)
     assert {(c.run_id, c.timer_id) for c in fired} == armed
 
 
@@ -26,6 +26,7 @@ def test_pruning_keeps_every_armed_timer_in_due_order() -> None:
         timers.arm(f"run-{i}", "t", 5_000 - i)
     timers.prune()
     assert len(timers) == len(armed)
-    fired = timers.due(10_000, limit=10 ** 6)
-    assert [c.run_id for c in fired] == [f"run-{i}" for i in sorted(
-        (int(r.split("-")[1]) for r, _ in armed), reverse=True)]
+    fired = timers.due(10_000, limit=10**6)
+    assert [c.run_id for c in fired] == [
+        f"run-{i}" for i in sorted((int(r.split("-")[1]) for r, _ in armed), reverse=True)
+    ]

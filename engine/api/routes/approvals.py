@@ -23,8 +23,7 @@ from engine.core.policies import identity
 from engine.core.state import RunState, Waiting
 from projections.views import redacted_view
 
-router = APIRouter(prefix="/v1/approvals", tags=["approvals"],
-                   dependencies=[Depends(principal)])
+router = APIRouter(prefix="/v1/approvals", tags=["approvals"], dependencies=[Depends(principal)])
 
 
 class Decision(BaseModel):
@@ -51,7 +50,8 @@ class InboxItem(BaseModel):
     why_not: str = ""
     review: dict[str, JsonValue] = Field(
         description="what to decide on, redacted: the change set of a prepare/commit step, "
-                    "or the result under review")
+        "or the result under review"
+    )
 
 
 class Inbox(BaseModel):
@@ -60,9 +60,13 @@ class Inbox(BaseModel):
 
 def _for(caller: Principal, state: RunState) -> bool:
     current = state.current
-    return (caller.sees(state.tenant) and current is not None
-            and current.waiting is Waiting.APPROVAL and current.approval is not None
-            and bool(set(current.approval.approvers) & caller.groups))
+    return (
+        caller.sees(state.tenant)
+        and current is not None
+        and current.waiting is Waiting.APPROVAL
+        and current.approval is not None
+        and bool(set(current.approval.approvers) & caller.groups)
+    )
 
 
 def _why_not(caller: Principal, state: RunState) -> str:
@@ -81,9 +85,10 @@ async def inbox(ctx: Ctx, caller: Caller) -> dict[str, Any]:
     """The approvals the caller's groups may decide, oldest request first."""
     specs = await ctx.specs()
     items = []
-    waiting = sorted((s for s in await ctx.backend.states() if _for(caller, s)),
-                     key=lambda s: s.current.approval.requested_at  # type: ignore[union-attr]
-                     )
+    waiting = sorted(
+        (s for s in await ctx.backend.states() if _for(caller, s)),
+        key=lambda s: s.current.approval.requested_at,  # type: ignore[union-attr]
+    )
     for state in waiting:
         current = state.current
         assert current is not None and current.approval is not None
@@ -91,35 +96,63 @@ async def inbox(ctx: Ctx, caller: Caller) -> dict[str, Any]:
         shown = redacted_view(state, specs)["current"]
         review = {k: shown[k] for k in ("change_set", "result") if shown.get(k) is not None}
         why = _why_not(caller, state)
-        items.append({
-            "run_id": state.run_id, "tenant": state.tenant, "workflow": state.workflow,
-            "version": state.version, "step": current.step, "reason": approval.reason,
-            "approvers": list(approval.approvers), "quorum": approval.quorum,
-            "approvals": len(approval.votes), "approved_by": list(approval.votes),
-            "requested_by": state.requested_by, "requested_at": approval.requested_at,
-            "due_at": approval.expires_at, "may_decide": not why, "why_not": why,
-            "review": review})
+        items.append(
+            {
+                "run_id": state.run_id,
+                "tenant": state.tenant,
+                "workflow": state.workflow,
+                "version": state.version,
+                "step": current.step,
+                "reason": approval.reason,
+                "approvers": list(approval.approvers),
+                "quorum": approval.quorum,
+                "approvals": len(approval.votes),
+                "approved_by": list(approval.votes),
+                "requested_by": state.requested_by,
+                "requested_at": approval.requested_at,
+                "due_at": approval.expires_at,
+                "may_decide": not why,
+                "why_not": why,
+                "review": review,
+            }
+        )
     return {"approvals": items}
 
 
-@router.post("/{run_id}/{step}", response_model=CommandOutcome,
-             responses={202: {"model": CommandOutcome, "description": "queued"},
-                        403: {"description": "the caller may not decide this approval"},
-                        409: {"description": "refused: decided already, or not waiting"}})
-async def decide(run_id: str, step: str, body: Decision, ctx: Ctx, caller: Caller,
-                 response: Response) -> dict[str, Any]:
+@router.post(
+    "/{run_id}/{step}",
+    response_model=CommandOutcome,
+    responses={
+        202: {"model": CommandOutcome, "description": "queued"},
+        403: {"description": "the caller may not decide this approval"},
+        409: {"description": "refused: decided already, or not waiting"},
+    },
+)
+async def decide(
+    run_id: str, step: str, body: Decision, ctx: Ctx, caller: Caller, response: Response
+) -> dict[str, Any]:
     """Approve or reject as the verified caller, for its verified groups."""
     state = await visible_run(ctx, caller, run_id)
     current = state.current
     if current is None or current.step != step or current.approval is None:
         raise not_found(f"run {run_id} has no approval waiting at step {step}")
     if not set(current.approval.approvers) & caller.groups:
-        raise Problem(403, "Forbidden", f"{caller.subject} is in none of the groups this "
-                      f"approval asks for ({', '.join(current.approval.approvers)})",
-                      kind="forbidden")
-    command = DecideApproval(command_id=str(uuid.uuid4()), run_id=state.run_id,
-                             tenant=state.tenant, correlation_id=state.correlation_id,
-                             step=step, approver=caller.subject,
-                             roles=tuple(sorted(caller.groups)), approve=body.approve,
-                             comment=body.comment)
+        raise Problem(
+            403,
+            "Forbidden",
+            f"{caller.subject} is in none of the groups this "
+            f"approval asks for ({', '.join(current.approval.approvers)})",
+            kind="forbidden",
+        )
+    command = DecideApproval(
+        command_id=str(uuid.uuid4()),
+        run_id=state.run_id,
+        tenant=state.tenant,
+        correlation_id=state.correlation_id,
+        step=step,
+        approver=caller.subject,
+        roles=tuple(sorted(caller.groups)),
+        approve=body.approve,
+        comment=body.comment,
+    )
     return await command_outcome(ctx, response, command)

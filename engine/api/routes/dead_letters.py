@@ -14,8 +14,11 @@ from pydantic import BaseModel
 from engine.api.context import Caller, Ctx, principal, require
 from engine.api.identity import ALL_TENANTS, Role
 
-router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"],
-                   dependencies=[Depends(principal), Depends(require(Role.OPERATE))])
+router = APIRouter(
+    prefix="/v1/dead-letters",
+    tags=["dead letters"],
+    dependencies=[Depends(principal), Depends(require(Role.OPERATE))],
+)
 
 
 class DeadLetterView(BaseModel):
@@ -41,7 +44,16 @@ async def list_dead_letters(ctx: Ctx, caller: Caller) -> dict[str, Any]:
             state = await ctx.backend.state(dead.run_id) if dead.run_id else None
             if state is None or not caller.sees(state.tenant):
                 continue
-        shown.append({"source": dead.source, "partition": dead.partition,
-                      "offset": dead.offset, "reason": dead.reason, "detail": dead.detail,
-                      "ts": dead.ts, "run_id": dead.run_id, "size": len(dead.payload)})
+        shown.append(
+            {
+                "source": dead.source,
+                "partition": dead.partition,
+                "offset": dead.offset,
+                "reason": dead.reason,
+                "detail": dead.detail,
+                "ts": dead.ts,
+                "run_id": dead.run_id,
+                "size": len(dead.payload),
+            }
+        )
     return {"dead_letters": shown}

@@ -18,8 +18,11 @@ from engine.api.problems import Problem
 from engine.core.correlation import DEFAULT_TTL_MS, MessageError, new_message
 from engine.core.spec import Duration
 
-router = APIRouter(prefix="/v1/messages", tags=["messages"],
-                   dependencies=[Depends(principal), Depends(require(Role.TRIGGER))])
+router = APIRouter(
+    prefix="/v1/messages",
+    tags=["messages"],
+    dependencies=[Depends(principal), Depends(require(Role.TRIGGER))],
+)
 
 
 class MessageBody(BaseModel):
@@ -27,10 +30,14 @@ class MessageBody(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     key: str = Field(min_length=1, max_length=500, description="the correlation key")
     data: JsonValue = None
-    ttl: Duration = Field(DEFAULT_TTL_MS, description="how long it waits for a run (1h, "
-                          "30s, or milliseconds); 0 reaches only the waits open now")
-    message_id: str | None = Field(None, min_length=1, max_length=200,
-                                   description="the same id again is the same message")
+    ttl: Duration = Field(
+        DEFAULT_TTL_MS,
+        description="how long it waits for a run (1h, "
+        "30s, or milliseconds); 0 reaches only the waits open now",
+    )
+    message_id: str | None = Field(
+        None, min_length=1, max_length=200, description="the same id again is the same message"
+    )
     tenant: str | None = Field(None, min_length=1, max_length=200)
 
 
@@ -43,24 +50,50 @@ class Published(BaseModel):
 
 
 @router.post("", status_code=202, response_model=Published)
-async def publish(body: MessageBody, ctx: Ctx, caller: Caller,
-                  response: Response) -> dict[str, Any]:
+async def publish(
+    body: MessageBody, ctx: Ctx, caller: Caller, response: Response
+) -> dict[str, Any]:
     tenant = body.tenant or caller.default_tenant
     if tenant is None:
-        raise Problem(422, "Invalid request", "name the tenant: this caller may act for "
-                      f"{', '.join(sorted(caller.tenants))}", field="body.tenant",
-                      kind="invalid-request")
+        raise Problem(
+            422,
+            "Invalid request",
+            f"name the tenant: this caller may act for {', '.join(sorted(caller.tenants))}",
+            field="body.tenant",
+            kind="invalid-request",
+        )
     if not caller.sees(tenant):
-        raise Problem(403, "Forbidden", f"{caller.subject} may not publish for tenant "
-                      f"{tenant!r}", field="body.tenant", kind="forbidden")
+        raise Problem(
+            403,
+            "Forbidden",
+            f"{caller.subject} may not publish for tenant {tenant!r}",
+            field="body.tenant",
+            kind="forbidden",
+        )
     try:
-        message = new_message(message_id=body.message_id or str(uuid.uuid4()),
-                              name=body.name, key=body.key, data=body.data,
-                              ttl_ms=body.ttl, tenant=tenant)
+        message = new_message(
+            message_id=body.message_id or str(uuid.uuid4()),
+            name=body.name,
+            key=body.key,
+            data=body.data,
+            ttl_ms=body.ttl,
+            tenant=tenant,
+        )
     except MessageError as exc:
         field, _, detail = str(exc).partition(": ")
-        raise Problem(422, "Invalid request", str(exc), field=f"body.{field}",
-                      kind="invalid-request", reason=detail) from None
+        raise Problem(
+            422,
+            "Invalid request",
+            str(exc),
+            field=f"body.{field}",
+            kind="invalid-request",
+            reason=detail,
+        ) from None
     await ctx.backend.publish(message)
-    return {"message_id": message.message_id, "name": message.name, "key": message.key,
-            "tenant": message.tenant, "ttl_ms": message.ttl_ms}
+    return {
+        "message_id": message.message_id,
+        "name": message.name,
+        "key": message.key,
+        "tenant": message.tenant,
+        "ttl_ms": message.ttl_ms,
+    }
