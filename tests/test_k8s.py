@@ -30,7 +30,6 @@ K8S = ROOT / "deploy" / "k8s"
 KUBECONFORM = "github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0"
 VERSIONS = ("1.30.0", "1.37.0")
 """The oldest and the newest Kubernetes release the manifests are checked against."""
-"""Subcommands the manifests already run that the command line does not have yet."""
 
 pytestmark = pytest.mark.timeout(600)
 
