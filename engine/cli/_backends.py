@@ -350,10 +350,16 @@ class KafkaBackend:
     def state(self, run_id: str) -> RunState | None:
         """With an index: the fold of the run's events, read at their offsets (a
         finished run's snapshot on the changelog is only its compact record). Without:
-        the run's snapshot, scanning its changelog partition."""
+        the run's snapshot, scanning its changelog partition, and for a finished run the
+        fold of its events, scanning its events partition (the compact record has no
+        output, results or steps to show)."""
         log = self._indexed_log(run_id)
         if log is None:
-            return self._call(self.client.state(run_id))
+            state = self._call(self.client.state(run_id))
+            if state is None or state.outcome is None:
+                return state
+            events = self._call(self.client.run_log(run_id)).events
+            return fold(events) if events else state
         return fold(log.events) if log.events else None
 
     def _indexed_log(self, run_id: str) -> RunLog | None:
