@@ -50,6 +50,7 @@ from projections._pg_schema import (
 
 if TYPE_CHECKING:
     from projections.query import EventIndex
+from engine.runtime.redaction import PolicyBook
 from projections.project import (
     EVENT_COLUMNS,
     EVENT_KEY,
@@ -68,7 +69,6 @@ from projections.project import (
     step_rows,
 )
 from projections.records import SlaMetrics
-from projections.redaction import PolicyBook
 from projections.sla import metrics_of, window_ms
 from projections.timeline import Timeline, timeline_from_dict
 

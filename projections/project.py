@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.core import events as ev
 from engine.core.errors import TerranohaError
-from projections.redaction import DEFAULT_POLICY, PolicyBook
+from engine.runtime.redaction import DEFAULT_POLICY, PolicyBook
 from projections.timeline import Timeline, apply, copy_timeline, timeline_to_dict
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from engine.codec import DecodeError, decode
 from engine.core.events import Event
 from engine.embedded.store import Store
+from engine.runtime.redaction import PolicyBook
 from engine.runtime.specs import SpecRegistry
 from projections.project import (
     EVENT_COLUMNS,
@@ -39,7 +40,6 @@ from projections.project import (
     step_rows,
 )
 from projections.records import SlaMetrics
-from projections.redaction import PolicyBook
 from projections.sla import sla_aggregates
 from projections.timeline import Timeline, timeline_from_dict
 

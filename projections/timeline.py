@@ -73,7 +73,7 @@ class Timeline:
     describe the approval the run is waiting for, if any. ``rejections`` lists the refused
     commands: what was refused, who sent it (when the event says: ``CommandRejected`` v2),
     the step it was about, why. ``redacted`` holds the fingerprints of the values redaction
-    hid in this run (``projections.redaction``): fold state, like a step's ``_wait_from``,
+    hid in this run (``engine.runtime.redaction``): fold state, like a step's ``_wait_from``,
     that ``timeline_view`` leaves out."""
 
     run_id: str

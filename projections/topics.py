@@ -40,6 +40,7 @@ from engine.kafka.specs import SpecFollower
 from engine.kafka.stream import Step, StreamProcessor, Task, TaskFencedError
 from engine.kafka.topics import COMPACTED, Topics, ensure_topics, key_partition
 from engine.runtime.processor import Input
+from engine.runtime.redaction import PolicyBook
 from engine.runtime.specs import SpecRegistry
 from projections._kafka import topic_partitions
 from projections.project import (
@@ -50,7 +51,6 @@ from projections.project import (
     project_batch,
 )
 from projections.records import RunTimeline, timeline_of, timeline_record
-from projections.redaction import PolicyBook
 from projections.sla import DEFAULT_WINDOWS, bucket_of, sla_aggregates, sla_row, window_ms
 from projections.timeline import Timeline
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from engine.core.spec import WorkflowSpec
 from engine.core.state import RunState
+from engine.runtime.redaction import RedactionPolicy
 from engine.runtime.replay import state_view
 from engine.runtime.specs import SpecRegistry
-from projections.redaction import RedactionPolicy
 
 __all__ = ["redacted_view"]
 

@@ -50,12 +50,12 @@ from engine.embedded.schedules import EmbeddedSchedules
 from engine.notify import DeliverySettings, EmbeddedNotifier
 from engine.observability.metrics import watch_counts
 from engine.observability.setup import Telemetry, kafka_lag
+from engine.runtime.redaction import PolicyBook, redact_events
 from engine.runtime.replay import states, to_jsonable, verify
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.starts import start_conflict
 from engine.worker import load_worker_modules
 from projections.postgres import timeline_from_postgres
-from projections.redaction import PolicyBook, redact_events
 from projections.timeline import Timeline, build_timeline, render_timeline, timeline_view
 from projections.views import redacted_view
 

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 from engine.core.errors import TerranohaError
 from engine.core.spec import WorkflowSpec, load_spec_yaml
 from engine.core.state import RunState, Waiting
-from projections.redaction import redact_text
+from engine.runtime.redaction import redact_text
 from projections.views import redacted_view
 
 

@@ -20,7 +20,7 @@ from engine.core.spec import WorkflowSpec, load_spec_yaml
 from engine.core.state import RunState, Waiting
 from engine.demo.tools import PaymentProvider, build_registry
 from engine.embedded import EmbeddedEngine, EmbeddedWorker
-from projections.redaction import PolicyBook, redact_events
+from engine.runtime.redaction import PolicyBook, redact_events
 from projections.timeline import build_timeline, render_timeline
 
 TENANT = "acme"

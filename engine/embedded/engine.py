@@ -17,13 +17,13 @@ from engine.core.records import Trigger
 from engine.embedded.admission import AdmissionStore, apply_in
 from engine.embedded.limits import latest_flow
 from engine.embedded.store import Store
-from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
 from engine.runtime.correlator import correlate
 from engine.runtime.processor import Batch, Processor, StateCache
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.timers import TimerService
 from engine.worker.sdk import ToolRegistry, execute
+from engine.worker.spans import run_tool_in_span
 
 log = logging.getLogger("terranoha.embedded")
 

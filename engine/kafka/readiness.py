@@ -11,9 +11,13 @@ The end counts transaction markers, so an idle partition may show a record or tw
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from engine.kafka.stream import StreamProcessor
 from engine.kafka.worker import KafkaWorker
-from engine.observability.health import Check
+
+Check = Callable[[], str | None]
+"""None when ready, else why not: what ``engine.observability.health.Readiness`` takes."""
 
 ACCEPTABLE_LAG = 10_000
 """Records an input partition may be behind and still count as caught up."""

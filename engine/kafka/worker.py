@@ -32,9 +32,9 @@ from engine.core.outbox import TaskCommand
 from engine.kafka._util import group_consumer, stop_quietly, trace_headers
 from engine.kafka.ledger import PostgresLedger
 from engine.kafka.topics import Topics, ensure_topics
-from engine.observability.tools import run_tool_in_span
 from engine.runtime.clock import Clock, SystemClock
 from engine.worker.sdk import MemoryLedger, ToolRegistry, execute
+from engine.worker.spans import run_tool_in_span
 
 log = logging.getLogger("terranoha.kafka.worker")
 

@@ -1,27 +1,27 @@
-"""OpenTelemetry for Terranoha: run traces and engine metrics built from committed events,
-and tool spans on the workers that join the run's trace.
+"""OpenTelemetry for Terranoha: run traces and engine metrics built from committed events.
 
 - ``engine.observability.spans``: ``RunSpans``, committed events in, finished spans out
   (deterministic ids and times; payloads redacted with the run's policy).
 - ``engine.observability.metrics``: ``EngineMetrics``, the counters, histograms and the
   consumer lag gauge.
-- ``engine.observability.tools``: ``run_tool_in_span``, the worker side (OpenTelemetry
-  API only).
 - ``engine.observability.setup``: ``configure`` (exporters ``none``, ``console``,
   ``otlp``) and ``Telemetry``, the sink the backends hand committed events to.
 
-The worker side imports nothing from ``projections``; the backends reach this package
-only through a callable hook, so the lower layers never import it.
+What the lower layers need lives with them, so that none of them imports this package:
+the tool spans of the workers with the worker SDK (``engine.worker.spans``), the ids every
+process derives from the log in the core (``engine.core.trace_ids``), and the redaction
+policies in the runtime (``engine.runtime.redaction``). The backends reach this package
+only through a callable hook. They are re-exported here for one import of it all.
 """
 
-from engine.observability._ids import (
+from engine.core.trace_ids import (
     attempt_span_id,
     run_span_id,
     span_id_of,
     step_span_id,
     trace_id_of,
 )
-from engine.observability.tools import parent_context, run_tool_in_span
+from engine.worker.spans import parent_context, run_tool_in_span
 
 __all__ = [
     "attempt_span_id",

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from engine.core import events as ev
 from engine.core.state import RunState
-from projections.project import ProjectorStats
 
 LagSource = Callable[[], Mapping[int, int]]
 """Records behind per input partition."""
@@ -180,7 +180,14 @@ def watch_counts(
     meter.create_observable_counter(name, [observe], unit, description)
 
 
-def watch_projectors(provider: MeterProvider, stats: Mapping[str, ProjectorStats]) -> None:
+class Projected(Protocol):
+    """What a projector counts (``projections.project.ProjectorStats`` is one)."""
+
+    events: int
+    batches: int
+
+
+def watch_projectors(provider: MeterProvider, stats: Mapping[str, Projected]) -> None:
     """``terranoha.projector.events`` and ``.batches``: what each named projector
     (``postgres``, ``topics``) has projected since the process started."""
     watch_counts(

@@ -37,8 +37,8 @@ from engine.core.state import RunState
 from engine.observability.health import prometheus_meter_provider
 from engine.observability.metrics import EngineMetrics, LagSource
 from engine.observability.spans import RunSpans
+from engine.runtime.redaction import PolicyBook
 from engine.runtime.specs import SpecRegistry
-from projections.redaction import PolicyBook
 
 if TYPE_CHECKING:
     from engine.kafka.processor import KafkaEngine
@@ -140,7 +140,7 @@ def configure(
     """Telemetry exporting to ``exporter`` (None for ``none`` without ``prometheus``).
 
     With ``set_global`` the tracer provider becomes OpenTelemetry's global one, so the
-    workers' tool spans (``engine.observability.tools``) go to the same exporter; a
+    workers' tool spans (``engine.worker.spans``) go to the same exporter; a
     process can do that once. Metrics are exported every ``metrics_interval_ms``
     (default ``$OTEL_METRIC_EXPORT_INTERVAL`` or 60 s) and at shutdown. With
     ``prometheus`` the metrics are also read into that registry at each scrape of

@@ -14,7 +14,7 @@ One trace per run (trace id from the correlation id, as in the records' ``tracep
 Span ids come from (run id, step, visit) and the task id (run id, step, visit, phase,
 attempt), start and end times from the events' ``ts``: translating the same events twice
 gives the same spans. Payloads reach attributes only redacted, under the run's policy
-(``projections.redaction``), with the run's taint so a secret hidden once stays hidden.
+(``engine.runtime.redaction``), with the run's taint so a secret hidden once stays hidden.
 
 A span is handed out when it ends. ``RunSpans`` keeps the open spans of unfinished runs
 in memory; a process that starts in the middle of a run (a restart, a partition moving)
@@ -39,8 +39,8 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from engine.core import events as ev
 from engine.core.kinds import HandlerAction
 from engine.core.state import RunState, RunStatus
-from engine.observability._ids import attempt_span_id, run_span_id, step_span_id, trace_id_of
-from projections.redaction import DEFAULT_POLICY, PolicyBook, RedactionPolicy
+from engine.core.trace_ids import attempt_span_id, run_span_id, step_span_id, trace_id_of
+from engine.runtime.redaction import DEFAULT_POLICY, PolicyBook, RedactionPolicy
 
 SCOPE = InstrumentationScope("terranoha.engine")
 MAX_PAYLOAD_CHARS = 4096

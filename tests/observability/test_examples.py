@@ -9,8 +9,8 @@ from pathlib import Path
 from types import ModuleType
 
 from engine.codec import encode
+from engine.runtime.redaction import redact_events
 from projections.records import timeline_record
-from projections.redaction import redact_events
 from projections.timeline import build_timeline
 from tests.observability.test_spans import CARD, _book, _flow
 

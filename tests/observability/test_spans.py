@@ -25,9 +25,9 @@ from engine.observability import attempt_span_id, run_span_id, step_span_id, tra
 from engine.observability.setup import Telemetry
 from engine.observability.spans import RunSpans
 from engine.runtime.clock import ManualClock
+from engine.runtime.redaction import PolicyBook
 from engine.runtime.specs import SpecRegistry
 from engine.worker import TaskContext, ToolRegistry, TransientError
-from projections.redaction import PolicyBook
 from tests.harness import T0, Flow
 
 CARD = "4111 1111 1111 1111"

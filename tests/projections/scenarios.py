@@ -11,8 +11,8 @@ from typing import Any
 from engine.core import events as ev
 from engine.core.spec import load_spec
 from engine.core.state import RunStatus
+from engine.runtime.redaction import PolicyBook
 from engine.runtime.specs import SpecRegistry
-from projections.redaction import PolicyBook
 from tests.harness import Flow
 
 SECOND = 1000

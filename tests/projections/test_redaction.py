@@ -11,9 +11,7 @@ import pytest
 
 from engine.codec import encode
 from engine.core import events as ev
-from projections.project import json_text, project_batch, project_run, run_row, step_rows
-from projections.records import timeline_record
-from projections.redaction import (
+from engine.runtime.redaction import (
     MARKER,
     PolicyBook,
     RedactionPolicy,
@@ -23,6 +21,8 @@ from projections.redaction import (
     redact_events,
     redact_text,
 )
+from projections.project import json_text, project_batch, project_run, run_row, step_rows
+from projections.records import timeline_record
 from projections.sla import sla_aggregates
 from projections.timeline import build_timeline, render_timeline, timeline_to_dict
 from tests.projections.scenarios import (

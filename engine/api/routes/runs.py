@@ -22,9 +22,9 @@ from engine.core.policies import run_id_for
 from engine.core.records import Trigger
 from engine.core.spec import check_input
 from engine.core.state import RunState, RunStatus
+from engine.runtime.redaction import PolicyBook, redact_events
 from engine.runtime.specs import SpecRegistry
 from engine.runtime.starts import start_conflict
-from projections.redaction import PolicyBook, redact_events
 from projections.timeline import build_timeline, timeline_view
 from projections.views import redacted_view
 

@@ -19,7 +19,7 @@ from opentelemetry.util.types import AttributeValue
 
 from engine.core.commands import FailTask
 from engine.core.outbox import TaskCommand
-from engine.observability._ids import attempt_span_id, trace_id_of
+from engine.core.trace_ids import attempt_span_id, trace_id_of
 from engine.worker.sdk import Outcome
 
 Headers = Sequence[tuple[str, bytes]]

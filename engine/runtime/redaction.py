@@ -52,7 +52,7 @@ from engine.core import events as ev
 from engine.core.spec import WorkflowSpec
 from engine.runtime.specs import SpecRegistry
 
-log = logging.getLogger("terranoha.projections.redaction")
+log = logging.getLogger("terranoha.engine.runtime.redaction")
 
 MARKER = "[redacted]"
 Mode = Literal["redact", "hash"]
