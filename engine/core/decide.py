@@ -231,19 +231,11 @@ class _Context:
         step = self.step_spec()
         current = self.run.current
         assert current is not None
-        if phase is Phase.TASK:
-            queue = step.task
-        else:
-            assert step.prepare_commit is not None
-            queue = (
-                step.prepare_commit.prepare
-                if phase is Phase.PREPARE
-                else step.prepare_commit.commit
-            )
-        assert queue is not None
+        queue = _queue_of(step, phase)
         tid = task_id(self.run.run_id, step.id, current.visit, phase, attempt)
-        slot = self.flow.slot_for(queue) if self.flow is not None else None
-        if slot is not None:
+        flow = self.flow
+        slot = flow.slot_for(queue) if flow is not None else None
+        if flow is not None and slot is not None:
             key, limits = slot
             self.emit(
                 ev.SlotRequested,
@@ -253,7 +245,7 @@ class _Context:
                 task_id=tid,
                 key=key,
                 limits=limits,
-                limits_version=self.flow.version if self.flow is not None else 0,
+                limits_version=flow.version,
                 lease_ms=step.timeout + LEASE_MARGIN_MS,
                 priority=self.run.priority,
             )
@@ -265,16 +257,7 @@ class _Context:
         step = self.step_spec()
         current = self.run.current
         assert current is not None
-        if phase is Phase.TASK:
-            queue = step.task
-        else:
-            assert step.prepare_commit is not None
-            queue = (
-                step.prepare_commit.prepare
-                if phase is Phase.PREPARE
-                else step.prepare_commit.commit
-            )
-        assert queue is not None
+        queue = _queue_of(step, phase)
         tid = task_id(self.run.run_id, step.id, current.visit, phase, attempt)
         timeout_at = self.now + step.timeout
         self.emit(
@@ -1069,3 +1052,16 @@ def _cancel_run(ctx: _Context, c: cmd.CancelRun) -> None:
     if ctx.active():
         _release_slot(ctx, "cancelled", 0.0)
         ctx.emit(ev.RunCancelled, reason=c.reason or "cancelled", by=c.by)
+
+
+def _queue_of(step: StepSpec, phase: Phase) -> str:
+    """The task queue of ``step`` in ``phase``: its task's, or its prepare or commit's."""
+    if phase is Phase.TASK:
+        queue = step.task
+    else:
+        assert step.prepare_commit is not None
+        queue = (
+            step.prepare_commit.prepare if phase is Phase.PREPARE else step.prepare_commit.commit
+        )
+    assert queue is not None
+    return queue
